@@ -1,0 +1,286 @@
+"""The edge node's HTTP API (protocol v1): a Flask app factory and one blueprint.
+
+Every answer is JSON. Bad input is a 400 that names the field, admission refusals are
+409 with a machine-readable reason, and nothing raises a traceback at the client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from enorm import protocol
+from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
+
+OPERATOR = "operator"
+
+bp = Blueprint("v1", __name__)
+
+
+def _error(status: int, error: str, detail: str, field: str | None = None) -> Response:
+    body = protocol.ErrorBody(error=error, detail=detail, field=field)
+    resp = jsonify(body.model_dump(exclude_none=True))
+    resp.status_code = status
+    return resp
+
+
+def _json(model: BaseModel | list, status: int = 200) -> Response:
+    if isinstance(model, list):
+        data: Any = [m.model_dump(mode="json") for m in model]
+    else:
+        data = model.model_dump(mode="json")
+    resp = jsonify(data)
+    resp.status_code = status
+    return resp
+
+
+def _manager() -> EdgeManager:
+    return current_app.extensions["enorm"]
+
+
+def _owner_filter() -> str | None:
+    """The operator sees every server; a cloud manager only its own."""
+    return None if g.owner == OPERATOR else g.owner
+
+
+@bp.before_request
+def _authenticate() -> Response | None:
+    tokens: dict[str, str] = current_app.config["ENORM_TOKENS"]
+    header = request.headers.get("Authorization", "")
+    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    for known, owner in tokens.items():
+        if token and hmac.compare_digest(known, token):
+            g.owner = owner
+            return None
+    return _error(401, "unauthorized", "missing or unknown bearer token")
+
+
+@bp.get("/node")
+def node() -> Response:
+    return _json(_manager().offer())
+
+
+@bp.post("/servers")
+def create_server() -> Response:
+    if g.owner == OPERATOR:
+        return _error(403, "forbidden", "the operator token cannot own servers")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return _error(400, "bad_request", "body must be a JSON object", "body")
+    req = protocol.SetupRequest.model_validate(payload)
+    t0 = time.perf_counter()
+    try:
+        resp = _manager().handshake(req, g.owner)
+    except Rejected as r:
+        body = protocol.Rejection(error=r.reason, detail=r.detail, free=r.free)  # type: ignore[arg-type]
+        return _json(body, 409)
+    current_app.extensions["enorm.metrics"]["handshake"].observe(time.perf_counter() - t0)
+    return _json(resp, 201)
+
+
+@bp.get("/servers")
+def list_servers() -> Response:
+    return _json(_manager().servers(_owner_filter()))
+
+
+@bp.get("/servers/<sid>")
+def get_server(sid: str) -> Response:
+    return _json(_manager().get(sid, _owner_filter()).info())
+
+
+@bp.delete("/servers/<sid>")
+def delete_server(sid: str) -> Response:
+    """The cloud's override: withdraw a server (its data is merged back first)."""
+    t0 = time.perf_counter()
+    result = _manager().terminate(sid, reason="cloud_withdrawal", owner=_owner_filter())
+    current_app.extensions["enorm.metrics"]["terminate"].observe(time.perf_counter() - t0)
+    return _json(result, 202 if result.pending else 200)
+
+
+@bp.get("/events")
+def events() -> Response:
+    try:
+        limit = int(request.args.get("limit", "100"))
+        if not 1 <= limit <= 10_000:
+            raise ValueError
+    except ValueError:
+        return _error(400, "bad_request", "must be an integer within 1-10000", "limit")
+    evs = _manager().store.events(limit=limit, server_id=request.args.get("server"))
+    owner = _owner_filter()
+    if owner is not None:
+        mine = {s.id for s in _manager().servers(owner)}
+        evs = [e for e in evs if e.server_id in mine or e.data.get("owner") == owner]
+    return _json(evs)
+
+
+@bp.post("/autoscale")
+def autoscale() -> Response:
+    """Run one auto-scaling round now (operator only); answers the plan and results."""
+    if g.owner != OPERATOR:
+        return _error(403, "forbidden", "only the operator may run the auto-scaler")
+    run = current_app.extensions.get("enorm.autoscale")
+    if run is None:
+        return _error(404, "not_found", "this node has no auto-scaler")
+    return jsonify(run())
+
+
+def _validation_error(exc: ValidationError) -> Response:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return _error(400, "bad_request", f"{err['msg']}{more}", field)
+
+
+def _metrics(app: Flask, manager: EdgeManager) -> dict[str, Any]:
+    reg = CollectorRegistry()
+    free_cores = Gauge("enorm_free_cores", "Cores free for edge servers", registry=reg)
+    free_mem = Gauge("enorm_free_memory_mb", "Memory free for edge servers", registry=reg)
+    servers = Gauge("enorm_servers", "Edge servers on this node", registry=reg)
+    free_cores.set_function(lambda: manager.free().cores)
+    free_mem.set_function(lambda: manager.free().memory_mb)
+    servers.set_function(lambda: len(manager.store.servers()))
+    buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    return {
+        "registry": reg,
+        "handshake": Histogram("enorm_handshake_seconds", "Handshake duration",
+                               registry=reg, buckets=buckets),
+        "terminate": Histogram("enorm_terminate_seconds", "Termination duration",
+                               registry=reg, buckets=buckets),
+    }
+
+
+def openapi() -> dict:
+    """The OpenAPI 3.1 description, built from the same pydantic models the API uses."""
+    models = [protocol.SetupRequest, protocol.SetupResponse, protocol.Rejection,
+              protocol.ErrorBody, protocol.NodeOffer, protocol.ServerInfo, protocol.Event,
+              protocol.TerminateResult]
+    schemas: dict[str, Any] = {}
+    for m in models:
+        s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(s.pop("$defs", {}))
+        schemas[m.__name__] = s
+
+    def ref(name: str) -> dict:
+        return {"content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{name}"}}}}
+
+    def arr(name: str) -> dict:
+        return {"content": {"application/json": {"schema": {
+            "type": "array", "items": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+    err = {"description": "error", **ref("ErrorBody")}
+    sid = [{"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "enorm edge node API", "version": protocol.VERSION},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/node": {"get": {"summary": "The node's offer",
+                                 "responses": {"200": {"description": "offer",
+                                                       **ref("NodeOffer")}, "401": err}}},
+            "/v1/servers": {
+                "post": {"summary": "Setup request (handshake, Procedure 2)",
+                         "requestBody": {"required": True, **ref("SetupRequest")},
+                         "responses": {"201": {"description": "admitted",
+                                               **ref("SetupResponse")},
+                                       "400": err, "401": err, "403": err,
+                                       "409": {"description": "refused",
+                                               **ref("Rejection")}}},
+                "get": {"summary": "Servers of the caller",
+                        "responses": {"200": {"description": "servers",
+                                              **arr("ServerInfo")}, "401": err}},
+            },
+            "/v1/servers/{sid}": {
+                "parameters": sid,
+                "get": {"summary": "One server",
+                        "responses": {"200": {"description": "server", **ref("ServerInfo")},
+                                      "401": err, "403": err, "404": err}},
+                "delete": {"summary": "Withdraw (data merged back first, Procedure 4)",
+                           "responses": {"200": {"description": "terminated",
+                                                 **ref("TerminateResult")},
+                                         "202": {"description": "migration pending",
+                                                 **ref("TerminateResult")},
+                                         "401": err, "403": err, "404": err}},
+            },
+            "/v1/events": {"get": {"summary": "Events, newest first",
+                                   "parameters": [{"name": "limit", "in": "query",
+                                                   "schema": {"type": "integer"}},
+                                                  {"name": "server", "in": "query",
+                                                   "schema": {"type": "string"}}],
+                                   "responses": {"200": {"description": "events",
+                                                         **arr("Event")}, "401": err}}},
+            "/v1/autoscale": {"post": {"summary": "Run one auto-scaling round (operator)",
+                                       "responses": {"200": {"description": "round"},
+                                                     "403": err}}},
+            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "ok"}}}},
+            "/metrics": {"get": {"security": [],
+                                 "responses": {"200": {"description": "Prometheus text"}}}},
+        },
+    }
+
+
+def create_app(
+    manager: EdgeManager,
+    *,
+    tokens: dict[str, str],
+    operator_token: str,
+    autoscale: Callable[[], dict] | None = None,
+) -> Flask:
+    """A fresh app around one Edge Manager; tests build their own."""
+    app = Flask("enorm")
+    app.config["ENORM_TOKENS"] = {**tokens, operator_token: OPERATOR}
+    app.extensions["enorm"] = manager
+    app.extensions["enorm.metrics"] = metrics = _metrics(app, manager)
+    if autoscale is not None:
+        app.extensions["enorm.autoscale"] = autoscale
+    app.register_blueprint(bp, url_prefix="/v1")
+    spec = json.dumps(openapi())
+
+    @app.get("/v1/openapi.json")
+    def _openapi() -> Response:
+        return Response(spec, mimetype="application/json")
+
+    @app.get("/healthz")
+    def _healthz() -> Response:
+        try:
+            manager.store.r.ping()
+        except Exception as exc:  # the node's Redis is gone: not healthy
+            return _error(503, "unavailable", f"store: {exc}")
+        return jsonify({"status": "ok", "node": manager.cfg.name})
+
+    @app.get("/metrics")
+    def _metrics_view() -> Response:
+        return Response(generate_latest(metrics["registry"]), mimetype=CONTENT_TYPE_LATEST)
+
+    app.register_error_handler(ValidationError, _validation_error)
+    app.register_error_handler(NotFound, lambda e: _error(404, "not_found",
+                                                          f"no server {e.args[0]}", "id"))
+    app.register_error_handler(Forbidden, lambda e: _error(
+        403, "forbidden", f"server {e.args[0]} belongs to another cloud manager", "id"))
+    app.register_error_handler(Rejected, lambda r: _json(protocol.Rejection(
+        error=r.reason, detail=r.detail, free=r.free), 409))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"),
+                      exc.description or "")
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception) -> Response:
+        app.logger.exception("internal error")
+        return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+    return app

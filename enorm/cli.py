@@ -1,0 +1,250 @@
+"""`enorm`: the edge daemon and the operator's commands on the board.
+
+Every command but `serve` and `image` talks to the running daemon over its HTTP API with
+the operator token, so the CLI never races the daemon over containers or rules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import requests
+from rich.console import Console
+from rich.table import Table
+
+from enorm import config as config_mod
+
+DEFAULT_CONFIG = Path("/etc/enorm/node.toml")
+console = Console()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(code)
+
+
+def load_config(path: str | None) -> config_mod.NodeConfig:
+    if path is None and DEFAULT_CONFIG.exists():
+        path = str(DEFAULT_CONFIG)
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        fail(str(exc), 2)
+
+
+class Client:
+    """The operator's view of the local daemon."""
+
+    def __init__(self, cfg: config_mod.NodeConfig) -> None:
+        from enorm.daemon import operator_token
+
+        self.url = cfg.url
+        try:
+            token = operator_token(cfg)
+        except OSError as exc:
+            fail(f"cannot read the operator token: {exc}")
+        self.s = requests.Session()
+        self.s.headers["Authorization"] = f"Bearer {token}"
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 60), **kw)
+        except requests.ConnectionError:
+            fail(f"the daemon does not answer at {self.url} (is `enorm serve` running?)")
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+                msg = body.get("detail", resp.text)
+                if body.get("field"):
+                    msg = f"{body['field']}: {msg}"
+            except ValueError:
+                msg = resp.text
+            fail(f"{method} {path}: {resp.status_code} {msg}")
+        return resp.json()
+
+
+config_option = click.option(
+    "--config", "-c", "config_path", envvar="ENORM_CONFIG", type=click.Path(dir_okay=False),
+    help=f"node config (TOML); default {DEFAULT_CONFIG} if it exists, else built-in defaults",
+)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="log more")
+def main(verbose: bool) -> None:
+    """Edge NOde Resource Management: the edge node's daemon and tools."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@config_option
+@click.option("--no-autoscale", is_flag=True, help="do not schedule the auto-scaler")
+def serve(config_path: str | None, no_autoscale: bool) -> None:
+    """Run the edge node daemon (foreground) with the production WSGI server."""
+    from enorm.daemon import Daemon
+
+    cfg = load_config(config_path)
+    try:
+        d = Daemon.open(cfg, autoscale=not no_autoscale)
+    except Exception as exc:
+        fail(f"cannot start node {cfg.name}: {exc}")
+    console.print(f"node {cfg.name}: reconciled {json.dumps(d.reconciled)}", highlight=False)
+    console.print(f"node {cfg.name}: serving on {cfg.url}", highlight=False)
+    try:
+        d.serve()
+    finally:
+        d.close()
+
+
+def _res(r: dict) -> str:
+    return f"{r['cores']:g} cores / {r['memory_mb']} MB"
+
+
+def _servers_table(servers: list[dict]) -> Table:
+    t = Table(title="edge servers")
+    for col in ("id", "app", "owner", "priority", "state", "address", "access", "ports",
+                "limits", "users"):
+        t.add_column(col)
+    for s in servers:
+        ports = ", ".join(f"{c}->{h}" for c, h in s["ports"].items())
+        t.add_row(s["id"], s["app"], s["owner"], str(s["priority"]), s["state"], s["address"],
+                  str(s["access_port"]), ports, _res(s["limits"]), str(s["users"]))
+    return t
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def status(config_path: str | None, as_json: bool) -> None:
+    """Node resources and the servers it runs."""
+    c = Client(load_config(config_path))
+    node = c.call("GET", "/v1/node")
+    servers = c.call("GET", "/v1/servers")
+    if as_json:
+        click.echo(json.dumps({"node": node, "servers": servers}, indent=2))
+        return
+    t = Table(title=f"node {node['name']} ({node['admission']} admission)")
+    t.add_column("")
+    t.add_column("resources")
+    for k in ("capacity", "reserved", "basic_service", "allocated", "free", "unit"):
+        t.add_row(k.replace("_", " "), _res(node[k]))
+    t.add_row("host ports free", str(node["ports_free"]))
+    console.print(t)
+    console.print(_servers_table(servers))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def servers(config_path: str | None, as_json: bool) -> None:
+    """The edge servers on this node."""
+    data = Client(load_config(config_path)).call("GET", "/v1/servers")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        console.print(_servers_table(data))
+
+
+@main.command()
+@config_option
+@click.argument("server_ids", nargs=-1, required=True)
+def terminate(config_path: str | None, server_ids: tuple[str, ...]) -> None:
+    """Terminate servers (their data is merged back to the cloud first)."""
+    c = Client(load_config(config_path))
+    for sid in server_ids:
+        r = c.call("DELETE", f"/v1/servers/{sid}")
+        console.print(f"{sid}: terminated {r['terminated']}, pending {r['pending']}, "
+                      f"keys migrated {r['keys_migrated']}", highlight=False)
+
+
+@main.command()
+@config_option
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+def events(config_path: str | None, limit: int) -> None:
+    """Recent events (launch, scale, terminate), newest first."""
+    for e in Client(load_config(config_path)).call("GET", f"/v1/events?limit={limit}"):
+        console.print(f"{e['at']:.3f} {e['type']:<24} {e['server_id']} {e['app']} "
+                      f"{e['reason']} {json.dumps(e['data'])}", highlight=False)
+
+
+@main.command()
+@config_option
+@click.option("--once", is_flag=True, required=True, help="run one round now")
+def autoscale(config_path: str | None, once: bool) -> None:
+    """Run one auto-scaling round on the daemon and print the plan and what was done."""
+    r = Client(load_config(config_path)).call("POST", "/v1/autoscale", timeout=600)
+    click.echo(json.dumps(r, indent=2))
+
+
+@main.command()
+@config_option
+@click.option("--keep-bridge", is_flag=True, help="leave the bridge and its route guard")
+def down(config_path: str | None, keep_bridge: bool) -> None:
+    """Decommission the node: terminate every server, then remove chains and the store.
+
+    The daemon must be stopped first; its servers are terminated here, data merged back.
+    """
+    from enorm import network, store
+    from enorm.daemon import Daemon
+
+    cfg = load_config(config_path)
+    try:
+        requests.get(cfg.url + "/healthz", timeout=1)
+        fail(f"the daemon still answers at {cfg.url}: stop it first")
+    except requests.ConnectionError:
+        pass
+    d = Daemon.open(cfg)
+    try:
+        r = d.manager.shutdown_node()
+        console.print(f"terminated {r.terminated}, pending {r.pending}", highlight=False)
+        if r.pending:
+            fail("some servers kept their data (sink unreachable); node left in place")
+        d.manager.firewall.teardown()
+        d.manager.store.wipe()
+    finally:
+        d.close()
+    assert cfg.state_dir is not None
+    store.stop_managed(Path(cfg.state_dir))
+    if not keep_bridge:
+        network.remove_bridge(cfg.bridge, cfg.subnet)
+    console.print(f"node {cfg.name}: down", highlight=False)
+
+
+@main.group()
+def image() -> None:
+    """Base container images."""
+
+
+@image.command("build")
+@click.argument("name", default="debian")
+@click.option("--rebuild", is_flag=True, help="rebuild even if the base container exists")
+@click.option("--lxc-path", default="/var/lib/lxc", show_default=True)
+def image_build(name: str, rebuild: bool, lxc_path: str) -> None:
+    """Turn the recipe images/NAME into the base container enorm-base-NAME."""
+    from enorm import images
+
+    try:
+        built = images.build(name, lxc_path=Path(lxc_path), rebuild=rebuild,
+                             progress=lambda m: console.print(m, highlight=False))
+    except images.ImageError as exc:
+        fail(str(exc))
+    console.print(f"[green]{built}[/green] ready")
+
+
+@image.command("list")
+def image_list() -> None:
+    """The recipes this installation knows."""
+    from enorm import images
+
+    for r in images.recipes():
+        click.echo(r)
+
+
+if __name__ == "__main__":
+    main()

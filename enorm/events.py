@@ -1,0 +1,77 @@
+"""Events: what the edge did, recorded in the store and sent to the cloud's callback.
+
+Delivery is at-least-once: an event waits in the store's outbox until the cloud answers
+2xx, and a background thread retries with back-off, also after a restart of the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+import requests
+
+from enorm.protocol import Event
+from enorm.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Events:
+    def __init__(self, store: Store, timeout: float = 2.0) -> None:
+        self.store = store
+        self.timeout = timeout
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._session = requests.Session()
+
+    def emit(self, type_: str, server_id: str, app: str, reason: str,
+             data: dict | None = None, callback_url: str | None = None) -> Event:
+        ev = Event(id=secrets.token_hex(8), type=type_, server_id=server_id, app=app,
+                   at=time.time(), reason=reason, data=data or {})
+        self.store.add_event(ev)
+        if callback_url:
+            self.store.outbox_add(callback_url, ev)
+            self._wake.set()
+        return ev
+
+    def deliver_once(self) -> int:
+        """Try every pending event once; returns how many are still pending."""
+        pending = 0
+        for url, ev in self.store.outbox():
+            try:
+                resp = self._session.post(url, json=ev.model_dump(), timeout=self.timeout)
+                ok = 200 <= resp.status_code < 300
+            except requests.RequestException as exc:
+                log.info("event %s to %s: %s", ev.id, url, exc)
+                ok = False
+            if ok:
+                self.store.outbox_ack(ev.id)
+            else:
+                pending += 1
+        return pending
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                pending = self.deliver_once()
+            except Exception:  # the store may be briefly gone; keep the thread alive
+                log.exception("event delivery")
+                pending = 1
+            backoff = min(backoff * 2, 30.0) if pending else 0.5
+            self._wake.wait(backoff if pending else 30.0)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="enorm-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=5)

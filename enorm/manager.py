@@ -1,0 +1,404 @@
+"""The Edge Manager: node manager (admission) and server manager (launch, terminate).
+
+Policy comes from `resources.admit` and the auto-scaler's plan; mechanism from
+`containers`, `firewall` and `network`; state from `store`. The manager only sequences
+them, so that each step is recorded before it is taken and a restart can finish or undo
+whatever a killed daemon left half done (`reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from enorm import network, resources
+from enorm.config import NodeConfig
+from enorm.containers import Containers
+from enorm.events import Events
+from enorm.firewall import Firewall, Forward
+from enorm.protocol import (
+    Access,
+    NodeOffer,
+    Resources,
+    ServerInfo,
+    SetupRequest,
+    SetupResponse,
+    TerminateResult,
+)
+from enorm.store import ServerRecord, Store
+
+log = logging.getLogger(__name__)
+
+SSH_PORT = 22
+# A hook run before a container is destroyed: merges its data back, returns keys moved.
+Migrate = Callable[[ServerRecord], int]
+
+
+class Rejected(Exception):
+    """Admission said no (409); `reason` is machine-readable."""
+
+    def __init__(self, reason: str, detail: str, free: Resources | None = None) -> None:
+        super().__init__(detail)
+        self.reason, self.detail, self.free = reason, detail, free
+
+
+class NotFound(KeyError):
+    pass
+
+
+class Forbidden(PermissionError):
+    pass
+
+
+class MigrationPending(RuntimeError):
+    """The data could not be merged back; the container is stopped and kept."""
+
+
+@dataclass
+class Node:
+    """The parts one Edge Manager drives (built by `build`, replaced in tests)."""
+
+    config: NodeConfig
+    store: Store
+    containers: Containers
+    firewall: Firewall
+    allocator: resources.Allocator
+    events: Events
+
+
+def build(config: NodeConfig, store: Store) -> Node:
+    assert config.cores is not None and config.memory_mb is not None
+    return Node(
+        config=config,
+        store=store,
+        containers=Containers(config.lxc_path, config.container_prefix, config.base_container),
+        firewall=Firewall(config.name, config.subnet),
+        allocator=resources.Allocator(
+            capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
+            reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
+        ),
+        events=Events(store, timeout=config.callback_timeout_s),
+    )
+
+
+def _forwards(rec: ServerRecord) -> list[Forward]:
+    fw = [Forward(rec.access_port, rec.address, SSH_PORT)]
+    fw += [Forward(hp, rec.address, cp) for cp, hp in sorted(rec.ports.items())]
+    return fw
+
+
+class EdgeManager:
+    def __init__(self, node: Node, migrate: Migrate | None = None) -> None:
+        self.node = node
+        self.cfg = node.config
+        self.store = node.store
+        self.containers = node.containers
+        self.firewall = node.firewall
+        self.allocator = node.allocator
+        self.events = node.events
+        self.migrate = migrate
+        self.unit = Resources(cores=self.cfg.unit.cores, memory_mb=self.cfg.unit.memory_mb)
+        # Guards admission and every change of allocations, ports and addresses.
+        self._lock = threading.RLock()
+
+    # -- start-up ------------------------------------------------------------------------
+    def start(self) -> dict:
+        """Bring up the bridge and chains, then reconcile the store with reality."""
+        network.ensure_bridge(self.cfg.bridge, self.cfg.subnet)
+        self.firewall.setup()
+        return self.reconcile()
+
+    # -- views ---------------------------------------------------------------------------
+    def _active(self) -> list[ServerRecord]:
+        """Servers that hold cores and memory (a stopped, pending one holds none)."""
+        return [s for s in self.store.servers() if s.state in ("launching", "running",
+                                                               "terminating")]
+
+    def allocated(self) -> Resources:
+        return resources.total(s.limits for s in self._active())
+
+    def free(self) -> Resources:
+        return self.allocator.free(self.allocated())
+
+    def _taken_ports(self, servers: list[ServerRecord]) -> set[int]:
+        return {p for s in servers for p in (s.access_port, *s.ports.values())}
+
+    def offer(self) -> NodeOffer:
+        servers = self.store.servers()
+        return NodeOffer(
+            name=self.cfg.name,
+            capacity=self.allocator.capacity,
+            reserved=self.allocator.reserve,
+            basic_service=self.allocator.basic,
+            allocated=self.allocated(),
+            free=self.free(),
+            unit=self.unit,
+            servers=len(servers),
+            admission=self.cfg.admission,
+            ports_free=network.free_port_count(self.cfg.port_range, self._taken_ports(servers)),
+            autoscale_interval_s=self.cfg.autoscale_interval_s,
+        )
+
+    def get(self, sid: str, owner: str | None = None) -> ServerRecord:
+        rec = self.store.get(sid)
+        if rec is None:
+            raise NotFound(sid)
+        if owner is not None and rec.owner != owner:
+            raise Forbidden(sid)
+        return rec
+
+    def servers(self, owner: str | None = None) -> list[ServerInfo]:
+        return sorted((s.info() for s in self.store.servers()
+                       if owner is None or s.owner == owner),
+                      key=lambda s: (-s.priority, s.created_at))
+
+    # -- Procedure 2: handshake ----------------------------------------------------------
+    def handshake(self, req: SetupRequest, owner: str) -> SetupResponse:
+        """Admit (resources, priority, ports), then launch the container and forward ports."""
+        rec, evict = self._reserve(req, owner)
+        # Pre-emption: until the evicted tenants are gone the node is briefly over its
+        # allocation on paper; meanwhile every other handshake sees less free, not more.
+        for sid in evict:
+            self.terminate(sid, reason="preempted", numbers={"by_priority": req.priority})
+        try:
+            self._launch(rec)
+        except Exception:
+            self._undo_launch(rec)
+            raise
+        rec.state = "running"
+        self.store.save(rec)
+        self.events.emit("server.launched", rec.id, rec.app, "handshake",
+                         {"limits": rec.limits.model_dump()}, None)
+        return SetupResponse(
+            server_id=rec.id,
+            container=rec.container,
+            address=rec.address,
+            access=Access(host=self.cfg.public_host, port=rec.access_port),
+            ports=rec.ports,
+            limits=rec.limits,
+            redis_password=rec.redis_password,
+        )
+
+    def _reserve(self, req: SetupRequest, owner: str) -> tuple[ServerRecord, list[str]]:
+        with self._lock:
+            servers = self.store.servers()
+            active = [s for s in servers if s.state in ("launching", "running")]
+            taken = self._taken_ports(servers)
+            free = self.allocator.free(resources.total(s.limits for s in self._active()))
+            decision = resources.admit(
+                unit=self.unit,
+                free=free,
+                priority=req.priority,
+                min_priority=self.cfg.min_priority,
+                ports_needed=1 + len(req.ports),
+                ports_free=network.free_port_count(self.cfg.port_range, taken),
+                tenants=[resources.Tenant(s.id, s.priority, s.limits, s.created_at)
+                         for s in active],
+                policy=self.cfg.admission,
+            )
+            if not decision.admit:
+                raise Rejected(decision.reason or "insufficient_resources", decision.detail,
+                               free)
+            ports = network.pick_ports(self.cfg.port_range, taken, 1 + len(req.ports))
+            if ports is None:  # counted free, but another process holds some of them
+                raise Rejected("ports_unavailable",
+                               f"fewer than {1 + len(req.ports)} bindable host ports in "
+                               f"{self.cfg.port_range}", free)
+            address = network.pick_address(self.cfg.subnet, {s.address for s in servers})
+            if address is None:
+                raise Rejected("insufficient_resources",
+                               f"no free address left in {self.cfg.subnet}", free)
+            sid = secrets.token_hex(4)
+            rec = ServerRecord(
+                id=sid,
+                app=req.app,
+                owner=owner,
+                priority=req.priority,
+                state="launching",
+                container=f"{self.cfg.container_prefix}{sid}",
+                address=str(address),
+                access_port=ports[0],
+                ports=dict(zip(req.ports, ports[1:], strict=True)),
+                limits=self.unit,
+                users=len(req.users),
+                latency_objective_ms=req.latency_objective_ms,
+                override=req.override,
+                termination=req.termination,
+                created_at=time.time(),
+                data_sink=req.data_sink,
+                callback_url=str(req.callback_url) if req.callback_url else None,
+                redis_password=secrets.token_urlsafe(18),
+                ssh_public_key=req.ssh_public_key,
+            )
+            self.store.save(rec, users=req.users)
+            return rec, list(decision.evict)
+
+    def _launch(self, rec: ServerRecord) -> None:
+        self.containers.create(
+            rec.container,
+            address=rec.address,
+            prefixlen=self.cfg.subnet.prefixlen,
+            gateway=str(self.cfg.gateway),
+            bridge=self.cfg.bridge,
+            limits=rec.limits,
+            authorized_key=rec.ssh_public_key,
+            redis_password=rec.redis_password,
+        )
+        self.containers.start(rec.container)
+        self.firewall.add(rec.id, _forwards(rec))
+        self.containers.wait_ssh(rec.address)
+
+    def _undo_launch(self, rec: ServerRecord) -> None:
+        log.warning("launch of %s failed; undoing", rec.id)
+        try:
+            self.firewall.remove(rec.id)
+        finally:
+            try:
+                self.containers.destroy(rec.container)
+            finally:
+                with self._lock:
+                    self.store.delete(rec.id)
+
+    # -- scaling (used by the auto-scaler) -----------------------------------------------
+    def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None:
+        with self._lock:
+            rec = self.get(server_id)
+            if rec.state != "running":
+                raise RuntimeError(f"{server_id}: cannot scale a server that is {rec.state}")
+            growth = resources.sub(limits, rec.limits)
+            if not resources.fits(growth, self.free()):
+                raise Rejected("insufficient_resources", f"{server_id}: no room to grow")
+            self.containers.set_limits(rec.container, limits)
+            old = rec.limits
+            rec.limits = limits
+            self.store.save(rec)
+        self.events.emit("server.scaled", rec.id, rec.app, reason,
+                         {**numbers, "from": old.model_dump(), "to": limits.model_dump()},
+                         rec.callback_url)
+
+    # -- Procedure 4: termination --------------------------------------------------------
+    def terminate(self, server_id: str, reason: str, numbers: dict | None = None,
+                  owner: str | None = None) -> TerminateResult:
+        """Terminate a server (and, in `multiple` mode, its siblings of the same app)."""
+        rec = self.get(server_id, owner)
+        group = [rec]
+        if rec.termination == "multiple":
+            group += [s for s in self.store.servers()
+                      if s.id != rec.id and s.owner == rec.owner and s.app == rec.app]
+        result = TerminateResult(terminated=[])
+        for s in group:
+            try:
+                result.keys_migrated += self._terminate_one(s.id, reason, numbers or {})
+                result.terminated.append(s.id)
+            except MigrationPending:
+                result.pending.append(s.id)
+            except NotFound:
+                pass  # terminated meanwhile by someone else
+        return result
+
+    def _terminate_one(self, sid: str, reason: str, numbers: dict) -> int:
+        with self._lock:
+            rec = self.get(sid)
+            if rec.state == "terminating" and reason != "reconcile":
+                raise NotFound(sid)  # another call is on it
+            was_pending = rec.state == "migration_pending"
+            rec.state = "terminating"
+            self.store.save(rec)
+        if was_pending:  # its Redis lives in the stopped container: bring it back first
+            self.containers.start(rec.container)
+        keys = 0
+        if self.migrate is not None and rec.data_sink is not None:
+            try:
+                keys = self.migrate(rec)
+            except Exception as exc:
+                self._keep_for_retry(rec, reason, exc)
+                raise MigrationPending(str(exc)) from exc
+        self.firewall.remove(rec.id)
+        self.containers.destroy(rec.container)
+        with self._lock:
+            self.store.delete(rec.id)
+        self.events.emit("server.terminated", rec.id, rec.app, reason,
+                         {**numbers, "keys_migrated": keys}, rec.callback_url)
+        return keys
+
+    def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:
+        """The sink is unreachable: stop the container but keep it (and its data)."""
+        log.warning("migration of %s failed (%s); container kept", rec.id, exc)
+        self.firewall.remove(rec.id)
+        self.containers.stop(rec.container)
+        with self._lock:
+            rec.state = "migration_pending"
+            self.store.save(rec)
+        self.events.emit("server.migration_failed", rec.id, rec.app, reason,
+                         {"error": str(exc)}, rec.callback_url)
+
+    def retry_pending(self) -> list[str]:
+        """Try again to merge back and destroy servers whose migration failed before."""
+        done = []
+        for rec in self.store.servers():
+            if rec.state == "migration_pending":
+                try:
+                    self._terminate_one(rec.id, "migration_retry", {})
+                    done.append(rec.id)
+                except (MigrationPending, NotFound):
+                    pass
+        return done
+
+    # -- restart -------------------------------------------------------------------------
+    def reconcile(self) -> dict:
+        """Make containers and rules agree with the store, after a crash or a reboot.
+
+        launching -> undone (the cloud never got a 201); terminating -> finished;
+        running with a stopped container -> started again, limits re-applied; running
+        with its container gone -> dropped, with an event; containers and rules that no
+        record owns -> removed.
+        """
+        report = {"undone": [], "finished": [], "restarted": [], "lost": [], "orphans": []}
+        records = {s.id: s for s in self.store.servers()}
+        for rec in list(records.values()):
+            if rec.state == "launching":
+                self._undo_launch(rec)
+                report["undone"].append(rec.id)
+                del records[rec.id]
+            elif rec.state == "terminating":
+                try:
+                    self._terminate_one(rec.id, "reconcile", {})
+                    report["finished"].append(rec.id)
+                except MigrationPending:
+                    pass
+                records.pop(rec.id, None)
+            elif rec.state == "running":
+                if not self.containers.exists(rec.container):
+                    self.store.delete(rec.id)
+                    self.events.emit("server.terminated", rec.id, rec.app, "container_lost",
+                                     {"keys_migrated": 0}, rec.callback_url)
+                    report["lost"].append(rec.id)
+                    del records[rec.id]
+                    continue
+                if not self.containers.running(rec.container):
+                    self.containers.start(rec.container)
+                    report["restarted"].append(rec.id)
+                self.containers.set_limits(rec.container, rec.limits)
+        owned = {r.container for r in records.values()}
+        for name in self.containers.names():
+            if name not in owned:
+                self.containers.destroy(name)
+                report["orphans"].append(name)
+        report["rules"] = self.firewall.reconcile(
+            {r.id: _forwards(r) for r in records.values() if r.state == "running"}
+        )
+        return report
+
+    def shutdown_node(self) -> TerminateResult:
+        """Terminate every server (data merged back), e.g. when decommissioning."""
+        result = TerminateResult(terminated=[])
+        for s in self.store.servers():
+            r = self.terminate(s.id, reason="node_shutdown")
+            result.terminated += r.terminated
+            result.pending += r.pending
+            result.keys_migrated += r.keys_migrated
+        return result

@@ -1,0 +1,111 @@
+"""The node's bridge, its subnet guard, and the pools of host ports and container addresses.
+
+Pools are pure: they pick from what the store says is taken, so the choice survives a
+restart and two servers never share a port or an address. The bridge functions are the
+only place that runs `ip` and `sysctl`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Callable, Iterable
+
+GUARD_METRIC = 4000
+
+
+class NetworkError(RuntimeError):
+    """The bridge or a route could not be set up; the message says which command failed."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise NetworkError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def _sysctl(key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    with open(path) as f:
+        if f.read().strip() == value:
+            return
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def ensure_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
+    """Create the bridge with the subnet's first address (idempotent), and guard the subnet.
+
+    The guard is an `unreachable` route of high metric: if the bridge ever disappears,
+    traffic to the subnet fails on this machine instead of following the default route.
+    """
+    gateway = next(subnet.hosts())
+    if _ip("link", "show", "dev", bridge, check=False).returncode != 0:
+        _ip("link", "add", bridge, "type", "bridge")
+    cidr = f"{gateway}/{subnet.prefixlen}"
+    if cidr not in _ip("-4", "addr", "show", "dev", bridge).stdout:
+        _ip("addr", "add", cidr, "dev", bridge)
+    _ip("link", "set", bridge, "up")
+    ensure_guard(subnet)
+    _sysctl("net.ipv4.ip_forward", "1")
+    # DNAT from 127.0.0.1 into a container needs loopback-sourced packets to be routable.
+    _sysctl("net.ipv4.conf.all.route_localnet", "1")
+
+
+def ensure_guard(subnet: ipaddress.IPv4Network) -> None:
+    _ip("route", "replace", "unreachable", str(subnet), "metric", str(GUARD_METRIC))
+
+
+def remove_bridge(bridge: str, subnet: ipaddress.IPv4Network | None = None) -> None:
+    """Delete a bridge this node created (and its guard); absent is fine."""
+    _ip("link", "del", bridge, check=False)
+    if subnet is not None:
+        _ip("route", "del", "unreachable", str(subnet), "metric", str(GUARD_METRIC), check=False)
+
+
+def port_is_bindable(port: int) -> bool:
+    """True when no other process on the host listens on this TCP port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(
+    port_range: tuple[int, int],
+    taken: Iterable[int],
+    count: int,
+    usable: Callable[[int], bool] = port_is_bindable,
+) -> list[int] | None:
+    """`count` free host ports from the range, lowest first; None if there are not enough."""
+    taken = set(taken)
+    chosen: list[int] = []
+    for port in range(port_range[0], port_range[1] + 1):
+        if port in taken or not usable(port):
+            continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    return None if count else []
+
+
+def free_port_count(port_range: tuple[int, int], taken: Iterable[int]) -> int:
+    return port_range[1] - port_range[0] + 1 - len(set(taken))
+
+
+def pick_address(
+    subnet: ipaddress.IPv4Network, taken: Iterable[str]
+) -> ipaddress.IPv4Address | None:
+    """The lowest container address not taken; the first host is the bridge's gateway."""
+    taken = set(taken)
+    hosts = subnet.hosts()
+    next(hosts)  # the gateway
+    for addr in hosts:
+        if str(addr) not in taken:
+            return addr
+    return None

@@ -1,0 +1,190 @@
+"""Messages between the cloud manager and the edge manager (protocol v1, JSON over HTTP).
+
+One definition serves both sides: the edge API validates requests with these models and
+the cloud manager builds them, so the two cannot drift apart. Field names follow the
+paper: priority, latency objective, unit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+VERSION = "v1"
+
+RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable"]
+ServerState = Literal["launching", "running", "terminating", "migration_pending"]
+TerminationMode = Literal["single", "multiple"]
+
+_SSH_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}( [^\n]*)?$"
+)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Message):
+    """An amount of cores (fractional: CFS quota) and memory."""
+
+    cores: float = Field(ge=0)
+    memory_mb: int = Field(ge=0)
+
+
+class User(_Message):
+    """A user device the edge server will serve, with its (static) address."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class DataSink(_Message):
+    """Where the edge server's data goes back to on termination (the cloud's Redis).
+
+    User keys carry the user id as a hash tag (`u:{42}`); they replace the cloud's copy.
+    Keys matching `shared_patterns` (region annotations, ...) are merged as a union.
+    """
+
+    url: str = Field(pattern=r"^(redis|rediss|unix)://.+", max_length=512)
+    cluster: bool = False
+    shared_patterns: list[str] = Field(default_factory=list, max_length=64)
+
+
+class SetupRequest(_Message):
+    """Procedure 2: what the cloud manager asks an edge node for."""
+
+    app: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    priority: int = Field(ge=0, le=1000, description="higher is more important")
+    ports: list[int] = Field(default_factory=list, max_length=16)
+    users: list[User] = Field(default_factory=list, max_length=100_000)
+    latency_objective_ms: float = Field(gt=0, le=60_000)
+    ssh_public_key: str = Field(max_length=16_384)
+    data_sink: DataSink | None = None
+    callback_url: HttpUrl | None = None
+    # The cloud's override: the edge may not terminate this server for need reasons
+    # (idle, no users, latency not improvable); only for resources or by the cloud.
+    override: bool = False
+    # On termination of this server, also terminate its siblings (same owner and app).
+    termination: TerminationMode = "single"
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is not within 1-65535")
+        if len(set(v)) != len(v):
+            raise ValueError("ports must be unique")
+        if 22 in v:
+            raise ValueError("port 22 is the access port; it is forwarded already")
+        return v
+
+    @field_validator("users")
+    @classmethod
+    def _users_unique(cls, v: list[User]) -> list[User]:
+        if len({u.id for u in v}) != len(v):
+            raise ValueError("user ids must be unique")
+        return v
+
+    @field_validator("ssh_public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        v = v.strip()
+        if not _SSH_KEY.match(v):
+            raise ValueError("must be one OpenSSH public key line (ssh-ed25519, ssh-rsa, ecdsa)")
+        return v
+
+
+class Access(_Message):
+    """How the cloud manager reaches the container's sshd."""
+
+    host: str
+    port: int
+    user: str = "root"
+
+
+class SetupResponse(_Message):
+    server_id: str
+    container: str
+    address: str
+    access: Access
+    ports: dict[int, int] = Field(description="container port -> user-facing host port")
+    limits: Resources
+    redis_password: str = Field(description="the container's Redis (port 6379 inside)")
+
+
+class Rejection(_Message):
+    """409 body: a machine-readable reason and what the node had."""
+
+    error: RejectReason
+    detail: str
+    free: Resources | None = None
+
+
+class ErrorBody(_Message):
+    """4xx body for everything but admission: the field and the reason."""
+
+    error: str
+    detail: str
+    field: str | None = None
+
+
+class NodeOffer(_Message):
+    """`GET /v1/node`: what the node has and how it admits."""
+
+    version: str = VERSION
+    name: str
+    capacity: Resources
+    reserved: Resources
+    basic_service: Resources
+    allocated: Resources
+    free: Resources
+    unit: Resources
+    servers: int
+    admission: str
+    ports_free: int
+    autoscale_interval_s: float
+
+
+class ServerInfo(_Message):
+    id: str
+    app: str
+    owner: str
+    priority: int
+    state: ServerState
+    container: str
+    address: str
+    access_port: int
+    ports: dict[int, int]
+    limits: Resources
+    users: int
+    latency_objective_ms: float
+    override: bool
+    termination: TerminationMode
+    created_at: float
+    data_sink: DataSink | None = None
+    callback_url: str | None = None
+
+
+class Event(_Message):
+    """Something the edge did, recorded and (when a callback is set) sent to the cloud."""
+
+    id: str
+    type: Literal[
+        "server.launched", "server.scaled", "server.terminated", "server.migration_failed"
+    ]
+    server_id: str
+    app: str
+    at: float
+    reason: str
+    data: dict = Field(default_factory=dict)
+
+
+class TerminateResult(_Message):
+    terminated: list[str]
+    pending: list[str] = Field(default_factory=list, description="kept: migration pending")
+    keys_migrated: int = 0

@@ -1,0 +1,185 @@
+"""The node's durable state in its local Redis (AOF): edge servers, their users, events.
+
+Ports and addresses in use are not stored apart: they are read off the server records,
+so there is one source of truth and nothing to keep in step. Key names are built in
+one place, `Store.key`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from enorm.protocol import Event, ServerInfo, User
+
+EVENTS_KEPT = 10_000
+
+
+class StoreError(RuntimeError):
+    """The node's Redis cannot be reached or started; the message says where."""
+
+
+class ServerRecord(ServerInfo):
+    """What the node keeps of a server beyond what it shows the cloud."""
+
+    redis_password: str
+    ssh_public_key: str
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(**self.model_dump(exclude={"redis_password", "ssh_public_key"}))
+
+
+class Store:
+    def __init__(self, client: redis.Redis, node: str) -> None:
+        self.r = client
+        self.node = node
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("enorm", self.node, *parts))
+
+    # -- servers -------------------------------------------------------------------------
+    def save(self, rec: ServerRecord, users: list[User] | None = None) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key("servers"), rec.id, rec.model_dump_json())
+        if users is not None:
+            pipe.set(self.key("users", rec.id), json.dumps([u.model_dump(mode="json")
+                                                           for u in users]))
+        pipe.execute()
+
+    def get(self, sid: str) -> ServerRecord | None:
+        raw = self.r.hget(self.key("servers"), sid)
+        return ServerRecord.model_validate_json(raw) if raw else None
+
+    def servers(self) -> list[ServerRecord]:
+        return [ServerRecord.model_validate_json(v)
+                for v in self.r.hgetall(self.key("servers")).values()]
+
+    def users(self, sid: str) -> list[User]:
+        raw = self.r.get(self.key("users", sid))
+        return [User(**u) for u in json.loads(raw)] if raw else []
+
+    def delete(self, sid: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.key("servers"), sid)
+        pipe.delete(self.key("users", sid))
+        pipe.execute()
+
+    # -- events --------------------------------------------------------------------------
+    def add_event(self, event: Event) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(self.key("events"), event.model_dump_json())
+        pipe.ltrim(self.key("events"), 0, EVENTS_KEPT - 1)
+        pipe.execute()
+
+    def events(self, limit: int = 100, server_id: str | None = None) -> list[Event]:
+        """Newest first."""
+        out = []
+        for raw in self.r.lrange(self.key("events"), 0, EVENTS_KEPT):
+            ev = Event.model_validate_json(raw)
+            if server_id is None or ev.server_id == server_id:
+                out.append(ev)
+                if len(out) >= limit:
+                    break
+        return out
+
+    # -- outbox: events not yet acknowledged by the cloud ---------------------------------
+    def outbox_add(self, url: str, event: Event) -> None:
+        self.r.hset(self.key("outbox"), event.id, json.dumps({"url": url,
+                                                              "event": event.model_dump()}))
+
+    def outbox(self) -> list[tuple[str, Event]]:
+        out = []
+        for raw in self.r.hgetall(self.key("outbox")).values():
+            item = json.loads(raw)
+            out.append((item["url"], Event(**item["event"])))
+        return sorted(out, key=lambda x: x[1].at)
+
+    def outbox_ack(self, event_id: str) -> None:
+        self.r.hdel(self.key("outbox"), event_id)
+
+    def wipe(self) -> None:
+        """Forget the node entirely (decommissioning, tests)."""
+        keys = list(self.r.scan_iter(match=self.key("*"), count=1000))
+        if keys:
+            self.r.delete(*keys)
+
+
+# -- the node's own Redis ---------------------------------------------------------------
+def managed_socket(state_dir: Path) -> Path:
+    return state_dir / "store.sock"
+
+
+def open_store(store_url: str | None, state_dir: Path, timeout: float = 10.0) -> redis.Redis:
+    """Connect to the node's Redis; with no URL, start (or reuse) one under state_dir.
+
+    The managed Redis is a separate daemonised process with AOF, so it outlives a killed
+    enorm daemon and the next start finds the state where it was.
+    """
+    if store_url:
+        client = redis.Redis.from_url(store_url, socket_timeout=timeout)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise StoreError(f"store_url {store_url}: {exc}") from None
+        return client
+    state_dir.mkdir(parents=True, exist_ok=True)
+    sock = managed_socket(state_dir)
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=timeout)
+    try:
+        client.ping()
+        return client
+    except redis.RedisError:
+        pass
+    server = shutil.which("redis-server")
+    if server is None:
+        raise StoreError("store: redis-server is not installed (apt-get install redis-server)")
+    sock.unlink(missing_ok=True)
+    proc = subprocess.run(
+        [
+            server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "600",
+            "--dir", str(state_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "yes",
+            "--pidfile", str(state_dir / "store.pid"),
+            "--logfile", str(state_dir / "store.log"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise StoreError(f"store: redis-server failed to start: {proc.stderr.strip()}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise StoreError(f"store: no answer on {sock} (see store.log)") from None
+            time.sleep(0.01)
+
+
+def stop_managed(state_dir: Path) -> None:
+    """Stop the Redis that `open_store` started for this state dir (and only that one)."""
+    pidfile = state_dir / "store.pid"
+    try:
+        pid = int(pidfile.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    try:
+        redis.Redis(unix_socket_path=str(managed_socket(state_dir))).shutdown(nosave=True)
+    except redis.RedisError:
+        pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    pidfile.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Applications that enorm offloads to edge nodes (the iPokeMon-style game)."""

@@ -1,0 +1,187 @@
+"""enorm.datasync against real redis-server processes (standalone and a 3-master cluster)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis
+
+from enorm import datasync
+from games.pokemon import keys
+
+USERS = 16_384
+
+
+def fill_users(client, user_ids, seed: int = 1) -> int:
+    """Game-shaped data: 4-10 keys per user. Returns the number of keys written."""
+    rng = random.Random(seed)
+    n = 0
+    pipe = client.pipeline(transaction=False)
+    for i, uid in enumerate(user_ids):
+        pms = rng.randrange(0, 7)
+        pipe.hset(keys.user(uid), mapping={"id": uid, "name": f"t{uid}", "xp": rng.randrange(999)})
+        pipe.sadd(keys.pokedex(uid), *rng.sample(range(1, 152), 3))
+        pipe.hset(keys.location(uid), mapping={"lat": 51.5, "lng": -0.12, "region": "gcpvj0"})
+        pipe.zadd(keys.pokemon_index(uid), {str(k): k for k in range(max(pms, 1))})
+        for k in range(pms):
+            pipe.hset(keys.pokemon(uid, k), mapping={"species": rng.randrange(1, 152), "cp": 99})
+        n += 4 + pms
+        if i % 500 == 499:
+            pipe.execute()
+    pipe.execute()
+    return n
+
+
+def all_user_keys(client) -> set[bytes]:
+    return set(datasync.user_keys(client))
+
+
+def snapshot(client, ks) -> dict[bytes, bytes]:
+    """key -> DUMP payload (same server version on both sides: equal data, equal bytes)."""
+    return {k: payload for k, (payload, _) in datasync._dump(client, list(ks)).items()}
+
+
+@pytest.fixture
+def pair(redis_server):
+    cloud, edge = redis_server(), redis_server()
+    return datasync.connect(cloud.url), datasync.connect(edge.url), cloud, edge
+
+
+def test_copy_16k_users_verified_and_merge_back(pair):
+    cloud, edge, *_ = pair
+    ids = [str(u) for u in range(USERS)]
+    n = fill_users(cloud, ids)
+    cloud.sadd("region:gcpvj0", "user:1", "species:4")
+    cloud.hset("region:meta", mapping={"a": "cloud", "b": "cloud"})
+
+    report = datasync.copy_users(cloud, edge, ids)
+    assert report.verified and report.keys == n == report.keys_verified
+    assert report.deleted == 0
+    assert report.seconds < 5
+    assert edge.dbsize() == n  # shared keys are not copied with the users
+
+    # The edge plays: user data changes, region annotations appear on both sides.
+    edge.hset(keys.user("7"), "xp", 5000)
+    edge.hset(keys.pokemon("7", 99), mapping={"species": 150, "cp": 3000})
+    edge.sadd("region:gcpvj0", "user:7")
+    edge.sadd("region:u10hb3", "user:8")
+    edge.hset("region:meta", mapping={"b": "edge", "c": "edge"})
+    edge.zadd("region:top", {"a": 5, "b": 1})
+    edge.rpush("region:log", "x", "y", "y")
+    cloud.sadd("region:gcpvj0", "user:cloud-only")
+    cloud.zadd("region:top", {"a": 3, "b": 9, "c": 1})
+    cloud.rpush("region:log", "y", "z")
+
+    before = all_user_keys(edge)
+    merged = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS + ["region:*"])
+    assert merged.verified and merged.deleted == 0
+    assert merged.keys == len(before) == n + 1
+    assert merged.merged == 5
+    assert merged.keys_verified == merged.keys + merged.merged
+    assert all_user_keys(edge) == before  # nothing deleted on the source
+    # zero keys lost: every user key of the edge is on the cloud with the edge's value
+    assert snapshot(cloud, before) == snapshot(edge, before)
+    assert cloud.hget(keys.user("7"), "xp") == b"5000"
+    assert cloud.smembers("region:gcpvj0") == {
+        b"user:1",
+        b"species:4",
+        b"user:7",
+        b"user:cloud-only",
+    }
+    assert cloud.smembers("region:u10hb3") == {b"user:8"}
+    assert cloud.hgetall("region:meta") == {b"a": b"cloud", b"b": b"edge", b"c": b"edge"}
+    assert dict(cloud.zrange("region:top", 0, -1, withscores=True)) == {b"a": 5, b"b": 9, b"c": 1}
+    assert cloud.lrange("region:log", 0, -1) == [b"y", b"z", b"x", b"y"]
+
+    doomed = datasync.user_keys(edge, ["7", "8"])
+    assert len(doomed) >= 8
+    assert datasync.delete_users(edge, ["7", "8"]) == len(doomed)
+    assert not datasync.user_keys(edge, ["7", "8"])
+    assert datasync.user_keys(cloud, ["7", "8"])  # the cloud keeps its copy
+
+
+def test_copy_few_users_replace_and_keep(pair):
+    cloud, edge, *_ = pair
+    fill_users(cloud, ["a*1", "b", "c"])
+    fill_users(cloud, ["a", "a1"], seed=2)  # must not be picked up by the glob of "a*1"
+    r = datasync.copy_users(cloud, edge, ["a*1", "b"])
+    assert r.users == 2 and r.keys == len(datasync.user_keys(cloud, ["a*1", "b"]))
+    assert datasync.user_keys(edge, ["a", "a1", "c"]) == []
+    edge.hset(keys.user("b"), "name", "edge-name")
+    kept = datasync.copy_users(cloud, edge, ["b"], replace=False)
+    assert kept.keys == 0 and kept.skipped > 0
+    assert edge.hget(keys.user("b"), "name") == b"edge-name"
+    replaced = datasync.copy_users(cloud, edge, ["b"])
+    assert replaced.keys == kept.skipped
+    assert edge.hget(keys.user("b"), "name") == b"tb"
+
+
+def test_ttl_is_kept(pair):
+    cloud, edge, *_ = pair
+    cloud.set("session:{5}", "x", px=60_000)
+    datasync.copy_users(cloud, edge, ["5"])
+    assert 50_000 < edge.pttl("session:{5}") <= 60_000
+
+
+def test_unreachable_destination_raises_and_source_untouched(pair):
+    cloud, _, _, edge_server = pair
+    ids = [str(u) for u in range(100)]
+    fill_users(cloud, ids)
+    before = snapshot(cloud, all_user_keys(cloud))
+    edge_server.stop()
+    dead = datasync.connect(edge_server.url, timeout=1)
+    with pytest.raises(datasync.DestinationUnreachable):
+        datasync.copy_users(cloud, dead, ids)
+    with pytest.raises(datasync.SyncError):
+        datasync.merge_back(cloud, dead, shared_patterns=["region:*"])
+    assert snapshot(cloud, all_user_keys(cloud)) == before
+
+
+def test_verification_failure_is_reported(pair, monkeypatch):
+    cloud, edge, *_ = pair
+    fill_users(cloud, ["1", "2"])
+    real = datasync._restore
+
+    def lossy(client, dumped, replace):
+        written = real(client, dumped, replace)
+        client.delete(written[0])  # the destination loses a key after writing it
+        return written
+
+    monkeypatch.setattr(datasync, "_restore", lossy)
+    with pytest.raises(datasync.VerificationFailed) as err:
+        datasync.copy_users(cloud, edge, ["1", "2"])
+    assert len(err.value.keys) == 1
+
+
+def test_cluster_copy_and_merge_back(redis_cluster, redis_server):
+    cluster = datasync.connect(redis_cluster.url, cluster=True)
+    single = datasync.connect(redis_server().url)
+    ids = [str(u) for u in range(3000)]
+    n = fill_users(cluster, ids)
+    masters = datasync._masters(cluster)
+    assert len(masters) == 3 and all(m.dbsize() > 0 for m in masters)
+
+    # cluster -> standalone (deployment onto an edge node)
+    r = datasync.copy_users(cluster, single, ids)
+    assert r.verified and r.keys == n == single.dbsize()
+
+    # the edge plays, then everything goes back into the cluster
+    single.hset(keys.user("42"), "xp", 777)
+    single.sadd("region:gcpvj0", "user:42")
+    cluster.sadd("region:gcpvj0", "user:1")
+    back = datasync.merge_back(single, cluster, shared_patterns=keys.SHARED_PATTERNS)
+    assert back.verified and back.keys == n and back.merged == 1
+    assert cluster.hget(keys.user("42"), "xp") == b"777"
+    assert cluster.smembers("region:gcpvj0") == {b"user:1", b"user:42"}
+
+    # cluster -> cluster path through a few users and the per-user scan
+    few = datasync.copy_users(cluster, cluster, ["1", "2"])
+    assert few.keys == len(datasync.user_keys(cluster, ["1", "2"]))
+
+
+def test_cluster_unreachable(redis_cluster):
+    cluster = datasync.connect(redis_cluster.url, cluster=True)
+    fill_users(cluster, ["1"])
+    with pytest.raises(datasync.DestinationUnreachable):
+        datasync.copy_users(cluster, redis.Redis(port=1, socket_connect_timeout=0.5), ["1"])

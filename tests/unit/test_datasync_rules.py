@@ -1,0 +1,79 @@
+"""The pure parts of enorm.datasync: hash tags, patterns, the merge rule."""
+
+import pytest
+
+from enorm import datasync
+from enorm.datasync import hash_tag, merge_rule, user_pattern
+
+
+@pytest.mark.parametrize(
+    "key, tag",
+    [
+        (b"u:{42}", b"42"),
+        (b"pm:{42}:7", b"42"),
+        (b"x:{1}:{42}", b"1"),  # the first tag counts, as in Redis Cluster
+        (b"u:{}", None),
+        (b"u:42", None),
+        (b"u:{42", None),
+        (b"a}{b}", b"b"),
+    ],
+)
+def test_hash_tag(key, tag):
+    assert hash_tag(key) == tag
+
+
+def test_user_pattern_escapes_glob():
+    assert user_pattern("42") == "*{42}*"
+    assert user_pattern("a*b?[c]\\") == "*{a\\*b\\?\\[c\\]\\\\}*"
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b"])
+def test_user_ids_that_cannot_be_tags(bad):
+    with pytest.raises(ValueError):
+        user_pattern(bad)
+
+
+def test_merge_rule_union_edge_wins():
+    assert merge_rule(b"set", {b"a"}, {b"b"}) == {b"a", b"b"}
+    assert merge_rule(b"hash", {b"f": b"cloud", b"g": b"1"}, {b"f": b"edge"}) == {
+        b"f": b"edge",
+        b"g": b"1",
+    }
+    assert merge_rule(b"zset", [(b"a", 3.0), (b"b", 9.0)], [(b"a", 5.0), (b"c", 1.0)]) == {
+        b"a": 5.0,
+        b"b": 9.0,
+        b"c": 1.0,
+    }
+    assert merge_rule(b"list", [b"y", b"z"], [b"x", b"y", b"y"]) == [b"y", b"z", b"x", b"y"]
+    assert merge_rule(b"string", b"old", b"new") == b"new"
+    assert merge_rule(b"set", None, {b"a"}) == {b"a"}
+
+
+def test_contains_matches_merge_rule():
+    cases = [
+        (b"set", {b"a"}, {b"b"}),
+        (b"hash", {b"f": b"1"}, {b"f": b"2", b"g": b"3"}),
+        (b"list", [b"a"], [b"a", b"a", b"b"]),
+        (b"string", b"1", b"2"),
+    ]
+    for typ, cloud, edge in cases:
+        merged = merge_rule(typ, cloud, edge)
+        assert datasync._contains(typ, merged, edge)
+        assert not datasync._contains(typ, cloud, edge)
+    zmerged = list(merge_rule(b"zset", [(b"a", 3.0)], [(b"a", 5.0)]).items())
+    assert datasync._contains(b"zset", zmerged, [(b"a", 5.0)])
+    assert not datasync._contains(b"zset", [(b"a", 3.0)], [(b"a", 5.0)])
+
+
+def test_report_never_deletes():
+    r = datasync.SyncReport(keys=3)
+    assert r.as_dict()["deleted"] == 0 and r.verified is False
+
+
+def test_sync_errors_are_one_family():
+    for cls in (
+        datasync.DestinationUnreachable,
+        datasync.SourceUnreachable,
+        datasync.VerificationFailed,
+    ):
+        assert issubclass(cls, datasync.SyncError)

@@ -1,0 +1,332 @@
+"""The Monitor: request-log reading, statistics, cgroup parsing, latency probes.
+
+Probes talk only to 127.0.0.0/8, to sockets this test opens itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from enorm import monitor as m
+from enorm.autoscaler import Amount, plan
+from enorm.protocol import Resources, ServerInfo
+
+# ----------------------------------------------------------------------------- log parsing
+
+
+def test_parse_line():
+    assert m.parse_line("1700000000.5 /api/user 12.5") == m.Request(1700000000.5, "/api/user", 12.5)
+    assert m.parse_line("1 /a path with spaces 3") == m.Request(1.0, "/a path with spaces", 3.0)
+    for bad in ["", "1 /x", "x /y 3", "1 /y z", "1 /y -3", "nan /y 3"]:
+        assert m.parse_line(bad) is None, bad
+
+
+def test_parse_lines_counts_malformed():
+    reqs, bad = m.parse_lines(["1 /a 2", "garbage", "", "2 /b 4"])
+    assert [r.path for r in reqs] == ["/a", "/b"] and bad == 1
+
+
+def test_log_reader_reads_only_new_lines(tmp_path):
+    log = tmp_path / "requests.log"
+    r = m.LogReader()
+    assert r.read_new(log) == []  # not there yet
+    log.write_text("1 /a 10\n2 /b 20\n")
+    assert [q.path for q in r.read_new(log)] == ["/a", "/b"]
+    assert r.read_new(log) == []  # nothing new
+    with log.open("a") as f:
+        f.write("3 /c 30\n4 /d 4")  # the last line is still being written
+    assert [q.path for q in r.read_new(log)] == ["/c"]
+    with log.open("a") as f:
+        f.write("0\n")
+    assert [(q.path, q.duration_ms) for q in r.read_new(log)] == [("/d", 40.0)]
+
+
+def test_log_reader_truncation_restarts(tmp_path):
+    log = tmp_path / "requests.log"
+    r = m.LogReader()
+    log.write_text("1 /a 10\n2 /b 20\n3 /c 30\n")
+    assert len(r.read_new(log)) == 3
+    log.write_text("")  # `> requests.log`
+    assert r.read_new(log) == []
+    log.write_text("4 /d 40\n")
+    assert [q.path for q in r.read_new(log)] == ["/d"]
+
+
+def test_log_reader_rotation_restarts(tmp_path):
+    log = tmp_path / "requests.log"
+    r = m.LogReader()
+    log.write_text("1 /a 10\n2 /b 20\n3 /c 30\n")
+    assert len(r.read_new(log)) == 3
+    os.rename(log, tmp_path / "requests.log.1")
+    # a longer new file: only the inode tells that it is another file
+    log.write_text("4 /d 40\n5 /e 50\n6 /f 60\n7 /g 70\n")
+    assert [q.path for q in r.read_new(log)] == ["/d", "/e", "/f", "/g"]
+    assert r.read_new(log) == []
+
+
+def test_log_reader_counts_malformed(tmp_path):
+    log = tmp_path / "requests.log"
+    log.write_text("1 /a 10\nnot a line\n")
+    r = m.LogReader()
+    assert len(r.read_new(log)) == 1 and r.malformed == 1
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def test_percentile_nearest_rank():
+    v = list(range(1, 101))
+    assert m.percentile(v, 95) == 95
+    assert m.percentile(v, 100) == 100
+    assert m.percentile([7.0], 95) == 7.0
+    with pytest.raises(ValueError):
+        m.percentile([], 95)
+
+
+def test_network_stats_penalises_loss():
+    s = m.network_stats([10.0, 20.0, None, 30.0], loss_penalty_ms=1000.0)
+    assert s.count == 4 and s.lost == 1
+    assert s.mean_ms == pytest.approx(265.0)
+    assert s.p95_ms == 1000.0
+    assert m.network_stats([], 1000.0) is None
+
+
+def test_computing_stats_and_idle():
+    reqs = [m.Request(100.0, "/a", 10.0), m.Request(160.0, "/b", 30.0)]
+    c = m.computing_stats(reqs)
+    assert (c.count, c.mean_ms, c.p95_ms, c.last_request_at) == (2, 20.0, 30.0, 160.0)
+    assert m.computing_stats([]) == m.ComputingStats(0, None, None, None)
+    assert m.idle_for(now=200.0, last_request_at=160.0, since=50.0) == 40.0
+    assert m.idle_for(now=200.0, last_request_at=None, since=50.0) == 150.0  # never used
+    assert m.idle_for(now=200.0, last_request_at=10.0, since=50.0) == 150.0  # before launch
+
+
+def test_application_latency_and_improvable():
+    assert m.application_latency(20.0, 30.0) == 50.0
+    assert m.application_latency(None, 30.0) == 30.0
+    assert m.application_latency(None, None) is None
+    assert m.improvable(50.0, 100.0)
+    assert not m.improvable(120.0, 100.0)
+    assert m.improvable(None, 100.0)
+
+
+# ----------------------------------------------------------------------------- cgroups
+
+
+def _v1(tmp_path, cpu_ns: int, mem: int):
+    cpu = tmp_path / "cpu,cpuacct" / "lxc.payload.enorm-t-1"
+    memory = tmp_path / "memory" / "lxc.payload.enorm-t-1"
+    cpu.mkdir(parents=True, exist_ok=True)
+    memory.mkdir(parents=True, exist_ok=True)
+    (cpu / "cpuacct.usage").write_text(f"{cpu_ns}\n")
+    (cpu / "cpu.cfs_quota_us").write_text("100000\n")
+    (memory / "memory.usage_in_bytes").write_text(f"{mem}\n")
+    (memory / "memory.limit_in_bytes").write_text(f"{200 << 20}\n")
+    return cpu, memory
+
+
+def _v2(tmp_path, usage_usec: int, mem: int):
+    d = tmp_path / "unified" / "lxc.payload.enorm-t-2"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cpu.stat").write_text(
+        f"usage_usec {usage_usec}\nuser_usec {usage_usec // 2}\nsystem_usec {usage_usec // 2}\n"
+        "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n"
+    )
+    (d / "memory.current").write_text(f"{mem}\n")
+    (d / "memory.max").write_text("max\n")
+    return d
+
+
+def test_cgroup_v1(tmp_path):
+    cpu, mem = _v1(tmp_path, 5_000_000_000, 100 << 20)
+    a = m.read_cgroup(cpu, mem, at=10.0)
+    assert (a.cpu_ns, a.memory_bytes) == (5_000_000_000, 100 << 20)
+    cpu, mem = _v1(tmp_path, 8_000_000_000, 150 << 20)  # +3 s of CPU in 2 s of wall time
+    b = m.read_cgroup(cpu, mem, at=12.0)
+    assert m.cores_used(a, b) == pytest.approx(1.5)
+    assert m.usage(a, b) == Amount(1.5, 150.0)
+    assert m.usage(None, b) == Amount(0.0, 150.0)
+
+
+def test_cgroup_v2(tmp_path):
+    d = _v2(tmp_path, 1_000_000, 64 << 20)
+    a = m.read_cgroup(d, at=0.0)
+    assert (a.cpu_ns, a.memory_bytes) == (1_000_000_000, 64 << 20)
+    d = _v2(tmp_path, 1_500_000, 64 << 20)
+    b = m.read_cgroup(d, at=2.0)
+    assert m.cores_used(a, b) == pytest.approx(0.25)
+    assert m.cores_used(b, a) == 0.0  # time going backwards: no nonsense
+
+
+def test_cgroup_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        m.read_cgroup(tmp_path)
+    (tmp_path / "cpu.stat").write_text("user_usec 1\n")
+    (tmp_path / "memory.current").write_text("1\n")
+    with pytest.raises(ValueError):
+        m.read_cgroup(tmp_path)
+
+
+def test_cgroup_usage_many(tmp_path):
+    d = _v2(tmp_path, 0, 1 << 20)
+    prev = {"s1": m.read_cgroup(d, at=0.0)}
+    d = _v2(tmp_path, 2_000_000, 3 << 20)
+    cur = {"s1": m.read_cgroup(d, at=4.0), "s2": m.read_cgroup(d, at=4.0)}
+    assert m.cgroup_usage(cur, prev) == {"s1": Amount(0.5, 3.0), "s2": Amount(0.0, 3.0)}
+
+
+def test_basic_service_and_free():
+    b = m.basic_service(1.75, 900.0, [Amount(1.0, 300.0), Amount(0.25, 200.0)])
+    assert b == Resources(cores=0.5, memory_mb=400)
+    assert m.basic_service(0.1, 10.0, [Amount(1.0, 300.0)]) == Resources(cores=0, memory_mb=0)
+    free = m.free_after(
+        Resources(cores=4, memory_mb=2048),
+        b,
+        [Resources(cores=1, memory_mb=200), Resources(cores=2, memory_mb=400)],
+        reserve=Resources(cores=0.25, memory_mb=512),
+    )
+    assert free == Amount(0.5, 936.0)  # 4 - max(0.5, 0.25) - 3 ; 2048 - max(400, 512) - 600
+
+
+def test_host_sampler():
+    h = m.HostSampler()
+    cores0, mem = h.sample()
+    time.sleep(0.05)
+    cores1, _ = h.sample()
+    assert cores0 == 0.0 and cores1 >= 0.0 and mem > 0
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+@pytest.fixture
+def loopback_targets():
+    """An open port, a closed one (RST) and a blackholed one (full backlog), 127/8 only."""
+    opened = socket.socket()
+    opened.bind(("127.0.0.1", 0))
+    opened.listen(16)
+    port = opened.getsockname()[1]
+    hole = socket.socket()
+    hole.bind(("127.0.0.2", port))
+    hole.listen(0)  # accept queue of one, never accepted
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.2", port))
+        fillers.append(c)
+    time.sleep(0.2)
+    try:
+        yield {"open": "127.0.0.1", "closed": "127.0.0.3", "hole": "127.0.0.2", "port": port}
+    finally:
+        for s in [opened, hole, *fillers]:
+            s.close()
+
+
+def test_tcp_probe_open_closed_blackholed(loopback_targets):
+    t = loopback_targets
+    timeout = 0.3
+    t0 = time.perf_counter()
+    r = m.probe([t["open"], t["closed"], t["hole"], t["open"]], "tcp", t["port"], timeout)
+    elapsed = time.perf_counter() - t0
+    assert set(r) == {t["open"], t["closed"], t["hole"]}  # deduplicated
+    assert r[t["open"]] is not None and 0 <= r[t["open"]] < 50  # SYN-ACK
+    assert r[t["closed"]] is not None and 0 <= r[t["closed"]] < 50  # RST is an answer
+    assert r[t["hole"]] is None  # no answer: loss
+    assert timeout <= elapsed < timeout + 0.5
+    s = m.network_stats(r.values(), loss_penalty_ms=1000.0)
+    assert s.lost == 1 and s.p95_ms == 1000.0 and s.mean_ms > 1000.0 / 3
+
+
+def test_tcp_probe_bounded_concurrency_many_addresses():
+    # 2,000 loopback addresses without a listener (RST), 64 in flight at most.
+    addrs = [f"127.9.{i // 250}.{i % 250 + 1}" for i in range(2000)]
+    t0 = time.perf_counter()
+    r = m.probe(addrs, "tcp", 9, 0.5, concurrency=64)
+    assert time.perf_counter() - t0 < 5
+    assert len(r) == 2000 and all(v is not None for v in r.values())
+
+
+def test_probe_none_and_empty():
+    assert m.probe(["127.0.0.1"], "none") == {"127.0.0.1": None}
+    assert m.probe([], "tcp") == {}
+    with pytest.raises(ValueError):
+        m.probe(["127.0.0.1"], "udp")  # type: ignore[arg-type]
+
+
+def test_icmp_probe_loopback():
+    try:
+        m._icmp_socket()[0].close()
+    except PermissionError:
+        pytest.skip("neither datagram nor raw ICMP sockets allowed here")
+    r = m.probe(["127.0.0.1", "127.0.0.5"], "icmp", timeout=0.5)
+    assert all(v is not None and 0 <= v < 50 for v in r.values())
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+def _info(id: str, **kw) -> ServerInfo:
+    base = dict(
+        id=id,
+        app="game",
+        owner="cloud",
+        priority=10,
+        state="running",
+        container=f"enorm-t-{id}",
+        address="10.88.0.2",
+        access_port=20000,
+        ports={},
+        limits=Resources(cores=1, memory_mb=200),
+        users=2,
+        latency_objective_ms=100.0,
+        override=False,
+        termination="single",
+        created_at=1000.0,
+    )
+    base.update(kw)
+    return ServerInfo(**base)
+
+
+def test_monitor_snapshot_end_to_end(tmp_path, loopback_targets):
+    t = loopback_targets
+    log = tmp_path / "requests.log"
+    log.write_text("1990 /a 150\n1995 /b 250\n")  # computing latency 200 ms > objective
+    mon = m.Monitor(method="tcp", probe_port=t["port"], probe_timeout_s=0.3)
+    inputs = [
+        m.ServerInput(_info("busy"), [t["open"], t["closed"]], log),
+        m.ServerInput(_info("far", latency_objective_ms=500.0), [t["hole"]], None),
+        m.ServerInput(_info("quiet", users=0), [], tmp_path / "none.log"),
+    ]
+    snap = mon.snapshot(inputs, free=Amount(1.0, 200.0), now=2000.0)
+    by = {s.id: s for s in snap.servers}
+    busy, far, quiet = by["busy"], by["far"], by["quiet"]
+    assert busy.computing_ms == 200.0 and busy.network_ms < 50
+    assert busy.latency_ms == pytest.approx(busy.network_ms + 200.0)
+    assert busy.idle_for_s == 5.0 and busy.improvable
+    assert far.network_ms == 1000.0 and not far.improvable  # lost => penalty > 500 ms
+    assert quiet.latency_ms is None and quiet.idle_for_s == 1000.0
+    assert mon.last_reports["far"].network.lost == 1
+
+    kinds = {(type(x).__name__, x.server_id) for x in plan(snap)}
+    assert kinds == {("ScaleUp", "busy"), ("Terminate", "far"), ("Terminate", "quiet")}
+
+    # the next round sees no new requests; idle time keeps counting from the last one
+    snap2 = mon.snapshot(inputs[:1], free=Amount(0, 0), now=2100.0)
+    assert snap2.servers[0].computing_ms is None
+    assert snap2.servers[0].idle_for_s == 105.0
+
+
+def test_monitor_from_config():
+    class Cfg:
+        probe = "none"
+        probe_port = 7
+        probe_timeout_s = 0.2
+        loss_penalty_ms = 800.0
+
+    mon = m.Monitor.from_config(Cfg(), statistic="p95")
+    assert (mon.method, mon.loss_penalty_ms, mon.statistic) == ("none", 800.0, "p95")
