@@ -114,11 +114,8 @@ def events() -> Response:
             raise ValueError
     except ValueError:
         return _error(400, "bad_request", "must be an integer within 1-10000", "limit")
-    evs = _manager().store.events(limit=limit, server_id=request.args.get("server"))
-    owner = _owner_filter()
-    if owner is not None:
-        mine = {s.id for s in _manager().servers(owner)}
-        evs = [e for e in evs if e.server_id in mine or e.data.get("owner") == owner]
+    evs = _manager().store.events(limit=limit, server_id=request.args.get("server"),
+                                  owner=_owner_filter())
     return _json(evs)
 
 

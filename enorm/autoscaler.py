@@ -181,13 +181,16 @@ class Options:
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> Options:
-        """Options from a `NodeConfig`."""
+        """Options from a `NodeConfig` (or any object with some of its fields: the knobs
+        beyond the paper that it lacks keep their defaults)."""
+        d = cls()
         return cls(**{
-            "idle_after_s": float(config.idle_after_s),
-            "hysteresis": float(config.hysteresis),
-            "cpu_step": config.cpu_step,
-            "memory_step_mb": config.memory_step_mb,
-            "skip_futile_evictions": config.skip_futile_evictions,
+            "idle_after_s": float(getattr(config, "idle_after_s", d.idle_after_s)),
+            "hysteresis": float(getattr(config, "hysteresis", d.hysteresis)),
+            "cpu_step": getattr(config, "cpu_step", d.cpu_step),
+            "memory_step_mb": getattr(config, "memory_step_mb", d.memory_step_mb),
+            "skip_futile_evictions": bool(
+                getattr(config, "skip_futile_evictions", d.skip_futile_evictions)),
             **overrides,
         })
 
@@ -255,6 +258,7 @@ class _Walk:
         self.options = options
         self.node = snapshot.node
         self.order = rank(snapshot.servers)
+        self.position = {s.id: i for i, s in enumerate(self.order)}
         self.limits = {s.id: Amount.of(s.limits) for s in self.order}
         self.free = snapshot.node.free
         self.alive = {s.id for s in self.order}
@@ -292,7 +296,7 @@ class _Walk:
         return done
 
     def below(self, s: ServerSnapshot) -> list[ServerSnapshot]:
-        i = self.order.index(s)
+        i = self.position[s.id]  # not order.index(s): that compares dataclasses, O(n) each
         return [t for t in self.order[i + 1 :] if t.id in self.alive]
 
 

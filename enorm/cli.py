@@ -20,7 +20,8 @@ from rich.table import Table
 from enorm import config as config_mod
 
 DEFAULT_CONFIG = Path("/etc/enorm/node.toml")
-console = Console()
+# Piped output (scripts, logs) gets whole lines rather than 80 columns of folded cells.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -80,6 +81,7 @@ def main(verbose: bool) -> None:
     """Edge NOde Resource Management: the edge node's daemon and tools."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -110,7 +112,7 @@ def _servers_table(servers: list[dict]) -> Table:
     t = Table(title="edge servers")
     for col in ("id", "app", "owner", "priority", "state", "address", "access", "ports",
                 "limits", "users"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for s in servers:
         ports = ", ".join(f"{c}->{h}" for c, h in s["ports"].items())
         t.add_row(s["id"], s["app"], s["owner"], str(s["priority"]), s["state"], s["address"],
@@ -199,7 +201,7 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
         fail(f"the daemon still answers at {cfg.url}: stop it first")
     except requests.ConnectionError:
         pass
-    d = Daemon.open(cfg)
+    d = Daemon.open(cfg, autoscale=False)
     try:
         r = d.manager.shutdown_node()
         console.print(f"terminated {r.terminated}, pending {r.pending}", highlight=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from enorm import api, autoscaler, manager, scaling, store
+from enorm import api, autoscaler, manager, migration, scaling, store
 from enorm.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Daemon:
         assert cfg.state_dir is not None
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
         node = manager.build(cfg, store.Store(client, cfg.name))
-        mgr = manager.EdgeManager(node, migrate=migrate)
+        mgr = manager.EdgeManager(node, migrate=migrate or migration.merge_back_to_sink)
         reconciled = mgr.start()
         node.events.start()
         sched = scaling.scheduler_for(mgr)

@@ -14,7 +14,7 @@ import time
 import requests
 
 from enorm.protocol import Event
-from enorm.store import Store
+from enorm.store import ServerRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,14 @@ class Events:
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
 
-    def emit(self, type_: str, server_id: str, app: str, reason: str,
-             data: dict | None = None, callback_url: str | None = None) -> Event:
-        ev = Event(id=secrets.token_hex(8), type=type_, server_id=server_id, app=app,
-                   at=time.time(), reason=reason, data=data or {})
+    def emit(self, type_: str, rec: ServerRecord, reason: str, data: dict | None = None,
+             notify: bool = True) -> Event:
+        """Record an event about a server; with `notify`, send it to its callback too."""
+        ev = Event(id=secrets.token_hex(8), type=type_, server_id=rec.id, app=rec.app,
+                   owner=rec.owner, at=time.time(), reason=reason, data=data or {})
         self.store.add_event(ev)
-        if callback_url:
-            self.store.outbox_add(callback_url, ev)
+        if notify and rec.callback_url:
+            self.store.outbox_add(rec.callback_url, ev)
             self._wake.set()
         return ev
 

@@ -19,6 +19,9 @@ IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 CACHE_DIR = Path(os.environ.get("ENORM_IMAGE_CACHE", "/var/cache/enorm/images"))
 
 Progress = Callable[[str], None]
+# Bump when _customise changes: existing base containers are customised again.
+REVISION = "2"
+MARKER = "etc/enorm-image-revision"
 
 
 class ImageError(RuntimeError):
@@ -110,6 +113,12 @@ def _customise(rootfs: Path) -> None:
     ssh = rootfs / "root/.ssh"
     ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
     (rootfs / "etc/hostname").write_text("enorm\n")
+    # No resolver inside: tenants start nothing outside the host, and a name lookup
+    # must fail at once instead of waiting for an unreachable DNS server.
+    (rootfs / "etc/resolv.conf").unlink(missing_ok=True)
+    (rootfs / "etc/resolv.conf").write_text("# enorm: no DNS inside edge servers\n")
+    (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    (rootfs / MARKER).write_text(REVISION + "\n")
 
 
 def base_config(name: str, rootfs: Path, arch: str) -> str:
@@ -143,7 +152,12 @@ def build(
     container = f"enorm-base-{name}"
     cdir = lxc_path / container
     if (cdir / "config").exists() and not rebuild:
-        progress(f"base container {container}: already built, reusing it")
+        rootfs = cdir / "rootfs"
+        if (rootfs / MARKER).exists() and (rootfs / MARKER).read_text().strip() == REVISION:
+            progress(f"base container {container}: already built, reusing it")
+        else:
+            _customise(rootfs)
+            progress(f"base container {container}: updated to revision {REVISION}")
         return container
     arch = recipe_arch(recipe)
     if recipe["method"] == "download":

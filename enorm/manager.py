@@ -171,8 +171,8 @@ class EdgeManager:
             raise
         rec.state = "running"
         self.store.save(rec)
-        self.events.emit("server.launched", rec.id, rec.app, "handshake",
-                         {"limits": rec.limits.model_dump()}, None)
+        self.events.emit("server.launched", rec, "handshake",
+                         {"limits": rec.limits.model_dump()}, notify=False)
         return SetupResponse(
             server_id=rec.id,
             container=rec.container,
@@ -276,9 +276,8 @@ class EdgeManager:
             old = rec.limits
             rec.limits = limits
             self.store.save(rec)
-        self.events.emit("server.scaled", rec.id, rec.app, reason,
-                         {**numbers, "from": old.model_dump(), "to": limits.model_dump()},
-                         rec.callback_url)
+        self.events.emit("server.scaled", rec, reason,
+                         {**numbers, "from": old.model_dump(), "to": limits.model_dump()})
 
     # -- Procedure 4: termination --------------------------------------------------------
     def terminate(self, server_id: str, reason: str, numbers: dict | None = None,
@@ -321,8 +320,7 @@ class EdgeManager:
         self.containers.destroy(rec.container)
         with self._lock:
             self.store.delete(rec.id)
-        self.events.emit("server.terminated", rec.id, rec.app, reason,
-                         {**numbers, "keys_migrated": keys}, rec.callback_url)
+        self.events.emit("server.terminated", rec, reason, {**numbers, "keys_migrated": keys})
         return keys
 
     def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:
@@ -333,8 +331,7 @@ class EdgeManager:
         with self._lock:
             rec.state = "migration_pending"
             self.store.save(rec)
-        self.events.emit("server.migration_failed", rec.id, rec.app, reason,
-                         {"error": str(exc)}, rec.callback_url)
+        self.events.emit("server.migration_failed", rec, reason, {"error": str(exc)})
 
     def retry_pending(self) -> list[str]:
         """Try again to merge back and destroy servers whose migration failed before."""
@@ -374,8 +371,8 @@ class EdgeManager:
             elif rec.state == "running":
                 if not self.containers.exists(rec.container):
                     self.store.delete(rec.id)
-                    self.events.emit("server.terminated", rec.id, rec.app, "container_lost",
-                                     {"keys_migrated": 0}, rec.callback_url)
+                    self.events.emit("server.terminated", rec, "container_lost",
+                                     {"keys_migrated": 0})
                     report["lost"].append(rec.id)
                     del records[rec.id]
                     continue

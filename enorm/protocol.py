@@ -179,6 +179,7 @@ class Event(_Message):
     ]
     server_id: str
     app: str
+    owner: str = ""
     at: float
     reason: str
     data: dict = Field(default_factory=dict)

@@ -7,15 +7,34 @@ machine's use) and updates the Resource Allocator's view of the basic service.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from enorm import autoscaler, monitor
 from enorm.manager import EdgeManager
 from enorm.protocol import Resources
+from enorm.store import Store
 
 REQUEST_LOG = "var/log/enorm-app/requests.log"
+
+
+def user_addresses(store: Store, ids: Sequence[str]) -> dict[str, list[str]]:
+    """Every server's user addresses, in one round trip to the node's store.
+
+    Reads the users as `Store.save` wrote them (JSON) and takes the address strings
+    without building `User` models: they were validated when the setup request came in,
+    and validating 16,384 addresses again took ~0.1 s of every round.
+    """
+    pipe = store.r.pipeline(transaction=False)
+    for sid in ids:
+        pipe.get(store.key("users", sid))
+    return {
+        sid: [str(u["address"]) for u in json.loads(raw)] if raw else []
+        for sid, raw in zip(ids, pipe.execute(), strict=True)
+    }
 
 
 class NodeRound:
@@ -43,22 +62,24 @@ class NodeRound:
 
     def snapshot(self) -> autoscaler.Snapshot:
         mgr = self.mgr
-        running = [s for s in mgr.store.servers() if s.state == "running"]
+        servers = mgr.store.servers()
+        running = [s for s in servers if s.state == "running"]
         used = self._usage([s.container for s in running])
         if mgr.cfg.basic_service == "measured":
             cores, mem = self.host.sample()
             mgr.allocator.basic = monitor.basic_service(cores, mem, used.values())
+        addresses = user_addresses(mgr.store, [s.id for s in running])
         inputs = [
             monitor.ServerInput(
                 info=s.info(),
-                user_addresses=[str(u.address) for u in mgr.store.users(s.id)],
+                user_addresses=addresses[s.id],
                 log_path=mgr.containers.delta_dir(s.container) / REQUEST_LOG,
             )
             for s in running
         ]
         free = monitor.free_after(
             mgr.allocator.capacity, mgr.allocator.basic,
-            [s.limits for s in mgr.store.servers() if s.state != "migration_pending"],
+            [s.limits for s in servers if s.state != "migration_pending"],
             mgr.allocator.reserve,
         )
         return self.monitor.snapshot(inputs, free, mgr.unit)

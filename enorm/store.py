@@ -77,12 +77,14 @@ class Store:
         pipe.ltrim(self.key("events"), 0, EVENTS_KEPT - 1)
         pipe.execute()
 
-    def events(self, limit: int = 100, server_id: str | None = None) -> list[Event]:
-        """Newest first."""
+    def events(self, limit: int = 100, server_id: str | None = None,
+               owner: str | None = None) -> list[Event]:
+        """Newest first; only one server's or one owner's when asked."""
         out = []
         for raw in self.r.lrange(self.key("events"), 0, EVENTS_KEPT):
             ev = Event.model_validate_json(raw)
-            if server_id is None or ev.server_id == server_id:
+            if (server_id is None or ev.server_id == server_id) and (
+                    owner is None or ev.owner == owner):
                 out.append(ev)
                 if len(out) >= limit:
                     break

@@ -8,8 +8,9 @@ Every name a test node makes starts with `t` + a number (node `t17`: containers
 from __future__ import annotations
 
 import contextlib
-import itertools
+import fcntl
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,11 +24,26 @@ import pytest
 import requests
 
 VENV_BIN = Path(sys.executable).parent
-_seq = itertools.count((os.getpid() * 7) % 150)
+_held: list[int] = []  # lock files of the indexes this process holds
 
 
 def node_index() -> int:
-    return 20 + next(_seq) % 180
+    """A node number no other test process on this machine holds (a flock per number),
+    so that concurrent test runs never share a name, bridge, subnet or port."""
+    lockdir = Path("/run/enorm-test-nodes")
+    lockdir.mkdir(parents=True, exist_ok=True)
+    start = random.randrange(180)
+    for i in range(180):
+        n = 20 + (start + i) % 180
+        fd = os.open(lockdir / str(n), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held.append(fd)
+        return n
+    raise RuntimeError("no free test node number (180 in use)")
 
 
 def toml_value(v: Any) -> str:

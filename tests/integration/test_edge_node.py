@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,8 +96,8 @@ def test_handshake_launches_a_limited_reachable_container(edge_node):
         text = out.read().decode()
         assert body["address"] in text
         _, out, _ = c.exec_command(
-            "cd /tmp && echo edge-says-hi > hi.txt && "
-            "setsid python3 -m http.server 8080 </dev/null >/dev/null 2>&1 & echo started"
+            "echo edge-says-hi > /tmp/hi.txt && "
+            "enorm-app start -- python3 -m http.server 8080 --directory /tmp && echo started"
         )
         assert out.read().strip() == b"started"
     finally:
@@ -314,11 +315,16 @@ def test_concurrent_handshakes_never_overcommit(edge_node):
 def test_operator_cli_and_openapi(edge_node):
     node = edge_node()
     handshake(node)
+    sid = handshake(node).json()["server_id"]
     out = node.cli("status")
-    assert out.returncode == 0 and node.name in out.stdout and "running" in out.stdout
+    assert out.returncode == 0 and f"node {node.name}" in out.stdout
+    assert sid in out.stdout and "running" in out.stdout
+    data = json.loads(node.cli("status", "--json").stdout)
+    assert data["node"]["servers"] == 2
+    assert {s["state"] for s in data["servers"]} == {"running"}
     spec = requests.get(node.url + "/v1/openapi.json", timeout=5).json()
     assert "/v1/servers" in spec["paths"] and "SetupRequest" in spec["components"]["schemas"]
     metrics = requests.get(node.url + "/metrics", timeout=5).text
-    assert "enorm_handshake_seconds_count 1.0" in metrics
+    assert "enorm_handshake_seconds_count 2.0" in metrics
     bad = node.cli("terminate", "nosuch")
     assert bad.returncode != 0 and "404" in bad.stdout and "Traceback" not in bad.stderr

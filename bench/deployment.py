@@ -1,0 +1,175 @@
+"""Benchmark the provisioning cycle: deployment and termination (with the data merged
+back) of the game server on a real edge node, for 1 and 16,384 offloaded users.
+
+    python -m bench.deployment [--runs 5]
+
+Starts its own edge node (`enorm serve`, name `bdep`, bridge `enbdep`, subnet
+10.89.250.0/24, host ports 50100-50199, state in a temp dir, the paper's unit of 1 core
+and 200 MB), a cloud Redis and the cloud game server on loopback; creates the users
+through the game's own logic (log in, move, catch) so the data is shaped as the game
+makes it. deploy_s = handshake -> SSH -> upload + start || copy the users' keys ->
+server answers -> users redirected. terminate_s = users redirected back -> DELETE (the
+edge merges the data into the cloud Redis, verified) -> data confirmed on the cloud.
+Writes bench/results/deployment.json and deployment.png; `keys_lost` counts cloud keys
+missing or different after all cycles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from cloud_manager import CloudManager, EdgeClient, pokemon_app
+from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
+from enorm import datasync
+from enorm.protocol import DataSink
+from games.pokemon import cloud as game_cloud
+from games.pokemon import keys
+from games.pokemon.logic import Game, GameError
+
+OUT = Path(__file__).resolve().parent / "results"
+SIZES = (1, 16_384)
+TOKEN = "bench-token"
+SPOTS = [(51.5072, -0.1276), (48.8566, 2.3522), (52.52, 13.405), (40.4168, -3.7038)]
+
+
+def make_users(client: redis.Redis, n: int) -> list[str]:
+    """n users as the game makes them: created, located, some Pokemon caught."""
+    game = Game(client)
+    ids = []
+    for i in range(n):
+        uid, _, _ = game.create_or_login("bench", f"player{i}", f"player{i}")
+        lat, lng = SPOTS[i % len(SPOTS)]
+        game.update_location(uid, lat + (i % 97) * 0.01, lng + (i % 89) * 0.01)
+        for w in game.wild(uid)["wild"][: i % 4]:
+            try:
+                game.catch(uid, w["spawn"])
+            except GameError:
+                pass
+        ids.append(uid)
+    return ids
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"p50": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "runs": xs}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    a = p.parse_args(argv)
+
+    deploy: dict[str, list[float]] = {}
+    terminate: dict[str, list[float]] = {}
+    parts: dict[str, list[dict]] = {}
+    lost = 0
+    with tempfile.TemporaryDirectory(prefix="enorm-bench-deploy-") as tmp:
+        node = LocalEdgeNode(name="bdep", listen_port=18990, state_dir=f"{tmp}/state",
+                             bridge="enbdep", subnet="10.89.250.0/24",
+                             port_range=[50100, 50199], cores=2.0, memory_mb=4096,
+                             reserve_cores=0.0, reserve_memory_mb=0,
+                             basic_service="reserve", tokens={TOKEN: "bench"},
+                             autoscale_interval_s=3600)  # fmt: skip
+        store = LocalRedis()
+        server = manager = None
+        try:
+            node.start()
+            cloud = datasync.connect(store.url, timeout=30)
+            port = free_port("0.0.0.0")
+            url = f"http://127.0.0.1:{port}"
+            app = game_cloud.create_app(cloud, public_url=url)
+            manager = CloudManager(
+                [EdgeClient(node.url, TOKEN, name="bdep")],
+                pokemon_app(cloud, cloud_port=port),
+                cloud_redis=cloud,
+                sink=DataSink(url=store.url, shared_patterns=keys.SHARED_PATTERNS),
+                callback_url=f"{url}/edge-events",
+            )
+            app.register_blueprint(manager.blueprint())
+            server = CloudServer(app, port=port)
+            t = time.perf_counter()
+            users = make_users(cloud, max(a.sizes))
+            print(f"{len(users)} users made in {time.perf_counter() - t:.1f} s", flush=True)
+            before = datasync._read_typed(cloud, datasync.user_keys(cloud), "source")  # noqa: SLF001
+            for size in a.sizes:
+                for run in range(a.runs):
+                    dep = manager.offload([(u, "127.0.0.1") for u in users[:size]])
+                    manager.withdraw(dep)
+                    if dep.state != "withdrawn" or not dep.confirmed:
+                        raise RuntimeError(f"run {run} at {size} users: {dep.state}")
+                    d = dep.timings["total"]
+                    w = dep.timings["withdraw_total"]
+                    deploy.setdefault(str(size), []).append(d)
+                    terminate.setdefault(str(size), []).append(w)
+                    parts.setdefault(str(size), []).append(
+                        {k: round(v, 4) for k, v in dep.timings.items()}
+                        | {"keys": dep.copy.keys, "keys_migrated": dep.keys_migrated})
+                    print(f"{size:>6} users run {run}: deploy {d:.3f} s, terminate {w:.3f} s "
+                          f"({dep.copy.keys} keys; {dep.timings})", flush=True)
+            after = datasync._read_typed(cloud, list(before), "destination")  # noqa: SLF001
+            lost = sum(1 for k, v in before.items() if after.get(k) != v)
+        finally:
+            if manager is not None:
+                manager.close()
+            if server is not None:
+                server.close()
+            try:
+                node.close()
+            finally:
+                store.close()
+
+    result = {
+        "deploy_s": {k: _stats(v) for k, v in deploy.items()},
+        "terminate_s": {k: _stats(v) for k, v in terminate.items()},
+        "keys_lost": lost,
+        "stages": parts,
+        "targets": {"deploy_s": 2.0, "terminate_s": 1.0},
+        "machine": platform.platform(),
+        "unit": {"cores": 1.0, "memory_mb": 200},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "deployment.json").write_text(json.dumps(result, indent=1))
+    plot(result, OUT / "deployment.png")
+    for what in ("deploy_s", "terminate_s"):
+        print(what, {k: round(v["p50"], 3) for k, v in result[what].items()})
+    print("keys_lost", lost)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(result["deploy_s"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.38
+    xs = range(len(sizes))
+    for off, what, label in ((-width / 2, "deploy_s", "deployment"),
+                             (width / 2, "terminate_s", "termination (with merge)")):  # fmt: skip
+        p50 = [result[what][s]["p50"] for s in sizes]
+        err = [[p - result[what][s]["min"] for p, s in zip(p50, sizes, strict=True)],
+               [result[what][s]["max"] - p for p, s in zip(p50, sizes, strict=True)]]  # fmt: skip
+        ax.bar([x + off for x in xs], p50, width, yerr=err, capsize=3, label=label)
+    ax.axhline(2.0, color="C0", ls="--", lw=1, label="target: deploy 2 s")
+    ax.axhline(1.0, color="C1", ls="--", lw=1, label="target: terminate 1 s")
+    ax.set_xticks(list(xs), [f"{s} users" for s in sizes])
+    ax.set_ylabel("seconds (median, min-max)")
+    ax.set_title("enorm: deploy and terminate the game server")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

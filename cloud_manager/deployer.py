@@ -1,0 +1,218 @@
+"""The deployer: puts the partitioned server into an edge container over SSH.
+
+It reaches the container's sshd through the node's access port with the key sent in the
+setup request, uploads the application's files with SFTP (the image has python3, Flask
+and redis-py, so nothing is installed over a network), starts the server under the
+image's supervisor (`enorm-app start -- CMD`) and waits until it answers on its
+user-facing host port. The same SSH session carries the port forward to the container's
+Redis for the data migration (`Session.forward`).
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import paramiko
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from enorm.protocol import Access
+
+from .tunnel import Forward
+
+T = TypeVar("T")
+
+APP_DIR = "/opt/enorm-app"
+SUPERVISOR = "/usr/local/bin/enorm-app"
+
+
+class DeployError(Exception):
+    """The server could not be deployed (SSH, upload, start, or it never answered)."""
+
+
+def new_key() -> tuple[paramiko.PKey, str]:
+    """A fresh ed25519 key pair: (paramiko key, OpenSSH public key line)."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()  # fmt: skip
+    public = private.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem)), public + " enorm-cloud"
+
+
+def files_of(local_dir: Path, remote_dir: str,
+             suffixes: Iterable[str] = (".py",)) -> dict[str, Path]:
+    """remote path -> local file for the files under `local_dir` with one of `suffixes`
+    (caches and everything else left out)."""
+    out: dict[str, Path] = {}
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_file() and path.suffix in tuple(suffixes) and "__pycache__" not in path.parts:
+            out[str(PurePosixPath(remote_dir) / path.relative_to(local_dir).as_posix())] = path
+    return out
+
+
+class Session:
+    """One SSH connection to one edge server."""
+
+    def __init__(self, client: paramiko.SSHClient, access: Access):
+        self.client = client
+        self.access = access
+        self._forwards: list[Forward] = []
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        t = self.client.get_transport()
+        assert t is not None
+        return t
+
+    def _retry(self, open_: Callable[[], T], tries: int = 5) -> T:
+        """Open a channel; a fresh container's sshd sometimes refuses the first ones."""
+        for i in range(tries):
+            try:
+                return open_()
+            except paramiko.SSHException:
+                if i == tries - 1 or not self.transport.is_active():
+                    raise
+                time.sleep(0.05 * (i + 1))
+        raise AssertionError("unreachable")
+
+    def run(self, command: str, timeout: float = 30.0, check: bool = True) -> tuple[int, str, str]:
+        _, out, err = self._retry(lambda: self.client.exec_command(command, timeout=timeout))
+        rc = out.channel.recv_exit_status()
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        if check and rc != 0:
+            raise DeployError(f"`{command}` exited {rc}: {stderr.strip() or stdout.strip()}")
+        return rc, stdout, stderr
+
+    def upload(self, files: Mapping[str, Path | bytes | str], mode: int = 0o644) -> int:
+        """Write every remote path (parents created); returns bytes sent."""
+        sent = 0
+        sftp = self._retry(self.client.open_sftp)
+        try:
+            made: set[str] = set()
+            for remote in sorted(files):
+                for parent in reversed(PurePosixPath(remote).parents):
+                    p = str(parent)
+                    if p in made or p == "/":
+                        continue
+                    try:
+                        if not stat.S_ISDIR(sftp.stat(p).st_mode):
+                            raise DeployError(f"{p} exists and is not a directory")
+                    except FileNotFoundError:
+                        sftp.mkdir(p)
+                    made.add(p)
+                data = files[remote]
+                if isinstance(data, Path):
+                    data = data.read_bytes()
+                elif isinstance(data, str):
+                    data = data.encode()
+                with sftp.open(remote, "wb") as f:
+                    f.set_pipelined(True)
+                    f.write(data)
+                sftp.chmod(remote, mode)
+                sent += len(data)
+        finally:
+            sftp.close()
+        return sent
+
+    def start_app(self, command: list[str], env: Mapping[str, str], workdir: str = APP_DIR) -> None:
+        """Start `command` under the image's supervisor (restarted if it exits), with
+        `env` from a file only root can read (it holds the Redis password)."""
+        env_file = f"{workdir}/app.env"
+        script = "\n".join([
+            "#!/bin/sh",
+            "set -a",
+            f". {shlex.quote(env_file)}",
+            "set +a",
+            f"cd {shlex.quote(workdir)}",
+            "exec " + shlex.join(command),
+            "",
+        ])  # fmt: skip
+        body = "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
+        self.upload({env_file: body}, mode=0o600)
+        self.upload({f"{workdir}/run.sh": script}, mode=0o755)
+        self.run(f"{SUPERVISOR} stop; {SUPERVISOR} start -- {workdir}/run.sh")
+
+    def stop_app(self) -> None:
+        self.run(f"{SUPERVISOR} stop", check=False)
+
+    def gateway(self) -> str:
+        """The container's default gateway: the edge node's host on its bridge."""
+        _, out, _ = self.run("ip -4 route show default")
+        parts = out.split()
+        if "via" not in parts:
+            raise DeployError(f"no default route in the container: {out!r}")
+        return parts[parts.index("via") + 1]
+
+    def forward(self, remote_host: str, remote_port: int) -> Forward:
+        """A local port on 127.0.0.1 that leads to remote_host:remote_port (container side)."""
+        fw = Forward(self.transport, remote_host, remote_port)
+        self._forwards.append(fw)
+        return fw
+
+    def close(self) -> None:
+        for fw in self._forwards:
+            fw.close()
+        self._forwards.clear()
+        self.client.close()
+
+
+class Deployer:
+    """SSH to edge servers with one key pair (its public half goes in setup requests)."""
+
+    def __init__(self, key: paramiko.PKey | None = None, public_key: str | None = None):
+        if key is None:
+            key, public_key = new_key()
+        elif public_key is None:
+            public_key = f"{key.get_name()} {key.get_base64()}"
+        self.key, self.public_key = key, public_key
+
+    def connect(self, access: Access, timeout: float = 20.0) -> Session:
+        """SSH to the access endpoint, retrying while sshd comes up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            client = paramiko.SSHClient()
+            # The container made its host key at first boot; the access port is the
+            # node's, reached over a channel the cloud trusts (token-authenticated API).
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect(access.host, port=access.port, username=access.user,
+                               pkey=self.key, timeout=5, banner_timeout=5, auth_timeout=5,
+                               allow_agent=False, look_for_keys=False)  # fmt: skip
+                transport = client.get_transport()
+                transport.set_keepalive(15)
+                # Redis over the port forward is request/reply: without NODELAY every
+                # reply waits for Nagle and a delayed ACK (~40 ms per round trip).
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return Session(client, access)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                client.close()
+                if time.monotonic() > deadline:
+                    raise DeployError(f"no SSH at {access.host}:{access.port}: {exc}") from exc
+                time.sleep(0.05)
+
+
+def wait_http(url: str, timeout: float = 20.0, interval: float = 0.02) -> float:
+    """Poll `url` until it answers 2xx; seconds waited. Raises DeployError on timeout."""
+    started = time.monotonic()
+    last: object = None
+    with requests.Session() as s:
+        while True:
+            try:
+                r = s.get(url, timeout=1)
+                if r.ok:
+                    return time.monotonic() - started
+                last = f"{r.status_code} {r.text[:200]}"
+            except (OSError, requests.RequestException) as exc:
+                last = exc
+            if time.monotonic() - started > timeout:
+                raise DeployError(f"{url} did not answer within {timeout}s: {last}")
+            time.sleep(interval)

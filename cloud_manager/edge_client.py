@@ -1,0 +1,134 @@
+"""The cloud manager's HTTP client for one edge node (protocol v1).
+
+Procedure 1 (offer), 2 (setup request) and the cloud's side of 4 (withdrawal), with
+short timeouts and retries: connection failures are retried for every call (nothing
+reached the node), answers 502/503/504 only for the idempotent GET and DELETE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from enorm.protocol import (
+    NodeOffer,
+    Rejection,
+    ServerInfo,
+    SetupRequest,
+    SetupResponse,
+    TerminateResult,
+)
+
+
+class EdgeError(Exception):
+    """The edge node answered something the protocol does not allow, or not at all."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None):
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+class Rejected(EdgeError):
+    """409: the node does not admit the server; `reason` is machine-readable."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(f"{rejection.error}: {rejection.detail}", 409, rejection)
+        self.reason = rejection.error
+        self.rejection = rejection
+
+
+class EdgeClient:
+    """One edge node, as seen by one cloud manager (its bearer token names the owner)."""
+
+    def __init__(self, url: str, token: str, *, name: str | None = None,
+                 timeout: float = 5.0, setup_timeout: float = 60.0,
+                 terminate_timeout: float = 120.0, retries: int = 3):  # fmt: skip
+        self.url = url.rstrip("/")
+        self.name = name or self.url
+        self.timeout, self.setup_timeout = timeout, setup_timeout
+        self.terminate_timeout = terminate_timeout
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        retry = Retry(total=retries, connect=retries, read=0, status=retries,
+                      backoff_factor=0.1, status_forcelist=(502, 503, 504),
+                      allowed_methods=frozenset({"GET", "DELETE"}),
+                      raise_on_status=False)  # fmt: skip
+        self.http.mount("http://", HTTPAdapter(max_retries=retry))
+        self.http.mount("https://", HTTPAdapter(max_retries=retry))
+
+    def __repr__(self) -> str:
+        return f"EdgeClient({self.name})"
+
+    def _call(self, method: str, path: str, timeout: float, **kw: Any) -> requests.Response:
+        try:
+            return self.http.request(method, self.url + path, timeout=timeout, **kw)
+        except requests.RequestException as exc:
+            raise EdgeError(f"{self.name}: {method} {path}: {exc}") from exc
+
+    @staticmethod
+    def _fail(resp: requests.Response) -> EdgeError:
+        try:
+            body = resp.json()
+            detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
+        except ValueError:
+            body, detail = None, resp.text
+        return EdgeError(f"{resp.request.method} {resp.url}: {resp.status_code} {detail}",
+                         resp.status_code, body)
+
+    def offer(self) -> NodeOffer:
+        """GET /v1/node: capacity, free resources, unit, policy."""
+        r = self._call("GET", "/v1/node", self.timeout)
+        if r.status_code != 200:
+            raise self._fail(r)
+        return NodeOffer.model_validate(r.json())
+
+    def setup(self, req: SetupRequest) -> SetupResponse:
+        """POST /v1/servers (the handshake). Raises Rejected on 409."""
+        r = self._call("POST", "/v1/servers", self.setup_timeout,
+                       json=req.model_dump(mode="json", exclude_none=True))
+        if r.status_code == 201:
+            return SetupResponse.model_validate(r.json())
+        if r.status_code == 409:
+            raise Rejected(Rejection.model_validate(r.json()))
+        raise self._fail(r)
+
+    def server(self, server_id: str) -> ServerInfo | None:
+        """GET /v1/servers/{id}; None once the server is gone."""
+        r = self._call("GET", f"/v1/servers/{server_id}", self.timeout)
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise self._fail(r)
+        return ServerInfo.model_validate(r.json())
+
+    def servers(self) -> list[ServerInfo]:
+        r = self._call("GET", "/v1/servers", self.timeout)
+        if r.status_code != 200:
+            raise self._fail(r)
+        return [ServerInfo.model_validate(s) for s in r.json()]
+
+    def terminate(self, server_id: str) -> TerminateResult:
+        """DELETE /v1/servers/{id}: the cloud's withdrawal; the edge merges the data back
+        before it destroys the container. `pending` names servers whose merge failed
+        (kept stopped on the node; it retries)."""
+        r = self._call("DELETE", f"/v1/servers/{server_id}", self.terminate_timeout)
+        if r.status_code in (200, 202):
+            return TerminateResult.model_validate(r.json())
+        if r.status_code == 404:
+            return TerminateResult(terminated=[])
+        raise self._fail(r)
+
+    def events(self, server_id: str | None = None, limit: int = 100) -> list[dict]:
+        params: dict[str, Any] = {"limit": limit}
+        if server_id:
+            params["server"] = server_id
+        r = self._call("GET", "/v1/events", self.timeout, params=params)
+        if r.status_code != 200:
+            raise self._fail(r)
+        return r.json()
+
+    def close(self) -> None:
+        self.http.close()

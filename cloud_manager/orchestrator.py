@@ -1,0 +1,367 @@
+"""The cloud manager: offload users to an edge node and bring them home (Procedures 1-4
+from the cloud's side), with failover over the configured edge nodes.
+
+Offloading (`CloudManager.offload`):
+  handshake with the first edge node that admits (409 -> the next one), SSH into the
+  container, upload + start the partitioned server while the users' keys are copied
+  cloud -> container Redis (through an SSH port forward; verified), wait until the
+  server answers on its user-facing port, and only then redirect the users to it.
+Withdrawal (`CloudManager.withdraw`, the cloud's override):
+  redirect the users back first, then DELETE on the edge node, which merges the edge data
+  into the cloud Redis (user keys replace, shared keys union) before it destroys the
+  container; then confirm on the cloud that the users' data is there.
+Edge-initiated termination (`CloudManager.handle_event`, behind `POST /edge-events`):
+  the edge merged the data already; redirect the users back and confirm it arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from flask import Blueprint, jsonify, request
+
+from enorm import datasync
+from enorm.protocol import DataSink, SetupRequest, SetupResponse, User
+
+from .deployer import APP_DIR, Deployer, DeployError, Session, files_of, wait_http
+from .edge_client import EdgeClient, EdgeError, Rejected
+
+log = logging.getLogger(__name__)
+
+CONTAINER_REDIS_PORT = 6379
+
+
+class NoEdgeAvailable(Exception):
+    """Every configured edge node refused (409) or could not be reached."""
+
+    def __init__(self, refusals: dict[str, str]):
+        super().__init__("no edge node admitted the server: "
+                         + "; ".join(f"{n}: {r}" for n, r in refusals.items()))
+        self.refusals = refusals
+
+
+@dataclass
+class EdgeContext:
+    """What an application needs to know to run in one container."""
+
+    gateway: str  # the edge node's host as the container sees it
+    redis_url: str  # the container's own Redis, from inside the container
+    port: int  # the container port the server listens on
+
+
+@dataclass
+class App:
+    """What the cloud manager deploys: the application's side of the contract."""
+
+    name: str
+    port: int  # container port the users reach (forwarded to a host port)
+    files: dict[str, Path]  # remote path -> local file
+    command: list[str]
+    env: Callable[[EdgeContext], dict[str, str]]
+    redirect: Callable[[Sequence[str], str], object]  # users -> edge URL
+    restore: Callable[[Sequence[str]], object]  # users -> back to the cloud
+    shared_patterns: list[str] = field(default_factory=list)
+    # A key every user has: checked on the cloud after termination.
+    user_key: Callable[[str], str] | None = None
+    health_path: str = "/healthz"
+
+
+def pokemon_app(cloud_redis, *, cloud_port: int | None = None, cloud_url: str | None = None,
+                push_interval: float = 1.0) -> App:  # fmt: skip
+    """The iPokeMon-style game: `games/` uploaded, `games.pokemon.edge` on port 8080.
+
+    The edge server pushes region codes to the cloud at `cloud_url` (as the container sees
+    it), or, given only `cloud_port`, at the edge node's gateway address on that port (a
+    cloud on the same machine as the node).
+    """
+    import games
+    from games.pokemon import cloud as game_cloud
+    from games.pokemon import keys
+
+    pkg = Path(games.__file__).resolve().parent
+
+    def env(ctx: EdgeContext) -> dict[str, str]:
+        cloud = cloud_url or (f"http://{ctx.gateway}:{cloud_port}" if cloud_port else "")
+        return {"ENORM_APP_HOST": "0.0.0.0", "ENORM_APP_PORT": str(ctx.port),
+                "ENORM_APP_CLOUD": cloud, "ENORM_APP_REDIS": ctx.redis_url,
+                "ENORM_APP_PUSH_INTERVAL": str(push_interval),
+                "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+
+    return App(
+        name="pokemon",
+        port=8080,
+        files=files_of(pkg, f"{APP_DIR}/games"),
+        command=["python3", "-m", "games.pokemon.edge"],
+        env=env,
+        redirect=lambda users, url: game_cloud.redirect(cloud_redis, users, url),
+        restore=lambda users: game_cloud.restore(cloud_redis, users),
+        shared_patterns=list(keys.SHARED_PATTERNS),
+        user_key=keys.user,
+    )
+
+
+@dataclass
+class Deployment:
+    """One edge server serving some of the cloud's users."""
+
+    edge: EdgeClient
+    setup: SetupResponse
+    users: list[str]
+    url: str  # the user-facing base URL of the edge server
+    session: Session | None = None
+    state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending
+    timings: dict[str, float] = field(default_factory=dict)
+    copy: datasync.SyncReport | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # edges that said no first
+    end_reason: str | None = None
+    keys_migrated: int | None = None
+    confirmed: bool | None = None  # the users' data was found on the cloud at the end
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def server_id(self) -> str:
+        return self.setup.server_id
+
+    def redis_forward(self) -> str:
+        """A redis:// URL on 127.0.0.1 that leads to the container's Redis (over SSH)."""
+        if self.session is None:
+            raise DeployError("no SSH session to the edge server")
+        fw = self.session.forward("127.0.0.1", CONTAINER_REDIS_PORT)
+        pw = quote(self.setup.redis_password, safe="")
+        return f"redis://:{pw}@127.0.0.1:{fw.local_port}/0"
+
+
+class CloudManager:
+    """The library a cloud application server embeds to use edge nodes."""
+
+    def __init__(self, edges: Iterable[EdgeClient], app: App, *, cloud_redis: datasync.Client,
+                 sink: DataSink, callback_url: str | None = None,
+                 deployer: Deployer | None = None, priority: int = 5,
+                 latency_objective_ms: float = 50.0, override: bool = False,
+                 ready_timeout: float = 30.0):  # fmt: skip
+        self.edges = list(edges)
+        self.app = app
+        self.cloud = cloud_redis
+        self.sink = sink
+        self.callback_url = callback_url
+        self.deployer = deployer or Deployer()
+        self.priority, self.latency_objective_ms = priority, latency_objective_ms
+        self.override = override
+        self.ready_timeout = ready_timeout
+        self.deployments: dict[str, Deployment] = {}
+        self._lock = threading.RLock()
+
+    # -- Procedures 1-3: handshake and deployment ----------------------------------------
+    def request_for(self, users: Sequence[User], **over) -> SetupRequest:
+        return SetupRequest(
+            app=over.pop("app", self.app.name),
+            priority=over.pop("priority", self.priority),
+            ports=[self.app.port],
+            users=list(users),
+            latency_objective_ms=over.pop("latency_objective_ms", self.latency_objective_ms),
+            ssh_public_key=self.deployer.public_key,
+            data_sink=self.sink,
+            callback_url=over.pop("callback_url", self.callback_url),
+            override=over.pop("override", self.override),
+            **over,
+        )
+
+    def handshake(self, req: SetupRequest) -> tuple[EdgeClient, SetupResponse, dict[str, str]]:
+        """The first configured edge node that admits; 409s and dead nodes are skipped."""
+        refused: dict[str, str] = {}
+        for edge in self.edges:
+            try:
+                return edge, edge.setup(req), refused
+            except Rejected as exc:
+                refused[edge.name] = exc.reason
+            except EdgeError as exc:
+                refused[edge.name] = f"unreachable: {exc}"
+            log.info("edge %s refused: %s", edge.name, refused[edge.name])
+        raise NoEdgeAvailable(refused)
+
+    def offload(self, users: Sequence[User | tuple[str, str] | str], **over) -> Deployment:
+        """Move `users` to an edge server; returns once they are redirected there."""
+        users = [_user(u) for u in users]
+        ids = [u.id for u in users]
+        t0 = time.perf_counter()
+        edge, setup, refused = self.handshake(self.request_for(users, **over))
+        t_handshake = time.perf_counter()
+        dep = Deployment(edge=edge, setup=setup, users=ids, refused=refused,
+                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")
+        dep.timings["handshake"] = t_handshake - t0
+        with self._lock:
+            self.deployments[setup.server_id] = dep
+        try:
+            self._deploy(dep)
+        except BaseException:
+            log.exception("deployment of %s on %s failed; withdrawing", setup.server_id, edge.name)
+            self._abandon(dep)
+            raise
+        t = time.perf_counter()
+        self.app.redirect(ids, dep.url)
+        dep.timings["redirect"] = time.perf_counter() - t
+        dep.timings["total"] = time.perf_counter() - t0
+        return dep
+
+    def _deploy(self, dep: Deployment) -> None:
+        t = time.perf_counter()
+        dep.session = session = self.deployer.connect(dep.setup.access)
+        dep.timings["ssh"] = time.perf_counter() - t
+        inside_redis = (f"redis://:{quote(dep.setup.redis_password, safe='')}"
+                        f"@127.0.0.1:{CONTAINER_REDIS_PORT}/0")  # fmt: skip
+
+        def start_server() -> None:
+            t = time.perf_counter()
+            ctx = EdgeContext(gateway=session.gateway(), redis_url=inside_redis,
+                              port=self.app.port)
+            session.upload(self.app.files)
+            session.start_app(self.app.command, self.app.env(ctx))
+            dep.timings["upload_start"] = time.perf_counter() - t
+
+        def copy_data() -> None:
+            t = time.perf_counter()
+            edge = datasync.connect(dep.redis_forward(), timeout=30)
+            try:
+                dep.copy = datasync.copy_users(self.cloud, edge, dep.users)
+            finally:
+                edge.close()
+            dep.timings["data"] = time.perf_counter() - t
+
+        with ThreadPoolExecutor(2, thread_name_prefix="deploy") as pool:
+            futures = [pool.submit(start_server), pool.submit(copy_data)]
+            for f in futures:
+                f.result()
+        t = time.perf_counter()
+        wait_http(dep.url + self.app.health_path, timeout=self.ready_timeout)
+        dep.timings["ready"] = time.perf_counter() - t
+
+    def _abandon(self, dep: Deployment) -> None:
+        """A failed deployment: nobody was redirected; withdraw the server."""
+        try:
+            self.app.restore(dep.users)
+        finally:
+            self._close_session(dep)
+            try:
+                dep.edge.terminate(dep.server_id)
+            except EdgeError:
+                log.exception("could not withdraw %s", dep.server_id)
+            dep.state = "withdrawn"
+            dep.end_reason = "deployment_failed"
+            dep.ended.set()
+
+    # -- Procedure 4: termination --------------------------------------------------------
+    def withdraw(self, dep: Deployment | str) -> Deployment:
+        """The cloud's override: users back to the cloud, then the edge merges the data
+        back and destroys the server; then the data is confirmed on the cloud."""
+        dep = self.deployments[dep] if isinstance(dep, str) else dep
+        t0 = time.perf_counter()
+        self.app.restore(dep.users)  # before the edge server goes away
+        t = time.perf_counter()
+        dep.timings["restore"] = t - t0
+        self._close_session(dep)
+        result = dep.edge.terminate(dep.server_id)
+        dep.timings["terminate"] = time.perf_counter() - t
+        with self._lock:
+            if dep.server_id in result.pending:
+                dep.state, dep.end_reason = "migration_pending", "cloud_withdrawal"
+                return dep
+            dep.keys_migrated = result.keys_migrated
+            self._finish(dep, "withdrawn", "cloud_withdrawal", result.keys_migrated)
+        dep.timings["withdraw_total"] = time.perf_counter() - t0
+        return dep
+
+    def _finish(self, dep: Deployment, state: str, reason: str, keys_migrated: int) -> None:
+        t = time.perf_counter()
+        dep.state, dep.end_reason, dep.keys_migrated = state, reason, keys_migrated
+        dep.confirmed = self.confirm(dep)
+        dep.timings["confirm"] = time.perf_counter() - t
+        dep.ended.set()
+
+    def confirm(self, dep: Deployment) -> bool:
+        """The users' data is on the cloud: every user's marker key exists there."""
+        if not dep.users:
+            return True
+        if self.app.user_key is None:
+            return bool(dep.keys_migrated)
+        keys = [self.app.user_key(u) for u in dep.users]
+        found = 0
+        with datasync._Guard("destination"):  # noqa: SLF001 (same error mapping)
+            for node, ks in datasync._by_node(self.cloud, [k.encode() for k in keys]).items():  # noqa: SLF001
+                pipe = node.pipeline(transaction=False)
+                for k in ks:
+                    pipe.exists(k)
+                found += sum(pipe.execute())
+        return found == len(keys)
+
+    def _close_session(self, dep: Deployment) -> None:
+        if dep.session is not None:
+            dep.session.close()
+            dep.session = None
+
+    # -- events from the edge ------------------------------------------------------------
+    def handle_event(self, event: dict) -> str:
+        """An event the edge node posted; returns what was done (for logs and tests)."""
+        sid, typ = event.get("server_id"), event.get("type")
+        with self._lock:
+            dep = self.deployments.get(sid or "")
+            if dep is None:
+                return "unknown server"
+            if typ == "server.terminated":
+                if dep.ended.is_set():
+                    return "already ended"
+                self.app.restore(dep.users)
+                self._close_session(dep)
+                keys = int((event.get("data") or {}).get("keys_migrated", 0))
+                self._finish(dep, "terminated", event.get("reason") or "edge", keys)
+                return "users restored"
+            if typ == "server.migration_failed":
+                if dep.ended.is_set():
+                    return "already ended"  # a retry succeeded before this event came
+                # The edge keeps the data (container stopped) and retries the merge; the
+                # users go home now, and the edge's values replace the cloud's later.
+                self.app.restore(dep.users)
+                self._close_session(dep)
+                dep.state = "migration_pending"
+                dep.end_reason = event.get("reason")
+                return "users restored, merge pending"
+            return "noted"
+
+    def blueprint(self, path: str = "/edge-events") -> Blueprint:
+        """`POST <path>`: the callback URL edge nodes send events to (2xx = acknowledged)."""
+        bp = Blueprint("enorm_cloud_manager", __name__)
+
+        @bp.post(path)
+        def _edge_event():
+            event = request.get_json(silent=True)
+            if not isinstance(event, dict) or "type" not in event:
+                return jsonify({"error": "body must be an enorm event"}), 400
+            try:
+                done = self.handle_event(event)
+            except Exception as exc:  # the edge retries until acknowledged
+                log.exception("event %s", event.get("id"))
+                return jsonify({"error": str(exc)}), 500
+            return jsonify({"ok": True, "done": done})
+
+        return bp
+
+    def close(self) -> None:
+        with self._lock:
+            for dep in self.deployments.values():
+                self._close_session(dep)
+        for e in self.edges:
+            e.close()
+
+
+def _user(u: User | tuple[str, str] | str) -> User:
+    if isinstance(u, User):
+        return u
+    if isinstance(u, str):
+        return User(id=u, address="127.0.0.1")
+    return User(id=u[0], address=u[1])

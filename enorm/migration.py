@@ -1,0 +1,51 @@
+"""The edge side of Procedure 4: merge a server's data back to the cloud before destroy.
+
+The container's Redis is reached over the node's bridge with the password the node gave
+it at launch; the sink is the cloud Redis named in the setup request. `merge_back`
+verifies on the cloud before it returns, and nothing is deleted on the edge: if this
+raises, the manager keeps the container (stopped) and retries later.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+from enorm import datasync
+from enorm.store import ServerRecord
+
+CONTAINER_REDIS_PORT = 6379
+
+
+def container_redis_url(rec: ServerRecord) -> str:
+    return f"redis://:{quote(rec.redis_password, safe='')}@{rec.address}:{CONTAINER_REDIS_PORT}/0"
+
+
+def connect_container(rec: ServerRecord, timeout: float = 10.0) -> datasync.Client:
+    """The container's Redis, waiting briefly for it after a (re)start of the container."""
+    client = datasync.connect(container_redis_url(rec), timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            datasync.ping(client, side="source")
+            return client
+        except datasync.SyncError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def merge_back_to_sink(rec: ServerRecord) -> int:
+    """Merge the edge server's keys into its sink; returns the keys written there."""
+    assert rec.data_sink is not None
+    edge = connect_container(rec)
+    cloud = datasync.connect(rec.data_sink.url, cluster=rec.data_sink.cluster)
+    try:
+        report = datasync.merge_back(edge, cloud,
+                                     shared_patterns=rec.data_sink.shared_patterns)
+    finally:
+        edge.close()
+        cloud.close()
+    if not report.verified:
+        raise datasync.VerificationFailed("merge back not verified on the cloud", [])
+    return report.keys + report.merged

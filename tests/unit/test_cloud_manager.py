@@ -1,0 +1,143 @@
+"""Pure logic of the cloud manager: keys, the setup request it builds, which files it
+uploads, how it answers edge events, failover order, the edge client's error mapping."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from flask import Flask, jsonify
+from werkzeug.serving import make_server
+
+from cloud_manager import App, CloudManager, EdgeClient, NoEdgeAvailable, Rejected
+from cloud_manager.deployer import Deployer, files_of, new_key
+from cloud_manager.orchestrator import Deployment
+from enorm.protocol import Access, DataSink, Resources, SetupRequest, SetupResponse, User
+
+
+def fake_app(log: list) -> App:
+    return App(name="game", port=8080, files={}, command=["true"], env=lambda ctx: {},
+               redirect=lambda users, url: log.append(("redirect", list(users), url)),
+               restore=lambda users: log.append(("restore", list(users))))  # fmt: skip
+
+
+def manager(edges=(), log=None) -> CloudManager:
+    return CloudManager(list(edges), fake_app(log if log is not None else []), cloud_redis=None,
+                        sink=DataSink(url="redis://127.0.0.1:1/0"),
+                        callback_url="http://127.0.0.1:9/edge-events",
+                        deployer=Deployer(*new_key()))  # fmt: skip
+
+
+def setup_response(sid: str = "s1") -> SetupResponse:
+    return SetupResponse(server_id=sid, container=f"enorm-x-{sid}", address="10.89.0.2",
+                         access=Access(host="127.0.0.1", port=30001), ports={8080: 30002},
+                         limits=Resources(cores=1, memory_mb=200), redis_password="pw")  # fmt: skip
+
+
+def test_new_key_is_accepted_by_the_protocol():
+    key, public = new_key()
+    req = manager().request_for([])
+    assert req.ssh_public_key.startswith("ssh-ed25519 ")
+    assert public.split()[1] == key.get_base64()
+    SetupRequest.model_validate(req.model_dump(mode="json"))
+
+
+def test_request_for_names_the_app_port_sink_and_callback():
+    m = manager()
+    req = m.request_for([User(id="7", address="10.90.1.2")], priority=9, override=True)
+    assert req.app == "game" and req.ports == [8080] and req.priority == 9 and req.override
+    assert [u.id for u in req.users] == ["7"]
+    assert req.data_sink.url == "redis://127.0.0.1:1/0"
+    assert str(req.callback_url) == "http://127.0.0.1:9/edge-events"
+
+
+def test_files_of_uploads_python_sources_only(tmp_path: Path):
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "pkg" / "data.jsonl").write_text("{}\n")
+    (tmp_path / "top.py").write_text("")
+    files = files_of(tmp_path, "/opt/app/games")
+    assert files == {"/opt/app/games/pkg/a.py": tmp_path / "pkg" / "a.py",
+                     "/opt/app/games/top.py": tmp_path / "top.py"}  # fmt: skip
+
+
+def test_terminated_event_restores_the_users_once():
+    log: list = []
+    m = manager(log=log)
+    dep = Deployment(edge=None, setup=setup_response(), users=["1", "2"], url="http://e")
+    m.deployments["s1"] = dep
+    ev = {"type": "server.terminated", "server_id": "s1", "reason": "idle",
+          "data": {"keys_migrated": 12}}  # fmt: skip
+    assert m.handle_event(ev) == "users restored"
+    assert log == [("restore", ["1", "2"])]
+    assert dep.state == "terminated" and dep.end_reason == "idle" and dep.keys_migrated == 12
+    assert dep.confirmed and dep.ended.is_set()
+    assert m.handle_event(ev) == "already ended"
+    assert log == [("restore", ["1", "2"])]
+    assert m.handle_event({**ev, "server_id": "other"}) == "unknown server"
+
+
+def test_migration_failed_event_sends_users_home_and_waits_for_the_merge():
+    log: list = []
+    m = manager(log=log)
+    dep = Deployment(edge=None, setup=setup_response(), users=["1"], url="http://e")
+    m.deployments["s1"] = dep
+    ev = {"type": "server.migration_failed", "server_id": "s1", "reason": "idle", "data": {}}
+    assert m.handle_event(ev) == "users restored, merge pending"
+    assert dep.state == "migration_pending" and not dep.ended.is_set()
+    assert m.handle_event({"type": "server.scaled", "server_id": "s1"}) == "noted"
+
+
+def test_callback_endpoint_acknowledges_with_2xx():
+    m = manager()
+    app = Flask("t")
+    app.register_blueprint(m.blueprint())
+    c = app.test_client()
+    r = c.post("/edge-events", json={"type": "server.terminated", "server_id": "nope"})
+    assert r.status_code == 200 and r.json["done"] == "unknown server"
+    assert c.post("/edge-events", data="x").status_code == 400
+
+
+@pytest.fixture
+def fake_edge():
+    """Edge nodes on loopback that answer setup requests with fixed statuses."""
+    servers = []
+
+    def start(status: int, body: dict) -> str:
+        app = Flask("edge")
+        app.add_url_rule("/v1/servers", "s", lambda: (jsonify(body), status), methods=["POST"])
+        http = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=http.serve_forever, daemon=True).start()
+        servers.append(http)
+        return f"http://127.0.0.1:{http.server_port}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_handshake_fails_over_on_409_and_dead_nodes(fake_edge):
+    full = fake_edge(409, {"error": "insufficient_resources", "detail": "no room"})
+    low = fake_edge(409, {"error": "priority", "detail": "below 10"})
+    ok = fake_edge(201, setup_response("s9").model_dump(mode="json"))
+    dead = EdgeClient("http://127.0.0.1:9", "t", name="dead", timeout=0.5, retries=0)
+    edges = [EdgeClient(full, "t", name="full"), dead, EdgeClient(low, "t", name="low"),
+             EdgeClient(ok, "t", name="ok")]  # fmt: skip
+    m = manager(edges)
+    edge, resp, refused = m.handshake(m.request_for([]))
+    assert edge.name == "ok" and resp.server_id == "s9"
+    assert refused["full"] == "insufficient_resources" and refused["low"] == "priority"
+    assert refused["dead"].startswith("unreachable")
+    with pytest.raises(NoEdgeAvailable) as exc:
+        m2 = manager(edges[:3])
+        m2.handshake(m2.request_for([]))
+    assert set(exc.value.refusals) == {"full", "dead", "low"}
+
+
+def test_edge_client_raises_rejected_with_the_reason(fake_edge):
+    url = fake_edge(409, {"error": "ports_unavailable", "detail": "none left"})
+    with pytest.raises(Rejected) as exc:
+        EdgeClient(url, "t").setup(manager().request_for([]))
+    assert exc.value.reason == "ports_unavailable" and exc.value.status == 409
