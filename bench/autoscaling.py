@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = node_config(Path(tmp))
         cfg = config.load(cfg_path)
         with users_namespace():
-            d = Daemon.open(cfg, autoscale=False)
+            d = Daemon.open(cfg, background=False)
             try:
                 result = Bench(d, args.rounds).measure(args.profile, only)
             finally:

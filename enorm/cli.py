@@ -86,14 +86,15 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @config_option
-@click.option("--no-autoscale", is_flag=True, help="do not schedule the auto-scaler")
+@click.option("--no-autoscale", is_flag=True,
+              help="schedule neither the auto-scaler nor migration retries")
 def serve(config_path: str | None, no_autoscale: bool) -> None:
     """Run the edge node daemon (foreground) with the production WSGI server."""
     from enorm.daemon import Daemon
 
     cfg = load_config(config_path)
     try:
-        d = Daemon.open(cfg, autoscale=not no_autoscale)
+        d = Daemon.open(cfg, background=not no_autoscale)
     except Exception as exc:
         fail(f"cannot start node {cfg.name}: {exc}")
     console.print(f"node {cfg.name}: reconciled {json.dumps(d.reconciled)}", highlight=False)
@@ -201,7 +202,7 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
         fail(f"the daemon still answers at {cfg.url}: stop it first")
     except requests.ConnectionError:
         pass
-    d = Daemon.open(cfg, autoscale=False)
+    d = Daemon.open(cfg, background=False)
     try:
         r = d.manager.shutdown_node()
         console.print(f"terminated {r.terminated}, pending {r.pending}", highlight=False)

@@ -88,6 +88,8 @@ class NodeConfig(BaseSettings):
     probe_timeout_s: float = Field(0.5, gt=0)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
+    # How often a migration that failed (sink unreachable) is tried again.
+    migration_retry_s: float = Field(30.0, gt=0)
     # Events to the cloud's callback.
     callback_timeout_s: float = Field(2.0, gt=0)
 

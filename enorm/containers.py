@@ -176,16 +176,23 @@ class Containers:
 
     # -- limits and usage ----------------------------------------------------------------
     def set_limits(self, name: str, limits: Resources) -> None:
-        """Apply new limits to the running container and to its saved config."""
+        """Apply new limits to the running container (the auto-scaler's mechanism).
+
+        Only the kernel's values change; the store keeps the limits and `reconcile`
+        applies them again if the container is ever restarted. In v1 the period is set
+        once at creation, so a change is two writes.
+        """
         c = self._get(name)
+        if not c.running:
+            raise ContainerError(f"{name}: not running, cannot change its limits")
         items = self._limit_items(limits)
+        items.pop("cpu.cfs_period_us", None)
         for k, v in items.items():
-            if c.running and not c.set_cgroup_item(k, v):
-                raise ContainerError(f"{name}: cannot set cgroup {k}={v}")
-        key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
-        for k, v in items.items():
-            c.set_config_item(key + k, v)
-        c.save_config()
+            if not c.set_cgroup_item(k, v):
+                raise ContainerError(
+                    f"{name}: the kernel refused cgroup {k}={v}"
+                    + (" (memory in use is above the new limit?)" if "memory" in k else "")
+                )
 
     def limits(self, name: str) -> Resources:
         """The limits the kernel enforces now, read back from the cgroup."""

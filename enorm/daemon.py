@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
 from enorm import api, autoscaler, manager, migration, scaling, store
@@ -45,10 +46,13 @@ class Daemon:
     app: Flask
     reconciled: dict = field(default_factory=dict)
     scheduler: autoscaler.Scheduler | None = None
+    # Retries merges whose sink was unreachable (containers kept, migration_pending).
+    retry: BackgroundScheduler | None = None
 
     @classmethod
     def open(cls, cfg: NodeConfig, *, migrate: manager.Migrate | None = None,
-             autoscale: bool = True) -> Daemon:
+             background: bool = True) -> Daemon:
+        """Open the node; `background` schedules the auto-scaler and migration retries."""
         assert cfg.state_dir is not None
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
         node = manager.build(cfg, store.Store(client, cfg.name))
@@ -56,15 +60,22 @@ class Daemon:
         reconciled = mgr.start()
         node.events.start()
         sched = scaling.scheduler_for(mgr)
-        if autoscale:
+        retry = None
+        if background:
             sched.start()
+            retry = BackgroundScheduler(daemon=True)
+            retry.add_job(mgr.retry_pending, "interval", seconds=cfg.migration_retry_s,
+                          max_instances=1, coalesce=True, id="enorm-migration-retry")
+            retry.start()
         app = api.create_app(mgr, tokens=cfg.tokens, operator_token=operator_token(cfg),
                              autoscale=lambda: scaling.round_report(sched.run_once()))
-        return cls(cfg, mgr, app, reconciled, sched)
+        return cls(cfg, mgr, app, reconciled, sched, retry)
 
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown()
+        if self.retry is not None:
+            self.retry.shutdown(wait=True)
         self.manager.events.stop()
 
     def serve(self) -> None:

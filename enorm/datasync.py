@@ -36,7 +36,8 @@ from redis.retry import Retry
 
 Client = Union[redis.Redis, RedisCluster]  # noqa: UP007 (kept readable in signatures)
 
-BATCH = 500  # keys per script call / pipeline flush
+BATCH = 1000  # keys per script call
+FLUSH = 20_000  # keys per pipeline flush (one round trip)
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
 SCAN_COUNT = 1000
 # Up to this many users a per-user SCAN MATCH is cheaper than one scan of all tagged keys.
@@ -282,16 +283,123 @@ end
 return table.concat(out)
 """
 
-# SHA-1 (hex) of each key's DUMP payload, 40 dashes when missing: verification
-# without shipping the payloads back.
-_DIGEST = """
-local out = {}
+# Verification on the destination itself: ARGV[1] holds the SHA-1 (hex) of each key's
+# DUMP payload as read from the source; returns the (0-based, comma-separated) positions
+# of the keys whose payload here differs or that are missing. Only those come back.
+_CHECK = """
+local want = ARGV[1]
+local bad = {}
 for i, k in ipairs(KEYS) do
   local p = redis.call('DUMP', k)
-  if p then out[i] = redis.sha1hex(p) else out[i] = string.rep('-', 40) end
+  if not p or redis.sha1hex(p) ~= string.sub(want, 40 * i - 39, 40 * i) then
+    bad[#bad + 1] = i - 1
+  end
 end
-return table.concat(out)
+return table.concat(bad, ',')
 """
+
+# Verification by value, for payloads whose bytes depend on the server's memory layout
+# (hash-table sets and hashes: their DUMP order is the table's) or that differ after a
+# RESTORE (another Redis version, another encoding). KEYS: pairs (key, scratch key of the
+# same slot); ARGV: the source's payloads. Each payload is restored into the scratch key
+# and compared with the key by value, by type; the scratch key is deleted in the same
+# script, so nobody ever sees it. Returns the positions (0-based) of the keys that differ.
+_SAME = """
+local function same(k, s)
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= redis.call('TYPE', s)['ok'] then return false end
+  if t == 'string' then return redis.call('GET', k) == redis.call('GET', s) end
+  if t == 'set' then
+    if redis.call('SCARD', k) ~= redis.call('SCARD', s) then return false end
+    for _, m in ipairs(redis.call('SMEMBERS', s)) do
+      if redis.call('SISMEMBER', k, m) == 0 then return false end
+    end
+    return true
+  end
+  if t == 'hash' then
+    if redis.call('HLEN', k) ~= redis.call('HLEN', s) then return false end
+    local kv = redis.call('HGETALL', s)
+    for j = 1, #kv, 2 do
+      if redis.call('HGET', k, kv[j]) ~= kv[j + 1] then return false end
+    end
+    return true
+  end
+  if t == 'zset' then
+    if redis.call('ZCARD', k) ~= redis.call('ZCARD', s) then return false end
+    local ms = redis.call('ZRANGE', s, 0, -1, 'WITHSCORES')
+    for j = 1, #ms, 2 do
+      if redis.call('ZSCORE', k, ms[j]) ~= ms[j + 1] then return false end
+    end
+    return true
+  end
+  if t == 'list' then
+    local a, b = redis.call('LRANGE', k, 0, -1), redis.call('LRANGE', s, 0, -1)
+    if #a ~= #b then return false end
+    for j = 1, #a do if a[j] ~= b[j] then return false end end
+    return true
+  end
+  return redis.call('DUMP', k) == redis.call('DUMP', s)
+end
+local bad = {}
+for i = 1, #ARGV do
+  local k, s = KEYS[2 * i - 1], KEYS[2 * i]
+  redis.call('RESTORE', s, 0, ARGV[i], 'REPLACE')
+  local ok = same(k, s)
+  redis.call('DEL', s)
+  if not ok then bad[#bad + 1] = i - 1 end
+end
+return table.concat(bad, ',')
+"""
+
+# RDB types of the payloads whose bytes follow a hash table's order (set, hash).
+_UNORDERED = frozenset({2, 4})
+
+
+@dataclass
+class _Job:
+    """One script run over `keys` in batches; `args` makes a batch's ARGV, `keys_of` its
+    KEYS (default: the batch itself)."""
+
+    script: str
+    keys: list[bytes]
+    args: Callable[[list[bytes]], list[Any]]
+    keys_of: Callable[[list[bytes]], list[bytes]] | None = None
+    size: int = BATCH
+
+
+def _exec(client: Client, jobs: list[_Job], side: str,
+          flush: int = FLUSH) -> list[list[tuple[list[bytes], Any]]]:  # fmt: skip
+    """Run the jobs' batches pipelined per master, a round trip per `flush` keys (not per
+    batch: over an SSH port forward a round trip costs tens of milliseconds); the
+    (batch, reply) pairs of each job, in the jobs' order.
+
+    Scripts go as EVAL: a pipeline of registered scripts would first ask SCRIPT EXISTS,
+    one more round trip each time; Redis caches the compiled body either way.
+    """
+    out: list[list[tuple[list[bytes], Any]]] = [[] for _ in jobs]
+    with _Guard(side):
+        work: dict[redis.Redis, list[tuple[int, list[bytes]]]] = defaultdict(list)
+        for j, job in enumerate(jobs):
+            for node, batches in _batches(client, job.keys, job.size).items():
+                work[node] += [(j, b) for b in batches]
+        for node, items in work.items():
+            pipe = node.pipeline(transaction=False)
+            pending: list[tuple[int, list[bytes]]] = []
+            queued = 0
+            for j, batch in items:
+                job = jobs[j]
+                keys = batch if job.keys_of is None else job.keys_of(batch)
+                pipe.execute_command("EVAL", job.script, len(keys), *keys, *job.args(batch))
+                pending.append((j, batch))
+                queued += len(batch)
+                if queued >= flush:
+                    for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
+                        out[jj].append((b, reply))
+                    pending, queued = [], 0
+            if pending:
+                for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
+                    out[jj].append((b, reply))
+    return out
 
 
 def _run(
@@ -303,120 +411,93 @@ def _run(
     size: int = BATCH,
 ) -> list[tuple[list[bytes], Any]]:
     """Run `script` over `keys` in batches, pipelined per master; (batch, reply) pairs."""
-    out: list[tuple[list[bytes], Any]] = []
-    with _Guard(side):
-        for node, batches in _batches(client, keys, size).items():
-            lua = node.register_script(script)
-            pending: list[list[bytes]] = []
-            pipe = node.pipeline(transaction=False)
-            queued = 0
-            for batch in batches:
-                lua(keys=batch, args=args(batch), client=pipe)
-                pending.append(batch)
-                queued += len(batch)
-                if queued >= size:
-                    out += zip(pending, pipe.execute(), strict=True)
-                    pending, queued = [], 0
-            if pending:
-                out += zip(pending, pipe.execute(), strict=True)
-    return out
+    return _exec(client, [_Job(script, keys, args, size=size)], side)[0]
 
 
 def _dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes, tuple]:
     """key -> (payload, ttl for RESTORE) for the keys that still exist."""
     dumped: dict[bytes, tuple[bytes, int]] = {}
     unpack = _HEADER.unpack_from
-    for batch, blob in _run(client, keys, _DUMP, lambda b: [], side):
+    width = _HEADER.size
+    for batch, blob in _run(client, keys, _DUMP, _no_args, side):
         pos = 0
         for key in batch:
             pttl, n = unpack(blob, pos)
-            pos += _HEADER.size
+            pos += width
             if pttl != -2:
                 dumped[key] = (blob[pos : pos + n], max(pttl, 0))
             pos += n
     return dumped
 
 
+def _no_args(batch: list[bytes]) -> list[Any]:
+    return []
+
+
 def _restore(client: Client, dumped: dict[bytes, tuple], replace: bool) -> list[bytes]:
     """RESTORE the dumped keys; the keys actually written."""
     pack = _HEADER.pack
+    flag = "1" if replace else "0"
 
     def args(batch: list[bytes]) -> list[Any]:
         parts = []
         for k in batch:
             payload, ttl = dumped[k]
             parts += [pack(ttl, len(payload)), payload]
-        return ["1" if replace else "0", b"".join(parts)]
+        return [flag, b"".join(parts)]
 
     written: list[bytes] = []
     for batch, flags in _run(client, list(dumped), _RESTORE, args, "destination"):
-        written += [k for k, flag in zip(batch, flags, strict=True) if flag == 49]  # b"1"
+        written += [k for k, f in zip(batch, flags, strict=True) if f == 49]  # b"1"
     return written
 
 
-def _verify_dumps(client: Client, dumped: dict[bytes, tuple], keys: list[bytes]) -> int:
-    """Compare digests of the destination's DUMP payloads with the source's.
+def _positions(batch: list[bytes], reply: bytes) -> list[bytes]:
+    return [batch[int(i)] for i in reply.split(b",") if i] if reply else []
 
-    Payloads differ across Redis versions (RDB version, encodings), so a mismatch is
-    settled by comparing the values themselves before it counts as a failure.
+
+def _scratch(key: bytes) -> bytes:
+    """A scratch key in the slot of `key` (same hash tag)."""
+    return b"__enorm_verify:{" + (hash_tag(key) or key) + b"}"
+
+
+def _same_job(dumped: dict[bytes, tuple], keys: list[bytes]) -> _Job:
+    def keys_of(batch: list[bytes]) -> list[bytes]:
+        return [x for k in batch for x in (k, _scratch(k))]
+
+    return _Job(_SAME, keys, lambda b: [dumped[k][0] for k in b], keys_of)
+
+
+def _verify_dumps(client: Client, dumped: dict[bytes, tuple], keys: list[bytes]) -> int:
+    """Check on the destination that every key in `keys` holds what was dumped.
+
+    The destination compares the SHA-1 of its own DUMP payload with the source's, and
+    answers only with the keys that differ; keys whose payload bytes depend on a hash
+    table's order (and any key whose digest differs, e.g. across Redis versions) are
+    compared by value there instead. One pipelined pass, plus one for digest misses.
     """
-    mismatched: list[bytes] = []
     sha1 = hashlib.sha1
-    for batch, digests in _run(client, keys, _DIGEST, lambda b: [], "destination"):
-        expected = b"".join(sha1(dumped[k][0]).hexdigest().encode() for k in batch)
-        if expected == digests:
-            continue
-        for i, key in enumerate(batch):
-            if expected[40 * i : 40 * i + 40] != digests[40 * i : 40 * i + 40]:
-                mismatched.append(key)
-    if mismatched:
-        mismatched = _logical_mismatches(client, dumped, mismatched)
-    if mismatched:
-        shown = ", ".join(k.decode(errors="replace") for k in mismatched[:5])
+    ordered: list[bytes] = []
+    unordered: list[bytes] = []
+    for k in keys:
+        (unordered if dumped[k][0][0] in _UNORDERED else ordered).append(k)
+
+    def digests(batch: list[bytes]) -> list[Any]:
+        return [b"".join(sha1(dumped[k][0]).hexdigest().encode() for k in batch)]
+
+    check, same = _exec(client, [_Job(_CHECK, ordered, digests),
+                                 _same_job(dumped, unordered)], "destination")  # fmt: skip
+    missed = [k for batch, reply in check for k in _positions(batch, reply)]
+    bad = [k for batch, reply in same for k in _positions(batch, reply)]
+    if missed:
+        (again,) = _exec(client, [_same_job(dumped, missed)], "destination")
+        bad += [k for batch, reply in again for k in _positions(batch, reply)]
+    if bad:
+        shown = ", ".join(k.decode(errors="replace") for k in bad[:5])
         raise VerificationFailed(
-            f"{len(mismatched)} keys differ on the destination after the copy: {shown}",
-            mismatched,
+            f"{len(bad)} keys differ on the destination after the copy: {shown}", bad
         )
     return len(keys)
-
-
-def _logical_mismatches(client: Client, dumped: dict, keys: list[bytes]) -> list[bytes]:
-    """Keys whose value on the destination differs from the payload's value.
-
-    The payload is restored into a scratch key on the destination's own node (same slot
-    through the key's hash tag) so that Redis itself decodes it.
-    """
-    bad: list[bytes] = []
-    with _Guard("destination"):
-        for key in keys:
-            node = next(iter(_by_node(client, [key])))
-            tag = hash_tag(key) or key
-            scratch = b"__enorm_verify:{" + tag + b"}"
-            node.restore(scratch, 0, dumped[key][0], replace=True)
-            try:
-                if _value(node, scratch) != _value(node, key):
-                    bad.append(key)
-            finally:
-                node.delete(scratch)
-    return bad
-
-
-def _value(node: redis.Redis, key: bytes) -> Any:
-    """A key's value in a comparable form, by type."""
-    typ = node.type(key)
-    if typ == b"string":
-        return node.get(key)
-    if typ == b"hash":
-        return node.hgetall(key)
-    if typ == b"set":
-        return node.smembers(key)
-    if typ == b"zset":
-        return node.zrange(key, 0, -1, withscores=True)
-    if typ == b"list":
-        return node.lrange(key, 0, -1)
-    if typ == b"none":
-        return None
-    return node.dump(key)
 
 
 def copy_users(

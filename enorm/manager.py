@@ -270,7 +270,7 @@ class EdgeManager:
             if rec.state != "running":
                 raise RuntimeError(f"{server_id}: cannot scale a server that is {rec.state}")
             growth = resources.sub(limits, rec.limits)
-            if not resources.fits(growth, self.free()):
+            if growth != resources.ZERO and not resources.fits(growth, self.free()):
                 raise Rejected("insufficient_resources", f"{server_id}: no room to grow")
             self.containers.set_limits(rec.container, limits)
             old = rec.limits
@@ -307,6 +307,14 @@ class EdgeManager:
             was_pending = rec.state == "migration_pending"
             rec.state = "terminating"
             self.store.save(rec)
+        if not self.containers.exists(rec.container):
+            # Gone behind our back (its data with it): nothing to merge, only to forget.
+            self.firewall.remove(rec.id)
+            with self._lock:
+                self.store.delete(rec.id)
+            self.events.emit("server.terminated", rec, "container_lost",
+                             {**numbers, "keys_migrated": 0, "requested_by": reason})
+            return 0
         if was_pending:  # its Redis lives in the stopped container: bring it back first
             self.containers.start(rec.container)
         keys = 0
@@ -354,32 +362,15 @@ class EdgeManager:
         with its container gone -> dropped, with an event; containers and rules that no
         record owns -> removed.
         """
-        report = {"undone": [], "finished": [], "restarted": [], "lost": [], "orphans": []}
+        report: dict = {"undone": [], "finished": [], "restarted": [], "lost": [],
+                        "orphans": [], "errors": {}}
         records = {s.id: s for s in self.store.servers()}
         for rec in list(records.values()):
-            if rec.state == "launching":
-                self._undo_launch(rec)
-                report["undone"].append(rec.id)
-                del records[rec.id]
-            elif rec.state == "terminating":
-                try:
-                    self._terminate_one(rec.id, "reconcile", {})
-                    report["finished"].append(rec.id)
-                except MigrationPending:
-                    pass
-                records.pop(rec.id, None)
-            elif rec.state == "running":
-                if not self.containers.exists(rec.container):
-                    self.store.delete(rec.id)
-                    self.events.emit("server.terminated", rec, "container_lost",
-                                     {"keys_migrated": 0})
-                    report["lost"].append(rec.id)
-                    del records[rec.id]
-                    continue
-                if not self.containers.running(rec.container):
-                    self.containers.start(rec.container)
-                    report["restarted"].append(rec.id)
-                self.containers.set_limits(rec.container, rec.limits)
+            try:
+                self._reconcile_one(rec, records, report)
+            except Exception as exc:  # one broken server must not stop the node
+                log.exception("reconcile of %s", rec.id)
+                report["errors"][rec.id] = f"{type(exc).__name__}: {exc}"
         owned = {r.container for r in records.values()}
         for name in self.containers.names():
             if name not in owned:
@@ -390,11 +381,44 @@ class EdgeManager:
         )
         return report
 
+    def _reconcile_one(self, rec: ServerRecord, records: dict[str, ServerRecord],
+                       report: dict) -> None:
+        if rec.state == "launching":
+            self._undo_launch(rec)
+            report["undone"].append(rec.id)
+            del records[rec.id]
+        elif rec.state == "terminating":
+            try:
+                self._terminate_one(rec.id, "reconcile", {})
+                report["finished"].append(rec.id)
+                del records[rec.id]
+            except MigrationPending:
+                pass
+        elif rec.state == "running":
+            if not self.containers.exists(rec.container):
+                self.store.delete(rec.id)
+                self.events.emit("server.terminated", rec, "container_lost",
+                                 {"keys_migrated": 0})
+                report["lost"].append(rec.id)
+                del records[rec.id]
+                return
+            if not self.containers.running(rec.container):
+                self.containers.start(rec.container)
+                report["restarted"].append(rec.id)
+            self.containers.set_limits(rec.container, rec.limits)
+
     def shutdown_node(self) -> TerminateResult:
         """Terminate every server (data merged back), e.g. when decommissioning."""
         result = TerminateResult(terminated=[])
         for s in self.store.servers():
-            r = self.terminate(s.id, reason="node_shutdown")
+            try:
+                r = self.terminate(s.id, reason="node_shutdown")
+            except NotFound:
+                continue  # a sibling of one terminated before
+            except Exception:  # keep going: the others still get their data back
+                log.exception("terminating %s", s.id)
+                result.pending.append(s.id)
+                continue
             result.terminated += r.terminated
             result.pending += r.pending
             result.keys_migrated += r.keys_migrated

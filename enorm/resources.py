@@ -32,10 +32,11 @@ def fits(need: Resources, free: Resources) -> bool:
 
 
 def total(items: Iterable[Resources]) -> Resources:
-    out = ZERO
+    cores, mem = 0.0, 0
     for r in items:
-        out = add(out, r)
-    return out
+        cores += r.cores
+        mem += r.memory_mb
+    return Resources(cores=round(cores, 6), memory_mb=mem)
 
 
 @dataclass

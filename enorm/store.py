@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from enorm.protocol import Event, ServerInfo, User
 
@@ -132,12 +134,16 @@ def open_store(store_url: str | None, state_dir: Path, timeout: float = 10.0) ->
         return client
     state_dir.mkdir(parents=True, exist_ok=True)
     sock = managed_socket(state_dir)
+    # Probing must not sit in redis-py's retry back-off (seconds) while nobody listens.
+    probe = redis.Redis(unix_socket_path=str(sock), socket_timeout=timeout,
+                        retry=Retry(NoBackoff(), 0))
     client = redis.Redis(unix_socket_path=str(sock), socket_timeout=timeout)
-    try:
-        client.ping()
-        return client
-    except redis.RedisError:
-        pass
+    if sock.exists():
+        try:
+            probe.ping()
+            return client
+        except redis.RedisError:
+            pass
     server = shutil.which("redis-server")
     if server is None:
         raise StoreError("store: redis-server is not installed (apt-get install redis-server)")
@@ -158,7 +164,7 @@ def open_store(store_url: str | None, state_dir: Path, timeout: float = 10.0) ->
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client.ping()
+            probe.ping()
             return client
         except redis.RedisError:
             if time.monotonic() > deadline:
@@ -174,7 +180,8 @@ def stop_managed(state_dir: Path) -> None:
     except (FileNotFoundError, ValueError):
         return
     try:
-        redis.Redis(unix_socket_path=str(managed_socket(state_dir))).shutdown(nosave=True)
+        redis.Redis(unix_socket_path=str(managed_socket(state_dir)),
+                    retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
     except redis.RedisError:
         pass
     deadline = time.monotonic() + 5

@@ -1,0 +1,186 @@
+"""Provisioning benchmark: handshake and termination on a real edge node, next to the floor.
+
+The floor is what LXC itself needs for the same work without enorm: an overlay snapshot
+clone of the base container, start, and its sshd accepting TCP (then stop + destroy).
+Both are measured in the same run, on the same bridge. Also records the daemon's
+resident memory idle and with 32 servers.
+
+    python -m bench.provisioning [--n 60]
+
+Writes bench/results/provisioning.json and provisioning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import lxc
+import psutil
+import requests
+
+from cloud_manager.local import LocalEdgeNode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NODE = dict(
+    name="bprov", bridge="enbprov0", subnet="10.87.0.0/24", port_range=[25000, 25999],
+    listen_port=18600, cores=64.0, memory_mb=65536, reserve_cores=0.0, reserve_memory_mb=0,
+    unit={"cores": 0.25, "memory_mb": 64}, basic_service="reserve",
+    autoscale_interval_s=86400, tokens={"bench-token": "bench"},
+)
+FLOOR_PREFIX = "enorm-bprov-floor"
+PAPER = {"handshake_s": 9.0, "terminate_s": 5.0}
+
+
+def summary(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"p50": round(statistics.median(xs), 4),
+            "p95": round(xs[min(len(xs) - 1, int(0.95 * len(xs)))], 4), "n": len(xs)}
+
+
+def wait_tcp(host: str, port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
+
+
+def floor_once(i: int, bridge: str) -> tuple[float, float]:
+    """Clone + start + sshd up, then stop + destroy, with python3-lxc alone."""
+    name = f"{FLOOR_PREFIX}{i:03d}"
+    addr = f"10.87.0.{200 + i % 50}"
+    t0 = time.perf_counter()
+    c = lxc.Container("enorm-base-debian").clone(
+        name, flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay")
+    c.clear_config_item("lxc.net.0.type")
+    for k, v in (("lxc.net.0.type", "veth"), ("lxc.net.0.link", bridge),
+                 ("lxc.net.0.flags", "up"), ("lxc.net.0.name", "eth0"),
+                 ("lxc.net.0.ipv4.address", f"{addr}/24"),
+                 ("lxc.net.0.ipv4.gateway", "10.87.0.1")):
+        c.set_config_item(k, v)
+    c.save_config()
+    c.start()
+    wait_tcp(addr, 22)
+    up = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    os.kill(c.init_pid, signal.SIGKILL)
+    while lxc.Container(name).state != "STOPPED":
+        time.sleep(0.002)
+    lxc.Container(name).destroy()
+    return up, time.perf_counter() - t1
+
+
+def cleanup_floor() -> None:
+    for name in lxc.list_containers():
+        if name.startswith(FLOOR_PREFIX):
+            c = lxc.Container(name)
+            c.stop()
+            c.destroy()
+
+
+def run(n: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="enorm-bprov-") as tmp:
+        key = Path(tmp) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        pub = key.with_suffix(".pub").read_text().strip()
+        node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state")
+        node.start()
+        try:
+            s = requests.Session()
+            s.headers["Authorization"] = "Bearer bench-token"
+            proc = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
+            time.sleep(1)
+            rss_idle = proc.memory_info().rss / 2**20
+
+            floor, floor_down = [], []
+            for i in range(n):
+                up, down = floor_once(i, NODE["bridge"])
+                floor.append(up)
+                floor_down.append(down)
+
+            body = {"app": "bench", "priority": 5, "ports": [8080],
+                    "users": [{"id": "1", "address": "127.0.0.2"}],
+                    "latency_objective_ms": 50, "ssh_public_key": pub}
+            hs, ids, rss_32 = [], [], None
+            for i in range(n):
+                t0 = time.perf_counter()
+                r = s.post(node.url + "/v1/servers", json=body, timeout=60)
+                hs.append(time.perf_counter() - t0)
+                r.raise_for_status()
+                ids.append(r.json()["server_id"])
+                if i == 31:
+                    time.sleep(0.5)
+                    rss_32 = proc.memory_info().rss / 2**20
+            term = []
+            for sid in ids:
+                t0 = time.perf_counter()
+                r = s.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+                term.append(time.perf_counter() - t0)
+                r.raise_for_status()
+        finally:
+            cleanup_floor()
+            node.close()
+    return {
+        "handshake_s": summary(hs),
+        "terminate_s": summary(term),
+        "floor_s": summary(floor),
+        "floor_destroy_s": summary(floor_down),
+        "handshake_over_floor": round(statistics.median(hs) / statistics.median(floor), 2),
+        "paper_over_handshake": round(PAPER["handshake_s"] / statistics.median(hs), 1),
+        "daemon_rss_mb": {"idle": round(rss_idle, 1), "servers_32": round(rss_32 or 0, 1)},
+        "targets": {"handshake_p50_s": 0.25, "terminate_p50_s": 0.2, "daemon_rss_mb": 80},
+        "paper": PAPER,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor},
+    }
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    raw = res["raw"]
+    a.boxplot([raw["floor_s"], raw["handshake_s"], raw["terminate_s"]])
+    a.set_xticks([1, 2, 3], ["floor: clone+start+sshd", "enorm handshake", "enorm terminate"])
+    a.set_ylabel("seconds")
+    a.set_title(f"provisioning, n={res['handshake_s']['n']} (paper: ~9 s handshake)")
+    rss = res["daemon_rss_mb"]
+    b.bar(["idle", "32 servers"], [rss["idle"], rss["servers_32"]])
+    b.axhline(80, color="red", linestyle="--", label="target 80 MB")
+    b.set_ylabel("daemon RSS (MB)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=60, help="handshakes/terminations (>= 50)")
+    args = ap.parse_args()
+    res = run(args.n)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "provisioning.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, RESULTS / "provisioning.png")
+    print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
