@@ -328,3 +328,19 @@ def test_operator_cli_and_openapi(edge_node):
     assert "enorm_handshake_seconds_count 2.0" in metrics
     bad = node.cli("terminate", "nosuch")
     assert bad.returncode != 0 and "404" in bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_preempt_policy_terminates_lower_priority_tenants(edge_node):
+    node = edge_node(cores=1.0, unit={"cores": 0.5, "memory_mb": 64}, admission="preempt")
+    low = [handshake(node, priority=p).json() for p in (1, 2)]
+    r = handshake(node, priority=1)
+    assert r.status_code == 409 and r.json()["error"] == "insufficient_resources"
+    high = handshake(node, priority=7)
+    assert high.status_code == 201, high.text
+    a = node.client()
+    ids = {s["id"] for s in a.get(node.url + "/v1/servers", timeout=5).json()}
+    assert ids == {low[1]["server_id"], high.json()["server_id"]}
+    assert not lxc.Container(low[0]["container"]).defined
+    events = a.get(node.url + "/v1/events", timeout=5).json()
+    assert any(e["type"] == "server.terminated" and e["reason"] == "preempted"
+               and e["server_id"] == low[0]["server_id"] for e in events)

@@ -1,0 +1,89 @@
+"""Node settings and protocol messages: bad input names the field and the reason."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from enorm import config
+from enorm.protocol import SetupRequest
+
+KEY = "ssh-ed25519 " + "A" * 68 + " cloud@test"
+
+
+def test_defaults_are_the_paper_unit_and_a_whole_machine():
+    cfg = config.load(None)
+    assert (cfg.unit.cores, cfg.unit.memory_mb) == (1.0, 200)
+    assert cfg.autoscale_interval_s == 300
+    assert cfg.cores and cfg.cores >= 1 and cfg.memory_mb and cfg.memory_mb > 0
+    assert str(cfg.gateway) == "10.88.0.1"
+    assert cfg.container_prefix == "enorm-edge0-"
+
+
+def test_file_then_environment(tmp_path, monkeypatch):
+    f = tmp_path / "node.toml"
+    f.write_text('name = "board1"\nunit = { cores = 0.5, memory_mb = 128 }\n')
+    assert config.load(f).unit.cores == 0.5
+    monkeypatch.setenv("ENORM_UNIT__CORES", "2")
+    cfg = config.load(f)
+    assert cfg.unit.cores == 2 and cfg.name == "board1"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('port_range = [5000, 4000]', "port_range"),
+        ('name = "Bad Name"', "name"),
+        ('subnet = "10.0.0.0/30"', "subnet"),
+        ('unit = { cores = 0 }', "unit.cores"),
+        ('nosuch = 1', "nosuch"),
+    ],
+)
+def test_bad_settings_name_the_field(tmp_path, text, field):
+    f = tmp_path / "node.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(config.ConfigError, match=field):
+        config.load(f)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def request(**over):
+    body = {"app": "game", "priority": 5, "ports": [8080], "latency_objective_ms": 50,
+            "ssh_public_key": KEY, "users": [{"id": "1", "address": "198.18.0.1"}]}
+    body.update(over)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"priority": -1}, "priority"),
+        ({"ports": [22]}, "ports"),
+        ({"ports": [0]}, "ports"),
+        ({"users": [{"id": "1", "address": "1.2.3.4"}, {"id": "1", "address": "1.2.3.5"}]},
+         "users"),
+        ({"latency_objective_ms": 0}, "latency_objective_ms"),
+        ({"ssh_public_key": "ssh-ed25519 short"}, "ssh_public_key"),
+        ({"data_sink": {"url": "http://x"}}, "data_sink.url"),
+        ({"callback_url": "not a url"}, "callback_url"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_setup_request_rejects_with_the_field(over, field):
+    with pytest.raises(ValidationError) as exc:
+        SetupRequest.model_validate(request(**over))
+    locs = {".".join(str(p) for p in e["loc"]) for e in exc.value.errors()}
+    assert any(loc.startswith(field) for loc in locs), locs
+
+
+def test_setup_request_defaults():
+    r = SetupRequest.model_validate(request())
+    assert r.termination == "single" and r.override is False and r.data_sink is None
