@@ -192,6 +192,11 @@ class Deployer:
                 # Redis over the port forward is request/reply: without NODELAY every
                 # reply waits for Nagle and a delayed ACK (~40 ms per round trip).
                 transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # A session that authenticated can still die at once (sshd restarting
+                # in a container that just booted): prove it opens a channel first.
+                _, out, _ = client.exec_command("true", timeout=5)
+                if out.channel.recv_exit_status() != 0:
+                    raise paramiko.SSHException("the session cannot run commands")
                 return Session(client, access)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 client.close()

@@ -291,14 +291,7 @@ class CloudManager:
         if self.app.user_key is None:
             return bool(dep.keys_migrated)
         keys = [self.app.user_key(u) for u in dep.users]
-        found = 0
-        with datasync._Guard("destination"):  # noqa: SLF001 (same error mapping)
-            for node, ks in datasync._by_node(self.cloud, [k.encode() for k in keys]).items():  # noqa: SLF001
-                pipe = node.pipeline(transaction=False)
-                for k in ks:
-                    pipe.exists(k)
-                found += sum(pipe.execute())
-        return found == len(keys)
+        return datasync.count_existing(self.cloud, keys) == len(keys)
 
     def _close_session(self, dep: Deployment) -> None:
         if dep.session is not None:

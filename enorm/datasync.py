@@ -12,19 +12,27 @@ terminates one. The rules (docs/architecture.md, "Data rules"):
   the copy was verified. If the destination cannot be reached, `SyncError` is raised and
   the source is untouched, so the caller can keep the data and retry.
 
-Speed: keys move in batches through small Lua scripts (one EVALSHA per batch dumps, one
-restores, one digests), so a batch costs one round trip and one reply, not one per key.
-In a cluster the batches are cut per slot and pipelined per master.
+Verification: every key written is read back on the destination (DUMP, in the same
+script as its RESTORE) and compared byte for byte with the source's payload; keys whose
+payload bytes follow a hash table's order (sets and hashes of the hash-table encoding)
+or differ for another reason (another Redis version) are compared by value there. After
+the last write every key is checked to be still there. Only then is a copy "verified".
+
+Speed: keys move in batches through small Lua scripts (one EVAL per batch dumps, one
+restores and reads back), so a batch costs one reply, not one per key; a whole chunk of
+batches is one pipelined round trip (what an SSH port forward makes expensive). A thread
+dumps the next chunk while two others restore the previous ones, each on its own
+connection. In a cluster the batches are cut per slot and pipelined per master. On
+termination the edge's keys are found and dumped in the same script calls (SCAN+DUMP).
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
@@ -37,9 +45,11 @@ from redis.retry import Retry
 Client = Union[redis.Redis, RedisCluster]  # noqa: UP007 (kept readable in signatures)
 
 BATCH = 1000  # keys per script call
-FLUSH = 20_000  # keys per pipeline flush (one round trip)
+FLUSH = 50_000  # keys per pipeline flush (one round trip)
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
-SCAN_COUNT = 1000
+FIRST_CHUNK = 2_500  # a smaller first chunk starts the destination sooner
+RESTORERS = 2  # chunks in flight to the destination, each on its own connection
+SCAN_COUNT = 2000
 # Up to this many users a per-user SCAN MATCH is cheaper than one scan of all tagged keys.
 PER_USER_SCAN_MAX = 8
 _GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]"})
@@ -229,18 +239,34 @@ def user_keys(client: Client, user_ids: Iterable[str] | None = None) -> list[byt
 
     The tag is compared exactly, so `x:{1}:{42}` belongs to user 1 only.
     """
+    return list(_iter_user_keys(client, user_ids))
+
+
+def _iter_user_keys(client: Client, user_ids: Iterable[str] | None) -> Iterator[bytes]:
+    """`user_keys` as the scan finds them."""
     if user_ids is None:
-        return [k for k in scan(client, "*{?*}*") if hash_tag(k) is not None]
+        return (k for k in scan(client, "*{?*}*") if hash_tag(k) is not None)
     ids = [str(u) for u in user_ids]
     for u in ids:
         _check_id(u)
-    wanted = {u.encode() for u in ids}
     if len(ids) <= PER_USER_SCAN_MAX:
-        found: list[bytes] = []
-        for u in ids:
-            found += [k for k in scan(client, user_pattern(u)) if hash_tag(k) == u.encode()]
-        return found
-    return [k for k in scan(client, "*{?*}*") if hash_tag(k) in wanted]
+        return (k for u in ids for k in scan(client, user_pattern(u))
+                if hash_tag(k) == u.encode())  # fmt: skip
+    wanted = {u.encode() for u in ids}
+    return (k for k in scan(client, "*{?*}*") if hash_tag(k) in wanted)
+
+
+def _chunked(keys: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Lists of CHUNK keys (the first one of FIRST_CHUNK, to get the destination going)."""
+    chunk: list[bytes] = []
+    size = FIRST_CHUNK
+    for k in keys:
+        chunk.append(k)
+        if len(chunk) >= size:
+            yield chunk
+            chunk, size = [], CHUNK
+    if chunk:
+        yield chunk
 
 
 # -- moving keys -------------------------------------------------------------------------
@@ -264,7 +290,24 @@ end
 return table.concat(out)
 """
 
-# ARGV: replace flag and the packed batch. Returns '1' per key written, '0' if kept.
+# One SCAN step that also dumps what it finds (standalone sources only: a cluster node
+# refuses a script touching keys of several slots): per key its length, PTTL, payload
+# length (big-endian, 4 + 8 + 4 bytes), the key and the payload.
+_SCAN_DUMP = """
+local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local out = {}
+for _, k in ipairs(r[2]) do
+  local p = redis.call('DUMP', k)
+  if p then out[#out + 1] = struct.pack('>I4i8I4', #k, redis.call('PTTL', k), #p) .. k .. p end
+end
+return {r[1], table.concat(out)}
+"""
+_SCAN_HEADER = struct.Struct(">IqI")
+
+# ARGV: replace flag and the packed batch. Each key is RESTOREd, then read back (DUMP)
+# and compared byte for byte with the payload it was given. Returns per key '1' (written,
+# read back equal), 'x' (written, read back different: compared by value afterwards) or
+# '0' (replace=0 and the destination had the key: kept, not written).
 _RESTORE = """
 local replace = ARGV[1] == '1'
 local blob = ARGV[2]
@@ -274,28 +317,14 @@ for i, k in ipairs(KEYS) do
   local ttl, n, nxt = struct.unpack('>i8I4', blob, pos)
   pos = nxt + n
   if replace or redis.call('EXISTS', k) == 0 then
-    redis.call('RESTORE', k, ttl, string.sub(blob, nxt, pos - 1), 'REPLACE')
-    out[i] = '1'
+    local p = string.sub(blob, nxt, pos - 1)
+    redis.call('RESTORE', k, ttl, p, 'REPLACE')
+    if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
   else
     out[i] = '0'
   end
 end
 return table.concat(out)
-"""
-
-# Verification on the destination itself: ARGV[1] holds the SHA-1 (hex) of each key's
-# DUMP payload as read from the source; returns the (0-based, comma-separated) positions
-# of the keys whose payload here differs or that are missing. Only those come back.
-_CHECK = """
-local want = ARGV[1]
-local bad = {}
-for i, k in ipairs(KEYS) do
-  local p = redis.call('DUMP', k)
-  if not p or redis.sha1hex(p) ~= string.sub(want, 40 * i - 39, 40 * i) then
-    bad[#bad + 1] = i - 1
-  end
-end
-return table.concat(bad, ',')
 """
 
 # Verification by value, for payloads whose bytes depend on the server's memory layout
@@ -357,25 +386,35 @@ _UNORDERED = frozenset({2, 4})
 
 @dataclass
 class _Job:
-    """One script run over `keys` in batches; `args` makes a batch's ARGV, `keys_of` its
-    KEYS (default: the batch itself)."""
+    """A command run over `keys` in batches of at most `size` (one slot per batch in a
+    cluster); `command` makes a batch's command words."""
 
-    script: str
     keys: list[bytes]
-    args: Callable[[list[bytes]], list[Any]]
-    keys_of: Callable[[list[bytes]], list[bytes]] | None = None
+    command: Callable[[list[bytes]], list[Any]]
     size: int = BATCH
+
+
+def _script(
+    script: str,
+    args: Callable[[list[bytes]], list[Any]] | None = None,
+    keys_of: Callable[[list[bytes]], list[bytes]] | None = None,
+) -> Callable[[list[bytes]], list[Any]]:
+    """EVAL of `script` with the batch (or `keys_of(batch)`) as KEYS, `args(batch)` as
+    ARGV. EVAL rather than EVALSHA: a pipeline of registered scripts first asks SCRIPT
+    EXISTS, one more round trip each time; Redis caches the compiled body either way."""
+
+    def command(batch: list[bytes]) -> list[Any]:
+        keys = batch if keys_of is None else keys_of(batch)
+        return ["EVAL", script, len(keys), *keys, *(args(batch) if args else ())]
+
+    return command
 
 
 def _exec(client: Client, jobs: list[_Job], side: str,
           flush: int = FLUSH) -> list[list[tuple[list[bytes], Any]]]:  # fmt: skip
-    """Run the jobs' batches pipelined per master, a round trip per `flush` keys (not per
-    batch: over an SSH port forward a round trip costs tens of milliseconds); the
-    (batch, reply) pairs of each job, in the jobs' order.
-
-    Scripts go as EVAL: a pipeline of registered scripts would first ask SCRIPT EXISTS,
-    one more round trip each time; Redis caches the compiled body either way.
-    """
+    """Run the jobs' batches pipelined per master, in the jobs' order, a round trip per
+    `flush` keys rather than per batch (over an SSH port forward a round trip costs tens
+    of milliseconds); the (batch, reply) pairs of each job."""
     out: list[list[tuple[list[bytes], Any]]] = [[] for _ in jobs]
     with _Guard(side):
         work: dict[redis.Redis, list[tuple[int, list[bytes]]]] = defaultdict(list)
@@ -387,9 +426,7 @@ def _exec(client: Client, jobs: list[_Job], side: str,
             pending: list[tuple[int, list[bytes]]] = []
             queued = 0
             for j, batch in items:
-                job = jobs[j]
-                keys = batch if job.keys_of is None else job.keys_of(batch)
-                pipe.execute_command("EVAL", job.script, len(keys), *keys, *job.args(batch))
+                pipe.execute_command(*jobs[j].command(batch))
                 pending.append((j, batch))
                 queued += len(batch)
                 if queued >= flush:
@@ -411,7 +448,7 @@ def _run(
     size: int = BATCH,
 ) -> list[tuple[list[bytes], Any]]:
     """Run `script` over `keys` in batches, pipelined per master; (batch, reply) pairs."""
-    return _exec(client, [_Job(script, keys, args, size=size)], side)[0]
+    return _exec(client, [_Job(keys, _script(script, args), size)], side)[0]
 
 
 def _dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes, tuple]:
@@ -434,25 +471,85 @@ def _no_args(batch: list[bytes]) -> list[Any]:
     return []
 
 
+def _scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
+               side: str = "source") -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+    """SCAN MATCH `pattern` and DUMP what it finds in the same script calls: key ->
+    (payload, ttl) per SCAN step. One pass over a standalone server instead of a scan
+    and then a dump."""
+    unpack, width = _SCAN_HEADER.unpack_from, _SCAN_HEADER.size
+    cursor: bytes | int = b"0"
+    while True:
+        with _Guard(side):
+            cursor, blob = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
+        part: dict[bytes, tuple[bytes, int]] = {}
+        pos, end = 0, len(blob)
+        while pos < end:
+            nk, pttl, n = unpack(blob, pos)
+            pos += width
+            key = blob[pos : pos + nk]
+            pos += nk
+            part[key] = (blob[pos : pos + n], max(pttl, 0))
+            pos += n
+        yield part
+        if cursor in (b"0", 0):
+            return
+
+
 def _restore(client: Client, dumped: dict[bytes, tuple], replace: bool) -> list[bytes]:
-    """RESTORE the dumped keys; the keys actually written."""
+    """RESTORE the dumped keys and verify them on the destination; the keys written.
+
+    One pipelined pass per master: the RESTORE batches (each key read back and compared
+    with its payload in the same script), then the by-value check of the keys whose
+    payload bytes follow a hash table's order (sets, hashes); keys read back different
+    for another reason (another Redis version) are compared by value in one more pass.
+    Raises VerificationFailed if a written key differs.
+    """
     pack = _HEADER.pack
     flag = "1" if replace else "0"
+    keys = list(dumped)
+    unordered = [k for k in keys if dumped[k][0][0] in _UNORDERED]
 
-    def args(batch: list[bytes]) -> list[Any]:
+    def restore_args(batch: list[bytes]) -> list[Any]:
         parts = []
         for k in batch:
             payload, ttl = dumped[k]
             parts += [pack(ttl, len(payload)), payload]
         return [flag, b"".join(parts)]
 
+    restored, compared = _exec(client, [
+        _Job(keys, _script(_RESTORE, restore_args)),
+        _same_job(dumped, unordered),
+    ], "destination")  # fmt: skip
     written: list[bytes] = []
-    for batch, flags in _run(client, list(dumped), _RESTORE, args, "destination"):
-        written += [k for k, f in zip(batch, flags, strict=True) if f == 49]  # b"1"
+    differ: list[bytes] = []
+    for batch, flags in restored:
+        for k, f in zip(batch, flags, strict=True):
+            if f != 48:  # b"0": kept
+                written.append(k)
+                if f != 49:  # b"1": read back equal
+                    differ.append(k)
+    if differ:
+        unequal = {k for b, r in compared for k in _positions(b, r)}
+        checked = set(unordered)
+        bad = [k for k in differ if k in unequal]
+        again = [k for k in differ if k not in checked]
+        if again:
+            (second,) = _exec(client, [_same_job(dumped, again)], "destination")
+            bad += [k for b, r in second for k in _positions(b, r)]
+        if bad:
+            raise _differ(bad)
     return written
 
 
+def _differ(bad: list[bytes]) -> VerificationFailed:
+    shown = ", ".join(k.decode(errors="replace") for k in bad[:5])
+    return VerificationFailed(
+        f"{len(bad)} keys differ on the destination after the copy: {shown}", bad
+    )
+
+
 def _positions(batch: list[bytes], reply: bytes) -> list[bytes]:
+    """The keys of `batch` at the comma-separated positions of a check's reply."""
     return [batch[int(i)] for i in reply.split(b",") if i] if reply else []
 
 
@@ -465,39 +562,29 @@ def _same_job(dumped: dict[bytes, tuple], keys: list[bytes]) -> _Job:
     def keys_of(batch: list[bytes]) -> list[bytes]:
         return [x for k in batch for x in (k, _scratch(k))]
 
-    return _Job(_SAME, keys, lambda b: [dumped[k][0] for k in b], keys_of)
+    return _Job(keys, _script(_SAME, lambda b: [dumped[k][0] for k in b], keys_of), 200)
 
 
-def _verify_dumps(client: Client, dumped: dict[bytes, tuple], keys: list[bytes]) -> int:
-    """Check on the destination that every key in `keys` holds what was dumped.
-
-    The destination compares the SHA-1 of its own DUMP payload with the source's, and
-    answers only with the keys that differ; keys whose payload bytes depend on a hash
-    table's order (and any key whose digest differs, e.g. across Redis versions) are
-    compared by value there instead. One pipelined pass, plus one for digest misses.
-    """
-    sha1 = hashlib.sha1
-    ordered: list[bytes] = []
-    unordered: list[bytes] = []
-    for k in keys:
-        (unordered if dumped[k][0][0] in _UNORDERED else ordered).append(k)
-
-    def digests(batch: list[bytes]) -> list[Any]:
-        return [b"".join(sha1(dumped[k][0]).hexdigest().encode() for k in batch)]
-
-    check, same = _exec(client, [_Job(_CHECK, ordered, digests),
-                                 _same_job(dumped, unordered)], "destination")  # fmt: skip
-    missed = [k for batch, reply in check for k in _positions(batch, reply)]
-    bad = [k for batch, reply in same for k in _positions(batch, reply)]
-    if missed:
-        (again,) = _exec(client, [_same_job(dumped, missed)], "destination")
-        bad += [k for batch, reply in again for k in _positions(batch, reply)]
-    if bad:
-        shown = ", ".join(k.decode(errors="replace") for k in bad[:5])
-        raise VerificationFailed(
-            f"{len(bad)} keys differ on the destination after the copy: {shown}", bad
-        )
-    return len(keys)
+def _verify_present(client: Client, keys: list[bytes]) -> int:
+    """After all writes: every key is still on the destination (none evicted or expired
+    while later chunks were written). Raises VerificationFailed naming the missing."""
+    (found,) = _exec(client, [_Job(keys, lambda b: ["EXISTS", *b])], "destination")
+    if sum(n for _, n in found) == len(keys):
+        return len(keys)
+    missing: list[bytes] = []
+    with _Guard("destination"):
+        for batch, n in found:
+            if n != len(batch):
+                for node, ks in _by_node(client, batch).items():
+                    pipe = node.pipeline(transaction=False)
+                    for k in ks:
+                        pipe.exists(k)
+                    missing += [k for k, e in zip(ks, pipe.execute(), strict=True) if not e]
+    raise VerificationFailed(
+        f"{len(missing)} keys are missing on the destination after the copy: "
+        + ", ".join(k.decode(errors="replace") for k in missing[:5]),
+        missing,
+    )
 
 
 def copy_users(
@@ -513,33 +600,61 @@ def copy_users(
     ids = list(dict.fromkeys(str(u) for u in user_ids))
     report = SyncReport(users=len(ids))
     ping(dst)
-    with _Guard("source"):
-        keys = user_keys(src, ids)
-    _copy_keys(src, dst, keys, replace, report)
+    _copy_chunks(src, dst, _chunked(_iter_user_keys(src, ids)), replace, report)
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _copy_keys(src: Client, dst: Client, keys: list[bytes], replace: bool, report: SyncReport):
-    """Dump, restore, then verify. The source dumps chunk i+1 while the destination
-    restores chunk i (two servers, two cores); verification reads back after all writes,
-    so it also catches a key lost while later chunks were written (eviction)."""
-    chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-    dumped: dict[bytes, tuple[bytes, int]] = {}
+def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
+                 report: SyncReport) -> None:  # fmt: skip
+    """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
+    or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
+    scans the source as it goes.
+
+    Three stages overlap: a thread dumps chunk i+2 (scanning as needed) while two
+    others restore and check chunks i and i+1 on `dst`, each over its own connection,
+    so the destination works on one chunk while the next is packed and sent. After the
+    last chunk every written key is checked to be still there (eviction, expiry).
+    """
     written: list[bytes] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="datasync-dump") as pool:
-        ahead = pool.submit(_dump, src, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            part = ahead.result()
-            if i + 1 < len(chunks):
-                ahead = pool.submit(_dump, src, chunks[i + 1])
-            written += _restore(dst, part, replace)
-            dumped.update(part)
+    it = iter(chunks)
+
+    def next_dump() -> dict[bytes, tuple] | None:
+        with _Guard("source"):
+            for item in it:
+                part = item if isinstance(item, dict) else _dump(src, item)
+                if part:
+                    return part
+        return None
+
+    def collect(part: dict[bytes, tuple], done: list[bytes]) -> None:
+        written.extend(done)
+        report.skipped += len(part) - len(done)
+        report.bytes += sum(len(part[k][0]) for k in done)
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="datasync-dump") as dumper,
+        ThreadPoolExecutor(RESTORERS, thread_name_prefix="datasync-restore") as restorer,
+    ):
+        ahead = dumper.submit(next_dump)
+        inflight: deque[tuple[dict, Future]] = deque()
+        while (part := ahead.result()) is not None:
+            ahead = dumper.submit(next_dump)
+            if len(inflight) >= RESTORERS:
+                collect(inflight[0][0], inflight.popleft()[1].result())
+            inflight.append((part, restorer.submit(_restore, dst, part, replace)))
+        while inflight:
+            collect(inflight[0][0], inflight.popleft()[1].result())
     report.keys += len(written)
-    report.skipped += len(dumped) - len(written)
-    report.bytes += sum(len(dumped[k][0]) for k in written)
-    report.keys_verified += _verify_dumps(dst, dumped, written)
+    report.keys_verified += _verify_present(dst, written)
+
+
+def count_existing(client: Client, keys: Iterable[bytes | str]) -> int:
+    """How many of `keys` exist on `client` (multi-key EXISTS, pipelined per master)."""
+    ks = [k.encode() if isinstance(k, str) else k for k in keys]
+    (found,) = _exec(client, [_Job(ks, lambda b: ["EXISTS", *b])], "destination")
+    return sum(n for _, n in found)
 
 
 def delete_users(src: Client, user_ids: Iterable[str]) -> int:
@@ -701,6 +816,36 @@ def _size(value: Any) -> int:
     return sum(len(v) for v in value)
 
 
+def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]],
+                  tags: set[bytes]) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+    """The edge's user keys (hash-tagged, not shared) dumped in one scan, in chunks of
+    about CHUNK keys (a smaller first one, to get the destination going); the tags seen
+    are added to `tags`. `shared()` gives the shared keys, waited for only once the
+    first SCAN steps are done."""
+    chunk: dict[bytes, tuple[bytes, int]] = {}
+    size = FIRST_CHUNK
+    skip: set[bytes] | None = None
+    for part in _scan_dump(edge, "*{?*}*"):
+        chunk.update(part)
+        if len(chunk) >= size:
+            if skip is None:
+                skip = shared()
+            yield _user_part(chunk, skip, tags)
+            chunk, size = {}, CHUNK
+    if chunk:
+        yield _user_part(chunk, shared() if skip is None else skip, tags)
+
+
+def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes]) -> dict:
+    out = {}
+    for key, value in part.items():
+        tag = hash_tag(key)
+        if tag is not None and key not in shared:
+            out[key] = value
+            tags.add(tag)
+    return out
+
+
 def merge_back(
     edge: Client,
     cloud: Client,
@@ -718,14 +863,27 @@ def merge_back(
     report = SyncReport()
     patterns = list(shared_patterns)
     ping(cloud)
-    with _Guard("source"):
-        shared = list(dict.fromkeys(k for p in patterns for k in scan(edge, p)))
-        ids = None if user_ids is None else [str(u) for u in user_ids]
-        keys = user_keys(edge, ids)
-    shared_set = set(shared)
-    keys = [k for k in keys if k not in shared_set]
-    report.users = len({hash_tag(k) for k in keys}) if ids is None else len(ids)
-    _copy_keys(edge, cloud, keys, True, report)
+
+    def scan_shared() -> list[bytes]:
+        with _Guard("source"):
+            return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
+
+    ids = None if user_ids is None else [str(u) for u in user_ids]
+    with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
+        # The shared keys are scanned while the user keys' scan starts.
+        pending = pool.submit(scan_shared)
+        if ids is None and not _is_cluster(edge):
+            tags: set[bytes] = set()
+            chunks: Iterable = _tagged_dumps(edge, lambda: set(pending.result()), tags)
+        else:
+            shared_set = set(pending.result())
+            with _Guard("source"):
+                keys = [k for k in user_keys(edge, ids) if k not in shared_set]
+            tags = {hash_tag(k) for k in keys} if ids is None else set()
+            chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
+        _copy_chunks(edge, cloud, chunks, True, report)
+        shared = pending.result()
+    report.users = len(tags) if ids is None else len(ids)
     _merge_shared(edge, cloud, shared, report)
     report.verified = True
     report.seconds = time.perf_counter() - started

@@ -113,13 +113,10 @@ class EdgeManager:
         return self.reconcile()
 
     # -- views ---------------------------------------------------------------------------
-    def _active(self) -> list[ServerRecord]:
-        """Servers that hold cores and memory (a stopped, pending one holds none)."""
-        return [s for s in self.store.servers() if s.state in ("launching", "running",
-                                                               "terminating")]
-
     def allocated(self) -> Resources:
-        return resources.total(s.limits for s in self._active())
+        """Cores and memory held by servers (a stopped, migration-pending one holds none)."""
+        return resources.total(s.limits for s in self.store.servers()
+                               if s.state != "migration_pending")
 
     def free(self) -> Resources:
         return self.allocator.free(self.allocated())
@@ -188,7 +185,8 @@ class EdgeManager:
             servers = self.store.servers()
             active = [s for s in servers if s.state in ("launching", "running")]
             taken = self._taken_ports(servers)
-            free = self.allocator.free(resources.total(s.limits for s in self._active()))
+            free = self.allocator.free(resources.total(
+                s.limits for s in servers if s.state != "migration_pending"))
             decision = resources.admit(
                 unit=self.unit,
                 free=free,

@@ -124,6 +124,57 @@ def test_ttl_is_kept(pair):
     assert 50_000 < edge.pttl("session:{5}") <= 60_000
 
 
+def test_ttl_is_kept_by_merge_back(pair):
+    cloud, edge, *_ = pair
+    edge.set("session:{5}", "x", px=60_000)
+    edge.hset(keys.user("5"), "xp", 1)
+    back = datasync.merge_back(edge, cloud)
+    assert back.keys == 2 and back.users == 1
+    assert 50_000 < cloud.pttl("session:{5}") <= 60_000
+    assert cloud.pttl(keys.user("5")) == -1
+
+
+def unordered_values(client, uid: str) -> None:
+    """Keys whose DUMP bytes follow a hash table's order: a set of strings and a big
+    hash (their payloads differ between two servers holding equal values)."""
+    client.sadd(f"caught:{{{uid}}}", *[f"spawn-{uid}-{i}" for i in range(40)])
+    client.hset(f"big:{{{uid}}}", mapping={f"f{i}": f"v{i}" for i in range(300)})
+
+
+def test_hash_table_encoded_values_are_verified_by_value(pair):
+    cloud, edge, *_ = pair
+    ids = [str(u) for u in range(50)]
+    for u in ids:
+        unordered_values(cloud, u)
+    assert cloud.object("encoding", "caught:{1}") == b"hashtable"
+    r = datasync.copy_users(cloud, edge, ids)
+    assert r.verified and r.keys == r.keys_verified == 100
+    back = datasync.merge_back(edge, cloud)
+    assert back.verified and back.keys == 100
+    assert cloud.smembers("caught:{1}") == edge.smembers("caught:{1}")
+
+
+@pytest.mark.parametrize("key", ["caught:{1}", "big:{1}", "u:{1}"])
+def test_a_value_that_differs_after_restore_fails_verification(pair, monkeypatch, key):
+    """The destination ends up with another value than the source's (here: a script that
+    changes the key right after its RESTORE): the copy is not verified."""
+    cloud, edge, *_ = pair
+    unordered_values(cloud, "1")
+    cloud.hset("u:{1}", mapping={"id": "1", "xp": 3})
+    tamper = {"caught:{1}": "redis.call('SADD', k, 'intruder')",
+              "big:{1}": "redis.call('HSET', k, 'f1', 'changed')",
+              "u:{1}": "redis.call('HSET', k, 'xp', '4')"}[key]  # fmt: skip
+    script = datasync._RESTORE.replace(
+        "redis.call('RESTORE', k, ttl, p, 'REPLACE')",
+        f"redis.call('RESTORE', k, ttl, p, 'REPLACE')\n    if k == '{key}' then {tamper} end",
+    )
+    assert script != datasync._RESTORE
+    monkeypatch.setattr(datasync, "_RESTORE", script)
+    with pytest.raises(datasync.VerificationFailed) as err:
+        datasync.copy_users(cloud, edge, ["1"])
+    assert err.value.keys == [key.encode()]
+
+
 def test_unreachable_destination_raises_and_source_untouched(pair):
     cloud, _, _, edge_server = pair
     ids = [str(u) for u in range(100)]
