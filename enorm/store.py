@@ -66,6 +66,18 @@ class Store:
         raw = self.r.get(self.key("users", sid))
         return [User(**u) for u in json.loads(raw)] if raw else []
 
+    def user_addresses(self, sids: list[str]) -> dict[str, list[str]]:
+        """Every listed server's user addresses in one round trip, as stored.
+
+        No `User` models: the addresses were validated when the setup request came in,
+        and validating 16,384 of them again cost ~0.1 s of every auto-scaling round.
+        """
+        pipe = self.r.pipeline(transaction=False)
+        for sid in sids:
+            pipe.get(self.key("users", sid))
+        return {sid: [str(u["address"]) for u in json.loads(raw)] if raw else []
+                for sid, raw in zip(sids, pipe.execute(), strict=True)}
+
     def delete(self, sid: str) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.key("servers"), sid)

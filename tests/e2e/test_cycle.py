@@ -177,10 +177,13 @@ def test_second_edge_node_takes_over_after_409(edge_node, redis_server):
         cloud.manager.withdraw(third)
 
 
-def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, redis_server):
+@pytest.mark.parametrize("retry", ["cloud", "node"])
+def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, redis_server,
+                                                                   retry):
+    """The retry comes from the cloud (DELETE again) or from the node's own schedule."""
     import lxc
 
-    node = edge_node()
+    node = edge_node(migration_retry_s=0.5 if retry == "node" else 3600)
     store = redis_server()
     proxy = TcpProxy(store.port)
     try:
@@ -204,8 +207,17 @@ def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, re
             assert lxc.Container(dep.setup.container).defined  # kept, with its data
 
             proxy.up()
-            cloud.manager.withdraw(dep)  # the retry: DELETE again
-            assert dep.state == "withdrawn" and dep.confirmed
+            if retry == "cloud":
+                cloud.manager.withdraw(dep)  # DELETE again
+                assert dep.state == "withdrawn" and dep.confirmed
+            else:  # the node retries by itself
+                deadline = time.monotonic() + 20
+                while op.get(f"{node.url}/v1/servers", timeout=5).json():
+                    assert time.monotonic() < deadline, "the node never retried"
+                    time.sleep(0.2)
+                events = op.get(f"{node.url}/v1/events", timeout=5).json()
+                assert any(e["type"] == "server.terminated" and e["reason"] == "migration_retry"
+                           and e["data"]["keys_migrated"] > 0 for e in events)
             assert not lxc.Container(dep.setup.container).defined
             assert op.get(f"{node.url}/v1/servers", timeout=5).json() == []
             after = snapshot(cloud.redis, None)
