@@ -13,3 +13,5 @@ test: setup
 
 bench: setup
 	.venv/bin/python -m bench.provisioning
+	.venv/bin/python -m bench.autoscaling
+	.venv/bin/python -m bench.deployment
