@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ import psutil
 import requests
 
 from cloud_manager.local import LocalEdgeNode
+from enorm.network import wait_tcp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE = dict(
@@ -47,18 +47,6 @@ def summary(xs: list[float]) -> dict:
             "p95": round(xs[min(len(xs) - 1, int(0.95 * len(xs)))], 4), "n": len(xs)}
 
 
-def wait_tcp(host: str, port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.002)
-
-
 def floor_once(i: int, bridge: str) -> tuple[float, float]:
     """Clone + start + sshd up, then stop + destroy, with python3-lxc alone."""
     name = f"{FLOOR_PREFIX}{i:03d}"
@@ -74,7 +62,7 @@ def floor_once(i: int, bridge: str) -> tuple[float, float]:
         c.set_config_item(k, v)
     c.save_config()
     c.start()
-    wait_tcp(addr, 22)
+    wait_tcp(addr, 22, interval=0.002)
     up = time.perf_counter() - t0
     t1 = time.perf_counter()
     os.kill(c.init_pid, signal.SIGKILL)

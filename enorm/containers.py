@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lxc
 
+from enorm.network import wait_tcp
 from enorm.protocol import Resources
 
 CFS_PERIOD_US = 100_000
@@ -224,12 +224,7 @@ class Containers:
 
     def wait_ssh(self, address: str, timeout: float = 10.0) -> float:
         """Wait until the container's sshd accepts TCP; returns the seconds it took."""
-        t0 = time.monotonic()
-        while True:
-            try:
-                with socket.create_connection((address, 22), timeout=0.2):
-                    return time.monotonic() - t0
-            except OSError:
-                if time.monotonic() - t0 > timeout:
-                    raise ContainerError(f"{address}: sshd not up after {timeout}s") from None
-                time.sleep(0.005)
+        try:
+            return wait_tcp(address, 22, timeout, interval=0.002)
+        except TimeoutError:
+            raise ContainerError(f"{address}: sshd not up after {timeout}s") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 
 GUARD_METRIC = 4000
@@ -63,6 +64,19 @@ def remove_bridge(bridge: str, subnet: ipaddress.IPv4Network | None = None) -> N
     _ip("link", "del", bridge, check=False)
     if subnet is not None:
         _ip("route", "del", "unreachable", str(subnet), "metric", str(GUARD_METRIC), check=False)
+
+
+def wait_tcp(host: str, port: int, timeout: float = 10.0, interval: float = 0.005) -> float:
+    """Block until host:port accepts a TCP connection; returns the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return time.monotonic() - t0
+        except OSError:
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"nothing accepts on {host}:{port} after {timeout}s") from None
+            time.sleep(interval)
 
 
 def port_is_bindable(port: int) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from enorm.network import wait_tcp
+
 
 def free_port(below: int | None = None) -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now (optionally < below)."""
@@ -42,15 +44,7 @@ def _is_free(port: int) -> bool:
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
     """Block until something accepts on host:port."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.02)
+    wait_tcp(host, port, timeout, interval=0.02)
 
 
 @dataclass
