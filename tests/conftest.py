@@ -69,7 +69,7 @@ class RedisServer:
 
 def _start_redis(base: Path, *extra: str) -> RedisServer:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
     # a cluster node also listens on port + 10000 (the cluster bus)
     port = free_port(below=30000 if "--cluster-enabled" in extra else None)
     d = base / f"redis-{port}"
@@ -116,7 +116,7 @@ class RedisClusterInfo:
 def redis_cluster(redis_server: Callable[..., RedisServer]) -> RedisClusterInfo:
     """A 3-master Redis Cluster on loopback, no replicas (stopped with redis_server)."""
     if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed")
+        pytest.fail("redis-cli is not installed (scripts/setup.sh installs it)")
     nodes = [
         redis_server("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "5000")

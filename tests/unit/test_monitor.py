@@ -259,10 +259,7 @@ def test_probe_none_and_empty():
 
 
 def test_icmp_probe_loopback():
-    try:
-        m._icmp_socket()[0].close()
-    except PermissionError:
-        pytest.skip("neither datagram nor raw ICMP sockets allowed here")
+    m._icmp_socket()[0].close()  # root (as in CI) may always open a raw ICMP socket
     r = m.probe(["127.0.0.1", "127.0.0.5"], "icmp", timeout=0.5)
     assert all(v is not None and 0 <= v < 50 for v in r.values())
 
