@@ -9,6 +9,7 @@ Everything it creates is removed at the end, also when the test fails.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -198,6 +199,17 @@ def cleanup() -> None:
 
 @pytest.fixture(scope="module")
 def node_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # One run of this test per machine at a time: its names are fixed. Concurrent test
+    # runs (other checkouts) wait here instead of tearing down each other's node.
+    lock = os.open("/run/enorm-ansbl.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield from _node_tmp(tmp_path_factory)
+    finally:
+        os.close(lock)
+
+
+def _node_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     busy = socket.socket()
     try:
         if busy.connect_ex(("127.0.0.1", PORT)) == 0:
