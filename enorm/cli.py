@@ -258,7 +258,7 @@ def image_build(name: str, rebuild: bool, lxc_path: str) -> None:
                              progress=output.progress)
     except images.ImageError as exc:
         fail(str(exc))
-    output.line(f"[green]{built}[/green] ready")
+    output.line(f"{built} ready")
 
 
 @image.command("list")

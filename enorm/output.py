@@ -48,26 +48,29 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) 
 
 
 def line(text: str) -> None:
-    """A result line on stdout (markup only on a terminal)."""
+    """A result line on stdout. Text is never read as markup: it may hold what a tenant
+    or a config chose."""
     if on_terminal():
-        out.print(text)
+        out.print(text, markup=False)
     else:
-        sys.stdout.write(out.render_str(text).plain + "\n")
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
 
 def progress(text: str) -> None:
     """A whole progress line on stderr, so that piped results stay clean."""
     if err.is_terminal:
-        err.print(f"[cyan]>[/] {text}")
+        err.print("[cyan]>[/] ", end="")
+        err.print(text, markup=False)
     else:
-        sys.stderr.write(err.render_str(text).plain + "\n")
+        sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     if err.is_terminal:
-        err.print(f"[red]error:[/red] {message}")
+        err.print("[red]error:[/red] ", end="")
+        err.print(message, markup=False)
     else:
-        sys.stderr.write(f"error: {err.render_str(message).plain}\n")
+        sys.stderr.write(f"error: {message}\n")
     sys.exit(code)
