@@ -88,3 +88,13 @@ token = "x"
         bad_cfg = cloud_cli(tmp_path / "bad.toml", "nodes")
         assert bad_cfg.returncode == 2 and "app" in bad_cfg.stderr
         assert "Traceback" not in bad_cfg.stderr + bad_user.stderr + again.stderr
+        (tmp_path / "dead.toml").write_text(f"""
+cloud_redis = "{redis.url}"
+app = "cloud_manager:pokemon_app"
+[[nodes]]
+name = "nowhere"
+url = "http://127.0.0.1:9"
+token = "x"
+""")
+        dead = cloud_cli(tmp_path / "dead.toml", "nodes")
+        assert dead.returncode == 3 and "nowhere" in dead.stdout
