@@ -229,7 +229,11 @@ class CloudManager:
             t = time.perf_counter()
             edge = datasync.connect(dep.redis_forward(), timeout=30)
             try:
-                dep.copy = datasync.copy_users(self.cloud, edge, dep.users)
+                # The manifest (on the cloud) lets the edge's merge at termination
+                # delete what the edge deleted and tell what the cloud changed meanwhile.
+                dep.copy = datasync.copy_users(
+                    self.cloud, edge, dep.users,
+                    manifest=datasync.manifest_key(dep.server_id))
             finally:
                 edge.close()
             dep.timings["data"] = time.perf_counter() - t

@@ -22,6 +22,7 @@ from enorm.events import Events
 from enorm.firewall import Firewall, Forward
 from enorm.protocol import (
     Access,
+    MergeReport,
     NodeOffer,
     Resources,
     ServerInfo,
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 SSH_PORT = 22
 # A hook run before a container is destroyed: merges its data back, returns keys moved.
-Migrate = Callable[[ServerRecord], int]
+# Merges a server's data back to its sink: (record, served users' ids) -> report.
+Migrate = Callable[[ServerRecord, list[str]], MergeReport]
 
 
 class Rejected(Exception):
@@ -289,7 +291,7 @@ class EdgeManager:
         result = TerminateResult(terminated=[])
         for s in group:
             try:
-                result.keys_migrated += self._terminate_one(s.id, reason, numbers or {})
+                result.add(self._terminate_one(s.id, reason, numbers or {}))
                 result.terminated.append(s.id)
             except MigrationPending:
                 result.pending.append(s.id)
@@ -297,7 +299,7 @@ class EdgeManager:
                 pass  # terminated meanwhile by someone else
         return result
 
-    def _terminate_one(self, sid: str, reason: str, numbers: dict) -> int:
+    def _terminate_one(self, sid: str, reason: str, numbers: dict) -> MergeReport:
         with self._lock:
             rec = self.get(sid)
             if rec.state == "terminating" and reason != "reconcile":
@@ -312,14 +314,14 @@ class EdgeManager:
                 self.store.delete(rec.id)
             self.events.emit("server.terminated", rec, "container_lost",
                              {**numbers, "keys_migrated": 0, "requested_by": reason})
-            return 0
+            return MergeReport()
         if was_pending:  # its Redis lives in the stopped container: bring it back first
             self.containers.start(rec.container)
-        keys, merge_s = 0, None
+        merged, merge_s = MergeReport(), None
         if self.migrate is not None and rec.data_sink is not None:
             t0 = time.perf_counter()
             try:
-                keys = self.migrate(rec)
+                merged = self.migrate(rec, [u.id for u in self.store.users(rec.id)])
             except Exception as exc:
                 self._keep_for_retry(rec, reason, exc)
                 raise MigrationPending(str(exc)) from exc
@@ -329,8 +331,8 @@ class EdgeManager:
         with self._lock:
             self.store.delete(rec.id)
         self.events.emit("server.terminated", rec, reason,
-                         {**numbers, "keys_migrated": keys, "merge_s": merge_s})
-        return keys
+                         {**numbers, **merged.model_dump(), "merge_s": merge_s})
+        return merged
 
     def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:
         """The sink is unreachable: stop the container but keep it (and its data)."""
@@ -422,5 +424,5 @@ class EdgeManager:
                 continue
             result.terminated += r.terminated
             result.pending += r.pending
-            result.keys_migrated += r.keys_migrated
+            result.add(r)
         return result
