@@ -30,7 +30,7 @@ from flask import Blueprint, jsonify, request
 from enorm import datasync
 from enorm.protocol import DataSink, SetupRequest, SetupResponse, User
 
-from .deployer import APP_DIR, Deployer, DeployError, Session, files_of, wait_http
+from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
 
 log = logging.getLogger(__name__)
@@ -67,44 +67,14 @@ class App:
     env: Callable[[EdgeContext], dict[str, str]]
     redirect: Callable[[Sequence[str], str], object]  # users -> edge URL
     restore: Callable[[Sequence[str]], object]  # users -> back to the cloud
+    # The app's data, declared once: keys without a user's hash tag that the edge also
+    # writes (merged back by union), and the users' keys whose cloud value wins a
+    # conflict. The cloud manager's DataSink takes them from here.
     shared_patterns: list[str] = field(default_factory=list)
+    cloud_wins_patterns: list[str] = field(default_factory=list)
     # A key every user has: checked on the cloud after termination.
     user_key: Callable[[str], str] | None = None
     health_path: str = "/healthz"
-
-
-def pokemon_app(cloud_redis, *, cloud_port: int | None = None, cloud_url: str | None = None,
-                push_interval: float = 1.0) -> App:  # fmt: skip
-    """The iPokeMon-style game: `games/` uploaded, `games.pokemon.edge` on port 8080.
-
-    The edge server pushes region codes to the cloud at `cloud_url` (as the container sees
-    it), or, given only `cloud_port`, at the edge node's gateway address on that port (a
-    cloud on the same machine as the node).
-    """
-    import games
-    from games.pokemon import cloud as game_cloud
-    from games.pokemon import keys
-
-    pkg = Path(games.__file__).resolve().parent
-
-    def env(ctx: EdgeContext) -> dict[str, str]:
-        cloud = cloud_url or (f"http://{ctx.gateway}:{cloud_port}" if cloud_port else "")
-        return {"ENORM_APP_HOST": "0.0.0.0", "ENORM_APP_PORT": str(ctx.port),
-                "ENORM_APP_CLOUD": cloud, "ENORM_APP_REDIS": ctx.redis_url,
-                "ENORM_APP_PUSH_INTERVAL": str(push_interval),
-                "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
-
-    return App(
-        name="pokemon",
-        port=8080,
-        files=files_of(pkg, f"{APP_DIR}/games"),
-        command=["python3", "-m", "games.pokemon.edge"],
-        env=env,
-        redirect=lambda users, url: game_cloud.redirect(cloud_redis, users, url),
-        restore=lambda users: game_cloud.restore(cloud_redis, users),
-        shared_patterns=list(keys.SHARED_PATTERNS),
-        user_key=keys.user,
-    )
 
 
 @dataclass
@@ -149,7 +119,7 @@ class CloudManager:
         self.edges = list(edges)
         self.app = app
         self.cloud = cloud_redis
-        self.sink = sink
+        self.sink = sink_for(app, sink)
         self.callback_url = callback_url
         self.deployer = deployer or Deployer()
         self.priority, self.latency_objective_ms = priority, latency_objective_ms
@@ -354,6 +324,23 @@ class CloudManager:
                 self._close_session(dep)
         for e in self.edges:
             e.close()
+
+
+def sink_for(app: App, sink: DataSink) -> DataSink:
+    """The sink with the app's data declaration; the App is the one place that declares
+    it, so a sink that says otherwise is an error, not a silent drop."""
+    update = {}
+    for name in ("shared_patterns", "cloud_wins_patterns"):
+        declared, given = getattr(app, name), getattr(sink, name)
+        if given and declared and sorted(given) != sorted(declared):
+            raise ValueError(f"{name}: the app {app.name} declares {declared}, the DataSink "
+                             f"says {given}; declare them once, on the App")
+        for p in declared or given:
+            if "{" in p or "}" in p:
+                raise ValueError(f"{name}: {p!r} names a user's hash tag; users' keys are "
+                                 "found by their tag, not declared shared")
+        update[name] = list(declared or given)
+    return sink.model_copy(update=update)
 
 
 def _user(u: User | tuple[str, str] | str) -> User:

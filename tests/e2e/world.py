@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from nodes import EdgeNode
 from werkzeug.serving import make_server
 
-from cloud_manager import CloudManager, EdgeClient, pokemon_app
+from cloud_manager import CloudManager, EdgeClient
 from enorm import datasync
 from enorm.protocol import DataSink
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
+from games.pokemon.app import app as pokemon_app
 from games.pokemon.client import GameClient
 
 LONDON = (51.5072, -0.1276)
