@@ -127,6 +127,7 @@ class CloudManager:
         self.ready_timeout = ready_timeout
         self.deployments: dict[str, Deployment] = {}
         self._lock = threading.RLock()
+        self._closing = threading.Event()
 
     # -- Procedures 1-3: handshake and deployment ----------------------------------------
     def request_for(self, users: Sequence[User], **over) -> SetupRequest:
@@ -300,6 +301,58 @@ class CloudManager:
                 return "users restored, merge pending"
             return "noted"
 
+    # -- the cloud's own reconciliation ----------------------------------------------------
+    def reconcile(self) -> dict[str, str]:
+        """Check every live deployment against its edge node. A server the node no longer
+        has, with no event received (lost, or the callback was down for longer than the
+        node kept trying), is ended here: users home, their data confirmed on the cloud.
+        An unreachable node is left alone (its servers may well be serving). Returns
+        what was done per server id."""
+        done: dict[str, str] = {}
+        with self._lock:
+            live = [d for d in self.deployments.values()
+                    if not d.ended.is_set() and d.state == "deployed"]
+        for dep in live:
+            try:
+                info = dep.edge.server(dep.server_id)
+            except EdgeError as exc:
+                done[dep.server_id] = f"node unreachable: {exc}"
+                continue
+            if info is not None:
+                continue
+            with self._lock:
+                if dep.ended.is_set():
+                    continue
+                log.warning("server %s is gone from %s without an event: users home",
+                            dep.server_id, dep.edge.name)
+                self.app.restore(dep.users)
+                self._close_session(dep)
+                self._finish(dep, "terminated", "gone_without_event", 0)
+            done[dep.server_id] = ("users restored, data confirmed" if dep.confirmed
+                                   else "users restored, data NOT on the cloud")
+        return done
+
+    def user_reports_dead(self, user: str) -> str:
+        """A user's client found its edge server dead: check that deployment now rather
+        than at the next interval. Returns what was done."""
+        with self._lock:
+            dep = next((d for d in self.deployments.values()
+                        if user in d.users and not d.ended.is_set()), None)
+        if dep is None:
+            return "not offloaded"
+        return self.reconcile().get(dep.server_id, "server alive")
+
+    def start_reconciling(self, interval_s: float) -> None:
+        """Run `reconcile` every `interval_s` in a daemon thread until `close`."""
+        def loop() -> None:
+            while not self._closing.wait(interval_s):
+                try:
+                    self.reconcile()
+                except Exception:  # keep checking; one bad round is logged
+                    log.exception("cloud manager reconcile")
+
+        threading.Thread(target=loop, name="cloud-reconcile", daemon=True).start()
+
     def blueprint(self, path: str = "/edge-events") -> Blueprint:
         """`POST <path>`: the callback URL edge nodes send events to (2xx = acknowledged)."""
         bp = Blueprint("enorm_cloud_manager", __name__)
@@ -316,9 +369,20 @@ class CloudManager:
                 return jsonify({"error": str(exc)}), 500
             return jsonify({"ok": True, "done": done})
 
+        @bp.post(f"{path}/dead")
+        def _user_reports_dead():
+            """A game client could not reach its edge server: check it now."""
+            body = request.get_json(silent=True)
+            user = body.get("user") if isinstance(body, dict) else None
+            if not isinstance(user, str) or not user:
+                return jsonify({"error": "bad_request", "field": "user",
+                                "detail": "must be a user id"}), 400
+            return jsonify({"ok": True, "done": self.user_reports_dead(user)})
+
         return bp
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             for dep in self.deployments.values():
                 self._close_session(dep)
