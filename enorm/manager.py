@@ -19,7 +19,7 @@ from enorm import network, resources
 from enorm.config import NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
-from enorm.firewall import Firewall, Forward
+from enorm.firewall import Egress, Firewall, Forward, Port
 from enorm.protocol import (
     Access,
     NodeOffer,
@@ -76,13 +76,18 @@ def build(config: NodeConfig, store: Store) -> Node:
         config=config,
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container),
-        firewall=Firewall(config.name, config.subnet),
+        firewall=Firewall(config.name, config.subnet, config.bridge,
+                          [Egress.parse(e) for e in config.container_egress]),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
             reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
         ),
         events=Events(store, timeout=config.callback_timeout_s),
     )
+
+
+def _port(rec: ServerRecord) -> Port:
+    return Port(network.host_veth(rec.id), network.mac_address(rec.id), rec.address)
 
 
 def _forwards(rec: ServerRecord) -> list[Forward]:
@@ -236,6 +241,8 @@ class EdgeManager:
             return rec, list(decision.evict)
 
     def _launch(self, rec: ServerRecord) -> None:
+        port = _port(rec)
+        self.firewall.guard(rec.id, port)
         self.containers.create(
             rec.container,
             address=rec.address,
@@ -245,6 +252,8 @@ class EdgeManager:
             limits=rec.limits,
             authorized_key=rec.ssh_public_key,
             redis_password=rec.redis_password,
+            veth=port.veth,
+            mac=port.mac,
         )
         self.containers.start(rec.container)
         self.firewall.add(rec.id, _forwards(rec))
@@ -257,6 +266,7 @@ class EdgeManager:
         finally:
             try:
                 self.containers.destroy(rec.container)
+                self.firewall.unguard(rec.id)
             finally:
                 with self._lock:
                     self.store.delete(rec.id)
@@ -308,6 +318,7 @@ class EdgeManager:
         if not self.containers.exists(rec.container):
             # Gone behind our back (its data with it): nothing to merge, only to forget.
             self.firewall.remove(rec.id)
+            self.firewall.unguard(rec.id)
             with self._lock:
                 self.store.delete(rec.id)
             self.events.emit("server.terminated", rec, "container_lost",
@@ -324,6 +335,7 @@ class EdgeManager:
                 raise MigrationPending(str(exc)) from exc
         self.firewall.remove(rec.id)
         self.containers.destroy(rec.container)
+        self.firewall.unguard(rec.id)
         with self._lock:
             self.store.delete(rec.id)
         self.events.emit("server.terminated", rec, reason, {**numbers, "keys_migrated": keys})
@@ -363,6 +375,8 @@ class EdgeManager:
         report: dict = {"undone": [], "finished": [], "restarted": [], "lost": [],
                         "orphans": [], "errors": {}}
         records = {s.id: s for s in self.store.servers()}
+        # Every container that may run gets its guard before anything starts it.
+        self.firewall.reconcile_guards({r.id: _port(r) for r in records.values()})
         for rec in list(records.values()):
             try:
                 self._reconcile_one(rec, records, report)
@@ -377,6 +391,8 @@ class EdgeManager:
         report["rules"] = self.firewall.reconcile(
             {r.id: _forwards(r) for r in records.values() if r.state == "running"}
         )
+        report["guards"] = self.firewall.reconcile_guards(
+            {r.id: _port(r) for r in records.values()})
         return report
 
     def _reconcile_one(self, rec: ServerRecord, records: dict[str, ServerRecord],
