@@ -6,7 +6,8 @@ list of results. Actions:
 - ["syn", ifname, src_mac, dst_mac, src_ip, dst_ip, port]: an Ethernet frame carrying a
   hand-built IPv4/TCP SYN, sent on a packet socket (any source address), then waits for
   a SYN-ACK or RST from dst_ip:port -> "answer" / "silent".
-- ["arp", ifname, src_mac, ip]: gratuitous ARP replies claiming `ip` for `src_mac`.
+- ["arp", ifname, src_mac, ip, count]: gratuitous ARP replies claiming `ip` for
+  `src_mac`, one every 50 ms.
 - ["ipv6", ifname, src_mac]: an IPv6 frame to all nodes -> "sent".
 Standard library only: the base image has python3 and nothing else for this.
 """
@@ -91,11 +92,11 @@ def syn(ifname: str, src_mac: str, dst_mac: str, src: str, dst: str, port: int) 
         s.close()
 
 
-def arp(ifname: str, src_mac: str, addr: str) -> str:
+def arp(ifname: str, src_mac: str, addr: str, count: int = 5) -> str:
     body = struct.pack("!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, 2, mac(src_mac), ip(addr),
                        b"\xff" * 6, ip(addr))
     with packet_socket(ifname) as s:
-        for _ in range(5):
+        for _ in range(count):
             s.send(b"\xff" * 6 + mac(src_mac) + struct.pack("!H", ETH_P_ARP) + body)
             time.sleep(0.05)
     return "sent"
