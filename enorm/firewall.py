@@ -5,11 +5,12 @@ Layout per node, so that one node's rules never touch another's:
   `enorm:<node>:<server>`; jumped to from PREROUTING (outside) and OUTPUT (this host).
 - nat chain ENORM-<NODE>-P (POSTROUTING): MASQUERADE of 127.0.0.0/8 -> the subnet, so that
   a client on 127.0.0.1 gets its answers back through the DNAT.
-- filter chain ENORM-<NODE>-I, jumped to first in INPUT for packets from the bridge: the
-  host answers containers (replies of connections it made) but accepts no new connection
-  from them, whatever address it is sent to (the bridge address, 0.0.0.0 services, or
-  127.0.0.1 routed through the gateway, which `route_localnet` on the bridge would let
-  in: the CVE-2020-8558 class), except the operator's `container_egress` destinations.
+- filter chain ENORM-<NODE>-I, jumped to first in INPUT: 127.0.0.0/8 from any interface
+  but lo is dropped unless it answers this host's own connections (the CVE-2020-8558
+  class: `route_localnet`, which the loopback DNAT needs on the bridge, would let it in);
+  from the bridge, the host answers containers (replies of connections it made) but
+  accepts no new connection, whatever address it is sent to (the bridge address, 0.0.0.0
+  services), except the operator's `container_egress` destinations.
 - filter chain ENORM-<NODE>-F, jumped to first in FORWARD for packets from the bridge
   (replies only, plus `container_egress`; so nothing between containers, of this node or
   another) and last for packets to it (forwarded ports only: conntrack state DNAT).
@@ -128,7 +129,7 @@ class Firewall:
             ("nat", f"-A PREROUTING {local} {tag} -j {self.chain}"),
             ("nat", f"-A OUTPUT {local} {tag} -j {self.chain}"),
             ("nat", f"-A POSTROUTING {tag} -j {self.post}"),
-            ("filter", f"-I INPUT -i {br} {tag} -j {self.inp}"),
+            ("filter", f"-I INPUT {tag} -j {self.inp}"),
             ("filter", f"-I FORWARD -i {br} {tag} -j {self.fwd}"),
             ("filter", f"-A FORWARD -o {br} {tag} -j {self.fwd}"),
         ]
@@ -168,6 +169,10 @@ class Firewall:
         ]
         batches["filter"] += [
             f"-F {self.inp}",
+            # Kubernetes' guard for the same hole: 127.0.0.0/8 arrives only on lo, or as
+            # the answers of this host's own DNAT (whatever sets route_localnet where).
+            f"-A {self.inp} -d 127.0.0.0/8 ! -i lo -m conntrack"
+            f" ! --ctstate RELATED,ESTABLISHED,DNAT {tag} -j DROP",
             *(f"-A {self.inp} {r}" for r in from_bridge),
             f"-F {self.fwd}",
             *(f"-A {self.fwd} {r}" for r in from_bridge),

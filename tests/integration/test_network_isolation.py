@@ -14,6 +14,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from nodes import EdgeNode, make_node
+from nodes import EdgeNode, make_node, user_namespace
 from test_edge_node import handshake, ssh
 
 from enorm import network
@@ -128,7 +129,8 @@ def bridge_mac(node: EdgeNode) -> str:
 def test_host_is_closed_to_containers(redis_server, edge_node):
     """Nothing on the host answers a container: not 127.0.0.1 (the API, the node's Redis,
     any local service) routed through the gateway, not the bridge address, not 0.0.0.0;
-    only the operator's `container_egress` destination does (the control)."""
+    only the operator's `container_egress` destination does (the control). Nor does
+    127.0.0.1 answer a neighbour on another link."""
     store = redis_server()  # the node's own Redis, on 127.0.0.1 only
     allowed = Listener("0.0.0.0")
     node = edge_node(start=False)
@@ -164,6 +166,31 @@ def test_host_is_closed_to_containers(redis_server, edge_node):
                   f"ip route add 127.0.0.1/32 via {gw} dev eth0 src {a.address}")
             plain = dict(zip(attempts, a.probe(*(["connect", *d] for d in attempts.values())),
                              strict=True))
+        # A neighbour on the users' link routes 127.0.0.1 through the board (its link
+        # accepts 127.0.0.0/8: route_localnet, as some other software sets it).
+        n = node.name[1:]
+        with user_namespace(int(n)) as (ns, ns_ip, host_ip):
+            Path(f"/proc/sys/net/ipv4/conf/entuh{n}/route_localnet").write_text("1")
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",  # answers from 127/8
+                            "net.ipv4.conf.all.route_localnet=1",
+                            f"net.ipv4.conf.entun{n}.route_localnet=1"], check=True)
+            macs = [subprocess.run(["ip", "netns", "exec", ns, "cat",
+                                    f"/sys/class/net/entun{n}/address"],
+                                   capture_output=True, text=True).stdout.strip(),
+                    Path(f"/sys/class/net/entuh{n}/address").read_text().strip()]
+
+            def from_neighbour(*dsts: tuple[str, int]) -> list[str]:
+                return json.loads(subprocess.run(
+                    ["ip", "netns", "exec", ns, sys.executable, str(PROBE), json.dumps(
+                        [["syn", f"entun{n}", *macs, ns_ip, *d] for d in dsts])],
+                    check=True, capture_output=True, text=True, timeout=30).stdout)
+
+            # Control (also waits for the new link): the host's 0.0.0.0 service answers.
+            deadline = time.monotonic() + 10
+            while from_neighbour((host_ip, anywhere.port)) != ["answer"]:
+                assert time.monotonic() < deadline, "the neighbour's link never worked"
+            neighbour = from_neighbour(*(("127.0.0.1", p) for p in (local.port, api, store.port)))
+        assert neighbour == ["silent"] * 3
         assert raw.pop("allowed") == "answer" and plain.pop("allowed") == "open"
         assert set(raw.values()) == {"silent"}, raw
         assert set(plain.values()) == {"silent"}, plain
