@@ -18,6 +18,8 @@ import psutil
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from enorm.firewall import Egress
+
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
 
 
@@ -114,8 +116,6 @@ class NodeConfig(BaseSettings):
     @field_validator("container_egress")
     @classmethod
     def _egress(cls, v: list[str]) -> list[str]:
-        from enorm.firewall import Egress
-
         for item in v:
             Egress.parse(item)
         return v

@@ -99,12 +99,12 @@ def _ebtables_save() -> list[str]:
 class Firewall:
     """The forwards and guards of one edge node."""
 
-    def __init__(self, node: str, subnet: ipaddress.IPv4Network, bridge: str,
-                 egress: Iterable[Egress] = ()) -> None:
+    def __init__(self, node: str, subnet: ipaddress.IPv4Network | str, bridge: str,
+                 egress: Iterable[str] = ()) -> None:
         self.node = node
         self.subnet = str(subnet)
         self.bridge = bridge
-        self.egress = list(egress)
+        self.egress = [Egress.parse(e) for e in egress]
         self.chain = f"ENORM-{node.upper()}"
         self.post = f"{self.chain}-P"
         self.fwd = f"{self.chain}-F"

@@ -19,7 +19,7 @@ from enorm import network, resources
 from enorm.config import NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
-from enorm.firewall import Egress, Firewall, Forward, Port
+from enorm.firewall import Firewall, Forward, Port
 from enorm.protocol import (
     Access,
     NodeOffer,
@@ -76,8 +76,7 @@ def build(config: NodeConfig, store: Store) -> Node:
         config=config,
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container),
-        firewall=Firewall(config.name, config.subnet, config.bridge,
-                          [Egress.parse(e) for e in config.container_egress]),
+        firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
             reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
