@@ -70,6 +70,11 @@ def remove_bridge(bridge: str) -> None:
     _ip("link", "del", bridge, check=False)
 
 
+def delete_link(name: str) -> None:
+    """Delete a network interface; absent is fine."""
+    _ip("link", "del", name, check=False)
+
+
 def host_veth(server_id: str) -> str:
     """The host-side name of a server's veth (fixed, so its guard exists before it does)."""
     return f"en{server_id}"[:15]
