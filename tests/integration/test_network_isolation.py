@@ -185,7 +185,8 @@ def test_host_is_closed_to_containers(redis_server, edge_node):
                         [["syn", f"entun{n}", *macs, ns_ip, *d] for d in dsts])],
                     check=True, capture_output=True, text=True, timeout=30).stdout)
 
-            # Control (also waits for the new link): the host's 0.0.0.0 service answers.
+            # Control (also waits for the new link): the host's 0.0.0.0 service answers
+            # (a SYN-ACK only: the handshake never completes, nothing is accepted).
             deadline = time.monotonic() + 10
             while from_neighbour((host_ip, anywhere.port)) != ["answer"]:
                 assert time.monotonic() < deadline, "the neighbour's link never worked"
@@ -196,7 +197,8 @@ def test_host_is_closed_to_containers(redis_server, edge_node):
         assert set(plain.values()) == {"silent"}, plain
         assert (local.accepted, on_bridge.accepted, anywhere.accepted) == (0, 0, 0)
         assert allowed.accepted >= 1
-        # The forwarded ports still work from this host and the API still answers.
+        # This host's own clients still reach the API on 127.0.0.1 (forwarded ports: see
+        # test_no_spoofing_on_the_bridge and test_edge_node).
         assert requests.get(node.url + "/healthz", timeout=5).ok
     finally:
         for li in (allowed, local, on_bridge, anywhere):
