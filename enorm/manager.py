@@ -20,7 +20,7 @@ from enorm import network, resources
 from enorm.config import NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
-from enorm.firewall import Firewall, Forward
+from enorm.firewall import Firewall, Forward, Port
 from enorm.protocol import (
     Access,
     MergeReport,
@@ -87,13 +87,17 @@ def build(config: NodeConfig, store: Store) -> Node:
         config=config,
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container),
-        firewall=Firewall(config.name, config.subnet),
+        firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
             reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
         ),
         events=Events(store, timeout=config.callback_timeout_s),
     )
+
+
+def _port(rec: ServerRecord) -> Port:
+    return Port(network.host_veth(rec.id), network.mac_address(rec.id), rec.address)
 
 
 def _forwards(rec: ServerRecord) -> list[Forward]:
@@ -247,6 +251,8 @@ class EdgeManager:
             return rec, list(decision.evict)
 
     def _launch(self, rec: ServerRecord) -> None:
+        port = _port(rec)
+        self.firewall.guard(rec.id, port)
         self.containers.create(
             rec.container,
             address=rec.address,
@@ -256,6 +262,8 @@ class EdgeManager:
             limits=rec.limits,
             authorized_key=rec.ssh_public_key,
             redis_password=rec.redis_password,
+            veth=port.veth,
+            mac=port.mac,
         )
         self.containers.start(rec.container)
         self.firewall.add(rec.id, _forwards(rec))
@@ -268,6 +276,7 @@ class EdgeManager:
         finally:
             try:
                 self.containers.destroy(rec.container)
+                self.firewall.unguard(rec.id)
             finally:
                 with self._lock:
                     self.store.delete(rec.id)
@@ -326,6 +335,7 @@ class EdgeManager:
             # Destroyed by us after its merge (a crash came before the record went), or
             # gone behind our back with its data: either way nothing is left to merge.
             self.firewall.remove(rec.id)
+            self.firewall.unguard(rec.id)
             self._forget(rec, reason if resumed else "container_lost",
                          {**numbers, "keys_migrated": 0, "requested_by": reason})
             return MergeReport()
@@ -343,6 +353,7 @@ class EdgeManager:
         _fault("terminate.merged")
         self.firewall.remove(rec.id)
         self.containers.destroy(rec.container)
+        self.firewall.unguard(rec.id)
         _fault("terminate.destroyed")
         self._forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
         return merged
@@ -390,6 +401,8 @@ class EdgeManager:
         report: dict = {"undone": [], "finished": [], "restarted": [], "lost": [],
                         "orphans": [], "errors": {}}
         records = {s.id: s for s in self.store.servers()}
+        # Every container that may run gets its guard before anything starts it.
+        self.firewall.reconcile_guards({r.id: _port(r) for r in records.values()})
         for rec in list(records.values()):
             try:
                 self._reconcile_one(rec, records, report)
@@ -404,6 +417,8 @@ class EdgeManager:
         report["rules"] = self.firewall.reconcile(
             {r.id: _forwards(r) for r in records.values() if r.state == "running"}
         )
+        report["guards"] = self.firewall.reconcile_guards(
+            {r.id: _port(r) for r in records.values()})
         return report
 
     def _reconcile_one(self, rec: ServerRecord, records: dict[str, ServerRecord],

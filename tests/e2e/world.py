@@ -65,7 +65,7 @@ def cloud_world(redis_url: str, edges: list[EdgeNode], *, cluster: bool = False,
     """The cloud game server on 0.0.0.0:<port> (the containers reach it at their gateway)
     with a CloudManager over `edges` in that order."""
     client = datasync.connect(redis_url, cluster=cluster)
-    port = free_port()
+    port = edges[0].cloud_port or free_port()  # the port the nodes' containers may reach
     url = f"http://127.0.0.1:{port}"
     app = game_cloud.create_app(client, public_url=url)
     sink = DataSink(url=sink_url or redis_url, cluster=cluster,
