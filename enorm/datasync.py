@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import struct
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -625,8 +626,8 @@ def copy_users(
 
 
 def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
-                 report: SyncReport,
-                 copied: dict[bytes, bytes] | None = None) -> None:  # fmt: skip
+                 report: SyncReport, copied: dict[bytes, bytes] | None = None,
+                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
     or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
     scans the source as it goes.
@@ -664,11 +665,21 @@ def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
             ahead = dumper.submit(next_dump)
             if len(inflight) >= RESTORERS:
                 collect(inflight[0][0], inflight.popleft()[1].result())
-            inflight.append((part, restorer.submit(_restore, dst, part, replace)))
+            inflight.append((part, restorer.submit(_prepared_restore, dst, part, replace,
+                                                   prepare)))
         while inflight:
             collect(inflight[0][0], inflight.popleft()[1].result())
     report.keys += len(written)
     report.keys_verified += _verify_present(dst, written)
+
+
+def _prepared_restore(dst: Client, part: dict, replace: bool,
+                      prepare: Callable[[dict], None] | None) -> list[bytes]:  # fmt: skip
+    """`prepare(part)` (which may hold keys back), then the restore, in one restorer
+    thread: the check runs beside the next chunk's dump instead of before it."""
+    if prepare is not None:
+        prepare(part)
+    return _restore(dst, part, replace)
 
 
 def count_existing(client: Client, keys: Iterable[bytes | str]) -> int:
@@ -1019,17 +1030,25 @@ def merge_back(
         with _Guard("source"):
             return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
 
-    def checked(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
-        """Dump (if needed), remember, and hold back what the cloud wins."""
+    def remembered(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
         for item in chunks:
             part = item if isinstance(item, dict) else _dump(edge, item)
             seen.update(part)
-            if m is not None and part:
-                for k in _conflicts(edge, cloud, m, list(part), report):
-                    if _matches(k, wins):
-                        report.conflicts_cloud_won += 1
-                        del part[k]
             yield part
+
+    counting = threading.Lock()  # two restorer threads report conflicts
+
+    def hold_back(part: dict) -> None:
+        """Before a chunk is restored: its conflicts, and what the cloud wins stays."""
+        if m is None or not part:
+            return
+        found = _conflicts(edge, cloud, m, list(part))
+        with counting:
+            _count(report, found)
+            for k in found:
+                if _matches(k, wins):
+                    report.conflicts_cloud_won += 1
+                    del part[k]
 
     with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
         # The shared keys are scanned while the user keys' scan starts.
@@ -1043,14 +1062,15 @@ def merge_back(
                 keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
             tags = {t for k in keys if (t := hash_tag(k)) is not None}
             chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        _copy_chunks(edge, cloud, checked(chunks), True, report)
+        _copy_chunks(edge, cloud, remembered(chunks), True, report, prepare=hold_back)
         shared = [k for k in pending.result() if owns(k)]
     report.users = len(tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, shared, report)
     if m is not None:
         gone = [k for k in m if k not in seen and k not in shared
                 and (owned is None or hash_tag(k) in owned)]
-        kept = set(_conflicts(edge, cloud, m, gone, report))
+        kept = set(_conflicts(edge, cloud, m, gone))
+        _count(report, kept)
         doomed = [k for k in gone if not (k in kept and _matches(k, wins))]
         report.conflicts_cloud_won += len(gone) - len(doomed)
         report.deleted = _unlink(cloud, doomed)
@@ -1061,11 +1081,16 @@ def merge_back(
     return report
 
 
-def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes], keys: list[bytes],
-               report: SyncReport) -> list[bytes]:  # fmt: skip
+def _count(report: SyncReport, conflicts: Iterable[bytes]) -> None:
+    for k in conflicts:
+        report.conflicts += 1
+        _sample(report.conflict_sample, k)
+
+
+def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes],
+               keys: list[bytes]) -> list[bytes]:  # fmt: skip
     """Of `keys`, those the cloud changed since the copy: its value is neither what was
-    copied out nor already the edge's (a retried merge wrote that itself). Counted and
-    sampled in `report`."""
+    copied out nor already the edge's (a retried merge wrote that itself)."""
     if not keys:
         return []
     now = digests(cloud, keys)
@@ -1076,9 +1101,6 @@ def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes], keys: list[by
     out = [k for k in changed
            if (now[k] is not None and now[k] != at_edge[k])
            or (now[k] is None and at_edge[k] is not None and k in m)]
-    for k in out:
-        report.conflicts += 1
-        _sample(report.conflict_sample, k)
     return out
 
 
