@@ -6,6 +6,7 @@ Every answer is JSON. Bad input is a 400 that names the field, admission refusal
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from enorm import dashboard, protocol
+from enorm.config import TOKEN_HASH_PREFIX
 from enorm.events import decide
 from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
 from enorm.metrics import NodeMetrics
@@ -60,14 +62,21 @@ def _owner_filter() -> str | None:
 
 @bp.before_request
 def _authenticate() -> Response | None:
-    tokens: dict[str, str] = current_app.config["ENORM_TOKENS"]
+    """Find the caller's owner by the SHA-256 of its bearer token (constant time).
+
+    Comparing digests of the raw header bytes means any header a client can send (non-ASCII,
+    any length) is an ordinary miss, and the node keeps no plain token to compare with.
+    """
+    digests: dict[bytes, str] = current_app.config["ENORM_TOKEN_DIGESTS"]
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    for known, owner in tokens.items():
-        if token and hmac.compare_digest(known, token):
-            g.owner = owner
-            return None
-    return _error(401, "unauthorized", "missing or unknown bearer token")
+    if token:
+        seen = token_digest(token)
+        for known, owner in digests.items():
+            if hmac.compare_digest(known, seen):
+                g.owner = owner
+                return None
+    return _error(401, "unauthorized", "missing or unknown bearer token", "Authorization")
 
 
 @bp.get("/node")
@@ -79,10 +88,11 @@ def node() -> Response:
 def create_server() -> Response:
     if g.owner == OPERATOR:
         return _error(403, "forbidden", "the operator token cannot own servers")
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict):
-        return _error(400, "bad_request", "body must be a JSON object", "body")
-    req = protocol.SetupRequest.model_validate(payload)
+    if request.mimetype != "application/json":
+        return _error(415, "unsupported_media_type", "the body must be application/json",
+                      "Content-Type")
+    # get_data honours MAX_CONTENT_LENGTH (413 before anything is parsed).
+    req = protocol.parse_setup(request.get_data(cache=False))
     t0 = time.perf_counter()
     try:
         resp = _manager().handshake(req, g.owner)
@@ -148,7 +158,9 @@ def autoscale() -> Response:
 
 def _validation_error(exc: ValidationError) -> Response:
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "body"
+    # pydantic adds validator names (`lax-or-strict[...]`) to some locations: not fields.
+    field = ".".join(str(p) for p in err["loc"]
+                     if isinstance(p, int) or str(p).isidentifier()) or "body"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return _error(400, "bad_request", f"{err['msg']}{more}", field)
 
@@ -191,7 +203,8 @@ def openapi() -> dict:
                          "requestBody": {"required": True, **ref("SetupRequest")},
                          "responses": {"201": {"description": "admitted",
                                                **ref("SetupResponse")},
-                                       "400": err, "401": err, "403": err,
+                                       "400": err, "401": err, "403": err, "413": err,
+                                       "415": err,
                                        "409": {"description": "refused",
                                                **ref("Rejection")}}},
                 "get": {"summary": "Servers of the caller",
@@ -202,13 +215,13 @@ def openapi() -> dict:
                 "parameters": sid,
                 "get": {"summary": "One server",
                         "responses": {"200": {"description": "server", **ref("ServerInfo")},
-                                      "401": err, "403": err, "404": err}},
+                                      "401": err, "404": err}},
                 "delete": {"summary": "Withdraw (data merged back first, Procedure 4)",
                            "responses": {"200": {"description": "terminated",
                                                  **ref("TerminateResult")},
                                          "202": {"description": "migration pending",
                                                  **ref("TerminateResult")},
-                                         "401": err, "403": err, "404": err}},
+                                         "401": err, "404": err}},
             },
             "/v1/events": {"get": {"summary": "Events, newest first",
                                    "parameters": [{"name": "limit", "in": "query",
@@ -231,6 +244,25 @@ def openapi() -> dict:
     }
 
 
+# What a werkzeug-level refusal is about, so that every 4xx names its field.
+_HTTP_FIELDS = {404: "path", 405: "method", 413: "body", 415: "Content-Type",
+                431: "headers"}
+# The largest setup request (100,000 users) is about 7 MB of JSON.
+MAX_BODY_BYTES = 16 << 20
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token's UTF-8 bytes: what the node keeps and compares."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def _stored_digest(configured: str) -> bytes:
+    """A configured token: `sha256:<hex>` as the operator stored it, or a plain token."""
+    if configured.startswith(TOKEN_HASH_PREFIX):
+        return bytes.fromhex(configured.removeprefix(TOKEN_HASH_PREFIX))
+    return token_digest(configured)
+
+
 def create_app(
     manager: EdgeManager,
     *,
@@ -241,7 +273,11 @@ def create_app(
 ) -> Flask:
     """A fresh app around one Edge Manager; tests build their own."""
     app = Flask("enorm")
-    app.config["ENORM_TOKENS"] = {**tokens, operator_token: OPERATOR}
+    app.config["ENORM_TOKEN_DIGESTS"] = {
+        **{_stored_digest(t): owner for t, owner in tokens.items()},
+        _stored_digest(operator_token): OPERATOR,
+    }
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["enorm"] = manager
     if metrics is None:
         metrics = NodeMetrics(manager)
@@ -280,15 +316,16 @@ def create_app(
     app.register_error_handler(ValidationError, _validation_error)
     app.register_error_handler(NotFound, lambda e: _error(404, "not_found",
                                                           f"no server {e.args[0]}", "id"))
-    app.register_error_handler(Forbidden, lambda e: _error(
-        403, "forbidden", f"server {e.args[0]} belongs to another cloud manager", "id"))
+    # Another tenant's server is "not found" as well: a 403 would confirm that it exists.
+    app.register_error_handler(Forbidden, lambda e: _error(404, "not_found",
+                                                           f"no server {e.args[0]}", "id"))
     app.register_error_handler(Rejected, lambda r: _json(protocol.Rejection(
         error=r.reason, detail=r.detail, free=r.free), 409))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         return _error(exc.code or 500, exc.name.lower().replace(" ", "_"),
-                      exc.description or "")
+                      exc.description or "", _HTTP_FIELDS.get(exc.code or 0))
 
     @app.errorhandler(Exception)
     def _internal(exc: Exception) -> Response:

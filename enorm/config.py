@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
+TOKEN_HASH_PREFIX = "sha256:"
 
 
 class ConfigError(ValueError):
@@ -68,7 +70,9 @@ class NodeConfig(BaseSettings):
     min_priority: int = Field(0, ge=0, le=1000)
     # The operator's token (CLI on the board); None: made at first start, kept in state_dir.
     operator_token: str | None = None
-    # Bearer token -> name of the cloud manager that owns it.
+    # Bearer token -> name of the cloud manager that owns it. A key is the token itself or
+    # `sha256:<hex digest of the token>` (`printf %s TOKEN | sha256sum`), so that the file
+    # need not hold the token; the daemon keeps only digests either way.
     tokens: dict[str, str] = {}
 
     # Auto-scaler (Procedures 5 and 6).
@@ -106,6 +110,17 @@ class NodeConfig(BaseSettings):
         lo, hi = v
         if not 1024 <= lo <= hi <= 65535:
             raise ValueError("must be two ports, low <= high, within 1024-65535")
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            digest = key.removeprefix(TOKEN_HASH_PREFIX)
+            if digest != key and not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{TOKEN_HASH_PREFIX} must be followed by 64 hex digits")
+            if not key:
+                raise ValueError("a token may not be empty")
         return v
 
     @field_validator("subnet")

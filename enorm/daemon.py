@@ -85,4 +85,5 @@ class Daemon:
 
         log.info("enorm %s listening on %s", self.config.name, self.config.url)
         serve(self.app, host=self.config.listen_host, port=self.config.listen_port,
-              threads=16, ident="enorm")
+              threads=16, ident="enorm", max_request_body_size=api.MAX_BODY_BYTES,
+              max_request_header_size=64 << 10)

@@ -19,8 +19,11 @@ RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable"
 ServerState = Literal["launching", "running", "terminating", "migration_pending"]
 TerminationMode = Literal["single", "multiple"]
 
+# One key on one line: no control characters anywhere (a \r or \n would start a second
+# authorized_keys line), `\Z` so that a trailing newline does not pass either.
 _SSH_KEY = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}( [^\n]*)?$"
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}"
+    r"( [^\x00-\x1f\x7f]*)?\Z"
 )
 
 
@@ -55,7 +58,11 @@ class DataSink(_Message):
 
 
 class SetupRequest(_Message):
-    """Procedure 2: what the cloud manager asks an edge node for."""
+    """Procedure 2: what the cloud manager asks an edge node for.
+
+    The edge parses it with `parse_setup` (strict: `true` is not a priority, `"7"` is not
+    a number); the cloud builds it from Python values.
+    """
 
     app: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
     priority: int = Field(ge=0, le=1000, description="higher is more important")
@@ -93,10 +100,19 @@ class SetupRequest(_Message):
     @field_validator("ssh_public_key")
     @classmethod
     def _key(cls, v: str) -> str:
-        v = v.strip()
+        v = v.strip(" ")
         if not _SSH_KEY.match(v):
             raise ValueError("must be one OpenSSH public key line (ssh-ed25519, ssh-rsa, ecdsa)")
         return v
+
+
+def parse_setup(body: bytes) -> SetupRequest:
+    """A setup request from the wire, strictly typed (raises ValidationError).
+
+    pydantic's JSON parser bounds nesting depth itself, so deep JSON is a 400, not a
+    RecursionError.
+    """
+    return SetupRequest.model_validate_json(body, strict=True)
 
 
 class Access(_Message):
