@@ -11,7 +11,9 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from prometheus_client import generate_latest
@@ -19,8 +21,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from enorm import dashboard, protocol
-from enorm.config import TOKEN_HASH_PREFIX
+from enorm import dashboard, destinations, protocol, store
+from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
 from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
 from enorm.metrics import NodeMetrics
@@ -93,6 +95,11 @@ def create_server() -> Response:
                       "Content-Type")
     # get_data honours MAX_CONTENT_LENGTH (413 before anything is parsed).
     req = protocol.parse_setup(request.get_data(cache=False))
+    policy: destinations.Policy = current_app.extensions["enorm.destinations"]
+    if req.callback_url is not None:
+        policy.check_url(g.owner, "callback_url", str(req.callback_url))
+    if req.data_sink is not None:
+        policy.check_url(g.owner, "data_sink.url", req.data_sink.url)
     t0 = time.perf_counter()
     try:
         resp = _manager().handshake(req, g.owner)
@@ -263,6 +270,20 @@ def _stored_digest(configured: str) -> bytes:
     return token_digest(configured)
 
 
+def _policy(cfg: NodeConfig) -> destinations.Policy:
+    """The operator's destinations, with the node's own store and API always refused."""
+    assert cfg.state_dir is not None
+    own = [(cfg.listen_host, cfg.listen_port), (cfg.public_host, cfg.listen_port)]
+    sockets = [str(store.managed_socket(Path(cfg.state_dir)))]
+    if cfg.store_url:
+        u = urlsplit(cfg.store_url)
+        if u.scheme == "unix":
+            sockets.append(u.path)
+        elif u.hostname:
+            own.append((u.hostname, u.port or 6379))
+    return destinations.Policy(cfg.destinations, own_sockets=sockets, own_ports=own)
+
+
 def create_app(
     manager: EdgeManager,
     *,
@@ -278,6 +299,7 @@ def create_app(
         _stored_digest(operator_token): OPERATOR,
     }
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["enorm.destinations"] = _policy(manager.cfg)
     app.extensions["enorm"] = manager
     if metrics is None:
         metrics = NodeMetrics(manager)
@@ -314,6 +336,8 @@ def create_app(
     app.register_blueprint(dashboard.page)
 
     app.register_error_handler(ValidationError, _validation_error)
+    app.register_error_handler(destinations.Refused, lambda e: _error(
+        400, "destination_not_allowed", str(e), e.field))
     app.register_error_handler(NotFound, lambda e: _error(404, "not_found",
                                                           f"no server {e.args[0]}", "id"))
     # Another tenant's server is "not found" as well: a 403 would confirm that it exists.

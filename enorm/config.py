@@ -19,6 +19,8 @@ import psutil
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from enorm.destinations import Allowed
+
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
 TOKEN_HASH_PREFIX = "sha256:"
 
@@ -74,6 +76,11 @@ class NodeConfig(BaseSettings):
     # `sha256:<hex digest of the token>` (`printf %s TOKEN | sha256sum`), so that the file
     # need not hold the token; the daemon keeps only digests either way.
     tokens: dict[str, str] = {}
+    # Cloud manager -> where its callback_url and data_sink may point (enorm.destinations;
+    # "*" for every cloud manager). Nothing listed: a request naming either is refused.
+    destinations: dict[str, list[str]] = {}
+    # A callback that keeps failing is given up after this long (the event stays listed).
+    callback_give_up_s: float = Field(3600.0, gt=0)
 
     # Auto-scaler (Procedures 5 and 6).
     autoscale_interval_s: float = Field(300.0, gt=0)
@@ -121,6 +128,14 @@ class NodeConfig(BaseSettings):
                 raise ValueError(f"{TOKEN_HASH_PREFIX} must be followed by 64 hex digits")
             if not key:
                 raise ValueError("a token may not be empty")
+        return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for entries in v.values():
+            for entry in entries:
+                Allowed.parse(entry)  # a ValueError names the entry and what is wrong
         return v
 
     @field_validator("subnet")

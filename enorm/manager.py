@@ -81,7 +81,8 @@ def build(config: NodeConfig, store: Store) -> Node:
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
             reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
         ),
-        events=Events(store, timeout=config.callback_timeout_s),
+        events=Events(store, timeout=config.callback_timeout_s,
+                      give_up_s=config.callback_give_up_s),
     )
 
 

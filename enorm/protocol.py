@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 VERSION = "v1"
 
@@ -55,6 +55,13 @@ class DataSink(_Message):
     url: str = Field(pattern=r"^(redis|rediss|unix)://.+", max_length=512)
     cluster: bool = False
     shared_patterns: list[str] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> DataSink:
+        # Refused now rather than found out at termination, where it would block `down`.
+        if self.cluster and self.url.startswith("unix://"):
+            raise ValueError("cluster: a Redis Cluster is never reached over a unix socket")
+        return self
 
 
 class SetupRequest(_Message):

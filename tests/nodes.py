@@ -144,6 +144,8 @@ def make_node(base: Path, **overrides: Any) -> EdgeNode:
         "basic_service": "reserve",
         "unit": {"cores": 0.25, "memory_mb": 64},
         "tokens": tokens,
+        # The tests' cloud Redis and callbacks listen on loopback.
+        "destinations": {"*": ["127.0.0.0/8"]},
         "operator_token": f"op-{n}",
         **overrides,
     }

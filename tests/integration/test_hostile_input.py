@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -28,6 +29,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeNode]:
     # A third tenant whose token the config holds only as a digest.
     digest = hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()
     n.settings["tokens"] = {**n.tokens, f"sha256:{digest}": "cloud-c"}
+    # Only cloud-a may name loopback destinations; cloud-b none at all.
+    n.settings["destinations"] = {"cloud-a": ["127.0.0.0/8"]}
     n.write_config()
     n.start()
     yield n
@@ -176,3 +179,47 @@ def test_token_configured_as_digest(node: EdgeNode) -> None:
     assert get(HASHED_TOKEN) == 200
     assert get(hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()) == 401
     assert get("sha256:" + hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()) == 401
+
+
+def test_no_ssrf_through_setup_requests(node: EdgeNode) -> None:
+    """Destinations the operator did not allow are 400 naming the field, and the node
+    never connects to them; the node's own store and API are refused even when allowed."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    own_store = Path(node.settings["state_dir"]) / "store.sock"
+    api_port = node.settings["listen_port"]
+    cases = [
+        ("cloud-b", {"callback_url": f"http://127.0.0.1:{port}/x"}, "callback_url"),
+        ("cloud-b", {"data_sink": {"url": f"redis://127.0.0.1:{port}"}}, "data_sink.url"),
+        ("cloud-a", {"callback_url": "http:///x"}, "callback_url"),
+        ("cloud-a", {"callback_url": "http://cloud.invalid:80/x"}, "callback_url"),
+        ("cloud-a", {"callback_url": "http://10.1.2.3/x"}, "callback_url"),
+        ("cloud-a", {"callback_url": f"http://127.0.0.1:{api_port}/v1/autoscale"},
+         "callback_url"),
+        ("cloud-a", {"data_sink": {"url": f"redis://[::ffff:127.0.0.1]:{api_port}"}},
+         "data_sink.url"),
+        ("cloud-a", {"data_sink": {"url": f"redis://0.0.0.0:{port}"}}, "data_sink.url"),
+        ("cloud-a", {"data_sink": {"url": f"unix://{own_store}",
+                                   "shared_patterns": ["*"]}}, "data_sink.url"),
+        ("cloud-a", {"data_sink": {"url": f"unix://{own_store.parent}/../state/store.sock"}},
+         "data_sink.url"),
+        ("cloud-a", {"data_sink": {"url": "unix:///tmp/some.sock"}}, "data_sink.url"),
+        ("cloud-a", {"data_sink": {"url": "unix:///tmp/some.sock", "cluster": True}},
+         "data_sink"),
+    ]
+    before = node.client().get(node.url + "/v1/node", timeout=5).json()
+    try:
+        for owner, over, field in cases:
+            r = node.client(owner).post(node.url + "/v1/servers", timeout=30,
+                                        json=setup_request(**over))
+            assert r.status_code == 400, (owner, over, r.text)
+            assert r.json()["field"] == field and r.json()["detail"], (over, r.json())
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
+    after = node.client().get(node.url + "/v1/node", timeout=5).json()
+    assert after["servers"] == before["servers"]
