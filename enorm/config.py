@@ -99,6 +99,9 @@ class NodeConfig(BaseSettings):
     probe_timeout_s: float = Field(0.5, gt=0)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
+    # A cloud manager with this many servers waiting for their sink gets 409
+    # `migrations_pending` for new ones (each keeps a stopped container and its data).
+    max_pending_per_owner: int = Field(4, ge=1)
     # How often a migration that failed (sink unreachable) is tried again.
     migration_retry_s: float = Field(30.0, gt=0)
     # Events to the cloud's callback.

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 VERSION = "v1"
 
-RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable"]
+RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable",
+                       "migrations_pending"]
 ServerState = Literal["launching", "running", "terminating", "migration_pending"]
 TerminationMode = Literal["single", "multiple"]
 
