@@ -10,8 +10,17 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 VERSION = "v1"
 
@@ -192,6 +201,23 @@ class ServerInfo(_Message):
     created_at: float
     data_sink: DataSink | None = None
     callback_url: str | None = None
+
+    @field_serializer("data_sink")
+    def _no_password(self, sink: DataSink | None) -> dict | None:
+        """The sink's password stays on the node: answers show `***` in its place."""
+        if sink is None:
+            return None
+        return {**sink.model_dump(), "url": redact_url(sink.url)}
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo (if any) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Event(_Message):

@@ -166,8 +166,11 @@ def test_rejections_name_reason_and_field(edge_node):
     assert r.status_code == 400 and r.json()["field"] == "ssh_public_key"
     r = handshake(node, users=[{"id": "u1", "address": "nowhere"}])
     assert r.status_code == 400 and r.json()["field"].startswith("users.0.address")
-    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5)
+    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5,
+                           headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["field"] == "body"
+    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5)
+    assert r.status_code == 415 and r.json()["field"] == "Content-Type"
 
     r = requests.post(node.url + "/v1/servers", json=setup_request(), timeout=5)
     assert r.status_code == 401
