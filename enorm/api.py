@@ -89,7 +89,8 @@ def node() -> Response:
 @bp.post("/servers")
 def create_server() -> Response:
     if g.owner == OPERATOR:
-        return _error(403, "forbidden", "the operator token cannot own servers")
+        return _error(403, "forbidden", "the operator token cannot own servers",
+                      "Authorization")
     if request.mimetype != "application/json":
         return _error(415, "unsupported_media_type", "the body must be application/json",
                       "Content-Type")
@@ -156,10 +157,11 @@ def dashboard_view() -> Response:
 def autoscale() -> Response:
     """Run one auto-scaling round now (operator only); answers the plan and results."""
     if g.owner != OPERATOR:
-        return _error(403, "forbidden", "only the operator may run the auto-scaler")
+        return _error(403, "forbidden", "only the operator may run the auto-scaler",
+                      "Authorization")
     run = current_app.extensions.get("enorm.autoscale")
     if run is None:
-        return _error(404, "not_found", "this node has no auto-scaler")
+        return _error(404, "not_found", "this node has no auto-scaler", "path")
     return jsonify(run())
 
 
@@ -330,7 +332,8 @@ def create_app(
         if denied is not None:
             return denied
         if g.owner != OPERATOR:
-            return _error(403, "forbidden", "only the operator token may read /metrics")
+            return _error(403, "forbidden", "only the operator token may read /metrics",
+                          "Authorization")
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     app.register_blueprint(dashboard.page)
