@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from enorm import dashboard, destinations, protocol, store
+from enorm import dashboard, destinations, memory, protocol, store
 from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
 from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
@@ -258,6 +258,8 @@ _HTTP_FIELDS = {404: "path", 405: "method", 413: "body", 415: "Content-Type",
                 431: "headers"}
 # The largest setup request (100,000 users) is about 7 MB of JSON.
 MAX_BODY_BYTES = 16 << 20
+# After a body this big, freed memory is handed back to the kernel.
+BIG_BODY_BYTES = 1 << 20
 
 
 def token_digest(token: str) -> bytes:
@@ -311,6 +313,11 @@ def create_app(
     if autoscale is not None:
         app.extensions["enorm.autoscale"] = autoscale
     app.register_blueprint(bp, url_prefix="/v1")
+
+    @app.teardown_request
+    def _trim(_exc: BaseException | None) -> None:
+        if (request.content_length or 0) > BIG_BODY_BYTES:
+            memory.release_memory()
     spec = json.dumps(openapi())
 
     @app.get("/v1/openapi.json")

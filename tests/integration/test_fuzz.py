@@ -15,7 +15,7 @@ from fuzzing import fuzz
 from nodes import EdgeNode, make_node
 
 pytestmark = pytest.mark.system
-CASES = int(os.environ.get("ENORM_FUZZ_CASES", "200"))
+CASES = int(os.environ.get("ENORM_FUZZ_CASES", "150"))
 
 
 @pytest.fixture
