@@ -18,7 +18,7 @@ reliability: setup
 		tests/integration/test_bounded_tenancy.py tests/integration/test_secrets.py \
 		tests/integration/test_edge_node.py tests/integration/test_datasync.py \
 		tests/integration/test_pokemon_servers.py tests/e2e -k "fuzz or hostile or tenancy or secret or kill or crash or gone or lost or reconcile or unreachable or restart"
-	flock /run/enorm-bench.lock .venv/bin/python -m bench.soak
+	flock /run/enorm-bench.lock flock /run/enorm-bench-soak.lock .venv/bin/python -m bench.soak
 
 bench: setup
 	.venv/bin/python -m bench.provisioning

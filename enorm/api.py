@@ -318,6 +318,7 @@ def create_app(
     def _trim(_exc: BaseException | None) -> None:
         if (request.content_length or 0) > BIG_BODY_BYTES:
             memory.release_memory()
+
     spec = json.dumps(openapi())
 
     @app.get("/v1/openapi.json")

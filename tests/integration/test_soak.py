@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_short_soak_leaves_nothing_and_keeps_memory_flat(tmp_path: Path) -> None:
-    # bench/soak.py uses fixed names and ports: one run at a time on this machine.
-    with open("/run/enorm-bench.lock", "w") as lock:
+    # bench/soak.py's names and ports are its own: one soak at a time on this machine
+    # (its own lock, so that the suite does not queue behind unrelated benchmarks).
+    with open("/run/enorm-bench-soak.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.run([sys.executable, "-m", "bench.soak", "--cycles", "24",
                                "--clients", "8", "--big", "2", "--out", str(tmp_path)],
