@@ -1,0 +1,71 @@
+"""Each JMeter plan runs for real, briefly, against a real edge game server on loopback
+(its own redis-server, the players logged in at the cloud, copied to the edge and
+redirected there, as a deployment does); the .jtl must show requests, no errors and
+latencies, and the edge's own request counts must agree with it."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from bench import jmeter
+from games.pokemon.jmeter import plans
+
+USERS = 6
+
+
+@pytest.fixture(scope="module")
+def edge():
+    with jmeter.local_edge(USERS, prefix="t-jmeter") as served:
+        yield served
+
+
+def edge_stats(host: str, port: int) -> dict:
+    return requests.get(f"http://{host}:{port}/stats", timeout=5).json()
+
+
+def test_aggressive_plan_loads_the_edge(edge, tmp_path):
+    host, port, players = edge
+    before = edge_stats(host, port)
+    r = jmeter.run("aggressive", host, port, users=3, duration=3, players=players,
+                   out_dir=tmp_path)  # fmt: skip
+    after = edge_stats(host, port)
+    assert r.requests > 30 and r.errors == 0, r.error_codes
+    assert (r.p50, r.p99) > (0, 0) and r.p50 <= r.p95 <= r.p99 <= r.max
+    assert r.achieved_rate == r.throughput > 0 and r.target_rate is None
+    assert set(r.by_label) == {"wild /wpm", "pokedex /pd", "party /6pm"}
+    assert (tmp_path / "aggressive.jtl").is_file()
+    # The edge answered every sample itself, for the first three players only.
+    served = {u: after["by_user"].get(u, 0) - before["by_user"].get(u, 0) for u in after["by_user"]}
+    assert sum(served.values()) == r.requests
+    assert {u for u, n in served.items() if n} == {p.uid for p in players[:3]}
+
+
+def test_mixed_plan_multiplexes_users_onto_fewer_threads(edge, tmp_path):
+    host, port, players = edge
+    before = edge_stats(host, port)
+    r = jmeter.run("mixed", host, port, users=USERS, duration=4, players=players,
+                   max_threads=2, think_ms=600, out_dir=tmp_path)  # fmt: skip
+    after = edge_stats(host, port)
+    assert r.threads == 2 and r.users == USERS
+    assert r.requests > 10 and r.errors == 0, r.error_codes
+    assert r.p50 > 0 and r.p50 <= r.p95 <= r.p99
+    # six users thinking 0.6 s each offer 10 requests/s; two threads must carry that
+    assert r.target_rate == 10.0
+    assert 0.5 * r.target_rate <= r.achieved_rate <= 1.5 * r.target_rate
+    data = sum(r.by_label[k]["requests"] for k in r.by_label if k.split()[0] in plans.AGGRESSIVE)
+    assert abs(data - (r.requests - data)) <= 3  # as many regular as data-intensive
+    served = {u: after["by_user"].get(u, 0) - before["by_user"].get(u, 0) for u in after["by_user"]}
+    assert sum(served.values()) == r.requests
+    assert {u for u, n in served.items() if n} == {p.uid for p in players}  # all six played
+
+
+def test_jmeter_failures_are_reported(edge, tmp_path):
+    """A server that is not there: every sample fails, and the Result says so."""
+    _, _, players = edge
+    from cloud_manager.local import free_port
+
+    r = jmeter.run("aggressive", "127.0.0.1", free_port(), users=1, duration=1,
+                   players=players, out_dir=tmp_path)  # fmt: skip
+    assert r.requests > 0 and r.errors == r.requests and r.throughput == 0
+    assert all("ConnectException" in code or "Connection refused" in code for code in r.error_codes)
