@@ -7,8 +7,9 @@ throughput and errors.
 
 The first form loads a server someone else deployed; the players CSV (`uid,token,lat,lng`)
 names users that server holds. `--local` starts its own cloud and edge game server on
-loopback (each with a throw-away redis-server), logs the players in at the cloud, copies
-them to the edge and redirects them there, as a deployment does, and loads the edge.
+loopback (each with a throw-away redis-server), creates the players in the cloud's Redis
+with the game's own logic, copies them to the edge and redirects them there, as a
+deployment does, and loads the edge.
 Both print the Result as JSON (and write it with --out).
 
 JMeter is Debian's 2.13, started with bullseye's xstream 1.4.15 first on the class path
@@ -32,6 +33,7 @@ import json
 import logging
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from pathlib import Path
 import requests
 
 from games.pokemon.jmeter import plans as game_plans
+from games.pokemon.logic import Game
 
 JMETER_HOME = Path(os.environ.get("ENORM_JMETER_HOME", "/usr/share/jmeter"))
 XSTREAM_JAR = Path(
@@ -103,6 +106,7 @@ class Result:
     achieved_rate: float  # requests sent per second
     target_rate: float | None = None  # the offered rate of `users` users (None: unpaced)
     bytes: int = 0
+    client_cpu_s: float | None = None  # JMeter's own CPU time (user + sys) for the run
     error_codes: dict[str, int] = field(default_factory=dict)
     by_label: dict[str, dict] = field(default_factory=dict)
     jtl: str = ""
@@ -191,22 +195,16 @@ def spot(i: int) -> tuple[float, float]:
     return round(51.45 + (i // 200) * 0.001, 6), round(-0.25 + (i % 200) * 0.0015, 6)
 
 
-def login_players(cloud_url: str, n: int, *, prefix: str = "jmeter",
-                  session: requests.Session | None = None) -> list[Player]:  # fmt: skip
-    """Log n users in at the cloud game server (created on first login) and put each at
-    its own spot, so that the data-intensive requests have a region to answer for."""
-    http = session or requests.Session()
-    cloud = cloud_url.rstrip("/")
+def create_players(cloud_redis, n: int, *, prefix: str = "jmeter") -> list[Player]:
+    """n users in the cloud's Redis, made by the game's own logic (log in, then stand at
+    their own spot, so that the data-intensive requests have a region to answer for).
+    Logging in again with the same prefix returns the same users."""
+    game = Game(cloud_redis)
     players = []
     for i in range(n):
-        r = http.post(cloud + "/id", json={"provider": "jmeter", "identity": f"{prefix}-{i}"},
-                      timeout=10)  # fmt: skip
-        r.raise_for_status()
-        uid, token = r.json()["user"], r.json()["token"]
+        uid, token, _ = game.create_or_login("jmeter", f"{prefix}-{i}")
         lat, lng = spot(i)
-        r = http.post(cloud + "/update", json={"lat": lat, "lng": lng},
-                      headers={"X-User": uid, "X-Token": token}, timeout=10)  # fmt: skip
-        r.raise_for_status()
+        game.update_location(uid, lat, lng)
         players.append(Player(uid, token, lat, lng))
     return players
 
@@ -276,8 +274,10 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         jtl, log = work / f"{plan}.jtl", work / f"{plan}.log"
         jtl.unlink(missing_ok=True)
         cmd = command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
+        cpu = _children_cpu()
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
                               timeout=duration + 120)  # fmt: skip
+        cpu = round(_children_cpu() - cpu, 3)
         if proc.returncode != 0 or not jtl.is_file():
             tail = (log.read_text()[-2000:] if log.is_file() else "") or proc.stderr[-2000:]
             raise JMeterError(f"jmeter exited with {proc.returncode}: {tail}")
@@ -286,9 +286,16 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
             raise JMeterError("jmeter logged errors: " + " | ".join(errors[:5]))
         result = parse_jtl(jtl, plan=plan, users=users, threads=threads,
                            target_rate=target, warmup_s=warmup_s)  # fmt: skip
+        result.client_cpu_s = cpu
         if out_dir is None:
             result.jtl = ""
         return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for child processes so far (JMeter, once it has ended)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextmanager
@@ -333,8 +340,9 @@ def local_edge(users: int, *, prefix: str = "jmeter") -> Iterator[tuple[str, int
             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+        out.close()  # the server holds its own descriptor
         stack.append(lambda: _stop(edge))
-        players = login_players(cloud.url, users, prefix=prefix)
+        players = create_players(cloud_client, users, prefix=prefix)
         edge_client = redis.Redis.from_url(edge_redis.url)
         report = datasync.copy_users(cloud_client, edge_client, [p.uid for p in players])
         if not report.verified:

@@ -33,6 +33,7 @@ def test_aggressive_plan_loads_the_edge(edge, tmp_path):
     assert r.requests > 30 and r.errors == 0, r.error_codes
     assert (r.p50, r.p99) > (0, 0) and r.p50 <= r.p95 <= r.p99 <= r.max
     assert r.achieved_rate == r.throughput > 0 and r.target_rate is None
+    assert r.client_cpu_s > 0
     assert set(r.by_label) == {"wild /wpm", "pokedex /pd", "party /6pm"}
     assert (tmp_path / "aggressive.jtl").is_file()
     # The edge answered every sample itself, for the first three players only.
