@@ -55,6 +55,7 @@ XSTREAM_JAR = Path(
 )
 PLAN_DIR = game_plans.HERE
 PLANS = tuple(game_plans.PLANS)
+ENGINES = ("jmeter", "locust")
 MAX_THREADS = 200
 # The .jtl as CSV with a header, start time stamps in ms, and the fields parse_jtl reads.
 JTL_PROPERTIES = {
@@ -106,7 +107,8 @@ class Result:
     achieved_rate: float  # requests sent per second
     target_rate: float | None = None  # the offered rate of `users` users (None: unpaced)
     bytes: int = 0
-    client_cpu_s: float | None = None  # JMeter's own CPU time (user + sys) for the run
+    client_cpu_s: float | None = None  # the load generator's CPU time (user + sys)
+    engine: str = "jmeter"
     error_codes: dict[str, int] = field(default_factory=dict)
     by_label: dict[str, dict] = field(default_factory=dict)
     jtl: str = ""
@@ -229,19 +231,24 @@ def command(plan: Path, jtl: Path, log: Path, props: dict[str, object],
 
 
 def run(plan: str, host: str, port: int, users: int, duration: float, *,
-        players: Sequence[Player] | str | Path, max_threads: int = MAX_THREADS,
-        think_ms: int | None = None, rampup: float | None = None, warmup_s: float = 0.0,
+        players: Sequence[Player] | str | Path, engine: str = "jmeter",
+        max_threads: int = MAX_THREADS, think_ms: int | None = None,
+        rampup: float | None = None, warmup_s: float = 0.0,
         out_dir: str | Path | None = None, heap: str = "512m") -> Result:  # fmt: skip
     """Run `plan` ("aggressive" or "mixed") with `users` virtual users for `duration`
     seconds against the game server at host:port (an IP literal) and parse its .jtl.
 
     players: the users the server holds (a list, or the path of a players CSV); the
-    first `users` of them play. think_ms: the mean think time of one mixed user (default:
-    the recorded session's). The .jtl, JMeter's log and the players CSV stay in out_dir
-    (a temporary directory, removed afterwards, when None).
+    first `users` of them play. engine: "jmeter", or "locust" (the same load from
+    locustfile.py, for rates JMeter cannot offer on this machine; max_threads is then
+    the number of Locust users). think_ms: the mean think time of one mixed user
+    (default: the recorded session's). The .jtl, the engine's log and the players CSV
+    stay in out_dir (a temporary directory, removed afterwards, when None).
     """
     if plan not in PLANS:
         raise ValueError(f"plan: {plan!r} is not one of {', '.join(PLANS)}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -255,12 +262,14 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
     roster = read_players(players) if isinstance(players, (str, Path)) else list(players)
     if len(roster) < users:
         raise ValueError(f"players: {len(roster)} given, {users} users asked for")
-    check_installed()
+    if engine == "jmeter":
+        check_installed()
     threads = min(users, max_threads)
     think = game_plans.session_think_ms() if think_ms is None else think_ms
     props: dict[str, object] = {
         "host": host, "port": port, "threads": threads, "duration": math.ceil(duration),
         "rampup": math.ceil(rampup if rampup is not None else min(5.0, duration / 10)),
+        "pause_ms": 0, "pause_jitter_ms": 0,
     }  # fmt: skip
     target = None
     if plan == "mixed":
@@ -271,25 +280,67 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         target = round(users * 1000 / think, 3) if think > 0 else None
     with _workdir(out_dir) as work:
         props["users_csv"] = write_players(work / "players.csv", roster[:users])
-        jtl, log = work / f"{plan}.jtl", work / f"{plan}.log"
+        jtl = work / f"{plan}.jtl"
         jtl.unlink(missing_ok=True)
-        cmd = command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
         cpu = _children_cpu()
-        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
-                              timeout=duration + 120)  # fmt: skip
+        if engine == "jmeter":
+            _run_jmeter(plan, jtl, props, duration, heap)
+        else:
+            _run_locust(plan, jtl, props, duration)
         cpu = round(_children_cpu() - cpu, 3)
-        if proc.returncode != 0 or not jtl.is_file():
-            tail = (log.read_text()[-2000:] if log.is_file() else "") or proc.stderr[-2000:]
-            raise JMeterError(f"jmeter exited with {proc.returncode}: {tail}")
-        errors = [x for x in log.read_text().splitlines() if " ERROR - " in x]
-        if errors:  # e.g. a CSV it could not read: the plan ran, but not as asked
-            raise JMeterError("jmeter logged errors: " + " | ".join(errors[:5]))
         result = parse_jtl(jtl, plan=plan, users=users, threads=threads,
                            target_rate=target, warmup_s=warmup_s)  # fmt: skip
         result.client_cpu_s = cpu
+        result.engine = engine
         if out_dir is None:
             result.jtl = ""
         return result
+
+
+def _run_jmeter(plan: str, jtl: Path, props: dict, duration: float, heap: str) -> None:
+    log = jtl.with_suffix(".log")
+    cmd = command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
+    proc = subprocess.run(cmd, cwd=jtl.parent, capture_output=True, text=True,
+                          timeout=duration + 120)  # fmt: skip
+    if proc.returncode != 0 or not jtl.is_file():
+        tail = (log.read_text()[-2000:] if log.is_file() else "") or proc.stderr[-2000:]
+        raise JMeterError(f"jmeter exited with {proc.returncode}: {tail}")
+    errors = [x for x in log.read_text().splitlines() if " ERROR - " in x]
+    if errors:  # e.g. a CSV it could not read: the plan ran, but not as asked
+        raise JMeterError("jmeter logged errors: " + " | ".join(errors[:5]))
+
+
+def _run_locust(plan: str, jtl: Path, props: dict, duration: float) -> None:
+    """locustfile.py headless, one process per core; its per-process .jtl files are
+    joined into `jtl`."""
+    prefix = jtl.with_suffix("")
+    log = jtl.with_suffix(".log")
+    threads = int(props["threads"])
+    processes = max(1, min(os.cpu_count() or 1, threads))
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(PLAN_DIR / "locustfile.py"), "--headless",
+        "--host", f"http://{props['host']}:{props['port']}", "-u", str(threads),
+        "-r", str(max(1, math.ceil(threads / max(1, int(props["rampup"]))))),
+        "-t", f"{math.ceil(duration)}s", "--stop-timeout", "0", "--only-summary",
+        "--loglevel", "WARNING", "--logfile", str(log),
+        *(["--processes", str(processes)] if processes > 1 else []),
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "ENORM_PLAN": plan,
+           "ENORM_PLAYERS": str(props["users_csv"]), "ENORM_JTL": str(prefix),
+           "ENORM_PAUSE_MS": str(props["pause_ms"]),
+           "ENORM_PAUSE_JITTER_MS": str(props["pause_jitter_ms"])}  # fmt: skip
+    proc = subprocess.run(cmd, cwd=jtl.parent, env=env, capture_output=True, text=True,
+                          timeout=duration + 120)  # fmt: skip
+    parts = sorted(jtl.parent.glob(f"{prefix.name}.*.jtl"))
+    # exit code 1 only says that some requests failed: the .jtl counts them
+    if proc.returncode not in (0, 1) or not parts:
+        raise JMeterError(f"locust exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    with jtl.open("w") as out:
+        for i, part in enumerate(parts):
+            lines = part.read_text().splitlines(keepends=True)
+            out.writelines(lines if i == 0 else lines[1:])
+            part.unlink()
 
 
 def _children_cpu() -> float:
@@ -365,13 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int)
     p.add_argument("--players", type=Path, help="CSV uid,token,lat,lng of users the server holds")
     p.add_argument("--local", action="store_true", help="start a cloud and edge server on loopback")
+    p.add_argument("--engine", choices=ENGINES, default="jmeter")
     p.add_argument("--max-threads", type=int, default=MAX_THREADS)
     p.add_argument("--think-ms", type=int, default=None, help="mean think time of a mixed user")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of samples to leave out")
     p.add_argument("--jtl-dir", type=Path, default=None, help="keep the .jtl and logs here")
     p.add_argument("--out", type=Path, default=None, help="write the Result as JSON here")
     a = p.parse_args(argv)
-    kw = dict(max_threads=a.max_threads, think_ms=a.think_ms, warmup_s=a.warmup,
+    kw = dict(engine=a.engine, max_threads=a.max_threads, think_ms=a.think_ms, warmup_s=a.warmup,
               out_dir=a.jtl_dir)  # fmt: skip
     try:
         if a.local:
