@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 import requests
 
@@ -17,6 +18,8 @@ from enorm.protocol import Event
 from enorm.store import ServerRecord, Store
 
 log = logging.getLogger(__name__)
+# One line per decision (admission, scaling, termination, migration) with its reason.
+decisions = logging.getLogger("enorm.decisions")
 
 
 class Events:
@@ -27,6 +30,8 @@ class Events:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
+        # Called with every event as it is recorded (metrics); a failing one is logged.
+        self.listeners: list[Callable[[Event], None]] = []
 
     def emit(self, type_: str, rec: ServerRecord, reason: str, data: dict | None = None,
              notify: bool = True) -> Event:
@@ -37,6 +42,13 @@ class Events:
         if notify and rec.callback_url:
             self.store.outbox_add(rec.callback_url, ev)
             self._wake.set()
+        decide(ev.type.removeprefix("server."), ev.reason, server=rec.id, app=rec.app,
+               owner=rec.owner, **ev.data)
+        for listener in self.listeners:
+            try:
+                listener(ev)
+            except Exception:
+                log.exception("event listener %r", listener)
         return ev
 
     def deliver_once(self) -> int:
@@ -76,3 +88,10 @@ class Events:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+
+def decide(what: str, reason: str, **fields: object) -> None:
+    """Log one decision: `what reason=... k=v ...`; with --log-json, fields become keys."""
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and v != "")
+    decisions.info("%s reason=%s %s", what, reason, text,
+                   extra={"decision": what, "reason": reason, "fields": fields})

@@ -315,18 +315,21 @@ class EdgeManager:
             return 0
         if was_pending:  # its Redis lives in the stopped container: bring it back first
             self.containers.start(rec.container)
-        keys = 0
+        keys, merge_s = 0, None
         if self.migrate is not None and rec.data_sink is not None:
+            t0 = time.perf_counter()
             try:
                 keys = self.migrate(rec)
             except Exception as exc:
                 self._keep_for_retry(rec, reason, exc)
                 raise MigrationPending(str(exc)) from exc
+            merge_s = round(time.perf_counter() - t0, 4)
         self.firewall.remove(rec.id)
         self.containers.destroy(rec.container)
         with self._lock:
             self.store.delete(rec.id)
-        self.events.emit("server.terminated", rec, reason, {**numbers, "keys_migrated": keys})
+        self.events.emit("server.terminated", rec, reason,
+                         {**numbers, "keys_migrated": keys, "merge_s": merge_s})
         return keys
 
     def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:

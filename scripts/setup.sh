@@ -9,8 +9,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# chromium + its driver: the dashboard's browser test.
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
-          build-essential python3-dev python3-venv)
+          build-essential python3-dev python3-venv chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

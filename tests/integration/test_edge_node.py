@@ -317,17 +317,18 @@ def test_operator_cli_and_openapi(edge_node):
     handshake(node)
     sid = handshake(node).json()["server_id"]
     out = node.cli("status")
-    assert out.returncode == 0 and f"node {node.name}" in out.stdout
+    assert out.returncode == 0 and f"node\t{node.name}\n" in out.stdout
     assert sid in out.stdout and "running" in out.stdout
     data = json.loads(node.cli("status", "--json").stdout)
     assert data["node"]["servers"] == 2
     assert {s["state"] for s in data["servers"]} == {"running"}
     spec = requests.get(node.url + "/v1/openapi.json", timeout=5).json()
     assert "/v1/servers" in spec["paths"] and "SetupRequest" in spec["components"]["schemas"]
-    metrics = requests.get(node.url + "/metrics", timeout=5).text
-    assert "enorm_handshake_seconds_count 2.0" in metrics
+    metrics = requests.get(node.url + "/metrics", timeout=5, headers={
+        "Authorization": f"Bearer {node.settings['operator_token']}"}).text
+    assert "enorm_handshake_duration_seconds_count 2.0" in metrics
     bad = node.cli("terminate", "nosuch")
-    assert bad.returncode != 0 and "404" in bad.stdout and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "404" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_preempt_policy_terminates_lower_priority_tenants(edge_node):
