@@ -188,8 +188,17 @@ def write_players(path: str | Path, players: Iterable[Player]) -> Path:
 
 
 def read_players(path: str | Path) -> list[Player]:
+    players = []
     with Path(path).open(newline="") as f:
-        return [Player(r[0], r[1], float(r[2]), float(r[3])) for r in csv.reader(f) if r]
+        for n, r in enumerate(csv.reader(f), start=1):
+            if not r:
+                continue
+            try:
+                uid, token, lat, lng = r
+                players.append(Player(uid, token, float(lat), float(lng)))
+            except ValueError:
+                raise ValueError(f"players: {path}:{n}: expected uid,token,lat,lng") from None
+    return players
 
 
 def spot(i: int) -> tuple[float, float]:
@@ -257,8 +266,9 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         ) from None
     if not 0 < port < 65536:
         raise ValueError(f"port: {port} is out of range")
-    if users < 1 or duration <= 0 or max_threads < 1:
-        raise ValueError("users, duration and max_threads must be positive")
+    for name, value in (("users", users), ("duration", duration), ("max_threads", max_threads)):
+        if value <= 0:
+            raise ValueError(f"{name}: must be positive, not {value}")
     roster = read_players(players) if isinstance(players, (str, Path)) else list(players)
     if len(roster) < users:
         raise ValueError(f"players: {len(roster)} given, {users} users asked for")
@@ -300,8 +310,7 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
 def _run_jmeter(plan: str, jtl: Path, props: dict, duration: float, heap: str) -> None:
     log = jtl.with_suffix(".log")
     cmd = command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
-    proc = subprocess.run(cmd, cwd=jtl.parent, capture_output=True, text=True,
-                          timeout=duration + 120)  # fmt: skip
+    proc = _bounded(cmd, duration, cwd=jtl.parent)
     if proc.returncode != 0 or not jtl.is_file():
         tail = (log.read_text()[-2000:] if log.is_file() else "") or proc.stderr[-2000:]
         raise JMeterError(f"jmeter exited with {proc.returncode}: {tail}")
@@ -330,8 +339,7 @@ def _run_locust(plan: str, jtl: Path, props: dict, duration: float) -> None:
            "ENORM_PLAYERS": str(props["users_csv"]), "ENORM_JTL": str(prefix),
            "ENORM_PAUSE_MS": str(props["pause_ms"]),
            "ENORM_PAUSE_JITTER_MS": str(props["pause_jitter_ms"])}  # fmt: skip
-    proc = subprocess.run(cmd, cwd=jtl.parent, env=env, capture_output=True, text=True,
-                          timeout=duration + 120)  # fmt: skip
+    proc = _bounded(cmd, duration, cwd=jtl.parent, env=env)
     parts = sorted(jtl.parent.glob(f"{prefix.name}.*.jtl"))
     # exit code 1 only says that some requests failed: the .jtl counts them
     if proc.returncode not in (0, 1) or not parts:
@@ -341,6 +349,14 @@ def _run_locust(plan: str, jtl: Path, props: dict, duration: float) -> None:
             lines = part.read_text().splitlines(keepends=True)
             out.writelines(lines if i == 0 else lines[1:])
             part.unlink()
+
+
+def _bounded(cmd: list[str], duration: float, **kw) -> subprocess.CompletedProcess:
+    """Run the engine; one that outlives its duration by two minutes is killed."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, **kw)
+    except subprocess.TimeoutExpired:
+        raise JMeterError(f"{cmd[0]} still running {duration + 120:.0f} s after start") from None
 
 
 def _children_cpu() -> float:

@@ -87,6 +87,9 @@ def test_plans_use_plain_elements_and_the_right_requests(name):
     ({"host": "localhost"}, "host"),
     ({"port": 0}, "port"),
     ({"users": 3}, "players"),
+    ({"users": 0}, "users"),
+    ({"duration": 0}, "duration"),
+    ({"engine": "ab"}, "engine"),
 ])  # fmt: skip
 def test_run_refuses_bad_arguments_before_starting_jmeter(kw, field):
     args = {"plan": "mixed", "host": "127.0.0.1", "port": 8080, "users": 1, "duration": 1,
@@ -95,8 +98,23 @@ def test_run_refuses_bad_arguments_before_starting_jmeter(kw, field):
         jmeter.run(**args)
 
 
+def test_a_bad_players_csv_is_named_with_its_line(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("1,tok,51.5,-0.1\n2,tok,north,-0.1\n")
+    with pytest.raises(ValueError, match=r"^players: .*p.csv:2: expected uid,token,lat,lng"):
+        jmeter.read_players(path)
+
+
 def test_players_csv_round_trip(tmp_path):
     players = [jmeter.Player(str(i), f"tok{i}", *jmeter.spot(i)) for i in range(300)]
     path = jmeter.write_players(tmp_path / "p.csv", players)
     assert jmeter.read_players(path) == players
     assert len({(p.lat, p.lng) for p in players}) == 300  # every user at its own spot
+
+
+def test_cli_names_the_bad_field_and_exits_non_zero(tmp_path, capsys):
+    players = jmeter.write_players(tmp_path / "p.csv", [jmeter.Player("1", "t", 51.5, -0.1)])
+    code = jmeter.main(["--plan", "mixed", "--host", "edge.example", "--port", "8080",
+                        "--players", str(players)])  # fmt: skip
+    assert code == 2
+    assert "host: 'edge.example' is not an IP literal" in capsys.readouterr().err
