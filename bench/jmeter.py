@@ -79,12 +79,15 @@ class JMeterError(RuntimeError):
 
 @dataclass(frozen=True)
 class Player:
-    """One game user as the plans see it: id, token and where the user stands."""
+    """One game user as the plans see it: id, token, where the user stands, and
+    optionally the source address its requests leave from (JMeter only; an IP literal
+    assigned where JMeter runs, e.g. one per user from 198.18.0.0/15)."""
 
     uid: str
     token: str
     lat: float
     lng: float
+    src: str = ""
 
 
 @dataclass
@@ -178,12 +181,13 @@ def parse_jtl(path: str | Path, *, plan: str = "", users: int = 0, threads: int 
 
 
 def write_players(path: str | Path, players: Iterable[Player]) -> Path:
-    """The CSV the plans read (no header: JMeter's CSVDataSet names the columns)."""
+    """The CSV the plans read (no header: JMeter's CSVDataSet names the columns). Always
+    five columns: a missing one would reach JMeter as the literal `${src}`, a name."""
     path = Path(path)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         for p in players:
-            w.writerow([p.uid, p.token, f"{p.lat:.6f}", f"{p.lng:.6f}"])
+            w.writerow([p.uid, p.token, f"{p.lat:.6f}", f"{p.lng:.6f}", p.src])
     return path
 
 
@@ -194,10 +198,16 @@ def read_players(path: str | Path) -> list[Player]:
             if not r:
                 continue
             try:
-                uid, token, lat, lng = r
-                players.append(Player(uid, token, float(lat), float(lng)))
+                uid, token, lat, lng, *src = r
+                if len(src) > 1:
+                    raise ValueError
+                if src and src[0]:
+                    ipaddress.ip_address(src[0])
+                players.append(Player(uid, token, float(lat), float(lng), *src))
             except ValueError:
-                raise ValueError(f"players: {path}:{n}: expected uid,token,lat,lng") from None
+                raise ValueError(
+                    f"players: {path}:{n}: expected uid,token,lat,lng[,source IP]"
+                ) from None
     return players
 
 
@@ -243,7 +253,8 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         players: Sequence[Player] | str | Path, engine: str = "jmeter",
         max_threads: int = MAX_THREADS, think_ms: int | None = None,
         rampup: float | None = None, warmup_s: float = 0.0,
-        out_dir: str | Path | None = None, heap: str = "512m") -> Result:  # fmt: skip
+        out_dir: str | Path | None = None, heap: str = "512m",
+        netns: str | None = None) -> Result:  # fmt: skip
     """Run `plan` ("aggressive" or "mixed") with `users` virtual users for `duration`
     seconds against the game server at host:port (an IP literal) and parse its .jtl.
 
@@ -252,7 +263,8 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
     locustfile.py, for rates JMeter cannot offer on this machine; max_threads is then
     the number of Locust users). think_ms: the mean think time of one mixed user
     (default: the recorded session's). The .jtl, the engine's log and the players CSV
-    stay in out_dir (a temporary directory, removed afterwards, when None).
+    stay in out_dir (a temporary directory, removed afterwards, when None). netns: run
+    the engine inside that network namespace (`ip netns exec`), e.g. the users' one.
     """
     if plan not in PLANS:
         raise ValueError(f"plan: {plan!r} is not one of {', '.join(PLANS)}")
@@ -272,6 +284,15 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
     roster = read_players(players) if isinstance(players, (str, Path)) else list(players)
     if len(roster) < users:
         raise ValueError(f"players: {len(roster)} given, {users} users asked for")
+    for p in roster[:users]:
+        if p.src:
+            try:
+                ipaddress.ip_address(p.src)
+            except ValueError:
+                raise ValueError(f"players: source {p.src!r} is not an IP literal") from None
+            if engine != "jmeter":
+                raise ValueError(f"players: source addresses need engine jmeter, not {engine}")
+    wrap = ["ip", "netns", "exec", netns] if netns else []
     if engine == "jmeter":
         check_installed()
     threads = min(users, max_threads)
@@ -294,9 +315,9 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         jtl.unlink(missing_ok=True)
         cpu = _children_cpu()
         if engine == "jmeter":
-            _run_jmeter(plan, jtl, props, duration, heap)
+            _run_jmeter(plan, jtl, props, duration, heap, wrap)
         else:
-            _run_locust(plan, jtl, props, duration)
+            _run_locust(plan, jtl, props, duration, wrap)
         cpu = round(_children_cpu() - cpu, 3)
         result = parse_jtl(jtl, plan=plan, users=users, threads=threads,
                            target_rate=target, warmup_s=warmup_s)  # fmt: skip
@@ -307,9 +328,10 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         return result
 
 
-def _run_jmeter(plan: str, jtl: Path, props: dict, duration: float, heap: str) -> None:
+def _run_jmeter(plan: str, jtl: Path, props: dict, duration: float, heap: str,
+                wrap: list[str]) -> None:  # fmt: skip
     log = jtl.with_suffix(".log")
-    cmd = command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
+    cmd = wrap + command(PLAN_DIR / f"{plan}.jmx", jtl, log, props, heap)
     proc = _bounded(cmd, duration, cwd=jtl.parent)
     if proc.returncode != 0 or not jtl.is_file():
         tail = (log.read_text()[-2000:] if log.is_file() else "") or proc.stderr[-2000:]
@@ -319,7 +341,7 @@ def _run_jmeter(plan: str, jtl: Path, props: dict, duration: float, heap: str) -
         raise JMeterError("jmeter logged errors: " + " | ".join(errors[:5]))
 
 
-def _run_locust(plan: str, jtl: Path, props: dict, duration: float) -> None:
+def _run_locust(plan: str, jtl: Path, props: dict, duration: float, wrap: list[str]) -> None:
     """locustfile.py headless, one process per core; its per-process .jtl files are
     joined into `jtl`."""
     prefix = jtl.with_suffix("")
@@ -327,7 +349,7 @@ def _run_locust(plan: str, jtl: Path, props: dict, duration: float) -> None:
     threads = int(props["threads"])
     processes = max(1, min(os.cpu_count() or 1, threads))
     cmd = [
-        sys.executable, "-m", "locust", "-f", str(PLAN_DIR / "locustfile.py"), "--headless",
+        *wrap, sys.executable, "-m", "locust", "-f", str(PLAN_DIR / "locustfile.py"), "--headless",
         "--host", f"http://{props['host']}:{props['port']}", "-u", str(threads),
         "-r", str(max(1, math.ceil(threads / max(1, int(props["rampup"]))))),
         "-t", f"{math.ceil(duration)}s", "--stop-timeout", "0", "--only-summary",
@@ -433,14 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--players", type=Path, help="CSV uid,token,lat,lng of users the server holds")
     p.add_argument("--local", action="store_true", help="start a cloud and edge server on loopback")
     p.add_argument("--engine", choices=ENGINES, default="jmeter")
+    p.add_argument("--netns", default=None, help="run the engine in this network namespace")
     p.add_argument("--max-threads", type=int, default=MAX_THREADS)
     p.add_argument("--think-ms", type=int, default=None, help="mean think time of a mixed user")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of samples to leave out")
     p.add_argument("--jtl-dir", type=Path, default=None, help="keep the .jtl and logs here")
     p.add_argument("--out", type=Path, default=None, help="write the Result as JSON here")
     a = p.parse_args(argv)
-    kw = dict(engine=a.engine, max_threads=a.max_threads, think_ms=a.think_ms, warmup_s=a.warmup,
-              out_dir=a.jtl_dir)  # fmt: skip
+    kw = dict(engine=a.engine, netns=a.netns, max_threads=a.max_threads,
+              think_ms=a.think_ms, warmup_s=a.warmup, out_dir=a.jtl_dir)  # fmt: skip
     try:
         if a.local:
             with local_edge(a.users) as (host, port, players):

@@ -87,3 +87,20 @@ def test_locust_runs_the_same_plan_into_the_same_result(edge, tmp_path):
     # every request in the .jtl reached the edge; Locust stops its users mid-request, so
     # each may have had one more on the way that the .jtl does not hold
     assert r.requests <= served <= r.requests + r.threads
+
+
+def test_requests_leave_from_each_players_source_address(edge, tmp_path):
+    """Player one leaves from 127.0.0.2 (a loopback address: served); player two from
+    198.18.0.1, an address this host does not have: JMeter must fail to bind it, so
+    none of its requests are sent at all."""
+    host, port, players = edge
+    one = jmeter.Player(**{**vars(players[0]), "src": "127.0.0.2"})
+    two = jmeter.Player(**{**vars(players[1]), "src": "198.18.0.1"})
+    before = edge_stats(host, port)
+    r = jmeter.run("aggressive", host, port, users=2, duration=2, players=[one, two],
+                   out_dir=tmp_path)  # fmt: skip
+    after = edge_stats(host, port)
+    served = {u: after["by_user"].get(u, 0) - before["by_user"].get(u, 0) for u in after["by_user"]}
+    assert 0 < r.errors < r.requests
+    assert all("BindException" in code for code in r.error_codes), r.error_codes
+    assert served.get(one.uid, 0) == r.requests - r.errors and served.get(two.uid, 0) == 0

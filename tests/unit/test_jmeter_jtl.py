@@ -80,6 +80,9 @@ def test_plans_use_plain_elements_and_the_right_requests(name):
     props = " ".join(e.text or "" for e in root.iter("stringProp"))
     for prop in ("host", "port", "threads", "duration", "users_csv"):
         assert f"${{__P({prop}," in props
+    sources = [e.find("stringProp[@name='HTTPSampler.ipSource']").text
+               for e in root.iter("HTTPSamplerProxy")]  # fmt: skip
+    assert sources == ["${src}"] * len(paths)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -90,6 +93,9 @@ def test_plans_use_plain_elements_and_the_right_requests(name):
     ({"users": 0}, "users"),
     ({"duration": 0}, "duration"),
     ({"engine": "ab"}, "engine"),
+    ({"players": [jmeter.Player("1", "t", 51.5, -0.1, "edge.example")]}, "players"),
+    ({"players": [jmeter.Player("1", "t", 51.5, -0.1, "127.0.0.2")], "engine": "locust"},
+     "players"),
 ])  # fmt: skip
 def test_run_refuses_bad_arguments_before_starting_jmeter(kw, field):
     args = {"plan": "mixed", "host": "127.0.0.1", "port": 8080, "users": 1, "duration": 1,
@@ -100,13 +106,17 @@ def test_run_refuses_bad_arguments_before_starting_jmeter(kw, field):
 
 def test_a_bad_players_csv_is_named_with_its_line(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("1,tok,51.5,-0.1\n2,tok,north,-0.1\n")
-    with pytest.raises(ValueError, match=r"^players: .*p.csv:2: expected uid,token,lat,lng"):
-        jmeter.read_players(path)
+    for bad in ("2,tok,north,-0.1", "2,tok,51.5,-0.1,somehost", "2,tok,51.5,-0.1,,x", "2,tok"):
+        path.write_text(f"1,tok,51.5,-0.1\n{bad}\n")
+        with pytest.raises(ValueError, match=r"^players: .*p.csv:2: expected uid,token,lat,lng"):
+            jmeter.read_players(path)
+    path.write_text("1,tok,51.5,-0.1\n2,tok,51.5,-0.1,198.18.0.7\n")
+    assert [p.src for p in jmeter.read_players(path)] == ["", "198.18.0.7"]
 
 
 def test_players_csv_round_trip(tmp_path):
-    players = [jmeter.Player(str(i), f"tok{i}", *jmeter.spot(i)) for i in range(300)]
+    players = [jmeter.Player(str(i), f"tok{i}", *jmeter.spot(i), src=f"198.18.{i // 256}.{i % 256}")
+               for i in range(300)]  # fmt: skip
     path = jmeter.write_players(tmp_path / "p.csv", players)
     assert jmeter.read_players(path) == players
     assert len({(p.lat, p.lng) for p in players}) == 300  # every user at its own spot

@@ -82,7 +82,7 @@ class PlayerTurns(FastHttpUser):
 
     @task
     def iteration(self) -> None:
-        uid, token, lat, lng = next(ROSTER)
+        uid, token, lat, lng = next(ROSTER)[:4]  # run() refuses source addresses here
         headers = {"X-User": uid, "X-Token": token, "Content-Type": "application/json"}
         for step in PLANS[PLAN]:
             if PLAN == "mixed":

@@ -12,7 +12,8 @@ HeaderManager, HTTPSamplerProxy, UniformRandomTimer), so that they load in Debia
 JMeter 2.13 and in current 5.x alike. Everything that changes between runs is a JMeter
 property (`-Jname=value`): host, port (IP literal: JMeter must not look up names),
 threads, duration, rampup, users_csv, pause_ms, pause_jitter_ms. Each iteration reads the
-next line of users_csv (`uid,token,lat,lng`, shared by all threads, recycled), so a plan
+next line of users_csv (`uid,token,lat,lng,src`, shared by all threads, recycled; src is
+the request's source address, an IP literal or empty), so a plan
 with fewer threads than users plays every user in turn: that is how bench.jmeter
 multiplexes thousands of virtual users onto a few threads.
 
@@ -109,7 +110,7 @@ def build(name: str, think_ms: int) -> ET.ElementTree:
 
     csv = _element(group_tree, "CSVDataSet", "TestBeanGUI", "CSVDataSet", "users_csv")
     for key, value in (("filename", "${__P(users_csv,users.csv)}"), ("fileEncoding", "UTF-8"),
-                       ("variableNames", "uid,token,lat,lng"), ("delimiter", ","),
+                       ("variableNames", "uid,token,lat,lng,src"), ("delimiter", ","),
                        ("quotedData", "false"), ("recycle", "true"), ("stopThread", "false"),
                        ("shareMode", "shareMode.all")):  # fmt: skip
         kind = "boolProp" if value in ("true", "false") else "stringProp"
@@ -155,7 +156,8 @@ def build(name: str, think_ms: int) -> ET.ElementTree:
             sargs.set("guiclass", "HTTPArgumentsPanel")
             sargs.set("testclass", "Arguments")
         for key, value in (("HTTPSampler.path", path), ("HTTPSampler.method", method),
-                           ("HTTPSampler.contentEncoding", "UTF-8")):  # fmt: skip
+                           ("HTTPSampler.contentEncoding", "UTF-8"),
+                           ("HTTPSampler.ipSource", "${src}")):  # fmt: skip
             _prop(sampler, "stringProp", key, value)
         for key, value in (("HTTPSampler.follow_redirects", "false"),
                            ("HTTPSampler.auto_redirects", "false"),
