@@ -5,6 +5,9 @@ latencies, and the edge's own request counts must agree with it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import requests
 
@@ -104,3 +107,22 @@ def test_requests_leave_from_each_players_source_address(edge, tmp_path):
     assert 0 < r.errors < r.requests
     assert all("BindException" in code for code in r.error_codes), r.error_codes
     assert served.get(one.uid, 0) == r.requests - r.errors and served.get(two.uid, 0) == 0
+
+
+def test_netns_runs_the_engine_inside_the_namespace(edge, tmp_path):
+    """In a fresh namespace 127.0.0.1 is that namespace's own loopback, where nothing
+    listens: every request is refused there, and the edge outside sees none of them."""
+    host, port, players = edge
+    ns = f"enorm-tjm-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        before = edge_stats(host, port)
+        r = jmeter.run("aggressive", host, port, users=1, duration=1, players=players,
+                       netns=ns, out_dir=tmp_path)  # fmt: skip
+        after = edge_stats(host, port)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
+    assert r.requests > 0 and r.errors == r.requests
+    assert all("ConnectException" in code for code in r.error_codes), r.error_codes
+    assert after["requests"] == before["requests"] + 1  # only the /stats call between
