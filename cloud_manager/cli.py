@@ -365,12 +365,13 @@ def demo(users: int, n_offload: int, objective_ms: float) -> None:
 
 def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: int,
           objective_ms: float) -> None:  # fmt: skip
-    from cloud_manager import CloudManager, EdgeClient, pokemon_app
+    from cloud_manager import CloudManager, EdgeClient
     from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
     from enorm import datasync
     from enorm.protocol import DataSink
     from games.pokemon import cloud as game_cloud
     from games.pokemon import keys
+    from games.pokemon.app import app as pokemon_app
     from games.pokemon.client import GameClient
 
     with stages("edge node up") as note:
