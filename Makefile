@@ -24,3 +24,4 @@ bench: setup
 	.venv/bin/python -m bench.provisioning
 	.venv/bin/python -m bench.autoscaling
 	.venv/bin/python -m bench.deployment
+	.venv/bin/python -m bench.jmeter_engines

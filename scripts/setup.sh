@@ -23,6 +23,34 @@ if [ ${#missing[@]} -gt 0 ]; then
         --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# JMeter (bench/jmeter.py): Debian's 2.13 cannot load a plan with bookworm's xstream 1.4.20
+# (it forbids JMeter's classes), so the runner puts bullseye's xstream 1.4.15 first on the
+# class path. That one jar is fetched through a private apt configuration (its own sources
+# list, lists and cache in a temporary directory): the machine's apt sources stay as they are.
+jmeter_jar=/usr/share/jmeter/bin/ApacheJMeter.jar
+xstream_jar=/var/cache/enorm/jmeter/xstream-1.4.15.jar
+if [ ! -f $jmeter_jar ] || ! dpkg-query -W -f='${Status}' jmeter-http 2>/dev/null | grep -q "ok installed"; then
+    echo "setup: installing jmeter"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends jmeter jmeter-http default-jre-headless >/dev/null
+fi
+if [ ! -f $xstream_jar ]; then
+    echo "setup: fetching xstream 1.4.15 (bullseye) for jmeter"
+    tmp=$(mktemp -d /tmp/enorm-xstream.XXXXXX)
+    trap 'rm -rf "$tmp"' EXIT
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main" \
+        > "$tmp/sources.list"
+    mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+    aptopts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+             -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache" -o APT::Sandbox::User=root)
+    apt-get "${aptopts[@]}" update -qq
+    (cd "$tmp" && apt-get "${aptopts[@]}" download -qq libxstream-java=1.4.15-3+deb11u2)
+    dpkg-deb -x "$tmp"/libxstream-java_*.deb "$tmp/x"
+    mkdir -p "$(dirname $xstream_jar)"
+    cp "$tmp/x/usr/share/java/xstream.jar" "$xstream_jar.part" && mv "$xstream_jar.part" "$xstream_jar"
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"

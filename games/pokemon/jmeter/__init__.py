@@ -1,0 +1,1 @@
+"""JMeter plans of the game (see plans.py and README.md)."""
