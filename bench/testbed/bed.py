@@ -5,9 +5,10 @@
         dep = bed.offload(users)  # the cloud manager deploys the edge server
 
 Layout for edge node i (`bed<i>`): the host's root namespace is the edge node (real
-`enorm serve`, bridge `enbd<i>`, subnet 10.86.<10+i>.0/24 (10.86.0.0/24 is bench.autoscaling's), API on port 18700+i, container
-ports 28700+100i..+99); its users live in namespace `enbdu<i>` (198.18.<i>.0/24, one
-address per user, default route via the node). The cloud namespace `enbdc` (10.86.255.0/30)
+`enorm serve`, bridge `enbd<i>`, subnet 10.86.<10+i>.0/24 (10.86.0.0/24 is
+bench.autoscaling's), API on port 18700+i, container ports 28700+100i..+99); its users
+live in namespace `enbdu<i>` (198.18.<i>.0/24, one address per user, default route via
+the node). The cloud namespace `enbdc` (10.86.255.0/30)
 holds the cloud game server, its Redis and the cloud manager, held to one core. A user
 going to the cloud crosses the access link and then the WAN link, as on a real path.
 Everything is removed by `close`, also after a failure, SIGTERM or interpreter exit.
