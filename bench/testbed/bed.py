@@ -49,6 +49,7 @@ class EdgeBed:
 
 
 class Testbed:
+    __test__ = False  # not a pytest class
     def __init__(self, nodes: int = 1, users_per_node: int = 64, node_cores: float = 1.0,
                  node_memory_mb: int = 1024, unit_cores: float = 1.0, unit_memory_mb: int = 200,
                  cloud_cores: float = 1.0, **node_settings):  # fmt: skip
