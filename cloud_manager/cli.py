@@ -1,24 +1,33 @@
-"""`enorm-cloud`: the cloud side's commands. `enorm-cloud demo` runs the whole cycle on
-this machine: an edge node, a cloud Redis and cloud game server, users, handshake ->
-deploy -> play -> auto-scale -> terminate with the data merged back, each stage timed.
+"""`enorm-cloud`: the cloud side's commands, a thin layer over the cloud-manager library.
+
+`nodes`, `offload`, `deployments`, `where` and `withdraw` read a config file (edge nodes,
+their tokens, the cloud Redis, the app; see cloud_manager/config.py) and keep a ledger of
+deployments in the cloud Redis, so one invocation sees what another did. `demo` runs the
+whole cycle on this machine: an edge node, a cloud Redis and game server, users,
+handshake -> deploy -> play -> auto-scale -> terminate with the data merged back.
+
+Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 an edge node does not answer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 import requests
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+from enorm import output
+from enorm.output import EXIT_UNREACHABLE, EXIT_USAGE, fail
+
+from . import config as cloud_config
 
 DEMO_TOKEN = "demo-token"
 DEMO_OWNER = "demo-cloud"
@@ -28,36 +37,297 @@ PARIS = (48.8566, 2.3522)
 
 @click.group()
 def main() -> None:
-    """The cloud manager's tools."""
+    """The cloud manager's tools.
+
+    \b
+    Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 an edge node does not answer.
+    Piped, tables become tab-separated lines; --json gives JSON.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+
+
+config_option = click.option(
+    "--config", "-c", "config_path", envvar="ENORM_CLOUD_CONFIG",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"the cloud side's config (TOML); default {cloud_config.DEFAULT_PATH}")
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+def _config(path: Path | None) -> cloud_config.CloudConfig:
+    try:
+        return cloud_config.load(path)
+    except cloud_config.ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+class Cloud:
+    """The library objects one command needs, built from the config and closed after."""
+
+    def __init__(self, cfg: cloud_config.CloudConfig) -> None:
+        from cloud_manager import EdgeClient
+        from enorm import datasync
+
+        from .ledger import Ledger
+
+        self.cfg = cfg
+        try:
+            self.edges = {n.name: EdgeClient(n.url, n.bearer(), name=n.name) for n in cfg.nodes}
+        except cloud_config.ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        self.redis = datasync.connect(cfg.cloud_redis, cluster=cfg.cluster)
+        self.ledger = Ledger(self.redis)
+
+    def manager(self, only: str | None = None):
+        from cloud_manager import CloudManager
+        from enorm.protocol import DataSink
+
+        try:
+            app = self.cfg.app_factory()(self.redis, **self.cfg.app_options)
+        except cloud_config.ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except TypeError as exc:
+            fail(f"app_options: {exc}", EXIT_USAGE)
+        edges = [self.edges[only]] if only else list(self.edges.values())
+        return CloudManager(
+            edges, app, cloud_redis=self.redis,
+            sink=DataSink(url=self.cfg.sink_url or self.cfg.cloud_redis,
+                          cluster=self.cfg.cluster, shared_patterns=app.shared_patterns),
+            callback_url=self.cfg.callback_url, priority=self.cfg.priority,
+            latency_objective_ms=self.cfg.latency_objective_ms)
+
+    def close(self) -> None:
+        for e in self.edges.values():
+            e.close()
+        self.redis.close()
+
+
+@contextlib.contextmanager
+def cloud(path: Path | None) -> Iterator[Cloud]:
+    from enorm import datasync
+
+    c = Cloud(_config(path))
+    try:
+        yield c
+    except datasync.SyncError as exc:
+        fail(f"cloud Redis: {exc}")
+    except Exception as exc:
+        import redis
+
+        if isinstance(exc, redis.RedisError):
+            fail(f"cloud Redis {c.cfg.cloud_redis}: {exc}", EXIT_UNREACHABLE)
+        raise
+    finally:
+        c.close()
+
+
+def _res(r: Any) -> str:
+    return f"{r.cores:g} cores / {r.memory_mb} MB"
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@config_option
+@json_option
+def nodes(config_path: Path | None, as_json: bool) -> None:
+    """The configured edge nodes and their offers (free resources, unit, policy)."""
+    from cloud_manager import EdgeError
+
+    rows, data, unreachable = [], [], 0
+    with cloud(config_path) as c:
+        for name, edge in c.edges.items():
+            try:
+                o = edge.offer()
+            except EdgeError as exc:
+                unreachable += 1
+                data.append({"name": name, "url": edge.url, "error": str(exc)})
+                rows.append((name, edge.url, "unreachable", "", "", "", ""))
+                continue
+            data.append({"name": name, "url": edge.url, "offer": o.model_dump(mode="json")})
+            rows.append((name, edge.url, "up", _res(o.free), _res(o.unit), o.servers,
+                         o.admission))
+    if as_json:
+        _emit_json(data)
+    else:
+        output.table("edge nodes", ("name", "url", "state", "free", "unit", "servers",
+                                    "admission"), rows)
+    if unreachable == len(data):
+        sys.exit(EXIT_UNREACHABLE)
+
+
+def _parse_users(users: tuple[str, ...]):
+    from pydantic import ValidationError
+
+    from enorm.protocol import User
+
+    out = []
+    for u in users:
+        uid, _, addr = u.partition("=")
+        try:
+            out.append(User(id=uid, address=addr or "127.0.0.1"))
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise click.BadParameter(f"{u}: {e['loc'][0]}: {e['msg']}",
+                                     param_hint="USERS") from None
+    return out
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--node", help="this node only (default: the first that admits)")
+@click.argument("users", nargs=-1, required=True)
+def offload(config_path: Path | None, as_json: bool, node: str | None,
+            users: tuple[str, ...]) -> None:
+    """Offload USERS (ID or ID=ADDRESS) of the app to an edge server."""
+    from cloud_manager import DeployError, NoEdgeAvailable
+
+    from .ledger import Entry
+
+    parsed = _parse_users(users)
+    with cloud(config_path) as c:
+        if node is not None:
+            try:
+                c.cfg.node(node)
+            except cloud_config.ConfigError as exc:
+                fail(str(exc), EXIT_USAGE)
+        mgr = c.manager(only=node)
+        output.progress(f"offloading {len(parsed)} users of {mgr.app.name} ...")
+        try:
+            dep = mgr.offload(parsed)
+        except NoEdgeAvailable as exc:
+            gone = all(r.startswith("unreachable") for r in exc.refusals.values())
+            fail(str(exc), EXIT_UNREACHABLE if gone else 1)
+        except DeployError as exc:
+            fail(f"deployment failed (server withdrawn): {exc}")
+        finally:
+            mgr.close()
+        c.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=mgr.app.name,
+                              url=dep.url, users=dep.users))
+    result = {"server_id": dep.server_id, "node": dep.edge.name, "url": dep.url,
+              "users": dep.users, "refused": dep.refused,
+              "keys_copied": dep.copy.keys if dep.copy else 0,
+              "timings_s": {k: round(v, 4) for k, v in dep.timings.items()}}
+    if as_json:
+        _emit_json(result)
+    else:
+        output.line(f"server {dep.server_id} on {dep.edge.name} serves {len(dep.users)} users "
+                    f"at {dep.url} ({result['keys_copied']} keys copied, "
+                    f"{dep.timings['total']:.2f} s)")
+
+
+@main.command()
+@config_option
+@json_option
+def deployments(config_path: Path | None, as_json: bool) -> None:
+    """Edge servers serving this cloud's users, with their state on the node now."""
+    from cloud_manager import EdgeError
+
+    rows, data = [], []
+    with cloud(config_path) as c:
+        for e in c.ledger.all():
+            edge = c.edges.get(e.node)
+            state, limits = "unknown node", None
+            if edge is not None:
+                try:
+                    info = edge.server(e.server_id)
+                    state = "gone" if info is None else info.state
+                    limits = None if info is None else info.limits
+                except EdgeError:
+                    state = "node unreachable"
+            data.append({**e.__dict__, "state": state,
+                         "limits": limits.model_dump() if limits else None})
+            rows.append((e.server_id, e.node, e.app, len(e.users), e.url, state,
+                         _res(limits) if limits else ""))
+    if as_json:
+        _emit_json(data)
+    else:
+        output.table("deployments", ("server", "node", "app", "users", "url", "state",
+                                     "limits"), rows)
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("user")
+def where(config_path: Path | None, as_json: bool, user: str) -> None:
+    """Which server serves USER: an edge server, or the cloud."""
+    with cloud(config_path) as c:
+        e = c.ledger.where(user)
+    data = {"user": user, "served_by": "cloud" if e is None else "edge",
+            **({} if e is None else {"server_id": e.server_id, "node": e.node, "url": e.url})}
+    if as_json:
+        _emit_json(data)
+    elif e is None:
+        output.line(f"{user}: cloud")
+    else:
+        output.line(f"{user}: edge server {e.server_id} on {e.node} at {e.url}")
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("server_id")
+def withdraw(config_path: Path | None, as_json: bool, server_id: str) -> None:
+    """Bring a server's users home; the edge merges their data back, then destroys it."""
+    from cloud_manager import Deployment, EdgeError
+    from enorm.protocol import Access, Resources, SetupResponse
+
+    with cloud(config_path) as c:
+        e = c.ledger.get(server_id)
+        if e is None:
+            fail(f"server_id: no deployment {server_id} in the ledger", EXIT_USAGE)
+        if e.node not in c.edges:
+            fail(f"server_id: its node {e.node} is not in the config", EXIT_USAGE)
+        mgr = c.manager(only=e.node)
+        edge = c.edges[e.node]
+        setup = SetupResponse(server_id=e.server_id, container="", address="",
+                              access=Access(host="", port=0), ports={}, limits=Resources(
+                                  cores=0, memory_mb=0), redis_password="")
+        dep = Deployment(edge=edge, setup=setup, users=e.users, url=e.url)
+        output.progress(f"withdrawing {server_id} from {e.node} (data merged back) ...")
+        try:
+            dep = mgr.withdraw(dep)
+        except EdgeError as exc:
+            fail(str(exc), EXIT_UNREACHABLE if exc.status is None else 1)
+        if dep.state != "migration_pending":
+            c.ledger.forget(server_id)
+    data = {"server_id": server_id, "state": dep.state, "keys_migrated": dep.keys_migrated,
+            "confirmed": dep.confirmed}
+    if as_json:
+        _emit_json(data)
+    else:
+        output.line(f"{server_id}: {dep.state}, {dep.keys_migrated} keys merged back, "
+                    f"data on the cloud: {'confirmed' if dep.confirmed else 'NOT confirmed'}")
+    if dep.state == "migration_pending":
+        fail("the merge failed; the edge keeps the data and retries")
 
 
 class Stages:
+    """The demo's stages: one whole progress line each, then a table of them all."""
+
     def __init__(self) -> None:
         self.rows: list[tuple[str, float, str]] = []
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[dict]:
         note: dict[str, str] = {}
-        console.print(f"[bold cyan]>[/] {name} ...", highlight=False)
+        output.progress(f"{name} ...")
         t = time.perf_counter()
         try:
             yield note
         except BaseException:
-            self.rows.append((name, time.perf_counter() - t, "[red]failed[/]"))
+            self.rows.append((name, time.perf_counter() - t, "failed"))
             raise
         dt = time.perf_counter() - t
         self.rows.append((name, dt, note.get("detail", "")))
-        console.print(f"  [green]done[/] in {dt:.2f} s  {note.get('detail', '')}",
-                      highlight=False)
+        output.progress(f"  done in {dt:.2f} s  {note.get('detail', '')}")
 
-    def table(self) -> Table:
-        t = Table(title="enorm demo: stages")
-        t.add_column("stage")
-        t.add_column("seconds", justify="right")
-        t.add_column("detail")
-        for name, dt, detail in self.rows:
-            t.add_row(name, f"{dt:.2f}", detail)
-        return t
+    def table(self) -> None:
+        output.table("enorm demo: stages", ("stage", "seconds", "detail"),
+                     [(n, f"{dt:.2f}", d) for n, dt, d in self.rows])
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -83,28 +353,35 @@ def demo(users: int, n_offload: int, objective_ms: float) -> None:
             _demo(stack, stages, users, n_offload, objective_ms)
             ok = True
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: cleaning up[/]")
+            output.progress("interrupted: cleaning up")
         except Exception as exc:  # noqa: BLE001 (reported, then cleaned up)
-            console.print(f"[red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+            output.progress(f"failed: {type(exc).__name__}: {exc}")
         finally:
             with stages("clean up"):
                 stack.close()
-    console.print(stages.table())
+    stages.table()
     sys.exit(0 if ok else 1)
 
 
 def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: int,
           objective_ms: float) -> None:  # fmt: skip
-    from cloud_manager import CloudManager, EdgeClient, pokemon_app
+    from cloud_manager import CloudManager, EdgeClient
     from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
+    from enorm import config as node_config
     from enorm import datasync
     from enorm.protocol import DataSink
     from games.pokemon import cloud as game_cloud
     from games.pokemon import keys
+    from games.pokemon.app import app as pokemon_app
     from games.pokemon.client import GameClient
 
     with stages("edge node up") as note:
-        node = LocalEdgeNode(tokens={DEMO_TOKEN: DEMO_OWNER}, basic_service="reserve")
+        # The containers reach the cloud game server (on this machine) at their gateway,
+        # and nothing else on the host: the node allows that one port.
+        port = free_port("0.0.0.0")
+        gateway = node_config.load(None).gateway
+        node = LocalEdgeNode(tokens={DEMO_TOKEN: DEMO_OWNER}, basic_service="reserve",
+                             container_egress=[f"{gateway}/32:{port}"])
         stack.callback(node.close)
         node.start()
         offer = EdgeClient(node.url, DEMO_TOKEN, name=node.config.name).offer()
@@ -116,7 +393,6 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
         store = LocalRedis()
         stack.callback(store.close)
         cloud_redis = datasync.connect(store.url)
-        port = free_port("0.0.0.0")
         url = f"http://127.0.0.1:{port}"
         app = game_cloud.create_app(cloud_redis, public_url=url)
         manager = CloudManager(
@@ -177,14 +453,13 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
         round_ = r.json()
         for s in round_.get("servers", []):
             lat = s.get("latency_ms")
-            console.print(f"  server {s['id']}: latency "
-                          f"{'n/a' if lat is None else f'{lat:.1f}'} ms, objective "
-                          f"{s['objective_ms']:g} ms, users {s['users']}, limits "
-                          f"{s['limits']['cores']:g} cores / {s['limits']['memory_mb']} MB",
-                          highlight=False)
+            output.progress(f"  server {s['id']}: latency "
+                            f"{'n/a' if lat is None else f'{lat:.1f}'} ms, objective "
+                            f"{s['objective_ms']:g} ms, users {s['users']}, limits "
+                            f"{s['limits']['cores']:g} cores / {s['limits']['memory_mb']} MB")
         plan = round_.get("plan", [])
         for a in plan:
-            console.print(f"  plan: {a}", highlight=False)
+            output.progress(f"  plan: {a}")
         note["detail"] = ("plan: " + ", ".join(a["action"] for a in plan)) if plan \
             else "plan: nothing to do (latency within objective)"
         if round_.get("error"):
@@ -200,7 +475,7 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
                 edge.close()
             manager.withdraw(dep)
         else:  # the auto-scaler terminated it; the event brought the users home
-            console.print(f"  the edge terminated {dep.server_id} itself ({dep.end_reason})")
+            output.progress(f"  the edge terminated {dep.server_id} itself ({dep.end_reason})")
         if dep.state == "migration_pending":
             raise RuntimeError("the data could not be merged back (kept on the edge)")
         cloud_now = datasync._read_typed(cloud_redis, list(edge_keys), "destination")  # noqa: SLF001

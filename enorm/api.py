@@ -13,13 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from enorm import protocol
+from enorm import dashboard, protocol
+from enorm.events import decide
 from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
+from enorm.metrics import NodeMetrics
 
 OPERATOR = "operator"
 
@@ -45,6 +47,10 @@ def _json(model: BaseModel | list, status: int = 200) -> Response:
 
 def _manager() -> EdgeManager:
     return current_app.extensions["enorm"]
+
+
+def _metrics_of() -> NodeMetrics:
+    return current_app.extensions["enorm.metrics"]
 
 
 def _owner_filter() -> str | None:
@@ -81,9 +87,12 @@ def create_server() -> Response:
     try:
         resp = _manager().handshake(req, g.owner)
     except Rejected as r:
+        _metrics_of().handshake(False, r.reason)
+        decide("rejected", r.reason, owner=g.owner, app=req.app, priority=req.priority,
+               detail=r.detail)
         body = protocol.Rejection(error=r.reason, detail=r.detail, free=r.free)  # type: ignore[arg-type]
         return _json(body, 409)
-    current_app.extensions["enorm.metrics"]["handshake"].observe(time.perf_counter() - t0)
+    _metrics_of().handshake(True, "", time.perf_counter() - t0)
     return _json(resp, 201)
 
 
@@ -102,7 +111,7 @@ def delete_server(sid: str) -> Response:
     """The cloud's override: withdraw a server (its data is merged back first)."""
     t0 = time.perf_counter()
     result = _manager().terminate(sid, reason="cloud_withdrawal", owner=_owner_filter())
-    current_app.extensions["enorm.metrics"]["terminate"].observe(time.perf_counter() - t0)
+    _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
     return _json(result, 202 if result.pending else 200)
 
 
@@ -117,6 +126,13 @@ def events() -> Response:
     evs = _manager().store.events(limit=limit, server_id=request.args.get("server"),
                                   owner=_owner_filter())
     return _json(evs)
+
+
+@bp.get("/dashboard")
+def dashboard_view() -> Response:
+    """What the dashboard page shows: node history, servers, decisions (read-only)."""
+    return jsonify(dashboard.view(_manager(), _metrics_of(),
+                                  current_app.extensions["enorm.history"], _owner_filter()))
 
 
 @bp.post("/autoscale")
@@ -135,24 +151,6 @@ def _validation_error(exc: ValidationError) -> Response:
     field = ".".join(str(p) for p in err["loc"]) or "body"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return _error(400, "bad_request", f"{err['msg']}{more}", field)
-
-
-def _metrics(app: Flask, manager: EdgeManager) -> dict[str, Any]:
-    reg = CollectorRegistry()
-    free_cores = Gauge("enorm_free_cores", "Cores free for edge servers", registry=reg)
-    free_mem = Gauge("enorm_free_memory_mb", "Memory free for edge servers", registry=reg)
-    servers = Gauge("enorm_servers", "Edge servers on this node", registry=reg)
-    free_cores.set_function(lambda: manager.free().cores)
-    free_mem.set_function(lambda: manager.free().memory_mb)
-    servers.set_function(lambda: len(manager.store.servers()))
-    buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-    return {
-        "registry": reg,
-        "handshake": Histogram("enorm_handshake_seconds", "Handshake duration",
-                               registry=reg, buckets=buckets),
-        "terminate": Histogram("enorm_terminate_seconds", "Termination duration",
-                               registry=reg, buckets=buckets),
-    }
 
 
 def openapi() -> dict:
@@ -223,8 +221,12 @@ def openapi() -> dict:
                                        "responses": {"200": {"description": "round"},
                                                      "403": err}}},
             "/healthz": {"get": {"security": [], "responses": {"200": {"description": "ok"}}}},
-            "/metrics": {"get": {"security": [],
-                                 "responses": {"200": {"description": "Prometheus text"}}}},
+            "/v1/dashboard": {"get": {"summary": "The dashboard's view (read-only)",
+                                      "responses": {"200": {"description": "view"},
+                                                    "401": err}}},
+            "/metrics": {"get": {"summary": "Prometheus text (operator token)",
+                                 "responses": {"200": {"description": "Prometheus text"},
+                                               "401": err, "403": err}}},
         },
     }
 
@@ -235,12 +237,17 @@ def create_app(
     tokens: dict[str, str],
     operator_token: str,
     autoscale: Callable[[], dict] | None = None,
+    metrics: NodeMetrics | None = None,
 ) -> Flask:
     """A fresh app around one Edge Manager; tests build their own."""
     app = Flask("enorm")
     app.config["ENORM_TOKENS"] = {**tokens, operator_token: OPERATOR}
     app.extensions["enorm"] = manager
-    app.extensions["enorm.metrics"] = metrics = _metrics(app, manager)
+    if metrics is None:
+        metrics = NodeMetrics(manager)
+    manager.events.listeners.append(metrics.on_event)
+    app.extensions["enorm.metrics"] = metrics
+    app.extensions["enorm.history"] = dashboard.History()
     if autoscale is not None:
         app.extensions["enorm.autoscale"] = autoscale
     app.register_blueprint(bp, url_prefix="/v1")
@@ -260,7 +267,15 @@ def create_app(
 
     @app.get("/metrics")
     def _metrics_view() -> Response:
-        return Response(generate_latest(metrics["registry"]), mimetype=CONTENT_TYPE_LATEST)
+        # Per-server series name tenants: only the operator's scraper may read them.
+        denied = _authenticate()
+        if denied is not None:
+            return denied
+        if g.owner != OPERATOR:
+            return _error(403, "forbidden", "only the operator token may read /metrics")
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    app.register_blueprint(dashboard.page)
 
     app.register_error_handler(ValidationError, _validation_error)
     app.register_error_handler(NotFound, lambda e: _error(404, "not_found",

@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import requests
-from rich.console import Console
-from rich.table import Table
 
 from enorm import config as config_mod
+from enorm import output
+from enorm.output import EXIT_UNREACHABLE, EXIT_USAGE, fail
 
 DEFAULT_CONFIG = Path("/etc/enorm/node.toml")
-# Piped output (scripts, logs) gets whole lines rather than 80 columns of folded cells.
-console = Console(width=None if sys.stdout.isatty() else 200)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    sys.exit(code)
 
 
 def load_config(path: str | None) -> config_mod.NodeConfig:
@@ -35,7 +27,7 @@ def load_config(path: str | None) -> config_mod.NodeConfig:
     try:
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_USAGE)
 
 
 class Client:
@@ -56,7 +48,8 @@ class Client:
         try:
             resp = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 60), **kw)
         except requests.ConnectionError:
-            fail(f"the daemon does not answer at {self.url} (is `enorm serve` running?)")
+            fail(f"the daemon does not answer at {self.url} (is `enorm serve` running?)",
+                 EXIT_UNREACHABLE)
         if resp.status_code >= 400:
             try:
                 body = resp.json()
@@ -75,13 +68,34 @@ config_option = click.option(
 )
 
 
+def setup_logging(verbose: bool, as_json: bool) -> None:
+    """Plain lines by default; with JSON, one object per line (decisions carry their
+    `decision`, `reason` and `fields` as keys) for a log shipper."""
+    handler = logging.StreamHandler()
+    if as_json:
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="log more")
-def main(verbose: bool) -> None:
-    """Edge NOde Resource Management: the edge node's daemon and tools."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+@click.option("--log-json", is_flag=True, envvar="ENORM_LOG_JSON",
+              help="log one JSON object per line")
+def main(verbose: bool, log_json: bool) -> None:
+    """Edge NOde Resource Management: the edge node's daemon and tools.
+
+    \b
+    Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 the daemon does not answer.
+    Piped, tables become tab-separated lines; --json where offered gives JSON.
+    """
+    setup_logging(verbose, log_json)
 
 
 @main.command()
@@ -97,8 +111,8 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
         d = Daemon.open(cfg, background=not no_autoscale)
     except Exception as exc:
         fail(f"cannot start node {cfg.name}: {exc}")
-    console.print(f"node {cfg.name}: reconciled {json.dumps(d.reconciled)}", highlight=False)
-    console.print(f"node {cfg.name}: serving on {cfg.url}", highlight=False)
+    output.progress(f"node {cfg.name}: reconciled {json.dumps(d.reconciled)}")
+    output.progress(f"node {cfg.name}: serving on {cfg.url}")
     try:
         d.serve()
     finally:
@@ -109,16 +123,15 @@ def _res(r: dict) -> str:
     return f"{r['cores']:g} cores / {r['memory_mb']} MB"
 
 
-def _servers_table(servers: list[dict]) -> Table:
-    t = Table(title="edge servers")
-    for col in ("id", "app", "owner", "priority", "state", "address", "access", "ports",
-                "limits", "users"):
-        t.add_column(col, overflow="fold")
-    for s in servers:
-        ports = ", ".join(f"{c}->{h}" for c, h in s["ports"].items())
-        t.add_row(s["id"], s["app"], s["owner"], str(s["priority"]), s["state"], s["address"],
-                  str(s["access_port"]), ports, _res(s["limits"]), str(s["users"]))
-    return t
+SERVER_COLUMNS = ("id", "app", "owner", "priority", "state", "address", "access", "ports",
+                  "limits", "users")
+
+
+def _servers_table(servers: list[dict]) -> None:
+    rows = [(s["id"], s["app"], s["owner"], s["priority"], s["state"], s["address"],
+             s["access_port"], ", ".join(f"{c}->{h}" for c, h in s["ports"].items()),
+             _res(s["limits"]), s["users"]) for s in servers]
+    output.table("edge servers", SERVER_COLUMNS, rows)
 
 
 @main.command()
@@ -132,14 +145,12 @@ def status(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"node": node, "servers": servers}, indent=2))
         return
-    t = Table(title=f"node {node['name']} ({node['admission']} admission)")
-    t.add_column("")
-    t.add_column("resources")
-    for k in ("capacity", "reserved", "basic_service", "allocated", "free", "unit"):
-        t.add_row(k.replace("_", " "), _res(node[k]))
-    t.add_row("host ports free", str(node["ports_free"]))
-    console.print(t)
-    console.print(_servers_table(servers))
+    rows: list[tuple] = [("node", node["name"]), ("admission", node["admission"])]
+    rows += [(k.replace("_", " "), _res(node[k]))
+            for k in ("capacity", "reserved", "basic_service", "allocated", "free", "unit")]
+    rows.append(("host ports free", node["ports_free"]))
+    output.table(f"node {node['name']}", ("resource", "amount"), rows)
+    _servers_table(servers)
 
 
 @main.command()
@@ -151,7 +162,7 @@ def servers(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        console.print(_servers_table(data))
+        _servers_table(data)
 
 
 @main.command()
@@ -161,19 +172,26 @@ def terminate(config_path: str | None, server_ids: tuple[str, ...]) -> None:
     """Terminate servers (their data is merged back to the cloud first)."""
     c = Client(load_config(config_path))
     for sid in server_ids:
+        if len(server_ids) > 1:
+            output.progress(f"terminating {sid} ...")
         r = c.call("DELETE", f"/v1/servers/{sid}")
-        console.print(f"{sid}: terminated {r['terminated']}, pending {r['pending']}, "
-                      f"keys migrated {r['keys_migrated']}", highlight=False)
+        output.line(f"{sid}: terminated {r['terminated']}, pending {r['pending']}, "
+                    f"keys migrated {r['keys_migrated']}")
 
 
 @main.command()
 @config_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
-def events(config_path: str | None, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def events(config_path: str | None, limit: int, as_json: bool) -> None:
     """Recent events (launch, scale, terminate), newest first."""
-    for e in Client(load_config(config_path)).call("GET", f"/v1/events?limit={limit}"):
-        console.print(f"{e['at']:.3f} {e['type']:<24} {e['server_id']} {e['app']} "
-                      f"{e['reason']} {json.dumps(e['data'])}", highlight=False)
+    evs = Client(load_config(config_path)).call("GET", f"/v1/events?limit={limit}")
+    if as_json:
+        click.echo(json.dumps(evs, indent=2))
+        return
+    output.table("events", ("at", "type", "server", "app", "reason", "data"),
+                 [(f"{e['at']:.3f}", e["type"], e["server_id"], e["app"], e["reason"],
+                   json.dumps(e["data"])) for e in evs])
 
 
 @main.command()
@@ -187,7 +205,7 @@ def autoscale(config_path: str | None, once: bool) -> None:
 
 @main.command()
 @config_option
-@click.option("--keep-bridge", is_flag=True, help="leave the bridge and its route guard")
+@click.option("--keep-bridge", is_flag=True, help="leave the bridge (its route guard stays anyway)")
 def down(config_path: str | None, keep_bridge: bool) -> None:
     """Decommission the node: terminate every server, then remove chains and the store.
 
@@ -204,8 +222,11 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
         pass
     d = Daemon.open(cfg, background=False)
     try:
+        n = len(d.manager.store.servers())
+        if n:
+            output.progress(f"terminating {n} servers (data merged back first) ...")
         r = d.manager.shutdown_node()
-        console.print(f"terminated {r.terminated}, pending {r.pending}", highlight=False)
+        output.line(f"terminated {r.terminated}, pending {r.pending}")
         if r.pending:
             fail("some servers kept their data (sink unreachable); node left in place")
         d.manager.firewall.teardown()
@@ -215,8 +236,8 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
     assert cfg.state_dir is not None
     store.stop_managed(Path(cfg.state_dir))
     if not keep_bridge:
-        network.remove_bridge(cfg.bridge, cfg.subnet)
-    console.print(f"node {cfg.name}: down", highlight=False)
+        network.remove_bridge(cfg.bridge)
+    output.line(f"node {cfg.name}: down")
 
 
 @main.group()
@@ -234,10 +255,10 @@ def image_build(name: str, rebuild: bool, lxc_path: str) -> None:
 
     try:
         built = images.build(name, lxc_path=Path(lxc_path), rebuild=rebuild,
-                             progress=lambda m: console.print(m, highlight=False))
+                             progress=output.progress)
     except images.ImageError as exc:
         fail(str(exc))
-    console.print(f"[green]{built}[/green] ready")
+    output.line(f"{built} ready")
 
 
 @image.command("list")

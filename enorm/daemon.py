@@ -15,7 +15,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
-from enorm import api, autoscaler, manager, migration, scaling, store
+from enorm import api, autoscaler, manager, metrics, migration, scaling, store
 from enorm.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Daemon:
         mgr = manager.EdgeManager(node, migrate=migrate or migration.merge_back_to_sink)
         reconciled = mgr.start()
         node.events.start()
-        sched = scaling.scheduler_for(mgr)
+        node_metrics = metrics.NodeMetrics(mgr)
+        sched = scaling.scheduler_for(mgr, on_round=node_metrics.on_round)
         retry = None
         if background:
             sched.start()
@@ -68,7 +69,8 @@ class Daemon:
                           max_instances=1, coalesce=True, id="enorm-migration-retry")
             retry.start()
         app = api.create_app(mgr, tokens=cfg.tokens, operator_token=operator_token(cfg),
-                             autoscale=lambda: scaling.round_report(sched.run_once()))
+                             autoscale=lambda: scaling.round_report(sched.run_once()),
+                             metrics=node_metrics)
         return cls(cfg, mgr, app, reconciled, sched, retry)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ machine's use) and updates the Resource Allocator's view of the basic service.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -83,6 +84,7 @@ def round_report(r: autoscaler.Round) -> dict[str, Any]:
         "error": r.error,
         "servers": [] if r.snapshot is None else [
             {"id": s.id, "priority": s.priority, "latency_ms": s.latency_ms,
+             "network_ms": s.network_ms, "computing_ms": s.computing_ms,
              "objective_ms": s.latency_objective_ms, "users": s.users,
              "idle_for_s": s.idle_for_s, "improvable": s.improvable,
              "limits": s.limits.model_dump()}
@@ -95,7 +97,10 @@ def round_report(r: autoscaler.Round) -> dict[str, Any]:
     }
 
 
-def scheduler_for(mgr: EdgeManager) -> autoscaler.Scheduler:
-    """The node's auto-scaler: a round every `autoscale_interval_s`."""
+def scheduler_for(mgr: EdgeManager, on_round: Callable[[dict[str, Any]], None] | None = None
+                  ) -> autoscaler.Scheduler:
+    """The node's auto-scaler: a round every `autoscale_interval_s`; `on_round` gets each
+    round's report (metrics, the dashboard's timeline)."""
     node_round = NodeRound(mgr)
-    return autoscaler.Scheduler.from_config(mgr.cfg, node_round.snapshot, mgr)
+    hook = None if on_round is None else (lambda r: on_round(round_report(r)))
+    return autoscaler.Scheduler.from_config(mgr.cfg, node_round.snapshot, mgr, on_round=hook)

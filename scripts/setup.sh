@@ -9,8 +9,11 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# chromium + its driver: the dashboard's browser test; libnetfilter-queue-dev: the
+# testbed's NFQUEUE delayer (netfilterqueue builds against it).
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
-          build-essential python3-dev python3-venv libnetfilter-queue-dev)
+          build-essential python3-dev python3-venv chromium chromium-driver
+          libnetfilter-queue-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +21,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 python=${PYTHON:-python3}

@@ -1,0 +1,100 @@
+"""The cloud side's config file (TOML) for `enorm-cloud`: edge nodes, tokens, the app.
+
+    cloud_redis = "redis://127.0.0.1:6379/0"    # the game's data and the ledger
+    app = "games.pokemon.deploy:app"            # module:function(cloud_redis, **app_options)
+    callback_url = "http://192.0.2.10:8000/edge-events"   # optional
+    priority = 5
+    latency_objective_ms = 50
+
+    [app_options]
+    cloud_url = "http://192.0.2.10:8000"
+
+    [[nodes]]
+    name = "edge0"
+    url = "http://192.0.2.20:8470"
+    token_file = "/etc/enorm-cloud/edge0.token"   # or token = "..."
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PATH = Path("/etc/enorm-cloud/cloud.toml")
+
+
+class ConfigError(Exception):
+    """The config file is missing or wrong; the message names the field."""
+
+
+class NodeEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://")
+    token: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> NodeEntry:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token and token_file")
+        return self
+
+    def bearer(self) -> str:
+        if self.token is not None:
+            return self.token
+        assert self.token_file is not None
+        try:
+            return self.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"nodes.{self.name}.token_file: {exc}") from exc
+
+
+class CloudConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cloud_redis: str = Field(pattern=r"^(redis|rediss|unix)://")
+    cluster: bool = False
+    # The cloud Redis as the edge nodes reach it, when that differs from `cloud_redis`.
+    sink_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
+    app: str = Field(pattern=r"^[\w.]+:\w+$")
+    app_options: dict[str, Any] = Field(default_factory=dict)
+    callback_url: str | None = None
+    priority: int = Field(default=5, ge=0, le=1000)
+    latency_objective_ms: float = Field(default=50.0, gt=0)
+    nodes: list[NodeEntry] = Field(min_length=1)
+
+    def node(self, name: str) -> NodeEntry:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"nodes: no node named {name!r} "
+                          f"(known: {', '.join(n.name for n in self.nodes)})")
+
+    def app_factory(self) -> Any:
+        module, _, attr = self.app.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"app: cannot load {self.app}: {exc}") from exc
+
+
+def load(path: Path | None) -> CloudConfig:
+    path = path or DEFAULT_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not TOML: {exc}") from exc
+    try:
+        return CloudConfig.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        field = ".".join(str(p) for p in e["loc"]) or "file"
+        raise ConfigError(f"{path}: {field}: {e['msg']}") from exc

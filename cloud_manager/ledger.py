@@ -1,0 +1,65 @@
+"""Which edge server serves which users, kept in the cloud Redis.
+
+The library's `CloudManager` holds its deployments in memory; the ledger is what outlives
+a process, so that `enorm-cloud withdraw` or `where` in one process sees an offload made
+by another. Two hashes under one hash tag, so they live on one slot of a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from enorm import datasync
+
+PREFIX = "enorm:{cloud}"
+
+
+@dataclass
+class Entry:
+    server_id: str
+    node: str
+    app: str
+    url: str  # the user-facing base URL of the edge server
+    users: list[str]
+    created_at: float = field(default_factory=time.time)
+
+
+class Ledger:
+    def __init__(self, redis: datasync.Client, prefix: str = PREFIX) -> None:
+        self.r = redis
+        self.deployments = f"{prefix}:deployments"
+        self.users = f"{prefix}:users"
+
+    def record(self, e: Entry) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.deployments, e.server_id, json.dumps(asdict(e)))
+        if e.users:
+            pipe.hset(self.users, mapping=dict.fromkeys(e.users, e.server_id))
+        pipe.execute()
+
+    def get(self, server_id: str) -> Entry | None:
+        raw = self.r.hget(self.deployments, server_id)
+        return None if raw is None else Entry(**json.loads(raw))
+
+    def all(self) -> list[Entry]:
+        return sorted((Entry(**json.loads(v)) for v in self.r.hvals(self.deployments)),
+                      key=lambda e: e.created_at)
+
+    def where(self, user: str) -> Entry | None:
+        sid = self.r.hget(self.users, user)
+        return None if sid is None else self.get(sid.decode())
+
+    def forget(self, server_id: str) -> None:
+        """Drop a deployment, and its users' entries unless they moved on meanwhile."""
+        e = self.get(server_id)
+        users = e.users if e is not None else []
+        now = self.r.hmget(self.users, users) if users else []
+        mine = [u for u, sid in zip(users, now, strict=True)
+                if sid is not None and sid.decode() == server_id]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.deployments, server_id)
+        if mine:
+            pipe.hdel(self.users, *mine)
+        pipe.execute()
