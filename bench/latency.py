@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,9 +50,6 @@ def one_run(bed: Testbed, target: str, users: int, duration: float, behaviour: s
 def emulator_accuracy(bed: Testbed, pps: float) -> list[dict]:
     """Probe RTT through each profile against the configured RTT, at a low rate and at
     `pps` (about the highest packet rate of the runs)."""
-    import subprocess
-    import sys
-
     ns = bed.cloud_ns
     echo = ns.popen(sys.executable, "-m", "bench.testbed.probe", "serve", ns.ip, "7",
                     stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,6 @@ class Testbed:
         period = 100_000
         (self.cgroup / "cpu.cfs_period_us").write_text(str(period))
         (self.cgroup / "cpu.cfs_quota_us").write_text(str(int(period * self.cloud_cores)))
-        import subprocess
-
         edge_url = ",".join(f"http://{self.cloud_ns.host_ip}:{API_PORT + b.index}"
                             for b in self.edges)
         self.cloud_proc = self.cloud_ns.popen(
@@ -145,6 +144,8 @@ class Testbed:
         with contextlib.suppress(OSError):
             self.cgroup.rmdir()
         atexit.unregister(self.close)
+        if getattr(self, "_old_term", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
         if errors:
             raise errors[0]
 
