@@ -94,11 +94,13 @@ def plot(data: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 and 8 users, 3 s per run")
+    ap.add_argument("--access", nargs="*", choices=list(ACCESS),
+                    help="access profiles (default: all; 4g with --quick)")
     a = ap.parse_args(argv)
     users = [1, 8] if a.quick else [1, 2, 4, 8, 16, 32]
     duration = 3.0 if a.quick else 20.0
-    access = ["4g"] if a.quick else list(ACCESS)
+    access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
     t0 = time.monotonic()
     with Testbed(users_per_node=max(users)) as bed:
