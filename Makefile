@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test lint bench reliability
+.PHONY: setup demo test lint bench bench-quick reliability
 
 setup:
 	@./scripts/setup.sh
@@ -20,8 +20,17 @@ reliability: setup
 		tests/integration/test_pokemon_servers.py tests/e2e -k "fuzz or hostile or tenancy or secret or kill or crash or gone or lost or reconcile or unreachable or restart"
 	flock /run/enorm-bench.lock flock /run/enorm-bench-soak.lock .venv/bin/python -m bench.soak
 
+# Every bench holds the machine-wide lock: their names and ports are fixed.
+# `bench`: about 70 minutes (bench.latency alone ~25: 3 access x 6 user counts x 3 targets
+# x 20 s; bench.peers ~25); `bench-quick`: about 3 minutes.
+LOCK = flock /run/enorm-bench.lock
 bench: setup
-	.venv/bin/python -m bench.provisioning
-	.venv/bin/python -m bench.autoscaling
-	.venv/bin/python -m bench.deployment
-	.venv/bin/python -m bench.jmeter_engines
+	$(LOCK) .venv/bin/python -m bench.provisioning
+	$(LOCK) .venv/bin/python -m bench.autoscaling
+	$(LOCK) .venv/bin/python -m bench.deployment
+	$(LOCK) .venv/bin/python -m bench.jmeter_engines
+	$(LOCK) .venv/bin/python -m bench.latency
+
+bench-quick: setup
+	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
+	$(LOCK) .venv/bin/python -m bench.latency --quick

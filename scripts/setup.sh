@@ -9,9 +9,11 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-# chromium + its driver: the dashboard's browser test.
+# chromium + its driver: the dashboard's browser test; libnetfilter-queue-dev: the
+# testbed's NFQUEUE delayer (netfilterqueue builds against it).
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
-          build-essential python3-dev python3-venv chromium chromium-driver)
+          build-essential python3-dev python3-venv chromium chromium-driver
+          libnetfilter-queue-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,131 @@
+"""A small load generator for the testbed, behind one function: `load(...) -> results`.
+(The JMeter runner of issue 9 part 2, `bench.jmeter`, is meant to take its place here.)
+
+Each virtual user is a thread with its own GameClient and its own source address, so the
+edge node sees one address per user. Behaviours (the paper's JMeter plans):
+- aggressive: data-intensive requests (location update + wild Pokemon) with no pauses;
+- mixed: the same, with pauses, alternating with regular requests (own profile).
+
+Run inside the users' namespace (`ip netns exec enbdu0 python -m bench.load ...`): it logs
+every user in at the cloud, prints their ids as one JSON line, waits for a line on stdin
+(the testbed offloads them meanwhile), runs the load and prints the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from games.pokemon.client import GameClient
+
+PAUSE_S = 0.5  # mixed users' think time
+
+
+class SourceAdapter(HTTPAdapter):
+    def __init__(self, source: str, **kw):
+        self.source = source
+        super().__init__(**kw)
+
+    def init_poolmanager(self, *a, **kw):
+        kw["source_address"] = (self.source, 0)
+        super().init_poolmanager(*a, **kw)
+
+
+def _client(cloud: str, i: int, source: str) -> GameClient:
+    s = requests.Session()
+    s.mount("http://", SourceAdapter(source))
+    c = GameClient(cloud, "bench", f"user{i}", name=f"user{i}", session=s, timeout=30)
+    c.login()
+    c.update(54.6 + i * 1e-3, -5.93)  # Belfast
+    return c
+
+
+def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list) -> None:
+    step = 0
+    while time.monotonic() < until:
+        t = time.perf_counter()
+        try:
+            if behaviour == "mixed" and step % 2:
+                c.me()
+            else:
+                c.update(54.6 + (step % 50) * 1e-4, -5.93)
+                c.wild()
+            out.append((time.perf_counter() - t) * 1000)
+        except Exception as exc:  # noqa: BLE001 (counted, the run goes on)
+            errors.append(type(exc).__name__)
+        step += 1
+        if behaviour == "mixed":
+            time.sleep(PAUSE_S)
+
+
+def serve(cloud: str, sources: list[str], duration: float, behaviour: str) -> None:
+    clients = [_client(cloud, i, src) for i, src in enumerate(sources)]
+    print(json.dumps([c.user for c in clients]), flush=True)
+    sys.stdin.readline()
+    for c in clients:
+        c.refresh()  # follow the redirection set meanwhile
+    lat: list[float] = []
+    errors: list[str] = []
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors))
+               for c in clients]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.monotonic() - t0
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
+    print(json.dumps({
+        "users": len(clients), "behaviour": behaviour, "duration_s": wall,
+        "requests": len(lat), "errors": len(errors), "throughput_rps": len(lat) / wall,
+        "mean_ms": statistics.fmean(lat) if lat else None,
+        "p50_ms": q[49] if lat else None, "p95_ms": q[94] if lat else None,
+        "servers": sorted({c.server for c in clients if c.server}),
+    }), flush=True)  # fmt: skip
+
+
+class Load:
+    """One load run from a users' namespace: `start()` logs the users in and returns their
+    ids; `run()` releases the load and returns the results."""
+
+    def __init__(self, netns: str, cloud: str, sources: list[str], duration: float,
+                 behaviour: str):  # fmt: skip
+        if behaviour not in ("aggressive", "mixed"):
+            raise ValueError(f"behaviour: aggressive or mixed, not {behaviour!r}")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.load", cloud,
+             ",".join(sources), str(duration), behaviour],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+
+    def start(self) -> list[str]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"load generator failed ({self.proc.returncode})")
+        return json.loads(line)
+
+    def run(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        out, _ = self.proc.communicate(timeout=600)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cloud")
+    ap.add_argument("sources")
+    ap.add_argument("duration", type=float)
+    ap.add_argument("behaviour")
+    a = ap.parse_args()
+    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour)

@@ -1,0 +1,181 @@
+"""The three-tier testbed: users -> edge node (their first hop) -> cloud, on one machine.
+
+    with Testbed(nodes=1) as bed:
+        bed.access("4g"); bed.wan("far")
+        dep = bed.offload(users)  # the cloud manager deploys the edge server
+
+Layout for edge node i (`bed<i>`): the host's root namespace is the edge node (real
+`enorm serve`, bridge `enbd<i>`, subnet 10.86.<10+i>.0/24 (10.86.0.0/24 is
+bench.autoscaling's), API on port 18700+i, container ports 28700+100i..+99); its users
+live in namespace `enbdu<i>` (198.18.<i>.0/24, one address per user, default route via
+the node). The cloud namespace `enbdc` (10.86.255.0/30)
+holds the cloud game server, its Redis and the cloud manager, held to one core. A user
+going to the cloud crosses the access link and then the WAN link, as on a real path.
+Everything is removed by `close`, also after a failure, SIGTERM or interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from cloud_manager.local import LocalEdgeNode
+
+from . import profiles
+from .netns import Namespace, sh
+
+PREFIX = "enbd"
+CLOUD_NET = "10.86.255.0/30"
+CLOUD_PORT = 8000
+API_PORT = 18700
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@dataclass
+class EdgeBed:
+    index: int
+    node: LocalEdgeNode
+    users: Namespace
+
+    @property
+    def name(self) -> str:
+        return f"bed{self.index}"
+
+
+class Testbed:
+    __test__ = False  # not a pytest class
+    def __init__(self, nodes: int = 1, users_per_node: int = 64, node_cores: float = 1.0,
+                 node_memory_mb: int = 1024, unit_cores: float = 1.0, unit_memory_mb: int = 200,
+                 cloud_cores: float = 1.0, **node_settings):  # fmt: skip
+        if not 1 <= nodes <= 20:
+            raise ValueError(f"nodes: 1..20, not {nodes}")
+        self.n_nodes, self.users_per_node = nodes, users_per_node
+        self.node_kw = dict(cores=node_cores, memory_mb=node_memory_mb, reserve_cores=0.0,
+                            reserve_memory_mb=0, basic_service="reserve",
+                            unit={"cores": unit_cores, "memory_mb": unit_memory_mb},
+                            **node_settings)  # fmt: skip
+        self.cloud_cores = cloud_cores
+        self.token = "enbd-cloud-token"
+        self.edges: list[EdgeBed] = []
+        self.cloud_ns: Namespace | None = None
+        self.cloud_proc = None
+        self.cgroup = CGROUP_CPU / f"{PREFIX}-cloud"
+        self._closed = False
+
+    # -- build / tear down -------------------------------------------------------------
+    def __enter__(self) -> Testbed:
+        atexit.register(self.close)
+        self._old_term = signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_term(self, *_):
+        self.close()
+        sys.exit(143)
+
+    def build(self) -> None:
+        self.cloud_ns = Namespace(f"{PREFIX}c", CLOUD_NET).open()
+        for i in range(self.n_nodes):
+            users = Namespace(f"{PREFIX}u{i}", f"198.18.{i}.0/24", n_addrs=self.users_per_node)
+            self.edges.append(EdgeBed(i, None, users))  # type: ignore[arg-type]
+            users.open()
+            bed = self.edges[-1]
+            bed.node = LocalEdgeNode(
+                name=f"bed{i}", listen_host=self.cloud_ns.host_ip, listen_port=API_PORT + i,
+                public_host=users.host_ip, bridge=f"{PREFIX}{i}", subnet=f"10.86.{10 + i}.0/24",
+                port_range=[28700 + 100 * i, 28799 + 100 * i], tokens={self.token: "cloud"},
+                **self.node_kw)  # fmt: skip
+            sh("ip", "route", "replace", "unreachable", f"10.86.{10 + i}.0/24", "metric", "4000")
+            bed.node.start()
+        self._start_cloud()
+
+    def _start_cloud(self) -> None:
+        self.cgroup.mkdir(exist_ok=True)
+        period = 100_000
+        (self.cgroup / "cpu.cfs_period_us").write_text(str(period))
+        (self.cgroup / "cpu.cfs_quota_us").write_text(str(int(period * self.cloud_cores)))
+        edge_url = ",".join(f"http://{self.cloud_ns.host_ip}:{API_PORT + b.index}"
+                            for b in self.edges)
+        self.cloud_proc = self.cloud_ns.popen(
+            sys.executable, "-m", "bench.testbed.cloud", self.cloud_ns.ip, str(CLOUD_PORT),
+            edge_url, self.token,
+            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        # `ip netns exec` execs python in the same pid; /sys inside is the namespace's own
+        (self.cgroup / "cgroup.procs").write_text(str(self.cloud_proc.pid))
+        if self.cloud_proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("cloud tier did not start")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+        if self.cloud_proc is not None and self.cloud_proc.poll() is None:
+            self.cloud_proc.terminate()
+            try:
+                self.cloud_proc.wait(20)
+            except Exception:  # noqa: BLE001
+                self.cloud_proc.kill()
+        for bed in self.edges:
+            if bed.node is not None:
+                try:
+                    bed.node.close()
+                except Exception as exc:  # noqa: BLE001 (the rest must still go)
+                    errors.append(exc)
+            bed.users.close()
+            sh("ip", "route", "del", "unreachable", f"10.86.{10 + bed.index}.0/24", "metric",
+               "4000", check=False)
+        if self.cloud_ns is not None:
+            self.cloud_ns.close()
+        with contextlib.suppress(OSError):
+            self.cgroup.rmdir()
+        atexit.unregister(self.close)
+        if getattr(self, "_old_term", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+        if errors:
+            raise errors[0]
+
+    # -- use ---------------------------------------------------------------------------
+    @property
+    def cloud_url(self) -> str:
+        return f"http://{self.cloud_ns.ip}:{CLOUD_PORT}"
+
+    def access(self, profile: str | profiles.Link) -> None:
+        link = profiles.ACCESS[profile] if isinstance(profile, str) else profile
+        for bed in self.edges:
+            bed.users.shape(link)
+
+    def wan(self, profile: str | profiles.Link) -> None:
+        self.cloud_ns.shape(profiles.WAN[profile] if isinstance(profile, str) else profile)
+
+    def offload(self, users: list[tuple[str, str]], timeout: float = 120) -> dict:
+        """The cloud manager (in the cloud) offloads `users` [(id, address)]: bed0 first,
+        the next node if it refuses (the manager's failover order)."""
+        r = requests.post(self.cloud_url + "/bench/offload", json={"users": users},
+                          timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def withdraw(self, server_id: str, timeout: float = 120) -> dict:
+        r = requests.post(self.cloud_url + "/bench/withdraw", json={"server_id": server_id},
+                          timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def wan_counters(self) -> dict[str, int]:
+        """Bytes/packets on the WAN link's host end (rx: cloud -> edge)."""
+        return self.cloud_ns.counters()

@@ -1,0 +1,88 @@
+"""The cloud tier: the cloud game server, its Redis and the cloud manager, run as one
+process inside the cloud namespace and held to one core (the paper's t2.micro) by a
+cgroup v1 CFS quota (the testbed puts it in the cgroup at once, before it has
+imported anything, so Redis, started later, inherits the quota).
+
+    python -m bench.testbed.cloud HOST PORT EDGE_URL[,EDGE_URL...] TOKEN
+
+Besides the game (`/id`, `/config`, `/stats`, ...) it answers the testbed's control calls:
+`POST /bench/offload {"users": [[id, address], ...]}` -> the deployment, and
+`POST /bench/withdraw {"server_id": ...}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+from flask import jsonify, request
+from werkzeug.serving import make_server
+
+REDIS_PORT = 6379
+
+
+def main(argv: list[str] | None = None) -> None:
+    host, port, edge_url, token = (argv or sys.argv[1:])[:4]
+    from cloud_manager import CloudManager, EdgeClient, pokemon_app
+    from enorm import datasync
+    from enorm.protocol import DataSink
+    from games.pokemon import cloud as game_cloud
+    from games.pokemon import keys
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    rdir = tempfile.mkdtemp(prefix="enbd-cloud-redis-")
+    redis = subprocess.Popen(
+        ["redis-server", "--bind", host, "--port", str(REDIS_PORT), "--save", "",
+         "--appendonly", "no", "--dir", rdir, "--protected-mode", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    redis_url = f"redis://{host}:{REDIS_PORT}/0"
+    client = datasync.connect(redis_url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except Exception:  # noqa: BLE001 (not up yet)
+            threading.Event().wait(0.05)
+    url = f"http://{host}:{port}"
+    app = game_cloud.create_app(client, public_url=url)
+    manager = CloudManager(
+        [EdgeClient(u, token, name=f"bed{k}") for k, u in enumerate(edge_url.split(","))],
+        pokemon_app(client, cloud_url=url, push_interval=1.0),
+        cloud_redis=client,
+        sink=DataSink(url=redis_url, shared_patterns=keys.SHARED_PATTERNS),
+        callback_url=f"{url}/edge-events",
+    )
+    app.register_blueprint(manager.blueprint())
+
+    @app.post("/bench/offload")
+    def _offload():
+        dep = manager.offload([tuple(u) for u in request.get_json()["users"]])
+        return jsonify(server_id=dep.server_id, url=dep.url, timings=dep.timings,
+                       keys=dep.copy.keys if dep.copy else 0)
+
+    @app.post("/bench/withdraw")
+    def _withdraw():
+        dep = manager.withdraw(request.get_json()["server_id"])
+        return jsonify(server_id=dep.server_id, state=dep.state,
+                       keys_migrated=dep.keys_migrated)
+
+    http = make_server(host, int(port), app, threaded=True)
+    def _stop(*_):
+        threading.Thread(target=http.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    print("ready", flush=True)
+    try:
+        http.serve_forever()
+    finally:
+        manager.close()
+        redis.terminate()
+        redis.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The three-tier testbed for real: namespaces, the NFQUEUE delayer, a real `enorm serve`
+as the users' first hop, the cloud tier in its namespace, and a teardown that leaves
+nothing behind. Holds the machine-wide bench lock: the testbed's names are fixed."""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.load import Load
+from bench.testbed import WAN, Testbed, probe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench_lock():
+    with open("/run/enorm-bench.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def leftovers() -> list[str]:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return ([ln for ln in links.splitlines() if ": enbd" in ln]
+            + [ln for ln in netns.splitlines() if ln.startswith("enbd")]
+            + [str(p) for p in Path("/sys/fs/cgroup/cpu").glob("enbd-*")])
+
+
+def test_testbed_delays_routes_and_tears_down(bench_lock):
+    assert leftovers() == []
+    with Testbed(users_per_node=2) as bed:
+        # the cloud tier is held to one core
+        assert (bed.cgroup / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        # the delayer: probe RTT over the near-cloud WAN link vs the configured one,
+        # at 500 packets/s each way
+        bed.wan("near")
+        ns = bed.cloud_ns
+        echo = ns.popen(sys.executable, "-m", "bench.testbed.probe", "serve", ns.ip, "7",
+                        stdout=subprocess.PIPE, cwd=ROOT)
+        try:
+            echo.stdout.readline()
+            s = probe.summary(probe.rtts(ns.ip, 7, 500, 0.002), 500)
+        finally:
+            echo.kill()
+            echo.wait()
+        rtt = WAN["near"].rtt_ms
+        assert s["received"] >= 495
+        assert rtt - 2 * WAN["near"].jitter_ms <= s["p50_ms"] <= rtt + 5, s
+        # a user behind the edge node: offloaded by the cloud manager, then served by
+        # the edge server; its traffic to the cloud crosses the WAN link
+        bed.access("wifi")
+        src = bed.edges[0].users.addrs[0]
+        before = bed.wan_counters()
+        load = Load(bed.edges[0].users.name, bed.cloud_url, [src], 1.0, "aggressive")
+        (uid,) = load.start()
+        assert bed.wan_counters()["rx_bytes"] > before["rx_bytes"]  # login went to the cloud
+        dep = bed.offload([(uid, src)])
+        res = load.run()
+        assert res["errors"] == 0 and res["requests"] > 0
+        assert res["servers"] == [dep["url"]]
+        assert dep["url"].startswith(f"http://{bed.edges[0].users.host_ip}:")
+        assert bed.withdraw(dep["server_id"])["state"] == "withdrawn"
+    assert leftovers() == []
