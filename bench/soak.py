@@ -29,8 +29,8 @@ from cloud_manager.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME, BRIDGE = "bsoak", "enbsoak0"
-NODE = dict(name=NAME, bridge=BRIDGE, subnet="10.86.0.0/24", port_range=[26000, 26999],
-            listen_port=18700, cores=2.0, memory_mb=4096, reserve_cores=0.0,
+NODE = dict(name=NAME, bridge=BRIDGE, subnet="10.81.0.0/24", port_range=[26000, 26999],
+            listen_port=18680, cores=2.0, memory_mb=4096, reserve_cores=0.0,
             reserve_memory_mb=0, unit={"cores": 0.25, "memory_mb": 64},
             basic_service="reserve", autoscale_interval_s=86400,
             tokens={"soak-token": "soak"}, operator_token="soak-operator",
