@@ -26,9 +26,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# ebtables has no per-rule tags to delete by: its guards are read, compared and rewritten.
+_GUARDS_LOCK = threading.Lock()
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
 
 
@@ -297,7 +300,15 @@ class Firewall:
 
     def reconcile_guards(self, expected: dict[str, Port],
                          only: Iterable[str] | None = None) -> dict[str, int]:
-        """Make the node's guards equal `expected` (restricted to the ids in `only`)."""
+        """Make the node's guards equal `expected` (restricted to the ids in `only`).
+
+        Read, compare and write under one lock: two handshakes or terminations at once
+        must not both delete a rule they both saw (the second restore would fail)."""
+        with _GUARDS_LOCK:
+            return self._reconcile_guards(expected, only)
+
+    def _reconcile_guards(self, expected: dict[str, Port],
+                          only: Iterable[str] | None) -> dict[str, int]:  # fmt: skip
         current = self.guards()
         ids = set(only) if only is not None else set(current) | set(expected)
         batches: dict[str, list[str]] = {"nat": [], "filter": []}

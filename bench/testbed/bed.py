@@ -98,6 +98,10 @@ class Testbed:
                 name=f"bed{i}", listen_host=self.cloud_ns.host_ip, listen_port=API_PORT + i,
                 public_host=users.host_ip, bridge=f"{PREFIX}{i}", subnet=f"10.86.{10 + i}.0/24",
                 port_range=[28700 + 100 * i, 28799 + 100 * i], tokens={self.token: "cloud"},
+                # The cloud's Redis and callback are in the cloud namespace; the edge
+                # servers push region codes to the cloud game server there.
+                destinations={"*": [CLOUD_NET]},
+                container_egress=[f"{self.cloud_ns.ip}:{CLOUD_PORT}"],
                 **self.node_kw)  # fmt: skip
             sh("ip", "route", "replace", "unreachable", f"10.86.{10 + i}.0/24", "metric", "4000")
             bed.node.start()

@@ -27,11 +27,12 @@ REDIS_PORT = 6379
 
 def main(argv: list[str] | None = None) -> None:
     host, port, edge_url, token = (argv or sys.argv[1:])[:4]
-    from cloud_manager import CloudManager, EdgeClient, pokemon_app
+    from cloud_manager import CloudManager, EdgeClient
     from enorm import datasync
     from enorm.protocol import DataSink
     from games.pokemon import cloud as game_cloud
     from games.pokemon import keys
+    from games.pokemon.app import app as pokemon_app
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     rdir = tempfile.mkdtemp(prefix="enbd-cloud-redis-")
