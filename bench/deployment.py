@@ -26,12 +26,13 @@ from pathlib import Path
 
 import redis
 
-from cloud_manager import CloudManager, EdgeClient, pokemon_app
+from cloud_manager import CloudManager, EdgeClient
 from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
 from enorm import datasync
 from enorm.protocol import DataSink
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
+from games.pokemon.app import app as pokemon_app
 from games.pokemon.logic import Game, GameError
 
 OUT = Path(__file__).resolve().parent / "results"

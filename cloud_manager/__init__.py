@@ -4,7 +4,7 @@ and to bring them home when the server is terminated."""
 
 from .deployer import Deployer, DeployError
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .orchestrator import App, CloudManager, Deployment, NoEdgeAvailable, pokemon_app
+from .orchestrator import App, CloudManager, Deployment, EdgeContext, NoEdgeAvailable, sink_for
 
 __all__ = [
     "App",
@@ -13,8 +13,9 @@ __all__ = [
     "Deployer",
     "Deployment",
     "EdgeClient",
+    "EdgeContext",
     "EdgeError",
     "NoEdgeAvailable",
     "Rejected",
-    "pokemon_app",
+    "sink_for",
 ]

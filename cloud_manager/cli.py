@@ -365,16 +365,23 @@ def demo(users: int, n_offload: int, objective_ms: float) -> None:
 
 def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: int,
           objective_ms: float) -> None:  # fmt: skip
-    from cloud_manager import CloudManager, EdgeClient, pokemon_app
+    from cloud_manager import CloudManager, EdgeClient
     from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
+    from enorm import config as node_config
     from enorm import datasync
     from enorm.protocol import DataSink
     from games.pokemon import cloud as game_cloud
     from games.pokemon import keys
+    from games.pokemon.app import app as pokemon_app
     from games.pokemon.client import GameClient
 
     with stages("edge node up") as note:
-        node = LocalEdgeNode(tokens={DEMO_TOKEN: DEMO_OWNER}, basic_service="reserve")
+        # The containers reach the cloud game server (on this machine) at their gateway,
+        # and nothing else on the host: the node allows that one port.
+        port = free_port("0.0.0.0")
+        gateway = node_config.load(None).gateway
+        node = LocalEdgeNode(tokens={DEMO_TOKEN: DEMO_OWNER}, basic_service="reserve",
+                             container_egress=[f"{gateway}/32:{port}"])
         stack.callback(node.close)
         node.start()
         offer = EdgeClient(node.url, DEMO_TOKEN, name=node.config.name).offer()
@@ -386,7 +393,6 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
         store = LocalRedis()
         stack.callback(store.close)
         cloud_redis = datasync.connect(store.url)
-        port = free_port("0.0.0.0")
         url = f"http://127.0.0.1:{port}"
         app = game_cloud.create_app(cloud_redis, public_url=url)
         manager = CloudManager(

@@ -30,7 +30,7 @@ from flask import Blueprint, jsonify, request
 from enorm import datasync
 from enorm.protocol import DataSink, SetupRequest, SetupResponse, User
 
-from .deployer import APP_DIR, Deployer, DeployError, Session, files_of, wait_http
+from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
 
 log = logging.getLogger(__name__)
@@ -67,44 +67,14 @@ class App:
     env: Callable[[EdgeContext], dict[str, str]]
     redirect: Callable[[Sequence[str], str], object]  # users -> edge URL
     restore: Callable[[Sequence[str]], object]  # users -> back to the cloud
+    # The app's data, declared once: keys without a user's hash tag that the edge also
+    # writes (merged back by union), and the users' keys whose cloud value wins a
+    # conflict. The cloud manager's DataSink takes them from here.
     shared_patterns: list[str] = field(default_factory=list)
+    cloud_wins_patterns: list[str] = field(default_factory=list)
     # A key every user has: checked on the cloud after termination.
     user_key: Callable[[str], str] | None = None
     health_path: str = "/healthz"
-
-
-def pokemon_app(cloud_redis, *, cloud_port: int | None = None, cloud_url: str | None = None,
-                push_interval: float = 1.0) -> App:  # fmt: skip
-    """The iPokeMon-style game: `games/` uploaded, `games.pokemon.edge` on port 8080.
-
-    The edge server pushes region codes to the cloud at `cloud_url` (as the container sees
-    it), or, given only `cloud_port`, at the edge node's gateway address on that port (a
-    cloud on the same machine as the node).
-    """
-    import games
-    from games.pokemon import cloud as game_cloud
-    from games.pokemon import keys
-
-    pkg = Path(games.__file__).resolve().parent
-
-    def env(ctx: EdgeContext) -> dict[str, str]:
-        cloud = cloud_url or (f"http://{ctx.gateway}:{cloud_port}" if cloud_port else "")
-        return {"ENORM_APP_HOST": "0.0.0.0", "ENORM_APP_PORT": str(ctx.port),
-                "ENORM_APP_CLOUD": cloud, "ENORM_APP_REDIS": ctx.redis_url,
-                "ENORM_APP_PUSH_INTERVAL": str(push_interval),
-                "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
-
-    return App(
-        name="pokemon",
-        port=8080,
-        files=files_of(pkg, f"{APP_DIR}/games"),
-        command=["python3", "-m", "games.pokemon.edge"],
-        env=env,
-        redirect=lambda users, url: game_cloud.redirect(cloud_redis, users, url),
-        restore=lambda users: game_cloud.restore(cloud_redis, users),
-        shared_patterns=list(keys.SHARED_PATTERNS),
-        user_key=keys.user,
-    )
 
 
 @dataclass
@@ -149,7 +119,7 @@ class CloudManager:
         self.edges = list(edges)
         self.app = app
         self.cloud = cloud_redis
-        self.sink = sink
+        self.sink = sink_for(app, sink)
         self.callback_url = callback_url
         self.deployer = deployer or Deployer()
         self.priority, self.latency_objective_ms = priority, latency_objective_ms
@@ -157,6 +127,7 @@ class CloudManager:
         self.ready_timeout = ready_timeout
         self.deployments: dict[str, Deployment] = {}
         self._lock = threading.RLock()
+        self._closing = threading.Event()
 
     # -- Procedures 1-3: handshake and deployment ----------------------------------------
     def request_for(self, users: Sequence[User], **over) -> SetupRequest:
@@ -229,7 +200,11 @@ class CloudManager:
             t = time.perf_counter()
             edge = datasync.connect(dep.redis_forward(), timeout=30)
             try:
-                dep.copy = datasync.copy_users(self.cloud, edge, dep.users)
+                # The manifest (on the cloud) lets the edge's merge at termination
+                # delete what the edge deleted and tell what the cloud changed meanwhile.
+                dep.copy = datasync.copy_users(
+                    self.cloud, edge, dep.users,
+                    manifest=datasync.manifest_key(dep.server_id))
             finally:
                 edge.close()
             dep.timings["data"] = time.perf_counter() - t
@@ -326,6 +301,58 @@ class CloudManager:
                 return "users restored, merge pending"
             return "noted"
 
+    # -- the cloud's own reconciliation ----------------------------------------------------
+    def reconcile(self) -> dict[str, str]:
+        """Check every live deployment against its edge node. A server the node no longer
+        has, with no event received (lost, or the callback was down for longer than the
+        node kept trying), is ended here: users home, their data confirmed on the cloud.
+        An unreachable node is left alone (its servers may well be serving). Returns
+        what was done per server id."""
+        done: dict[str, str] = {}
+        with self._lock:
+            live = [d for d in self.deployments.values()
+                    if not d.ended.is_set() and d.state == "deployed"]
+        for dep in live:
+            try:
+                info = dep.edge.server(dep.server_id)
+            except EdgeError as exc:
+                done[dep.server_id] = f"node unreachable: {exc}"
+                continue
+            if info is not None:
+                continue
+            with self._lock:
+                if dep.ended.is_set():
+                    continue
+                log.warning("server %s is gone from %s without an event: users home",
+                            dep.server_id, dep.edge.name)
+                self.app.restore(dep.users)
+                self._close_session(dep)
+                self._finish(dep, "terminated", "gone_without_event", 0)
+            done[dep.server_id] = ("users restored, data confirmed" if dep.confirmed
+                                   else "users restored, data NOT on the cloud")
+        return done
+
+    def user_reports_dead(self, user: str) -> str:
+        """A user's client found its edge server dead: check that deployment now rather
+        than at the next interval. Returns what was done."""
+        with self._lock:
+            dep = next((d for d in self.deployments.values()
+                        if user in d.users and not d.ended.is_set()), None)
+        if dep is None:
+            return "not offloaded"
+        return self.reconcile().get(dep.server_id, "server alive")
+
+    def start_reconciling(self, interval_s: float) -> None:
+        """Run `reconcile` every `interval_s` in a daemon thread until `close`."""
+        def loop() -> None:
+            while not self._closing.wait(interval_s):
+                try:
+                    self.reconcile()
+                except Exception:  # keep checking; one bad round is logged
+                    log.exception("cloud manager reconcile")
+
+        threading.Thread(target=loop, name="cloud-reconcile", daemon=True).start()
+
     def blueprint(self, path: str = "/edge-events") -> Blueprint:
         """`POST <path>`: the callback URL edge nodes send events to (2xx = acknowledged)."""
         bp = Blueprint("enorm_cloud_manager", __name__)
@@ -342,14 +369,42 @@ class CloudManager:
                 return jsonify({"error": str(exc)}), 500
             return jsonify({"ok": True, "done": done})
 
+        @bp.post(f"{path}/dead")
+        def _user_reports_dead():
+            """A game client could not reach its edge server: check it now."""
+            body = request.get_json(silent=True)
+            user = body.get("user") if isinstance(body, dict) else None
+            if not isinstance(user, str) or not user:
+                return jsonify({"error": "bad_request", "field": "user",
+                                "detail": "must be a user id"}), 400
+            return jsonify({"ok": True, "done": self.user_reports_dead(user)})
+
         return bp
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             for dep in self.deployments.values():
                 self._close_session(dep)
         for e in self.edges:
             e.close()
+
+
+def sink_for(app: App, sink: DataSink) -> DataSink:
+    """The sink with the app's data declaration; the App is the one place that declares
+    it, so a sink that says otherwise is an error, not a silent drop."""
+    update = {}
+    for name in ("shared_patterns", "cloud_wins_patterns"):
+        declared, given = getattr(app, name), getattr(sink, name)
+        if given and declared and sorted(given) != sorted(declared):
+            raise ValueError(f"{name}: the app {app.name} declares {declared}, the DataSink "
+                             f"says {given}; declare them once, on the App")
+        for p in declared or given:
+            if "{" in p or "}" in p:
+                raise ValueError(f"{name}: {p!r} names a user's hash tag; users' keys are "
+                                 "found by their tag, not declared shared")
+        update[name] = list(declared or given)
+    return sink.model_copy(update=update)
 
 
 def _user(u: User | tuple[str, str] | str) -> User:

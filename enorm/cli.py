@@ -217,7 +217,7 @@ def autoscale(config_path: str | None, once: bool) -> None:
 
 @main.command()
 @config_option
-@click.option("--keep-bridge", is_flag=True, help="leave the bridge and its route guard")
+@click.option("--keep-bridge", is_flag=True, help="leave the bridge (its route guard stays anyway)")
 def down(config_path: str | None, keep_bridge: bool) -> None:
     """Decommission the node: terminate every server, then remove chains and the store.
 
@@ -248,7 +248,7 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
     assert cfg.state_dir is not None
     store.stop_managed(Path(cfg.state_dir))
     if not keep_bridge:
-        network.remove_bridge(cfg.bridge, cfg.subnet)
+        network.remove_bridge(cfg.bridge)
     output.line(f"node {cfg.name}: down")
 
 

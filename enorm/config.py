@@ -18,6 +18,8 @@ import psutil
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from enorm.firewall import Egress
+
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
 
 
@@ -58,6 +60,9 @@ class NodeConfig(BaseSettings):
     port_range: tuple[int, int] = (20000, 20999)
     bridge: str = Field("enorm0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$")
     subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.88.0.0/24")
+    # TCP destinations (`ADDR[/N]:PORT`) containers may open connections to, e.g. the
+    # tenants' cloud servers; nothing else on the host or beyond answers them.
+    container_egress: list[str] = []
 
     image: str = Field("debian", pattern=r"^[a-z0-9-]+$")
     lxc_path: Path = Path("/var/lib/lxc")
@@ -106,6 +111,13 @@ class NodeConfig(BaseSettings):
         lo, hi = v
         if not 1024 <= lo <= hi <= 65535:
             raise ValueError("must be two ports, low <= high, within 1024-65535")
+        return v
+
+    @field_validator("container_egress")
+    @classmethod
+    def _egress(cls, v: list[str]) -> list[str]:
+        for item in v:
+            Egress.parse(item)
         return v
 
     @field_validator("subnet")

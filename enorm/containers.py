@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lxc
 
+from enorm import network
 from enorm.network import wait_tcp
 from enorm.protocol import Resources
 
@@ -83,8 +84,14 @@ class Containers:
         limits: Resources,
         authorized_key: str,
         redis_password: str,
+        veth: str | None = None,
+        mac: str | None = None,
     ) -> None:
-        """Clone the base, give the clone its address, limits, SSH key and Redis password."""
+        """Clone the base, give the clone its address, limits, SSH key and Redis password.
+
+        `veth` and `mac` fix the host-side interface name and the MAC, so that the node's
+        bridge guard can name them before the container starts.
+        """
         base = lxc.Container(self.base, self.lxc_path)
         if not base.defined:
             raise ContainerError(
@@ -95,7 +102,7 @@ class Containers:
         )
         if not c:
             raise ContainerError(f"{name}: clone of {self.base} failed")
-        mac = "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
+        mac = mac or "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
         items = {
             "lxc.uts.name": name[-63:],
             "lxc.net.0.type": "veth",
@@ -106,6 +113,8 @@ class Containers:
             "lxc.net.0.ipv4.address": f"{address}/{prefixlen}",
             "lxc.net.0.ipv4.gateway": gateway,
         }
+        if veth:
+            items["lxc.net.0.veth.pair"] = veth
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
         items.update({key + k: v for k, v in self._limit_items(limits).items()})
         c.clear_config_item("lxc.net.0.type")
@@ -150,6 +159,12 @@ class Containers:
         pid = c.init_pid
         if not c.running or pid <= 0:
             return
+        # A veth named by `lxc.net.0.veth.pair` is deleted by LXC after the container
+        # died, waiting for the dying namespace (about 0.5 s, one time in two); deleted
+        # first, it takes milliseconds.
+        veth = c.get_config_item("lxc.net.0.veth.pair")
+        if veth:
+            network.delete_link(veth)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -28,12 +28,13 @@ termination the edge's keys are found and dumped in the same script calls (SCAN+
 
 from __future__ import annotations
 
+import fnmatch
 import struct
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import redis
@@ -77,7 +78,7 @@ class VerificationFailed(SyncError):
 
 @dataclass
 class SyncReport:
-    """What a copy or a merge did. `deleted` is always 0: syncing never deletes."""
+    """What a copy or a merge did. Only a merge with a manifest deletes (`deleted`)."""
 
     users: int = 0
     keys: int = 0  # user keys written to the destination
@@ -87,7 +88,15 @@ class SyncReport:
     bytes: int = 0  # payload bytes moved
     seconds: float = 0.0
     verified: bool = False
-    deleted: int = 0
+    deleted: int = 0  # merge_back with a manifest: keys the edge deleted, removed on the cloud
+    # merge_back: keys on the edge that belong to no served user (not merged), a sample
+    not_owned: int = 0
+    not_owned_sample: list[str] = field(default_factory=list)
+    # merge_back with a manifest: served users' keys the cloud changed during the offload
+    conflicts: int = 0
+    conflict_sample: list[str] = field(default_factory=list)
+    conflicts_cloud_won: int = 0  # of those, kept as the cloud had them (cloud_wins)
+    manifest: bool = False  # a manifest of the copy was found (deletes and conflicts known)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -588,11 +597,14 @@ def _verify_present(client: Client, keys: list[bytes]) -> int:
 
 
 def copy_users(
-    src: Client, dst: Client, user_ids: Iterable[str], *, replace: bool = True
+    src: Client, dst: Client, user_ids: Iterable[str], *, replace: bool = True,
+    manifest: str | None = None,
 ) -> SyncReport:
     """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
 
     With replace=False keys that `dst` already has are kept (and not verified).
+    With `manifest` (see `manifest_key`), the digest of every copied key is recorded on
+    `src` under that name, for `merge_back` to find deletes and conflicts.
     Raises DestinationUnreachable before touching anything if `dst` does not answer,
     VerificationFailed if `dst` does not hold what was read from `src`.
     """
@@ -600,14 +612,19 @@ def copy_users(
     ids = list(dict.fromkeys(str(u) for u in user_ids))
     report = SyncReport(users=len(ids))
     ping(dst)
-    _copy_chunks(src, dst, _chunked(_iter_user_keys(src, ids)), replace, report)
+    written: list[bytes] = []
+    _copy_chunks(src, dst, _chunked(_iter_user_keys(src, ids)), replace, report,
+                 written=written)
+    if manifest is not None:
+        write_manifest(src, manifest, written)
+        report.manifest = True
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
-                 report: SyncReport) -> None:  # fmt: skip
+                 report: SyncReport, written: list[bytes] | None = None) -> None:  # fmt: skip
     """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
     or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
     scans the source as it goes.
@@ -617,7 +634,8 @@ def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
     so the destination works on one chunk while the next is packed and sent. After the
     last chunk every written key is checked to be still there (eviction, expiry).
     """
-    written: list[bytes] = []
+    if written is None:
+        written = []
     it = iter(chunks)
 
     def next_dump() -> dict[bytes, tuple] | None:
@@ -669,6 +687,83 @@ def delete_users(src: Client, user_ids: Iterable[str]) -> int:
                 pipe.unlink(*ks[i : i + BATCH])
             deleted += sum(pipe.execute())
     return deleted
+
+
+# -- the copy's manifest: what went out, as it was -------------------------------------
+
+# A digest of each key's value, independent of the server's memory layout (a set's or a
+# hash's DUMP bytes follow its hash table): the type, then the elements (sorted where the
+# type has no order), each length-prefixed, through SHA-1; 16 hex digits per key, or 16
+# dots for a key that does not exist.
+_DIGESTS = """
+local function lp(x) return struct.pack('>I4', #x) .. x end
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  local parts
+  if t == 'none' then
+    out[i] = '................'
+  else
+    if t == 'string' then parts = {redis.call('GET', k)}
+    elseif t == 'hash' then
+      local kv = redis.call('HGETALL', k)
+      parts = {}
+      for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end
+      table.sort(parts)
+    elseif t == 'set' then parts = redis.call('SMEMBERS', k); table.sort(parts)
+    elseif t == 'zset' then parts = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
+    elseif t == 'list' then parts = redis.call('LRANGE', k, 0, -1)
+    else parts = {redis.call('DUMP', k)} end
+    local buf = {t}
+    for _, x in ipairs(parts) do buf[#buf + 1] = lp(x) end
+    out[i] = string.sub(redis.sha1hex(table.concat(buf, '')), 1, 16)
+  end
+end
+return table.concat(out)
+"""
+_ABSENT = b"." * 16
+MANIFEST_TTL_S = 30 * 86400  # a server that never terminates leaves no manifest for ever
+
+
+def manifest_key(server_id: str) -> str:
+    """Where the cloud keeps what one edge server was given (no hash tag: not a user's)."""
+    if not server_id or any(c in server_id for c in "{}*?[] "):
+        raise ValueError(f"server id {server_id!r} cannot name a manifest")
+    return f"enorm:manifest:{server_id}"
+
+
+def digests(client: Client, keys: list[bytes],
+            side: str = "destination") -> dict[bytes, bytes | None]:  # fmt: skip
+    """key -> digest of its value now (None: the key does not exist)."""
+    out: dict[bytes, bytes | None] = {}
+    for batch, blob in _run(client, keys, _DIGESTS, _no_args, side):
+        for i, key in enumerate(batch):
+            d = blob[16 * i : 16 * i + 16]
+            out[key] = None if d == _ABSENT else d
+    return out
+
+
+def write_manifest(client: Client, name: str, keys: list[bytes]) -> int:
+    """Record on `client` (the cloud) the digest of each of `keys` as it is now: the
+    merge at termination tells from it what the edge deleted and what the cloud changed
+    meanwhile. Replaces an older manifest of the same name."""
+    found = {k: d for k, d in digests(client, keys, "source").items() if d is not None}
+    with _Guard("source"):
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(name)
+        items = list(found.items())
+        for i in range(0, len(items), BATCH):
+            pipe.hset(name, mapping=dict(items[i : i + BATCH]))
+        pipe.expire(name, MANIFEST_TTL_S)
+        pipe.execute()
+    return len(found)
+
+
+def read_manifest(client: Client, name: str) -> dict[bytes, bytes] | None:
+    """The manifest `name` on the cloud, or None when there is none."""
+    with _Guard("destination"):
+        m = client.hgetall(name)
+    return m or None
 
 
 # -- merging back (termination) ----------------------------------------------------------
@@ -816,12 +911,25 @@ def _size(value: Any) -> int:
     return sum(len(v) for v in value)
 
 
-def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]],
-                  tags: set[bytes]) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
-    """The edge's user keys (hash-tagged, not shared) dumped in one scan, in chunks of
-    about CHUNK keys (a smaller first one, to get the destination going); the tags seen
-    are added to `tags`. `shared()` gives the shared keys, waited for only once the
-    first SCAN steps are done."""
+SAMPLE = 10  # key names reported per kind of surprise
+
+
+def _sample(into: list[str], key: bytes) -> None:
+    if len(into) < SAMPLE:
+        into.append(key.decode("utf-8", "replace"))
+
+
+def _matches(key: bytes, patterns: list[str]) -> bool:
+    name = key.decode("latin-1")
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]], tags: set[bytes],
+                  owns: Callable[[bytes], bool]) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+    """The edge's user keys (hash-tagged, not shared, owned) dumped in one scan, in
+    chunks of about CHUNK keys (a smaller first one, to get the destination going); the
+    tags seen are added to `tags`. `shared()` gives the shared keys, waited for only
+    once the first SCAN steps are done."""
     chunk: dict[bytes, tuple[bytes, int]] = {}
     size = FIRST_CHUNK
     skip: set[bytes] | None = None
@@ -830,17 +938,18 @@ def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]],
         if len(chunk) >= size:
             if skip is None:
                 skip = shared()
-            yield _user_part(chunk, skip, tags)
+            yield _user_part(chunk, skip, tags, owns)
             chunk, size = {}, CHUNK
     if chunk:
-        yield _user_part(chunk, shared() if skip is None else skip, tags)
+        yield _user_part(chunk, shared() if skip is None else skip, tags, owns)
 
 
-def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes]) -> dict:
+def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes],
+               owns: Callable[[bytes], bool]) -> dict:  # fmt: skip
     out = {}
     for key, value in part.items():
         tag = hash_tag(key)
-        if tag is not None and key not in shared:
+        if tag is not None and key not in shared and owns(key):
             out[key] = value
             tags.add(tag)
     return out
@@ -852,39 +961,111 @@ def merge_back(
     *,
     shared_patterns: Iterable[str] = (),
     user_ids: Iterable[str] | None = None,
+    manifest: str | None = None,
+    cloud_wins: Iterable[str] = (),
 ) -> SyncReport:
-    """Termination: bring the edge's data home to the cloud, verified, deleting nothing.
+    """Termination: bring the edge's data home to the cloud, verified.
 
-    User keys (every hash-tagged key on the edge, or those of `user_ids`) replace the
-    cloud's stale copy; keys matching `shared_patterns` are merged by `merge_rule`.
-    A key matching a shared pattern is treated as shared even if it has a hash tag.
+    User keys replace the cloud's copy; keys matching `shared_patterns` are merged by
+    `merge_rule`. With `user_ids` (what a node always passes: the users of the setup
+    request) only keys whose hash tag is one of them are written, shared keys included;
+    every other hash-tagged key on the edge is counted and sampled, never merged: an edge
+    server cannot write another user's data on the cloud.
+
+    With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
+    keys that the edge deleted are deleted on the cloud, and a key the cloud changed
+    during the offload is a conflict: counted, sampled, and resolved by policy: the edge
+    wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's value.
+    The manifest is removed once the merge is verified. Without a manifest nothing is
+    deleted and conflicts cannot be told.
     """
     started = time.perf_counter()
     report = SyncReport()
-    patterns = list(shared_patterns)
+    patterns, wins = list(shared_patterns), list(cloud_wins)
+    owned = None if user_ids is None else {str(u).encode() for u in user_ids}
     ping(cloud)
+    m = read_manifest(cloud, manifest) if manifest else None
+    report.manifest = m is not None
+    seen: set[bytes] = set()  # the edge's user keys that were offered to the cloud
+
+    def owns(key: bytes) -> bool:
+        tag = hash_tag(key)
+        if owned is None or tag is None or tag in owned:
+            return True
+        report.not_owned += 1
+        _sample(report.not_owned_sample, key)
+        return False
 
     def scan_shared() -> list[bytes]:
         with _Guard("source"):
             return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
 
-    ids = None if user_ids is None else [str(u) for u in user_ids]
+    def checked(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
+        """Dump (if needed), remember, and hold back what the cloud wins."""
+        for item in chunks:
+            part = item if isinstance(item, dict) else _dump(edge, item)
+            seen.update(part)
+            if m is not None and part:
+                for k in _conflicts(edge, cloud, m, list(part), report):
+                    if _matches(k, wins):
+                        report.conflicts_cloud_won += 1
+                        del part[k]
+            yield part
+
     with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
         # The shared keys are scanned while the user keys' scan starts.
         pending = pool.submit(scan_shared)
-        if ids is None and not _is_cluster(edge):
-            tags: set[bytes] = set()
-            chunks: Iterable = _tagged_dumps(edge, lambda: set(pending.result()), tags)
+        tags: set[bytes] = set()
+        if not _is_cluster(edge):
+            chunks: Iterable = _tagged_dumps(edge, lambda: set(pending.result()), tags, owns)
         else:
             shared_set = set(pending.result())
             with _Guard("source"):
-                keys = [k for k in user_keys(edge, ids) if k not in shared_set]
-            tags = {hash_tag(k) for k in keys} if ids is None else set()
+                keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
+            tags = {t for k in keys if (t := hash_tag(k)) is not None}
             chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        _copy_chunks(edge, cloud, chunks, True, report)
-        shared = pending.result()
-    report.users = len(tags) if ids is None else len(ids)
+        _copy_chunks(edge, cloud, checked(chunks), True, report)
+        shared = [k for k in pending.result() if owns(k)]
+    report.users = len(tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, shared, report)
+    if m is not None:
+        gone = [k for k in m if k not in seen and k not in shared
+                and (owned is None or hash_tag(k) in owned)]
+        kept = set(_conflicts(edge, cloud, m, gone, report))
+        doomed = [k for k in gone if not (k in kept and _matches(k, wins))]
+        report.conflicts_cloud_won += len(gone) - len(doomed)
+        report.deleted = _unlink(cloud, doomed)
+        with _Guard("destination"):
+            cloud.delete(manifest)
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes], keys: list[bytes],
+               report: SyncReport) -> list[bytes]:  # fmt: skip
+    """Of `keys`, those the cloud changed since the copy: its value is neither what was
+    copied out nor already the edge's (a retried merge wrote that itself). Counted and
+    sampled in `report`."""
+    if not keys:
+        return []
+    now = digests(cloud, keys)
+    changed = [k for k in keys if now[k] != m.get(k)]
+    if not changed:
+        return []
+    at_edge = digests(edge, changed, "source")
+    out = [k for k in changed
+           if (now[k] is not None and now[k] != at_edge[k])
+           or (now[k] is None and at_edge[k] is not None and k in m)]
+    for k in out:
+        report.conflicts += 1
+        _sample(report.conflict_sample, k)
+    return out
+
+
+def _unlink(client: Client, keys: list[bytes]) -> int:
+    """Delete `keys` on `client` (one slot per command in a cluster); how many existed."""
+    if not keys:
+        return 0
+    (replies,) = _exec(client, [_Job(keys, lambda b: ["UNLINK", *b])], "destination")
+    return sum(n for _, n in replies)

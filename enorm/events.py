@@ -2,6 +2,9 @@
 
 Delivery is at-least-once: an event waits in the store's outbox until the cloud answers
 2xx, and a background thread retries with back-off, also after a restart of the daemon.
+A crash between the cloud's 2xx and the acknowledgement sends the same event (same id)
+again: receivers drop ids they have seen (the cloud manager ignores a second
+`server.terminated` of a deployment that ended).
 """
 
 from __future__ import annotations
@@ -33,14 +36,24 @@ class Events:
         # Called with every event as it is recorded (metrics); a failing one is logged.
         self.listeners: list[Callable[[Event], None]] = []
 
+    def make(self, type_: str, rec: ServerRecord, reason: str,
+             data: dict | None = None) -> Event:  # fmt: skip
+        return Event(id=secrets.token_hex(8), type=type_, server_id=rec.id, app=rec.app,
+                     owner=rec.owner, at=time.time(), reason=reason, data=data or {})
+
     def emit(self, type_: str, rec: ServerRecord, reason: str, data: dict | None = None,
              notify: bool = True) -> Event:
         """Record an event about a server; with `notify`, send it to its callback too."""
-        ev = Event(id=secrets.token_hex(8), type=type_, server_id=rec.id, app=rec.app,
-                   owner=rec.owner, at=time.time(), reason=reason, data=data or {})
-        self.store.add_event(ev)
-        if notify and rec.callback_url:
-            self.store.outbox_add(rec.callback_url, ev)
+        ev = self.make(type_, rec, reason, data)
+        url = rec.callback_url if notify else None
+        self.store.add_event(ev, url)
+        self.announce(ev, rec, queued=bool(url))
+        return ev
+
+    def announce(self, ev: Event, rec: ServerRecord, queued: bool) -> None:
+        """What follows an event once it is in the store: delivery, the decision log, the
+        listeners (metrics)."""
+        if queued:
             self._wake.set()
         decide(ev.type.removeprefix("server."), ev.reason, server=rec.id, app=rec.app,
                owner=rec.owner, **ev.data)
@@ -49,7 +62,6 @@ class Events:
                 listener(ev)
             except Exception:
                 log.exception("event listener %r", listener)
-        return ev
 
     def deliver_once(self) -> int:
         """Try every pending event once; returns how many are still pending."""

@@ -1,21 +1,32 @@
-"""iptables port forwards into the containers: the only module that calls iptables.
+"""Packet filters of one edge node: the only module that calls iptables and ebtables.
 
-Layout per node (nat table unless noted), so that one node's rules never touch another's:
-- chain ENORM-<NODE>: one DNAT rule per forwarded port, commented `enorm:<node>:<server>`;
-  jumped to from PREROUTING (traffic from outside) and OUTPUT (clients on this host).
-- chain ENORM-<NODE>-P (POSTROUTING): MASQUERADE of 127.0.0.0/8 -> the subnet, so that
+Layout per node, so that one node's rules never touch another's:
+- nat chain ENORM-<NODE>: one DNAT rule per forwarded port, commented
+  `enorm:<node>:<server>`; jumped to from PREROUTING (outside) and OUTPUT (this host).
+- nat chain ENORM-<NODE>-P (POSTROUTING): MASQUERADE of 127.0.0.0/8 -> the subnet, so that
   a client on 127.0.0.1 gets its answers back through the DNAT.
-- chain ENORM-<NODE>-F (filter FORWARD): containers answer but start nothing outside the
-  host: tenants cannot send traffic off the board.
-Changes go through `iptables-restore --noflush`, one atomic batch per operation.
+- filter chain ENORM-<NODE>-I, jumped to first in INPUT: 127.0.0.0/8 from any interface
+  but lo is dropped unless it answers this host's own connections (the CVE-2020-8558
+  class: `route_localnet`, which the loopback DNAT needs on the bridge, would let it in);
+  from the bridge, the host answers containers (replies of connections it made) but
+  accepts no new connection, whatever address it is sent to (the bridge address, 0.0.0.0
+  services), except the operator's `container_egress` destinations.
+- filter chain ENORM-<NODE>-F, jumped to first in FORWARD for packets from the bridge
+  (replies only, plus `container_egress`; so nothing between containers, of this node or
+  another) and last for packets to it (forwarded ports only: conntrack state DNAT).
+- ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
+  veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
+  for another's address, no IPv6), and nothing it sends is bridged to another port.
+iptables changes go through `iptables-restore --noflush`, ebtables changes through
+`ebtables-restore --noflush`: one atomic batch per operation.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
@@ -34,6 +45,30 @@ class Forward:
     port: int
 
 
+@dataclass(frozen=True)
+class Port:
+    """A container's port on the bridge: host-side veth name, MAC and address."""
+
+    veth: str
+    mac: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Egress:
+    """A TCP destination containers may open connections to (`ADDR[/N]:PORT`)."""
+
+    net: ipaddress.IPv4Network
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Egress:
+        addr, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{text!r}: expected ADDR[/N]:PORT")
+        return cls(ipaddress.IPv4Network(addr, strict=False), int(port))
+
+
 def _iptables(*args: str) -> str:
     proc = subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -41,29 +76,39 @@ def _iptables(*args: str) -> str:
     return proc.stdout
 
 
-def _restore(batches: dict[str, list[str]]) -> None:
+def _restore(batches: dict[str, list[str]], cmd: str = "iptables-restore") -> None:
     text = ""
     for table, lines in batches.items():
         if lines:
             text += f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n"
     if not text:
         return
-    proc = subprocess.run(
-        ["iptables-restore", "-w", "--noflush"], input=text, capture_output=True, text=True
-    )
+    args = [cmd, "--noflush"] if cmd.startswith("ebtables") else [cmd, "-w", "--noflush"]
+    proc = subprocess.run(args, input=text, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise FirewallError(f"iptables-restore: {proc.stderr.strip()}\n{text}")
+        raise FirewallError(f"{cmd}: {proc.stderr.strip()}\n{text}")
+
+
+def _ebtables_save() -> list[str]:
+    proc = subprocess.run(["ebtables-save"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FirewallError(f"ebtables-save: {proc.stderr.strip()}")
+    return proc.stdout.splitlines()
 
 
 class Firewall:
-    """The forwards of one edge node."""
+    """The forwards and guards of one edge node."""
 
-    def __init__(self, node: str, subnet: ipaddress.IPv4Network) -> None:
+    def __init__(self, node: str, subnet: ipaddress.IPv4Network | str, bridge: str,
+                 egress: Iterable[str] = ()) -> None:
         self.node = node
         self.subnet = str(subnet)
+        self.bridge = bridge
+        self.egress = [Egress.parse(e) for e in egress]
         self.chain = f"ENORM-{node.upper()}"
         self.post = f"{self.chain}-P"
         self.fwd = f"{self.chain}-F"
+        self.inp = f"{self.chain}-I"
 
     def _tag(self, sid: str) -> str:
         return f"enorm:{self.node}:{sid}"
@@ -76,42 +121,67 @@ class Firewall:
             == 0
         )
 
-    def setup(self) -> None:
-        """Create the node's chains and jumps (idempotent)."""
-        nat: list[str] = []
-        flt: list[str] = []
-        node_tag = f'-m comment --comment "enorm:{self.node}"'
-        for table, chain, lines in ((
-            "nat", self.chain, nat), ("nat", self.post, nat), ("filter", self.fwd, flt)):
-            if not self._chain_exists(table, chain):
-                lines.append(f":{chain} - [0:0]")
-        jumps = [
-            ("nat", "PREROUTING", f"-m addrtype --dst-type LOCAL {node_tag} -j {self.chain}"),
-            ("nat", "OUTPUT", f"-m addrtype --dst-type LOCAL {node_tag} -j {self.chain}"),
-            ("nat", "POSTROUTING", f"{node_tag} -j {self.post}"),
-            ("filter", "FORWARD", f"{node_tag} -j {self.fwd}"),
+    def _jumps(self) -> list[tuple[str, str]]:
+        """(table, rule) of every jump into the node's chains; `-I` puts a guard first."""
+        tag = f'-m comment --comment "enorm:{self.node}"'
+        local, br = "-m addrtype --dst-type LOCAL", self.bridge
+        return [
+            ("nat", f"-A PREROUTING {local} {tag} -j {self.chain}"),
+            ("nat", f"-A OUTPUT {local} {tag} -j {self.chain}"),
+            ("nat", f"-A POSTROUTING {tag} -j {self.post}"),
+            ("filter", f"-I INPUT {tag} -j {self.inp}"),
+            ("filter", f"-I FORWARD -i {br} {tag} -j {self.fwd}"),
+            ("filter", f"-A FORWARD -o {br} {tag} -j {self.fwd}"),
         ]
-        existing = {t: _jumps(_iptables("-t", t, "-S")) for t in ("nat", "filter")}
-        for table, parent, rule in jumps:
-            if (parent, rule.rsplit("-j ", 1)[1]) not in existing[table]:
-                (nat if table == "nat" else flt).append(f"-A {parent} {rule}")
-        _restore({"nat": nat, "filter": flt})
-        # The chains' fixed content, replaced whole (flush + refill in one batch).
-        _restore(
-            {
-                "nat": [
-                    f"-F {self.post}",
-                    f"-A {self.post} -s 127.0.0.0/8 -d {self.subnet} {node_tag} -j MASQUERADE",
-                ],
-                "filter": [
-                    f"-F {self.fwd}",
-                    f"-A {self.fwd} -d {self.subnet} {node_tag} -j ACCEPT",
-                    f"-A {self.fwd} -s {self.subnet} -m conntrack --ctstate ESTABLISHED,RELATED"
-                    f" {node_tag} -j ACCEPT",
-                    f"-A {self.fwd} -s {self.subnet} {node_tag} -j DROP",
-                ],
-            }
-        )
+
+    def _our_jumps(self, table: str) -> list[str]:
+        """The node's jumps as `iptables -S` prints them (old layouts included)."""
+        targets = {self.chain, self.post, self.fwd, self.inp}
+        return [ln for ln in _iptables("-t", table, "-S").splitlines()
+                if ln.startswith("-A ") and ln.rsplit("-j ", 1)[-1] in targets]
+
+    def setup(self) -> None:
+        """Create the node's chains and (re)place their jumps and fixed content.
+
+        One batch per table deletes the node's jumps and inserts them again, so the guards
+        stay first in INPUT and FORWARD, and a node set up by an older layout is migrated.
+        """
+        tag = f'-m comment --comment "enorm:{self.node}"'
+        batches: dict[str, list[str]] = {"nat": [], "filter": []}
+        for table, chain in (("nat", self.chain), ("nat", self.post),
+                             ("filter", self.fwd), ("filter", self.inp)):
+            if not self._chain_exists(table, chain):
+                batches[table].append(f":{chain} - [0:0]")
+        for table in batches:
+            batches[table] += ["-D" + ln[2:] for ln in self._our_jumps(table)]
+        for table, rule in self._jumps():
+            batches[table].append(rule)
+        br, new = self.bridge, "-m conntrack --ctstate NEW"
+        allow = [f"-d {e.net} -p tcp -m tcp --dport {e.port} {new}" for e in self.egress]
+        from_bridge = [
+            f"-i {br} -m conntrack --ctstate ESTABLISHED,RELATED {tag} -j ACCEPT",
+            *(f"-i {br} {a} {tag} -j ACCEPT" for a in allow),
+            f"-i {br} {tag} -j DROP",
+        ]
+        batches["nat"] += [
+            f"-F {self.post}",
+            f"-A {self.post} -s 127.0.0.0/8 -d {self.subnet} {tag} -j MASQUERADE",
+        ]
+        batches["filter"] += [
+            f"-F {self.inp}",
+            # Kubernetes' guard for the same hole: 127.0.0.0/8 arrives only on lo, or as
+            # the answers of this host's own DNAT (whatever sets route_localnet where).
+            f"-A {self.inp} -d 127.0.0.0/8 ! -i lo -m conntrack"
+            f" ! --ctstate RELATED,ESTABLISHED,DNAT {tag} -j DROP",
+            *(f"-A {self.inp} {r}" for r in from_bridge),
+            f"-F {self.fwd}",
+            *(f"-A {self.fwd} {r}" for r in from_bridge),
+            # Users reach containers only through forwarded ports (and get replies).
+            f"-A {self.fwd} -o {br} -m conntrack --ctstate ESTABLISHED,RELATED {tag} -j ACCEPT",
+            f"-A {self.fwd} -o {br} -d {self.subnet} -m conntrack --ctstate DNAT {tag} -j ACCEPT",
+            f"-A {self.fwd} -o {br} {tag} -j DROP",
+        ]
+        _restore(batches)
 
     def _rule(self, sid: str, f: Forward) -> str:
         return (
@@ -163,26 +233,88 @@ class Firewall:
         return {"removed": removed, "added": added}
 
     def teardown(self) -> None:
-        """Remove the node's chains and jumps entirely (node decommissioned, tests)."""
-        for table, parent, chain in (
-            ("nat", "PREROUTING", self.chain),
-            ("nat", "OUTPUT", self.chain),
-            ("nat", "POSTROUTING", self.post),
-            ("filter", "FORWARD", self.fwd),
-        ):
-            for line in _iptables("-t", table, "-S", parent).splitlines():
-                if line.endswith(f"-j {chain}"):
-                    _iptables("-t", table, "-D", *shlex.split(line)[1:])
-        for table, chain in (("nat", self.chain), ("nat", self.post), ("filter", self.fwd)):
-            if self._chain_exists(table, chain):
-                _iptables("-t", table, "-F", chain)
-                _iptables("-t", table, "-X", chain)
+        """Remove the node's chains, jumps and guards entirely (node decommissioned, tests)."""
+        batches: dict[str, list[str]] = {}
+        for table, chains in (("nat", (self.chain, self.post)), ("filter", (self.fwd, self.inp))):
+            lines = ["-D" + ln[2:] for ln in self._our_jumps(table)]
+            for chain in chains:
+                if self._chain_exists(table, chain):
+                    lines += [f"-F {chain}", f"-X {chain}"]
+            batches[table] = lines
+        _restore(batches)
+        self.reconcile_guards({})
 
+    # -- per-container guards on the bridge (ebtables) -----------------------------------
+    def _guard_chain(self, sid: str) -> str:
+        return f"{self.chain}-{sid.upper()}"
 
-def _jumps(listing: str) -> set[tuple[str, str]]:
-    """(parent chain, target) of every rule in an `iptables -S` listing."""
-    out = set()
-    for line in listing.splitlines():
-        if line.startswith("-A ") and " -j " in line:
-            out.add((line.split()[1], line.rsplit("-j ", 1)[1]))
-    return out
+    def guards(self) -> dict[str, list[tuple[str, str]]]:
+        """The node's bridge guards now: server id -> its (table, line) pairs, as
+        `ebtables-save` prints them."""
+        prefix = f"{self.chain}-"
+        tables: dict[str, list[str]] = {}
+        table = ""
+        for ln in _ebtables_save():
+            if ln.startswith("*"):
+                table = ln[1:]
+            elif ln and not ln.startswith("#"):
+                tables.setdefault(table, []).append(ln)
+        nat, flt = tables.get("nat", []), tables.get("filter", [])
+        out: dict[str, list[tuple[str, str]]] = {}
+        for ln in nat:
+            if not ln.startswith(f":{prefix}"):
+                continue
+            chain = ln[1:].split()[0]
+            mine = [("nat", x) for x in nat if x == ln or x.startswith(f"-A {chain} ")]
+            for x in nat:
+                if x.startswith("-A PREROUTING -i ") and x.endswith(f" -j {chain}"):
+                    drop = f"-A FORWARD -i {x.split()[3]} -j DROP"
+                    mine += [("nat", x)] + [("filter", y) for y in flt if y == drop]
+            out[chain[len(prefix):].lower()] = mine
+        return out
+
+    def _guard_lines(self, sid: str, p: Port) -> list[tuple[str, str]]:
+        """Checked as frames enter the bridge (nat PREROUTING), before the bridge learns
+        their source MAC, so a spoofed frame cannot even move another's MAC to its port."""
+        chain = self._guard_chain(sid)
+        return [
+            ("nat", f":{chain} DROP"),
+            ("nat", f"-A {chain} -p ARP -s {p.mac} --arp-ip-src {p.address}"
+                    f" --arp-mac-src {p.mac} -j RETURN"),
+            ("nat", f"-A {chain} -p IPv4 -s {p.mac} --ip-src {p.address} -j RETURN"),
+            ("nat", f"-A {chain} -j DROP"),
+            ("nat", f"-A PREROUTING -i {p.veth} -j {chain}"),
+            ("filter", f"-A FORWARD -i {p.veth} -j DROP"),
+        ]
+
+    def guard(self, sid: str, port: Port) -> None:
+        """Pin the container's port to its MAC and address (before it starts; idempotent)."""
+        self.reconcile_guards({sid: port}, only=[sid])
+
+    def unguard(self, sid: str) -> None:
+        """Remove the server's guard (its container is destroyed); absent is fine."""
+        self.reconcile_guards({}, only=[sid])
+
+    def reconcile_guards(self, expected: dict[str, Port],
+                         only: Iterable[str] | None = None) -> dict[str, int]:
+        """Make the node's guards equal `expected` (restricted to the ids in `only`)."""
+        current = self.guards()
+        ids = set(only) if only is not None else set(current) | set(expected)
+        batches: dict[str, list[str]] = {"nat": [], "filter": []}
+        removed = added = 0
+        for sid in sorted(ids):
+            want = self._guard_lines(sid, expected[sid]) if sid in expected else []
+            have = current.get(sid, [])
+            if sorted(have) == sorted(want):
+                continue
+            if have:  # rules first, then the chain
+                for table, ln in have:
+                    if ln.startswith("-A "):
+                        batches[table].append("-D" + ln[2:])
+                batches["nat"] += [f"-X {ln[1:].split()[0]}" for t, ln in have if ln[0] == ":"]
+                removed += 1
+            for table, ln in want:
+                batches[table].append(ln)
+            added += bool(want)
+        _restore(batches, cmd="ebtables-restore")
+        return {"removed": removed, "added": added}

@@ -12,6 +12,7 @@ import time
 from urllib.parse import quote
 
 from enorm import datasync
+from enorm.protocol import MergeReport
 from enorm.store import ServerRecord
 
 CONTAINER_REDIS_PORT = 6379
@@ -35,17 +36,25 @@ def connect_container(rec: ServerRecord, timeout: float = 10.0) -> datasync.Clie
             time.sleep(0.02)
 
 
-def merge_back_to_sink(rec: ServerRecord) -> int:
-    """Merge the edge server's keys into its sink; returns the keys written there."""
+def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
+    """Merge the edge server's keys into its sink: only the keys of `user_ids` (the users
+    of its setup request) and the shared patterns; deletes and conflicts from the copy's
+    manifest on the sink."""
     assert rec.data_sink is not None
     edge = connect_container(rec)
     cloud = datasync.connect(rec.data_sink.url, cluster=rec.data_sink.cluster)
     try:
-        report = datasync.merge_back(edge, cloud,
-                                     shared_patterns=rec.data_sink.shared_patterns)
+        report = datasync.merge_back(
+            edge, cloud, shared_patterns=rec.data_sink.shared_patterns, user_ids=user_ids,
+            manifest=datasync.manifest_key(rec.id),
+            cloud_wins=rec.data_sink.cloud_wins_patterns)
     finally:
         edge.close()
         cloud.close()
     if not report.verified:
         raise datasync.VerificationFailed("merge back not verified on the cloud", [])
-    return report.keys + report.merged
+    return MergeReport(
+        keys_migrated=report.keys + report.merged, keys_deleted=report.deleted,
+        conflicts=report.conflicts, conflicts_cloud_won=report.conflicts_cloud_won,
+        conflict_sample=report.conflict_sample, not_owned=report.not_owned,
+        not_owned_sample=report.not_owned_sample)

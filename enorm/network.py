@@ -51,19 +51,39 @@ def ensure_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
     _ip("link", "set", bridge, "up")
     ensure_guard(subnet)
     _sysctl("net.ipv4.ip_forward", "1")
-    # DNAT from 127.0.0.1 into a container needs loopback-sourced packets to be routable.
-    _sysctl("net.ipv4.conf.all.route_localnet", "1")
+    # DNAT from 127.0.0.1 into a container routes loopback-sourced packets out of the
+    # bridge and their answers in: allowed on this bridge only. It would also let a
+    # container reach 127.0.0.1 through its gateway; the firewall's INPUT guard drops that.
+    _sysctl(f"net.ipv4.conf.{bridge}.route_localnet", "1")
 
 
 def ensure_guard(subnet: ipaddress.IPv4Network) -> None:
     _ip("route", "replace", "unreachable", str(subnet), "metric", str(GUARD_METRIC))
 
 
-def remove_bridge(bridge: str, subnet: ipaddress.IPv4Network | None = None) -> None:
-    """Delete a bridge this node created (and its guard); absent is fine."""
+def remove_bridge(bridge: str) -> None:
+    """Delete a bridge this node created; absent is fine.
+
+    The subnet's guard route stays: a late packet to a container address (a user, a
+    retry, a stale DNS entry) must fail here, not follow the default route off the board.
+    """
     _ip("link", "del", bridge, check=False)
-    if subnet is not None:
-        _ip("route", "del", "unreachable", str(subnet), "metric", str(GUARD_METRIC), check=False)
+
+
+def delete_link(name: str) -> None:
+    """Delete a network interface; absent is fine."""
+    _ip("link", "del", name, check=False)
+
+
+def host_veth(server_id: str) -> str:
+    """The host-side name of a server's veth (fixed, so its guard exists before it does)."""
+    return f"en{server_id}"[:15]
+
+
+def mac_address(server_id: str) -> str:
+    """A server's MAC on the bridge: locally administered, derived from its id."""
+    b = bytes.fromhex(server_id[:8].rjust(8, "0"))
+    return "02:" + ":".join(f"{x:02x}" for x in b) + ":01"
 
 
 def wait_tcp(host: str, port: int, timeout: float = 10.0, interval: float = 0.005) -> float:

@@ -52,6 +52,9 @@ class DataSink(_Message):
     url: str = Field(pattern=r"^(redis|rediss|unix)://.+", max_length=512)
     cluster: bool = False
     shared_patterns: list[str] = Field(default_factory=list, max_length=64)
+    # A served user's key that the cloud changed during the offload is a conflict; the
+    # edge's value wins, except for keys matching one of these patterns.
+    cloud_wins_patterns: list[str] = Field(default_factory=list, max_length=64)
 
 
 class SetupRequest(_Message):
@@ -185,7 +188,29 @@ class Event(_Message):
     data: dict = Field(default_factory=dict)
 
 
-class TerminateResult(_Message):
+class MergeReport(_Message):
+    """What merging one or more servers' data back did (termination result and event)."""
+
+    keys_migrated: int = 0
+    keys_deleted: int = Field(0, description="served users' keys the edge deleted, "
+                              "deleted on the cloud too (needs the copy's manifest)")
+    conflicts: int = Field(0, description="served users' keys the cloud changed during "
+                           "the offload (needs the manifest)")
+    conflicts_cloud_won: int = Field(0, description="conflicts resolved for the cloud "
+                                     "(cloud_wins_patterns); the others went to the edge")
+    conflict_sample: list[str] = Field(default_factory=list)
+    not_owned: int = Field(0, description="keys on the edge of users the server did not "
+                           "serve: never merged")
+    not_owned_sample: list[str] = Field(default_factory=list)
+
+    def add(self, other: MergeReport) -> None:
+        for f in ("keys_migrated", "keys_deleted", "conflicts", "conflicts_cloud_won",
+                  "not_owned"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.conflict_sample = (self.conflict_sample + other.conflict_sample)[:10]
+        self.not_owned_sample = (self.not_owned_sample + other.not_owned_sample)[:10]
+
+
+class TerminateResult(MergeReport):
     terminated: list[str]
     pending: list[str] = Field(default_factory=list, description="kept: migration pending")
-    keys_migrated: int = 0

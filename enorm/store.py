@@ -32,9 +32,12 @@ class ServerRecord(ServerInfo):
 
     redis_password: str
     ssh_public_key: str
+    # Why a termination began: a restart that finishes it reports the same reason.
+    end_reason: str | None = None
 
     def info(self) -> ServerInfo:
-        return ServerInfo(**self.model_dump(exclude={"redis_password", "ssh_public_key"}))
+        return ServerInfo(**self.model_dump(exclude={"redis_password", "ssh_public_key",
+                                                     "end_reason"}))
 
 
 class Store:
@@ -78,17 +81,29 @@ class Store:
         return {sid: [str(u["address"]) for u in json.loads(raw)] if raw else []
                 for sid, raw in zip(sids, pipe.execute(), strict=True)}
 
-    def delete(self, sid: str) -> None:
+    def delete(self, sid: str, event: Event | None = None, outbox_url: str | None = None) -> None:
+        """Forget a server; with `event`, record it (and queue it for `outbox_url`) in the
+        same transaction, so that a crash leaves either the server or its event."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.key("servers"), sid)
         pipe.delete(self.key("users", sid))
+        if event is not None:
+            self._queue_event(pipe, event, outbox_url)
         pipe.execute()
 
     # -- events --------------------------------------------------------------------------
-    def add_event(self, event: Event) -> None:
-        pipe = self.r.pipeline(transaction=True)
+    def _queue_event(self, pipe: redis.client.Pipeline, event: Event,
+                     outbox_url: str | None) -> None:  # fmt: skip
         pipe.lpush(self.key("events"), event.model_dump_json())
         pipe.ltrim(self.key("events"), 0, EVENTS_KEPT - 1)
+        if outbox_url:
+            pipe.hset(self.key("outbox"), event.id,
+                      json.dumps({"url": outbox_url, "event": event.model_dump()}))
+
+    def add_event(self, event: Event, outbox_url: str | None = None) -> None:
+        """Record an event, and queue it for `outbox_url`, in one transaction."""
+        pipe = self.r.pipeline(transaction=True)
+        self._queue_event(pipe, event, outbox_url)
         pipe.execute()
 
     def events(self, limit: int = 100, server_id: str | None = None,
@@ -105,10 +120,6 @@ class Store:
         return out
 
     # -- outbox: events not yet acknowledged by the cloud ---------------------------------
-    def outbox_add(self, url: str, event: Event) -> None:
-        self.r.hset(self.key("outbox"), event.id, json.dumps({"url": url,
-                                                              "event": event.model_dump()}))
-
     def outbox(self) -> list[tuple[str, Event]]:
         out = []
         for raw in self.r.hgetall(self.key("outbox")).values():

@@ -12,6 +12,7 @@ import fcntl
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,9 @@ class EdgeNode:
     settings: dict
     proc: subprocess.Popen | None = None
     tokens: dict[str, str] = field(default_factory=dict)
+    # The one host port (at the gateway) its containers may connect to: a cloud game
+    # server on this machine (tests/e2e). Nothing else on the host answers them.
+    cloud_port: int | None = None
 
     @property
     def config_path(self) -> Path:
@@ -126,7 +130,7 @@ class EdgeNode:
             raise RuntimeError(f"enorm down failed: {r.stdout}{r.stderr}")
 
 
-def make_node(base: Path, **overrides: Any) -> EdgeNode:
+def make_node(base: Path, cloud_port: int | None = None, **overrides: Any) -> EdgeNode:
     n = node_index()
     name = f"t{n}"
     tokens = {f"tok-a-{n}": "cloud-a", f"tok-b-{n}": "cloud-b"}
@@ -145,21 +149,28 @@ def make_node(base: Path, **overrides: Any) -> EdgeNode:
         "unit": {"cores": 0.25, "memory_mb": 64},
         "tokens": tokens,
         "operator_token": f"op-{n}",
+        "container_egress": [f"10.89.{n}.1/32:{cloud_port}"] if cloud_port else [],
         **overrides,
     }
     base.mkdir(parents=True, exist_ok=True)
-    node = EdgeNode(name=name, dir=base, settings=settings, tokens=tokens)
+    node = EdgeNode(name=name, dir=base, settings=settings, tokens=tokens, cloud_port=cloud_port)
     node.write_config()
     return node
 
 
 @pytest.fixture
 def edge_node(tmp_path: Path) -> Iterator[Callable[..., EdgeNode]]:
-    """Factory: `edge_node(**settings)` writes a config and starts a real daemon."""
+    """Factory: `edge_node(**settings)` writes a config and starts a real daemon.
+
+    The nodes of one test share a `cloud_port` their containers may reach at the gateway.
+    """
     made: list[EdgeNode] = []
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        cloud_port = s.getsockname()[1]
 
     def make(start: bool = True, **overrides: Any) -> EdgeNode:
-        node = make_node(tmp_path / f"node{len(made)}", **overrides)
+        node = make_node(tmp_path / f"node{len(made)}", cloud_port, **overrides)
         made.append(node)
         if start:
             node.start()

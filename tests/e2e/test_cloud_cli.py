@@ -32,7 +32,7 @@ def test_enorm_cloud_offload_where_withdraw(edge_node, redis_server, tmp_path):
         cfg = tmp_path / "cloud.toml"
         cfg.write_text(f"""
 cloud_redis = "{redis.url}"
-app = "cloud_manager:pokemon_app"
+app = "games.pokemon.app:app"
 callback_url = "{cloud.url}/edge-events"
 [app_options]
 cloud_port = {cloud.port}
@@ -90,7 +90,7 @@ token = "x"
         assert "Traceback" not in bad_cfg.stderr + bad_user.stderr + again.stderr
         (tmp_path / "dead.toml").write_text(f"""
 cloud_redis = "{redis.url}"
-app = "cloud_manager:pokemon_app"
+app = "games.pokemon.app:app"
 [[nodes]]
 name = "nowhere"
 url = "http://127.0.0.1:9"

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from nodes import EdgeNode
 from werkzeug.serving import make_server
 
-from cloud_manager import CloudManager, EdgeClient, pokemon_app
+from cloud_manager import CloudManager, EdgeClient
 from enorm import datasync
 from enorm.protocol import DataSink
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
+from games.pokemon.app import app as pokemon_app
 from games.pokemon.client import GameClient
 
 LONDON = (51.5072, -0.1276)
@@ -60,11 +61,11 @@ class Cloud:
 @contextlib.contextmanager
 def cloud_world(redis_url: str, edges: list[EdgeNode], *, cluster: bool = False,
                 sink_url: str | None = None, owner: str = "cloud-a",
-                ) -> Iterator[Cloud]:  # fmt: skip
+                callback: bool = True) -> Iterator[Cloud]:  # fmt: skip
     """The cloud game server on 0.0.0.0:<port> (the containers reach it at their gateway)
     with a CloudManager over `edges` in that order."""
     client = datasync.connect(redis_url, cluster=cluster)
-    port = free_port()
+    port = edges[0].cloud_port or free_port()  # the port the nodes' containers may reach
     url = f"http://127.0.0.1:{port}"
     app = game_cloud.create_app(client, public_url=url)
     sink = DataSink(url=sink_url or redis_url, cluster=cluster,
@@ -75,7 +76,7 @@ def cloud_world(redis_url: str, edges: list[EdgeNode], *, cluster: bool = False,
     ]
     manager = CloudManager(edge_clients, pokemon_app(client, cloud_port=port, push_interval=0.2),
                            cloud_redis=client, sink=sink,
-                           callback_url=f"{url}/edge-events")  # fmt: skip
+                           callback_url=f"{url}/edge-events" if callback else None)  # fmt: skip
     app.register_blueprint(manager.blueprint())
     http = make_server("0.0.0.0", port, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)

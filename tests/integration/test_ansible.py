@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from enorm.firewall import Firewall
+
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 BIN = Path(sys.executable).parent
@@ -188,6 +190,7 @@ def cleanup() -> None:
     _stop_pidfile(RUN / "redis.pid", "--exec", "/usr/bin/redis-server")
     _destroy_containers()
     _iptables_cleanup()
+    Firewall(NAME, SUBNET, BRIDGE).reconcile_guards({})  # ebtables guards ENORM-ANSBL-*
     _quiet("ip", "link", "del", BRIDGE)
     while _run(["ip", "route", "del", "unreachable", SUBNET, "metric", "4000"]).returncode == 0:
         pass

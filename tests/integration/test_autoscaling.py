@@ -255,7 +255,7 @@ def test_growing_basic_service_terminates_the_lowest_priority_tenant(
     }
     low = servers[3]
 
-    # The lowest tenant's users played at the edge: their data lives in its Redis.
+    # The lowest tenant's user (u0) played at the edge: its data lives in its Redis.
     edge = redis.Redis(host=low["address"], port=6379, password=low["redis_password"],
                        socket_timeout=5)
     deadline = time.monotonic() + 10
@@ -266,9 +266,9 @@ def test_growing_basic_service_terminates_the_lowest_priority_tenant(
         except redis.ConnectionError:
             assert time.monotonic() < deadline, "container Redis never answered"
             time.sleep(0.05)
-    edge.hset("u:{1}", mapping={"name": "ash", "level": "7"})
-    edge.set("loc:{1}", "51.5,-0.1")
-    edge.rpush("pokedex:{2}", "pikachu", "eevee")
+    edge.hset("u:{u0}", mapping={"name": "ash", "level": "7"})
+    edge.set("loc:{u0}", "51.5,-0.1")
+    edge.rpush("pokedex:{u0}", "pikachu", "eevee")
 
     # A quiet round: everything fits, nobody is terminated.
     r0 = autoscale(node)
@@ -291,9 +291,9 @@ def test_growing_basic_service_terminates_the_lowest_priority_tenant(
 
     # Its data is back in the cloud Redis.
     c = redis.Redis.from_url(cloud.url, decode_responses=True)
-    assert c.hgetall("u:{1}") == {"name": "ash", "level": "7"}
-    assert c.get("loc:{1}") == "51.5,-0.1"
-    assert c.lrange("pokedex:{2}", 0, -1) == ["pikachu", "eevee"]
+    assert c.hgetall("u:{u0}") == {"name": "ash", "level": "7"}
+    assert c.get("loc:{u0}") == "51.5,-0.1"
+    assert c.lrange("pokedex:{u0}", 0, -1) == ["pikachu", "eevee"]
 
     # The cloud was told, with the reason and the keys moved.
     ev = callbacks.wait_for("server.terminated", low["server_id"])

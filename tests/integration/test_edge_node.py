@@ -14,6 +14,9 @@ import pytest
 import requests
 from nodes import EdgeNode, user_namespace
 
+from enorm import network
+from enorm.firewall import Firewall, Port
+
 pytestmark = pytest.mark.system
 
 
@@ -276,6 +279,12 @@ def test_restart_after_kill_reconciles(edge_node):
         ],
         check=True,
     )
+    # A bridge guard removed by hand, a stray one added: the records win.
+    fw = Firewall(node.name, node.settings["subnet"], node.settings["bridge"])
+    assert set(fw.guards()) == {b["server_id"] for b in bodies}
+    fw.unguard(bodies[0]["server_id"])
+    fw.guard("deadbeef", Port(network.host_veth("deadbeef"), network.mac_address("deadbeef"),
+                              "10.89.0.9"))
     # Someone changed a limit by hand: the store's value wins.
     lxc.Container(bodies[0]["container"]).set_cgroup_item("cpu.cfs_quota_us", "90000")
 
@@ -287,6 +296,7 @@ def test_restart_after_kill_reconciles(edge_node):
     assert not any("deadbeef" in r for r in rules)
     assert sorted(rules) == sorted(r for r in rules_before if lost["server_id"] not in r)
     assert cgroup(bodies[0]["container"], "cpu.cfs_quota_us") == "25000"
+    assert set(fw.guards()) == {b["server_id"] for b in bodies[:2]}
     for b in bodies[:2]:
         assert lxc.Container(b["container"]).running
         ssh(node, b["access"]["port"]).close()

@@ -104,10 +104,11 @@ def _browser():
 
 
 def _rows(driver) -> dict[str, str]:
-    from selenium.webdriver.common.by import By
-
-    return {r.get_attribute("data-server"): r.get_attribute("data-state")
-            for r in driver.find_elements(By.CSS_SELECTOR, "#servers tbody tr")}
+    """The table's rows read in one script, so a redraw cannot pull them away midway."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#servers tbody tr')]"
+        ".map(r => [r.dataset.server, r.dataset.state]);")
+    return dict(rows)
 
 
 def _until(pred, timeout: float = 8.0) -> float:

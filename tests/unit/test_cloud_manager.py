@@ -141,3 +141,22 @@ def test_edge_client_raises_rejected_with_the_reason(fake_edge):
     with pytest.raises(Rejected) as exc:
         EdgeClient(url, "t").setup(manager().request_for([]))
     assert exc.value.reason == "ports_unavailable" and exc.value.status == 409
+
+
+def test_the_app_declares_its_data_once():
+    from dataclasses import replace
+
+    from cloud_manager import sink_for
+
+    app = replace(fake_app([]), shared_patterns=["region:*"], cloud_wins_patterns=["cfg:*"])
+    sink = sink_for(app, DataSink(url="redis://127.0.0.1:1/0"))
+    # The App's declaration reaches the sink the edge merges into (it was ignored before).
+    assert sink.shared_patterns == ["region:*"] and sink.cloud_wins_patterns == ["cfg:*"]
+    assert sink_for(app, sink) == sink  # saying the same twice is fine
+    with pytest.raises(ValueError, match="shared_patterns: the app game declares"):
+        sink_for(app, DataSink(url="redis://127.0.0.1:1/0", shared_patterns=["other:*"]))
+    with pytest.raises(ValueError, match="hash tag"):
+        sink_for(replace(app, shared_patterns=["*{*}*"]), DataSink(url="redis://x:1/0"))
+    m = CloudManager([], app, cloud_redis=None, sink=DataSink(url="redis://127.0.0.1:1/0"),
+                     deployer=Deployer(*new_key()))
+    assert m.request_for([]).data_sink.shared_patterns == ["region:*"]

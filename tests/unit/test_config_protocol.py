@@ -37,6 +37,9 @@ def test_file_then_environment(tmp_path, monkeypatch):
         ('subnet = "10.0.0.0/30"', "subnet"),
         ('unit = { cores = 0 }', "unit.cores"),
         ('nosuch = 1', "nosuch"),
+        ('container_egress = ["10.0.0.1"]', "container_egress"),
+        ('container_egress = ["10.0.0.1:0"]', "container_egress"),
+        ('container_egress = ["cloud.example:80"]', "container_egress"),
     ],
 )
 def test_bad_settings_name_the_field(tmp_path, text, field):

@@ -1,0 +1,123 @@
+"""The cloud ends up with exactly the served users' data, and only theirs: ownership,
+deletes and conflicts of merge_back on real Redis (standalone, and a 3-master cluster as
+the cloud), and a hostile edge server on a real node."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from test_datasync import fill_users
+from test_edge_node import handshake
+
+from enorm import datasync
+from games.pokemon import keys
+
+SERVED, OTHER, VICTIM = ["a1", "a2"], "c3", "v9"
+
+
+def state(client, users) -> dict[bytes, tuple]:
+    """key -> (type, value) of the users' keys."""
+    return datasync._read_typed(client, datasync.user_keys(client, users), "source")  # noqa: SLF001
+
+
+def offload_and_play(cloud, edge, manifest: str) -> None:
+    fill_users(cloud, [*SERVED, OTHER, VICTIM])
+    report = datasync.copy_users(cloud, edge, SERVED, manifest=manifest)
+    assert report.manifest and cloud.hlen(manifest) == report.keys
+    # The edge server plays: changes, creates and deletes its users' keys...
+    edge.hset(keys.user("a1"), "xp", 4242)
+    edge.delete(keys.pokedex("a2"))
+    edge.sadd("new:{a1}:x", "born-on-edge")
+    edge.hset(keys.location("a1"), "lat", 1.0)
+    # ... and, being hostile, writes keys of users it never served, shared-looking ones too.
+    edge.hset(keys.user(VICTIM), mapping={"name": "pwned", "xp": 0})
+    edge.set(f"zz:{{{OTHER}}}", "planted")
+    edge.sadd(f"region:{{{VICTIM}}}", "forged")
+    # Meanwhile the cloud writes two served users' keys (conflicts).
+    cloud.hset(keys.location("a1"), "lat", 99.0)
+    cloud.hset(keys.user("a2"), "name", "renamed-on-cloud")
+
+
+def check(cloud, edge, report, victim_before, other_before) -> None:
+    assert report.verified and report.manifest
+    # Ownership: nothing of a user the server did not serve reached the cloud.
+    assert report.not_owned == 3
+    assert set(report.not_owned_sample) == {"u:{v9}", "zz:{c3}", "region:{v9}"}
+    assert state(cloud, [VICTIM]) == victim_before and state(cloud, [OTHER]) == other_before
+    assert not cloud.exists("region:{v9}")
+    # Deletes reach the cloud; creations too.
+    assert report.deleted == 1 and not cloud.exists(keys.pokedex("a2"))
+    assert cloud.smembers("new:{a1}:x") == {b"born-on-edge"}
+    # Conflicts are reported; the edge wins, except where the cloud wins by pattern.
+    assert report.conflicts == 2
+    assert set(report.conflict_sample) == {"loc:{a1}", "u:{a2}"}
+    assert report.conflicts_cloud_won == 1
+    assert cloud.hget(keys.location("a1"), "lat") == b"1.0"  # edge won
+    assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"  # cloud won (u:*)
+    # Everything else of the served users equals the edge's final state, key set included.
+    edge_state, cloud_state = state(edge, SERVED), state(cloud, SERVED)
+    del edge_state[b"u:{a2}"], cloud_state[b"u:{a2}"]
+    assert cloud_state == edge_state
+    assert not cloud.exists(datasync.manifest_key("s1"))
+
+
+def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
+    cloud = datasync.connect(redis_server().url)
+    edge = datasync.connect(redis_server().url)
+    name = datasync.manifest_key("s1")
+    offload_and_play(cloud, edge, name)
+    victim, other = state(cloud, [VICTIM]), state(cloud, [OTHER])
+    manifest = cloud.hgetall(name)
+    report = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS,
+                                 user_ids=SERVED, manifest=name, cloud_wins=["u:*"])
+    check(cloud, edge, report, victim, other)
+    # A merge retried after one that wrote everything but died before dropping the
+    # manifest: what it wrote itself is no conflict; the cloud-won key still is.
+    cloud.hset(name, mapping=manifest)
+    again = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS,
+                                user_ids=SERVED, manifest=name, cloud_wins=["u:*"])
+    assert again.conflicts == 1 and again.conflict_sample == ["u:{a2}"]
+    assert again.deleted == 0 and cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
+
+
+def test_merge_back_into_a_cluster(redis_cluster, redis_server):
+    cloud = datasync.connect(redis_cluster.url, cluster=True)
+    edge = datasync.connect(redis_server().url)
+    offload_and_play(cloud, edge, datasync.manifest_key("s1"))
+    victim, other = state(cloud, [VICTIM]), state(cloud, [OTHER])
+    report = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS,
+                                 user_ids=SERVED, manifest=datasync.manifest_key("s1"),
+                                 cloud_wins=["u:*"])
+    check(cloud, edge, report, victim, other)
+
+
+@pytest.mark.system
+def test_hostile_edge_server_on_a_real_node(edge_node, redis_server):
+    """The node merges only the setup request's users, whatever the container's Redis
+    holds, and says what it refused, in the result and in the event."""
+    node = edge_node()
+    sink = redis_server()
+    cloud = datasync.connect(sink.url)
+    fill_users(cloud, ["u1", VICTIM])
+    victim = state(cloud, [VICTIM])
+    body = handshake(node, users=[{"id": "u1", "address": "10.90.0.2"}],
+                     data_sink={"url": sink.url, "shared_patterns": keys.SHARED_PATTERNS}).json()
+    sid = body["server_id"]
+    edge = redis.Redis(host=body["address"], port=6379, password=body["redis_password"])
+    datasync.copy_users(cloud, edge, ["u1"], manifest=datasync.manifest_key(sid))
+    edge.delete(keys.pokedex("u1"))
+    edge.hset(keys.user(VICTIM), "name", "pwned")  # another user's data
+    edge.set("enorm:acl:{x}", "forged")  # anything tagged
+    edge.sadd("region:gcpvj0", "user:u1")  # a shared key: merged
+    r = node.client().delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["not_owned"] == 2 and set(res["not_owned_sample"]) == {"u:{v9}", "enorm:acl:{x}"}
+    assert res["keys_deleted"] == 1 and res["conflicts"] == 0
+    assert state(cloud, [VICTIM]) == victim and not cloud.exists("enorm:acl:{x}")
+    assert not cloud.exists(keys.pokedex("u1"))
+    assert cloud.smembers("region:gcpvj0") == {b"user:u1"}
+    ev = next(e for e in node.client().get(f"{node.url}/v1/events?server={sid}",
+                                           timeout=10).json()
+              if e["type"] == "server.terminated")
+    assert ev["data"]["not_owned"] == 2 and ev["data"]["keys_deleted"] == 1
