@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench reliability
 
 setup:
 	@./scripts/setup.sh
@@ -10,6 +10,15 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/pytest -q -p no:cacheprovider --timeout=900 tests
+
+# Long versions of the hostile-input and crash-safety tests (figures in RELIABILITY.md).
+reliability: setup
+	ENORM_FUZZ_CASES=2000 .venv/bin/pytest -q -s -p no:cacheprovider --timeout=3600 \
+		tests/integration/test_fuzz.py tests/integration/test_hostile_input.py \
+		tests/integration/test_bounded_tenancy.py tests/integration/test_secrets.py \
+		tests/integration/test_edge_node.py tests/integration/test_datasync.py \
+		tests/integration/test_pokemon_servers.py tests/e2e -k "fuzz or hostile or tenancy or secret or kill or crash or gone or lost or reconcile or unreachable or restart"
+	flock /run/enorm-bench.lock flock /run/enorm-bench-soak.lock .venv/bin/python -m bench.soak
 
 bench: setup
 	.venv/bin/python -m bench.provisioning

@@ -91,6 +91,8 @@ class LocalEdgeNode:
     ENORM_* variables), and `enorm down` when closed."""
 
     def __init__(self, **settings: Any):
+        # Everything of a local run (cloud Redis, callback) is on loopback.
+        settings.setdefault("destinations", {"*": ["127.0.0.0/8"]})
         self.env = {**os.environ, **{f"ENORM_{k.upper()}": _env_value(v)
                                      for k, v in settings.items()}}
         self.config = node_config.load(None, **settings)

@@ -6,11 +6,14 @@ Every answer is JSON. Bad input is a 400 that names the field, admission refusal
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from prometheus_client import generate_latest
@@ -18,7 +21,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from enorm import dashboard, protocol
+from enorm import dashboard, destinations, memory, protocol, store
+from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
 from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
 from enorm.metrics import NodeMetrics
@@ -60,14 +64,21 @@ def _owner_filter() -> str | None:
 
 @bp.before_request
 def _authenticate() -> Response | None:
-    tokens: dict[str, str] = current_app.config["ENORM_TOKENS"]
+    """Find the caller's owner by the SHA-256 of its bearer token (constant time).
+
+    Comparing digests of the raw header bytes means any header a client can send (non-ASCII,
+    any length) is an ordinary miss, and the node keeps no plain token to compare with.
+    """
+    digests: dict[bytes, str] = current_app.config["ENORM_TOKEN_DIGESTS"]
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    for known, owner in tokens.items():
-        if token and hmac.compare_digest(known, token):
-            g.owner = owner
-            return None
-    return _error(401, "unauthorized", "missing or unknown bearer token")
+    if token:
+        seen = token_digest(token)
+        for known, owner in digests.items():
+            if hmac.compare_digest(known, seen):
+                g.owner = owner
+                return None
+    return _error(401, "unauthorized", "missing or unknown bearer token", "Authorization")
 
 
 @bp.get("/node")
@@ -78,11 +89,18 @@ def node() -> Response:
 @bp.post("/servers")
 def create_server() -> Response:
     if g.owner == OPERATOR:
-        return _error(403, "forbidden", "the operator token cannot own servers")
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict):
-        return _error(400, "bad_request", "body must be a JSON object", "body")
-    req = protocol.SetupRequest.model_validate(payload)
+        return _error(403, "forbidden", "the operator token cannot own servers",
+                      "Authorization")
+    if request.mimetype != "application/json":
+        return _error(415, "unsupported_media_type", "the body must be application/json",
+                      "Content-Type")
+    # get_data honours MAX_CONTENT_LENGTH (413 before anything is parsed).
+    req = protocol.parse_setup(request.get_data(cache=False))
+    policy: destinations.Policy = current_app.extensions["enorm.destinations"]
+    if req.callback_url is not None:
+        policy.check_url(g.owner, "callback_url", str(req.callback_url))
+    if req.data_sink is not None:
+        policy.check_url(g.owner, "data_sink.url", req.data_sink.url)
     t0 = time.perf_counter()
     try:
         resp = _manager().handshake(req, g.owner)
@@ -156,16 +174,19 @@ def dashboard_view() -> Response:
 def autoscale() -> Response:
     """Run one auto-scaling round now (operator only); answers the plan and results."""
     if g.owner != OPERATOR:
-        return _error(403, "forbidden", "only the operator may run the auto-scaler")
+        return _error(403, "forbidden", "only the operator may run the auto-scaler",
+                      "Authorization")
     run = current_app.extensions.get("enorm.autoscale")
     if run is None:
-        return _error(404, "not_found", "this node has no auto-scaler")
+        return _error(404, "not_found", "this node has no auto-scaler", "path")
     return jsonify(run())
 
 
 def _validation_error(exc: ValidationError) -> Response:
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "body"
+    # pydantic adds validator names (`lax-or-strict[...]`) to some locations: not fields.
+    field = ".".join(str(p) for p in err["loc"]
+                     if isinstance(p, int) or str(p).isidentifier()) or "body"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return _error(400, "bad_request", f"{err['msg']}{more}", field)
 
@@ -208,7 +229,8 @@ def openapi() -> dict:
                          "requestBody": {"required": True, **ref("SetupRequest")},
                          "responses": {"201": {"description": "admitted",
                                                **ref("SetupResponse")},
-                                       "400": err, "401": err, "403": err,
+                                       "400": err, "401": err, "403": err, "413": err,
+                                       "415": err,
                                        "409": {"description": "refused",
                                                **ref("Rejection")}}},
                 "get": {"summary": "Servers of the caller",
@@ -219,13 +241,13 @@ def openapi() -> dict:
                 "parameters": sid,
                 "get": {"summary": "One server",
                         "responses": {"200": {"description": "server", **ref("ServerInfo")},
-                                      "401": err, "403": err, "404": err}},
+                                      "401": err, "404": err}},
                 "delete": {"summary": "Withdraw (data merged back first, Procedure 4)",
                            "responses": {"200": {"description": "terminated",
                                                  **ref("TerminateResult")},
                                          "202": {"description": "migration pending",
                                                  **ref("TerminateResult")},
-                                         "401": err, "403": err, "404": err}},
+                                         "401": err, "404": err}},
             },
             "/v1/servers/{sid}/limits": {
                 "parameters": sid,
@@ -255,6 +277,41 @@ def openapi() -> dict:
     }
 
 
+# What a werkzeug-level refusal is about, so that every 4xx names its field.
+_HTTP_FIELDS = {404: "path", 405: "method", 413: "body", 415: "Content-Type",
+                431: "headers"}
+# The largest setup request (100,000 users) is about 7 MB of JSON.
+MAX_BODY_BYTES = 16 << 20
+# After a body this big, freed memory is handed back to the kernel.
+BIG_BODY_BYTES = 1 << 20
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token's UTF-8 bytes: what the node keeps and compares."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def _stored_digest(configured: str) -> bytes:
+    """A configured token: `sha256:<hex>` as the operator stored it, or a plain token."""
+    if configured.startswith(TOKEN_HASH_PREFIX):
+        return bytes.fromhex(configured.removeprefix(TOKEN_HASH_PREFIX))
+    return token_digest(configured)
+
+
+def _policy(cfg: NodeConfig) -> destinations.Policy:
+    """The operator's destinations, with the node's own store and API always refused."""
+    assert cfg.state_dir is not None
+    own = [(cfg.listen_host, cfg.listen_port), (cfg.public_host, cfg.listen_port)]
+    sockets = [str(store.managed_socket(Path(cfg.state_dir)))]
+    if cfg.store_url:
+        u = urlsplit(cfg.store_url)
+        if u.scheme == "unix":
+            sockets.append(u.path)
+        elif u.hostname:
+            own.append((u.hostname, u.port or 6379))
+    return destinations.Policy(cfg.destinations, own_sockets=sockets, own_ports=own)
+
+
 def create_app(
     manager: EdgeManager,
     *,
@@ -265,7 +322,12 @@ def create_app(
 ) -> Flask:
     """A fresh app around one Edge Manager; tests build their own."""
     app = Flask("enorm")
-    app.config["ENORM_TOKENS"] = {**tokens, operator_token: OPERATOR}
+    app.config["ENORM_TOKEN_DIGESTS"] = {
+        **{_stored_digest(t): owner for t, owner in tokens.items()},
+        _stored_digest(operator_token): OPERATOR,
+    }
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["enorm.destinations"] = _policy(manager.cfg)
     app.extensions["enorm"] = manager
     if metrics is None:
         metrics = NodeMetrics(manager)
@@ -275,6 +337,12 @@ def create_app(
     if autoscale is not None:
         app.extensions["enorm.autoscale"] = autoscale
     app.register_blueprint(bp, url_prefix="/v1")
+
+    @app.teardown_request
+    def _trim(_exc: BaseException | None) -> None:
+        if (request.content_length or 0) > BIG_BODY_BYTES:
+            memory.release_memory()
+
     spec = json.dumps(openapi())
 
     @app.get("/v1/openapi.json")
@@ -296,23 +364,27 @@ def create_app(
         if denied is not None:
             return denied
         if g.owner != OPERATOR:
-            return _error(403, "forbidden", "only the operator token may read /metrics")
+            return _error(403, "forbidden", "only the operator token may read /metrics",
+                          "Authorization")
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     app.register_blueprint(dashboard.page)
 
     app.register_error_handler(ValidationError, _validation_error)
+    app.register_error_handler(destinations.Refused, lambda e: _error(
+        400, "destination_not_allowed", str(e), e.field))
     app.register_error_handler(NotFound, lambda e: _error(404, "not_found",
                                                           f"no server {e.args[0]}", "id"))
-    app.register_error_handler(Forbidden, lambda e: _error(
-        403, "forbidden", f"server {e.args[0]} belongs to another cloud manager", "id"))
+    # Another tenant's server is "not found" as well: a 403 would confirm that it exists.
+    app.register_error_handler(Forbidden, lambda e: _error(404, "not_found",
+                                                           f"no server {e.args[0]}", "id"))
     app.register_error_handler(Rejected, lambda r: _json(protocol.Rejection(
         error=r.reason, detail=r.detail, free=r.free), 409))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         return _error(exc.code or 500, exc.name.lower().replace(" ", "_"),
-                      exc.description or "")
+                      exc.description or "", _HTTP_FIELDS.get(exc.code or 0))
 
     @app.errorhandler(Exception)
     def _internal(exc: Exception) -> Response:

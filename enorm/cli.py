@@ -218,10 +218,14 @@ def autoscale(config_path: str | None, once: bool) -> None:
 @main.command()
 @config_option
 @click.option("--keep-bridge", is_flag=True, help="leave the bridge (its route guard stays anyway)")
-def down(config_path: str | None, keep_bridge: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="discard servers whose data cannot be merged back, after saving their "
+                   "keys to files under STATE_DIR/discarded")
+def down(config_path: str | None, keep_bridge: bool, force: bool) -> None:
     """Decommission the node: terminate every server, then remove chains and the store.
 
     The daemon must be stopped first; its servers are terminated here, data merged back.
+    Runs on the board as root: only the operator can use it (and --force).
     """
     from enorm import network, store
     from enorm.daemon import Daemon
@@ -239,8 +243,15 @@ def down(config_path: str | None, keep_bridge: bool) -> None:
             output.progress(f"terminating {n} servers (data merged back first) ...")
         r = d.manager.shutdown_node()
         output.line(f"terminated {r.terminated}, pending {r.pending}")
-        if r.pending:
-            fail("some servers kept their data (sink unreachable); node left in place")
+        if r.pending and force:
+            assert cfg.state_dir is not None
+            saved = d.manager.discard_pending(Path(cfg.state_dir) / "discarded")
+            for sid, path in saved.items():
+                output.line(f"WARNING: server {sid} was NOT merged back to its sink; its "
+                            f"keys are saved in {path} (RESTORE them by hand)")
+        elif r.pending:
+            fail("some servers kept their data (sink unreachable); node left in place "
+                 "(`enorm down --force` saves their keys to files and discards them)")
         d.manager.firewall.teardown()
         d.manager.store.wipe()
     finally:

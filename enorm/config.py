@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +19,11 @@ import psutil
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from enorm.destinations import Allowed
 from enorm.firewall import Egress
 
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
+TOKEN_HASH_PREFIX = "sha256:"
 
 
 class ConfigError(ValueError):
@@ -73,8 +76,15 @@ class NodeConfig(BaseSettings):
     min_priority: int = Field(0, ge=0, le=1000)
     # The operator's token (CLI on the board); None: made at first start, kept in state_dir.
     operator_token: str | None = None
-    # Bearer token -> name of the cloud manager that owns it.
+    # Bearer token -> name of the cloud manager that owns it. A key is the token itself or
+    # `sha256:<hex digest of the token>` (`printf %s TOKEN | sha256sum`), so that the file
+    # need not hold the token; the daemon keeps only digests either way.
     tokens: dict[str, str] = {}
+    # Cloud manager -> where its callback_url and data_sink may point (enorm.destinations;
+    # "*" for every cloud manager). Nothing listed: a request naming either is refused.
+    destinations: dict[str, list[str]] = {}
+    # A callback that keeps failing is given up after this long (the event stays listed).
+    callback_give_up_s: float = Field(3600.0, gt=0)
 
     # Auto-scaler (Procedures 5 and 6).
     autoscale_interval_s: float = Field(300.0, gt=0)
@@ -93,6 +103,9 @@ class NodeConfig(BaseSettings):
     probe_timeout_s: float = Field(0.5, gt=0)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
+    # A cloud manager with this many servers waiting for their sink gets 409
+    # `migrations_pending` for new ones (each keeps a stopped container and its data).
+    max_pending_per_owner: int = Field(4, ge=1)
     # How often a migration that failed (sink unreachable) is tried again.
     migration_retry_s: float = Field(30.0, gt=0)
     # Events to the cloud's callback.
@@ -118,6 +131,25 @@ class NodeConfig(BaseSettings):
     def _egress(cls, v: list[str]) -> list[str]:
         for item in v:
             Egress.parse(item)
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            digest = key.removeprefix(TOKEN_HASH_PREFIX)
+            if digest != key and not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{TOKEN_HASH_PREFIX} must be followed by 64 hex digits")
+            if not key:
+                raise ValueError("a token may not be empty")
+        return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for entries in v.values():
+            for entry in entries:
+                Allowed.parse(entry)  # a ValueError names the entry and what is wrong
         return v
 
     @field_validator("subnet")

@@ -15,7 +15,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
-from enorm import api, autoscaler, manager, metrics, migration, scaling, store
+from enorm import api, autoscaler, manager, memory, metrics, migration, scaling, store
 from enorm.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Daemon:
     def serve(self) -> None:
         from waitress import serve
 
+        memory.bound_malloc_arenas()
         log.info("enorm %s listening on %s", self.config.name, self.config.url)
         serve(self.app, host=self.config.listen_host, port=self.config.listen_port,
-              threads=16, ident="enorm")
+              threads=16, ident="enorm", max_request_body_size=api.MAX_BODY_BYTES,
+              max_request_header_size=64 << 10)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import struct
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -603,8 +604,8 @@ def copy_users(
     """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
 
     With replace=False keys that `dst` already has are kept (and not verified).
-    With `manifest` (see `manifest_key`), the digest of every copied key is recorded on
-    `src` under that name, for `merge_back` to find deletes and conflicts.
+    With `manifest` (see `manifest_key`), the digest of every copied key (as copied) is
+    recorded on `src` under that name, for `merge_back` to find deletes and conflicts.
     Raises DestinationUnreachable before touching anything if `dst` does not answer,
     VerificationFailed if `dst` does not hold what was read from `src`.
     """
@@ -612,11 +613,12 @@ def copy_users(
     ids = list(dict.fromkeys(str(u) for u in user_ids))
     report = SyncReport(users=len(ids))
     ping(dst)
-    written: list[bytes] = []
+    copied: dict[bytes, bytes] | None = {} if manifest is not None else None
     _copy_chunks(src, dst, _chunked(_iter_user_keys(src, ids)), replace, report,
-                 written=written)
+                 copied=copied)
     if manifest is not None:
-        write_manifest(src, manifest, written)
+        # The digests come from the very payloads copied: no second read, no race.
+        write_manifest(src, manifest, copied)
         report.manifest = True
     report.verified = True
     report.seconds = time.perf_counter() - started
@@ -624,7 +626,8 @@ def copy_users(
 
 
 def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
-                 report: SyncReport, written: list[bytes] | None = None) -> None:  # fmt: skip
+                 report: SyncReport, copied: dict[bytes, bytes] | None = None,
+                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
     or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
     scans the source as it goes.
@@ -634,8 +637,7 @@ def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
     so the destination works on one chunk while the next is packed and sent. After the
     last chunk every written key is checked to be still there (eviction, expiry).
     """
-    if written is None:
-        written = []
+    written: list[bytes] = []
     it = iter(chunks)
 
     def next_dump() -> dict[bytes, tuple] | None:
@@ -648,6 +650,8 @@ def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
 
     def collect(part: dict[bytes, tuple], done: list[bytes]) -> None:
         written.extend(done)
+        if copied is not None:
+            copied.update((k, part[k][0]) for k in done)
         report.skipped += len(part) - len(done)
         report.bytes += sum(len(part[k][0]) for k in done)
 
@@ -661,11 +665,21 @@ def _copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
             ahead = dumper.submit(next_dump)
             if len(inflight) >= RESTORERS:
                 collect(inflight[0][0], inflight.popleft()[1].result())
-            inflight.append((part, restorer.submit(_restore, dst, part, replace)))
+            inflight.append((part, restorer.submit(_prepared_restore, dst, part, replace,
+                                                   prepare)))
         while inflight:
             collect(inflight[0][0], inflight.popleft()[1].result())
     report.keys += len(written)
     report.keys_verified += _verify_present(dst, written)
+
+
+def _prepared_restore(dst: Client, part: dict, replace: bool,
+                      prepare: Callable[[dict], None] | None) -> list[bytes]:  # fmt: skip
+    """`prepare(part)` (which may hold keys back), then the restore, in one restorer
+    thread: the check runs beside the next chunk's dump instead of before it."""
+    if prepare is not None:
+        prepare(part)
+    return _restore(dst, part, replace)
 
 
 def count_existing(client: Client, keys: Iterable[bytes | str]) -> int:
@@ -691,38 +705,46 @@ def delete_users(src: Client, user_ids: Iterable[str]) -> int:
 
 # -- the copy's manifest: what went out, as it was -------------------------------------
 
-# A digest of each key's value, independent of the server's memory layout (a set's or a
-# hash's DUMP bytes follow its hash table): the type, then the elements (sorted where the
-# type has no order), each length-prefixed, through SHA-1; 16 hex digits per key, or 16
-# dots for a key that does not exist.
-_DIGESTS = """
+# A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
+# free for the copy, which dumps every key anyway. Sets and hashes in hash-table encoding
+# (RDB types 2 and 4) dump in their table's order, which a rehash may change without a
+# write: theirs is a SHA-1 of the type and the sorted elements instead. A key that does
+# not exist gets 16 dots.
+_DIGEST_FN = """
 local function lp(x) return struct.pack('>I4', #x) .. x end
-local out = {}
-for i, k in ipairs(KEYS) do
-  local t = redis.call('TYPE', k)['ok']
-  local parts
-  if t == 'none' then
-    out[i] = '................'
-  else
-    if t == 'string' then parts = {redis.call('GET', k)}
-    elseif t == 'hash' then
-      local kv = redis.call('HGETALL', k)
-      parts = {}
-      for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end
-      table.sort(parts)
-    elseif t == 'set' then parts = redis.call('SMEMBERS', k); table.sort(parts)
-    elseif t == 'zset' then parts = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
-    elseif t == 'list' then parts = redis.call('LRANGE', k, 0, -1)
-    else parts = {redis.call('DUMP', k)} end
-    local buf = {t}
-    for _, x in ipairs(parts) do buf[#buf + 1] = lp(x) end
-    out[i] = string.sub(redis.sha1hex(table.concat(buf, '')), 1, 16)
+local function digest(k)
+  local p = redis.call('DUMP', k)
+  if not p then return '................' end
+  local t = string.byte(p, 1)
+  if t ~= 2 and t ~= 4 then
+    return string.format(string.rep('%02x', 8), string.byte(p, #p - 7, #p))
   end
+  local parts = {}
+  if t == 4 then
+    local kv = redis.call('HGETALL', k)
+    for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end
+  else
+    for _, m in ipairs(redis.call('SMEMBERS', k)) do parts[#parts + 1] = lp(m) end
+  end
+  table.sort(parts)
+  return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
 end
+"""
+_DIGESTS = _DIGEST_FN + """
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = digest(k) end
 return table.concat(out)
 """
 _ABSENT = b"." * 16
 MANIFEST_TTL_S = 30 * 86400  # a server that never terminates leaves no manifest for ever
+
+
+def payload_digest(payload: bytes) -> bytes | None:
+    """The digest `_DIGESTS` gives, from a DUMP payload; None for the hash-table types,
+    whose digest needs the server."""
+    if payload[0] in _UNORDERED:
+        return None
+    return payload[-8:].hex().encode()
 
 
 def manifest_key(server_id: str) -> str:
@@ -743,17 +765,25 @@ def digests(client: Client, keys: list[bytes],
     return out
 
 
-def write_manifest(client: Client, name: str, keys: list[bytes]) -> int:
-    """Record on `client` (the cloud) the digest of each of `keys` as it is now: the
-    merge at termination tells from it what the edge deleted and what the cloud changed
-    meanwhile. Replaces an older manifest of the same name."""
-    found = {k: d for k, d in digests(client, keys, "source").items() if d is not None}
+def write_manifest(client: Client, name: str, dumped: dict[bytes, bytes]) -> int:
+    """Record on `client` (the cloud) the digest of each key of `dumped` (key -> the DUMP
+    payload that was copied): the merge at termination tells from it what the edge
+    deleted and what the cloud changed meanwhile. Replaces an older manifest."""
+    found: dict[bytes, bytes] = {}
+    ask = []
+    for k, payload in dumped.items():
+        d = payload_digest(payload)
+        if d is None:
+            ask.append(k)
+        else:
+            found[k] = d
+    found.update((k, d) for k, d in digests(client, ask, "source").items() if d is not None)
     with _Guard("source"):
         pipe = client.pipeline(transaction=False)
         pipe.delete(name)
         items = list(found.items())
-        for i in range(0, len(items), BATCH):
-            pipe.hset(name, mapping=dict(items[i : i + BATCH]))
+        for i in range(0, len(items), FLUSH // 10):
+            pipe.hset(name, mapping=dict(items[i : i + FLUSH // 10]))
         pipe.expire(name, MANIFEST_TTL_S)
         pipe.execute()
     return len(found)
@@ -1000,17 +1030,25 @@ def merge_back(
         with _Guard("source"):
             return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
 
-    def checked(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
-        """Dump (if needed), remember, and hold back what the cloud wins."""
+    def remembered(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
         for item in chunks:
             part = item if isinstance(item, dict) else _dump(edge, item)
             seen.update(part)
-            if m is not None and part:
-                for k in _conflicts(edge, cloud, m, list(part), report):
-                    if _matches(k, wins):
-                        report.conflicts_cloud_won += 1
-                        del part[k]
             yield part
+
+    counting = threading.Lock()  # two restorer threads report conflicts
+
+    def hold_back(part: dict) -> None:
+        """Before a chunk is restored: its conflicts, and what the cloud wins stays."""
+        if m is None or not part:
+            return
+        found = _conflicts(edge, cloud, m, list(part))
+        with counting:
+            _count(report, found)
+            for k in found:
+                if _matches(k, wins):
+                    report.conflicts_cloud_won += 1
+                    del part[k]
 
     with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
         # The shared keys are scanned while the user keys' scan starts.
@@ -1024,14 +1062,15 @@ def merge_back(
                 keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
             tags = {t for k in keys if (t := hash_tag(k)) is not None}
             chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        _copy_chunks(edge, cloud, checked(chunks), True, report)
+        _copy_chunks(edge, cloud, remembered(chunks), True, report, prepare=hold_back)
         shared = [k for k in pending.result() if owns(k)]
     report.users = len(tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, shared, report)
     if m is not None:
         gone = [k for k in m if k not in seen and k not in shared
                 and (owned is None or hash_tag(k) in owned)]
-        kept = set(_conflicts(edge, cloud, m, gone, report))
+        kept = set(_conflicts(edge, cloud, m, gone))
+        _count(report, kept)
         doomed = [k for k in gone if not (k in kept and _matches(k, wins))]
         report.conflicts_cloud_won += len(gone) - len(doomed)
         report.deleted = _unlink(cloud, doomed)
@@ -1042,11 +1081,16 @@ def merge_back(
     return report
 
 
-def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes], keys: list[bytes],
-               report: SyncReport) -> list[bytes]:  # fmt: skip
+def _count(report: SyncReport, conflicts: Iterable[bytes]) -> None:
+    for k in conflicts:
+        report.conflicts += 1
+        _sample(report.conflict_sample, k)
+
+
+def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes],
+               keys: list[bytes]) -> list[bytes]:  # fmt: skip
     """Of `keys`, those the cloud changed since the copy: its value is neither what was
-    copied out nor already the edge's (a retried merge wrote that itself). Counted and
-    sampled in `report`."""
+    copied out nor already the edge's (a retried merge wrote that itself)."""
     if not keys:
         return []
     now = digests(cloud, keys)
@@ -1057,9 +1101,6 @@ def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes], keys: list[by
     out = [k for k in changed
            if (now[k] is not None and now[k] != at_edge[k])
            or (now[k] is None and at_edge[k] is not None and k in m)]
-    for k in out:
-        report.conflicts += 1
-        _sample(report.conflict_sample, k)
     return out
 
 

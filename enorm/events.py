@@ -1,7 +1,8 @@
 """Events: what the edge did, recorded in the store and sent to the cloud's callback.
 
-Delivery is at-least-once: an event waits in the store's outbox until the cloud answers
-2xx, and a background thread retries with back-off, also after a restart of the daemon.
+Delivery is at-least-once within a bound: an event waits in the store's outbox until the
+cloud answers 2xx, and a background thread retries with exponential back-off (to 30 s),
+also after a restart of the daemon, for at most `callback_give_up_s`.
 A crash between the cloud's 2xx and the acknowledgement sends the same event (same id)
 again: receivers drop ids they have seen (the cloud manager ignores a second
 `server.terminated` of a deployment that ended).
@@ -26,9 +27,12 @@ decisions = logging.getLogger("enorm.decisions")
 
 
 class Events:
-    def __init__(self, store: Store, timeout: float = 2.0) -> None:
+    def __init__(self, store: Store, timeout: float = 2.0, give_up_s: float = 3600.0) -> None:
         self.store = store
         self.timeout = timeout
+        # A callback that has failed for this long is dropped from the outbox; the event
+        # itself stays in the store's list (GET /v1/events) for the operator.
+        self.give_up_s = give_up_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,6 +78,10 @@ class Events:
                 log.info("event %s to %s: %s", ev.id, url, exc)
                 ok = False
             if ok:
+                self.store.outbox_ack(ev.id)
+            elif time.time() - ev.at > self.give_up_s:
+                log.warning("event %s to %s: no 2xx for %.0f s, given up (kept in the "
+                            "event list)", ev.id, url, self.give_up_s)
                 self.store.outbox_ack(ev.id)
             else:
                 pending += 1

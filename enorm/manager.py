@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from enorm import network, resources
+from enorm import migration, network, resources
 from enorm.config import NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
@@ -92,7 +93,8 @@ def build(config: NodeConfig, store: Store) -> Node:
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
             reserve=Resources(cores=config.reserve_cores, memory_mb=config.reserve_memory_mb),
         ),
-        events=Events(store, timeout=config.callback_timeout_s),
+        events=Events(store, timeout=config.callback_timeout_s,
+                      give_up_s=config.callback_give_up_s),
     )
 
 
@@ -137,7 +139,11 @@ class EdgeManager:
         return self.allocator.free(self.allocated())
 
     def _taken_ports(self, servers: list[ServerRecord]) -> set[int]:
-        return {p for s in servers for p in (s.access_port, *s.ports.values())}
+        """Host ports in use. A migration-pending server holds none: its forwards are gone
+        and the retry reaches its Redis over the bridge, so a tenant whose sink is down
+        cannot exhaust the port range."""
+        return {p for s in servers if s.state != "migration_pending"
+                for p in (s.access_port, *s.ports.values())}
 
     def offer(self) -> NodeOffer:
         servers = self.store.servers()
@@ -216,6 +222,11 @@ class EdgeManager:
             if not decision.admit:
                 raise Rejected(decision.reason or "insufficient_resources", decision.detail,
                                free)
+            pending = sum(s.owner == owner and s.state == "migration_pending" for s in servers)
+            if pending >= self.cfg.max_pending_per_owner:
+                raise Rejected("migrations_pending",
+                               f"{pending} servers of {owner} wait for their sink "
+                               f"(at most {self.cfg.max_pending_per_owner})", free)
             ports = network.pick_ports(self.cfg.port_range, taken, 1 + len(req.ports))
             if ports is None:  # counted free, but another process holds some of them
                 raise Rejected("ports_unavailable",
@@ -388,6 +399,27 @@ class EdgeManager:
                 except (MigrationPending, NotFound):
                     pass
         return done
+
+    def discard_pending(self, save_dir: Path) -> dict[str, Path]:
+        """Operator's last resort (`enorm down --force`): save each pending server's keys to
+        a file under save_dir, then destroy it without merging. Returns id -> file."""
+        saved = {}
+        save_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for rec in self.store.servers():
+            if rec.state != "migration_pending":
+                continue
+            path = save_dir / f"{rec.id}-{int(time.time())}.json"
+            if self.containers.exists(rec.container):
+                self.containers.start(rec.container)
+                keys = migration.save_keys(rec, path)
+                self.containers.destroy(rec.container)
+            else:
+                keys = 0
+            self.firewall.remove(rec.id)
+            self._forget(rec, "discarded_by_operator",
+                         {"keys_migrated": 0, "keys_saved": keys, "saved_to": str(path)})
+            saved[rec.id] = path
+        return saved
 
     # -- restart -------------------------------------------------------------------------
     def reconcile(self) -> dict:

@@ -8,7 +8,11 @@ raises, the manager keeps the container (stopped) and retries later.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 from enorm import datasync
@@ -58,3 +62,23 @@ def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
         conflicts=report.conflicts, conflicts_cloud_won=report.conflicts_cloud_won,
         conflict_sample=report.conflict_sample, not_owned=report.not_owned,
         not_owned_sample=report.not_owned_sample)
+
+
+def save_keys(rec: ServerRecord, path: Path) -> int:
+    """Write every key of the container's Redis to `path` (JSON: base64 DUMP payloads and
+    PTTLs, restorable with RESTORE), readable by root only; returns how many keys."""
+    edge = connect_container(rec)
+    out: dict[str, dict] = {}
+    try:
+        for key in datasync.scan(edge, "*"):
+            payload = edge.dump(key)
+            if payload is not None:
+                out[base64.b64encode(key).decode()] = {
+                    "dump": base64.b64encode(payload).decode(), "pttl": edge.pttl(key)}
+    finally:
+        edge.close()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"server": rec.id, "owner": rec.owner, "app": rec.app,
+                   "sink": rec.data_sink.url if rec.data_sink else None, "keys": out}, f)
+    return len(out)

@@ -10,17 +10,30 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 VERSION = "v1"
 
-RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable"]
+RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable",
+                       "migrations_pending"]
 ServerState = Literal["launching", "running", "terminating", "migration_pending"]
 TerminationMode = Literal["single", "multiple"]
 
+# One key on one line: no control characters anywhere (a \r or \n would start a second
+# authorized_keys line), `\Z` so that a trailing newline does not pass either.
 _SSH_KEY = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}( [^\n]*)?$"
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}"
+    r"( [^\x00-\x1f\x7f]*)?\Z"
 )
 
 
@@ -56,9 +69,20 @@ class DataSink(_Message):
     # edge's value wins, except for keys matching one of these patterns.
     cloud_wins_patterns: list[str] = Field(default_factory=list, max_length=64)
 
+    @model_validator(mode="after")
+    def _reachable(self) -> DataSink:
+        # Refused now rather than found out at termination, where it would block `down`.
+        if self.cluster and self.url.startswith("unix://"):
+            raise ValueError("cluster: a Redis Cluster is never reached over a unix socket")
+        return self
+
 
 class SetupRequest(_Message):
-    """Procedure 2: what the cloud manager asks an edge node for."""
+    """Procedure 2: what the cloud manager asks an edge node for.
+
+    The edge parses it with `parse_setup` (strict: `true` is not a priority, `"7"` is not
+    a number); the cloud builds it from Python values.
+    """
 
     app: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
     priority: int = Field(ge=0, le=1000, description="higher is more important")
@@ -96,10 +120,19 @@ class SetupRequest(_Message):
     @field_validator("ssh_public_key")
     @classmethod
     def _key(cls, v: str) -> str:
-        v = v.strip()
+        v = v.strip(" ")
         if not _SSH_KEY.match(v):
             raise ValueError("must be one OpenSSH public key line (ssh-ed25519, ssh-rsa, ecdsa)")
         return v
+
+
+def parse_setup(body: bytes) -> SetupRequest:
+    """A setup request from the wire, strictly typed (raises ValidationError).
+
+    pydantic's JSON parser bounds nesting depth itself, so deep JSON is a 400, not a
+    RecursionError.
+    """
+    return SetupRequest.model_validate_json(body, strict=True)
 
 
 class Access(_Message):
@@ -171,6 +204,23 @@ class ServerInfo(_Message):
     created_at: float
     data_sink: DataSink | None = None
     callback_url: str | None = None
+
+    @field_serializer("data_sink")
+    def _no_password(self, sink: DataSink | None) -> dict | None:
+        """The sink's password stays on the node: answers show `***` in its place."""
+        if sink is None:
+            return None
+        return {**sink.model_dump(), "url": redact_url(sink.url)}
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo (if any) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Event(_Message):

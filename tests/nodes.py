@@ -148,6 +148,8 @@ def make_node(base: Path, cloud_port: int | None = None, **overrides: Any) -> Ed
         "basic_service": "reserve",
         "unit": {"cores": 0.25, "memory_mb": 64},
         "tokens": tokens,
+        # The tests' cloud Redis and callbacks listen on loopback.
+        "destinations": {"*": ["127.0.0.0/8"]},
         "operator_token": f"op-{n}",
         "container_egress": [f"10.89.{n}.1/32:{cloud_port}"] if cloud_port else [],
         **overrides,

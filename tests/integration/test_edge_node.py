@@ -169,8 +169,11 @@ def test_rejections_name_reason_and_field(edge_node):
     assert r.status_code == 400 and r.json()["field"] == "ssh_public_key"
     r = handshake(node, users=[{"id": "u1", "address": "nowhere"}])
     assert r.status_code == 400 and r.json()["field"].startswith("users.0.address")
-    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5)
+    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5,
+                           headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["field"] == "body"
+    r = node.client().post(node.url + "/v1/servers", data="[", timeout=5)
+    assert r.status_code == 415 and r.json()["field"] == "Content-Type"
 
     r = requests.post(node.url + "/v1/servers", json=setup_request(), timeout=5)
     assert r.status_code == 401
@@ -188,12 +191,13 @@ def test_priority_and_ports_rejections(edge_node):
     assert r.status_code == 409 and r.json()["error"] == "ports_unavailable"
 
 
-def test_other_cloud_managers_servers_are_forbidden(edge_node):
+def test_other_cloud_managers_servers_are_not_found(edge_node):
+    """404, not 403: a tenant cannot even learn that another tenant's server id exists."""
     node = edge_node()
     sid = handshake(node).json()["server_id"]
     b = node.client("cloud-b")
-    assert b.get(f"{node.url}/v1/servers/{sid}", timeout=5).status_code == 403
-    assert b.delete(f"{node.url}/v1/servers/{sid}", timeout=5).status_code == 403
+    assert b.get(f"{node.url}/v1/servers/{sid}", timeout=5).status_code == 404
+    assert b.delete(f"{node.url}/v1/servers/{sid}", timeout=5).status_code == 404
     assert b.get(f"{node.url}/v1/servers", timeout=5).json() == []
     assert node.client().get(f"{node.url}/v1/servers/{sid}", timeout=5).status_code == 200
     assert node.client().get(f"{node.url}/v1/servers/nosuch", timeout=5).status_code == 404

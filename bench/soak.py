@@ -1,0 +1,204 @@
+"""Soak: many handshake/termination cycles from concurrent clients against a real node.
+
+At the end nothing may be left over (container, veth, iptables rule, port, store record),
+the daemon's RSS must be within 10% of its start (after a warm-up), and no sample may
+show more allocated than the node's capacity. A second phase creates and deletes servers
+with 100,000 users and records the RSS after each cycle.
+
+    flock /run/enorm-bench.lock python -m bench.soak [--cycles 1000] [--clients 8] [--big 10]
+
+Writes bench/results/soak.json and soak.png (or into --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lxc
+import psutil
+import requests
+
+from cloud_manager.local import LocalEdgeNode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME, BRIDGE = "bsoak", "enbsoak0"
+NODE = dict(name=NAME, bridge=BRIDGE, subnet="10.86.0.0/24", port_range=[26000, 26999],
+            listen_port=18700, cores=2.0, memory_mb=4096, reserve_cores=0.0,
+            reserve_memory_mb=0, unit={"cores": 0.25, "memory_mb": 64},
+            basic_service="reserve", autoscale_interval_s=86400,
+            tokens={"soak-token": "soak"}, operator_token="soak-operator",
+            max_pending_per_owner=4)
+
+
+def leftovers(node_ports_free: int, offer: dict) -> dict:
+    """What a finished soak must not leave behind, by kind (empty lists when clean)."""
+    rules = []
+    for table in ("nat", "filter"):
+        out = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True,
+                             text=True, check=True).stdout
+        rules += [ln for ln in out.splitlines() if f"enorm:{NAME}:" in ln]  # per server
+    veths = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE],
+                           capture_output=True, text=True).stdout.splitlines()
+    return {
+        "containers": [c for c in lxc.list_containers() if c.startswith(f"enorm-{NAME}-")],
+        "veths": veths,
+        "forward_rules": rules,
+        "records": offer["servers"],
+        "ports_held": node_ports_free - offer["ports_free"],
+    }
+
+
+def run(cycles: int, clients: int, big: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="enorm-bsoak-") as tmp:
+        key = Path(tmp) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        pub = key.with_suffix(".pub").read_text().strip()
+        node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state")
+        node.start()
+        try:
+            return _soak(node, pub, cycles, clients, big)
+        finally:
+            node.close()
+
+
+def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) -> dict:
+    url = node.url
+    tenant = requests.Session()
+    tenant.headers["Authorization"] = "Bearer soak-token"
+    op = requests.Session()
+    op.headers["Authorization"] = "Bearer soak-operator"
+    proc = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
+    rss = lambda: proc.memory_info().rss / 2**20  # noqa: E731
+    ports_free = op.get(url + "/v1/node", timeout=10).json()["ports_free"]
+    body = {"app": "soak", "priority": 5, "ports": [8080], "latency_objective_ms": 50,
+            "ssh_public_key": pub, "users": [{"id": "u1", "address": "10.1.0.1"}]}
+    counts = {"ok": 0, "refused": 0, "errors": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def cycle(_: int) -> None:
+        s = requests.Session()
+        s.headers["Authorization"] = "Bearer soak-token"
+        r = s.post(url + "/v1/servers", json=body, timeout=120)
+        if r.status_code == 201:
+            d = s.delete(f"{url}/v1/servers/{r.json()['server_id']}", timeout=120)
+            what = "ok" if d.status_code == 200 else "errors"
+            detail = d.text
+        else:
+            what = "refused" if r.status_code == 409 else "errors"
+            detail = r.text
+        with lock:
+            counts[what] += 1
+            if what == "errors" and len(errors) < 20:
+                errors.append(detail[:300])
+
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            o = op.get(url + "/v1/node", timeout=10).json()
+            samples.append({"t": round(time.monotonic() - t0, 2), "rss_mb": round(rss(), 1),
+                            "cores": o["allocated"]["cores"],
+                            "memory_mb": o["allocated"]["memory_mb"],
+                            "cap_cores": o["capacity"]["cores"] - o["reserved"]["cores"],
+                            "cap_memory_mb": o["capacity"]["memory_mb"]
+                            - o["reserved"]["memory_mb"]})
+            stop.wait(0.25)
+
+    with ThreadPoolExecutor(clients) as pool:  # warm-up: every worker thread once
+        list(pool.map(cycle, range(clients * 2)))
+    time.sleep(0.5)
+    rss_start = rss()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(cycle, range(cycles)))
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    time.sleep(0.5)
+    rss_end = rss()
+    over = [s for s in samples if s["cores"] > s["cap_cores"] + 1e-9
+            or s["memory_mb"] > s["cap_memory_mb"]]
+
+    big_rss = []
+    if big:
+        users = [{"id": f"u{i}", "address": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"}
+                 for i in range(100_000)]
+        big_rss.append(round(rss(), 1))
+        for _ in range(big):
+            r = tenant.post(url + "/v1/servers", json={**body, "users": users}, timeout=300)
+            if r.status_code == 201:  # a launch failure is counted above, not here
+                tenant.delete(f"{url}/v1/servers/{r.json()['server_id']}",
+                              timeout=300).raise_for_status()
+            big_rss.append(round(rss(), 1))
+    offer = op.get(url + "/v1/node", timeout=10).json()
+    return {
+        "cycles": cycles, "clients": clients, "wall_s": round(wall, 1),
+        "cycles_per_s": round(cycles / wall, 2), **counts, "error_samples": errors,
+        "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1),
+        "rss_ratio": round(rss_end / rss_start, 3),
+        "samples": len(samples), "samples_over_capacity": len(over),
+        "max_allocated_cores": max((s["cores"] for s in samples), default=0),
+        "capacity_cores": samples[0]["cap_cores"] if samples else None,
+        "big_cycles_rss_mb": big_rss,
+        "leftovers": leftovers(ports_free, offer),
+        "raw": {"samples": samples},
+        "load": "shared machine (other helpers' tests running)",
+    }
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    s = res["raw"]["samples"]
+    t = [x["t"] for x in s]
+    a.plot(t, [x["cores"] for x in s], label="allocated cores")
+    if s:
+        a.axhline(s[0]["cap_cores"], color="red", linestyle="--", label="capacity")
+    a2 = a.twinx()
+    a2.plot(t, [x["rss_mb"] for x in s], color="green", label="daemon RSS (MB)")
+    a2.axhline(res["rss_start_mb"] * 1.1, color="green", linestyle=":", label="start +10%")
+    a.set_xlabel("seconds")
+    a.set_title(f"{res['cycles']} cycles, {res['clients']} clients")
+    a.legend(loc="upper left")
+    a2.legend(loc="upper right")
+    b.plot(range(len(res["big_cycles_rss_mb"])), res["big_cycles_rss_mb"], marker="o")
+    b.set_xlabel("create+delete cycles with 100,000 users")
+    b.set_ylabel("daemon RSS (MB)")
+    b.set_title("RSS with big setup requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cycles", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--big", type=int, default=10, help="cycles with 100,000 users")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    res = run(args.cycles, args.clients, args.big)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, args.out / "soak.png")
+    print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

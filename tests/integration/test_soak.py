@@ -1,0 +1,38 @@
+"""A short run of bench/soak.py (the full one is `make reliability`): concurrent
+handshake/termination cycles and big setup requests leave nothing behind, keep the
+daemon's RSS flat and never allocate more than the capacity."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.system
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_short_soak_leaves_nothing_and_keeps_memory_flat(tmp_path: Path) -> None:
+    # bench/soak.py's names and ports are its own: one soak at a time on this machine
+    # (its own lock, so that the suite does not queue behind unrelated benchmarks).
+    with open("/run/enorm-bench-soak.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run([sys.executable, "-m", "bench.soak", "--cycles", "24",
+                               "--clients", "8", "--big", "2", "--out", str(tmp_path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "soak.json").read_text())
+    assert (tmp_path / "soak.png").stat().st_size > 0
+    assert res["ok"] + res["refused"] + res["errors"] == 24 + 16  # cycles + warm-up
+    # Launch failures under load are counted, not fixed here (issue 15, isolation part).
+    assert res["ok"] >= 20, res["error_samples"]
+    assert res["leftovers"] == {"containers": [], "veths": [], "forward_rules": [],
+                                "records": 0, "ports_held": 0}
+    assert res["rss_ratio"] <= 1.10, res
+    assert res["samples"] > 0 and res["samples_over_capacity"] == 0
+    first_big, *rest = res["big_cycles_rss_mb"][1:]
+    assert all(r <= first_big * 1.15 for r in rest), res["big_cycles_rss_mb"]
