@@ -54,9 +54,10 @@ BASE = "enorm-base-debian"
 INIT = "/usr/local/sbin/enorm-init"
 PACKAGES = ("docker.io", "lxd", "lxd-client", "btrfs-progs")
 UNIT = (1.0, 200)  # cores, MB: the paper's unit
-PORTS = {"enorm": 26000, "docker": 27000, "lxd": 28000, "floor": None}
+# Host ports of their own (other benches and the tests use 24000-50199).
+PORTS = {"enorm": 51000, "docker": 52000, "lxd": 53000, "floor": None}
 NODE = dict(
-    name="bpeer", bridge="enbpeer0", subnet="10.85.0.0/24", port_range=[26000, 26999],
+    name="bpeer", bridge="enbpeer0", subnet="10.85.0.0/24", port_range=[51000, 51999],
     listen_port=18650, cores=512.0, memory_mb=262144, reserve_cores=0.0,
     reserve_memory_mb=0, unit={"cores": UNIT[0], "memory_mb": UNIT[1]},
     basic_service="reserve", autoscale_interval_s=86400, tokens={"peers-token": "peers"},
