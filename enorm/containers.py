@@ -136,9 +136,9 @@ class Containers:
 
     def start(self, name: str) -> None:
         """Start through `lxc-start` rather than `Container.start()`: liblxc forks the
-        caller to make each container's monitor, and a fork of this multi-threaded
-        daemon kept ~8 MB of private pages per container and now and then took half a
-        second to see its container stop. `lxc-start` forks a small C process instead."""
+        caller to make each container's monitor, and a fork of this daemon kept ~8 MB
+        of private pages per container (bench.peers: 275 -> 74 MB with 32 containers).
+        `lxc-start` forks a small C process instead."""
         c = self._get(name)
         if c.running:
             return
