@@ -133,6 +133,23 @@ def delete_server(sid: str) -> Response:
     return _json(result, 202 if result.pending else 200)
 
 
+@bp.put("/servers/<sid>/limits")
+def set_limits(sid: str) -> Response:
+    """The operator resizes a server by hand, as `docker update` does (operator only; the
+    auto-scaler may change it again in its next round)."""
+    if g.owner != OPERATOR:
+        return _error(403, "forbidden", "only the operator may set limits by hand")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return _error(400, "bad_request", "body must be a JSON object", "body")
+    limits = protocol.Resources.model_validate(payload)
+    mgr = _manager()
+    if mgr.get(sid).state != "running":
+        return _error(409, "not_running", f"server {sid} is not running", "id")
+    mgr.scale(sid, limits, reason="operator", numbers={})
+    return _json(mgr.get(sid).info())
+
+
 @bp.get("/events")
 def events() -> Response:
     try:
@@ -178,7 +195,7 @@ def openapi() -> dict:
     """The OpenAPI 3.1 description, built from the same pydantic models the API uses."""
     models = [protocol.SetupRequest, protocol.SetupResponse, protocol.Rejection,
               protocol.ErrorBody, protocol.NodeOffer, protocol.ServerInfo, protocol.Event,
-              protocol.TerminateResult]
+              protocol.TerminateResult, protocol.Resources]
     schemas: dict[str, Any] = {}
     for m in models:
         s = m.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -232,6 +249,13 @@ def openapi() -> dict:
                                                  **ref("TerminateResult")},
                                          "401": err, "404": err}},
             },
+            "/v1/servers/{sid}/limits": {
+                "parameters": sid,
+                "put": {"summary": "Set a server's limits by hand (operator)",
+                        "requestBody": {"required": True, **ref("Resources")},
+                        "responses": {"200": {"description": "server", **ref("ServerInfo")},
+                                      "400": err, "401": err, "403": err, "404": err,
+                                      "409": err}}},
             "/v1/events": {"get": {"summary": "Events, newest first",
                                    "parameters": [{"name": "limit", "in": "query",
                                                    "schema": {"type": "integer"}},

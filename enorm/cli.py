@@ -181,6 +181,18 @@ def terminate(config_path: str | None, server_ids: tuple[str, ...]) -> None:
 
 @main.command()
 @config_option
+@click.argument("server_id")
+@click.option("--cores", type=click.FloatRange(min=0, min_open=True), required=True)
+@click.option("--memory-mb", type=click.IntRange(min=1), required=True)
+def scale(config_path: str | None, server_id: str, cores: float, memory_mb: int) -> None:
+    """Set a server's limits by hand (the auto-scaler may change them again)."""
+    r = Client(load_config(config_path)).call(
+        "PUT", f"/v1/servers/{server_id}/limits", json={"cores": cores, "memory_mb": memory_mb})
+    output.line(f"{server_id}: {_res(r['limits'])}")
+
+
+@main.command()
+@config_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def events(config_path: str | None, limit: int, as_json: bool) -> None:

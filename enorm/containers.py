@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +135,18 @@ class Containers:
         conf.chmod(0o600)
 
     def start(self, name: str) -> None:
+        """Start through `lxc-start` rather than `Container.start()`: liblxc forks the
+        caller to make each container's monitor, and a fork of this daemon kept ~8 MB
+        of private pages per container (bench.peers: 275 -> 74 MB with 32 containers).
+        `lxc-start` forks a small C process instead."""
         c = self._get(name)
         if c.running:
             return
-        if not c.start():
-            raise ContainerError(f"{name}: start failed (see lxc-start -n {name} -F -l debug)")
+        proc = subprocess.run(["lxc-start", "-n", name, "-P", self.lxc_path],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ContainerError(f"{name}: start failed: {proc.stderr.strip()[-400:]} "
+                                 f"(see lxc-start -n {name} -F -l debug)")
 
     def stop(self, name: str, timeout: float = 10.0) -> None:
         """Stop at once: SIGKILL to the container's init, then wait for STOPPED.

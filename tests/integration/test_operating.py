@@ -170,3 +170,29 @@ def test_cli_output_and_exit_codes(edge_node, tmp_path):
     down = node.cli("status")
     assert down.returncode == 3 and "does not answer" in down.stderr
     node.start()
+
+
+def test_operator_sets_limits_by_hand(edge_node):
+    node = edge_node(cores=2.0, unit={"cores": 0.25, "memory_mb": 64})
+    op = {"Authorization": f"Bearer {node.settings['operator_token']}"}
+    sid = handshake(node).json()["server_id"]
+    url = f"{node.url}/v1/servers/{sid}/limits"
+    r = requests.put(url, json={"cores": 0.5, "memory_mb": 128}, headers=op, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["limits"] == {"cores": 0.5, "memory_mb": 128}
+    import lxc
+
+    c = lxc.Container(r.json()["container"])
+    assert int(c.get_cgroup_item("memory.limit_in_bytes")) == 128 * 1024 * 1024
+    assert node.client().put(url, json={"cores": 1, "memory_mb": 64}, timeout=10).status_code == 403
+    bad = requests.put(url, json={"cores": -1, "memory_mb": 64}, headers=op, timeout=10)
+    assert bad.status_code == 400 and bad.json()["field"] == "cores"
+    too_big = requests.put(url, json={"cores": 8, "memory_mb": 64}, headers=op, timeout=10)
+    assert too_big.status_code == 409
+    gone = requests.put(f"{node.url}/v1/servers/nosuch/limits", json={"cores": 1,
+                        "memory_mb": 64}, headers=op, timeout=10)
+    assert gone.status_code == 404
+    out = node.cli("scale", sid, "--cores", "0.75", "--memory-mb", "96")
+    assert out.returncode == 0 and "0.75 cores / 96 MB" in out.stdout, out.stderr
+    ev = node.client().get(f"{node.url}/v1/events?server={sid}", timeout=10).json()
+    assert [e["reason"] for e in ev if e["type"] == "server.scaled"] == ["operator", "operator"]
