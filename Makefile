@@ -30,6 +30,7 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.deployment
 	$(LOCK) .venv/bin/python -m bench.jmeter_engines
 	$(LOCK) .venv/bin/python -m bench.latency
+	$(LOCK) .venv/bin/python -m bench.peers
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
