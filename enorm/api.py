@@ -138,7 +138,8 @@ def set_limits(sid: str) -> Response:
     """The operator resizes a server by hand, as `docker update` does (operator only; the
     auto-scaler may change it again in its next round)."""
     if g.owner != OPERATOR:
-        return _error(403, "forbidden", "only the operator may set limits by hand")
+        return _error(403, "forbidden", "only the operator may set limits by hand",
+                      "Authorization")
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
         return _error(400, "bad_request", "body must be a JSON object", "body")
