@@ -27,11 +27,13 @@ import ipaddress
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 # ebtables has no per-rule tags to delete by: its guards are read, compared and rewritten.
 _GUARDS_LOCK = threading.Lock()
+_GUARD_ATTEMPTS = 4
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
 
 
@@ -303,9 +305,20 @@ class Firewall:
         """Make the node's guards equal `expected` (restricted to the ids in `only`).
 
         Read, compare and write under one lock: two handshakes or terminations at once
-        must not both delete a rule they both saw (the second restore would fail)."""
+        must not both delete a rule they both saw (the second restore would fail). The
+        lock does not cover other processes' nf_tables changes (iptables-nft here, other
+        nodes on the machine): ebtables-nft then sometimes fails to find a rule it has
+        just read (the soak saw 2 in 40 terminations), so a failed write is read and
+        compared again, which is safe because the whole operation is idempotent."""
         with _GUARDS_LOCK:
-            return self._reconcile_guards(expected, only)
+            for attempt in range(_GUARD_ATTEMPTS):
+                try:
+                    return self._reconcile_guards(expected, only)
+                except FirewallError:
+                    if attempt == _GUARD_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _reconcile_guards(self, expected: dict[str, Port],
                           only: Iterable[str] | None) -> dict[str, int]:  # fmt: skip
