@@ -21,8 +21,8 @@ reliability: setup
 	flock /run/enorm-bench.lock flock /run/enorm-bench-soak.lock .venv/bin/python -m bench.soak
 
 # Every bench holds the machine-wide lock: their names and ports are fixed.
-# `bench`: about 70 minutes (bench.latency alone ~25: 3 access x 6 user counts x 3 targets
-# x 20 s; bench.peers ~25); `bench-quick`: about 3 minutes.
+# `bench`: about 75 minutes (bench.latency alone ~25: 3 access x 6 user counts x 3 targets
+# x 20 s; bench.peers ~25); `bench-quick`: about 4 minutes.
 LOCK = flock /run/enorm-bench.lock
 bench: setup
 	$(LOCK) .venv/bin/python -m bench.provisioning
@@ -31,7 +31,9 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.jmeter_engines
 	$(LOCK) .venv/bin/python -m bench.latency
 	$(LOCK) .venv/bin/python -m bench.peers
+	$(LOCK) .venv/bin/python -m bench.basic_service
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
 	$(LOCK) .venv/bin/python -m bench.latency --quick
+	$(LOCK) .venv/bin/python -m bench.basic_service --hour-s 2 --out /tmp/enorm-bench-quick
