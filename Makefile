@@ -29,11 +29,13 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling
 	$(LOCK) .venv/bin/python -m bench.deployment
 	$(LOCK) .venv/bin/python -m bench.jmeter_engines
+	$(LOCK) .venv/bin/python -m bench.calibration
 	$(LOCK) .venv/bin/python -m bench.latency
 	$(LOCK) .venv/bin/python -m bench.peers
 	$(LOCK) .venv/bin/python -m bench.basic_service
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
+	$(LOCK) .venv/bin/python -m bench.calibration --runs 1
 	$(LOCK) .venv/bin/python -m bench.latency --quick
 	$(LOCK) .venv/bin/python -m bench.basic_service --hour-s 2 --out /tmp/enorm-bench-quick

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from bench.calibration import BOARDS, quota_for
 from bench.load import Load
 from bench.testbed import ACCESS, WAN, Testbed
 from bench.testbed import probe as probe_mod
@@ -97,13 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="1 and 8 users, 3 s per run")
     ap.add_argument("--access", nargs="*", choices=list(ACCESS),
                     help="access profiles (default: all; 4g with --quick)")
+    ap.add_argument("--board", choices=["host", *BOARDS], default="rpi4",
+                    help="the edge unit's CPU: a board core as calibrated by bench.calibration "
+                         "(default rpi4), or a whole host core")
     a = ap.parse_args(argv)
+    unit_cores = 1.0 if a.board == "host" else quota_for(a.board)
     users = [1, 8] if a.quick else [1, 2, 4, 8, 16, 32]
     duration = 3.0 if a.quick else 20.0
     access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
     t0 = time.monotonic()
-    with Testbed(users_per_node=max(users)) as bed:
+    with Testbed(users_per_node=max(users), unit_cores=unit_cores) as bed:
         accuracy = emulator_accuracy(bed, pps=1000)
         for acc in access:
             bed.access(acc)
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = one_run(bed, target, max(users), duration, "mixed")
                 runs.append({"access": acc, **r})
     data = {"experiment": "latency (c), edge<->cloud bytes (d) and requests (e)",
-            "quick": a.quick, "duration_s": duration, "loadavg_at_end": os.getloadavg(),
+            "quick": a.quick, "duration_s": duration,
+            "edge_unit": {"board": a.board, "cores": unit_cores}, "loadavg_at_end": os.getloadavg(),
             "wall_s": time.monotonic() - t0, "emulator": accuracy, "runs": runs,
             "note": "taken on a shared 2-core machine loaded by other helpers"}
     RESULTS.mkdir(exist_ok=True)
