@@ -101,10 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--board", choices=["host", *BOARDS], default="rpi4",
                     help="the edge unit's CPU: a board core as calibrated by bench.calibration "
                          "(default rpi4), or a whole host core")
+    ap.add_argument("--users", nargs="*", type=int,
+                    help="user counts (default: 1 2 4 8 16 32; 1 8 with --quick)")
+    ap.add_argument("--duration", type=float, help="seconds per run (default 20; 3 with --quick)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     unit_cores = 1.0 if a.board == "host" else quota_for(a.board)
-    users = [1, 8] if a.quick else [1, 2, 4, 8, 16, 32]
-    duration = 3.0 if a.quick else 20.0
+    users = a.users or ([1, 8] if a.quick else [1, 2, 4, 8, 16, 32])
+    duration = a.duration or (3.0 if a.quick else 20.0)
     access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
     t0 = time.monotonic()
@@ -127,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             "edge_unit": {"board": a.board, "cores": unit_cores}, "loadavg_at_end": os.getloadavg(),
             "wall_s": time.monotonic() - t0, "emulator": accuracy, "runs": runs,
             "note": "taken on a shared 2-core machine loaded by other helpers"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency.json").write_text(json.dumps(data, indent=1))
-    plot(data, RESULTS / "latency.png")
-    print(f"wrote {RESULTS / 'latency.json'} in {data['wall_s']:.0f} s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "latency.json").write_text(json.dumps(data, indent=1))
+    plot(data, a.out / "latency.png")
+    print(f"wrote {a.out / 'latency.json'} in {data['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

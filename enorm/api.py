@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from enorm import dashboard, destinations, memory, protocol, store
 from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
-from enorm.manager import EdgeManager, Forbidden, NotFound, Rejected
+from enorm.manager import EdgeManager, Forbidden, LaunchFailed, NotFound, Rejected
 from enorm.metrics import NodeMetrics
 
 OPERATOR = "operator"
@@ -110,6 +110,13 @@ def create_server() -> Response:
                detail=r.detail)
         body = protocol.Rejection(error=r.reason, detail=r.detail, free=r.free)  # type: ignore[arg-type]
         return _json(body, 409)
+    except LaunchFailed as f:
+        _metrics_of().handshake(False, "container_start_failed")
+        decide("launch_failed", "container_start_failed", owner=g.owner, app=req.app,
+               detail=f.detail)
+        resp = _error(503, "container_start_failed", f.detail)
+        resp.headers["Retry-After"] = "5"
+        return resp
     _metrics_of().handshake(True, "", time.perf_counter() - t0)
     return _json(resp, 201)
 

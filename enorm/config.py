@@ -101,6 +101,10 @@ class NodeConfig(BaseSettings):
     statistic: Literal["mean", "p95"] = "mean"
     probe: Literal["tcp", "icmp", "none"] = "tcp"
     probe_timeout_s: float = Field(0.5, gt=0)
+    # How long a new container's sshd may take to accept connections before the handshake
+    # answers 503 container_start_failed (a quarter-core unit on a busy board needs more
+    # than a whole core on an idle one).
+    launch_timeout_s: float = Field(20.0, gt=0)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
     # A cloud manager with this many servers waiting for their sink gets 409

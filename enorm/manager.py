@@ -58,6 +58,15 @@ class Rejected(Exception):
         self.reason, self.detail, self.free = reason, detail, free
 
 
+class LaunchFailed(Exception):
+    """The server was admitted but its container did not come up (503, typed); the node
+    has undone the launch, so the cloud may retry here or go elsewhere."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class NotFound(KeyError):
     pass
 
@@ -184,9 +193,10 @@ class EdgeManager:
             self.terminate(sid, reason="preempted", numbers={"by_priority": req.priority})
         try:
             self._launch(rec)
-        except Exception:
+        except Exception as exc:
+            log.exception("launch of %s failed", rec.id)
             self._undo_launch(rec)
-            raise
+            raise LaunchFailed(f"{type(exc).__name__}: {exc}") from exc
         rec.state = "running"
         self.store.save(rec)
         self.events.emit("server.launched", rec, "handshake",
@@ -278,7 +288,7 @@ class EdgeManager:
         )
         self.containers.start(rec.container)
         self.firewall.add(rec.id, _forwards(rec))
-        self.containers.wait_ssh(rec.address)
+        self.containers.wait_ssh(rec.address, timeout=self.cfg.launch_timeout_s)
 
     def _undo_launch(self, rec: ServerRecord) -> None:
         log.warning("launch of %s failed; undoing", rec.id)

@@ -359,3 +359,27 @@ def test_preempt_policy_terminates_lower_priority_tenants(edge_node):
     events = a.get(node.url + "/v1/events", timeout=5).json()
     assert any(e["type"] == "server.terminated" and e["reason"] == "preempted"
                and e["server_id"] == low[0]["server_id"] for e in events)
+
+
+def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(edge_node):
+    # Real containers whose sshd cannot be up within the node's launch timeout.
+    node = edge_node(launch_timeout_s=0.001)
+    a = node.client()
+    before = a.get(node.url + "/v1/node", timeout=5).json()
+    r = handshake(node)
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["error"] == "container_start_failed"
+    assert "sshd not up" in body["detail"]
+    assert r.headers["Retry-After"] == "5"
+    after = a.get(node.url + "/v1/node", timeout=5).json()
+    for k in ("allocated", "servers", "ports_free"):
+        assert after[k] == before[k], k
+    assert nat_rules(node) == []
+    assert not [n for n in lxc.list_containers() if n.startswith(f"enorm-{node.name}-")]
+    ebt = subprocess.run(["ebtables-save"], capture_output=True, text=True).stdout
+    assert f"ENORM-{node.name.upper()}-" not in ebt
+    assert a.get(node.url + "/v1/servers", timeout=5).json() == []
+    metrics = requests.get(node.url + "/metrics", timeout=5, headers={
+        "Authorization": f"Bearer {node.settings['operator_token']}"}).text
+    assert 'reason="container_start_failed"' in metrics
