@@ -105,6 +105,9 @@ class NodeConfig(BaseSettings):
     # answers 503 container_start_failed (a quarter-core unit on a busy board needs more
     # than a whole core on an idle one).
     launch_timeout_s: float = Field(20.0, gt=0)
+    # Processes (and threads) one container may have: the tenant's fork storm hits this
+    # wall inside its own cgroup instead of the board's process table.
+    pids_max: int = Field(512, ge=16)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
     # A cloud manager with this many servers waiting for their sink gets 409

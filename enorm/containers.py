@@ -45,10 +45,11 @@ class Usage:
 class Containers:
     """Containers of one edge node: names start with the node's prefix."""
 
-    def __init__(self, lxc_path: Path, prefix: str, base: str) -> None:
+    def __init__(self, lxc_path: Path, prefix: str, base: str, pids_max: int = 512) -> None:
         self.lxc_path = str(lxc_path)
         self.prefix = prefix
         self.base = base
+        self.pids_max = pids_max
         self.v = cgroup_version()
 
     # -- helpers -------------------------------------------------------------------------
@@ -117,6 +118,7 @@ class Containers:
             items["lxc.net.0.veth.pair"] = veth
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
         items.update({key + k: v for k, v in self._limit_items(limits).items()})
+        items[key + "pids.max"] = str(self.pids_max)  # a fork storm stays inside
         c.clear_config_item("lxc.net.0.type")
         for k, v in items.items():
             if not c.set_config_item(k, v):

@@ -96,7 +96,8 @@ def build(config: NodeConfig, store: Store) -> Node:
     return Node(
         config=config,
         store=store,
-        containers=Containers(config.lxc_path, config.container_prefix, config.base_container),
+        containers=Containers(config.lxc_path, config.container_prefix, config.base_container,
+                              pids_max=config.pids_max),
         firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),

@@ -1,0 +1,89 @@
+"""Limits a tenant cannot exceed, tried from inside: a fork storm and a memory storm run
+for real in one tenant's container (over its SSH access, as its root) while the daemon
+and another tenant's container keep answering."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import lxc
+import pytest
+import requests
+from test_edge_node import handshake, ssh
+
+from enorm.containers import cgroup_version
+
+pytestmark = pytest.mark.system
+
+PIDS_MAX = 96
+FORK_STORM = ("import os\n"
+              "while True:\n"
+              "    try:\n"
+              "        os.fork()\n"
+              "    except OSError:\n"
+              "        pass\n")
+
+
+def run(client, command: str, timeout: float = 60) -> tuple[int, str]:
+    _, out, err = client.exec_command(command, timeout=timeout)
+    code = out.channel.recv_exit_status()
+    return code, out.read().decode() + err.read().decode()
+
+
+def daemon_answers(node, seconds: float) -> float:
+    """The slowest `GET /v1/node` over `seconds`."""
+    s = node.client()
+    worst = 0.0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        assert s.get(node.url + "/v1/node", timeout=10).ok
+        worst = max(worst, time.perf_counter() - t)
+        time.sleep(0.1)
+    return worst
+
+
+def other_tenant_answers(node, port: int) -> bool:
+    c = ssh(node, port)
+    try:
+        return run(c, "echo alive", timeout=20) == (0, "alive\n")
+    finally:
+        c.close()
+
+
+def test_storms_stay_inside_the_tenants_container(edge_node):
+    node = edge_node(pids_max=PIDS_MAX)
+    a, b = handshake(node, "cloud-a").json(), handshake(node, "cloud-b").json()
+    baseline = daemon_answers(node, 1.0)
+    storm = ssh(node, a["access"]["port"])
+    try:
+        # Fork storm, bounded in time from outside by the container's end below.
+        storm.exec_command(f"nohup python3 -c '{FORK_STORM}' >/dev/null 2>&1 &")
+        time.sleep(3)
+        cg = lxc.Container(a["container"])
+        assert int(cg.get_cgroup_item("pids.current")) <= PIDS_MAX
+        assert int(cg.get_cgroup_item("pids.max")) == PIDS_MAX
+        assert daemon_answers(node, 3.0) < max(2.0, 10 * baseline)
+        assert other_tenant_answers(node, b["access"]["port"])
+    finally:
+        storm.close()
+    # The storm is stopped by the tenant's own limit, not by the host: the node ends it
+    # with the container.
+    r = node.client("cloud-a").delete(f"{node.url}/v1/servers/{a['server_id']}", timeout=60)
+    assert r.status_code == 200, r.text
+
+    # Memory storm in a fresh container: the kernel kills it inside its own cgroup.
+    a = handshake(node, "cloud-a").json()
+    hog = ssh(node, a["access"]["port"])
+    try:
+        _, out = run(hog, "python3 -c 'b = b\"x\" * (1 << 30)'; echo rc=$?", timeout=60)
+        assert "rc=137" in out  # SIGKILL from the OOM killer, seen by the tenant's shell
+        item = "memory.oom_control" if cgroup_version() == 1 else "memory.events"
+        assert re.search(r"oom_kill [1-9]", lxc.Container(a["container"]).get_cgroup_item(item))
+        assert run(hog, "echo still here") == (0, "still here\n")  # its sshd survived
+    finally:
+        hog.close()
+    assert daemon_answers(node, 1.0) < max(2.0, 10 * baseline)
+    assert other_tenant_answers(node, b["access"]["port"])
+    assert requests.get(node.url + "/healthz", timeout=5).ok
