@@ -219,6 +219,18 @@ class Containers:
                     + (" (memory in use is above the new limit?)" if "memory" in k else "")
                 )
 
+    def restore(self, name: str, limits: Resources) -> dict[str, str]:
+        """Write back every limit item (CPU, memory, pids) that differs from what the node
+        set, e.g. after a write behind the node's back; returns the items as found."""
+        c = self._get(name)
+        want = {**self._limit_items(limits), "pids.max": str(self.pids_max)}
+        found = {k: (c.get_cgroup_item(k) or "").strip() for k in want}
+        changed = {k: v for k, v in found.items() if v != want[k]}
+        for k in changed:
+            if not c.set_cgroup_item(k, want[k]):
+                raise ContainerError(f"{name}: the kernel refused cgroup {k}={want[k]}")
+        return changed
+
     def limits(self, name: str) -> Resources:
         """The limits the kernel enforces now, read back from the cgroup."""
         c = self._get(name)

@@ -319,6 +319,27 @@ class EdgeManager:
         self.events.emit("server.scaled", rec, reason,
                          {**numbers, "from": old.model_dump(), "to": limits.model_dump()})
 
+    def enforce_limits(self) -> dict[str, dict[str, str]]:
+        """Put back the limits of every running server whose kernel values differ from the
+        store's (a tenant or a stray tool wrote them); each case is a
+        `server.limits_restored` event. Runs at the start of every auto-scaling round."""
+        restored: dict[str, dict[str, str]] = {}
+        for rec in self.store.servers():
+            if rec.state != "running":
+                continue
+            with self._lock:
+                try:
+                    changed = self.containers.restore(rec.container, rec.limits)
+                except Exception as exc:  # gone meanwhile, or the kernel said no
+                    log.warning("limits of %s not restored: %s", rec.id, exc)
+                    continue
+            if changed:
+                restored[rec.id] = changed
+                self.events.emit("server.limits_restored", rec, "changed_outside_enorm",
+                                 {"found": changed, "limits": rec.limits.model_dump()},
+                                 notify=False)
+        return restored
+
     # -- Procedure 4: termination --------------------------------------------------------
     def terminate(self, server_id: str, reason: str, numbers: dict | None = None,
                   owner: str | None = None) -> TerminateResult:

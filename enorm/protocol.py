@@ -228,7 +228,8 @@ class Event(_Message):
 
     id: str
     type: Literal[
-        "server.launched", "server.scaled", "server.terminated", "server.migration_failed"
+        "server.launched", "server.scaled", "server.terminated", "server.migration_failed",
+        "server.limits_restored",
     ]
     server_id: str
     app: str

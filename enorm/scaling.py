@@ -44,6 +44,7 @@ class NodeRound:
 
     def snapshot(self) -> autoscaler.Snapshot:
         mgr = self.mgr
+        mgr.enforce_limits()  # the round plans from the limits the store holds
         servers = mgr.store.servers()
         running = [s for s in servers if s.state == "running"]
         used = self._usage([s.container for s in running])

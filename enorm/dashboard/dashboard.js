@@ -80,6 +80,7 @@ function describe(ev) {
   }
   if (ev.type === "server.terminated") return `${d.keys_migrated ?? 0} keys merged back`;
   if (ev.type === "server.migration_failed") return d.error || "";
+  if (ev.type === "server.limits_restored") return `found ${JSON.stringify(d.found || {})}`;
   return "";
 }
 

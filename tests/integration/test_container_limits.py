@@ -87,3 +87,27 @@ def test_storms_stay_inside_the_tenants_container(edge_node):
     assert daemon_answers(node, 1.0) < max(2.0, 10 * baseline)
     assert other_tenant_answers(node, b["access"]["port"])
     assert requests.get(node.url + "/healthz", timeout=5).ok
+
+
+def test_limits_changed_behind_the_nodes_back_are_restored_by_the_next_round(edge_node):
+    node = edge_node()
+    a = handshake(node, "cloud-a").json()
+    c = lxc.Container(a["container"])
+    quota = "cpu.cfs_quota_us" if cgroup_version() == 1 else "cpu.max"
+    before = {k: c.get_cgroup_item(k) for k in (quota, "pids.max")}
+    # What a tenant with the cgroup hierarchy mounted writable would do.
+    assert c.set_cgroup_item(quota, "-1" if cgroup_version() == 1 else "max 100000")
+    assert c.set_cgroup_item("pids.max", "max")
+    op = {"Authorization": f"Bearer {node.settings['operator_token']}"}
+    r = requests.post(node.url + "/v1/autoscale", headers=op, timeout=120)
+    assert r.ok, r.text
+    assert {k: c.get_cgroup_item(k) for k in before} == before
+    events = node.client("cloud-a").get(node.url + "/v1/events", timeout=5).json()
+    restored = [e for e in events if e["type"] == "server.limits_restored"]
+    assert len(restored) == 1 and restored[0]["server_id"] == a["server_id"]
+    assert restored[0]["data"]["found"] == {
+        quota: "-1" if cgroup_version() == 1 else "max 100000", "pids.max": "max"}
+    # A round with nothing changed restores nothing.
+    assert requests.post(node.url + "/v1/autoscale", headers=op, timeout=120).ok
+    events = node.client("cloud-a").get(node.url + "/v1/events", timeout=5).json()
+    assert len([e for e in events if e["type"] == "server.limits_restored"]) == 1
