@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import click
 import requests
 
 from enorm import config as config_mod
-from enorm import output
+from enorm import output, preflight
 from enorm.output import EXIT_UNREACHABLE, EXIT_USAGE, fail
 
 DEFAULT_CONFIG = Path("/etc/enorm/node.toml")
@@ -107,6 +108,9 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
     from enorm.daemon import Daemon
 
     cfg = load_config(config_path)
+    findings = _preflight()
+    if preflight.failures(findings):
+        fail(preflight.message(findings))
     try:
         d = Daemon.open(cfg, background=not no_autoscale)
     except Exception as exc:
@@ -117,6 +121,29 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
         d.serve()
     finally:
         d.close()
+
+
+def _preflight() -> list[preflight.Finding]:
+    # ENORM_PREFLIGHT_ROOT points the checks at a copy of another machine's /proc and
+    # /sys files (the tests' fixtures); the tools and the write probe need the real one.
+    root = os.environ.get("ENORM_PREFLIGHT_ROOT", "/")
+    return preflight.run(root, live=root == "/")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def doctor(as_json: bool) -> None:
+    """Check that this board can enforce the limits enorm sets (as `serve` does at start):
+    cgroup controllers enabled, mounted and writable, the tools it calls installed.
+    Exits 1 when something is missing, naming the fix."""
+    findings = _preflight()
+    if as_json:
+        output.line(json.dumps([f.as_dict() for f in findings]))
+    else:
+        output.table("preflight", ("check", "ok", "detail", "fix"),
+                     [(f.check, "yes" if f.ok else "NO", f.detail, f.fix) for f in findings])
+    if preflight.failures(findings):
+        fail(f"{len(preflight.failures(findings))} check(s) failed")
 
 
 def _res(r: dict) -> str:

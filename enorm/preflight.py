@@ -1,0 +1,171 @@
+"""Preflight: does this board enforce what enorm promises its tenants?
+
+The most common failure of containers on Raspberry Pi boards is a limit that is silently
+not enforced: Raspberry Pi OS boots with the memory controller disabled, and a
+`memory.limit_in_bytes` that nobody checks means a tenant may take the board. So the node
+refuses to start unless every cgroup controller it writes is enabled, mounted and
+writable (a limit written to a scratch cgroup reads back), and the tools it calls exist.
+`enorm doctor` prints the same report on demand.
+
+The checks read files under a root directory (`/` on the board, a fixture tree in the
+tests), so v1, hybrid and v2 layouts are tested without those machines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# What enorm writes (cpu, memory, pids) or reads (cpuacct on v1) per container, and
+# cpuset, which LXC needs to place a container.
+CONTROLLERS_V1 = ("cpu", "cpuacct", "cpuset", "memory", "pids")
+CONTROLLERS_V2 = ("cpu", "cpuset", "memory", "pids")
+TOOLS = ("lxc-start", "lxc-stop", "iptables", "iptables-restore", "ebtables",
+         "ebtables-restore", "ip", "redis-server")
+CMDLINE_FIX = ("add `cgroup_enable=cpuset cgroup_enable=memory cgroup_memory=1` to the kernel "
+               "command line (Raspberry Pi OS: the one line of /boot/firmware/cmdline.txt, "
+               "/boot/cmdline.txt before Bookworm) and reboot")
+SCRATCH_LIMIT = 64 << 20
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read(root: Path, path: str) -> str | None:
+    try:
+        return (root / path.lstrip("/")).read_text()
+    except OSError:
+        return None
+
+
+def layout(root: Path) -> str:
+    """'v1', 'hybrid' (v1 controllers and a v2 tree beside them) or 'v2' (unified at
+    /sys/fs/cgroup), from the cgroup file systems that are mounted."""
+    unified = beside = False
+    for ln in (_read(root, "/proc/self/mounts") or "").splitlines():
+        parts = ln.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            unified |= parts[1] == "/sys/fs/cgroup"
+            beside |= parts[1] != "/sys/fs/cgroup"
+    if unified:
+        return "v2"
+    return "hybrid" if beside else "v1"
+
+
+def enabled_controllers(root: Path) -> dict[str, bool]:
+    """Controller -> enabled, from /proc/cgroups (the kernel's view, both versions)."""
+    out: dict[str, bool] = {}
+    for ln in (_read(root, "/proc/cgroups") or "").splitlines():
+        if ln.startswith("#") or not ln.strip():
+            continue
+        name, _hier, _num, enabled = ln.split()[:4]
+        out[name] = enabled == "1"
+    return out
+
+
+def mounted_v1(root: Path) -> set[str]:
+    """Controllers with a v1 hierarchy mounted under /sys/fs/cgroup."""
+    out: set[str] = set()
+    for ln in (_read(root, "/proc/self/mounts") or "").splitlines():
+        parts = ln.split()
+        if len(parts) >= 4 and parts[2] == "cgroup" and parts[1].startswith("/sys/fs/cgroup"):
+            out.update(parts[3].split(","))
+    return out
+
+
+def check_controllers(root: Path) -> list[Finding]:
+    """Each controller enorm needs: enabled by the kernel and usable in the layout."""
+    kind = layout(root)
+    enabled = enabled_controllers(root)
+    findings = [Finding("cgroup layout", True, kind)]
+    if kind == "v2":
+        avail = set((_read(root, "/sys/fs/cgroup/cgroup.controllers") or "").split())
+        need = CONTROLLERS_V2
+    else:
+        avail = mounted_v1(root)
+        need = CONTROLLERS_V1
+    for c in need:
+        if not enabled.get(c, False):
+            detail = ("disabled by the kernel command line" if c in enabled
+                      else "not built into this kernel")
+            fix = CMDLINE_FIX if c in enabled else "use a kernel with this controller"
+            findings.append(Finding(f"cgroup {c}", False, detail, fix))
+        elif c not in avail:
+            where = "cgroup.controllers" if kind == "v2" else "a v1 mount under /sys/fs/cgroup"
+            findings.append(Finding(f"cgroup {c}", False, f"enabled, but not in {where}",
+                                    "mount it (LXC's cgroupfs-mount, or systemd does this)"))
+        else:
+            findings.append(Finding(f"cgroup {c}", True, "enabled"))
+    return findings
+
+
+def check_tools(path: str | None = None) -> list[Finding]:
+    found = {t: shutil.which(t, path=path) for t in TOOLS}
+    return [Finding(f"tool {t}", True, at) if at else
+            Finding(f"tool {t}", False, "missing", "run scripts/setup.sh (or the Ansible role)")
+            for t, at in found.items()]
+
+
+def check_write_back(root: Path) -> list[Finding]:
+    """Write a memory limit and a pids limit to a scratch cgroup and read them back."""
+    name = f"enorm-preflight-{os.getpid()}"
+    if layout(root) == "v2":
+        dirs = {"memory": root / "sys/fs/cgroup" / name}
+        dirs["pids"] = dirs["memory"]
+        files = {"memory": "memory.max", "pids": "pids.max"}
+    else:
+        dirs = {c: root / "sys/fs/cgroup" / c / name for c in ("memory", "pids")}
+        files = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}
+    values = {"memory": str(SCRATCH_LIMIT), "pids": "64"}
+    findings = []
+    for c in ("memory", "pids"):
+        d = dirs[c]
+        try:
+            d.mkdir(exist_ok=True)
+            try:
+                (d / files[c]).write_text(values[c])
+                back = (d / files[c]).read_text().strip()
+            finally:
+                d.rmdir()
+        except OSError as exc:
+            findings.append(Finding(f"write {files[c]}", False, str(exc),
+                                    "run enorm as root on a host whose cgroups are writable"))
+            continue
+        ok = back == values[c]
+        findings.append(Finding(f"write {files[c]}", ok,
+                                f"wrote {values[c]}, read {back}",
+                                "" if ok else "the kernel does not enforce this limit"))
+    return findings
+
+
+def run(root: Path | str = "/", live: bool = True) -> list[Finding]:
+    """Every check; `live` adds the tools on PATH and the write-and-read-back probe."""
+    root = Path(root)
+    findings = check_controllers(root)
+    if live:
+        findings += check_tools()
+        if all(f.ok for f in findings if f.check in ("cgroup memory", "cgroup pids")):
+            findings += check_write_back(root)
+    return findings
+
+
+def failures(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if not f.ok]
+
+
+def message(findings: list[Finding]) -> str:
+    """One message naming everything missing and its fix (for `enorm serve`)."""
+    bad = failures(findings)
+    lines = [f"{f.check}: {f.detail}" + (f" -> {f.fix}" if f.fix else "") for f in bad]
+    return ("this board cannot enforce enorm's limits; not starting:\n  "
+            + "\n  ".join(lines))

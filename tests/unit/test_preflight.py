@@ -1,0 +1,72 @@
+"""Preflight against the /proc and /sys files of v1, hybrid and v2 machines (fixtures)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from enorm import preflight
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "preflight"
+
+
+def by_check(root: Path) -> dict[str, preflight.Finding]:
+    return {f.check: f for f in preflight.run(root, live=False)}
+
+
+@pytest.mark.parametrize("machine, kind", [("v1", "v1"), ("hybrid", "hybrid"), ("v2", "v2")])
+def test_a_complete_machine_passes_in_each_layout(machine: str, kind: str) -> None:
+    found = by_check(FIXTURES / machine)
+    assert found["cgroup layout"].detail == kind
+    assert not preflight.failures(list(found.values()))
+    need = preflight.CONTROLLERS_V2 if kind == "v2" else preflight.CONTROLLERS_V1
+    assert {f"cgroup {c}" for c in need} <= set(found)
+
+
+def test_raspberry_pi_os_without_memory_is_refused_with_the_fix() -> None:
+    findings = preflight.run(FIXTURES / "rpi-nomem", live=False)
+    bad = preflight.failures(findings)
+    assert [f.check for f in bad] == ["cgroup memory"]
+    assert bad[0].detail == "disabled by the kernel command line"
+    assert "cgroup_enable=memory cgroup_memory=1" in bad[0].fix
+    assert "/boot/firmware/cmdline.txt" in bad[0].fix
+    msg = preflight.message(findings)
+    assert "cgroup memory" in msg and "cgroup_enable=memory" in msg
+
+
+def test_v1_controller_enabled_but_not_mounted(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    shutil.copytree(FIXTURES / "v1", root)
+    mounts = root / "proc/self/mounts"
+    mounts.write_text("".join(ln + "\n" for ln in mounts.read_text().splitlines()
+                              if not ln.endswith("pids 0 0")))
+    bad = preflight.failures(preflight.run(root, live=False))
+    assert [f.check for f in bad] == ["cgroup pids"]
+    assert "not in a v1 mount" in bad[0].detail
+
+
+def test_controller_missing_from_the_kernel(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    shutil.copytree(FIXTURES / "v2", root)
+    cg = root / "proc/cgroups"
+    cg.write_text("".join(ln + "\n" for ln in cg.read_text().splitlines()
+                          if not ln.startswith("pids")))
+    bad = preflight.failures(preflight.run(root, live=False))
+    assert [(f.check, f.detail) for f in bad] == [("cgroup pids", "not built into this kernel")]
+
+
+def test_v2_controller_enabled_but_not_available(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    shutil.copytree(FIXTURES / "v2", root)
+    (root / "sys/fs/cgroup/cgroup.controllers").write_text("cpuset cpu io memory\n")
+    bad = preflight.failures(preflight.run(root, live=False))
+    assert [f.check for f in bad] == ["cgroup pids"]
+    assert "cgroup.controllers" in bad[0].detail
+
+
+def test_missing_tools_are_named() -> None:
+    found = {f.check: f for f in preflight.check_tools(path="/nonexistent")}
+    assert all(not f.ok and f.fix for f in found.values())
+    assert "tool lxc-start" in found
