@@ -58,6 +58,60 @@ def make_users(client: redis.Redis, n: int) -> list[str]:
     return ids
 
 
+# Fills the cloud with `n` keys of other users (strings `loc:{o<i>}`), 100,000 per call.
+_FILL = """
+local start, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = start, start + n - 1 do redis.call('SET', 'loc:{o' .. i .. '}', '51.5,-0.12') end
+return n
+"""
+
+
+def fill_others(cloud: redis.Redis, n: int) -> None:
+    fill = cloud.register_script(_FILL)
+    for start in range(0, n, 100_000):
+        fill(args=[start, min(100_000, n - start)])
+
+
+def cloud_size_runs(manager: CloudManager, cloud: redis.Redis, big: int, runs: int) -> dict:
+    """Offload 1 and 64 users from a cloud of ~320 keys (64 users), then from the same
+    cloud with `big` keys of other users: by the game's key schema, and once by scan."""
+    cloud.flushall()
+    users = make_users(cloud, 64)
+    out: dict = {"cloud_keys": {}, "data_s": {}, "total_s": {}}
+
+    def offload(label: str, n: int, reps: int) -> None:
+        for _ in range(reps):
+            dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
+            manager.withdraw(dep)
+            if dep.state != "withdrawn" or not dep.confirmed:
+                raise RuntimeError(f"{label} {n} users: {dep.state}")
+            out["data_s"].setdefault(f"{label}/{n}", []).append(dep.timings["data"])
+            out["total_s"].setdefault(f"{label}/{n}", []).append(dep.timings["total"])
+        print(f"{label:>6} {n:>3} users: data p50 "
+              f"{statistics.median(out['data_s'][f'{label}/{n}']):.3f} s", flush=True)
+
+    out["cloud_keys"]["small"] = cloud.dbsize()
+    for n in (1, 64):
+        offload("small", n, runs)
+    t = time.perf_counter()
+    fill_others(cloud, big)
+    out["fill_s"] = time.perf_counter() - t
+    out["cloud_keys"]["big"] = cloud.dbsize()
+    for n in (1, 64):
+        offload("big", n, runs)
+    schema, manager.app.key_schema = manager.app.key_schema, None
+    try:
+        offload("scan", 64, 1)  # the old way, for comparison: one run is enough
+    finally:
+        manager.app.key_schema = schema
+    p50 = {k: statistics.median(v) for k, v in out["data_s"].items()}
+    out["data_p50_s"] = p50
+    out["ratio_big_to_small"] = {n: round(p50[f"big/{n}"] / p50[f"small/{n}"], 2)
+                                 for n in (1, 64)}
+    out["total_p50_s"] = {k: statistics.median(v) for k, v in out["total_s"].items()}
+    return out
+
+
 def _stats(xs: list[float]) -> dict:
     return {"p50": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
             "runs": xs}  # fmt: skip
@@ -67,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    p.add_argument("--cloud-keys", type=int, default=10_000_000,
+                   help="keys of other users in the big cloud (0: skip that part)")
     a = p.parse_args(argv)
+    by_cloud_size: dict = {}
 
     deploy: dict[str, list[float]] = {}
     terminate: dict[str, list[float]] = {}
@@ -118,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
                           f"({dep.copy.keys} keys; {dep.timings})", flush=True)
             after = datasync._read_typed(cloud, list(before), "destination")  # noqa: SLF001
             lost = sum(1 for k, v in before.items() if after.get(k) != v)
+            if a.cloud_keys:
+                by_cloud_size = cloud_size_runs(manager, cloud, a.cloud_keys, a.runs)
         finally:
             if manager is not None:
                 manager.close()
@@ -132,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "deploy_s": {k: _stats(v) for k, v in deploy.items()},
         "terminate_s": {k: _stats(v) for k, v in terminate.items()},
         "keys_lost": lost,
+        "cloud_size": by_cloud_size,
         "stages": parts,
         "targets": {"deploy_s": 2.0, "terminate_s": 1.0},
         "machine": platform.platform(),
@@ -143,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     for what in ("deploy_s", "terminate_s"):
         print(what, {k: round(v["p50"], 3) for k, v in result[what].items()})
     print("keys_lost", lost)
+    if by_cloud_size:
+        print("cloud size: data p50", {k: round(v, 4) for k, v in
+                                       by_cloud_size["data_p50_s"].items()},
+              "ratio big/small", by_cloud_size["ratio_big_to_small"])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -152,7 +216,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(result["deploy_s"])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    cs = result.get("cloud_size") or {}
+    fig, axes = plt.subplots(1, 2 if cs else 1, figsize=(11 if cs else 6, 4), squeeze=False)
+    ax = axes[0][0]
     width = 0.38
     xs = range(len(sizes))
     for off, what, label in ((-width / 2, "deploy_s", "deployment"),
@@ -167,6 +233,18 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("seconds (median, min-max)")
     ax.set_title("enorm: deploy and terminate the game server")
     ax.legend(fontsize=8)
+    if cs:
+        bx = axes[0][1]
+        labels = list(cs["data_p50_s"])
+        bx.bar(range(len(labels)), [cs["data_p50_s"][k] for k in labels],
+               color=["C2" if k.startswith("small") else "C3" if k.startswith("big")
+                      else "C7" for k in labels])
+        bx.set_xticks(range(len(labels)), [k.replace("/", "\n") + " users" for k in labels],
+                      fontsize=8)
+        bx.set_yscale("log")
+        bx.set_ylabel("data stage of the offload, s (median)")
+        bx.set_title(f"cloud of {cs['cloud_keys']['small']:,} vs {cs['cloud_keys']['big']:,} "
+                     "keys (schema; scan for comparison)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

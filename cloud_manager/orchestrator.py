@@ -72,6 +72,10 @@ class App:
     # conflict. The cloud manager's DataSink takes them from here.
     shared_patterns: list[str] = field(default_factory=list)
     cloud_wins_patterns: list[str] = field(default_factory=list)
+    # Where a user's keys are (fixed names, families listed in index keys): the offload
+    # reads them by name, so its cost does not grow with the cloud's other users. None:
+    # a scan of the cloud's keyspace finds them (fine for small clouds).
+    key_schema: datasync.KeySchema | None = None
     # A key every user has: checked on the cloud after termination.
     user_key: Callable[[str], str] | None = None
     health_path: str = "/healthz"
@@ -204,7 +208,8 @@ class CloudManager:
                 # delete what the edge deleted and tell what the cloud changed meanwhile.
                 dep.copy = datasync.copy_users(
                     self.cloud, edge, dep.users,
-                    manifest=datasync.manifest_key(dep.server_id))
+                    manifest=datasync.manifest_key(dep.server_id),
+                    schema=self.app.key_schema)
             finally:
                 edge.close()
             dep.timings["data"] = time.perf_counter() - t

@@ -266,6 +266,65 @@ def _iter_user_keys(client: Client, user_ids: Iterable[str] | None) -> Iterator[
     return (k for k in scan(client, "*{?*}*") if hash_tag(k) in wanted)
 
 
+@dataclass(frozen=True)
+class KeySchema:
+    """Where one user's keys are, declared by the app, so that they are found by name
+    rather than by a scan of the keyspace (whose cost grows with every other user).
+
+    `fixed`: names every user may have, e.g. `u:{<user>}`. `families`: pairs (index,
+    member key), e.g. (`pms:{<user>}`, `pm:{<user>}:<member>`): the members (or fields)
+    of the index key, a set, sorted set, list or hash the app keeps, name the family's
+    keys. Every name carries `{<user>}` as its hash tag, so a cluster finds them on one
+    slot. A key the schema does not name is not copied: the app keeps it complete.
+    """
+
+    fixed: tuple[str, ...] = ()
+    families: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for t in (*self.fixed, *(x for f in self.families for x in f)):
+            if "{<user>}" not in t or hash_tag(t.replace("<member>", "m").encode()) != b"<user>":
+                raise ValueError(f"key schema: {t!r} must have {{<user>}} as its hash tag")
+        for idx, member in self.families:
+            if "<member>" not in member or "<member>" in idx:
+                raise ValueError(f"key schema: family {idx!r} -> {member!r} needs <member> "
+                                 "in the member key only")
+
+
+_INDEX_READ = {b"set": "smembers", b"zset": "zrange", b"list": "lrange", b"hash": "hkeys"}
+
+
+def schema_keys(client: Client, schema: KeySchema, user_ids: Iterable[str]) -> list[bytes]:
+    """The users' keys by `schema`: two pipelined round trips (the index keys' types, then
+    their members) whatever the size of the keyspace. Names that do not exist are left
+    in (the copy skips keys that are gone)."""
+    ids = [str(u) for u in user_ids]
+    for u in ids:
+        _check_id(u)
+    keys = [t.replace("<user>", u).encode() for u in ids for t in schema.fixed]
+    indexes = [(u, idx.replace("<user>", u), member) for u in ids
+               for idx, member in schema.families]
+    if not indexes:
+        return keys
+    pipe = client.pipeline(transaction=False)
+    for _, idx, _ in indexes:
+        pipe.type(idx)
+    types = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    read = []
+    for (u, idx, member), typ in zip(indexes, types, strict=True):
+        op = _INDEX_READ.get(typ if isinstance(typ, bytes) else str(typ).encode())
+        if op is None:
+            continue
+        args = (idx, 0, -1) if op in ("zrange", "lrange") else (idx,)
+        getattr(pipe, op)(*args)
+        read.append(member.replace("<user>", u))
+    for template, members in zip(read, pipe.execute(), strict=True):
+        keys += [template.replace("<member>", (m.decode() if isinstance(m, bytes) else m))
+                 .encode() for m in members]
+    return list(dict.fromkeys(keys))
+
+
 def _chunked(keys: Iterable[bytes]) -> Iterator[list[bytes]]:
     """Lists of CHUNK keys (the first one of FIRST_CHUNK, to get the destination going)."""
     chunk: list[bytes] = []
@@ -599,13 +658,15 @@ def _verify_present(client: Client, keys: list[bytes]) -> int:
 
 def copy_users(
     src: Client, dst: Client, user_ids: Iterable[str], *, replace: bool = True,
-    manifest: str | None = None,
+    manifest: str | None = None, schema: KeySchema | None = None,
 ) -> SyncReport:
     """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
 
     With replace=False keys that `dst` already has are kept (and not verified).
     With `manifest` (see `manifest_key`), the digest of every copied key (as copied) is
     recorded on `src` under that name, for `merge_back` to find deletes and conflicts.
+    With `schema` the keys are found by name (`schema_keys`), without it by a scan of
+    `src`'s keyspace.
     Raises DestinationUnreachable before touching anything if `dst` does not answer,
     VerificationFailed if `dst` does not hold what was read from `src`.
     """
@@ -614,8 +675,8 @@ def copy_users(
     report = SyncReport(users=len(ids))
     ping(dst)
     copied: dict[bytes, bytes] | None = {} if manifest is not None else None
-    _copy_chunks(src, dst, _chunked(_iter_user_keys(src, ids)), replace, report,
-                 copied=copied)
+    found = schema_keys(src, schema, ids) if schema else _iter_user_keys(src, ids)
+    _copy_chunks(src, dst, _chunked(found), replace, report, copied=copied)
     if manifest is not None:
         # The digests come from the very payloads copied: no second read, no race.
         write_manifest(src, manifest, copied)

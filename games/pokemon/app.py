@@ -8,8 +8,20 @@ from pathlib import Path
 import games
 from cloud_manager import App, EdgeContext
 from cloud_manager.deployer import APP_DIR, files_of
+from enorm.datasync import KeySchema
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
+
+
+def key_schema() -> KeySchema:
+    """Where a user's keys are, built from the game's own key names: the fixed keys, and
+    one Pokemon hash per member of the user's Pokemon index (a sorted set)."""
+    u = "<user>"
+    return KeySchema(
+        fixed=(keys.user(u), keys.pokedex(u), keys.pokemon_index(u), keys.location(u),
+               keys.caught(u)),
+        families=((keys.pokemon_index(u), keys.pokemon(u, "<member>")),),
+    )
 
 
 def app(cloud_redis, *, cloud_port: int | None = None, cloud_url: str | None = None,
@@ -39,4 +51,5 @@ def app(cloud_redis, *, cloud_port: int | None = None, cloud_url: str | None = N
         restore=lambda users: game_cloud.restore(cloud_redis, users),
         shared_patterns=list(keys.SHARED_PATTERNS),
         user_key=keys.user,
+        key_schema=key_schema(),
     )
