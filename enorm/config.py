@@ -108,6 +108,12 @@ class NodeConfig(BaseSettings):
     # Processes (and threads) one container may have: the tenant's fork storm hits this
     # wall inside its own cgroup instead of the board's process table.
     pids_max: int = Field(512, ge=16)
+    # Fast protection of the basic service (enorm/pressure.py): every this many seconds
+    # (0: off, only the auto-scaling round protects it) the node measures the basic
+    # service's memory and evicts the lowest-priority tenants when less than
+    # `pressure_headroom_mb` is left for it.
+    pressure_interval_s: float = Field(0.0, ge=0)
+    pressure_headroom_mb: int = Field(0, ge=0)
     probe_port: int = Field(7, ge=1, le=65535)
     loss_penalty_ms: float = Field(1000.0, ge=0)
     # A cloud manager with this many servers waiting for their sink gets 409
@@ -165,6 +171,13 @@ class NodeConfig(BaseSettings):
         if v.prefixlen > 29:
             raise ValueError("needs at least a /29 (gateway plus containers)")
         return v
+
+    @model_validator(mode="after")
+    def _pressure_needs_measuring(self) -> NodeConfig:
+        if self.pressure_interval_s > 0 and self.basic_service != "measured":
+            raise ValueError("pressure_interval_s needs basic_service = \"measured\" (the "
+                             "watcher protects the measured basic service)")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> NodeConfig:

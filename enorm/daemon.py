@@ -17,6 +17,7 @@ from flask import Flask
 
 from enorm import api, autoscaler, manager, memory, metrics, migration, scaling, store
 from enorm.config import NodeConfig
+from enorm.pressure import PressureWatcher
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Daemon:
     scheduler: autoscaler.Scheduler | None = None
     # Retries merges whose sink was unreachable (containers kept, migration_pending).
     retry: BackgroundScheduler | None = None
+    pressure: PressureWatcher | None = None
 
     @classmethod
     def open(cls, cfg: NodeConfig, *, migrate: manager.Migrate | None = None,
@@ -68,12 +70,18 @@ class Daemon:
             retry.add_job(mgr.retry_pending, "interval", seconds=cfg.migration_retry_s,
                           max_instances=1, coalesce=True, id="enorm-migration-retry")
             retry.start()
+        watcher = None
+        if background and cfg.pressure_interval_s > 0:
+            watcher = PressureWatcher(mgr, cfg.pressure_interval_s, cfg.pressure_headroom_mb)
+            watcher.start()
         app = api.create_app(mgr, tokens=cfg.tokens, operator_token=operator_token(cfg),
                              autoscale=lambda: scaling.round_report(sched.run_once()),
                              metrics=node_metrics)
-        return cls(cfg, mgr, app, reconciled, sched, retry)
+        return cls(cfg, mgr, app, reconciled, sched, retry, watcher)
 
     def close(self) -> None:
+        if self.pressure is not None:
+            self.pressure.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown()
         if self.retry is not None:

@@ -1,0 +1,64 @@
+"""Fast protection of the basic service on a real node: a memory load on the host grows
+past the tenants' share and the watcher evicts the lowest-priority tenant within seconds,
+long before the (hour-long) auto-scaling round."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import lxc
+import psutil
+import pytest
+from test_edge_node import handshake
+
+pytestmark = pytest.mark.system
+
+UNIT_MB = 300
+HOG = r"""
+import mmap, sys
+blocks = []
+for line in sys.stdin:
+    while len(blocks) < int(line):
+        m = mmap.mmap(-1, 1 << 20)
+        m.write(b"\x01" * (1 << 20))
+        blocks.append(m)
+    print(len(blocks), flush=True)
+"""
+
+
+def test_memory_pressure_evicts_the_lowest_priority_tenant_within_seconds(edge_node):
+    vm = psutil.virtual_memory()
+    used_mb = (vm.total - vm.available) >> 20
+    # Room for the basic service as it is now plus 1,200 MB: two tenants of 300 MB leave
+    # 600 MB, and the load below takes 750 of them.
+    node = edge_node(basic_service="measured", memory_mb=used_mb + 1200,
+                     unit={"cores": 0.25, "memory_mb": UNIT_MB}, autoscale_interval_s=3600,
+                     pressure_interval_s=0.2, pressure_headroom_mb=0)
+    low = handshake(node, "cloud-a", priority=1).json()
+    high = handshake(node, "cloud-b", priority=9).json()
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the watcher has seen the tenants running
+        assert lxc.Container(low["container"]).running
+        hog.stdin.write("750\n")
+        hog.stdin.flush()
+        hog.stdout.readline()
+        loaded = time.monotonic()
+        while lxc.Container(low["container"]).defined and time.monotonic() - loaded < 15:
+            time.sleep(0.05)
+        took = time.monotonic() - loaded
+        assert not lxc.Container(low["container"]).defined, "the low tenant was not evicted"
+        assert took < 5.0, took
+    finally:
+        hog.kill()
+        hog.wait(10)
+    events = node.client("cloud-a").get(node.url + "/v1/events", timeout=5).json()
+    term = [e for e in events if e["type"] == "server.terminated"]
+    assert [e["server_id"] for e in term] == [low["server_id"]]
+    assert term[0]["reason"] == "basic_service_pressure"
+    assert term[0]["data"]["left_mb"] < 0
+    # The more important tenant stays: evicting the low one covered the shortfall.
+    assert lxc.Container(high["container"]).running
