@@ -2,8 +2,9 @@
 
 The floor is what LXC itself needs for the same work without enorm: an overlay snapshot
 clone of the base container, start, and its sshd accepting TCP (then stop + destroy).
-Both are measured in the same run, on the same bridge. Also records the daemon's
-resident memory idle and with 32 servers.
+Both are measured in the same run, on the same bridge, and enorm twice: with privileged
+containers and with unprivileged ones (the default; an idmapped base per container).
+Also records the daemon's resident memory idle and with 32 servers.
 
     python -m bench.provisioning [--n 60]
 
@@ -80,61 +81,84 @@ def cleanup_floor() -> None:
             c.destroy()
 
 
+def enorm_runs(n: int, pub: str, tmp: str, unprivileged: bool) -> dict:
+    """n handshakes then n terminations on a fresh node; its RSS idle and at 32."""
+    node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-{unprivileged}",
+                         unprivileged=unprivileged)
+    node.start()
+    try:
+        s = requests.Session()
+        s.headers["Authorization"] = "Bearer bench-token"
+        proc = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
+        time.sleep(1)
+        rss_idle = proc.memory_info().rss / 2**20
+        body = {"app": "bench", "priority": 5, "ports": [8080],
+                "users": [{"id": "1", "address": "127.0.0.2"}],
+                "latency_objective_ms": 50, "ssh_public_key": pub}
+        hs, ids, rss_32 = [], [], None
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = s.post(node.url + "/v1/servers", json=body, timeout=60)
+            hs.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            ids.append(r.json()["server_id"])
+            if i == 31:
+                time.sleep(0.5)
+                rss_32 = proc.memory_info().rss / 2**20
+        term = []
+        for sid in ids:
+            t0 = time.perf_counter()
+            r = s.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+            term.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    finally:
+        node.close()
+    return {"hs": hs, "term": term, "rss_idle": rss_idle, "rss_32": rss_32}
+
+
 def run(n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="enorm-bprov-") as tmp:
         key = Path(tmp) / "key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True)
         pub = key.with_suffix(".pub").read_text().strip()
-        node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state")
+        # The bridge the floor's containers join is the node's: bring one up first.
+        floor, floor_down = [], []
+        node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-floor")
         node.start()
         try:
-            s = requests.Session()
-            s.headers["Authorization"] = "Bearer bench-token"
-            proc = psutil.Process(node.proc.pid)  # type: ignore[union-attr]
-            time.sleep(1)
-            rss_idle = proc.memory_info().rss / 2**20
-
-            floor, floor_down = [], []
             for i in range(n):
                 up, down = floor_once(i, NODE["bridge"])
                 floor.append(up)
                 floor_down.append(down)
-
-            body = {"app": "bench", "priority": 5, "ports": [8080],
-                    "users": [{"id": "1", "address": "127.0.0.2"}],
-                    "latency_objective_ms": 50, "ssh_public_key": pub}
-            hs, ids, rss_32 = [], [], None
-            for i in range(n):
-                t0 = time.perf_counter()
-                r = s.post(node.url + "/v1/servers", json=body, timeout=60)
-                hs.append(time.perf_counter() - t0)
-                r.raise_for_status()
-                ids.append(r.json()["server_id"])
-                if i == 31:
-                    time.sleep(0.5)
-                    rss_32 = proc.memory_info().rss / 2**20
-            term = []
-            for sid in ids:
-                t0 = time.perf_counter()
-                r = s.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
-                term.append(time.perf_counter() - t0)
-                r.raise_for_status()
         finally:
             cleanup_floor()
             node.close()
+        # The same run, both kinds of container: privileged (root inside is root on the
+        # board) and unprivileged (the default: an id range per container).
+        priv = enorm_runs(n, pub, tmp, unprivileged=False)
+        unpriv = enorm_runs(n, pub, tmp, unprivileged=True)
+    hs, term = unpriv["hs"], unpriv["term"]
     return {
         "handshake_s": summary(hs),
         "terminate_s": summary(term),
+        "privileged": {"handshake_s": summary(priv["hs"]),
+                       "terminate_s": summary(priv["term"])},
+        "unprivileged_over_privileged": {
+            "handshake_p50": round(statistics.median(hs) / statistics.median(priv["hs"]), 2),
+            "terminate_p50": round(statistics.median(term) / statistics.median(priv["term"]),
+                                   2)},
         "floor_s": summary(floor),
         "floor_destroy_s": summary(floor_down),
         "handshake_over_floor": round(statistics.median(hs) / statistics.median(floor), 2),
         "paper_over_handshake": round(PAPER["handshake_s"] / statistics.median(hs), 1),
-        "daemon_rss_mb": {"idle": round(rss_idle, 1), "servers_32": round(rss_32 or 0, 1)},
+        "daemon_rss_mb": {"idle": round(unpriv["rss_idle"], 1),
+                          "servers_32": round(unpriv["rss_32"] or 0, 1)},
         "targets": {"handshake_p50_s": 0.25, "terminate_p50_s": 0.2, "daemon_rss_mb": 80},
         "paper": PAPER,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor},
+        "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor,
+                "privileged_handshake_s": priv["hs"], "privileged_terminate_s": priv["term"]},
     }
 
 
@@ -146,8 +170,10 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     raw = res["raw"]
-    a.boxplot([raw["floor_s"], raw["handshake_s"], raw["terminate_s"]])
-    a.set_xticks([1, 2, 3], ["floor: clone+start+sshd", "enorm handshake", "enorm terminate"])
+    a.boxplot([raw["floor_s"], raw["privileged_handshake_s"], raw["handshake_s"],
+               raw["terminate_s"]])
+    a.set_xticks([1, 2, 3, 4], ["floor:\nclone+start+sshd", "handshake\nprivileged",
+                                "handshake\nunprivileged", "terminate\nunprivileged"])
     a.set_ylabel("seconds")
     a.set_title(f"provisioning, n={res['handshake_s']['n']} (paper: ~9 s handshake)")
     rss = res["daemon_rss_mb"]

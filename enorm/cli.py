@@ -108,7 +108,7 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
     from enorm.daemon import Daemon
 
     cfg = load_config(config_path)
-    findings = _preflight()
+    findings = _preflight(cfg)
     if preflight.failures(findings):
         fail(preflight.message(findings))
     try:
@@ -123,20 +123,22 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
         d.close()
 
 
-def _preflight() -> list[preflight.Finding]:
+def _preflight(cfg: config_mod.NodeConfig | None = None) -> list[preflight.Finding]:
     # ENORM_PREFLIGHT_ROOT points the checks at a copy of another machine's /proc and
     # /sys files (the tests' fixtures); the tools and the write probe need the real one.
     root = os.environ.get("ENORM_PREFLIGHT_ROOT", "/")
-    return preflight.run(root, live=root == "/")
+    return preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None)
 
 
 @main.command()
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def doctor(as_json: bool) -> None:
+def doctor(config_path: str | None, as_json: bool) -> None:
     """Check that this board can enforce the limits enorm sets (as `serve` does at start):
-    cgroup controllers enabled, mounted and writable, the tools it calls installed.
+    cgroup controllers enabled, mounted and writable, the tools it calls installed, and
+    for unprivileged containers the id range and idmapped mounts.
     Exits 1 when something is missing, naming the fix."""
-    findings = _preflight()
+    findings = _preflight(load_config(config_path))
     if as_json:
         output.line(json.dumps([f.as_dict() for f in findings]))
     else:

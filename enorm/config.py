@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from enorm.destinations import Allowed
 from enorm.firewall import Egress
+from enorm.idmap import IdRange
 
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
 TOKEN_HASH_PREFIX = "sha256:"
@@ -69,6 +70,13 @@ class NodeConfig(BaseSettings):
 
     image: str = Field("debian", pattern=r"^[a-z0-9-]+$")
     lxc_path: Path = Path("/var/lib/lxc")
+    # Unprivileged containers (enorm/idmap.py): root inside each container is a range of
+    # 65,536 host ids of its own, taken from `idmap_start` (registered for root in
+    # /etc/subuid and /etc/subgid); `idmap_count` / 65,536 containers at most per
+    # machine. False: privileged containers, root inside is root on the board.
+    unprivileged: bool = True
+    idmap_start: int = Field(1_200_000_000, ge=65536, le=4_000_000_000)
+    idmap_count: int = Field(256 * 65536, ge=65536)
 
     # Admission: the paper's rule, or also pre-empt lower-priority tenants.
     admission: Literal["paper", "preempt"] = "paper"
@@ -193,6 +201,11 @@ class NodeConfig(BaseSettings):
     @property
     def container_prefix(self) -> str:
         return f"enorm-{self.name}-"
+
+    @property
+    def id_range(self) -> IdRange | None:
+        """Where unprivileged containers' ids live (None: privileged containers)."""
+        return IdRange(self.idmap_start, self.idmap_count) if self.unprivileged else None
 
     @property
     def base_container(self) -> str:

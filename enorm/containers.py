@@ -8,6 +8,7 @@ fraction of a core) and a memory limit, for cgroup v1 and v2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import lxc
 
-from enorm import network
+from enorm import idmap, network
 from enorm.network import wait_tcp
 from enorm.protocol import Resources
 
@@ -45,12 +46,16 @@ class Usage:
 class Containers:
     """Containers of one edge node: names start with the node's prefix."""
 
-    def __init__(self, lxc_path: Path, prefix: str, base: str, pids_max: int = 512) -> None:
+    def __init__(self, lxc_path: Path, prefix: str, base: str, pids_max: int = 512,
+                 ids: idmap.IdRange | None = None) -> None:
         self.lxc_path = str(lxc_path)
         self.prefix = prefix
         self.base = base
         self.pids_max = pids_max
         self.v = cgroup_version()
+        # None: privileged containers (root inside is root on the host).
+        self.ids = ids
+        self.slots = idmap.Slots(lxc_path, ids) if ids is not None else None
 
     # -- helpers -------------------------------------------------------------------------
     def _get(self, name: str) -> lxc.Container:
@@ -72,6 +77,36 @@ class Containers:
     def delta_dir(self, name: str) -> Path:
         """Host-side path of the clone's writable layer (what the container wrote)."""
         return Path(self.lxc_path) / name / "overlay" / "delta"
+
+    def _rootfs(self, name: str) -> Path:
+        """Where an unprivileged container's overlay is mounted (its `dir:` rootfs)."""
+        return Path(self.lxc_path) / name / "rootfs"
+
+    @staticmethod
+    def _lower(name: str) -> Path:
+        """The base rootfs seen through the container's idmapped mount. Outside the
+        container's directory, so that no recursive delete of it can reach the base."""
+        return idmap.MOUNTS / name
+
+    def _mount_rootfs(self, name: str) -> None:
+        """Mount the idmapped base and the overlay of an unprivileged container (again
+        after a reboot or a crash: mounts do not outlive them)."""
+        assert self.slots is not None and self.ids is not None
+        slot = self.slots.of(name)
+        if slot is None:
+            raise ContainerError(f"{name}: holds no id range (created privileged?)")
+        lower, target = self._lower(name), self._rootfs(name)
+        if not idmap.mounted(lower):
+            with idmap.user_namespace(self.ids.host_base(slot)) as ns:
+                idmap.idmapped_bind(Path(self.lxc_path) / self.base / "rootfs", lower, ns)
+        if not idmap.mounted(target):
+            ov = Path(self.lxc_path) / name / "overlay"
+            (ov / "work").mkdir(exist_ok=True)
+            idmap.mount_overlay(lower, ov / "delta", ov / "work", target)
+
+    def _unmount_rootfs(self, name: str) -> None:
+        idmap.unmount(self._rootfs(name))
+        idmap.unmount(self._lower(name))
 
     # -- lifecycle -----------------------------------------------------------------------
     def create(
@@ -116,6 +151,9 @@ class Containers:
         }
         if veth:
             items["lxc.net.0.veth.pair"] = veth
+        slot = None
+        if self.slots is not None and self.ids is not None:
+            slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
         items.update({key + k: v for k, v in self._limit_items(limits).items()})
         items[key + "pids.max"] = str(self.pids_max)  # a fork storm stays inside
@@ -125,6 +163,16 @@ class Containers:
                 raise ContainerError(f"{name}: cannot set {k}={v}")
         if not c.save_config():
             raise ContainerError(f"{name}: cannot save config")
+        if slot is not None:
+            # liblxc refuses to change a defined container's rootfs through the API: the
+            # overlay becomes our own mount, started as a plain directory, and the id map
+            # goes with it.
+            conf = Path(self.lxc_path) / name / "config"
+            lines = [ln for ln in conf.read_text().splitlines()
+                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap"))]
+            lines.append(f"lxc.rootfs.path = dir:{self._rootfs(name)}")
+            lines += [f"lxc.idmap = {v}" for v in self.ids.lxc_items(slot)]  # type: ignore[union-attr]
+            conf.write_text("\n".join(lines) + "\n")
         delta = self.delta_dir(name)
         ssh = delta / "root/.ssh"
         ssh.mkdir(parents=True, exist_ok=True)
@@ -135,6 +183,16 @@ class Containers:
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(f"requirepass {redis_password}\n")
         conf.chmod(0o600)
+        if slot is not None:
+            host_root = self.ids.host_base(slot)  # type: ignore[union-attr]
+            # Directories the host made in the writable layer shadow the base's: same
+            # modes as there (/root is 0700), owned by the container's root.
+            (delta / "root").chmod(0o700)
+            idmap.shift_tree(delta, host_root)
+            # The container's root must reach its rootfs through the container directory.
+            cdir = Path(self.lxc_path) / name
+            os.chown(cdir, 0, host_root)
+            cdir.chmod(0o750)
 
     def start(self, name: str) -> None:
         """Start through `lxc-start` rather than `Container.start()`: liblxc forks the
@@ -144,6 +202,11 @@ class Containers:
         c = self._get(name)
         if c.running:
             return
+        if self.slots is not None and self.slots.of(name) is not None:
+            try:
+                self._mount_rootfs(name)
+            except idmap.IdmapError as exc:
+                raise ContainerError(f"{name}: {exc}") from None
         proc = subprocess.run(["lxc-start", "-n", name, "-P", self.lxc_path],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -182,11 +245,26 @@ class Containers:
     def destroy(self, name: str) -> None:
         c = self._get(name)
         if not c.defined:
+            self._release(name)
             return
         self.stop(name)
+        self._unmount_rootfs(name)
         c = self._get(name)
         if not c.destroy():
             raise ContainerError(f"{name}: destroy failed")
+        self._release(name)
+
+    def _release(self, name: str) -> None:
+        self._unmount_rootfs(name)
+        with contextlib.suppress(OSError):
+            self._lower(name).rmdir()
+        if self.slots is not None:
+            self.slots.release(name)
+
+    def uid_base(self, name: str) -> int | None:
+        """The host id of the container's root (None: privileged)."""
+        slot = self.slots.of(name) if self.slots is not None else None
+        return None if slot is None else self.ids.host_base(slot)  # type: ignore[union-attr]
 
     def names(self) -> list[str]:
         """Every container of this node that exists, running or not."""

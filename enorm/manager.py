@@ -97,7 +97,7 @@ def build(config: NodeConfig, store: Store) -> Node:
         config=config,
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container,
-                              pids_max=config.pids_max),
+                              pids_max=config.pids_max, ids=config.id_range),
         firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),

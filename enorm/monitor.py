@@ -30,6 +30,7 @@ import resource
 import select
 import selectors
 import socket
+import stat
 import struct
 import time
 from collections import deque
@@ -367,6 +368,34 @@ def parse_lines(lines: Iterable[str]) -> tuple[list[Request], int]:
     return out, bad
 
 
+MAX_LOG_READ = 8 << 20  # per server and round: a tenant's huge log costs us no more
+
+
+class _NotRegular(Exception):
+    """The request log is not a regular file (a FIFO would block the round, a device or
+    /dev/zero would never end)."""
+
+
+def _open_beneath(root: Path, path: str):
+    """Open `path`, which lies under `root`, following no symbolic link below `root`
+    (a tenant's link to a host file is refused), without blocking, regular files only."""
+    parts = Path(path).relative_to(root).parts
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        for p in parts[:-1]:
+            nxt = os.open(p, flags | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        leaf = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(leaf).st_mode):
+        os.close(leaf)
+        raise _NotRegular(path)
+    return os.fdopen(leaf, "rb")
+
+
 @dataclass
 class _LogPos:
     dev: int
@@ -384,16 +413,26 @@ class LogReader:
     files open).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_read: int = MAX_LOG_READ) -> None:
         self._pos: dict[str, _LogPos] = {}
         self.malformed = 0
+        self.refused = 0  # logs that were a link, a FIFO, a device...: not read
+        self.max_read = max_read
 
-    def read_new(self, path: str | os.PathLike[str]) -> list[Request]:
+    def read_new(self, path: str | os.PathLike[str],
+                 beneath: str | os.PathLike[str] | None = None) -> list[Request]:
+        """What was appended since the last call. With `beneath` (the container's
+        writable layer), the tenant owns every component of the path below it: no link
+        is followed, and only a regular file is read, at most `max_read` bytes a call."""
         key = str(path)
         try:
-            f = open(key, "rb")
+            f = open(key, "rb") if beneath is None else _open_beneath(Path(beneath), key)
         except FileNotFoundError:
             self._pos.pop(key, None)
+            return []
+        except (_NotRegular, OSError):
+            self._pos.pop(key, None)
+            self.refused += 1
             return []
         with f:
             st = os.fstat(f.fileno())
@@ -405,9 +444,12 @@ class LogReader:
             ):
                 pos = _LogPos(st.st_dev, st.st_ino, 0)
             f.seek(pos.offset)
-            data = f.read()
+            data = f.read(self.max_read)
         end = data.rfind(b"\n")
         if end < 0:
+            if len(data) >= self.max_read:  # one line longer than we read: skip it
+                pos.offset += len(data)
+                self.malformed += 1
             self._pos[key] = pos
             return []
         pos.offset += end + 1
@@ -564,6 +606,8 @@ class ServerInput:
     info: ServerInfo
     user_addresses: Sequence[str] = ()
     log_path: str | os.PathLike[str] | None = None
+    # The tenant's writable layer the log lies in: nothing below it is trusted.
+    log_root: str | os.PathLike[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -620,7 +664,8 @@ class Monitor:
                 net = network_stats(
                     (rtts.get(str(a)) for a in i.user_addresses), self.loss_penalty_ms
                 )
-            reqs = self.logs.read_new(i.log_path) if i.log_path is not None else []
+            reqs = (self.logs.read_new(i.log_path, i.log_root)
+                    if i.log_path is not None else [])
             comp = computing_stats(reqs)
             if comp.last_request_at is not None:
                 self.last_request[sid] = max(self.last_request.get(sid, 0.0), comp.last_request_at)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from enorm import idmap
 
 # What enorm writes (cpu, memory, pids) or reads (cpuacct on v1) per container, and
 # cpuset, which LXC needs to place a container.
@@ -148,14 +151,46 @@ def check_write_back(root: Path) -> list[Finding]:
     return findings
 
 
-def run(root: Path | str = "/", live: bool = True) -> list[Finding]:
-    """Every check; `live` adds the tools on PATH and the write-and-read-back probe."""
+def check_idmap(root: Path, ids: idmap.IdRange, live: bool) -> list[Finding]:
+    """Unprivileged containers: the id range is registered for root (so that no other
+    tool hands it out) and, live, the kernel makes an idmapped mount."""
+    span = f"root:{ids.start}:{ids.count}"
+    missing = idmap.registered(ids, root)
+    out = [Finding("id range", not missing,
+                   f"{span} in /etc/subuid and /etc/subgid" if not missing
+                   else f"{span} not in {', '.join(missing)}",
+                   "" if not missing else f"add the line {span} to both files "
+                   "(scripts/setup.sh and the Ansible role do)")]
+    if live:
+        try:
+            with tempfile.TemporaryDirectory(prefix="enorm-idmap-probe-") as tmp:
+                src, dst = Path(tmp, "src"), Path(tmp, "dst")
+                src.mkdir()
+                with idmap.user_namespace(ids.host_base(0)) as ns:
+                    idmap.idmapped_bind(src, dst, ns)
+                owner = dst.stat().st_uid
+                idmap.unmount(dst)
+            ok, detail = owner == ids.host_base(0), f"root's directory seen as uid {owner}"
+        except (idmap.IdmapError, OSError) as exc:
+            ok, detail = False, str(exc)
+        out.append(Finding("idmapped mounts", ok, detail, "" if ok else
+                           "a kernel with idmapped mounts (Linux 5.12+, overlayfs on "
+                           "idmapped layers 5.19+), or `unprivileged = false`"))
+    return out
+
+
+def run(root: Path | str = "/", live: bool = True,
+        ids: idmap.IdRange | None = None) -> list[Finding]:
+    """Every check; `live` adds the tools on PATH and the write-and-read-back probe;
+    `ids` (unprivileged containers) the id range and the idmapped-mount probe."""
     root = Path(root)
     findings = check_controllers(root)
     if live:
         findings += check_tools()
         if all(f.ok for f in findings if f.check in ("cgroup memory", "cgroup pids")):
             findings += check_write_back(root)
+    if ids is not None:
+        findings += check_idmap(root, ids, live)
     return findings
 
 

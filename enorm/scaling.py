@@ -57,6 +57,7 @@ class NodeRound:
                 info=s.info(),
                 user_addresses=addresses[s.id],
                 log_path=mgr.containers.delta_dir(s.container) / REQUEST_LOG,
+                log_root=mgr.containers.delta_dir(s.container),
             )
             for s in running
         ]

@@ -68,4 +68,15 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     echo "$want" > $stamp
 fi
 
+# Unprivileged containers (enorm/idmap.py): the host ids their roots map to, registered
+# for root so that no other tool hands them out. Matches the config's defaults
+# (idmap_start, idmap_count).
+idrange="root:1200000000:16777216"
+for f in /etc/subuid /etc/subgid; do
+    if ! grep -qx "$idrange" "$f" 2>/dev/null; then
+        echo "setup: registering $idrange in $f"
+        echo "$idrange" >> "$f"
+    fi
+done
+
 .venv/bin/enorm image build debian | tail -n 3

@@ -25,6 +25,10 @@ def test_doctor_passes_here_and_probes_the_kernel() -> None:
     write = [f for c, f in found.items() if c.startswith("write ")]
     assert len(write) == 2 and all("read" in f["detail"] for f in write)
     assert not list(Path("/sys/fs/cgroup").glob("*/enorm-preflight-*"))  # scratch removed
+    # Unprivileged containers (the default): the range is registered, and an idmapped
+    # mount made here shows root's directory as the range's first id.
+    assert "root:1200000000:16777216" in found["id range"]["detail"]
+    assert found["idmapped mounts"]["detail"] == "root's directory seen as uid 1200000000"
     table = subprocess.run([str(VENV_BIN / "enorm"), "doctor"], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0 and table.stdout.startswith("check\tok\tdetail\tfix\n")

@@ -327,3 +327,40 @@ def test_monitor_from_config():
 
     mon = m.Monitor.from_config(Cfg(), statistic="p95")
     assert (mon.method, mon.loss_penalty_ms, mon.statistic) == ("none", 800.0, "p95")
+
+
+def test_log_beneath_the_tenants_layer_follows_no_link_and_reads_only_files(tmp_path):
+    """The request log lies in the tenant's writable layer: every component below it is
+    the tenant's, so links, FIFOs and devices are refused instead of read."""
+    layer = tmp_path / "delta"
+    logdir = layer / "var/log/enorm-app"
+    logdir.mkdir(parents=True)
+    log = logdir / "requests.log"
+    secret = tmp_path / "host-secret"
+    secret.write_text("1700000000.0 /stolen 5\n")
+    r = m.LogReader()
+    log.symlink_to(secret)  # a link to a host file
+    assert r.read_new(log, layer) == [] and r.refused == 1
+    log.unlink()
+    log.symlink_to("/dev/zero")  # would never end
+    assert r.read_new(log, layer) == [] and r.refused == 2
+    log.unlink()
+    os.mkfifo(log)  # would block the round
+    assert r.read_new(log, layer) == [] and r.refused == 3
+    log.unlink()
+    # A link higher up the path is refused too.
+    (layer / "var/log").rename(tmp_path / "elsewhere")
+    (layer / "var/log").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/enorm-app/requests.log").write_text("1700000000.0 /a 5\n")
+    assert r.read_new(log, layer) == [] and r.refused == 4
+    (layer / "var/log").unlink()
+    (tmp_path / "elsewhere").rename(layer / "var/log")
+    # The plain file is read, at most max_read bytes a call.
+    r = m.LogReader(max_read=64)
+    log.write_text("".join(f"1700000000.0 /{i} 5\n" for i in range(10)))
+    first = r.read_new(log, layer)
+    assert 0 < len(first) < 10
+    rest = []
+    for _ in range(10):
+        rest += r.read_new(log, layer)
+    assert [q.path for q in first + rest] == [f"/{i}" for i in range(10)]

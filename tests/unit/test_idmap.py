@@ -1,0 +1,62 @@
+"""Id ranges of unprivileged containers: registration in /etc/subuid and /etc/subgid,
+and the machine-wide claims of slots (files only)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from enorm import idmap, preflight
+from enorm.idmap import RANGE, IdRange, Slots
+
+
+def etc(tmp_path, subuid: str, subgid: str):
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc/subuid").write_text(subuid)
+    (tmp_path / "etc/subgid").write_text(subgid)
+    return tmp_path
+
+
+def test_range_and_lxc_items():
+    r = IdRange(1_200_000_000, 4 * RANGE)
+    assert r.slots == 4
+    assert r.host_base(3) == 1_200_000_000 + 3 * RANGE
+    assert r.lxc_items(1) == [f"u 0 {1_200_000_000 + RANGE} {RANGE}",
+                              f"g 0 {1_200_000_000 + RANGE} {RANGE}"]
+
+
+def test_registered_needs_the_whole_range_for_root_in_both_files(tmp_path):
+    r = IdRange(1_200_000_000, 16 * RANGE)
+    root = etc(tmp_path, "_lxd:100000:10000001\nroot:100000:10000001\n"
+                         f"root:1200000000:{16 * RANGE}\n",
+               f"root:1100000000:{2000 * RANGE}\n")  # a wider range covers it too
+    assert idmap.registered(r, root) == []
+    root = etc(tmp_path, f"root:1200000000:{8 * RANGE}\n",  # too short
+               f"someone:1200000000:{16 * RANGE}\n")  # not root's
+    assert idmap.registered(r, root) == ["/etc/subuid", "/etc/subgid"]
+    f = preflight.check_idmap(root, r, live=False)
+    assert len(f) == 1 and not f[0].ok and "root:1200000000:1048576" in f[0].fix
+
+
+def test_slots_are_distinct_released_and_taken_over_when_stale(tmp_path):
+    slots = Slots(tmp_path, IdRange(1_200_000_000, 3 * RANGE))
+    alive = {"a", "b", "c"}
+    got = [slots.claim(n, alive.__contains__) for n in ("a", "b", "c")]
+    assert got == [0, 1, 2]
+    assert slots.of("b") == 1
+    with pytest.raises(idmap.IdmapError, match="all 3 id ranges"):
+        slots.claim("d", alive.__contains__)
+    slots.release("b")
+    assert slots.of("b") is None
+    assert slots.claim("d", alive.__contains__) == 1
+    # "a" is gone without releasing (a crash): young claims are kept (its container may
+    # be being made), old ones are taken over.
+    alive.discard("a")
+    with pytest.raises(idmap.IdmapError):
+        slots.claim("e", alive.__contains__)
+    old = time.time() - idmap.STALE_CLAIM_S - 1
+    os.utime(slots.dir / "0", (old, old))
+    assert slots.claim("e", alive.__contains__) == 0
+    assert slots.of("e") == 0 and slots.of("a") is None
