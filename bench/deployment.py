@@ -81,7 +81,12 @@ def cloud_size_runs(manager: CloudManager, cloud: redis.Redis, big: int, runs: i
 
     def offload(label: str, n: int, reps: int) -> None:
         for _ in range(reps):
-            dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
+            try:
+                dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
+            except Exception as exc:  # noqa: BLE001 (one retry, counted in the result)
+                print(f"{label} {n} users: offload failed ({exc}); once more", flush=True)
+                out.setdefault("retried", []).append(f"{label}/{n}: {exc}")
+                dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
             manager.withdraw(dep)
             if dep.state != "withdrawn" or not dep.confirmed:
                 raise RuntimeError(f"{label} {n} users: {dep.state}")
@@ -123,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     p.add_argument("--cloud-keys", type=int, default=10_000_000,
                    help="keys of other users in the big cloud (0: skip that part)")
+    p.add_argument("--cloud-size-only", action="store_true",
+                   help="only the small-cloud/big-cloud part, into deployment_cloud_size.json")
     a = p.parse_args(argv)
+    if a.cloud_size_only:
+        a.sizes = []
     by_cloud_size: dict = {}
 
     deploy: dict[str, list[float]] = {}
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             app.register_blueprint(manager.blueprint())
             server = CloudServer(app, port=port)
             t = time.perf_counter()
-            users = make_users(cloud, max(a.sizes))
+            users = make_users(cloud, max(a.sizes, default=0))
             print(f"{len(users)} users made in {time.perf_counter() - t:.1f} s", flush=True)
             before = datasync._read_typed(cloud, datasync.user_keys(cloud), "source")  # noqa: SLF001
             for size in a.sizes:
@@ -198,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         "unit": {"cores": 1.0, "memory_mb": 200},
     }
     OUT.mkdir(parents=True, exist_ok=True)
+    if a.cloud_size_only:  # the sizes' figures stay as the last full run left them
+        (OUT / "deployment_cloud_size.json").write_text(json.dumps(by_cloud_size, indent=1))
+        print("cloud size: data p50", by_cloud_size["data_p50_s"],
+              "ratio big/small", by_cloud_size["ratio_big_to_small"])
+        return
     (OUT / "deployment.json").write_text(json.dumps(result, indent=1))
     plot(result, OUT / "deployment.png")
     for what in ("deploy_s", "terminate_s"):

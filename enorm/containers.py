@@ -169,8 +169,12 @@ class Containers:
             # goes with it.
             conf = Path(self.lxc_path) / name / "config"
             lines = [ln for ln in conf.read_text().splitlines()
-                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap"))]
+                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap", "lxc.hook.post-stop"))]
             lines.append(f"lxc.rootfs.path = dir:{self._rootfs(name)}")
+            hook = Path(self.lxc_path) / name / "enorm-unmount"
+            hook.write_text(idmap.unmount_hook(self._rootfs(name), self._lower(name)))
+            hook.chmod(0o700)
+            lines.append(f"lxc.hook.post-stop = {hook}")
             lines += [f"lxc.idmap = {v}" for v in self.ids.lxc_items(slot)]  # type: ignore[union-attr]
             conf.write_text("\n".join(lines) + "\n")
         delta = self.delta_dir(name)

@@ -239,9 +239,21 @@ def unmount(path: Path) -> None:
             return
         if _libc.umount2(os.fsencode(path), 0) != 0:
             e = ctypes.get_errno()
+            if e == errno.EINVAL:  # unmounted meanwhile (the post-stop hook): look again
+                continue
             if e != errno.EBUSY or _libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
                 raise IdmapError(f"unmount {path}: {os.strerror(ctypes.get_errno())}")
     raise IdmapError(f"unmount {path}: still mounted")
+
+
+def unmount_hook(rootfs: Path, lower: Path) -> str:
+    """A post-stop hook (run by LXC on the host however the container stopped) that
+    takes the container's mounts away, so that a stopped container is plain files: an
+    operator's `lxc-destroy` works, and a start mounts afresh."""
+    return ("#!/bin/sh\n# enorm: unmount the overlay and the idmapped base after a stop\n"
+            f"umount '{rootfs}' 2>/dev/null || umount -l '{rootfs}' 2>/dev/null\n"
+            f"umount '{lower}' 2>/dev/null || umount -l '{lower}' 2>/dev/null\n"
+            "exit 0\n")
 
 
 def shift_tree(top: Path, host_base: int) -> None:

@@ -379,6 +379,7 @@ class EdgeManager:
             # gone behind our back with its data: either way nothing is left to merge.
             self.firewall.remove(rec.id)
             self.firewall.unguard(rec.id)
+            self.containers.destroy(rec.container)  # its id range and mounts
             self._forget(rec, reason if resumed else "container_lost",
                          {**numbers, "keys_migrated": 0, "requested_by": reason})
             return MergeReport()
@@ -500,6 +501,7 @@ class EdgeManager:
                 pass
         elif rec.state == "running":
             if not self.containers.exists(rec.container):
+                self.containers.destroy(rec.container)  # its id range and mounts
                 self._forget(rec, "container_lost", {"keys_migrated": 0})
                 report["lost"].append(rec.id)
                 del records[rec.id]
