@@ -33,9 +33,11 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.latency
 	$(LOCK) .venv/bin/python -m bench.peers
 	$(LOCK) .venv/bin/python -m bench.basic_service
+	$(LOCK) .venv/bin/python -m bench.pressure
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
 	$(LOCK) .venv/bin/python -m bench.calibration --runs 1
 	$(LOCK) .venv/bin/python -m bench.latency --quick
 	$(LOCK) .venv/bin/python -m bench.basic_service --hour-s 2 --out /tmp/enorm-bench-quick
+	$(LOCK) .venv/bin/python -m bench.pressure --runs 1 --out /tmp/enorm-bench-quick/pressure.json

@@ -41,12 +41,19 @@ TENANTS = 4
 
 
 def _mem_mb(container: str) -> float:
-    c = lxc.Container(container)
-    v = c.get_cgroup_item("memory.usage_in_bytes") or c.get_cgroup_item("memory.current")
     try:
+        c = lxc.Container(container)
+        v = c.get_cgroup_item("memory.usage_in_bytes") or c.get_cgroup_item("memory.current")
         return int(v) / (1 << 20)
-    except (TypeError, ValueError):
+    except (KeyError, RuntimeError, TypeError, ValueError):
         return 0.0  # gone meanwhile
+
+
+def _running(container: str) -> bool:
+    try:
+        return lxc.Container(container).running
+    except RuntimeError:  # destroyed while we looked
+        return False
 
 
 def one_run(interval_s: float, headroom_mb: int, rate_mb_s: float, tmp: str) -> dict:
@@ -86,7 +93,7 @@ def one_run(interval_s: float, headroom_mb: int, rate_mb_s: float, tmp: str) -> 
 
         def sample() -> None:
             while not stop.is_set():
-                alive = {c: lxc.Container(c).running for _, c in servers}
+                alive = {c: _running(c) for _, c in servers}
                 inside = 0.0
                 for c, up in alive.items():
                     if up:
