@@ -191,7 +191,19 @@ def run(root: Path | str = "/", live: bool = True,
             findings += check_write_back(root)
     if ids is not None:
         findings += check_idmap(root, ids, live)
+    if live:
+        findings.append(check_lxcfs(root))
     return findings
+
+
+def check_lxcfs(root: Path) -> Finding:
+    """A container sees its own size (/proc/meminfo, /proc/cpuinfo, the online CPUs)
+    only while lxcfs serves /var/lib/lxcfs: LXC's lxcfs hook mounts its files then."""
+    served = any(ln.split()[1:3] == ["/var/lib/lxcfs", "fuse.lxcfs"]
+                 for ln in (_read(root, "/proc/self/mounts") or "").splitlines())
+    return Finding("lxcfs", served, "serving /var/lib/lxcfs" if served else "not running",
+                   "" if served else "start lxcfs (`systemctl start lxcfs`, or "
+                   "`lxcfs --enable-cfs /var/lib/lxcfs`; scripts/setup.sh does)")
 
 
 def failures(findings: list[Finding]) -> list[Finding]:

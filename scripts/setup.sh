@@ -13,7 +13,7 @@ fi
 # testbed's NFQUEUE delayer (netfilterqueue builds against it).
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
           build-essential python3-dev python3-venv chromium chromium-driver
-          libnetfilter-queue-dev)
+          libnetfilter-queue-dev lxcfs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -78,5 +78,18 @@ for f in /etc/subuid /etc/subgid; do
         echo "$idrange" >> "$f"
     fi
 done
+
+# lxcfs: a container's /proc/meminfo, /proc/cpuinfo and /sys/devices/system/cpu show its
+# own limits (LXC's lxcfs hook mounts them when /var/lib/lxcfs is served). Started here
+# unless something (its systemd unit) serves it already; --enable-cfs for the CPU view.
+if ! grep -q " /var/lib/lxcfs fuse.lxcfs " /proc/self/mounts; then
+    echo "setup: starting lxcfs on /var/lib/lxcfs"
+    mkdir -p /var/lib/lxcfs
+    lxcfs --enable-cfs -p /run/lxcfs.pid /var/lib/lxcfs >/dev/null 2>&1 </dev/null &
+    for _ in $(seq 50); do
+        grep -q " /var/lib/lxcfs fuse.lxcfs " /proc/self/mounts && break
+        sleep 0.1
+    done
+fi
 
 .venv/bin/enorm image build debian | tail -n 3
