@@ -275,6 +275,7 @@ class EdgeManager:
     def _launch(self, rec: ServerRecord) -> None:
         port = _port(rec)
         self.firewall.guard(rec.id, port)
+        network.pin_neighbour(rec.address, port.mac, self.cfg.bridge)
         self.containers.create(
             rec.container,
             address=rec.address,

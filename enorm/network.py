@@ -7,6 +7,7 @@ only place that runs `ip` and `sysctl`.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 import subprocess
@@ -45,6 +46,9 @@ def ensure_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
     gateway = next(subnet.hosts())
     if _ip("link", "show", "dev", bridge, check=False).returncode != 0:
         _ip("link", "add", bridge, "type", "bridge")
+    mac = bridge_mac(bridge)
+    if mac not in _ip("link", "show", "dev", bridge).stdout:
+        _ip("link", "set", bridge, "address", mac)
     cidr = f"{gateway}/{subnet.prefixlen}"
     if cidr not in _ip("-4", "addr", "show", "dev", bridge).stdout:
         _ip("addr", "add", cidr, "dev", bridge)
@@ -73,6 +77,25 @@ def remove_bridge(bridge: str) -> None:
 def delete_link(name: str) -> None:
     """Delete a network interface; absent is fine."""
     _ip("link", "del", name, check=False)
+
+
+def bridge_mac(bridge: str) -> str:
+    """The bridge's own MAC, fixed. Left to the kernel, a bridge takes the lowest MAC of
+    its ports and changes it as containers come and go, which flushes the host's
+    neighbour table and makes every container's cached gateway MAC stale."""
+    h = hashlib.sha256(bridge.encode()).digest()
+    return f"02:65:6e:{h[0]:02x}:{h[1]:02x}:fe"  # container MACs end in :01
+
+
+def pin_neighbour(address: str, mac: str, bridge: str) -> None:
+    """Tell the host the container's MAC before it starts.
+
+    Addresses are reused (lowest free first) while each server has its own MAC. The
+    host's neighbour entry left by the previous holder of the address can stay
+    "reachable" for up to ~45 s, and until then the new container's SYNs go to a MAC
+    nobody has: a handshake right after a termination failed with "sshd not up after
+    20 s" about one time in five."""
+    _ip("neigh", "replace", address, "lladdr", mac, "dev", bridge, "nud", "reachable")
 
 
 def host_veth(server_id: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from enorm import network
 from enorm.firewall import Firewall
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,6 +274,9 @@ def test_playbook_provisions_a_working_edge_node(node_tmp: Path) -> None:
 
     # The node was built as asked: bridge, route guard, Redis with AOF, pidfiles.
     assert "10.89.250.1/24" in _run(["ip", "-4", "addr", "show", "dev", BRIDGE]).stdout
+    # The script's MAC is the daemon's (the second run below would change it otherwise).
+    link = _run(["ip", "link", "show", BRIDGE]).stdout
+    assert f"link/ether {network.bridge_mac(BRIDGE)} " in link
     guard = _run(["ip", "-4", "route", "show", "type", "unreachable", SUBNET]).stdout
     assert "metric 4000" in guard
     aof = _run(

@@ -74,7 +74,9 @@ def test_storms_stay_inside_the_tenants_container(edge_node):
     assert r.status_code == 200, r.text
 
     # Memory storm in a fresh container: the kernel kills it inside its own cgroup.
-    a = handshake(node, "cloud-a").json()
+    r = handshake(node, "cloud-a")
+    assert r.status_code == 201, r.text
+    a = r.json()
     hog = ssh(node, a["access"]["port"])
     try:
         _, out = run(hog, "python3 -c 'b = b\"x\" * (1 << 30)'; echo rc=$?", timeout=60)

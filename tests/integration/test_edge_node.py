@@ -234,6 +234,29 @@ def test_termination_leaves_nothing_behind(edge_node):
     assert [e["type"] for e in events].count("server.terminated") == 3
 
 
+def test_a_reused_address_reaches_its_new_container_at_once(edge_node):
+    """The host's neighbour entry for a freed address can still name the old container's
+    MAC for up to ~45 s; a new server given that address must not wait it out."""
+    node = edge_node(launch_timeout_s=10.0)
+    first = handshake(node).json()
+    ssh(node, first["access"]["port"]).close()
+    r = node.client().delete(f"{node.url}/v1/servers/{first['server_id']}", timeout=30)
+    assert r.status_code == 200, r.text
+    # The state the host is in after recent traffic (the kernel does not always keep it).
+    old = network.mac_address(first["server_id"])
+    subprocess.run(["ip", "neigh", "replace", first["address"], "lladdr", old, "dev",
+                    node.settings["bridge"], "nud", "reachable"], check=True)
+    r = handshake(node)
+    assert r.status_code == 201, r.text
+    again = r.json()
+    assert again["address"] == first["address"]
+    neigh = subprocess.run(["ip", "neigh", "show", again["address"], "dev",
+                            node.settings["bridge"]], capture_output=True, text=True).stdout
+    assert network.mac_address(again["server_id"]) in neigh
+    assert old not in neigh
+    ssh(node, again["access"]["port"]).close()
+
+
 def test_multiple_termination_takes_the_siblings(edge_node):
     node = edge_node()
     a = node.client()
