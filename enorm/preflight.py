@@ -198,11 +198,20 @@ def run(root: Path | str = "/", live: bool = True,
 
 def check_lxcfs(root: Path) -> Finding:
     """A container sees its own size (/proc/meminfo, /proc/cpuinfo, the online CPUs)
-    only while lxcfs serves /var/lib/lxcfs: LXC's lxcfs hook mounts its files then."""
-    served = any(ln.split()[1:3] == ["/var/lib/lxcfs", "fuse.lxcfs"]
-                 for ln in (_read(root, "/proc/self/mounts") or "").splitlines())
-    return Finding("lxcfs", served, "serving /var/lib/lxcfs" if served else "not running",
-                   "" if served else "start lxcfs (`systemctl start lxcfs`, or "
+    only while lxcfs serves /var/lib/lxcfs: LXC's lxcfs hook mounts its files then. A
+    mount whose lxcfs died is still listed; reading through it tells."""
+    mounted = any(ln.split()[1:3] == ["/var/lib/lxcfs", "fuse.lxcfs"]
+                  for ln in (_read(root, "/proc/self/mounts") or "").splitlines())
+    try:
+        (root / "var/lib/lxcfs/proc/meminfo").read_bytes()
+        answers = True
+    except OSError:
+        answers = False
+    if mounted and answers:
+        return Finding("lxcfs", True, "serving /var/lib/lxcfs")
+    return Finding("lxcfs", False, "stale mount (lxcfs is gone)" if mounted else "not running",
+                   ("`umount -l /var/lib/lxcfs`, then " if mounted else "")
+                   + "start lxcfs (`systemctl start lxcfs`, or "
                    "`lxcfs --enable-cfs /var/lib/lxcfs`; scripts/setup.sh does)")
 
 

@@ -82,14 +82,23 @@ done
 # lxcfs: a container's /proc/meminfo, /proc/cpuinfo and /sys/devices/system/cpu show its
 # own limits (LXC's lxcfs hook mounts them when /var/lib/lxcfs is served). Started here
 # unless something (its systemd unit) serves it already; --enable-cfs for the CPU view.
-if ! grep -q " /var/lib/lxcfs fuse.lxcfs " /proc/self/mounts; then
+# A mount whose lxcfs is gone (killed with the shell that started it) is stale: reads
+# fail with "Transport endpoint is not connected"; it is unmounted and lxcfs started
+# again, in a session of its own so that the end of this job does not take it along.
+lxcfs_serves() { head -c1 /var/lib/lxcfs/proc/meminfo >/dev/null 2>&1; }
+if ! lxcfs_serves; then
+    if grep -q " /var/lib/lxcfs fuse.lxcfs " /proc/self/mounts; then
+        echo "setup: lxcfs mount on /var/lib/lxcfs is stale: unmounting it"
+        umount -l /var/lib/lxcfs
+    fi
     echo "setup: starting lxcfs on /var/lib/lxcfs"
     mkdir -p /var/lib/lxcfs
-    lxcfs --enable-cfs -p /run/lxcfs.pid /var/lib/lxcfs >/dev/null 2>&1 </dev/null &
+    setsid -f lxcfs --enable-cfs -p /run/lxcfs.pid /var/lib/lxcfs >/dev/null 2>&1 </dev/null
     for _ in $(seq 50); do
-        grep -q " /var/lib/lxcfs fuse.lxcfs " /proc/self/mounts && break
+        lxcfs_serves && break
         sleep 0.1
     done
+    lxcfs_serves || { echo "setup: lxcfs did not come up" >&2; exit 1; }
 fi
 
 .venv/bin/enorm image build debian | tail -n 3

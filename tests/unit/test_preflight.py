@@ -70,3 +70,22 @@ def test_missing_tools_are_named() -> None:
     found = {f.check: f for f in preflight.check_tools(path="/nonexistent")}
     assert all(not f.ok and f.fix for f in found.values())
     assert "tool lxc-start" in found
+
+
+@pytest.mark.parametrize("mounted,answers,ok,detail", [
+    (True, True, True, "serving /var/lib/lxcfs"),
+    (True, False, False, "stale mount (lxcfs is gone)"),
+    (False, False, False, "not running"),
+])
+def test_lxcfs_must_answer_not_only_be_mounted(tmp_path: Path, mounted: bool, answers: bool,
+                                               ok: bool, detail: str) -> None:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    line = "lxcfs /var/lib/lxcfs fuse.lxcfs rw,nosuid,nodev 0 0\n" if mounted else ""
+    (tmp_path / "proc/self/mounts").write_text("/dev/vda / ext4 rw 0 0\n" + line)
+    if answers:
+        (tmp_path / "var/lib/lxcfs/proc").mkdir(parents=True)
+        (tmp_path / "var/lib/lxcfs/proc/meminfo").write_text("MemTotal: 65536 kB\n")
+    found = preflight.check_lxcfs(tmp_path)
+    assert (found.ok, found.detail) == (ok, detail)
+    assert ok or "start lxcfs" in found.fix
+    assert ("umount -l" in found.fix) == (mounted and not answers)
