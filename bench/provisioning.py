@@ -2,8 +2,10 @@
 
 The floor is what LXC itself needs for the same work without enorm: an overlay snapshot
 clone of the base container, start, and its sshd accepting TCP (then stop + destroy).
-Both are measured in the same run, on the same bridge, and enorm twice: with privileged
-containers and with unprivileged ones (the default; an idmapped base per container).
+Both are measured in the same run, on the same bridge, and enorm three times: with
+privileged containers, with unprivileged ones (the default; an idmapped base per
+container), and unprivileged without the sized writable layer (`disk_mb = 0`), which
+prices the disk quota.
 Also records the daemon's resident memory idle and with 32 servers.
 
     python -m bench.provisioning [--n 60]
@@ -81,10 +83,9 @@ def cleanup_floor() -> None:
             c.destroy()
 
 
-def enorm_runs(n: int, pub: str, tmp: str, unprivileged: bool) -> dict:
+def enorm_runs(n: int, pub: str, tmp: str, label: str, **over) -> dict:
     """n handshakes then n terminations on a fresh node; its RSS idle and at 32."""
-    node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-{unprivileged}",
-                         unprivileged=unprivileged)
+    node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-{label}", **over)
     node.start()
     try:
         s = requests.Session()
@@ -136,14 +137,21 @@ def run(n: int) -> dict:
             node.close()
         # The same run, both kinds of container: privileged (root inside is root on the
         # board) and unprivileged (the default: an id range per container).
-        priv = enorm_runs(n, pub, tmp, unprivileged=False)
-        unpriv = enorm_runs(n, pub, tmp, unprivileged=True)
+        priv = enorm_runs(n, pub, tmp, "priv", unprivileged=False)
+        nodisk = enorm_runs(n, pub, tmp, "nodisk", unprivileged=True, disk_mb=0)
+        unpriv = enorm_runs(n, pub, tmp, "unpriv", unprivileged=True)
     hs, term = unpriv["hs"], unpriv["term"]
     return {
         "handshake_s": summary(hs),
         "terminate_s": summary(term),
         "privileged": {"handshake_s": summary(priv["hs"]),
                        "terminate_s": summary(priv["term"])},
+        "without_disk_quota": {"handshake_s": summary(nodisk["hs"]),
+                               "terminate_s": summary(nodisk["term"])},
+        "disk_quota_over_none": {
+            "handshake_p50": round(statistics.median(hs) / statistics.median(nodisk["hs"]), 2),
+            "terminate_p50": round(statistics.median(term)
+                                   / statistics.median(nodisk["term"]), 2)},
         "unprivileged_over_privileged": {
             "handshake_p50": round(statistics.median(hs) / statistics.median(priv["hs"]), 2),
             "terminate_p50": round(statistics.median(term) / statistics.median(priv["term"]),
@@ -158,7 +166,8 @@ def run(n: int) -> dict:
         "paper": PAPER,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor,
-                "privileged_handshake_s": priv["hs"], "privileged_terminate_s": priv["term"]},
+                "privileged_handshake_s": priv["hs"], "privileged_terminate_s": priv["term"],
+                "no_disk_quota_handshake_s": nodisk["hs"]},
     }
 
 
@@ -170,10 +179,11 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     raw = res["raw"]
-    a.boxplot([raw["floor_s"], raw["privileged_handshake_s"], raw["handshake_s"],
-               raw["terminate_s"]])
-    a.set_xticks([1, 2, 3, 4], ["floor:\nclone+start+sshd", "handshake\nprivileged",
-                                "handshake\nunprivileged", "terminate\nunprivileged"])
+    a.boxplot([raw["floor_s"], raw["privileged_handshake_s"],
+               raw["no_disk_quota_handshake_s"], raw["handshake_s"], raw["terminate_s"]])
+    a.set_xticks([1, 2, 3, 4, 5], ["floor:\nclone+start\n+sshd", "handshake\nprivileged",
+                                   "handshake\nunpriv.,\nno disk quota",
+                                   "handshake\nunpriv.\n(default)", "terminate\nunpriv."])
     a.set_ylabel("seconds")
     a.set_title(f"provisioning, n={res['handshake_s']['n']} (paper: ~9 s handshake)")
     rss = res["daemon_rss_mb"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -46,12 +47,23 @@ def leftovers(node_ports_free: int, offer: dict) -> dict:
         rules += [ln for ln in out.splitlines() if f"enorm:{NAME}:" in ln]  # per server
     veths = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE],
                            capture_output=True, text=True).stdout.splitlines()
+    ours = f"enorm-{NAME}-"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln.split()[4] for ln in f if ours in ln.split()[4]]
+    loops = [ln for ln in subprocess.run(["losetup", "-a"], capture_output=True,
+                                          text=True).stdout.splitlines() if ours in ln]
+    claims_dir = Path("/var/lib/lxc/.enorm-idmap")
+    claims = [p.name for p in claims_dir.iterdir()
+              if p.is_file() and p.read_text().startswith(ours)] if claims_dir.is_dir() else []
     return {
         "containers": [c for c in lxc.list_containers() if c.startswith(f"enorm-{NAME}-")],
         "veths": veths,
         "forward_rules": rules,
         "records": offer["servers"],
         "ports_held": node_ports_free - offer["ports_free"],
+        "mounts": mounts,  # overlay, idmapped base, sized writable layer
+        "loop_devices": loops,
+        "id_claims": claims,
     }
 
 
@@ -84,11 +96,16 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
     errors: list[str] = []
     lock = threading.Lock()
 
+    handshakes: list[float] = []
+
     def cycle(_: int) -> None:
         s = requests.Session()
         s.headers["Authorization"] = "Bearer soak-token"
+        t = time.perf_counter()
         r = s.post(url + "/v1/servers", json=body, timeout=120)
         if r.status_code == 201:
+            with lock:
+                handshakes.append(time.perf_counter() - t)
             d = s.delete(f"{url}/v1/servers/{r.json()['server_id']}", timeout=120)
             what = "ok" if d.status_code == 200 else "errors"
             detail = d.text
@@ -117,7 +134,9 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
 
     with ThreadPoolExecutor(clients) as pool:  # warm-up: every worker thread once
         list(pool.map(cycle, range(clients * 2)))
+    handshakes.clear()
     time.sleep(0.5)
+    load_start = os.getloadavg()[0]
     rss_start = rss()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -125,6 +144,7 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(cycle, range(cycles)))
     wall = time.perf_counter() - t0
+    load_end = os.getloadavg()[0]
     stop.set()
     sampler.join()
     time.sleep(0.5)
@@ -153,10 +173,21 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
         "max_allocated_cores": max((s["cores"] for s in samples), default=0),
         "capacity_cores": samples[0]["cap_cores"] if samples else None,
         "big_cycles_rss_mb": big_rss,
+        "handshake_s": _quantiles(handshakes),
         "leftovers": leftovers(ports_free, offer),
         "raw": {"samples": samples},
-        "load": "shared machine (other helpers' tests running)",
+        "loadavg_1min": {"start": round(load_start, 2), "end": round(load_end, 2)},
+        "machine_cpus": os.cpu_count(),
     }
+
+
+def _quantiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    xs = sorted(xs)
+    at = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)  # noqa: E731
+    return {"n": len(xs), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99),
+            "max": round(xs[-1], 3)}
 
 
 def plot(res: dict, path: Path) -> None:

@@ -127,7 +127,8 @@ def _preflight(cfg: config_mod.NodeConfig | None = None) -> list[preflight.Findi
     # ENORM_PREFLIGHT_ROOT points the checks at a copy of another machine's /proc and
     # /sys files (the tests' fixtures); the tools and the write probe need the real one.
     root = os.environ.get("ENORM_PREFLIGHT_ROOT", "/")
-    return preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None)
+    return preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None,
+                         disk_mb=cfg.disk_mb if cfg else 0)
 
 
 @main.command()

@@ -116,6 +116,9 @@ class NodeConfig(BaseSettings):
     # Processes (and threads) one container may have: the tenant's fork storm hits this
     # wall inside its own cgroup instead of the board's process table.
     pids_max: int = Field(512, ge=16)
+    # Each container's writable layer is an ext4 image of this size (sparse: the disk
+    # holds what was written); writes beyond it fail inside with ENOSPC. 0: no limit.
+    disk_mb: int = Field(1024, ge=0)
     # Fast protection of the basic service (enorm/pressure.py): every this many seconds
     # (0: off, only the auto-scaling round protects it) the node measures the basic
     # service's memory and evicts the lowest-priority tenants when less than

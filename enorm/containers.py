@@ -3,7 +3,8 @@
 An edge server is an overlay snapshot clone of the base container: the clone shares the
 base rootfs read-only and writes into its own delta directory, which is why launching
 takes milliseconds. Limits are cgroup settings: CPU as a CFS quota (so a unit may be a
-fraction of a core) and a memory limit, for cgroup v1 and v2.
+fraction of a core) and a memory limit, for cgroup v1 and v2; the writable layer is a
+sized file system of its own (`enorm.disk`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import lxc
 
-from enorm import idmap, network
+from enorm import disk, idmap, network
 from enorm.network import wait_tcp
 from enorm.protocol import Resources
 
@@ -47,7 +48,7 @@ class Containers:
     """Containers of one edge node: names start with the node's prefix."""
 
     def __init__(self, lxc_path: Path, prefix: str, base: str, pids_max: int = 512,
-                 ids: idmap.IdRange | None = None) -> None:
+                 ids: idmap.IdRange | None = None, disk_mb: int = 0) -> None:
         self.lxc_path = str(lxc_path)
         self.prefix = prefix
         self.base = base
@@ -56,6 +57,8 @@ class Containers:
         # None: privileged containers (root inside is root on the host).
         self.ids = ids
         self.slots = idmap.Slots(lxc_path, ids) if ids is not None else None
+        # 0: the writable layer is a plain directory on the board's file system.
+        self.disk_mb = disk_mb
 
     # -- helpers -------------------------------------------------------------------------
     def _get(self, name: str) -> lxc.Container:
@@ -76,7 +79,35 @@ class Containers:
 
     def delta_dir(self, name: str) -> Path:
         """Host-side path of the clone's writable layer (what the container wrote)."""
-        return Path(self.lxc_path) / name / "overlay" / "delta"
+        return self._layer(name) / "delta"
+
+    def _layer(self, name: str) -> Path:
+        """The overlay's directory: its upper ("delta") and work dirs, on the sized
+        image when there is one (both must be on one file system)."""
+        return Path(self.lxc_path) / name / "overlay"
+
+    def _mount_layer(self, name: str) -> None:
+        """Make (once) and mount the container's sized writable layer, if the node
+        limits disk; again after a reboot or a stop."""
+        if not self.disk_mb:
+            return
+        image = Path(self.lxc_path) / name / "overlay.img"
+        try:
+            if not image.exists():
+                disk.make_image(image, self.disk_mb)
+            disk.mount_image(image, self._layer(name))
+        except disk.DiskError as exc:
+            raise ContainerError(f"{name}: writable layer: {exc}") from None
+        self.delta_dir(name).mkdir(exist_ok=True)
+
+    def disk_usage_mb(self, name: str) -> tuple[int, int] | None:
+        """(used, limit) of the writable layer in MB; None without a limit or mount."""
+        layer = self._layer(name)
+        return disk.usage_mb(layer) if self.disk_mb and idmap.mounted(layer) else None
+
+    def _mounts(self, name: str) -> list[Path]:
+        """What the node mounts for a container, in unmount order."""
+        return [self._rootfs(name), self._lower(name), self._layer(name)]
 
     def _rootfs(self, name: str) -> Path:
         """Where an unprivileged container's overlay is mounted (its `dir:` rootfs)."""
@@ -105,8 +136,8 @@ class Containers:
             idmap.mount_overlay(lower, ov / "delta", ov / "work", target)
 
     def _unmount_rootfs(self, name: str) -> None:
-        idmap.unmount(self._rootfs(name))
-        idmap.unmount(self._lower(name))
+        for path in self._mounts(name):
+            idmap.unmount(path)
 
     # -- lifecycle -----------------------------------------------------------------------
     def create(
@@ -151,6 +182,12 @@ class Containers:
         }
         if veth:
             items["lxc.net.0.veth.pair"] = veth
+        # Run by LXC on the host however the container stopped: a stopped container is
+        # plain files (an operator's `lxc-destroy` works) and a start mounts afresh.
+        hook = Path(self.lxc_path) / name / "enorm-unmount"
+        hook.write_text(idmap.unmount_hook(*self._mounts(name)))
+        hook.chmod(0o700)
+        items["lxc.hook.post-stop"] = str(hook)
         slot = None
         if self.slots is not None and self.ids is not None:
             slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
@@ -169,14 +206,11 @@ class Containers:
             # goes with it.
             conf = Path(self.lxc_path) / name / "config"
             lines = [ln for ln in conf.read_text().splitlines()
-                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap", "lxc.hook.post-stop"))]
+                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap"))]
             lines.append(f"lxc.rootfs.path = dir:{self._rootfs(name)}")
-            hook = Path(self.lxc_path) / name / "enorm-unmount"
-            hook.write_text(idmap.unmount_hook(self._rootfs(name), self._lower(name)))
-            hook.chmod(0o700)
-            lines.append(f"lxc.hook.post-stop = {hook}")
             lines += [f"lxc.idmap = {v}" for v in self.ids.lxc_items(slot)]  # type: ignore[union-attr]
             conf.write_text("\n".join(lines) + "\n")
+        self._mount_layer(name)
         delta = self.delta_dir(name)
         ssh = delta / "root/.ssh"
         ssh.mkdir(parents=True, exist_ok=True)
@@ -206,6 +240,7 @@ class Containers:
         c = self._get(name)
         if c.running:
             return
+        self._mount_layer(name)
         if self.slots is not None and self.slots.of(name) is not None:
             try:
                 self._mount_rootfs(name)
@@ -340,6 +375,19 @@ class Containers:
             cpu = int(stat.get("usage_usec", 0)) * 1000
             mem = int(c.get_cgroup_item("memory.current") or 0)
         return Usage(cpu_ns=cpu, memory_bytes=mem)
+
+    def memory_stat(self, name: str) -> tuple[dict[str, int], int]:
+        """The cgroup's memory statistics (v1: with the kernel's share as "kernel") and
+        its peak usage in bytes."""
+        c = self._get(name)
+        stat = {k: int(v) for k, v in (ln.split() for ln in
+                                       (c.get_cgroup_item("memory.stat") or "").splitlines())}
+        if self.v == 1:
+            stat["kernel"] = int(c.get_cgroup_item("memory.kmem.usage_in_bytes") or 0)
+            peak = c.get_cgroup_item("memory.max_usage_in_bytes")
+        else:
+            peak = c.get_cgroup_item("memory.peak") or c.get_cgroup_item("memory.current")
+        return stat, int(peak or 0)
 
     def wait_ssh(self, address: str, timeout: float = 10.0) -> float:
         """Wait until the container's sshd accepts TCP; returns the seconds it took."""

@@ -56,6 +56,7 @@ class Daemon:
              background: bool = True) -> Daemon:
         """Open the node; `background` schedules the auto-scaler and migration retries."""
         assert cfg.state_dir is not None
+        manager.check_unit(cfg)
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
         node = manager.build(cfg, store.Store(client, cfg.name))
         mgr = manager.EdgeManager(node, migrate=migrate or migration.merge_back_to_sink)

@@ -246,14 +246,13 @@ def unmount(path: Path) -> None:
     raise IdmapError(f"unmount {path}: still mounted")
 
 
-def unmount_hook(rootfs: Path, lower: Path) -> str:
+def unmount_hook(*paths: Path) -> str:
     """A post-stop hook (run by LXC on the host however the container stopped) that
-    takes the container's mounts away, so that a stopped container is plain files: an
-    operator's `lxc-destroy` works, and a start mounts afresh."""
-    return ("#!/bin/sh\n# enorm: unmount the overlay and the idmapped base after a stop\n"
-            f"umount '{rootfs}' 2>/dev/null || umount -l '{rootfs}' 2>/dev/null\n"
-            f"umount '{lower}' 2>/dev/null || umount -l '{lower}' 2>/dev/null\n"
-            "exit 0\n")
+    takes the container's mounts away, in order, so that a stopped container is plain
+    files: an operator's `lxc-destroy` works, and a start mounts afresh."""
+    lines = [f"umount '{p}' 2>/dev/null || umount -l '{p}' 2>/dev/null\n" for p in paths]
+    return ("#!/bin/sh\n# enorm: unmount what the node mounted for this container\n"
+            + "".join(lines) + "exit 0\n")
 
 
 def shift_tree(top: Path, host_base: int) -> None:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from enorm import migration, network, resources
-from enorm.config import NodeConfig
+from enorm import migration, network, resources, sizing
+from enorm.config import ConfigError, NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
 from enorm.firewall import Firewall, Forward, Port
@@ -97,7 +97,8 @@ def build(config: NodeConfig, store: Store) -> Node:
         config=config,
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container,
-                              pids_max=config.pids_max, ids=config.id_range),
+                              pids_max=config.pids_max, ids=config.id_range,
+                              disk_mb=config.disk_mb),
         firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),
@@ -106,6 +107,16 @@ def build(config: NodeConfig, store: Store) -> Node:
         events=Events(store, timeout=config.callback_timeout_s,
                       give_up_s=config.callback_give_up_s),
     )
+
+
+def check_unit(cfg: NodeConfig, needs: sizing.Needs | None = None) -> None:
+    """Refuse a unit the base image cannot start in (ConfigError naming the field). With
+    `needs` None, only against a figure already measured: the daemon asks before it
+    touches anything (its store, the bridge)."""
+    needs = needs or sizing.load(cfg.lxc_path, cfg.base_container)
+    problem = needs and sizing.unit_problem(cfg.unit.memory_mb, needs, cfg.base_container)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _port(rec: ServerRecord) -> Port:
@@ -134,10 +145,59 @@ class EdgeManager:
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> dict:
-        """Bring up the bridge and chains, then reconcile the store with reality."""
+        """Bring up the bridge and chains, reconcile the store with reality, and refuse a
+        unit the image cannot start in."""
+        known = sizing.load(self.cfg.lxc_path, self.cfg.base_container)
+        if known is not None:
+            check_unit(self.cfg, known)
         network.ensure_bridge(self.cfg.bridge, self.cfg.subnet)
         self.firewall.setup()
-        return self.reconcile()
+        report = self.reconcile()
+        needs = known or self.image_needs()
+        check_unit(self.cfg, needs)
+        report["image_needs"] = needs.as_dict()
+        return report
+
+    def image_needs(self) -> sizing.Needs:
+        """What the base image needs to start, measured once per image (a probe
+        container, destroyed after; a crash leaves an orphan that `reconcile` removes)."""
+        needs = sizing.load(self.cfg.lxc_path, self.cfg.base_container)
+        if needs is not None:
+            return needs
+        sid = secrets.token_hex(4)
+        name = f"{self.cfg.container_prefix}{sid}"
+        with self._lock:
+            address = network.pick_address(
+                self.cfg.subnet, {s.address for s in self.store.servers()})
+        if address is None:
+            raise ConfigError(f"subnet {self.cfg.subnet}: no address left to measure the image")
+        port = Port(network.host_veth(sid), network.mac_address(sid), str(address))
+        room = Resources(cores=max(1.0, self.unit.cores),
+                         memory_mb=max(1024, self.unit.memory_mb))
+        try:
+            self.firewall.guard(sid, port)
+            network.pin_neighbour(port.address, port.mac, self.cfg.bridge)
+            self.containers.create(
+                name, address=port.address, prefixlen=self.cfg.subnet.prefixlen,
+                gateway=str(self.cfg.gateway), bridge=self.cfg.bridge, limits=room,
+                authorized_key="", redis_password=secrets.token_hex(16),
+                veth=port.veth, mac=port.mac)
+            t0 = time.monotonic()
+            self.containers.start(name)
+            self.containers.wait_ssh(port.address, timeout=max(60.0, self.cfg.launch_timeout_s))
+            started = time.monotonic() - t0
+            network.wait_tcp(port.address, migration.CONTAINER_REDIS_PORT, timeout=30.0)
+            time.sleep(0.5)  # settled: what it holds now, not what it is still reading in
+            stat, peak = self.containers.memory_stat(name)
+        finally:
+            try:
+                self.containers.destroy(name)
+            finally:
+                self.firewall.unguard(sid)
+        needs = sizing.from_cgroup(stat, peak, started)
+        sizing.save(self.cfg.lxc_path, self.cfg.base_container, needs)
+        log.info("base image %s needs %s", self.cfg.base_container, needs)
+        return needs
 
     # -- views ---------------------------------------------------------------------------
     def allocated(self) -> Resources:

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from enorm import idmap
+from enorm import disk, idmap
 
 # What enorm writes (cpu, memory, pids) or reads (cpuacct on v1) per container, and
 # cpuset, which LXC needs to place a container.
@@ -179,10 +179,35 @@ def check_idmap(root: Path, ids: idmap.IdRange, live: bool) -> list[Finding]:
     return out
 
 
+def check_disk() -> Finding:
+    """Sized writable layers: make, mount and fill a tiny ext4 image on a loop device."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="enorm-disk-probe-") as tmp:
+            image, target = Path(tmp, "img"), Path(tmp, "m")
+            disk.make_image(image, 8)
+            disk.mount_image(image, target)
+            try:
+                full = False
+                try:
+                    Path(target, "fill").write_bytes(b"\0" * (16 << 20))
+                except OSError:
+                    full = True
+            finally:
+                idmap.unmount(target)
+        ok, detail = full, ("an 8 MB layer refused 16 MB" if full
+                            else "an 8 MB layer took 16 MB: no limit")
+    except (disk.DiskError, idmap.IdmapError, OSError) as exc:
+        ok, detail = False, str(exc)
+    return Finding("disk quota", ok, detail, "" if ok else
+                   "loop devices (/dev/loop-control), mkfs.ext4 (e2fsprogs) and mount, "
+                   "or `disk_mb = 0` (no limit on what a tenant writes)")
+
+
 def run(root: Path | str = "/", live: bool = True,
-        ids: idmap.IdRange | None = None) -> list[Finding]:
+        ids: idmap.IdRange | None = None, disk_mb: int = 0) -> list[Finding]:
     """Every check; `live` adds the tools on PATH and the write-and-read-back probe;
-    `ids` (unprivileged containers) the id range and the idmapped-mount probe."""
+    `ids` (unprivileged containers) the id range and the idmapped-mount probe; `disk_mb`
+    the loop-device probe of sized writable layers."""
     root = Path(root)
     findings = check_controllers(root)
     if live:
@@ -193,6 +218,8 @@ def run(root: Path | str = "/", live: bool = True,
         findings += check_idmap(root, ids, live)
     if live:
         findings.append(check_lxcfs(root))
+        if disk_mb:
+            findings.append(check_disk())
     return findings
 
 

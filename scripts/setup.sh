@@ -13,7 +13,7 @@ fi
 # testbed's NFQUEUE delayer (netfilterqueue builds against it).
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
           build-essential python3-dev python3-venv chromium chromium-driver
-          libnetfilter-queue-dev lxcfs)
+          libnetfilter-queue-dev lxcfs e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,7 +5,10 @@ and another tenant's container keep answering."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import lxc
 import pytest
@@ -17,6 +20,7 @@ from enorm.containers import cgroup_version
 pytestmark = pytest.mark.system
 
 PIDS_MAX = 96
+DISK_MB = 96
 FORK_STORM = ("import os\n"
               "while True:\n"
               "    try:\n"
@@ -89,6 +93,38 @@ def test_storms_stay_inside_the_tenants_container(edge_node):
     assert daemon_answers(node, 1.0) < max(2.0, 10 * baseline)
     assert other_tenant_answers(node, b["access"]["port"])
     assert requests.get(node.url + "/healthz", timeout=5).ok
+
+
+@pytest.mark.parametrize("unprivileged", [True, False], ids=["unprivileged", "privileged"])
+def test_a_tenant_fills_its_own_disk_not_the_boards(edge_node, unprivileged):
+    """`dd` until the disk is full, as the tenant's root: ENOSPC at the node's size for
+    the writable layer, the board's file system barely touched, the neighbours fine."""
+    node = edge_node(disk_mb=DISK_MB, unprivileged=unprivileged)
+    a, b = handshake(node, "cloud-a").json(), handshake(node, "cloud-b").json()
+    image = Path(lxc.Container(a["container"]).get_config_path()) / a["container"] / "overlay.img"
+    board_free = shutil.disk_usage(image.parent).free
+    c = ssh(node, a["access"]["port"])
+    try:
+        # The tenant's df shows its own size: the overlay reports its upper file system.
+        _, df = run(c, "df -m --output=size / | tail -1")
+        assert DISK_MB * 0.85 < int(df) <= DISK_MB
+        code, out = run(c, f"dd if=/dev/zero of=/root/fill bs=1M count={4 * DISK_MB} 2>&1")
+        assert code != 0 and "No space left on device" in out
+        assert run(c, "sync")[0] == 0
+        assert daemon_answers(node, 1.0) < 2.0
+        assert other_tenant_answers(node, b["access"]["port"])
+        # What the board gave: at most the layer's size (the image is sparse).
+        assert image.stat().st_blocks * 512 <= (DISK_MB + 8) << 20
+        assert board_free - shutil.disk_usage(image.parent).free <= (DISK_MB + 64) << 20
+        # Its own space back once it deletes what it wrote.
+        assert run(c, "rm /root/fill && echo again > /root/x && cat /root/x") == (0, "again\n")
+    finally:
+        c.close()
+    r = node.client("cloud-a").delete(f"{node.url}/v1/servers/{a['server_id']}", timeout=60)
+    assert r.status_code == 200, r.text
+    assert not image.exists()
+    assert image.parent.name not in subprocess.run(["losetup", "-a"], capture_output=True,
+                                                  text=True).stdout
 
 
 def test_limits_changed_behind_the_nodes_back_are_restored_by_the_next_round(edge_node):

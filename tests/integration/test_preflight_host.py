@@ -30,6 +30,7 @@ def test_doctor_passes_here_and_probes_the_kernel() -> None:
     assert "root:1200000000:16777216" in found["id range"]["detail"]
     assert found["idmapped mounts"]["detail"] == "root's directory seen as uid 1200000000"
     assert found["lxcfs"]["detail"] == "serving /var/lib/lxcfs"
+    assert found["disk quota"]["detail"] == "an 8 MB layer refused 16 MB"
     table = subprocess.run([str(VENV_BIN / "enorm"), "doctor"], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0 and table.stdout.startswith("check\tok\tdetail\tfix\n")

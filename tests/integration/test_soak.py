@@ -22,7 +22,7 @@ def test_short_soak_leaves_nothing_and_keeps_memory_flat(tmp_path: Path) -> None
     with open("/run/enorm-bench-soak.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.run([sys.executable, "-m", "bench.soak", "--cycles", "24",
-                               "--clients", "8", "--big", "2", "--out", str(tmp_path)],
+                               "--clients", "8", "--big", "4", "--out", str(tmp_path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "soak.json").read_text())
@@ -31,8 +31,13 @@ def test_short_soak_leaves_nothing_and_keeps_memory_flat(tmp_path: Path) -> None
     # Launch failures under load are counted, not fixed here (issue 15, isolation part).
     assert res["ok"] >= 20, res["error_samples"]
     assert res["leftovers"] == {"containers": [], "veths": [], "forward_rules": [],
-                                "records": 0, "ports_held": 0}
+                                "records": 0, "ports_held": 0, "mounts": [],
+                                "loop_devices": [], "id_claims": []}
+    assert 0 < res["handshake_s"]["n"] <= 24  # after the warm-up
     assert res["rss_ratio"] <= 1.10, res
     assert res["samples"] > 0 and res["samples_over_capacity"] == 0
-    first_big, *rest = res["big_cycles_rss_mb"][1:]
-    assert all(r <= first_big * 1.15 for r in rest), res["big_cycles_rss_mb"]
+    # The daemon keeps two malloc arenas (enorm/memory.py): the first big request served
+    # by each may leave its arena grown once, so flat means no growth after two cycles
+    # (the suite once saw 72 -> 139 -> 171 MB with only two).
+    _, *first, third, fourth = res["big_cycles_rss_mb"]
+    assert max(third, fourth) <= max(first) * 1.10, res["big_cycles_rss_mb"]

@@ -92,20 +92,26 @@ def test_a_restarted_board_mounts_the_rootfs_again(edge_node):
     back."""
     node = edge_node()
     a = handshake(node, "cloud-a").json()
+    c = ssh(node, a["access"]["port"])
+    try:
+        assert run(c, "echo kept > /root/marker && sync") == (0, "")
+    finally:
+        c.close()
     node.kill()
     name = a["container"]
     subprocess.run(["lxc-stop", "-k", "-n", name], check=True)
-    rootfs = LXC / name / "rootfs"
+    mounts = [LXC / name / "rootfs", idmap.MOUNTS / name, LXC / name / "overlay"]
     # However it stopped, LXC's post-stop hook took the mounts away: a stopped
     # container is plain files (what a reboot leaves too).
-    assert not idmap.mounted(rootfs) and not idmap.mounted(idmap.MOUNTS / name)
+    assert not any(idmap.mounted(m) for m in mounts)
     node.start()
     c = ssh(node, a["access"]["port"])
     try:
         assert uid_map(c)[1] >= RANGE.start
+        assert run(c, "cat /root/marker") == (0, "kept\n")  # the sized layer came back
     finally:
         c.close()
-    assert idmap.mounted(rootfs) and idmap.mounted(idmap.MOUNTS / name)
+    assert all(idmap.mounted(m) for m in mounts)
 
 
 def test_the_request_log_is_read_as_the_tenants_not_the_hosts(edge_node):
