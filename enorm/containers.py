@@ -19,12 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lxc
+import psutil
 
 from enorm import disk, idmap, network
 from enorm.network import wait_tcp
 from enorm.protocol import Resources
 
 CFS_PERIOD_US = 100_000
+# lxcfs's view of a container's own size (when lxcfs serves /var/lib/lxcfs; `optional`:
+# a missing or dead lxcfs leaves the host's files, as LXC's own hook would).
+LXCFS_ENTRIES = [
+    *(f"lxc.mount.entry = /var/lib/lxcfs/proc/{f} proc/{f} none bind,optional 0 0"
+      for f in ("cpuinfo", "diskstats", "loadavg", "meminfo", "slabinfo", "stat", "swaps",
+                "uptime")),
+    "lxc.mount.entry = /var/lib/lxcfs/sys/devices/system/cpu sys/devices/system/cpu "
+    "none bind,optional 0 0",
+]
 
 
 class ContainerError(RuntimeError):
@@ -99,11 +109,6 @@ class Containers:
         except disk.DiskError as exc:
             raise ContainerError(f"{name}: writable layer: {exc}") from None
         self.delta_dir(name).mkdir(exist_ok=True)
-
-    def disk_usage_mb(self, name: str) -> tuple[int, int] | None:
-        """(used, limit) of the writable layer in MB; None without a limit or mount."""
-        layer = self._layer(name)
-        return disk.usage_mb(layer) if self.disk_mb and idmap.mounted(layer) else None
 
     def _mounts(self, name: str) -> list[Path]:
         """What the node mounts for a container, in unmount order."""
@@ -182,12 +187,6 @@ class Containers:
         }
         if veth:
             items["lxc.net.0.veth.pair"] = veth
-        # Run by LXC on the host however the container stopped: a stopped container is
-        # plain files (an operator's `lxc-destroy` works) and a start mounts afresh.
-        hook = Path(self.lxc_path) / name / "enorm-unmount"
-        hook.write_text(idmap.unmount_hook(*self._mounts(name)))
-        hook.chmod(0o700)
-        items["lxc.hook.post-stop"] = str(hook)
         slot = None
         if self.slots is not None and self.ids is not None:
             slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
@@ -200,16 +199,27 @@ class Containers:
                 raise ContainerError(f"{name}: cannot set {k}={v}")
         if not c.save_config():
             raise ContainerError(f"{name}: cannot save config")
+        # Run by LXC on the host however the container stopped: a stopped container is
+        # plain files (an operator's `lxc-destroy` works) and a start mounts afresh.
+        hook = Path(self.lxc_path) / name / "enorm-unmount"
+        hook.write_text(idmap.unmount_hook(*self._mounts(name)))
+        hook.chmod(0o700)
+        # Written after the `lxc.include` that brings in lxcfs's hooks, which they clear:
+        # its mount hook is a shell script running ~9 `mount`s per start (76 ms of
+        # lxc-start here, 20 ms with the same binds as mount entries made by liblxc).
+        drop = ["lxc.hook.mount", "lxc.hook.post-stop"]
+        add = ["lxc.hook.mount =", "lxc.hook.post-stop =", f"lxc.hook.post-stop = {hook}",
+               *LXCFS_ENTRIES]
         if slot is not None:
             # liblxc refuses to change a defined container's rootfs through the API: the
             # overlay becomes our own mount, started as a plain directory, and the id map
             # goes with it.
-            conf = Path(self.lxc_path) / name / "config"
-            lines = [ln for ln in conf.read_text().splitlines()
-                     if not ln.startswith(("lxc.rootfs.path", "lxc.idmap"))]
-            lines.append(f"lxc.rootfs.path = dir:{self._rootfs(name)}")
-            lines += [f"lxc.idmap = {v}" for v in self.ids.lxc_items(slot)]  # type: ignore[union-attr]
-            conf.write_text("\n".join(lines) + "\n")
+            drop += ["lxc.rootfs.path", "lxc.idmap"]
+            add.append(f"lxc.rootfs.path = dir:{self._rootfs(name)}")
+            add += [f"lxc.idmap = {v}" for v in self.ids.lxc_items(slot)]  # type: ignore[union-attr]
+        conf = Path(self.lxc_path) / name / "config"
+        lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith(tuple(drop))]
+        conf.write_text("\n".join(lines + add) + "\n")
         self._mount_layer(name)
         delta = self.delta_dir(name)
         ssh = delta / "root/.ssh"
@@ -240,14 +250,21 @@ class Containers:
         c = self._get(name)
         if c.running:
             return
+        self._wait_monitor_gone(name)
         self._mount_layer(name)
         if self.slots is not None and self.slots.of(name) is not None:
             try:
                 self._mount_rootfs(name)
             except idmap.IdmapError as exc:
                 raise ContainerError(f"{name}: {exc}") from None
-        proc = subprocess.run(["lxc-start", "-n", name, "-P", self.lxc_path],
-                              capture_output=True, text=True)
+        # The container's init inherits lxc-start's umask. The daemon's own is not to be
+        # trusted: a liblxc call in another of its threads can change it for a moment,
+        # and an init started then made /run/sshd group-writable, which sshd refuses to
+        # start with (the soak: 3 handshakes in 900 "sshd not up", and once every one
+        # after the change stuck).
+        proc = subprocess.run(["lxc-start", "-n", name, "-P", self.lxc_path,
+                               "-p", str(self._monitor_pidfile(name))],
+                              capture_output=True, text=True, umask=0o022)
         if proc.returncode != 0:
             raise ContainerError(f"{name}: start failed: {proc.stderr.strip()[-400:]} "
                                  f"(see lxc-start -n {name} -F -l debug)")
@@ -279,6 +296,28 @@ class Containers:
                 if not c.stop():
                     raise ContainerError(f"{name}: did not stop within {timeout}s")
                 break
+            time.sleep(0.002)
+        self._wait_monitor_gone(name)
+
+    def _monitor_pidfile(self, name: str) -> Path:
+        return Path(self.lxc_path) / name / "enorm-monitor.pid"
+
+    def _wait_monitor_gone(self, name: str, timeout: float = 10.0) -> None:
+        """LXC reports STOPPED before its monitor has run the post-stop hook, which
+        unmounts the container's layers: a start in between would find them mounted,
+        keep them, and lose them to the late hook (`enorm down --force` right after a
+        plain `down` failed so). Wait for the monitor (`lxc-start -p`) to exit."""
+        try:
+            pid = int(self._monitor_pidfile(name).read_text())
+        except (OSError, ValueError):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if name not in " ".join(psutil.Process(pid).cmdline()):
+                    return  # the pid is someone else's now
+            except psutil.Error:
+                return
             time.sleep(0.002)
 
     def destroy(self, name: str) -> None:
@@ -389,9 +428,34 @@ class Containers:
             peak = c.get_cgroup_item("memory.peak") or c.get_cgroup_item("memory.current")
         return stat, int(peak or 0)
 
-    def wait_ssh(self, address: str, timeout: float = 10.0) -> float:
+    def wait_ssh(self, address: str, timeout: float = 10.0, name: str | None = None) -> float:
         """Wait until the container's sshd accepts TCP; returns the seconds it took."""
         try:
             return wait_tcp(address, 22, timeout, interval=0.002)
         except TimeoutError:
-            raise ContainerError(f"{address}: sshd not up after {timeout}s") from None
+            seen = f" (seen: {self._seen(name, address)})" if name else ""
+            raise ContainerError(f"{address}: sshd not up after {timeout}s{seen}") from None
+
+    def _seen(self, name: str, address: str) -> str:
+        """What a launch that timed out looked like: the container's state, its processes,
+        the host's neighbour entry for its address (for the operator and the 503)."""
+        try:
+            c = self._get(name)
+            comms = []
+            if c.running and c.init_pid > 0:
+                init = psutil.Process(c.init_pid)
+                comms = [p.name() for p in [init, *init.children(recursive=True)][:12]]
+            neigh = network.neighbour(address)
+            # What sshd needs from the writable layer (lstat: the tenant's files).
+            delta = self.delta_dir(name)
+            files = []
+            for rel in ("etc/ssh/ssh_host_ed25519_key", "run/sshd"):
+                try:
+                    st = os.lstat(delta / rel)
+                    files.append(f"{rel} {oct(st.st_mode)} uid {st.st_uid} {st.st_size} B")
+                except OSError as exc:
+                    files.append(f"{rel} {exc.strerror}")
+            return (f"state {c.state}, processes {','.join(comms) or 'none'}, "
+                    f"neighbour {neigh}, {'; '.join(files)}")
+        except Exception as exc:  # a diagnosis must not hide the timeout
+            return f"{type(exc).__name__}: {exc}"

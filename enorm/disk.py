@@ -49,10 +49,3 @@ def mount_image(image: Path, target: Path) -> None:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise DiskError(f"mount {image} at {target}: {proc.stderr.strip()[-300:]}")
-
-
-def usage_mb(target: Path) -> tuple[int, int]:
-    """(used, size) of a mounted layer in MB, as `df` counts them."""
-    st = os.statvfs(target)
-    size = st.f_blocks * st.f_frsize
-    return (size - st.f_bfree * st.f_frsize) >> 20, size >> 20

@@ -15,6 +15,8 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from enorm import sizing
+
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 CACHE_DIR = Path(os.environ.get("ENORM_IMAGE_CACHE", "/var/cache/enorm/images"))
 
@@ -157,6 +159,7 @@ def build(
             progress(f"base container {container}: already built, reusing it")
         else:
             _customise(rootfs)
+            sizing.path(lxc_path, container).unlink(missing_ok=True)  # measure it again
             progress(f"base container {container}: updated to revision {REVISION}")
         return container
     arch = recipe_arch(recipe)
@@ -185,6 +188,7 @@ def build(
     else:
         raise ImageError(f"image: recipe {name!r} has unknown method {recipe['method']!r}")
     _customise(rootfs)
+    sizing.path(lxc_path, container).unlink(missing_ok=True)
     (cdir / "config").write_text(base_config(container, rootfs, arch))
     progress(f"base container {container}: ready")
     return container

@@ -350,7 +350,8 @@ class EdgeManager:
         )
         self.containers.start(rec.container)
         self.firewall.add(rec.id, _forwards(rec))
-        self.containers.wait_ssh(rec.address, timeout=self.cfg.launch_timeout_s)
+        self.containers.wait_ssh(rec.address, timeout=self.cfg.launch_timeout_s,
+                                 name=rec.container)
 
     def _undo_launch(self, rec: ServerRecord) -> None:
         log.warning("launch of %s failed; undoing", rec.id)

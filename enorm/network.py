@@ -98,6 +98,11 @@ def pin_neighbour(address: str, mac: str, bridge: str) -> None:
     _ip("neigh", "replace", address, "lladdr", mac, "dev", bridge, "nud", "reachable")
 
 
+def neighbour(address: str) -> str:
+    """The host's neighbour entry for an address, as `ip neigh` prints it ("none")."""
+    return _ip("neigh", "show", address, check=False).stdout.strip() or "none"
+
+
 def host_veth(server_id: str) -> str:
     """The host-side name of a server's veth (fixed, so its guard exists before it does)."""
     return f"en{server_id}"[:15]

@@ -3,9 +3,9 @@
 A unit smaller than what the image's own sshd and Redis take to start does not fail at
 configuration time: every handshake fails later, as "sshd not up" after the launch
 timeout, or the OOM killer takes the tenant's Redis. So the node measures the image once
-(a probe container started by the same mechanism as a tenant's, no limit below the
-node's capacity, read when sshd and Redis accept), keeps the figure beside the image, and
-refuses to start with a unit below it plus headroom. A rebuilt image is measured again.
+(a probe container started by the same mechanism as a tenant's, with room to spare, read
+when sshd and Redis accept), keeps the figure beside the image, and refuses to start with
+a unit below it plus headroom. A rebuilt or updated image is measured again.
 """
 
 from __future__ import annotations

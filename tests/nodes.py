@@ -82,11 +82,11 @@ class EdgeNode:
         self.config_path.write_text(
             "".join(f"{k} = {toml_value(v)}\n" for k, v in self.settings.items()))
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, umask: int = -1) -> None:
         log = open(self.dir / "daemon.log", "ab")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "enorm"), "serve", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=umask)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -257,6 +257,21 @@ def test_a_reused_address_reaches_its_new_container_at_once(edge_node):
     ssh(node, again["access"]["port"]).close()
 
 
+def test_a_container_does_not_inherit_the_daemons_umask(edge_node):
+    """sshd refuses a group-writable /run/sshd, which the container's init makes with the
+    umask it inherits; the daemon's own umask can change under it (liblxc, other threads)."""
+    node = edge_node(start=False)
+    node.start(umask=0o002)
+    r = handshake(node)
+    assert r.status_code == 201, r.text
+    c = ssh(node, r.json()["access"]["port"])
+    try:
+        _, out, _ = c.exec_command("stat -c %a /run/sshd; umask", timeout=20)
+        assert out.read().decode().split() == ["755", "0022"]
+    finally:
+        c.close()
+
+
 def test_multiple_termination_takes_the_siblings(edge_node):
     node = edge_node()
     a = node.client()
@@ -394,6 +409,9 @@ def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(edge_nod
     body = r.json()
     assert body["error"] == "container_start_failed"
     assert "sshd not up" in body["detail"]
+    # What was seen, for the operator: the container ran, and what the host knew of it.
+    assert "(seen: state RUNNING, processes " in body["detail"]
+    assert "neighbour " in body["detail"]
     assert r.headers["Retry-After"] == "5"
     after = a.get(node.url + "/v1/node", timeout=5).json()
     for k in ("allocated", "servers", "ports_free"):
