@@ -159,11 +159,9 @@ class EdgeManager:
         return report
 
     def image_needs(self) -> sizing.Needs:
-        """What the base image needs to start, measured once per image (a probe
-        container, destroyed after; a crash leaves an orphan that `reconcile` removes)."""
-        needs = sizing.load(self.cfg.lxc_path, self.cfg.base_container)
-        if needs is not None:
-            return needs
+        """Measure what the base image needs to start (`start` does, once per image: a
+        probe container, destroyed after; a crash leaves an orphan that `reconcile`
+        removes) and keep the figure beside the image."""
         sid = secrets.token_hex(4)
         name = f"{self.cfg.container_prefix}{sid}"
         with self._lock:
