@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             users = make_users(cloud, max(a.sizes, default=0))
             print(f"{len(users)} users made in {time.perf_counter() - t:.1f} s", flush=True)
-            before = datasync._read_typed(cloud, datasync.user_keys(cloud), "source")  # noqa: SLF001
+            before = datasync.read_typed(cloud, datasync.user_keys(cloud), "source")
             for size in a.sizes:
                 for run in range(a.runs):
                     dep = manager.offload([(u, "127.0.0.1") for u in users[:size]])
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                         | {"keys": dep.copy.keys, "keys_migrated": dep.keys_migrated})
                     print(f"{size:>6} users run {run}: deploy {d:.3f} s, terminate {w:.3f} s "
                           f"({dep.copy.keys} keys; {dep.timings})", flush=True)
-            after = datasync._read_typed(cloud, list(before), "destination")  # noqa: SLF001
+            after = datasync.read_typed(cloud, list(before), "destination")
             lost = sum(1 for k, v in before.items() if after.get(k) != v)
             if a.cloud_keys:
                 by_cloud_size = cloud_size_runs(manager, cloud, a.cloud_keys, a.runs)

@@ -470,7 +470,7 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
         if not dep.ended.is_set():
             edge = datasync.connect(dep.redis_forward())
             try:
-                edge_keys = datasync._read_typed(edge, datasync.user_keys(edge), "source")  # noqa: SLF001
+                edge_keys = datasync.read_typed(edge, datasync.user_keys(edge), "source")
             finally:
                 edge.close()
             manager.withdraw(dep)
@@ -478,7 +478,7 @@ def _demo(stack: contextlib.ExitStack, stages: Stages, n_users: int, n_offload: 
             output.progress(f"  the edge terminated {dep.server_id} itself ({dep.end_reason})")
         if dep.state == "migration_pending":
             raise RuntimeError("the data could not be merged back (kept on the edge)")
-        cloud_now = datasync._read_typed(cloud_redis, list(edge_keys), "destination")  # noqa: SLF001
+        cloud_now = datasync.read_typed(cloud_redis, list(edge_keys), "destination")
         same = sum(1 for k, v in edge_keys.items() if cloud_now.get(k) == v)
         back = sum(1 for c in offloaded if c.refresh() == url)
         note["detail"] = (f"{dep.keys_migrated} keys merged back, {same}/{len(edge_keys)} "

@@ -113,7 +113,7 @@ def play(c: GameClient, where: tuple[float, float], catches: int = 2) -> None:
 def snapshot(client: datasync.Client, users: list[str] | None) -> dict[bytes, tuple]:
     """key -> (type, value) of the users' keys (None: every hash-tagged key)."""
     ks = datasync.user_keys(client, users)
-    return datasync._read_typed(client, ks, "source")  # noqa: SLF001
+    return datasync.read_typed(client, ks, "source")
 
 
 def shared(client: datasync.Client) -> dict[bytes, set]:

@@ -17,7 +17,7 @@ SERVED, OTHER, VICTIM = ["a1", "a2"], "c3", "v9"
 
 def state(client, users) -> dict[bytes, tuple]:
     """key -> (type, value) of the users' keys."""
-    return datasync._read_typed(client, datasync.user_keys(client, users), "source")  # noqa: SLF001
+    return datasync.read_typed(client, datasync.user_keys(client, users), "source")
 
 
 def offload_and_play(cloud, edge, manifest: str) -> None:

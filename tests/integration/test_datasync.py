@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from enorm import datasync
+from enorm.datasync import payloads, transport
 from games.pokemon import keys
 
 USERS = 16_384
@@ -39,7 +40,7 @@ def all_user_keys(client) -> set[bytes]:
 
 def snapshot(client, ks) -> dict[bytes, bytes]:
     """key -> DUMP payload (same server version on both sides: equal data, equal bytes)."""
-    return {k: payload for k, (payload, _) in datasync._dump(client, list(ks)).items()}
+    return {k: payload for k, (payload, _) in payloads.dump(client, list(ks)).items()}
 
 
 @pytest.fixture
@@ -164,12 +165,12 @@ def test_a_value_that_differs_after_restore_fails_verification(pair, monkeypatch
     tamper = {"caught:{1}": "redis.call('SADD', k, 'intruder')",
               "big:{1}": "redis.call('HSET', k, 'f1', 'changed')",
               "u:{1}": "redis.call('HSET', k, 'xp', '4')"}[key]  # fmt: skip
-    script = datasync._RESTORE.replace(
+    script = payloads._RESTORE.replace(
         "redis.call('RESTORE', k, ttl, p, 'REPLACE')",
         f"redis.call('RESTORE', k, ttl, p, 'REPLACE')\n    if k == '{key}' then {tamper} end",
     )
-    assert script != datasync._RESTORE
-    monkeypatch.setattr(datasync, "_RESTORE", script)
+    assert script != payloads._RESTORE
+    monkeypatch.setattr(payloads, "_RESTORE", script)
     with pytest.raises(datasync.VerificationFailed) as err:
         datasync.copy_users(cloud, edge, ["1"])
     assert err.value.keys == [key.encode()]
@@ -192,14 +193,14 @@ def test_unreachable_destination_raises_and_source_untouched(pair):
 def test_verification_failure_is_reported(pair, monkeypatch):
     cloud, edge, *_ = pair
     fill_users(cloud, ["1", "2"])
-    real = datasync._restore
+    real = payloads.restore
 
     def lossy(client, dumped, replace):
         written = real(client, dumped, replace)
         client.delete(written[0])  # the destination loses a key after writing it
         return written
 
-    monkeypatch.setattr(datasync, "_restore", lossy)
+    monkeypatch.setattr(payloads, "restore", lossy)
     with pytest.raises(datasync.VerificationFailed) as err:
         datasync.copy_users(cloud, edge, ["1", "2"])
     assert len(err.value.keys) == 1
@@ -210,7 +211,7 @@ def test_cluster_copy_and_merge_back(redis_cluster, redis_server):
     single = datasync.connect(redis_server().url)
     ids = [str(u) for u in range(3000)]
     n = fill_users(cluster, ids)
-    masters = datasync._masters(cluster)
+    masters = transport.masters(cluster)
     assert len(masters) == 3 and all(m.dbsize() > 0 for m in masters)
 
     # cluster -> standalone (deployment onto an edge node)

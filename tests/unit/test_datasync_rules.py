@@ -3,7 +3,7 @@
 import pytest
 
 from enorm import datasync
-from enorm.datasync import hash_tag, merge_rule, user_pattern
+from enorm.datasync import hash_tag, merge_rule, rules, user_pattern
 
 
 @pytest.mark.parametrize(
@@ -58,11 +58,11 @@ def test_contains_matches_merge_rule():
     ]
     for typ, cloud, edge in cases:
         merged = merge_rule(typ, cloud, edge)
-        assert datasync._contains(typ, merged, edge)
-        assert not datasync._contains(typ, cloud, edge)
+        assert rules.contains(typ, merged, edge)
+        assert not rules.contains(typ, cloud, edge)
     zmerged = list(merge_rule(b"zset", [(b"a", 3.0)], [(b"a", 5.0)]).items())
-    assert datasync._contains(b"zset", zmerged, [(b"a", 5.0)])
-    assert not datasync._contains(b"zset", [(b"a", 3.0)], [(b"a", 5.0)])
+    assert rules.contains(b"zset", zmerged, [(b"a", 5.0)])
+    assert not rules.contains(b"zset", [(b"a", 3.0)], [(b"a", 5.0)])
 
 
 def test_report_never_deletes():

@@ -1,0 +1,75 @@
+"""Moving per-user Redis keys between two Redis servers, verified, with a merge policy.
+
+Both sides use it: the cloud manager copies the served users' keys cloud -> edge when it
+deploys a server, the edge manager merges the edge data back edge -> cloud when it
+terminates one. The rules (docs/architecture.md, "Data rules"):
+
+* A user's keys carry the user id as a Redis hash tag (`u:{42}`, `pm:{42}:7`), so they
+  are found by pattern and live on one slot in Redis Cluster.
+* User keys replace the destination's copy (the source is the newer one).
+* Shared keys (`shared_patterns`, e.g. `region:*`) are merged as a union by type.
+* Nothing here deletes on the source. The caller calls `delete_users` once a report says
+  the copy was verified. If the destination cannot be reached, `SyncError` is raised and
+  the source is untouched, so the caller can keep the data and retry.
+
+Verification: every key written is read back on the destination (DUMP, in the same
+script as its RESTORE) and compared byte for byte with the source's payload; keys whose
+payload bytes follow a hash table's order (sets and hashes of the hash-table encoding)
+or differ for another reason (another Redis version) are compared by value there. After
+the last write every key is checked to be still there. Only then is a copy "verified".
+
+Speed: keys move in batches through small Lua scripts (one EVAL per batch dumps, one
+restores and reads back), so a batch costs one reply, not one per key; a whole chunk of
+batches is one pipelined round trip (what an SSH port forward makes expensive). A thread
+dumps the next chunk while two others restore the previous ones, each on its own
+connection. In a cluster the batches are cut per slot and pipelined per master. On
+termination the edge's keys are found and dumped in the same script calls (SCAN+DUMP).
+
+The package, by seam: `transport` (clients, batching per master and slot, pipelined
+scripts), `keys` (finding a user's keys: hash-tag scan or the app's `KeySchema`),
+`payloads` (DUMP/RESTORE scripts and verification), `copy` (the staged copy, delete on
+the source), `manifest` (digests of what went out), `rules` (the merge policy, pure),
+`merge` (termination: merge back, deletes, conflicts, ownership).
+"""
+
+from .copy import copy_users, count_existing, delete_users
+from .keys import KeySchema, hash_tag, scan, schema_keys, user_keys, user_pattern
+from .manifest import MANIFEST_TTL_S, digests, manifest_key, read_manifest, write_manifest
+from .merge import merge_back, read_typed
+from .report import (
+    DestinationUnreachable,
+    SourceUnreachable,
+    SyncError,
+    SyncReport,
+    VerificationFailed,
+)
+from .rules import merge_rule
+from .transport import Client, connect, ping
+
+__all__ = [
+    "Client",
+    "DestinationUnreachable",
+    "KeySchema",
+    "MANIFEST_TTL_S",
+    "SourceUnreachable",
+    "SyncError",
+    "SyncReport",
+    "VerificationFailed",
+    "connect",
+    "copy_users",
+    "count_existing",
+    "delete_users",
+    "digests",
+    "hash_tag",
+    "manifest_key",
+    "merge_back",
+    "merge_rule",
+    "ping",
+    "read_manifest",
+    "read_typed",
+    "scan",
+    "schema_keys",
+    "user_keys",
+    "user_pattern",
+    "write_manifest",
+]

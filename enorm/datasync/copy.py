@@ -1,0 +1,144 @@
+"""Copying users' keys between two Redis servers in overlapping stages (dump, restore,
+verify), and deleting them on the source once the copy is verified."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from . import payloads
+from .keys import KeySchema, iter_user_keys, schema_keys, user_keys
+from .manifest import write_manifest
+from .report import SyncReport
+from .transport import BATCH, Client, Guard, Job, by_node, ping, run_jobs
+
+CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
+FIRST_CHUNK = 2_500  # a smaller first chunk starts the destination sooner
+RESTORERS = 2  # chunks in flight to the destination, each on its own connection
+
+
+def chunked(keys: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Lists of CHUNK keys (the first one of FIRST_CHUNK, to get the destination going)."""
+    chunk: list[bytes] = []
+    size = FIRST_CHUNK
+    for k in keys:
+        chunk.append(k)
+        if len(chunk) >= size:
+            yield chunk
+            chunk, size = [], CHUNK
+    if chunk:
+        yield chunk
+
+
+def copy_users(
+    src: Client,
+    dst: Client,
+    user_ids: Iterable[str],
+    *,
+    replace: bool = True,
+    manifest: str | None = None,
+    schema: KeySchema | None = None,
+) -> SyncReport:
+    """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
+
+    With replace=False keys that `dst` already has are kept (and not verified).
+    With `manifest` (see `manifest_key`), the digest of every copied key (as copied) is
+    recorded on `src` under that name, for `merge_back` to find deletes and conflicts.
+    With `schema` the keys are found by name (`schema_keys`), without it by a scan of
+    `src`'s keyspace.
+    Raises DestinationUnreachable before touching anything if `dst` does not answer,
+    VerificationFailed if `dst` does not hold what was read from `src`.
+    """
+    started = time.perf_counter()
+    ids = list(dict.fromkeys(str(u) for u in user_ids))
+    report = SyncReport(users=len(ids))
+    ping(dst)
+    copied: dict[bytes, bytes] | None = {} if manifest is not None else None
+    found = schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
+    copy_chunks(src, dst, chunked(found), replace, report, copied=copied)
+    if manifest is not None:
+        # The digests come from the very payloads copied: no second read, no race.
+        write_manifest(src, manifest, copied)
+        report.manifest = True
+    report.verified = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
+                 report: SyncReport, copied: dict[bytes, bytes] | None = None,
+                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
+    """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
+    or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
+    scans the source as it goes.
+
+    Three stages overlap: a thread dumps chunk i+2 (scanning as needed) while two
+    others restore and check chunks i and i+1 on `dst`, each over its own connection,
+    so the destination works on one chunk while the next is packed and sent. After the
+    last chunk every written key is checked to be still there (eviction, expiry).
+    """
+    written: list[bytes] = []
+    it = iter(chunks)
+
+    def next_dump() -> dict[bytes, tuple] | None:
+        with Guard("source"):
+            for item in it:
+                part = item if isinstance(item, dict) else payloads.dump(src, item)
+                if part:
+                    return part
+        return None
+
+    def collect(part: dict[bytes, tuple], done: list[bytes]) -> None:
+        written.extend(done)
+        if copied is not None:
+            copied.update((k, part[k][0]) for k in done)
+        report.skipped += len(part) - len(done)
+        report.bytes += sum(len(part[k][0]) for k in done)
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="datasync-dump") as dumper,
+        ThreadPoolExecutor(RESTORERS, thread_name_prefix="datasync-restore") as restorer,
+    ):
+        ahead = dumper.submit(next_dump)
+        inflight: deque[tuple[dict, Future]] = deque()
+        while (part := ahead.result()) is not None:
+            ahead = dumper.submit(next_dump)
+            if len(inflight) >= RESTORERS:
+                collect(inflight[0][0], inflight.popleft()[1].result())
+            inflight.append((part, restorer.submit(_prepared_restore, dst, part, replace, prepare)))
+        while inflight:
+            collect(inflight[0][0], inflight.popleft()[1].result())
+    report.keys += len(written)
+    report.keys_verified += payloads.verify_present(dst, written)
+
+
+def _prepared_restore(dst: Client, part: dict, replace: bool,
+                      prepare: Callable[[dict], None] | None) -> list[bytes]:  # fmt: skip
+    """`prepare(part)` (which may hold keys back), then the restore, in one restorer
+    thread: the check runs beside the next chunk's dump instead of before it."""
+    if prepare is not None:
+        prepare(part)
+    return payloads.restore(dst, part, replace)
+
+
+def count_existing(client: Client, keys: Iterable[bytes | str]) -> int:
+    """How many of `keys` exist on `client` (multi-key EXISTS, pipelined per master)."""
+    ks = [k.encode() if isinstance(k, str) else k for k in keys]
+    (found,) = run_jobs(client, [Job(ks, lambda b: ["EXISTS", *b])], "destination")
+    return sum(n for _, n in found)
+
+
+def delete_users(src: Client, user_ids: Iterable[str]) -> int:
+    """Delete the users' keys on `src`. Call only after a verified copy: it is the one
+    function here that removes data."""
+    with Guard("source"):
+        keys = user_keys(src, [str(u) for u in user_ids])
+        deleted = 0
+        for node, ks in by_node(src, keys).items():
+            pipe = node.pipeline(transaction=False)
+            for i in range(0, len(ks), BATCH):
+                pipe.unlink(*ks[i : i + BATCH])
+            deleted += sum(pipe.execute())
+    return deleted

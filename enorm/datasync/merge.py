@@ -1,0 +1,281 @@
+"""Termination: the edge's data merged back into the cloud, verified; only the served
+users' keys, deletes and conflicts told from the copy's manifest."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+
+from .copy import CHUNK, FIRST_CHUNK, copy_chunks
+from .keys import SCAN_COUNT, hash_tag, scan, user_keys
+from .manifest import digests, read_manifest
+from .payloads import dump, scan_dump
+from .report import SyncReport, VerificationFailed
+from .rules import contains, matches
+from .transport import BATCH, Client, Guard, Job, by_node, is_cluster, ping, run_jobs
+
+# Append the ARGV items the list lacks, counting duplicates (a multiset difference), in
+# one step so a concurrent writer on the cloud cannot interleave.
+_LIST_MERGE = """
+local have = {}
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do have[v] = (have[v] or 0) + 1 end
+local n = 0
+for _, v in ipairs(ARGV) do
+  if (have[v] or 0) > 0 then have[v] = have[v] - 1
+  else redis.call('RPUSH', KEYS[1], v); n = n + 1 end
+end
+return n
+"""
+
+_READ = {
+    b"string": lambda p, k: p.get(k),
+    b"hash": lambda p, k: p.hgetall(k),
+    b"set": lambda p, k: p.smembers(k),
+    b"zset": lambda p, k: p.zrange(k, 0, -1, withscores=True),
+    b"list": lambda p, k: p.lrange(k, 0, -1),
+}
+
+
+def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tuple[bytes, Any]]:
+    """key -> (type, value) for the keys of a merge-able type that exist."""
+    out: dict[bytes, tuple[bytes, Any]] = {}
+    with Guard(side):
+        for node, ks in by_node(client, keys).items():
+            for i in range(0, len(ks), BATCH):
+                chunk = ks[i : i + BATCH]
+                pipe = node.pipeline(transaction=False)
+                for k in chunk:
+                    pipe.type(k)
+                types = pipe.execute()
+                pipe = node.pipeline(transaction=False)
+                kept = [(k, t) for k, t in zip(chunk, types, strict=True) if t in _READ]
+                for k, t in kept:
+                    _READ[t](pipe, k)
+                for (k, t), v in zip(kept, pipe.execute(), strict=True):
+                    out[k] = (t, v)
+    return out
+
+
+def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncReport) -> None:
+    values = read_typed(edge, keys, "source")
+    with Guard("destination"):
+        cloud_types: dict[bytes, bytes] = {}
+        for node, ks in by_node(cloud, list(values)).items():
+            pipe = node.pipeline(transaction=False)
+            for k in ks:
+                pipe.type(k)
+            cloud_types.update(zip(ks, pipe.execute(), strict=True))
+        for node, ks in by_node(cloud, list(values)).items():
+            list_merge = node.register_script(_LIST_MERGE)
+            pipe = node.pipeline(transaction=False)
+            for k in ks:
+                typ, value = values[k]
+                if cloud_types[k] not in (b"none", typ):
+                    pipe.delete(k)  # the types disagree: the edge's key wins
+                if typ == b"string":
+                    pipe.set(k, value)
+                elif typ == b"set" and value:
+                    pipe.sadd(k, *value)
+                elif typ == b"hash" and value:
+                    pipe.hset(k, mapping=value)
+                elif typ == b"zset" and value:
+                    pipe.zadd(k, dict(value), gt=True)
+                elif typ == b"list" and value:
+                    list_merge(keys=[k], args=value, client=pipe)
+                report.bytes += _size(value)
+            pipe.execute()
+    report.merged += len(values)
+    after = read_typed(cloud, list(values), "destination")
+    bad = [
+        k for k, (typ, v) in values.items() if not contains(typ, after.get(k, (typ, None))[1], v)
+    ]
+    if bad:
+        raise VerificationFailed(f"{len(bad)} shared keys were not merged into the cloud", bad)
+    report.keys_verified += len(values)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(f) + len(v) for f, v in value.items())
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return sum(len(m) + 8 for m, _ in value)
+    return sum(len(v) for v in value)
+
+
+SAMPLE = 10  # key names reported per kind of surprise
+
+
+def _sample(into: list[str], key: bytes) -> None:
+    if len(into) < SAMPLE:
+        into.append(key.decode("utf-8", "replace"))
+
+
+def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]], tags: set[bytes],
+                  owns: Callable[[bytes], bool]) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+    """The edge's user keys (hash-tagged, not shared, owned) dumped in one scan, in
+    chunks of about CHUNK keys (a smaller first one, to get the destination going); the
+    tags seen are added to `tags`. `shared()` gives the shared keys, waited for only
+    once the first SCAN steps are done."""
+    chunk: dict[bytes, tuple[bytes, int]] = {}
+    size = FIRST_CHUNK
+    skip: set[bytes] | None = None
+    for part in scan_dump(edge, "*{?*}*"):
+        chunk.update(part)
+        if len(chunk) >= size:
+            if skip is None:
+                skip = shared()
+            yield _user_part(chunk, skip, tags, owns)
+            chunk, size = {}, CHUNK
+    if chunk:
+        yield _user_part(chunk, shared() if skip is None else skip, tags, owns)
+
+
+def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes],
+               owns: Callable[[bytes], bool]) -> dict:  # fmt: skip
+    out = {}
+    for key, value in part.items():
+        tag = hash_tag(key)
+        if tag is not None and key not in shared and owns(key):
+            out[key] = value
+            tags.add(tag)
+    return out
+
+
+def merge_back(
+    edge: Client,
+    cloud: Client,
+    *,
+    shared_patterns: Iterable[str] = (),
+    user_ids: Iterable[str] | None = None,
+    manifest: str | None = None,
+    cloud_wins: Iterable[str] = (),
+) -> SyncReport:
+    """Termination: bring the edge's data home to the cloud, verified.
+
+    User keys replace the cloud's copy; keys matching `shared_patterns` are merged by
+    `merge_rule`. With `user_ids` (what a node always passes: the users of the setup
+    request) only keys whose hash tag is one of them are written, shared keys included;
+    every other hash-tagged key on the edge is counted and sampled, never merged: an edge
+    server cannot write another user's data on the cloud.
+
+    With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
+    keys that the edge deleted are deleted on the cloud, and a key the cloud changed
+    during the offload is a conflict: counted, sampled, and resolved by policy: the edge
+    wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's value.
+    The manifest is removed once the merge is verified. Without a manifest nothing is
+    deleted and conflicts cannot be told.
+    """
+    started = time.perf_counter()
+    report = SyncReport()
+    patterns, wins = list(shared_patterns), list(cloud_wins)
+    owned = None if user_ids is None else {str(u).encode() for u in user_ids}
+    ping(cloud)
+    m = read_manifest(cloud, manifest) if manifest else None
+    report.manifest = m is not None
+    seen: set[bytes] = set()  # the edge's user keys that were offered to the cloud
+
+    def owns(key: bytes) -> bool:
+        tag = hash_tag(key)
+        if owned is None or tag is None or tag in owned:
+            return True
+        report.not_owned += 1
+        _sample(report.not_owned_sample, key)
+        return False
+
+    def scan_shared() -> list[bytes]:
+        with Guard("source"):
+            return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
+
+    def remembered(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
+        for item in chunks:
+            part = item if isinstance(item, dict) else dump(edge, item)
+            seen.update(part)
+            yield part
+
+    counting = threading.Lock()  # two restorer threads report conflicts
+
+    def hold_back(part: dict) -> None:
+        """Before a chunk is restored: its conflicts, and what the cloud wins stays."""
+        if m is None or not part:
+            return
+        found = _conflicts(edge, cloud, m, list(part))
+        with counting:
+            _count(report, found)
+            for k in found:
+                if matches(k, wins):
+                    report.conflicts_cloud_won += 1
+                    del part[k]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
+        # The shared keys are scanned while the user keys' scan starts.
+        pending = pool.submit(scan_shared)
+        tags: set[bytes] = set()
+        if not is_cluster(edge):
+            chunks: Iterable = _tagged_dumps(edge, lambda: set(pending.result()), tags, owns)
+        else:
+            shared_set = set(pending.result())
+            with Guard("source"):
+                keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
+            tags = {t for k in keys if (t := hash_tag(k)) is not None}
+            chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
+        copy_chunks(edge, cloud, remembered(chunks), True, report, prepare=hold_back)
+        shared = [k for k in pending.result() if owns(k)]
+    report.users = len(tags) if owned is None else len(owned)
+    _merge_shared(edge, cloud, shared, report)
+    if m is not None:
+        gone = [
+            k
+            for k in m
+            if k not in seen and k not in shared and (owned is None or hash_tag(k) in owned)
+        ]
+        kept = set(_conflicts(edge, cloud, m, gone))
+        _count(report, kept)
+        doomed = [k for k in gone if not (k in kept and matches(k, wins))]
+        report.conflicts_cloud_won += len(gone) - len(doomed)
+        report.deleted = _unlink(cloud, doomed)
+        with Guard("destination"):
+            cloud.delete(manifest)
+    report.verified = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _count(report: SyncReport, conflicts: Iterable[bytes]) -> None:
+    for k in conflicts:
+        report.conflicts += 1
+        _sample(report.conflict_sample, k)
+
+
+def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes],
+               keys: list[bytes]) -> list[bytes]:  # fmt: skip
+    """Of `keys`, those the cloud changed since the copy: its value is neither what was
+    copied out nor already the edge's (a retried merge wrote that itself)."""
+    if not keys:
+        return []
+    now = digests(cloud, keys)
+    changed = [k for k in keys if now[k] != m.get(k)]
+    if not changed:
+        return []
+    at_edge = digests(edge, changed, "source")
+    out = [
+        k
+        for k in changed
+        if (now[k] is not None and now[k] != at_edge[k])
+        or (now[k] is None and at_edge[k] is not None and k in m)
+    ]
+    return out
+
+
+def _unlink(client: Client, keys: list[bytes]) -> int:
+    """Delete `keys` on `client` (one slot per command in a cluster); how many existed."""
+    if not keys:
+        return 0
+    (replies,) = run_jobs(client, [Job(keys, lambda b: ["UNLINK", *b])], "destination")
+    return sum(n for _, n in replies)

@@ -1,0 +1,53 @@
+"""What a copy or a merge tells its caller: the report, and the errors that leave the
+source untouched so the caller can retry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class SyncError(Exception):
+    """A sync did not complete; the source is untouched and the caller may retry."""
+
+
+class DestinationUnreachable(SyncError):
+    """The destination Redis did not answer (connection refused, timeout)."""
+
+
+class SourceUnreachable(SyncError):
+    """The source Redis did not answer."""
+
+
+class VerificationFailed(SyncError):
+    """Keys written to the destination do not match the source."""
+
+    def __init__(self, message: str, keys: list[bytes]):
+        super().__init__(message)
+        self.keys = keys
+
+
+@dataclass
+class SyncReport:
+    """What a copy or a merge did. Only a merge with a manifest deletes (`deleted`)."""
+
+    users: int = 0
+    keys: int = 0  # user keys written to the destination
+    merged: int = 0  # shared keys merged into the destination
+    skipped: int = 0  # replace=False: keys the destination already had
+    keys_verified: int = 0  # keys checked on the destination after writing
+    bytes: int = 0  # payload bytes moved
+    seconds: float = 0.0
+    verified: bool = False
+    deleted: int = 0  # merge_back with a manifest: keys the edge deleted, removed on the cloud
+    # merge_back: keys on the edge that belong to no served user (not merged), a sample
+    not_owned: int = 0
+    not_owned_sample: list[str] = field(default_factory=list)
+    # merge_back with a manifest: served users' keys the cloud changed during the offload
+    conflicts: int = 0
+    conflict_sample: list[str] = field(default_factory=list)
+    conflicts_cloud_won: int = 0  # of those, kept as the cloud had them (cloud_wins)
+    manifest: bool = False  # a manifest of the copy was found (deletes and conflicts known)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,178 @@
+"""Talking to Redis in bulk: clients with short timeouts, keys grouped per master (and per
+slot in a cluster), and scripts run over batches of keys, pipelined, a round trip per
+FLUSH keys rather than per batch (over an SSH port forward a round trip costs tens of
+milliseconds)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Union
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from .report import DestinationUnreachable, SourceUnreachable, SyncError
+
+Client = Union[redis.Redis, RedisCluster]  # noqa: UP007 (kept readable in signatures)
+
+BATCH = 1000  # keys per script call
+FLUSH = 50_000  # keys per pipeline flush (one round trip)
+
+
+def connect(url: str, cluster: bool = False, timeout: float = 5.0) -> Client:
+    """A client for `url` with short timeouts, so an unreachable peer fails fast."""
+    opts: dict[str, Any] = dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0),
+        decode_responses=False,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+    )
+    if cluster:
+        try:
+            return RedisCluster.from_url(url, **opts)
+        except (redis.ConnectionError, redis.TimeoutError, redis.RedisClusterException) as exc:
+            raise SyncError(f"cluster {url} is unreachable: {exc}") from exc
+    return redis.Redis.from_url(url, **opts)
+
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def masters(client: Client) -> list[redis.Redis]:
+    """Plain clients for every master: SCAN must visit each of them in a cluster."""
+    if not is_cluster(client):
+        return [client]
+    return [client.get_redis_connection(n) for n in client.get_primaries()]
+
+
+def by_node(client: Client, keys: Iterable[bytes]) -> dict[redis.Redis, list[bytes]]:
+    """Keys grouped by the master that owns their slot (one group when not a cluster)."""
+    if not is_cluster(client):
+        return {client: list(keys)}
+    nodes: dict[str, redis.Redis] = {}
+    out: dict[str, list[bytes]] = defaultdict(list)
+    for key in keys:
+        node = client.nodes_manager.get_node_from_slot(key_slot(key))
+        nodes.setdefault(node.name, client.get_redis_connection(node))
+        out[node.name].append(key)
+    return {nodes[name]: ks for name, ks in out.items()}
+
+
+def slot_batches(client: Client, keys: list[bytes], size: int) -> dict[redis.Redis, list[list]]:
+    """Batches of at most `size` keys per master; in a cluster a batch holds one slot,
+    because a script may only touch keys of one slot."""
+    out: dict[redis.Redis, list[list[bytes]]] = {}
+    for node, ks in by_node(client, keys).items():
+        if is_cluster(client):
+            slots: dict[int, list[bytes]] = defaultdict(list)
+            for k in ks:
+                slots[key_slot(k)].append(k)
+            groups = list(slots.values())
+        else:
+            groups = [ks]
+        out[node] = [g[i : i + size] for g in groups for i in range(0, len(g), size)]
+    return out
+
+
+class Guard:
+    """Turns connection errors into the SyncError subclass naming the side that failed."""
+
+    def __init__(self, side: str):
+        self.side = side
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, SyncError):
+            return False
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+            cls = DestinationUnreachable if self.side == "destination" else SourceUnreachable
+            raise cls(f"{self.side} Redis is unreachable: {exc}") from exc
+        if isinstance(exc, redis.RedisError):
+            raise SyncError(f"{self.side} Redis refused: {exc}") from exc
+        return False
+
+
+def ping(client: Client, side: str = "destination") -> None:
+    """Raise the matching SyncError unless every master of `client` answers."""
+    with Guard(side):
+        for node in masters(client):
+            node.ping()
+
+
+@dataclass
+class Job:
+    """A command run over `keys` in batches of at most `size` (one slot per batch in a
+    cluster); `command` makes a batch's command words."""
+
+    keys: list[bytes]
+    command: Callable[[list[bytes]], list[Any]]
+    size: int = BATCH
+
+
+def eval_command(
+    script: str,
+    args: Callable[[list[bytes]], list[Any]] | None = None,
+    keys_of: Callable[[list[bytes]], list[bytes]] | None = None,
+) -> Callable[[list[bytes]], list[Any]]:
+    """EVAL of `script` with the batch (or `keys_of(batch)`) as KEYS, `args(batch)` as
+    ARGV. EVAL rather than EVALSHA: a pipeline of registered scripts first asks SCRIPT
+    EXISTS, one more round trip each time; Redis caches the compiled body either way."""
+
+    def command(batch: list[bytes]) -> list[Any]:
+        keys = batch if keys_of is None else keys_of(batch)
+        return ["EVAL", script, len(keys), *keys, *(args(batch) if args else ())]
+
+    return command
+
+
+def run_jobs(client: Client, jobs: list[Job], side: str,
+          flush: int = FLUSH) -> list[list[tuple[list[bytes], Any]]]:  # fmt: skip
+    """Run the jobs' batches pipelined per master, in the jobs' order, a round trip per
+    `flush` keys rather than per batch (over an SSH port forward a round trip costs tens
+    of milliseconds); the (batch, reply) pairs of each job."""
+    out: list[list[tuple[list[bytes], Any]]] = [[] for _ in jobs]
+    with Guard(side):
+        work: dict[redis.Redis, list[tuple[int, list[bytes]]]] = defaultdict(list)
+        for j, job in enumerate(jobs):
+            for node, batches in slot_batches(client, job.keys, job.size).items():
+                work[node] += [(j, b) for b in batches]
+        for node, items in work.items():
+            pipe = node.pipeline(transaction=False)
+            pending: list[tuple[int, list[bytes]]] = []
+            queued = 0
+            for j, batch in items:
+                pipe.execute_command(*jobs[j].command(batch))
+                pending.append((j, batch))
+                queued += len(batch)
+                if queued >= flush:
+                    for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
+                        out[jj].append((b, reply))
+                    pending, queued = [], 0
+            if pending:
+                for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
+                    out[jj].append((b, reply))
+    return out
+
+
+def run_script(
+    client: Client,
+    keys: list[bytes],
+    script: str,
+    args: Callable[[list[bytes]], list[Any]],
+    side: str,
+    size: int = BATCH,
+) -> list[tuple[list[bytes], Any]]:
+    """Run `script` over `keys` in batches, pipelined per master; (batch, reply) pairs."""
+    return run_jobs(client, [Job(keys, eval_command(script, args), size)], side)[0]
+
+
+def no_args(batch: list[bytes]) -> list[Any]:
+    return []
