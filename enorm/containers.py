@@ -4,12 +4,16 @@ An edge server is an overlay snapshot clone of the base container: the clone sha
 base rootfs read-only and writes into its own delta directory, which is why launching
 takes milliseconds. Limits are cgroup settings: CPU as a CFS quota (so a unit may be a
 fraction of a core) and a memory limit, for cgroup v1 and v2; the writable layer is a
-sized file system of its own (`enorm.disk`).
+sized file system of its own (`enorm.disk`). The quota also sets how many CPUs the
+container may run on (a cpuset of its unit rounded up), so that `nproc` and the thread
+pools sized from it inside see the unit rather than the board.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import math
 import os
 import secrets
 import signal
@@ -35,6 +39,36 @@ LXCFS_ENTRIES = [
     "lxc.mount.entry = /var/lib/lxcfs/sys/devices/system/cpu sys/devices/system/cpu "
     "none bind,optional 0 0",
 ]
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """The kernel's list format (`0-2,5`), so that a value read back compares equal."""
+    runs: list[list[int]] = []
+    for c in sorted(set(cpus)):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """`0-2,5` -> [0, 1, 2, 5] (empty text: none)."""
+    out: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def cpuset(cores: float, host: list[int], first: int) -> list[int]:
+    """The CPUs a unit of `cores` may run on: as many as the quota rounded up (at least
+    one, at most the board's), consecutive from the host CPU at position `first`
+    (wrapping). The quota still bounds the time: the set only says where, and how many
+    CPUs the container counts. `first` comes from the container's address, so that
+    neighbours spread over the board's CPUs; a resize keeps it."""
+    n = min(len(host), max(1, math.ceil(round(cores, 3))))
+    return [host[(first + i) % len(host)] for i in range(n)]
 
 
 class ContainerError(RuntimeError):
@@ -69,6 +103,8 @@ class Containers:
         self.slots = idmap.Slots(lxc_path, ids) if ids is not None else None
         # 0: the writable layer is a plain directory on the board's file system.
         self.disk_mb = disk_mb
+        # The CPUs containers are placed on: those the daemon may use itself.
+        self.host_cpus = sorted(os.sched_getaffinity(0))
 
     # -- helpers -------------------------------------------------------------------------
     def _get(self, name: str) -> lxc.Container:
@@ -76,16 +112,31 @@ class Containers:
             raise ContainerError(f"{name}: not a container of this node ({self.prefix}*)")
         return lxc.Container(name, self.lxc_path)
 
-    def _limit_items(self, limits: Resources) -> dict[str, str]:
+    def _limit_items(self, limits: Resources, first: int) -> dict[str, str]:
+        """The cgroup items of `limits`; `first`: the position of the container's first
+        CPU among the host's (see `cpuset`)."""
         quota = max(1000, round(limits.cores * CFS_PERIOD_US))
         mem = limits.memory_mb * (1 << 20)
+        cpus = cpu_list(cpuset(limits.cores, self.host_cpus, first))
         if self.v == 1:
             return {
                 "cpu.cfs_period_us": str(CFS_PERIOD_US),
                 "cpu.cfs_quota_us": str(quota),
                 "memory.limit_in_bytes": str(mem),
+                "cpuset.cpus": cpus,
             }
-        return {"cpu.max": f"{quota} {CFS_PERIOD_US}", "memory.max": str(mem)}
+        return {"cpu.max": f"{quota} {CFS_PERIOD_US}", "memory.max": str(mem),
+                "cpuset.cpus": cpus}  # fmt: skip
+
+    def _first_cpu(self, address: str) -> int:
+        """Where the container's cpuset starts: by its address, so that neighbours (given
+        consecutive addresses) spread over the board's CPUs and a resize or a restore
+        keeps the place."""
+        return int(ipaddress.ip_address(address.split("/")[0])) % len(self.host_cpus)
+
+    def _address(self, c: lxc.Container) -> str:
+        found = c.get_config_item("lxc.net.0.ipv4.address")
+        return (found[0] if isinstance(found, list) and found else found) or "0.0.0.0"
 
     def delta_dir(self, name: str) -> Path:
         """Host-side path of the clone's writable layer (what the container wrote)."""
@@ -191,7 +242,8 @@ class Containers:
         if self.slots is not None and self.ids is not None:
             slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
-        items.update({key + k: v for k, v in self._limit_items(limits).items()})
+        limit_items = self._limit_items(limits, self._first_cpu(address))
+        items.update({key + k: v for k, v in limit_items.items()})
         items[key + "pids.max"] = str(self.pids_max)  # a fork storm stays inside
         c.clear_config_item("lxc.net.0.type")
         for k, v in items.items():
@@ -366,7 +418,7 @@ class Containers:
         c = self._get(name)
         if not c.running:
             raise ContainerError(f"{name}: not running, cannot change its limits")
-        items = self._limit_items(limits)
+        items = self._limit_items(limits, self._first_cpu(self._address(c)))
         items.pop("cpu.cfs_period_us", None)
         for k, v in items.items():
             if not c.set_cgroup_item(k, v):
@@ -379,13 +431,18 @@ class Containers:
         """Write back every limit item (CPU, memory, pids) that differs from what the node
         set, e.g. after a write behind the node's back; returns the items as found."""
         c = self._get(name)
-        want = {**self._limit_items(limits), "pids.max": str(self.pids_max)}
+        first = self._first_cpu(self._address(c))
+        want = {**self._limit_items(limits, first), "pids.max": str(self.pids_max)}
         found = {k: (c.get_cgroup_item(k) or "").strip() for k in want}
         changed = {k: v for k, v in found.items() if v != want[k]}
         for k in changed:
             if not c.set_cgroup_item(k, want[k]):
                 raise ContainerError(f"{name}: the kernel refused cgroup {k}={want[k]}")
         return changed
+
+    def cpus(self, name: str) -> list[int]:
+        """The CPUs the container may run on now (its cpuset)."""
+        return parse_cpu_list(self._get(name).get_cgroup_item("cpuset.cpus") or "")
 
     def limits(self, name: str) -> Resources:
         """The limits the kernel enforces now, read back from the cgroup."""

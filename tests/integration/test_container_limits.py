@@ -4,6 +4,7 @@ and another tenant's container keep answering."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import requests
 from test_edge_node import handshake, ssh
 
-from enorm.containers import cgroup_version
+from enorm.containers import cgroup_version, cpu_list, parse_cpu_list
 
 pytestmark = pytest.mark.system
 
@@ -132,10 +133,13 @@ def test_limits_changed_behind_the_nodes_back_are_restored_by_the_next_round(edg
     a = handshake(node, "cloud-a").json()
     c = lxc.Container(a["container"])
     quota = "cpu.cfs_quota_us" if cgroup_version() == 1 else "cpu.max"
-    before = {k: c.get_cgroup_item(k) for k in (quota, "pids.max")}
+    before = {k: c.get_cgroup_item(k) for k in (quota, "pids.max", "cpuset.cpus")}
+    assert len(parse_cpu_list(before["cpuset.cpus"])) == 1  # the unit's one core
+    every_cpu = cpu_list(sorted(os.sched_getaffinity(0)))
     # What a tenant with the cgroup hierarchy mounted writable would do.
     assert c.set_cgroup_item(quota, "-1" if cgroup_version() == 1 else "max 100000")
     assert c.set_cgroup_item("pids.max", "max")
+    assert c.set_cgroup_item("cpuset.cpus", every_cpu)
     op = {"Authorization": f"Bearer {node.settings['operator_token']}"}
     r = requests.post(node.url + "/v1/autoscale", headers=op, timeout=120)
     assert r.ok, r.text
@@ -144,7 +148,8 @@ def test_limits_changed_behind_the_nodes_back_are_restored_by_the_next_round(edg
     restored = [e for e in events if e["type"] == "server.limits_restored"]
     assert len(restored) == 1 and restored[0]["server_id"] == a["server_id"]
     assert restored[0]["data"]["found"] == {
-        quota: "-1" if cgroup_version() == 1 else "max 100000", "pids.max": "max"}
+        quota: "-1" if cgroup_version() == 1 else "max 100000", "pids.max": "max",
+        "cpuset.cpus": every_cpu}
     # A round with nothing changed restores nothing.
     assert requests.post(node.url + "/v1/autoscale", headers=op, timeout=120).ok
     events = node.client("cloud-a").get(node.url + "/v1/events", timeout=5).json()

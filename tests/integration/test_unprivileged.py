@@ -152,28 +152,31 @@ def test_the_request_log_is_read_as_the_tenants_not_the_hosts(edge_node):
 
 
 def test_a_container_sees_its_own_size_and_follows_a_resize(edge_node):
-    """lxcfs: what a server sizes its pools from (memory, CPUs) is its unit, not the
-    board, and follows the node's scaling."""
+    """lxcfs and the cpuset: what a server sizes its pools from (memory, CPUs, `nproc`,
+    the affinity mask) is its unit, not the board, and follows the node's scaling."""
     import requests
 
     node = edge_node(cores=2.0, unit={"cores": 0.25, "memory_mb": 64})
     a = handshake(node, "cloud-a").json()
     c = ssh(node, a["access"]["port"])
     view = ("head -1 /proc/meminfo; grep -c ^processor /proc/cpuinfo; "
-            "cat /sys/devices/system/cpu/online; python3 -c 'import os; print(os.cpu_count())'")
+            "cat /sys/devices/system/cpu/online; python3 -c 'import os; print(os.cpu_count())'; "
+            "nproc; python3 -c 'import os; print(len(os.sched_getaffinity(0)))'")
     try:
         code, out = run(c, view)
         assert code == 0, out
-        mem, cpus, online, count = out.split("\n")[:4]
+        mem, cpus, online, count, nproc, affinity = out.split("\n")[:6]
         assert mem.split()[1] == str(64 * 1024), out  # kB
         assert (cpus, online, count) == ("1", "0", "1"), out
+        assert (nproc, affinity) == ("1", "1"), out
         op = {"Authorization": f"Bearer {node.settings['operator_token']}"}
         r = requests.put(f"{node.url}/v1/servers/{a['server_id']}/limits", headers=op,
                          json={"cores": 2.0, "memory_mb": 128}, timeout=30)
         assert r.status_code == 200, r.text
         code, out = run(c, view)
-        mem, cpus, online, count = out.split("\n")[:4]
+        mem, cpus, online, count, nproc, affinity = out.split("\n")[:6]
         assert mem.split()[1] == str(128 * 1024), out
         assert (cpus, online, count) == ("2", "0-1", "2"), out
+        assert (nproc, affinity) == ("2", "2"), out
     finally:
         c.close()
