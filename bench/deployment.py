@@ -12,6 +12,17 @@ server answers -> users redirected. terminate_s = users redirected back -> DELET
 edge merges the data into the cloud Redis, verified) -> data confirmed on the cloud.
 Writes bench/results/deployment.json and deployment.png; `keys_lost` counts cloud keys
 missing or different after all cycles.
+
+`--heavy` adds, after the game's data, the heavy data set of `bench/heavy_data.py` (every
+Redis type, large values, TTLs: about 118,000 keys and 29 MB at 16,384 users) and runs
+the same cycle on it; in each run, while the server is deployed, the same keys are also
+moved by the bare floor (a DUMP/RESTORE pipeline, no script, no verification) between
+the same two Redis servers on the same paths: cloud -> container through the cloud
+manager's SSH forward (the deploy's path), container -> cloud directly (the node's merge
+path). Then a quarter of the users play on the edge (their user hash, location and inbox
+change) before the termination, so that the merge has real changes to write (a key that
+neither side changed and has no TTL is not rewritten). MB/s of enorm's data stages are
+reported beside the floor's; the floor moves every key.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from pathlib import Path
 
 import redis
 
+from bench import heavy_data
 from cloud_manager import CloudManager, EdgeClient
 from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
 from enorm import datasync
@@ -117,6 +129,64 @@ def cloud_size_runs(manager: CloudManager, cloud: redis.Redis, big: int, runs: i
     return out
 
 
+def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users: list[str],
+               runs: int) -> dict:
+    """The cycle on the heavy data set, each run beside the bare floor on the same paths."""
+    heavy_data.add(cloud, users)
+    keys_of = datasync.user_keys(cloud, users)
+    schema, manager.app.key_schema = manager.app.key_schema, heavy_data.schema(
+        manager.app.key_schema or datasync.KeySchema())
+    out: dict = {"keys": len(keys_of), "runs": [], "ttl_keys": 0}
+    pipe = cloud.pipeline(transaction=False)
+    for k in keys_of:
+        pipe.pttl(k)
+    out["ttl_keys"] = sum(1 for t in pipe.execute() if t > 0)
+    try:
+        for run in range(runs):
+            dep = manager.offload([(u, "127.0.0.1") for u in users])
+            to_edge = heavy_data.bare_copy(cloud_url, dep.redis_forward(), keys_of)
+            pw = dep.setup.redis_password
+            direct = f"redis://:{pw}@{dep.setup.address}:6379/0"
+            to_cloud = heavy_data.bare_copy(direct, cloud_url, keys_of)
+            edge = datasync.connect(direct, timeout=30)
+            played = heavy_data.play(edge, users)
+            # What the cloud must hold afterwards: the edge's final state, every type.
+            final = datasync.digests(edge, keys_of, "source")
+            edge.close()
+            manager.withdraw(dep)
+            if dep.state != "withdrawn" or not dep.confirmed:
+                raise RuntimeError(f"heavy run {run}: {dep.state}")
+            r = {k: round(v, 4) for k, v in dep.timings.items()} | {
+                "keys": dep.copy.keys, "bytes": dep.copy.bytes,
+                "keys_migrated": dep.keys_migrated,
+                "keys_changed_on_edge": played,
+                "floor_to_edge_s": round(to_edge["seconds"], 4),
+                "floor_to_cloud_s": round(to_cloud["seconds"], 4)}  # fmt: skip
+            after = datasync.digests(cloud, keys_of)
+            r["keys_lost"] = sum(1 for k in keys_of if after[k] != final[k])
+            out["runs"].append(r)
+            print(f"heavy run {run}: deploy {r['total']:.3f} s (data {r['data']:.3f}, floor "
+                  f"{r['floor_to_edge_s']:.3f}), terminate {r['withdraw_total']:.3f} s "
+                  f"(merge {r['terminate']:.3f}, floor {r['floor_to_cloud_s']:.3f}), "
+                  f"{r['keys']} keys {r['bytes'] / 1e6:.1f} MB", flush=True)
+    finally:
+        manager.app.key_schema = schema
+    out["keys_lost"] = sum(r["keys_lost"] for r in out["runs"])
+    med = lambda f: statistics.median(f(r) for r in out["runs"])  # noqa: E731
+    mb = med(lambda r: r["bytes"]) / 1e6
+    out["mb"] = round(mb, 1)
+    out["deploy_p50_s"] = round(med(lambda r: r["total"]), 3)
+    out["terminate_p50_s"] = round(med(lambda r: r["withdraw_total"]), 3)
+    out["data_mb_s"] = round(mb / med(lambda r: r["data"]), 1)
+    out["merge_mb_s"] = round(mb / med(lambda r: r["terminate"]), 1)
+    out["floor_mb_s"] = {"to_edge": round(mb / med(lambda r: r["floor_to_edge_s"]), 1),
+                         "to_cloud": round(mb / med(lambda r: r["floor_to_cloud_s"]), 1)}
+    out["ratio_to_floor"] = {
+        "data": round(med(lambda r: r["data"]) / med(lambda r: r["floor_to_edge_s"]), 2),
+        "merge": round(med(lambda r: r["terminate"]) / med(lambda r: r["floor_to_cloud_s"]), 2)}
+    return out
+
+
 def _stats(xs: list[float]) -> dict:
     return {"p50": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
             "runs": xs}  # fmt: skip
@@ -128,12 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     p.add_argument("--cloud-keys", type=int, default=10_000_000,
                    help="keys of other users in the big cloud (0: skip that part)")
+    p.add_argument("--heavy", action="store_true",
+                   help="also the heavy data set at the largest size, against the floor")
     p.add_argument("--cloud-size-only", action="store_true",
                    help="only the small-cloud/big-cloud part, into deployment_cloud_size.json")
     a = p.parse_args(argv)
     if a.cloud_size_only:
         a.sizes = []
     by_cloud_size: dict = {}
+    heavy: dict = {}
 
     deploy: dict[str, list[float]] = {}
     terminate: dict[str, list[float]] = {}
@@ -184,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                           f"({dep.copy.keys} keys; {dep.timings})", flush=True)
             after = datasync.read_typed(cloud, list(before), "destination")
             lost = sum(1 for k, v in before.items() if after.get(k) != v)
+            if a.heavy and users:
+                heavy = heavy_runs(manager, cloud, store.url, users, a.runs)
+                lost += heavy["keys_lost"]
             if a.cloud_keys:
                 by_cloud_size = cloud_size_runs(manager, cloud, a.cloud_keys, a.runs)
         finally:
@@ -197,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 store.close()
 
     result = {
+        "heavy": heavy,
         "deploy_s": {k: _stats(v) for k, v in deploy.items()},
         "terminate_s": {k: _stats(v) for k, v in terminate.items()},
         "keys_lost": lost,
@@ -217,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     for what in ("deploy_s", "terminate_s"):
         print(what, {k: round(v["p50"], 3) for k, v in result[what].items()})
     print("keys_lost", lost)
+    if heavy:
+        print("heavy:", {k: heavy[k] for k in ("keys", "mb", "deploy_p50_s", "terminate_p50_s",
+                                               "data_mb_s", "merge_mb_s", "floor_mb_s")})
     if by_cloud_size:
         print("cloud size: data p50", {k: round(v, 4) for k, v in
                                        by_cloud_size["data_p50_s"].items()},
@@ -241,12 +321,25 @@ def plot(result: dict, path: Path) -> None:
         err = [[p - result[what][s]["min"] for p, s in zip(p50, sizes, strict=True)],
                [result[what][s]["max"] - p for p, s in zip(p50, sizes, strict=True)]]  # fmt: skip
         ax.bar([x + off for x in xs], p50, width, yerr=err, capsize=3, label=label)
+    hv = result.get("heavy") or {}
+    if hv.get("runs"):
+        x = len(sizes)
+        runs = hv["runs"]
+        med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+        ax.bar(x - width / 2, hv["deploy_p50_s"], width, color="C0")
+        ax.bar(x + width / 2, hv["terminate_p50_s"], width, color="C1")
+        ax.plot([x - width / 2, x + width / 2], [med("floor_to_edge_s"), med("floor_to_cloud_s")],
+                "k_", ms=18, mew=2, label="bare DUMP/RESTORE floor (heavy data)")
+        xs = range(len(sizes) + 1)
     ax.axhline(2.0, color="C0", ls="--", lw=1, label="target: deploy 2 s")
     ax.axhline(1.0, color="C1", ls="--", lw=1, label="target: terminate 1 s")
-    ax.set_xticks(list(xs), [f"{s} users" for s in sizes])
+    labels = [f"{s} users" for s in sizes]
+    if hv.get("runs"):
+        labels.append(f"{sizes[-1]} users, heavy\n({hv['keys'] // 1000}k keys, {hv['mb']} MB)")
+    ax.set_xticks(list(xs), labels)
     ax.set_ylabel("seconds (median, min-max)")
     ax.set_title("enorm: deploy and terminate the game server")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     if cs:
         bx = axes[0][1]
         labels = list(cs["data_p50_s"])

@@ -3,6 +3,7 @@ verify), and deleting them on the source once the copy is verified."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -10,8 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import payloads
 from .keys import KeySchema, iter_user_keys, schema_keys, user_keys
-from .manifest import write_manifest
-from .report import SyncReport
+from .manifest import drop_manifest, write_manifest
+from .report import SyncError, SyncReport
 from .transport import BATCH, Client, Guard, Job, by_node, ping, run_jobs
 
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
@@ -55,13 +56,31 @@ def copy_users(
     ids = list(dict.fromkeys(str(u) for u in user_ids))
     report = SyncReport(users=len(ids))
     ping(dst)
-    copied: dict[bytes, bytes] | None = {} if manifest is not None else None
+    # The digests come from the very payloads copied: no second read, no race. With
+    # replace every key dumped is written, so the dumper thread records each chunk's
+    # digests as it goes, beside the restores; else only what was written, at the end.
+    streamed = manifest is not None and replace
+    copied: dict[bytes, bytes] | None = {} if manifest is not None and not replace else None
+    written_parts = 0
+
+    def record(part: dict[bytes, tuple]) -> None:
+        nonlocal written_parts
+        write_manifest(src, manifest, {k: v[0] for k, v in part.items()},
+                       fresh=written_parts == 0)  # fmt: skip
+        written_parts += 1
+
     found = schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
-    copy_chunks(src, dst, chunked(found), replace, report, copied=copied)
-    if manifest is not None:
-        # The digests come from the very payloads copied: no second read, no race.
-        write_manifest(src, manifest, copied)
-        report.manifest = True
+    try:
+        copy_chunks(src, dst, chunked(found), replace, report, copied=copied,
+                    on_dump=record if streamed else None)  # fmt: skip
+        if manifest is not None and (copied is not None or not written_parts):
+            write_manifest(src, manifest, copied or {})
+    except BaseException:
+        if manifest is not None and written_parts:
+            with contextlib.suppress(SyncError):
+                drop_manifest(src, manifest)
+        raise
+    report.manifest = manifest is not None
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report
@@ -69,7 +88,8 @@ def copy_users(
 
 def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
                  report: SyncReport, copied: dict[bytes, bytes] | None = None,
-                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
+                 restore: Callable[[Client, dict, bool], list[bytes]] | None = None,
+                 on_dump: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
     or a dict already dumped (key -> (payload, ttl)); `chunks` may be a generator that
     scans the source as it goes.
@@ -78,6 +98,9 @@ def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
     others restore and check chunks i and i+1 on `dst`, each over its own connection,
     so the destination works on one chunk while the next is packed and sent. After the
     last chunk every written key is checked to be still there (eviction, expiry).
+    `on_dump(part)` runs in the dumper thread after each chunk is dumped; `restore(dst,
+    part, replace)` (default `payloads.restore`) writes a chunk in a restorer thread and
+    returns the keys written (it may drop keys from `part`: neither written nor skipped).
     """
     written: list[bytes] = []
     it = iter(chunks)
@@ -87,6 +110,8 @@ def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
             for item in it:
                 part = item if isinstance(item, dict) else payloads.dump(src, item)
                 if part:
+                    if on_dump is not None:
+                        on_dump(part)
                     return part
         return None
 
@@ -107,20 +132,12 @@ def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
             ahead = dumper.submit(next_dump)
             if len(inflight) >= RESTORERS:
                 collect(inflight[0][0], inflight.popleft()[1].result())
-            inflight.append((part, restorer.submit(_prepared_restore, dst, part, replace, prepare)))
+            inflight.append((part, restorer.submit(restore or payloads.restore, dst, part,
+                                                   replace)))
         while inflight:
             collect(inflight[0][0], inflight.popleft()[1].result())
     report.keys += len(written)
     report.keys_verified += payloads.verify_present(dst, written)
-
-
-def _prepared_restore(dst: Client, part: dict, replace: bool,
-                      prepare: Callable[[dict], None] | None) -> list[bytes]:  # fmt: skip
-    """`prepare(part)` (which may hold keys back), then the restore, in one restorer
-    thread: the check runs beside the next chunk's dump instead of before it."""
-    if prepare is not None:
-        prepare(part)
-    return payloads.restore(dst, part, replace)
 
 
 def count_existing(client: Client, keys: Iterable[bytes | str]) -> int:

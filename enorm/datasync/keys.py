@@ -7,7 +7,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .transport import Client, masters
+from .transport import Client, masters, no_args, run_script
 
 SCAN_COUNT = 2000
 # Up to this many users a per-user SCAN MATCH is cheaper than one scan of all tagged keys.
@@ -116,38 +116,53 @@ class KeySchema:
                 )
 
 
-_INDEX_READ = {b"set": "smembers", b"zset": "zrange", b"list": "lrange", b"hash": "hkeys"}
+# The members (or fields) of each index key in KEYS, whatever its type, packed: per key
+# a count, then per member its length and bytes (big-endian 4-byte lengths).
+_INDEX_MEMBERS = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  local m = {}
+  if t == 'set' then m = redis.call('SMEMBERS', k)
+  elseif t == 'zset' then m = redis.call('ZRANGE', k, 0, -1)
+  elseif t == 'list' then m = redis.call('LRANGE', k, 0, -1)
+  elseif t == 'hash' then m = redis.call('HKEYS', k) end
+  local parts = {struct.pack('>I4', #m)}
+  for j, x in ipairs(m) do parts[j + 1] = struct.pack('>I4', #x) .. x end
+  out[i] = table.concat(parts)
+end
+return table.concat(out)
+"""
 
 
 def schema_keys(client: Client, schema: KeySchema, user_ids: Iterable[str]) -> list[bytes]:
-    """The users' keys by `schema`: two pipelined round trips (the index keys' types, then
-    their members) whatever the size of the keyspace. Names that do not exist are left
-    in (the copy skips keys that are gone)."""
+    """The users' keys by `schema`: the index keys' members read by a script, a batch of
+    indexes per call, pipelined (one round trip for up to FLUSH indexes), whatever the
+    size of the keyspace. Names that do not exist are left in (the copy skips keys that
+    are gone)."""
     ids = [str(u) for u in user_ids]
     for u in ids:
         check_id(u)
     keys = [t.replace("<user>", u).encode() for u in ids for t in schema.fixed]
-    indexes = [
-        (u, idx.replace("<user>", u), member) for u in ids for idx, member in schema.families
-    ]
-    if not indexes:
+    # index key -> the member key templates it names, as (prefix, suffix) around <member>
+    named: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for u in ids:
+        for idx, member in schema.families:
+            pre, _, post = member.replace("<user>", u).encode().partition(b"<member>")
+            named.setdefault(idx.replace("<user>", u).encode(), []).append((pre, post))
+    if not named:
         return keys
-    pipe = client.pipeline(transaction=False)
-    for _, idx, _ in indexes:
-        pipe.type(idx)
-    types = pipe.execute()
-    pipe = client.pipeline(transaction=False)
-    read = []
-    for (u, idx, member), typ in zip(indexes, types, strict=True):
-        op = _INDEX_READ.get(typ if isinstance(typ, bytes) else str(typ).encode())
-        if op is None:
-            continue
-        args = (idx, 0, -1) if op in ("zrange", "lrange") else (idx,)
-        getattr(pipe, op)(*args)
-        read.append(member.replace("<user>", u))
-    for template, members in zip(read, pipe.execute(), strict=True):
-        keys += [
-            template.replace("<member>", (m.decode() if isinstance(m, bytes) else m)).encode()
-            for m in members
-        ]
+    unpack, width = _LEN.unpack_from, _LEN.size
+    for batch, blob in run_script(client, list(named), _INDEX_MEMBERS, no_args, "source"):
+        pos = 0
+        for idx in batch:
+            (count,) = unpack(blob, pos)
+            pos += width
+            members = []
+            for _ in range(count):
+                (n,) = unpack(blob, pos)
+                pos += width
+                members.append(blob[pos : pos + n])
+                pos += n
+            keys += [pre + m + post for pre, post in named[idx] for m in members]
     return list(dict.fromkeys(keys))

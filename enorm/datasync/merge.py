@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from . import payloads
 from .copy import CHUNK, FIRST_CHUNK, copy_chunks
 from .keys import SCAN_COUNT, hash_tag, scan, user_keys
 from .manifest import digests, read_manifest
@@ -201,17 +202,29 @@ def merge_back(
 
     counting = threading.Lock()  # two restorer threads report conflicts
 
-    def hold_back(part: dict) -> None:
-        """Before a chunk is restored: its conflicts, and what the cloud wins stays."""
+    def restore_unchanged(dst: Client, part: dict, replace: bool) -> list[bytes]:
+        """A chunk written where the cloud still holds what was copied out; a key the
+        cloud changed meanwhile is held back by the same script, and if it is a conflict
+        (not the edge's value already) it is counted, and kept as the cloud has it when
+        the cloud wins that key. A key neither side changed (no TTL) is not rewritten."""
         if m is None or not part:
-            return
-        found = _conflicts(edge, cloud, m, list(part))
+            return payloads.restore(dst, part, replace)
+        held: list[bytes] = []
+        same: list[bytes] = []
+        written = payloads.restore(dst, part, replace, expect={k: m.get(k) for k in part},
+                                   held=held, same=same)  # fmt: skip
+        with counting:
+            report.unchanged += len(same)
+        if not held:
+            return written
+        found = _conflicts(edge, cloud, m, held)
         with counting:
             _count(report, found)
             for k in found:
                 if matches(k, wins):
                     report.conflicts_cloud_won += 1
                     del part[k]
+        return written + payloads.restore(dst, {k: part[k] for k in held if k in part}, replace)
 
     with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
         # The shared keys are scanned while the user keys' scan starts.
@@ -225,7 +238,7 @@ def merge_back(
                 keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
             tags = {t for k in keys if (t := hash_tag(k)) is not None}
             chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        copy_chunks(edge, cloud, remembered(chunks), True, report, prepare=hold_back)
+        copy_chunks(edge, cloud, remembered(chunks), True, report, restore=restore_unchanged)
         shared = [k for k in pending.result() if owns(k)]
     report.users = len(tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, shared, report)

@@ -25,9 +25,10 @@ local out = {}
 for i, k in ipairs(KEYS) do
   local p = redis.call('DUMP', k)
   if p then
-    out[i] = struct.pack('>i8I4', redis.call('PTTL', k), #p) .. p
+    out[#out + 1] = struct.pack('>i8I4', redis.call('PTTL', k), #p)
+    out[#out + 1] = p
   else
-    out[i] = struct.pack('>i8I4', -2, 0)
+    out[#out + 1] = struct.pack('>i8I4', -2, 0)
   end
 end
 return table.concat(out)
@@ -41,7 +42,10 @@ local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local out = {}
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
-  if p then out[#out + 1] = struct.pack('>I4i8I4', #k, redis.call('PTTL', k), #p) .. k .. p end
+  if p then
+    out[#out + 1] = struct.pack('>I4i8I4', #k, redis.call('PTTL', k), #p) .. k
+    out[#out + 1] = p
+  end
 end
 return {r[1], table.concat(out)}
 """
@@ -65,6 +69,58 @@ for i, k in ipairs(KEYS) do
     if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
   else
     out[i] = '0'
+  end
+end
+return table.concat(out)
+"""
+
+# A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
+# free for the copy, which dumps every key anyway. Sets and hashes in hash-table encoding
+# (RDB types 2 and 4) dump in their table's order, which a rehash may change without a
+# write: theirs is a SHA-1 of the type and the sorted elements instead. A key that does
+# not exist gets 16 dots.
+DIGEST_FN = """
+local function lp(x) return struct.pack('>I4', #x) .. x end
+local function digest(k)
+  local p = redis.call('DUMP', k)
+  if not p then return '................' end
+  local t = string.byte(p, 1)
+  if t ~= 2 and t ~= 4 then
+    return string.format(string.rep('%02x', 8), string.byte(p, #p - 7, #p))
+  end
+  local parts = {}
+  if t == 4 then
+    local kv = redis.call('HGETALL', k)
+    for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end
+  else
+    for _, m in ipairs(redis.call('SMEMBERS', k)) do parts[#parts + 1] = lp(m) end
+  end
+  table.sort(parts)
+  return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
+end
+"""
+# The merge's restore when the cloud kept a manifest of the copy: ARGV[3] holds, per key,
+# the digest it had when copied out (16 dots: it was not copied), ARGV[4] per key '1'
+# when the edge's value is still that one and has no TTL. A key whose digest on the
+# destination is no longer that one was changed there meanwhile: it is not written
+# ('c'), and the caller decides (a conflict). A key that neither side changed and that
+# has no TTL on either is already there, as its digest just showed: not written again
+# ('s'). The others as in _RESTORE.
+_RESTORE_UNCHANGED = DIGEST_FN + """
+local blob, want, same = ARGV[2], ARGV[3], ARGV[4]
+local pos = 1
+local out = {}
+for i, k in ipairs(KEYS) do
+  local ttl, n, nxt = struct.unpack('>i8I4', blob, pos)
+  pos = nxt + n
+  if digest(k) ~= string.sub(want, 16 * i - 15, 16 * i) then
+    out[i] = 'c'
+  elseif string.byte(same, i) == 49 and redis.call('PTTL', k) == -1 then
+    out[i] = 's'
+  else
+    local p = string.sub(blob, nxt, pos - 1)
+    redis.call('RESTORE', k, ttl, p, 'REPLACE')
+    if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
   end
 end
 return table.concat(out)
@@ -123,6 +179,16 @@ end
 return table.concat(bad, ',')
 """
 
+ABSENT = b"." * 16  # the digest of a key that does not exist
+
+
+def payload_digest(payload: bytes) -> bytes | None:
+    """The digest DIGEST_FN gives, from a DUMP payload; None for the hash-table types,
+    whose digest needs the server."""
+    if payload[0] in UNORDERED:
+        return None
+    return payload[-8:].hex().encode()
+
 # RDB types of the payloads whose bytes follow a hash table's order (set, hash).
 UNORDERED = frozenset({2, 4})
 
@@ -167,8 +233,16 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
             return
 
 
-def restore(client: Client, dumped: dict[bytes, tuple], replace: bool) -> list[bytes]:
+def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
+            expect: dict[bytes, bytes | None] | None = None,
+            held: list[bytes] | None = None,
+            same: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
     """RESTORE the dumped keys and verify them on the destination; the keys written.
+
+    With `expect` (key -> the digest the destination's value should still have, None:
+    absent), a key whose value changed there is not written but added to `held`, and a
+    key that is the same on both sides (the digest, no TTL) is not written again but
+    counted as written and added to `same`, in the same script call.
 
     One pipelined pass per master: the RESTORE batches (each key read back and compared
     with its payload in the same script), then the by-value check of the keys whose
@@ -186,17 +260,31 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool) -> list[b
         for k in batch:
             payload, ttl = dumped[k]
             parts += [pack(ttl, len(payload)), payload]
-        return [flag, b"".join(parts)]
+        if expect is None:
+            return [flag, b"".join(parts)]
+        want = [expect.get(k) or ABSENT for k in batch]
+        unchanged = [b"1" if dumped[k][1] == 0 and payload_digest(dumped[k][0]) == w else b"0"
+                     for k, w in zip(batch, want, strict=True)]  # fmt: skip
+        return [flag, b"".join(parts), b"".join(want), b"".join(unchanged)]
+
+    script = _RESTORE if expect is None else _RESTORE_UNCHANGED
 
     restored, compared = run_jobs(client, [
-        Job(keys, eval_command(_RESTORE, restore_args)),
+        Job(keys, eval_command(script, restore_args)),
         _same_job(dumped, unordered),
     ], "destination")  # fmt: skip
     written: list[bytes] = []
     differ: list[bytes] = []
     for batch, flags in restored:
         for k, f in zip(batch, flags, strict=True):
-            if f != 48:  # b"0": kept
+            if f == 99:  # b"c": changed on the destination, held back
+                if held is not None:
+                    held.append(k)
+            elif f == 115:  # b"s": the same on both sides already
+                written.append(k)
+                if same is not None:
+                    same.append(k)
+            elif f != 48:  # b"0": kept
                 written.append(k)
                 if f != 49:  # b"1": read back equal
                     differ.append(k)

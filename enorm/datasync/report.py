@@ -47,6 +47,9 @@ class SyncReport:
     conflicts: int = 0
     conflict_sample: list[str] = field(default_factory=list)
     conflicts_cloud_won: int = 0  # of those, kept as the cloud had them (cloud_wins)
+    # merge_back with a manifest: keys neither side changed (and without a TTL), found
+    # equal on the cloud by their digest and not written again (counted in `keys`)
+    unchanged: int = 0
     manifest: bool = False  # a manifest of the copy was found (deletes and conflicts known)
 
     def as_dict(self) -> dict[str, Any]:

@@ -80,6 +80,42 @@ def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
     assert again.deleted == 0 and cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
 
 
+@pytest.mark.parametrize("kind", ["standalone", "cluster"])
+def test_a_key_neither_side_changed_is_not_written_again(kind, redis_server, request):
+    """With a manifest, a persistent key that neither the edge nor the cloud changed is
+    found equal by its digest and not rewritten; a change of value or of TTL on either
+    side still goes through (the TTL is not in the digest, so a key with one is always
+    written)."""
+    if kind == "cluster":
+        cloud = datasync.connect(request.getfixturevalue("redis_cluster").url, cluster=True)
+    else:
+        cloud = datasync.connect(redis_server().url)
+    edge = datasync.connect(redis_server().url)
+    users = [f"q{i}" for i in range(40)]
+    fill_users(cloud, users)
+    cloud.set("ttl:{q1}", "v", ex=3600)
+    cloud.set("persist:{q2}", "v", ex=3600)
+    name = datasync.manifest_key("same")
+    copied = datasync.copy_users(cloud, edge, users, manifest=name)
+    edge.hset(keys.user("q0"), "xp", 7)  # the edge changed a value
+    edge.expire(keys.user("q3"), 600)  # ... a TTL only
+    edge.persist("persist:{q2}")  # ... dropped a TTL
+    nodes = cloud.get_primaries() if kind == "cluster" else [cloud]
+    conns = [n.redis_connection if kind == "cluster" else n for n in nodes]
+    for c in conns:
+        c.config_resetstat()
+    report = datasync.merge_back(edge, cloud, user_ids=users, manifest=name)
+    restores = sum(c.info("commandstats").get("cmdstat_restore", {}).get("calls", 0)
+                   for c in conns)  # fmt: skip
+    # Written: the changed value, the two TTL changes, the key that keeps its TTL.
+    assert report.keys == copied.keys and report.unchanged == copied.keys - 4
+    assert restores == 4
+    assert cloud.hget(keys.user("q0"), "xp") == b"7"
+    assert 0 < cloud.ttl(keys.user("q3")) <= 600
+    assert cloud.ttl("persist:{q2}") == -1 and 0 < cloud.ttl("ttl:{q1}") <= 3600
+    assert state(cloud, users) == state(edge, users)
+
+
 def test_merge_back_into_a_cluster(redis_cluster, redis_server):
     cloud = datasync.connect(redis_cluster.url, cluster=True)
     edge = datasync.connect(redis_server().url)

@@ -206,6 +206,31 @@ def test_verification_failure_is_reported(pair, monkeypatch):
     assert len(err.value.keys) == 1
 
 
+def test_a_copy_that_fails_half_way_leaves_no_manifest(pair, monkeypatch):
+    """The manifest is written chunk by chunk as the copy dumps; a copy that fails after
+    some chunks must not leave a manifest that a later merge would trust."""
+    cloud, edge, *_ = pair
+    ids = [str(u) for u in range(2000)]  # more keys than the first chunk
+    fill_users(cloud, ids)
+    real, calls = payloads.restore, []
+
+    def fails_second(client, dumped, replace, **kw):
+        calls.append(len(dumped))
+        if len(calls) == 2:
+            raise datasync.DestinationUnreachable("gone half-way")
+        return real(client, dumped, replace, **kw)
+
+    monkeypatch.setattr(payloads, "restore", fails_second)
+    name = datasync.manifest_key("half")
+    with pytest.raises(datasync.DestinationUnreachable):
+        datasync.copy_users(cloud, edge, ids, manifest=name)
+    assert len(calls) >= 2
+    assert not cloud.exists(name)
+    monkeypatch.setattr(payloads, "restore", real)
+    report = datasync.copy_users(cloud, edge, ids, manifest=name)
+    assert cloud.hlen(name) == report.keys
+
+
 def test_cluster_copy_and_merge_back(redis_cluster, redis_server):
     cluster = datasync.connect(redis_cluster.url, cluster=True)
     single = datasync.connect(redis_server().url)

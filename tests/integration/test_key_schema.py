@@ -56,3 +56,17 @@ def test_schema_names_must_carry_the_users_hash_tag():
         datasync.KeySchema(fixed=("u:<user>",))
     with pytest.raises(ValueError, match="<member>"):
         datasync.KeySchema(families=(("pms:{<user>}", "pm:{<user>}"),))
+
+
+def test_every_index_type_and_any_member_bytes(redis_server):
+    """The index may be a set, sorted set, list or hash (its fields); members are bytes,
+    not necessarily text; a key of another type, or none, names no member."""
+    cloud = datasync.connect(redis_server().url)
+    schema = datasync.KeySchema(families=(("idx:{<user>}", "m:{<user>}:<member>"),))
+    cloud.sadd("idx:{a}", b"\xff\x00")
+    cloud.zadd("idx:{b}", {"1": 1, "2": 2})
+    cloud.rpush("idx:{c}", "x", "x")
+    cloud.hset("idx:{d}", mapping={"f": "v"})
+    cloud.set("idx:{e}", "not an index")
+    found = datasync.schema_keys(cloud, schema, ["a", "b", "c", "d", "e", "f"])
+    assert found == [b"m:{a}:\xff\x00", b"m:{b}:1", b"m:{b}:2", b"m:{c}:x", b"m:{d}:f"]
