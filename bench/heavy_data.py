@@ -5,7 +5,7 @@ some large values, as a richer game would keep: an inbox per user (a stream for 
 users, a list for odd ones), a session string with a TTL, the location with a TTL, an
 8 KB avatar (incompressible) for every 8th user, and a Pokedex of 200 names (a hash-table
 set, whose DUMP order is the table's) for every 16th. At 16,384 users: about 7.2 keys
-per user, 118,000 keys, 29 MB, 41,000 keys with a TTL.
+per user, 117,500 keys, 29 MB, 36,900 keys with a TTL.
 
 Floor: the same keys moved by a bare pipeline (DUMP + PTTL on one side, RESTORE on the
 other, one after the other, no script, no verification), on a raw socket with the
