@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from enorm import priorities
 from enorm.protocol import Resources
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ class ServerSnapshot:
     # Parts of the latency, for the record (numbers of the actions); not used to decide.
     network_ms: float | None = None
     computing_ms: float | None = None
+    # With dynamic priorities (enorm.priorities) `priority` is the effective one and this
+    # the one the cloud manager declared; None: the mode is off.
+    declared_priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,11 @@ class Options:
     # Do not evict lower servers for a scale up when evicting all of them would still not
     # free the step (the paper evicts one by one and then gives up).
     skip_futile_evictions: bool = False
+    # Dynamic priorities (enorm.priorities): the round ranks by a priority that follows
+    # each server's workload; a server with at least `priority_users_step` users is
+    # "big". Off: the declared priorities (the paper).
+    dynamic_priorities: bool = False
+    priority_users_step: int = 1000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hysteresis < 1.0:
@@ -178,6 +187,8 @@ class Options:
             raise ValueError("cpu_step must be >= 0")
         if self.memory_step_mb is not None and self.memory_step_mb < 0:
             raise ValueError("memory_step_mb must be >= 0")
+        if self.priority_users_step < 1:
+            raise ValueError("priority_users_step must be >= 1")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> Options:
@@ -191,6 +202,10 @@ class Options:
             "memory_step_mb": getattr(config, "memory_step_mb", d.memory_step_mb),
             "skip_futile_evictions": bool(
                 getattr(config, "skip_futile_evictions", d.skip_futile_evictions)),
+            "dynamic_priorities": bool(
+                getattr(config, "dynamic_priorities", d.dynamic_priorities)),
+            "priority_users_step": int(
+                getattr(config, "priority_users_step", d.priority_users_step)),
             **overrides,
         })
 
@@ -267,6 +282,7 @@ class _Walk:
     def numbers(self, s: ServerSnapshot, **extra: Any) -> dict[str, Any]:
         n: dict[str, Any] = {
             "priority": s.priority,
+            **({} if s.declared_priority is None else {"declared_priority": s.declared_priority}),
             "users": s.users,
             "latency_ms": s.latency_ms,
             "network_ms": s.network_ms,
@@ -482,6 +498,10 @@ def run_round(
     except Exception as exc:  # the next round tries again
         log.exception("autoscaler: snapshot failed")
         return Round(t0, time.perf_counter() - p0, None, (), (), f"{type(exc).__name__}: {exc}")
+    options = options or Options()
+    if options.dynamic_priorities:
+        snap = priorities.apply(snap, priorities.Rule(
+            users_step=options.priority_users_step, idle_after_s=options.idle_after_s))
     actions = plan(snap, options)
     results = apply(actions, manager)
     return Round(t0, time.perf_counter() - p0, snap, tuple(actions), tuple(results))

@@ -103,6 +103,11 @@ class NodeConfig(BaseSettings):
     cpu_step: float | None = Field(None, gt=0)
     memory_step_mb: int | None = Field(None, gt=0)
     skip_futile_evictions: bool = False
+    # Dynamic priorities (enorm/priorities.py), off by default: each round ranks servers by
+    # a priority that follows their workload (+1 above the latency objective, +1 with at
+    # least `priority_users_step` users, -1 unused), within one of the declared priority.
+    dynamic_priorities: bool = False
+    priority_users_step: int = Field(1000, ge=1)
     # "measured": the basic service is what the board's own processes use (at least the
     # reserve); "reserve": only the reserve (nodes that share a machine, as in tests).
     basic_service: Literal["measured", "reserve"] = "measured"

@@ -85,7 +85,8 @@ def round_report(r: autoscaler.Round) -> dict[str, Any]:
         "duration_s": r.duration_s,
         "error": r.error,
         "servers": [] if r.snapshot is None else [
-            {"id": s.id, "priority": s.priority, "latency_ms": s.latency_ms,
+            {"id": s.id, "priority": s.priority, "declared_priority": s.declared_priority,
+             "latency_ms": s.latency_ms,
              "network_ms": s.network_ms, "computing_ms": s.computing_ms,
              "objective_ms": s.latency_objective_ms, "users": s.users,
              "idle_for_s": s.idle_for_s, "improvable": s.improvable,

@@ -307,3 +307,32 @@ def test_growing_basic_service_terminates_the_lowest_priority_tenant(
     assert not [x for x in r2["plan"] if x["action"] == "Terminate"], r2
     offer = node.client().get(node.url + "/v1/node", timeout=5).json()
     assert offer["basic_service"]["memory_mb"] >= headroom_mb
+
+
+# ----------------------------------------------------------------------------- priorities
+
+
+def test_dynamic_priorities_let_a_busy_server_evict_an_unused_one(edge_node):
+    """Two quarter-core servers fill a half-core node. The slow one (declared 5) needs
+    one more unit; the other (declared 6) has had no request for half its idle timeout.
+    With dynamic priorities the round sees 6 against 5, evicts the unused server and
+    grows the slow one; the report shows both priorities."""
+    idle_after_s = 8.0
+    node = edge_node(cores=0.5, unit={"cores": 0.25, "memory_mb": 64},
+                     autoscale_interval_s=QUIET, idle_after_s=idle_after_s,
+                     dynamic_priorities=True)  # fmt: skip
+    unused = launch(node, priority=6, users=["127.0.2.1"])
+    born = time.monotonic()
+    slow = launch(node, priority=5, users=["127.0.2.2"])
+    time.sleep(max(0.0, born + idle_after_s / 2 + 0.5 - time.monotonic()))
+    write_requests(slow["container"], [180, 220, 200])
+    report = autoscale(node)
+    assert time.monotonic() - born < idle_after_s  # not yet idle enough to be terminated
+    seen = {s["id"]: (s["priority"], s["declared_priority"]) for s in report["servers"]}
+    assert seen == {slow["server_id"]: (6, 5), unused["server_id"]: (5, 6)}
+    assert [(x["action"], x["server_id"], x["reason"]) for x in report["plan"]] == [
+        ("Terminate", unused["server_id"], "evicted_for_higher_priority"),
+        ("ScaleUp", slow["server_id"], "latency_above_objective")]
+    assert all(x["ok"] for x in report["results"])
+    assert cgroup_limits(slow["container"])[0] == 50_000
+    assert not lxc.Container(unused["container"]).defined
