@@ -329,7 +329,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(x - width / 2, hv["deploy_p50_s"], width, color="C0")
         ax.bar(x + width / 2, hv["terminate_p50_s"], width, color="C1")
         ax.plot([x - width / 2, x + width / 2], [med("floor_to_edge_s"), med("floor_to_cloud_s")],
-                "k_", ms=18, mew=2, label="bare DUMP/RESTORE floor (heavy data)")
+                "k_", ms=18, mew=2, label="heavy: bare DUMP/RESTORE floor of the data moved")
         xs = range(len(sizes) + 1)
     ax.axhline(2.0, color="C0", ls="--", lw=1, label="target: deploy 2 s")
     ax.axhline(1.0, color="C1", ls="--", lw=1, label="target: terminate 1 s")

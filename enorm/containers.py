@@ -440,10 +440,6 @@ class Containers:
                 raise ContainerError(f"{name}: the kernel refused cgroup {k}={want[k]}")
         return changed
 
-    def cpus(self, name: str) -> list[int]:
-        """The CPUs the container may run on now (its cpuset)."""
-        return parse_cpu_list(self._get(name).get_cgroup_item("cpuset.cpus") or "")
-
     def limits(self, name: str) -> Resources:
         """The limits the kernel enforces now, read back from the cgroup."""
         c = self._get(name)
