@@ -207,8 +207,7 @@ def merge_back(
         cloud changed meanwhile is held back by the same script, and if it is a conflict
         (not the edge's value already) it is counted, and kept as the cloud has it when
         the cloud wins that key. A key neither side changed (no TTL) is not rewritten."""
-        if m is None or not part:
-            return payloads.restore(dst, part, replace)
+        assert m is not None
         held: list[bytes] = []
         same: list[bytes] = []
         written = payloads.restore(dst, part, replace, expect={k: m.get(k) for k in part},
@@ -238,7 +237,8 @@ def merge_back(
                 keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
             tags = {t for k in keys if (t := hash_tag(k)) is not None}
             chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        copy_chunks(edge, cloud, remembered(chunks), True, report, restore=restore_unchanged)
+        copy_chunks(edge, cloud, remembered(chunks), True, report,
+                    restore=None if m is None else restore_unchanged)
         shared = [k for k in pending.result() if owns(k)]
     report.users = len(tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, shared, report)

@@ -51,29 +51,6 @@ return {r[1], table.concat(out)}
 """
 _SCAN_HEADER = struct.Struct(">IqI")
 
-# ARGV: replace flag and the packed batch. Each key is RESTOREd, then read back (DUMP)
-# and compared byte for byte with the payload it was given. Returns per key '1' (written,
-# read back equal), 'x' (written, read back different: compared by value afterwards) or
-# '0' (replace=0 and the destination had the key: kept, not written).
-_RESTORE = """
-local replace = ARGV[1] == '1'
-local blob = ARGV[2]
-local pos = 1
-local out = {}
-for i, k in ipairs(KEYS) do
-  local ttl, n, nxt = struct.unpack('>i8I4', blob, pos)
-  pos = nxt + n
-  if replace or redis.call('EXISTS', k) == 0 then
-    local p = string.sub(blob, nxt, pos - 1)
-    redis.call('RESTORE', k, ttl, p, 'REPLACE')
-    if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
-  else
-    out[i] = '0'
-  end
-end
-return table.concat(out)
-"""
-
 # A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
 # free for the copy, which dumps every key anyway. Sets and hashes in hash-table encoding
 # (RDB types 2 and 4) dump in their table's order, which a rehash may change without a
@@ -99,28 +76,34 @@ local function digest(k)
   return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
 end
 """
-# The merge's restore when the cloud kept a manifest of the copy: ARGV[3] holds, per key,
-# the digest it had when copied out (16 dots: it was not copied), ARGV[4] per key '1'
-# when the edge's value is still that one and has no TTL. A key whose digest on the
-# destination is no longer that one was changed there meanwhile: it is not written
-# ('c'), and the caller decides (a conflict). A key that neither side changed and that
-# has no TTL on either is already there, as its digest just showed: not written again
-# ('s'). The others as in _RESTORE.
-_RESTORE_UNCHANGED = DIGEST_FN + """
-local blob, want, same = ARGV[2], ARGV[3], ARGV[4]
+
+# ARGV: replace flag and the packed batch; at the merge, with the cloud's manifest of the
+# copy, also per key the digest it had when copied out (ARGV[3], 16 dots: not copied)
+# and '1' when the edge's value is still that one and has no TTL (ARGV[4]). Each key is
+# RESTOREd, then read back (DUMP) and compared byte for byte with the payload it was
+# given. Returns per key '1' (written, read back equal), 'x' (written, read back
+# different: compared by value afterwards), '0' (replace=0 and the destination had the
+# key: kept, not written), and with a manifest 'c' (the destination's value is no longer
+# the one copied out: changed there meanwhile, not written; the caller decides, a
+# conflict) or 's' (neither side changed it and neither has a TTL: already there, as its
+# digest just showed; not written again).
+_RESTORE = DIGEST_FN + """
+local replace, blob, want, same = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4]
 local pos = 1
 local out = {}
 for i, k in ipairs(KEYS) do
   local ttl, n, nxt = struct.unpack('>i8I4', blob, pos)
   pos = nxt + n
-  if digest(k) ~= string.sub(want, 16 * i - 15, 16 * i) then
+  if want and digest(k) ~= string.sub(want, 16 * i - 15, 16 * i) then
     out[i] = 'c'
-  elseif string.byte(same, i) == 49 and redis.call('PTTL', k) == -1 then
+  elseif want and string.byte(same, i) == 49 and redis.call('PTTL', k) == -1 then
     out[i] = 's'
-  else
+  elseif replace or redis.call('EXISTS', k) == 0 then
     local p = string.sub(blob, nxt, pos - 1)
     redis.call('RESTORE', k, ttl, p, 'REPLACE')
     if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
+  else
+    out[i] = '0'
   end
 end
 return table.concat(out)
@@ -267,10 +250,9 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                      for k, w in zip(batch, want, strict=True)]  # fmt: skip
         return [flag, b"".join(parts), b"".join(want), b"".join(unchanged)]
 
-    script = _RESTORE if expect is None else _RESTORE_UNCHANGED
 
     restored, compared = run_jobs(client, [
-        Job(keys, eval_command(script, restore_args)),
+        Job(keys, eval_command(_RESTORE, restore_args)),
         _same_job(dumped, unordered),
     ], "destination")  # fmt: skip
     written: list[bytes] = []
