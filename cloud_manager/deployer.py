@@ -1,8 +1,8 @@
 """The deployer: puts the partitioned server into an edge container over SSH.
 
 It reaches the container's sshd through the node's access port with the key sent in the
-setup request, uploads the application's files with SFTP (the image has python3, Flask
-and redis-py, so nothing is installed over a network), starts the server under the
+setup request, sends the application's files as one tar stream (the image has python3,
+Flask and redis-py, so nothing is installed over a network), starts the server under the
 image's supervisor (`enorm-app start -- CMD`) and waits until it answers on its
 user-facing host port. The same SSH session carries the port forward to the container's
 Redis for the data migration (`Session.forward`).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import shlex
 import socket
-import stat
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -59,6 +59,12 @@ def files_of(local_dir: Path, remote_dir: str,
     return out
 
 
+def _bytes(data: Path | bytes | str) -> bytes:
+    if isinstance(data, Path):
+        return data.read_bytes()
+    return data.encode() if isinstance(data, str) else data
+
+
 class Session:
     """One SSH connection to one edge server."""
 
@@ -84,8 +90,14 @@ class Session:
                 time.sleep(0.05 * (i + 1))
         raise AssertionError("unreachable")
 
-    def run(self, command: str, timeout: float = 30.0, check: bool = True) -> tuple[int, str, str]:
-        _, out, err = self._retry(lambda: self.client.exec_command(command, timeout=timeout))
+    def run(self, command: str, timeout: float = 30.0, check: bool = True,
+            stdin: bytes | None = None) -> tuple[int, str, str]:  # fmt: skip
+        """Run `command` on one exec channel, `stdin` (if any) written to it and closed."""
+        inp, out, err = self._retry(lambda: self.client.exec_command(command, timeout=timeout))
+        if stdin is not None:
+            inp.write(stdin)
+            inp.flush()
+            inp.channel.shutdown_write()
         rc = out.channel.recv_exit_status()
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
         if check and rc != 0:
@@ -93,39 +105,31 @@ class Session:
         return rc, stdout, stderr
 
     def upload(self, files: Mapping[str, Path | bytes | str], mode: int = 0o644) -> int:
-        """Write every remote path (parents created); returns bytes sent."""
-        sent = 0
-        sftp = self._retry(self.client.open_sftp)
-        try:
-            made: set[str] = set()
-            for remote in sorted(files):
-                for parent in reversed(PurePosixPath(remote).parents):
-                    p = str(parent)
-                    if p in made or p == "/":
-                        continue
-                    try:
-                        if not stat.S_ISDIR(sftp.stat(p).st_mode):
-                            raise DeployError(f"{p} exists and is not a directory")
-                    except FileNotFoundError:
-                        sftp.mkdir(p)
-                    made.add(p)
-                data = files[remote]
-                if isinstance(data, Path):
-                    data = data.read_bytes()
-                elif isinstance(data, str):
-                    data = data.encode()
-                with sftp.open(remote, "wb") as f:
-                    f.set_pipelined(True)
-                    f.write(data)
-                sftp.chmod(remote, mode)
-                sent += len(data)
-        finally:
-            sftp.close()
-        return sent
+        """Write every remote path (parents created) with `mode`; returns bytes sent."""
+        return self._install({r: (_bytes(d), mode) for r, d in files.items()}, then=None)
 
-    def start_app(self, command: list[str], env: Mapping[str, str], workdir: str = APP_DIR) -> None:
+    def _install(self, files: Mapping[str, tuple[bytes, int]], then: str | None) -> int:
+        """One exec channel carries a tar stream into `tar -x` (then runs `then`): about
+        two round trips in all, where SFTP cost three or four per file (over a far
+        cloud's 85 ms RTT, 6.8 s for the game's files)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for remote in sorted(files):
+                if not PurePosixPath(remote).is_absolute():
+                    raise DeployError(f"remote path {remote!r} is not absolute")
+                data, mode = files[remote]
+                info = tarfile.TarInfo(remote.lstrip("/"))
+                info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+        cmd = "tar -x -o -f - -C /"  # -o: files owned by root (GNU tar and busybox)
+        self.run(cmd + (f" && {{ {then}; }}" if then else ""), stdin=buf.getvalue())
+        return sum(len(d) for d, _ in files.values())
+
+    def start_app(self, command: list[str], env: Mapping[str, str], workdir: str = APP_DIR,
+                  files: Mapping[str, Path | bytes | str] | None = None) -> None:  # fmt: skip
         """Start `command` under the image's supervisor (restarted if it exits), with
-        `env` from a file only root can read (it holds the Redis password)."""
+        `env` from a file only root can read (it holds the Redis password). `files`
+        (the application) go in the same round trip."""
         env_file = f"{workdir}/app.env"
         script = "\n".join([
             "#!/bin/sh",
@@ -137,9 +141,10 @@ class Session:
             "",
         ])  # fmt: skip
         body = "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
-        self.upload({env_file: body}, mode=0o600)
-        self.upload({f"{workdir}/run.sh": script}, mode=0o755)
-        self.run(f"{SUPERVISOR} stop; {SUPERVISOR} start -- {workdir}/run.sh")
+        self._install({**{r: (_bytes(d), 0o644) for r, d in (files or {}).items()},
+                       env_file: (body.encode(), 0o600),
+                       f"{workdir}/run.sh": (script.encode(), 0o755)},
+                      then=f"{SUPERVISOR} stop; {SUPERVISOR} start -- {workdir}/run.sh")
 
     def stop_app(self) -> None:
         self.run(f"{SUPERVISOR} stop", check=False)

@@ -196,8 +196,7 @@ class CloudManager:
             t = time.perf_counter()
             ctx = EdgeContext(gateway=session.gateway(), redis_url=inside_redis,
                               port=self.app.port)
-            session.upload(self.app.files)
-            session.start_app(self.app.command, self.app.env(ctx))
+            session.start_app(self.app.command, self.app.env(ctx), files=self.app.files)
             dep.timings["upload_start"] = time.perf_counter() - t
 
         def copy_data() -> None:

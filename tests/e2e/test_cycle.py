@@ -84,6 +84,16 @@ def run_cycle(cloud, node, *, edge_initiated: bool) -> None:
     assert dep.copy.verified and dep.copy.keys >= 50
     redirect = game_cloud_config(cloud)
     assert set(redirect) == {c.user for c in offload}
+    # the app went over in one tar stream: every file, root's, the env (the Redis
+    # password) readable by root only, the start script executable
+    app = cloud.manager.app
+    _, out, _ = dep.session.run("cd /opt/enorm-app && stat -c '%a %U %n' app.env run.sh "
+                                + " ".join(app.files))
+    lines = [ln.split(" ", 2) for ln in out.splitlines()]
+    assert {owner for _, owner, _ in lines} == {"root"}
+    modes = {name: mode for mode, _, name in lines}
+    assert modes.pop("app.env") == "600" and modes.pop("run.sh") == "755"
+    assert set(modes) == set(app.files) and set(modes.values()) == {"644"}
     offloaded_play(cloud, dep, offload)
     # users that stayed on the cloud still play there
     for c in clients[50:55]:
