@@ -138,8 +138,17 @@ def create_app(redis_client, *, public_url: str | None = None, clock=None) -> Fl
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def connect_redis(url: str, connections: int = 256):
+    """The game server's Redis client: a request thread waits for a free connection
+    rather than failing (redis-py 8 caps a plain pool at 100 and raises beyond it, which
+    a threaded server under thousands of users reaches)."""
     import redis
+
+    return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+        url, max_connections=connections, timeout=30))
+
+
+def main(argv: list[str] | None = None) -> None:
     from werkzeug.serving import run_simple
 
     p = argparse.ArgumentParser(description="iPokeMon-style cloud game server")
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--public-url", default=None)
     a = p.parse_args(argv)
-    app = create_app(redis.Redis.from_url(a.redis), public_url=a.public_url)
+    app = create_app(connect_redis(a.redis), public_url=a.public_url)
     run_simple(a.host, a.port, app, threaded=True)
 
 

@@ -158,3 +158,35 @@ def test_edge_refuses_unknown_users_with_a_hint(cloud, edge_factory):
     assert r.status_code == 404 and r.json()["redirect"] == cloud_url
     r = requests.get(cloud_url + "/config", params={"user": "99"}, timeout=5)
     assert r.json() == {"user": "99", "server": cloud_url}
+
+
+def test_cloud_server_queues_requests_beyond_its_redis_connections(redis_server, free_tcp_port):
+    """More requests at once than Redis connections: they wait for one, none fails
+    (a plain redis-py 8 pool raises MaxConnectionsError instead)."""
+    server = redis_server()
+    port = free_tcp_port()
+    client = cloud_server.connect_redis(server.url, connections=2)
+    http = make_server("127.0.0.1", port, cloud_server.create_app(client), threaded=True)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        codes: list[int] = []
+        start = threading.Barrier(40)
+
+        def login(i: int) -> None:
+            start.wait()
+            r = requests.post(f"{url}/id", json={"provider": "t", "identity": f"pool{i}"},
+                              timeout=30)  # fmt: skip
+            codes.append(r.status_code)
+
+        threads = [threading.Thread(target=login, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [201] * 40  # each one created
+        assert client.connection_pool.max_connections == 2
+    finally:
+        http.shutdown()
+        thread.join(5)
