@@ -21,8 +21,9 @@ reliability: setup
 	flock /run/enorm-bench.lock flock /run/enorm-bench-soak.lock .venv/bin/python -m bench.soak
 
 # Every bench holds the machine-wide lock: their names and ports are fixed.
-# `bench`: about 75 minutes (bench.latency alone ~25: 3 access x 6 user counts x 3 targets
-# x 20 s; bench.peers ~25); `bench-quick`: about 4 minutes.
+# `bench`: about two hours (bench.latency ~27 min: 3 access x 7 user counts x 3 targets
+# x 20 s; bench.mixed ~26; bench.peers ~25); `bench-quick`: under 5 minutes (it uses the
+# calibration in bench/results and writes to /tmp/enorm-bench-quick).
 LOCK = flock /run/enorm-bench.lock
 bench: setup
 	$(LOCK) .venv/bin/python -m bench.provisioning
@@ -30,14 +31,17 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.deployment
 	$(LOCK) .venv/bin/python -m bench.jmeter_engines
 	$(LOCK) .venv/bin/python -m bench.calibration
+	$(LOCK) .venv/bin/python -m bench.overheads
 	$(LOCK) .venv/bin/python -m bench.latency
+	$(LOCK) .venv/bin/python -m bench.mixed
 	$(LOCK) .venv/bin/python -m bench.peers
 	$(LOCK) .venv/bin/python -m bench.basic_service
 	$(LOCK) .venv/bin/python -m bench.pressure
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file
-	$(LOCK) .venv/bin/python -m bench.calibration --runs 1
-	$(LOCK) .venv/bin/python -m bench.latency --quick
+	$(LOCK) .venv/bin/python -m bench.overheads --quick --users 1 --runs 1 --out /tmp/enorm-bench-quick
+	$(LOCK) .venv/bin/python -m bench.latency --quick --out /tmp/enorm-bench-quick
+	$(LOCK) .venv/bin/python -m bench.mixed --quick --out /tmp/enorm-bench-quick
 	$(LOCK) .venv/bin/python -m bench.basic_service --hour-s 2 --out /tmp/enorm-bench-quick
 	$(LOCK) .venv/bin/python -m bench.pressure --runs 1 --out /tmp/enorm-bench-quick/pressure.json

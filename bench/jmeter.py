@@ -180,6 +180,24 @@ def parse_jtl(path: str | Path, *, plan: str = "", users: int = 0, threads: int 
     )  # fmt: skip
 
 
+def join_jtl(jtls: list[Path], out: Path, warmup_s: float) -> Path:
+    """The .jtl files of engines run side by side as one (one header), each without the
+    samples that started within `warmup_s` of its own first one (the engines start at
+    slightly different times, each with a cold JIT and its own ramp-up)."""
+    with out.open("w") as f:
+        for i, jtl in enumerate(jtls):
+            with jtl.open(newline="") as src:
+                rows = list(csv.reader(src))
+            head, body = rows[0], rows[1:]
+            at = head.index("timeStamp")
+            cut = min((int(r[at]) for r in body), default=0) + warmup_s * 1000
+            w = csv.writer(f)
+            if i == 0:
+                w.writerow(head)
+            w.writerows(r for r in body if int(r[at]) >= cut)
+    return out
+
+
 def write_players(path: str | Path, players: Iterable[Player]) -> Path:
     """The CSV the plans read (no header: JMeter's CSVDataSet names the columns). Always
     five columns: a missing one would reach JMeter as the literal `${src}`, a name."""

@@ -13,15 +13,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
+from bench import jmeter
 from bench.calibration import BOARDS, quota_for
-from bench.load import Load
+from bench.jmeter import Player
 from bench.testbed import ACCESS, WAN, Testbed
 from bench.testbed import probe as probe_mod
+from bench.testbed.bed import CLOUD_PORT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,22 +36,62 @@ def cloud_requests(bed: Testbed) -> int:
     return requests.get(bed.cloud_url + "/stats", timeout=10).json()["requests"]
 
 
-def one_run(bed: Testbed, target: str, users: int, duration: float, behaviour: str) -> dict:
-    """target: edge (offloaded, WAN near), near or far (cloud only over that WAN)."""
+def measure(bed: Testbed, target: str, players: list[Player], duration: float,
+            behaviour: str, *, servers: int = 1, engine: str = "jmeter") -> dict:  # fmt: skip
+    """One run of the game's JMeter plan `behaviour` from the users' namespace.
+
+    target "edge": the cloud manager offloads the players, split into `servers` groups,
+    one edge server each (WAN near; the cloud still gets the edge servers' pushes);
+    "near" / "far": every player stays on the cloud over that WAN. The same `servers`
+    load-generator processes run either way, so the generator's own cost is alike.
+    Returns the latency of the HTTP samples (ramp-up left out), the rates, and the bytes
+    (the WAN link's counters) and requests (the cloud's counter) in the load's window."""
     bed.wan("near" if target == "edge" else target)
-    sources = bed.edges[0].users.addrs[:users]
-    load = Load(bed.edges[0].users.name, bed.cloud_url, sources, duration, behaviour)
-    ids = load.start()
-    dep = bed.offload(list(zip(ids, sources, strict=True))) if target == "edge" else None
-    c0, r0 = bed.wan_counters(), cloud_requests(bed)
-    res = load.run()
-    c1, r1 = bed.wan_counters(), cloud_requests(bed)
-    if dep:
-        bed.withdraw(dep["server_id"])
-    res.update(target=target,
-               wan_bytes=(c1["rx_bytes"] - c0["rx_bytes"]) + (c1["tx_bytes"] - c0["tx_bytes"]),
-               cloud_requests=r1 - r0 - 1)  # the /stats read itself  # fmt: skip
-    return res
+    groups = [players[k::servers] for k in range(servers)]
+    deps = []
+    try:
+        if target == "edge":
+            for g in groups:
+                deps.append(bed.offload([(p.uid, p.src) for p in g]))
+            ends = [urlsplit(d["url"]) for d in deps]
+            ends = [(u.hostname, u.port) for u in ends]
+        else:
+            ends = [(bed.cloud_ns.ip, CLOUD_PORT)] * servers
+        if engine != "jmeter":  # only JMeter binds per-user source addresses
+            groups = [[replace(p, src="") for p in g] for g in groups]
+        warmup = max(2.0, min(5.0, duration / 10))
+        with tempfile.TemporaryDirectory(prefix="enbd-jtl-") as tmp:
+            def one(k: int) -> jmeter.Result:
+                host, port = ends[k]
+                return jmeter.run(behaviour, host, port, len(groups[k]), duration + warmup,
+                                  players=groups[k], engine=engine, netns=bed.edges[0].users.name,
+                                  max_threads=max(1, jmeter.MAX_THREADS // servers),
+                                  rampup=warmup, out_dir=Path(tmp) / str(k))  # fmt: skip
+
+            c0, r0 = bed.wan_counters(), cloud_requests(bed)
+            with ThreadPoolExecutor(servers) as pool:
+                parts = list(pool.map(one, range(servers)))
+            c1, r1 = bed.wan_counters(), cloud_requests(bed)
+            res = jmeter.parse_jtl(
+                jmeter.join_jtl([Path(r.jtl) for r in parts], Path(tmp) / "all.jtl", warmup),
+                plan=behaviour, users=len(players))
+    finally:
+        for d in deps:
+            bed.withdraw(d["server_id"])
+    targets = [r.target_rate for r in parts if r.target_rate]
+    return {
+        "target": target, "behaviour": behaviour, "users": len(players), "servers": servers,
+        "engine": engine, "threads": sum(r.threads for r in parts), "duration_s": res.duration_s,
+        "requests": res.requests, "errors": res.errors, "error_codes": res.error_codes,
+        "throughput_rps": res.throughput, "achieved_rps": res.achieved_rate,
+        "offered_rps": round(sum(targets), 1) if targets else None,
+        "p50_ms": res.p50, "p95_ms": res.p95, "p99_ms": res.p99, "mean_ms": res.mean,
+        "client_cpu_s": sum(r.client_cpu_s or 0 for r in parts),
+        "wan_bytes": (c1["rx_bytes"] - c0["rx_bytes"]) + (c1["tx_bytes"] - c0["tx_bytes"]),
+        "wan_packets": (c1["rx_packets"] - c0["rx_packets"])
+        + (c1["tx_packets"] - c0["tx_packets"]),
+        "cloud_requests": r1 - r0 - 1,  # the /stats read itself
+    }  # fmt: skip
 
 
 def emulator_accuracy(bed: Testbed, pps: float) -> list[dict]:
@@ -93,6 +139,13 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def report(label: str, r: dict) -> None:
+    print(f"{label} {r['behaviour']:10s} {r['users']:5d} users on {r['servers']} "
+          f"{r['target']:4s}: p50 {r['p50_ms']:.0f} ms p95 {r['p95_ms']:.0f} ms, "
+          f"{r['achieved_rps']:.1f} req/s (offered {r['offered_rps']}), {r['errors']} errors, "
+          f"WAN {r['wan_bytes']} B, cloud requests {r['cloud_requests']}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 and 8 users, 3 s per run")
@@ -102,35 +155,38 @@ def main(argv: list[str] | None = None) -> None:
                     help="the edge unit's CPU: a board core as calibrated by bench.calibration "
                          "(default rpi4), or a whole host core")
     ap.add_argument("--users", nargs="*", type=int,
-                    help="user counts (default: 1 2 4 8 16 32; 1 8 with --quick)")
+                    help="user counts (default: 1 2 4 8 16 32 64; 1 8 with --quick)")
     ap.add_argument("--duration", type=float, help="seconds per run (default 20; 3 with --quick)")
+    ap.add_argument("--engine", choices=jmeter.ENGINES, default="jmeter",
+                    help="load generator: JMeter (default) or Locust, the same plans")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     unit_cores = 1.0 if a.board == "host" else quota_for(a.board)
-    users = a.users or ([1, 8] if a.quick else [1, 2, 4, 8, 16, 32])
+    users = a.users or ([1, 8] if a.quick else [1, 2, 4, 8, 16, 32, 64])
     duration = a.duration or (3.0 if a.quick else 20.0)
     access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
     t0 = time.monotonic()
-    with Testbed(users_per_node=max(users), unit_cores=unit_cores) as bed:
-        accuracy = emulator_accuracy(bed, pps=1000)
+    with Testbed(users_per_node=min(max(users), 250), unit_cores=unit_cores) as bed:
+        # the busiest runs cross the WAN link at about 2,000 packets/s each way
+        accuracy = emulator_accuracy(bed, pps=2000)
+        players = bed.players(max(users))
         for acc in access:
             bed.access(acc)
             for n in users:
                 for target in ("edge", "near", "far"):
-                    r = one_run(bed, target, n, duration, "aggressive")
+                    r = measure(bed, target, players[:n], duration, "aggressive", engine=a.engine)
                     runs.append({"access": acc, **r})
-                    print(f"{acc} {n:3d} users {target:4s}: p50 {r['p50_ms']:.1f} ms, "
-                          f"{r['throughput_rps']:.1f} req/s, WAN {r['wan_bytes']} B, "
-                          f"cloud requests {r['cloud_requests']}", flush=True)
+                    report(acc, r)
             for target in ("edge", "near"):
-                r = one_run(bed, target, max(users), duration, "mixed")
+                r = measure(bed, target, players, duration, "mixed", engine=a.engine)
                 runs.append({"access": acc, **r})
+                report(acc, r)
     data = {"experiment": "latency (c), edge<->cloud bytes (d) and requests (e)",
             "quick": a.quick, "duration_s": duration,
             "edge_unit": {"board": a.board, "cores": unit_cores}, "loadavg_at_end": os.getloadavg(),
             "wall_s": time.monotonic() - t0, "emulator": accuracy, "runs": runs,
-            "note": "taken on a shared 2-core machine loaded by other helpers"}
+            "engine": a.engine}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "latency.json").write_text(json.dumps(data, indent=1))
     plot(data, a.out / "latency.png")

@@ -1,5 +1,6 @@
 """A small load generator for the testbed, behind one function: `load(...) -> results`.
-(The JMeter runner of issue 9 part 2, `bench.jmeter`, is meant to take its place here.)
+(The experiments drive the testbed with JMeter, `bench.latency.measure`; this one plays
+the game client itself, so that a test sees users follow the redirection.)
 
 Each virtual user is a thread with its own GameClient and its own source address, so the
 edge node sees one address per user. Behaviours (the paper's JMeter plans):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import requests
 
+from bench.jmeter import Player
 from cloud_manager.local import LocalEdgeNode
 
 from . import profiles
@@ -128,6 +129,14 @@ class Testbed:
             return
         self._closed = True
         errors = []
+        # The nodes go first: `enorm down` merges what a run left deployed (one killed
+        # half-way) back into the cloud's Redis, which must still be there.
+        for bed in self.edges:
+            if bed.node is not None:
+                try:
+                    bed.node.close()
+                except Exception as exc:  # noqa: BLE001 (the rest must still go)
+                    errors.append(exc)
         if self.cloud_proc is not None and self.cloud_proc.poll() is None:
             self.cloud_proc.terminate()
             try:
@@ -135,11 +144,6 @@ class Testbed:
             except Exception:  # noqa: BLE001
                 self.cloud_proc.kill()
         for bed in self.edges:
-            if bed.node is not None:
-                try:
-                    bed.node.close()
-                except Exception as exc:  # noqa: BLE001 (the rest must still go)
-                    errors.append(exc)
             bed.users.close()
             sh("ip", "route", "del", "unreachable", f"10.86.{10 + bed.index}.0/24", "metric",
                "4000", check=False)
@@ -165,6 +169,18 @@ class Testbed:
 
     def wan(self, profile: str | profiles.Link) -> None:
         self.cloud_ns.shape(profiles.WAN[profile] if isinstance(profile, str) else profile)
+
+    def players(self, n: int, prefix: str = "bed", node: int = 0,
+                timeout: float = 900) -> list[Player]:  # fmt: skip
+        """n players made by the cloud (the same ones again for the same prefix), each
+        given a source address of node `node`'s users namespace (in turn, when there are
+        more players than addresses)."""
+        r = requests.post(self.cloud_url + "/bench/players", json={"n": n, "prefix": prefix},
+                          timeout=timeout)
+        r.raise_for_status()
+        addrs = self.edges[node].users.addrs
+        return [Player(uid, token, lat, lng, addrs[i % len(addrs)])
+                for i, (uid, token, lat, lng) in enumerate(r.json())]
 
     def offload(self, users: list[tuple[str, str]], timeout: float = 120) -> dict:
         """The cloud manager (in the cloud) offloads `users` [(id, address)]: bed0 first,

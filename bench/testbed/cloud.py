@@ -6,8 +6,10 @@ imported anything, so Redis, started later, inherits the quota).
     python -m bench.testbed.cloud HOST PORT EDGE_URL[,EDGE_URL...] TOKEN
 
 Besides the game (`/id`, `/config`, `/stats`, ...) it answers the testbed's control calls:
-`POST /bench/offload {"users": [[id, address], ...]}` -> the deployment, and
-`POST /bench/withdraw {"server_id": ...}`.
+`POST /bench/players {"n": N, "prefix": P}` -> N players made by the game's own logic in
+the cloud's Redis, `[[uid, token, lat, lng], ...]` (the same ones again for the same
+prefix), `POST /bench/offload {"users": [[id, address], ...]}` -> the deployment, and
+`POST /bench/withdraw {"server_id": ...}` -> its end and timings.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ REDIS_PORT = 6379
 
 def main(argv: list[str] | None = None) -> None:
     host, port, edge_url, token = (argv or sys.argv[1:])[:4]
+    from bench.jmeter import create_players
     from cloud_manager import CloudManager, EdgeClient
     from enorm import datasync
     from enorm.protocol import DataSink
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:  # noqa: BLE001 (not up yet)
             threading.Event().wait(0.05)
     url = f"http://{host}:{port}"
-    app = game_cloud.create_app(client, public_url=url)
+    app = game_cloud.create_app(game_cloud.connect_redis(redis_url), public_url=url)
     manager = CloudManager(
         [EdgeClient(u, token, name=f"bed{k}") for k, u in enumerate(edge_url.split(","))],
         pokemon_app(client, cloud_url=url, push_interval=1.0),
@@ -58,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
         callback_url=f"{url}/edge-events",
     )
     app.register_blueprint(manager.blueprint())
+
+    @app.post("/bench/players")
+    def _players():
+        body = request.get_json()
+        made = create_players(client, int(body["n"]), prefix=str(body.get("prefix", "bed")))
+        return jsonify([[p.uid, p.token, p.lat, p.lng] for p in made])
 
     @app.post("/bench/offload")
     def _offload():
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     def _withdraw():
         dep = manager.withdraw(request.get_json()["server_id"])
         return jsonify(server_id=dep.server_id, state=dep.state,
-                       keys_migrated=dep.keys_migrated)
+                       keys_migrated=dep.keys_migrated, timings=dep.timings)
 
     http = make_server(host, int(port), app, threaded=True)
     def _stop(*_):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.latency import measure
 from bench.load import Load
 from bench.testbed import WAN, Testbed, probe
 
@@ -34,7 +35,7 @@ def leftovers() -> list[str]:
 
 def test_testbed_delays_routes_and_tears_down(bench_lock):
     assert leftovers() == []
-    with Testbed(users_per_node=2) as bed:
+    with Testbed(users_per_node=2, unit_cores=0.5) as bed:  # room for two servers
         # the cloud tier is held to one core
         assert (bed.cgroup / "cpu.cfs_quota_us").read_text().strip() == "100000"
         # the delayer: probe RTT over the near-cloud WAN link vs the configured one,
@@ -66,4 +67,16 @@ def test_testbed_delays_routes_and_tears_down(bench_lock):
         assert res["servers"] == [dep["url"]]
         assert dep["url"].startswith(f"http://{bed.edges[0].users.host_ip}:")
         assert bed.withdraw(dep["server_id"])["state"] == "withdrawn"
+        # JMeter's aggressive plan from the users' namespace, each player from its own
+        # address: on the edge server the cloud sees (almost) nothing of it, on the
+        # near cloud every request crosses the WAN link
+        players = bed.players(2, prefix="t-bed")
+        assert [p.src for p in players] == bed.edges[0].users.addrs[:2]
+        edge = measure(bed, "edge", players, 2.0, "aggressive", servers=2)
+        near = measure(bed, "near", players, 2.0, "aggressive")
+        for r in (edge, near):
+            assert r["errors"] == 0 and r["requests"] > 10, r
+        assert near["cloud_requests"] >= near["requests"] > 0
+        assert edge["cloud_requests"] < near["cloud_requests"] / 4
+        assert edge["wan_bytes"] < near["wan_bytes"] / 4
     assert leftovers() == []

@@ -128,3 +128,14 @@ def test_cli_names_the_bad_field_and_exits_non_zero(tmp_path, capsys):
                         "--players", str(players)])  # fmt: skip
     assert code == 2
     assert "host: 'edge.example' is not an IP literal" in capsys.readouterr().err
+
+
+def test_join_jtl_cuts_each_engines_own_warmup(tmp_path: Path):
+    head, *rows = (DATA / "sample.jtl").read_text().splitlines()
+    later = tmp_path / "later.jtl"  # a second engine that started 10 s later
+    later.write_text("\n".join([head] + [str(int(r[:13]) + 10_000) + r[13:] for r in rows]) + "\n")
+    joined = jmeter.join_jtl([DATA / "sample.jtl", later], tmp_path / "all.jtl", warmup_s=0.35)
+    assert joined.read_text().count("timeStamp") == 1
+    r = jmeter.parse_jtl(joined)
+    assert (r.requests, r.errors) == (12, 4)  # 6 of 10 kept from each
+    assert jmeter.parse_jtl(jmeter.join_jtl([later], tmp_path / "one.jtl", 0)).requests == 10
