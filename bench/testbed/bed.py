@@ -89,9 +89,10 @@ class Testbed:
         sys.exit(143)
 
     def build(self) -> None:
-        self.cloud_ns = Namespace(f"{PREFIX}c", CLOUD_NET).open()
+        self.cloud_ns = Namespace(f"{PREFIX}c", CLOUD_NET, queue_base=8600).open()
         for i in range(self.n_nodes):
-            users = Namespace(f"{PREFIX}u{i}", f"198.18.{i}.0/24", n_addrs=self.users_per_node)
+            users = Namespace(f"{PREFIX}u{i}", f"198.18.{i}.0/24", n_addrs=self.users_per_node,
+                              queue_base=8610 + 2 * i)
             self.edges.append(EdgeBed(i, None, users))  # type: ignore[arg-type]
             users.open()
             bed = self.edges[-1]

@@ -3,7 +3,8 @@ added in user space through NFQUEUE. iptables hands every packet of a link to th
 process, which holds it and gives the verdict (accept) when its time has come, so TCP
 handshakes, data and ACKs all see the path's RTT as on a real network.
 
-Run inside the namespace whose packets it delays (NFQUEUE is per network namespace):
+Run in the namespace whose PREROUTING hands it the packets (NFQUEUE is per network
+namespace; on OUTPUT a held packet would still count against its sending socket):
     python -m bench.testbed.delayer --queue 1:20:2 --queue 2:20:2
 (queue number : one-way delay ms : jitter ms). Packets of one queue leave in order (a
 packet never overtakes the one before it), like a single link; jitter is uniform in

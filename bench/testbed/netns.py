@@ -1,5 +1,6 @@
 """A network namespace joined to the edge node's host by one veth link, with the link's
-delay (NFQUEUE delayer inside the namespace) and bandwidth (TBF on each end).
+delay (an NFQUEUE delayer per direction, on the receiving side) and bandwidth (TBF on
+each end).
 
 The host side of the link is the edge node: the namespace's default route goes through
 it. Everything made here is named by the caller's prefix and removed by `close`, which
@@ -36,8 +37,10 @@ class Namespace:
             raise ValueError(f"net {net}: room for {len(hosts) - 1} addresses, not {n_addrs}")
         self.host_ip = str(hosts[0])
         self.addrs = [str(a) for a in hosts[1:1 + n_addrs]]
-        self.queues = (queue_base + 1, queue_base + 2)  # up (ns -> host), down
-        self.delayer: subprocess.Popen | None = None
+        # up (ns -> host, delayed in the host), down (delayed in the namespace); the
+        # host's queue numbers must differ between links, hence a base per namespace
+        self.queues = (queue_base + 1, queue_base + 2)
+        self.delayers: list[subprocess.Popen] = []
         self.link: Link | None = None
 
     @property
@@ -59,36 +62,49 @@ class Namespace:
         return self
 
     def shape(self, link: Link) -> None:
-        """Delay + jitter each way (NFQUEUE inside the namespace), rate by TBF."""
+        """Delay + jitter each way, rate by TBF. Each direction is delayed where its
+        packets arrive (PREROUTING of the receiving side: the host for `up`, the namespace
+        for `down`), never on OUTPUT: a packet held there still counts against its
+        sending socket, and TCP Small Queues then lets a connection have only a couple of
+        packets below it, so a held link passed about 0.1 MB/s at 85 ms instead of a
+        real path's rate."""
         self.unshape()
         self.link = link
         up, down = self.queues
-        for chain, flag, q in (("OUTPUT", "-o", up), ("PREROUTING", "-i", down)):
-            sh("iptables", "-t", "mangle", "-A", chain, flag, self.ns_if, "-j", "NFQUEUE",
-               "--queue-num", str(q), ns=self.name)
-        self.delayer = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, "-m", "bench.testbed.delayer",
-             "--queue", f"{up}:{link.delay_ms}:{link.jitter_ms}",
-             "--queue", f"{down}:{link.delay_ms}:{link.jitter_ms}"],
-            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
-        if self.delayer.stdout.readline().strip() != b"ready":
-            raise RuntimeError(f"delayer of {self.name} did not start")
+        spec = f"{link.delay_ms}:{link.jitter_ms}"
+        sh("iptables", "-t", "mangle", "-A", "PREROUTING", "-i", self.ns_if, "-j", "NFQUEUE",
+           "--queue-num", str(down), ns=self.name)
+        sh(*self._host_rule("-A", up))
+        root = Path(__file__).resolve().parents[2]
+        for ns, q in ((self.name, down), (None, up)):
+            cmd = [sys.executable, "-m", "bench.testbed.delayer", "--queue", f"{q}:{spec}"]
+            proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd,
+                                    stdout=subprocess.PIPE, cwd=root)
+            self.delayers.append(proc)
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"delayer of {self.name} (queue {q}) did not start")
         for dev, rate, ns in ((self.ns_if, link.up_mbit, self.name),
                               (self.host_if, link.down_mbit, None)):
             if rate:
                 sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate}mbit",
                    "burst", "64kb", "latency", "200ms", ns=ns)
 
+    def _host_rule(self, op: str, queue: int) -> list[str]:
+        return ["iptables", "-t", "mangle", op, "PREROUTING", "-i", self.host_if, "-j",
+                "NFQUEUE", "--queue-num", str(queue)]
+
     def unshape(self) -> None:
-        if self.delayer is not None:
-            self.delayer.terminate()
+        for proc in self.delayers:
+            proc.terminate()
             try:
-                self.delayer.wait(5)
+                proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.delayer.kill()
-                self.delayer.wait(5)
-            self.delayer = None
+                proc.kill()
+                proc.wait(5)
+        self.delayers.clear()
         sh("iptables", "-t", "mangle", "-F", check=False, ns=self.name)
+        while sh(*self._host_rule("-D", self.queues[0]), check=False).returncode == 0:
+            pass  # every copy of our rule on the host, and only ours
         sh("tc", "qdisc", "del", "dev", self.ns_if, "root", check=False, ns=self.name)
         sh("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
         self.link = None
