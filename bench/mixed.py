@@ -27,6 +27,7 @@ from bench import jmeter
 from bench.calibration import BOARDS, quota_for
 from bench.latency import RESULTS, measure, report
 from bench.testbed import ACCESS, Testbed
+from games.pokemon.jmeter.plans import session_think_ms
 
 SERVERS = 8
 CONFIGS = {
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = QUICK if a.quick else CONFIGS
     duration = a.duration or (8.0 if a.quick else 30.0)
     most = max(n for runs in configs.values() for _, n in runs)
-    think_s = jmeter.game_plans.session_think_ms() / 1000
+    think_s = session_think_ms() / 1000
     min_samples = 4 if a.quick else 12
     runs = []
     t0 = time.monotonic()
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {"experiment": "latency of mixed users (c, paper Fig. 9)", "quick": a.quick,
             "duration_s": duration, "access": a.access,
             "edge_unit": {"board": a.board, "cores": unit_cores},
-            "think_ms": jmeter.game_plans.session_think_ms(), "engine": a.engine,
+            "think_ms": round(think_s * 1000), "engine": a.engine,
             "loadavg_at_end": os.getloadavg(), "wall_s": time.monotonic() - t0, "runs": runs}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "mixed.json").write_text(json.dumps(data, indent=1))
