@@ -43,9 +43,10 @@ from pathlib import Path
 
 import lxc
 
-from enorm import autoscaler, config, scaling
+from enorm import autoscaler, config, control_loop
 from enorm.daemon import Daemon
 from enorm.protocol import SetupRequest, User
+from enorm.requestlog import REQUEST_LOG
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTAINERS = (1, 8, 32, 128)
@@ -138,7 +139,7 @@ class Bench:
         self.d = daemon
         self.mgr = daemon.manager
         self.rounds = rounds
-        self.node_round = scaling.NodeRound(self.mgr)
+        self.node_round = control_loop.Observer(self.mgr)
         self.options = autoscaler.Options.from_config(self.mgr.cfg)
         self.snapshot_s = 0.0
 
@@ -173,7 +174,7 @@ class Bench:
     def slow_request_everywhere(self) -> None:
         now = time.time()
         for s in self.mgr.store.servers():
-            path = self.mgr.containers.delta_dir(s.container) / scaling.REQUEST_LOG
+            path = self.mgr.containers.delta_dir(s.container) / REQUEST_LOG
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 f.write(f"{now:.3f} /api/location 120\n")
@@ -181,7 +182,7 @@ class Bench:
     def round(self) -> tuple[float, dict]:
         """One measured round through the node's scheduler (the path of the daemon)."""
         self.slow_request_everywhere()
-        sched = autoscaler.Scheduler(self._snapshot, self.mgr, self.options, 3600.0)
+        sched = control_loop.ControlLoop(self._snapshot, self.mgr, self.options, 3600.0)
         r = sched.run_once()
         if r.error:
             raise RuntimeError(f"round failed: {r.error}")
@@ -222,7 +223,7 @@ class Bench:
         floors: dict[str, float] = {}
         for users in USERS_PER_CONTAINER:
             self.terminate_all()
-            self.node_round = scaling.NodeRound(self.mgr)
+            self.node_round = control_loop.Observer(self.mgr)
             for n in CONTAINERS:
                 key = f"{n}x{users}"
                 if only and key not in only:

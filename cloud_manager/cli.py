@@ -77,9 +77,23 @@ class Cloud:
         self.redis = datasync.connect(cfg.cloud_redis, cluster=cfg.cluster)
         self.ledger = Ledger(self.redis)
 
+    def registry(self):
+        from .registry import Registry
+
+        return Registry(self.redis, down_after_s=self.cfg.down_after_s)
+
+    def heartbeat(self) -> dict:
+        """One heartbeat round now (a one-shot command has no background thread)."""
+        from .registry import Heartbeats
+
+        return Heartbeats(self.registry(), list(self.edges.values()),
+                          self.cfg.heartbeat_interval_s).beat()
+
     def manager(self, only: str | None = None):
         from cloud_manager import CloudManager
         from enorm.protocol import DataSink
+
+        from .placement import Weights
 
         try:
             app = self.cfg.app_factory()(self.redis, **self.cfg.app_options)
@@ -93,7 +107,9 @@ class Cloud:
             sink=DataSink(url=self.cfg.sink_url or self.cfg.cloud_redis,
                           cluster=self.cfg.cluster, shared_patterns=app.shared_patterns),
             callback_url=self.cfg.callback_url, priority=self.cfg.priority,
-            latency_objective_ms=self.cfg.latency_objective_ms)
+            latency_objective_ms=self.cfg.latency_objective_ms,
+            registry=None if only else self.registry(), placement=self.cfg.placement,
+            weights=Weights(**self.cfg.placement_weights.model_dump()))
 
     def close(self) -> None:
         for e in self.edges.values():
@@ -132,27 +148,32 @@ def _emit_json(data: Any) -> None:
 @config_option
 @json_option
 def nodes(config_path: Path | None, as_json: bool) -> None:
-    """The configured edge nodes and their offers (free resources, unit, policy)."""
-    from cloud_manager import EdgeError
-
+    """The configured edge nodes and their offers (free resources, unit, policy, load), as
+    one heartbeat round finds them; recorded in the registry (cloud Redis)."""
     rows, data, unreachable = [], [], 0
     with cloud(config_path) as c:
+        states = c.heartbeat()
+        now = time.time()
         for name, edge in c.edges.items():
-            try:
-                o = edge.offer()
-            except EdgeError as exc:
+            st = states[name]
+            up = st.up(now, c.cfg.down_after_s)
+            data.append({**st.as_dict(), "up": up})
+            if st.error is not None:
                 unreachable += 1
-                data.append({"name": name, "url": edge.url, "error": str(exc)})
-                rows.append((name, edge.url, "unreachable", "", "", "", ""))
+                state = ("unreachable" if st.seen_at is None
+                         else "up (no answer now)" if up else "down")
+                seen = "" if st.seen_at is None else f"seen {now - st.seen_at:.0f} s ago"
+                rows.append((name, edge.url, state, seen, "", "", "", ""))
                 continue
-            data.append({"name": name, "url": edge.url, "offer": o.model_dump(mode="json")})
+            o = st.offer
+            assert o is not None
             rows.append((name, edge.url, "up", _res(o.free), _res(o.unit), o.servers,
-                         o.admission))
+                         o.admission, f"{o.load:.2f}"))
     if as_json:
         _emit_json(data)
     else:
         output.table("edge nodes", ("name", "url", "state", "free", "unit", "servers",
-                                    "admission"), rows)
+                                    "admission", "load/core"), rows)
     if unreachable == len(data):
         sys.exit(EXIT_UNREACHABLE)
 
@@ -193,6 +214,8 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
                 c.cfg.node(node)
             except cloud_config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
+        if node is None:
+            c.heartbeat()  # the registry as of now: down nodes are passed over
         mgr = c.manager(only=node)
         output.progress(f"offloading {len(parsed)} users of {mgr.app.name} ...")
         try:
@@ -207,7 +230,7 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
         c.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=mgr.app.name,
                               url=dep.url, users=dep.users))
     result = {"server_id": dep.server_id, "node": dep.edge.name, "url": dep.url,
-              "users": dep.users, "refused": dep.refused,
+              "users": dep.users, "refused": dep.refused, "placement": dep.placement,
               "keys_copied": dep.copy.keys if dep.copy else 0,
               "timings_s": {k: round(v, 4) for k, v in dep.timings.items()}}
     if as_json:

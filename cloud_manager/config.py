@@ -9,6 +9,10 @@
     [app_options]
     cloud_url = "http://192.0.2.10:8000"
 
+    placement = "scored"        # or "first" (the default): the configured order
+    [placement_weights]         # optional; cloud_manager/placement.py documents the cost
+    latency = 1.0
+
     [[nodes]]
     name = "edge0"
     url = "http://192.0.2.20:8470"
@@ -20,7 +24,7 @@ from __future__ import annotations
 import importlib
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -55,6 +59,18 @@ class NodeEntry(BaseModel):
             raise ConfigError(f"nodes.{self.name}.token_file: {exc}") from exc
 
 
+class PlacementWeights(BaseModel):
+    """The weights of `scored` placement's cost (cloud_manager/placement.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency: float = Field(default=1.0, ge=0)
+    load: float = Field(default=0.2, ge=0)
+    free: float = Field(default=0.2, ge=0)
+    priority: float = Field(default=0.5, ge=0)
+    unknown_latency_ms: float = Field(default=1000.0, ge=0)
+
+
 class CloudConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +84,11 @@ class CloudConfig(BaseModel):
     priority: int = Field(default=5, ge=0, le=1000)
     latency_objective_ms: float = Field(default=50.0, gt=0)
     nodes: list[NodeEntry] = Field(min_length=1)
+    placement: Literal["first", "scored"] = "first"
+    placement_weights: PlacementWeights = Field(default_factory=PlacementWeights)
+    # The registry (cloud Redis): a node without an offer for this long is down.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    down_after_s: float = Field(default=15.0, gt=0)
 
     def node(self, name: str) -> NodeEntry:
         for n in self.nodes:

@@ -7,6 +7,7 @@ reached the node), answers 502/503/504 only for the idempotent GET and DELETE.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import requests
@@ -15,6 +16,7 @@ from urllib3.util.retry import Retry
 
 from enorm.protocol import (
     NodeOffer,
+    ProbeResult,
     Rejection,
     ServerInfo,
     SetupRequest,
@@ -78,12 +80,20 @@ class EdgeClient:
         return EdgeError(f"{resp.request.method} {resp.url}: {resp.status_code} {detail}",
                          resp.status_code, body)
 
-    def offer(self) -> NodeOffer:
-        """GET /v1/node: capacity, free resources, unit, policy."""
-        r = self._call("GET", "/v1/node", self.timeout)
+    def offer(self, timeout: float | None = None) -> NodeOffer:
+        """GET /v1/node: capacity, free resources, unit, policy, load."""
+        r = self._call("GET", "/v1/node", timeout or self.timeout)
         if r.status_code != 200:
             raise self._fail(r)
         return NodeOffer.model_validate(r.json())
+
+    def probe(self, addresses: Sequence[str], timeout: float | None = None) -> ProbeResult:
+        """POST /v1/probe: the RTT from the node to these users, by the node's own probe."""
+        r = self._call("POST", "/v1/probe", timeout or self.timeout,
+                       json={"addresses": list(addresses)})
+        if r.status_code != 200:
+            raise self._fail(r)
+        return ProbeResult.model_validate(r.json())
 
     def setup(self, req: SetupRequest) -> SetupResponse:
         """POST /v1/servers (the handshake). Raises Rejected on 409."""
@@ -94,6 +104,15 @@ class EdgeClient:
         if r.status_code == 409:
             raise Rejected(Rejection.model_validate(r.json()))
         raise self._fail(r)
+
+    def redirect(self, server_id: str, on: bool) -> int:
+        """PUT / DELETE /v1/servers/{id}/redirect: the node's transparent redirection of
+        the server's users on or off; returns the rules in place."""
+        r = self._call("PUT" if on else "DELETE", f"/v1/servers/{server_id}/redirect",
+                       self.timeout)
+        if r.status_code != 200:
+            raise self._fail(r)
+        return int(r.json()["rules"])
 
     def server(self, server_id: str) -> ServerInfo | None:
         """GET /v1/servers/{id}; None once the server is gone."""

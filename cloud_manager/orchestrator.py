@@ -2,7 +2,10 @@
 from the cloud's side), with failover over the configured edge nodes.
 
 Offloading (`CloudManager.offload`):
-  handshake with the first edge node that admits (409 -> the next one), SSH into the
+  handshake with the first edge node that admits (409 -> the next one), in the
+  placement's order (`first`: as configured; `scored`: placement.py, from the nodes'
+  offers and their probes of the users; nodes the registry holds down are passed over),
+  SSH into the
   container, upload + start the partitioned server while the users' keys are copied
   cloud -> container Redis (through an SSH port forward; verified), wait until the
   server answers on its user-facing port, and only then redirect the users to it.
@@ -32,6 +35,8 @@ from enorm.protocol import DataSink, SetupRequest, SetupResponse, User
 
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
+from .placement import Candidate, Policy, Weights, cost, order
+from .registry import Heartbeats, Registry
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,10 @@ class Deployment:
     timings: dict[str, float] = field(default_factory=dict)
     copy: datasync.SyncReport | None = None
     refused: dict[str, str] = field(default_factory=dict)  # edges that said no first
+    # How the node was chosen: the order asked and, when scored, each node's figures.
+    placement: dict = field(default_factory=dict)
+    # The node redirects the users' traffic itself (transparent redirection).
+    intercepted: bool = False
     end_reason: str | None = None
     keys_migrated: int | None = None
     confirmed: bool | None = None  # the users' data was found on the cloud at the end
@@ -119,8 +128,16 @@ class CloudManager:
                  sink: DataSink, callback_url: str | None = None,
                  deployer: Deployer | None = None, priority: int = 5,
                  latency_objective_ms: float = 50.0, override: bool = False,
-                 ready_timeout: float = 30.0):  # fmt: skip
+                 ready_timeout: float = 30.0, registry: Registry | None = None,
+                 placement: Policy = "first", weights: Weights | None = None,
+                 probe_sample: int = 64):  # fmt: skip
+        if placement not in ("first", "scored"):
+            raise ValueError(f"placement must be 'first' or 'scored', not {placement!r}")
         self.edges = list(edges)
+        self.registry = registry
+        self.placement, self.weights = placement, weights or Weights()
+        self.probe_sample = probe_sample
+        self._heartbeats: Heartbeats | None = None
         self.app = app
         self.cloud = cloud_redis
         self.sink = sink_for(app, sink)
@@ -148,12 +165,70 @@ class CloudManager:
             **over,
         )
 
-    def handshake(self, req: SetupRequest) -> tuple[EdgeClient, SetupResponse, dict[str, str]]:
-        """The first configured edge node that admits; 409s and dead nodes are skipped."""
+    def place(self, req: SetupRequest) -> tuple[list[EdgeClient], dict[str, str], dict]:
+        """The nodes to ask, in order, the ones passed over (down) and, for the record,
+        the figures the order came from."""
         refused: dict[str, str] = {}
-        for edge in self.edges:
+        edges = self.edges
+        if self.registry is not None:
+            edges = []
+            for e in self.edges:
+                if self.registry.up(e.name):
+                    edges.append(e)
+                else:
+                    refused[e.name] = "down (no heartbeat)"
+        if self.placement == "first" or len(edges) < 2:
+            return edges, refused, {"policy": self.placement,
+                                    "order": [e.name for e in edges]}
+        sample = [str(u.address) for u in req.users[: self.probe_sample]]
+        with ThreadPoolExecutor(min(16, len(edges))) as pool:
+            cands = list(pool.map(lambda e: self._candidate(e, req, sample), edges))
+        names = order(cands, "scored", self.weights)
+        by_name = {e.name: e for e in edges}
+        return [by_name[n] for n in names], refused, {
+            "policy": "scored", "order": names,
+            "nodes": {c.name: {"latency_ms": c.latency_ms, "free_units": c.free_units,
+                               "load": c.load, "admits": c.admits,
+                               "cost": round(cost(c, self.weights), 3)}
+                      for c in cands}}
+
+    def _candidate(self, edge: EdgeClient, req: SetupRequest,
+                   sample: list[str]) -> Candidate:
+        """One node's figures: its offer (the registry's, else asked now) and its probe of
+        a sample of the users; what it cannot answer counts as unknown."""
+        offer = None
+        if self.registry is not None and (st := self.registry.get(edge.name)) is not None:
+            offer = st.offer
+        try:
+            offer = offer or edge.offer()
+        except EdgeError:
+            return Candidate(edge.name, admits=False)
+        try:
+            latency = edge.probe(sample).median_ms if sample else None
+        except EdgeError as exc:
+            log.info("edge %s: probe failed: %s", edge.name, exc)
+            latency = None
+        units = min(offer.free.cores / offer.unit.cores if offer.unit.cores else 0.0,
+                    offer.free.memory_mb / offer.unit.memory_mb if offer.unit.memory_mb else 0.0)
+        room = units >= 1.0
+        preempt = not room and offer.admission == "preempt"
+        return Candidate(
+            edge.name, latency_ms=latency, free_units=units, load=offer.load,
+            admits=req.priority >= offer.min_priority and (room or preempt),
+            needs_preemption=preempt)
+
+    def handshake(self, req: SetupRequest) -> tuple[EdgeClient, SetupResponse, dict[str, str]]:
+        """The first node that admits, in the placement's order; 409s, dead nodes and
+        nodes the registry holds down are skipped."""
+        edge, setup, refused, _ = self._handshake(req)
+        return edge, setup, refused
+
+    def _handshake(self, req: SetupRequest
+                   ) -> tuple[EdgeClient, SetupResponse, dict[str, str], dict]:
+        edges, refused, placed = self.place(req)
+        for edge in edges:
             try:
-                return edge, edge.setup(req), refused
+                return edge, edge.setup(req), refused, placed
             except Rejected as exc:
                 refused[edge.name] = exc.reason
             except EdgeError as exc:
@@ -166,10 +241,12 @@ class CloudManager:
         users = [_user(u) for u in users]
         ids = [u.id for u in users]
         t0 = time.perf_counter()
-        edge, setup, refused = self.handshake(self.request_for(users, **over))
+        req = self.request_for(users, **over)
+        edge, setup, refused, placed = self._handshake(req)
         t_handshake = time.perf_counter()
         dep = Deployment(edge=edge, setup=setup, users=ids, refused=refused,
-                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")
+                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}",
+                         placement=placed, intercepted=bool(req.intercept))
         dep.timings["handshake"] = t_handshake - t0
         with self._lock:
             self.deployments[setup.server_id] = dep
@@ -180,7 +257,10 @@ class CloudManager:
             self._abandon(dep)
             raise
         t = time.perf_counter()
-        self.app.redirect(ids, dep.url)
+        if dep.intercepted:
+            dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
+        else:
+            self.app.redirect(ids, dep.url)
         dep.timings["redirect"] = time.perf_counter() - t
         dep.timings["total"] = time.perf_counter() - t0
         return dep
@@ -241,6 +321,8 @@ class CloudManager:
         back and destroys the server; then the data is confirmed on the cloud."""
         dep = self.deployments[dep] if isinstance(dep, str) else dep
         t0 = time.perf_counter()
+        if dep.intercepted:  # the node's rules go first: new connections reach the cloud
+            dep.edge.redirect(dep.server_id, False)
         self.app.restore(dep.users)  # before the edge server goes away
         t = time.perf_counter()
         dep.timings["restore"] = t - t0
@@ -357,6 +439,15 @@ class CloudManager:
 
         threading.Thread(target=loop, name="cloud-reconcile", daemon=True).start()
 
+    def start_heartbeats(self, interval_s: float = 5.0, timeout_s: float = 2.0) -> Heartbeats:
+        """Ask every node for its offer every `interval_s` into the registry (one of the
+        cloud-manager processes sharing it polls per interval), until `close`."""
+        if self.registry is None:
+            raise ValueError("start_heartbeats needs a registry")
+        self._heartbeats = Heartbeats(self.registry, self.edges, interval_s, timeout_s)
+        self._heartbeats.start()
+        return self._heartbeats
+
     def blueprint(self, path: str = "/edge-events") -> Blueprint:
         """`POST <path>`: the callback URL edge nodes send events to (2xx = acknowledged)."""
         bp = Blueprint("enorm_cloud_manager", __name__)
@@ -387,6 +478,8 @@ class CloudManager:
 
     def close(self) -> None:
         self._closing.set()
+        if self._heartbeats is not None:
+            self._heartbeats.stop()
         with self._lock:
             for dep in self.deployments.values():
                 self._close_session(dep)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +23,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from enorm import dashboard, destinations, memory, protocol, store
+from enorm import dashboard, destinations, memory, probes, protocol, store
 from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
-from enorm.manager import EdgeManager, Forbidden, LaunchFailed, NotFound, Rejected
+from enorm.manager import (
+    AdmissionRefused,
+    CannotRedirect,
+    EdgeManager,
+    Forbidden,
+    LaunchFailed,
+    NotFound,
+)
 from enorm.metrics import NodeMetrics
 
 OPERATOR = "operator"
@@ -86,6 +95,30 @@ def node() -> Response:
     return _json(_manager().offer())
 
 
+# One probe at a time per node: a placement question costs at most 256 connects.
+_PROBING = threading.Lock()
+
+
+@bp.post("/probe")
+def probe_users() -> Response:
+    """How far the given users are from this node, by the Monitor's own probe."""
+    if request.mimetype != "application/json":
+        return _error(415, "unsupported_media_type", "the body must be application/json",
+                      "Content-Type")
+    req = protocol.ProbeRequest.model_validate_json(request.get_data(cache=False), strict=True)
+    if not _PROBING.acquire(blocking=False):
+        return _error(429, "busy", "another probe is running; try again", "addresses")
+    try:
+        cfg = _manager().cfg
+        rtts = probes.probe([str(a) for a in req.addresses], cfg.probe, cfg.probe_port,
+                            cfg.probe_timeout_s)
+    finally:
+        _PROBING.release()
+    answered = [v for v in rtts.values() if v is not None]
+    return _json(protocol.ProbeResult(method=cfg.probe, rtt_ms=rtts,
+                                      median_ms=statistics.median(answered) if answered else None))
+
+
 @bp.post("/servers")
 def create_server() -> Response:
     if g.owner == OPERATOR:
@@ -101,10 +134,12 @@ def create_server() -> Response:
         policy.check_url(g.owner, "callback_url", str(req.callback_url))
     if req.data_sink is not None:
         policy.check_url(g.owner, "data_sink.url", req.data_sink.url)
+    for i, x in enumerate(req.intercept):
+        policy.check_url(g.owner, f"intercept.{i}", f"tcp://{x.address}:{x.port}")
     t0 = time.perf_counter()
     try:
         resp = _manager().handshake(req, g.owner)
-    except Rejected as r:
+    except AdmissionRefused as r:
         _metrics_of().handshake(False, r.reason)
         decide("rejected", r.reason, owner=g.owner, app=req.app, priority=req.priority,
                detail=r.detail)
@@ -138,6 +173,18 @@ def delete_server(sid: str) -> Response:
     result = _manager().terminate(sid, reason="cloud_withdrawal", owner=_owner_filter())
     _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
     return _json(result, 202 if result.pending else 200)
+
+
+@bp.route("/servers/<sid>/redirect", methods=["PUT", "DELETE"])
+def redirect_server(sid: str) -> Response:
+    """Transparent redirection of the server's users on (PUT) or off (DELETE)."""
+    try:
+        n = _manager().set_redirect(sid, request.method == "PUT", _owner_filter())
+    except CannotRedirect as exc:
+        return _error(exc.status, "bad_request" if exc.status == 400 else "not_running",
+                      exc.detail, "intercept" if exc.status == 400 else "id")
+    return _json(protocol.RedirectState(server_id=sid, redirecting=request.method == "PUT",
+                                        rules=n))
 
 
 @bp.put("/servers/<sid>/limits")
@@ -203,7 +250,8 @@ def openapi() -> dict:
     """The OpenAPI 3.1 description, built from the same pydantic models the API uses."""
     models = [protocol.SetupRequest, protocol.SetupResponse, protocol.Rejection,
               protocol.ErrorBody, protocol.NodeOffer, protocol.ServerInfo, protocol.Event,
-              protocol.TerminateResult, protocol.Resources]
+              protocol.TerminateResult, protocol.Resources, protocol.ProbeRequest,
+              protocol.ProbeResult, protocol.RedirectState]
     schemas: dict[str, Any] = {}
     for m in models:
         s = m.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -232,6 +280,18 @@ def openapi() -> dict:
             "/v1/node": {"get": {"summary": "The node's offer",
                                  "responses": {"200": {"description": "offer",
                                                        **ref("NodeOffer")}, "401": err}}},
+            "/v1/probe": {"post": {
+                "summary": "RTT from the node to the given users, by the node's own probe "
+                           "(placement before any setup)",
+                "requestBody": {"required": True, **ref("ProbeRequest")},
+                "responses": {"200": {"description": "RTTs", **ref("ProbeResult")},
+                              "400": err, "401": err, "415": err, "429": err}}},
+            "/v1/servers/{sid}/redirect": {
+                m: {"summary": f"Transparent redirection {word}",
+                    "parameters": sid,
+                    "responses": {"200": {"description": "state", **ref("RedirectState")},
+                                  "400": err, "401": err, "404": err, "409": err}}
+                for m, word in (("put", "on"), ("delete", "off"))},
             "/v1/servers": {
                 "post": {"summary": "Setup request (handshake, Procedure 2)",
                          "requestBody": {"required": True, **ref("SetupRequest")},
@@ -386,7 +446,7 @@ def create_app(
     # Another tenant's server is "not found" as well: a 403 would confirm that it exists.
     app.register_error_handler(Forbidden, lambda e: _error(404, "not_found",
                                                            f"no server {e.args[0]}", "id"))
-    app.register_error_handler(Rejected, lambda r: _json(protocol.Rejection(
+    app.register_error_handler(AdmissionRefused, lambda r: _json(protocol.Rejection(
         error=r.reason, detail=r.detail, free=r.free), 409))
 
     @app.errorhandler(HTTPException)

@@ -1,9 +1,11 @@
 """The Auto-scaler: Procedures 5 and 6 of the ENORM paper, as policy apart from mechanism.
 
-Every `autoscale_interval_s` (the paper: 5 minutes) the Monitor takes a `Snapshot` of the
-node, `plan()` decides, purely, what to do, and `apply()` asks the Edge Manager to do it.
-Keeping `plan` pure (no clock, no I/O) is what lets every branch be tested from a table,
-as kubelet keeps its eviction policy apart from the runtime calls.
+Every `autoscale_interval_s` (the paper: 5 minutes) the control loop takes a `Snapshot` of
+the node, `plan()` decides, purely, what to do, and `apply()` asks the Edge Manager to do
+it. Keeping `plan` pure (no clock, no I/O) is what lets every branch be tested from a
+table, as kubelet keeps its eviction policy apart from the runtime calls. The fast mode
+(`policy = "fast"`, beyond the paper) adds `slo_plan`, one latency step per server every
+few seconds, and leaves the round its resource and need checks.
 
 Our reading of the paper, step by step (the docstrings below cite these steps as P5.n and
 P6.n):
@@ -46,55 +48,15 @@ down, separate CPU/memory steps, and skipping futile evictions.
 from __future__ import annotations
 
 import logging
-import math
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from enorm import priorities
-from enorm.protocol import Resources
+from enorm.protocol import Resources, TerminationMode
+from enorm.resources import DEFAULT_UNIT, Amount
 
 log = logging.getLogger(__name__)
 
-TerminationMode = Literal["single", "multiple"]
-_EPS = 1e-9
-
-
-# --------------------------------------------------------------------------- amounts
-
-
-@dataclass(frozen=True)
-class Amount:
-    """Cores and memory that, unlike `Resources`, may be negative (an over-committed node)."""
-
-    cores: float
-    memory_mb: float
-
-    @classmethod
-    def of(cls, r: Resources | Amount) -> Amount:
-        return r if isinstance(r, Amount) else cls(float(r.cores), float(r.memory_mb))
-
-    def __add__(self, o: Amount) -> Amount:
-        return Amount(self.cores + o.cores, self.memory_mb + o.memory_mb)
-
-    def __sub__(self, o: Amount) -> Amount:
-        return Amount(self.cores - o.cores, self.memory_mb - o.memory_mb)
-
-    def covers(self, o: Amount) -> bool:
-        """True when `o` fits into self in both dimensions."""
-        return self.cores + _EPS >= o.cores and self.memory_mb + _EPS >= o.memory_mb
-
-    def resources(self) -> Resources:
-        """As a protocol `Resources` (cores rounded to 1/1000, memory to whole MB)."""
-        return Resources(
-            cores=max(0.0, round(self.cores, 3)), memory_mb=max(0, int(round(self.memory_mb)))
-        )
-
-
-ZERO = Amount(0.0, 0.0)
-DEFAULT_UNIT = Amount(1.0, 200.0)  # the paper: 1 core, 200 MB
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -127,6 +89,9 @@ class ServerSnapshot:
     # With dynamic priorities (enorm.priorities) `priority` is the effective one and this
     # the one the cloud manager declared; None: the mode is off.
     declared_priority: int | None = None
+    # Cores the container used since the previous look (cgroup); None: unknown. Only the
+    # fast loop reads it (a step down must leave room for what the server uses).
+    cores_used: float | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +144,9 @@ class Options:
     # "big". Off: the declared priorities (the paper).
     dynamic_priorities: bool = False
     priority_users_step: int = 1000
+    # P5.7-P5.9 in the round. The fast mode (`policy = "fast"`) leaves them to the
+    # per-server latency loop (`slo_plan`), and the round keeps the resource and need checks.
+    latency_steps: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hysteresis < 1.0:
@@ -206,6 +174,7 @@ class Options:
                 getattr(config, "dynamic_priorities", d.dynamic_priorities)),
             "priority_users_step": int(
                 getattr(config, "priority_users_step", d.priority_users_step)),
+            "latency_steps": getattr(config, "policy", "paper") != "fast",
             **overrides,
         })
 
@@ -353,7 +322,7 @@ def plan(snapshot: Snapshot, options: Options | None = None) -> list[Action]:
             continue
 
         # P5.7-P5.9: latency against the objective.
-        if s.latency_ms is None:
+        if s.latency_ms is None or not options.latency_steps:
             continue
         if s.latency_ms > s.latency_objective_ms:
             _scale_up(w, s, step)  # Procedure 6
@@ -415,12 +384,91 @@ def _scale_down(w: _Walk, s: ServerSnapshot, step: Amount, minimum: Amount) -> N
         else cur.memory_mb,
     )
     released = cur - new
-    if released.cores <= _EPS and released.memory_mb <= _EPS:
+    if released.at_least_zero().is_zero():
         return
     numbers = w.numbers(s)
     w.free = w.free + released
     w.limits[s.id] = new
     w.actions.append(ScaleDown(s.id, new.resources(), R_LATENCY_LOW, numbers))
+
+
+# --------------------------------------------------------------------------- fast mode
+
+
+@dataclass(frozen=True)
+class SloOptions:
+    """The latency loop of the fast mode (beyond the paper; DYVERSE-like timescale).
+
+    Every `interval_s` each server with a known latency that the edge can improve is
+    compared with its objective: above it, one step up if the node has the room (no
+    evictions here: those stay with the round's Procedure 6); below
+    `objective * (1 - hysteresis)`, one step down, never below the minimum. After any
+    change a server is left alone for `cooldown_s` (the new limits must show in the
+    latency before the next step), and a step down waits `down_after_s` since the last
+    change, so that a burst does not make it go up and down. A step down also needs the
+    server's CPU use to fit in the smaller limit with the same band to spare (when the
+    use is known): a latency far under the objective at two units says nothing about one.
+    """
+
+    interval_s: float = 5.0
+    hysteresis: float = 0.3
+    cooldown_s: float = 10.0
+    down_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ValueError("interval_s must be > 0")
+        if not 0.0 <= self.hysteresis < 1.0:
+            raise ValueError("hysteresis must be within [0, 1)")
+        if self.cooldown_s < 0 or self.down_after_s < 0:
+            raise ValueError("cooldown_s and down_after_s must be >= 0")
+
+
+R_SLO_HIGH = "latency_above_objective_fast"
+R_SLO_LOW = "latency_below_objective_fast"
+
+
+def slo_plan(snapshot: Snapshot, last_change: Mapping[str, float], now: float,
+             options: SloOptions, base: Options | None = None) -> list[Action]:
+    """One tick of the latency loop: at most one step per server, pure.
+
+    `last_change` holds when each server's limits last changed (a launch counts); the
+    servers are visited in the round's rank, so a scarce free step goes to the highest
+    priority first.
+    """
+    base = base or Options()
+    step = base.step(snapshot.node.unit)
+    minimum = snapshot.node.minimum
+    assert minimum is not None
+    free = snapshot.node.free
+    actions: list[Action] = []
+    for s in rank(snapshot.servers):
+        if s.latency_ms is None or not s.improvable:
+            continue
+        quiet = now - last_change.get(s.id, s.created_at)
+        if quiet < options.cooldown_s:
+            continue
+        cur = Amount.of(s.limits)
+        numbers = {"latency_ms": s.latency_ms, "latency_objective_ms": s.latency_objective_ms,
+                   "network_ms": s.network_ms, "computing_ms": s.computing_ms,
+                   "cores": cur.cores, "memory_mb": cur.memory_mb,
+                   "free_cores": free.cores, "free_memory_mb": free.memory_mb,
+                   "since_change_s": round(quiet, 3)}
+        if s.latency_ms > s.latency_objective_ms:
+            if free.covers(step):
+                free = free - step
+                actions.append(ScaleUp(s.id, (cur + step).resources(), R_SLO_HIGH, numbers))
+        elif (s.latency_ms < s.latency_objective_ms * (1.0 - options.hysteresis)
+              and quiet >= options.down_after_s):
+            new = Amount(max(minimum.cores, cur.cores - step.cores),
+                         max(minimum.memory_mb, cur.memory_mb - step.memory_mb))
+            crowded = (s.cores_used is not None
+                       and s.cores_used > new.cores * (1.0 - options.hysteresis))
+            numbers["cores_used"] = s.cores_used
+            if not crowded and not (cur - new).at_least_zero().is_zero():
+                free = free + (cur - new)
+                actions.append(ScaleDown(s.id, new.resources(), R_SLO_LOW, numbers))
+    return actions
 
 
 # --------------------------------------------------------------------------- apply
@@ -468,124 +516,3 @@ def apply(actions: Sequence[Action], manager: ScalingManager) -> list[ActionResu
         else:
             results.append(ActionResult(a, True))
     return results
-
-
-# --------------------------------------------------------------------------- scheduling
-
-
-@dataclass(frozen=True)
-class Round:
-    """One auto-scaling round: what was seen, decided and done."""
-
-    started_at: float
-    duration_s: float
-    snapshot: Snapshot | None
-    actions: tuple[Action, ...]
-    results: tuple[ActionResult, ...]
-    error: str | None = None
-
-
-def run_round(
-    take_snapshot: Callable[[], Snapshot],
-    manager: ScalingManager,
-    options: Options | None = None,
-    clock: Callable[[], float] = time.time,
-) -> Round:
-    """monitor snapshot -> plan -> apply. A failing snapshot makes an empty round."""
-    t0, p0 = clock(), time.perf_counter()
-    try:
-        snap = take_snapshot()
-    except Exception as exc:  # the next round tries again
-        log.exception("autoscaler: snapshot failed")
-        return Round(t0, time.perf_counter() - p0, None, (), (), f"{type(exc).__name__}: {exc}")
-    options = options or Options()
-    if options.dynamic_priorities:
-        snap = priorities.apply(snap, priorities.Rule(
-            users_step=options.priority_users_step, idle_after_s=options.idle_after_s))
-    actions = plan(snap, options)
-    results = apply(actions, manager)
-    return Round(t0, time.perf_counter() - p0, snap, tuple(actions), tuple(results))
-
-
-class Scheduler:
-    """Runs a round every `interval_s` on APScheduler's BackgroundScheduler.
-
-    `max_instances=1` and `coalesce=True`: a slow round is never overlapped by the next,
-    and missed runs collapse into one. `run_once()` (used by `enorm autoscale --once`) runs
-    a round now, in the caller's thread, serialised with the scheduled ones by a lock.
-    """
-
-    JOB_ID = "enorm-autoscale"
-
-    def __init__(
-        self,
-        take_snapshot: Callable[[], Snapshot],
-        manager: ScalingManager,
-        options: Options | None = None,
-        interval_s: float = 300.0,
-        on_round: Callable[[Round], None] | None = None,
-    ) -> None:
-        if not interval_s > 0:
-            raise ValueError("interval_s must be > 0")
-        self.take_snapshot = take_snapshot
-        self.manager = manager
-        self.options = options or Options()
-        self.interval_s = float(interval_s)
-        self.on_round = on_round
-        self.last: Round | None = None
-        self._lock = threading.Lock()
-        self._scheduler: Any = None
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Any,
-        take_snapshot: Callable[[], Snapshot],
-        manager: ScalingManager,
-        **kw: Any,
-    ) -> Scheduler:
-        kw.setdefault("options", Options.from_config(config))
-        return cls(take_snapshot, manager, interval_s=config.autoscale_interval_s, **kw)
-
-    def run_once(self) -> Round:
-        with self._lock:
-            r = run_round(self.take_snapshot, self.manager, self.options)
-            self.last = r
-        if self.on_round is not None:
-            try:
-                self.on_round(r)
-            except Exception:
-                log.exception("autoscaler: on_round callback failed")
-        return r
-
-    def start(self, first_run_in_s: float | None = None) -> None:
-        """Start the background schedule; the first round comes after one interval."""
-        from datetime import datetime, timedelta
-
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        if self._scheduler is not None:
-            return
-        delay = self.interval_s if first_run_in_s is None else first_run_in_s
-        sched = BackgroundScheduler(daemon=True)
-        sched.add_job(
-            self.run_once,
-            "interval",
-            seconds=self.interval_s,
-            id=self.JOB_ID,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, math.ceil(self.interval_s)),
-            next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
-        )
-        sched.start()
-        self._scheduler = sched
-
-    @property
-    def running(self) -> bool:
-        return self._scheduler is not None and self._scheduler.running
-
-    def shutdown(self, wait: bool = True) -> None:
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=wait)
-            self._scheduler = None

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from enorm.destinations import Allowed
 from enorm.firewall import Egress
 from enorm.idmap import IdRange
+from enorm.protocol import Resources
 
 NAME_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
 TOKEN_HASH_PREFIX = "sha256:"
@@ -31,8 +32,9 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the field and the reason."""
 
 
-class Unit(BaseModel):
-    """The paper's unit of resources: what a server starts with and scales by."""
+class Unit(Resources):
+    """The paper's unit of resources: what a server starts with and scales by (a
+    `Resources` with a unit's bounds)."""
 
     cores: float = Field(1.0, gt=0, le=256)
     memory_mb: int = Field(200, ge=16)
@@ -96,6 +98,16 @@ class NodeConfig(BaseSettings):
 
     # Auto-scaler (Procedures 5 and 6).
     autoscale_interval_s: float = Field(300.0, gt=0)
+    # "paper": the round every `autoscale_interval_s` scales on latency (P5.7-P5.9).
+    # "fast": a latency loop every `slo_interval_s` steps each server by one unit against
+    # its objective (hysteresis band, cool-down after each change, a step down only
+    # `slo_down_after_s` after the last change); the round keeps its resource and need
+    # checks (enorm/autoscaler.py `slo_plan`).
+    policy: Literal["paper", "fast"] = "paper"
+    slo_interval_s: float = Field(5.0, gt=0)
+    slo_hysteresis: float = Field(0.3, ge=0, lt=1)
+    slo_cooldown_s: float = Field(10.0, ge=0)
+    slo_down_after_s: float = Field(60.0, ge=0)
     idle_after_s: float = Field(600.0, gt=0)
     # Beyond the paper, off by default: scale down only below objective * (1 - band);
     # CPU and memory steps apart from the unit; no evictions that cannot make room.

@@ -12,12 +12,10 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
-from enorm import api, autoscaler, manager, memory, metrics, migration, scaling, store
+from enorm import api, control_loop, manager, memory, metrics, migration, store
 from enorm.config import NodeConfig
-from enorm.pressure import PressureWatcher
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +44,13 @@ class Daemon:
     manager: manager.EdgeManager
     app: Flask
     reconciled: dict = field(default_factory=dict)
-    scheduler: autoscaler.Scheduler | None = None
-    # Retries merges whose sink was unreachable (containers kept, migration_pending).
-    retry: BackgroundScheduler | None = None
-    pressure: PressureWatcher | None = None
+    # The rounds, the latency loop, the pressure watch and the merge retries.
+    loop: control_loop.ControlLoop | None = None
 
     @classmethod
     def open(cls, cfg: NodeConfig, *, migrate: manager.Migrate | None = None,
              background: bool = True) -> Daemon:
-        """Open the node; `background` schedules the auto-scaler and migration retries."""
+        """Open the node; `background` starts the control loop's jobs."""
         assert cfg.state_dir is not None
         manager.check_unit(cfg)
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
@@ -63,30 +59,17 @@ class Daemon:
         reconciled = mgr.start()
         node.events.start()
         node_metrics = metrics.NodeMetrics(mgr)
-        sched = scaling.scheduler_for(mgr, on_round=node_metrics.on_round)
-        retry = None
+        loop = control_loop.node_loop(mgr, on_round=node_metrics.on_round)
         if background:
-            sched.start()
-            retry = BackgroundScheduler(daemon=True)
-            retry.add_job(mgr.retry_pending, "interval", seconds=cfg.migration_retry_s,
-                          max_instances=1, coalesce=True, id="enorm-migration-retry")
-            retry.start()
-        watcher = None
-        if background and cfg.pressure_interval_s > 0:
-            watcher = PressureWatcher(mgr, cfg.pressure_interval_s, cfg.pressure_headroom_mb)
-            watcher.start()
+            loop.start()
         app = api.create_app(mgr, tokens=cfg.tokens, operator_token=operator_token(cfg),
-                             autoscale=lambda: scaling.round_report(sched.run_once()),
+                             autoscale=lambda: control_loop.round_report(loop.run_once()),
                              metrics=node_metrics)
-        return cls(cfg, mgr, app, reconciled, sched, retry, watcher)
+        return cls(cfg, mgr, app, reconciled, loop)
 
     def close(self) -> None:
-        if self.pressure is not None:
-            self.pressure.stop()
-        if self.scheduler is not None:
-            self.scheduler.shutdown()
-        if self.retry is not None:
-            self.retry.shutdown(wait=True)
+        if self.loop is not None:
+            self.loop.shutdown()
         self.manager.events.stop()
 
     def serve(self) -> None:

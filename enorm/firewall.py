@@ -3,6 +3,9 @@
 Layout per node, so that one node's rules never touch another's:
 - nat chain ENORM-<NODE>: one DNAT rule per forwarded port, commented
   `enorm:<node>:<server>`; jumped to from PREROUTING (outside) and OUTPUT (this host).
+- nat chain ENORM-<NODE>-X, jumped to from PREROUTING for any destination: transparent
+  redirection, one DNAT rule per served user and intercepted destination
+  (`-s <user> -d <cloud> --dport <port>` -> the container), tagged like the forwards.
 - nat chain ENORM-<NODE>-P (POSTROUTING): MASQUERADE of 127.0.0.0/8 -> the subnet, so that
   a client on 127.0.0.1 gets its answers back through the DNAT.
 - filter chain ENORM-<NODE>-I, jumped to first in INPUT: 127.0.0.0/8 from any interface
@@ -28,7 +31,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # ebtables has no per-rule tags to delete by: its guards are read, compared and rewritten.
@@ -48,6 +51,17 @@ class Forward:
     host_port: int
     address: str
     port: int
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A served user's connections to `address:port` -> the container's `to`."""
+
+    user: str
+    address: str
+    port: int
+    to_address: str
+    to_port: int
 
 
 @dataclass(frozen=True)
@@ -81,11 +95,13 @@ def _iptables(*args: str) -> str:
     return proc.stdout
 
 
+def _batch_text(batches: dict[str, list[str]]) -> str:
+    return "".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n"
+                   for table, lines in batches.items() if lines)
+
+
 def _restore(batches: dict[str, list[str]], cmd: str = "iptables-restore") -> None:
-    text = ""
-    for table, lines in batches.items():
-        if lines:
-            text += f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n"
+    text = _batch_text(batches)
     if not text:
         return
     args = [cmd, "--noflush"] if cmd.startswith("ebtables") else [cmd, "-w", "--noflush"]
@@ -114,6 +130,7 @@ class Firewall:
         self.post = f"{self.chain}-P"
         self.fwd = f"{self.chain}-F"
         self.inp = f"{self.chain}-I"
+        self.xcpt = f"{self.chain}-X"
 
     def _tag(self, sid: str) -> str:
         return f"enorm:{self.node}:{sid}"
@@ -132,6 +149,7 @@ class Firewall:
         local, br = "-m addrtype --dst-type LOCAL", self.bridge
         return [
             ("nat", f"-A PREROUTING {local} {tag} -j {self.chain}"),
+            ("nat", f"-A PREROUTING {tag} -j {self.xcpt}"),
             ("nat", f"-A OUTPUT {local} {tag} -j {self.chain}"),
             ("nat", f"-A POSTROUTING {tag} -j {self.post}"),
             ("filter", f"-I INPUT {tag} -j {self.inp}"),
@@ -141,7 +159,7 @@ class Firewall:
 
     def _our_jumps(self, table: str) -> list[str]:
         """The node's jumps as `iptables -S` prints them (old layouts included)."""
-        targets = {self.chain, self.post, self.fwd, self.inp}
+        targets = {self.chain, self.post, self.fwd, self.inp, self.xcpt}
         return [ln for ln in _iptables("-t", table, "-S").splitlines()
                 if ln.startswith("-A ") and ln.rsplit("-j ", 1)[-1] in targets]
 
@@ -153,7 +171,7 @@ class Firewall:
         """
         tag = f'-m comment --comment "enorm:{self.node}"'
         batches: dict[str, list[str]] = {"nat": [], "filter": []}
-        for table, chain in (("nat", self.chain), ("nat", self.post),
+        for table, chain in (("nat", self.chain), ("nat", self.post), ("nat", self.xcpt),
                              ("filter", self.fwd), ("filter", self.inp)):
             if not self._chain_exists(table, chain):
                 batches[table].append(f":{chain} - [0:0]")
@@ -194,14 +212,36 @@ class Firewall:
             f"-j DNAT --to-destination {f.address}:{f.port}"
         )
 
-    def rules(self) -> dict[str, list[str]]:
-        """The node's DNAT rules now, by server id (as `iptables -S` prints them)."""
+    def _redirect_rule(self, sid: str, r: Redirect) -> str:
+        return (
+            f"-s {r.user}/32 -d {r.address}/32 -p tcp -m tcp --dport {r.port} "
+            f"-m comment --comment \"{self._tag(sid)}\" "
+            f"-j DNAT --to-destination {r.to_address}:{r.to_port}"
+        )
+
+    def rules(self, chain: str | None = None) -> dict[str, list[str]]:
+        """The node's DNAT rules now (the forwards, or the redirects with `self.xcpt`), by
+        server id (as `iptables -S` prints them)."""
+        chain = chain or self.chain
         out: dict[str, list[str]] = {}
-        for line in _iptables("-t", "nat", "-S", self.chain).splitlines():
+        for line in _iptables("-t", "nat", "-S", chain).splitlines():
             m = _COMMENT.search(line)
             if line.startswith("-A ") and m and m["node"] == self.node:
-                out.setdefault(m["sid"], []).append(line[len(f"-A {self.chain} "):])
+                out.setdefault(m["sid"], []).append(line[len(f"-A {chain} "):])
         return out
+
+    def redirect(self, sid: str, redirects: list[Redirect]) -> None:
+        """Send the served users' connections to the container (idempotent)."""
+        present = set(self.rules(self.xcpt).get(sid, []))
+        lines = [f"-A {self.xcpt} {ln}" for ln in (self._redirect_rule(sid, r)
+                                                   for r in redirects) if ln not in present]
+        _restore({"nat": lines})
+
+    def unredirect(self, sid: str) -> int:
+        """Remove the server's redirects (first thing in a termination)."""
+        lines = [f"-D {self.xcpt} {r}" for r in self.rules(self.xcpt).get(sid, [])]
+        _restore({"nat": lines})
+        return len(lines)
 
     def add(self, sid: str, forwards: list[Forward]) -> None:
         """Forward the server's ports; rules already there are not added twice."""
@@ -210,37 +250,48 @@ class Firewall:
         lines = [ln for ln in lines if ln[len(f"-A {self.chain} "):] not in present]
         _restore({"nat": lines})
 
-    def remove(self, sid: str) -> int:
-        """Remove every rule tagged with the server id; returns how many there were."""
-        lines = [f"-D {self.chain} {r}" for r in self.rules().get(sid, [])]
+    def remove(self, sid: str, redirects: bool = False) -> int:
+        """Remove every rule tagged with the server id (and its redirects, for a server
+        that has some: each chain read costs an `iptables -S`); returns how many there
+        were."""
+        chains = (self.chain, self.xcpt) if redirects else (self.chain,)
+        lines = [f"-D {chain} {r}" for chain in chains
+                 for r in self.rules(chain).get(sid, [])]
         _restore({"nat": lines})
         return len(lines)
 
-    def reconcile(self, expected: dict[str, list[Forward]]) -> dict[str, int]:
-        """Make the rules equal `expected`: drop other servers' rules, add missing ones."""
-        current = self.rules()
+    def reconcile(self, expected: dict[str, list[Forward]],
+                  redirects: dict[str, list[Redirect]] | None = None) -> dict[str, int]:
+        """Make the rules equal `expected` (and the redirects `redirects`): drop other
+        servers' rules, add missing ones."""
+        want = {self.chain: {sid: [self._rule(sid, f) for f in fs]
+                             for sid, fs in expected.items()},
+                self.xcpt: {sid: [self._redirect_rule(sid, r) for r in rs]
+                            for sid, rs in (redirects or {}).items()}}
         removed = added = 0
         lines: list[str] = []
-        for sid, rules in current.items():
-            want = {self._rule(sid, f) for f in expected.get(sid, [])}
-            for r in rules:
-                if r not in want:
-                    lines.append(f"-D {self.chain} {r}")
-                    removed += 1
-        for sid, forwards in expected.items():
-            have = set(current.get(sid, []))
-            for f in forwards:
-                r = self._rule(sid, f)
-                if r not in have:
-                    lines.append(f"-A {self.chain} {r}")
-                    added += 1
+        for chain, rules_by_sid in want.items():
+            current = self.rules(chain)
+            for sid, rules in current.items():
+                keep = set(rules_by_sid.get(sid, []))
+                for r in rules:
+                    if r not in keep:
+                        lines.append(f"-D {chain} {r}")
+                        removed += 1
+            for sid, rules in rules_by_sid.items():
+                have = set(current.get(sid, []))
+                for r in rules:
+                    if r not in have:
+                        lines.append(f"-A {chain} {r}")
+                        added += 1
         _restore({"nat": lines})
         return {"removed": removed, "added": added}
 
     def teardown(self) -> None:
         """Remove the node's chains, jumps and guards entirely (node decommissioned, tests)."""
         batches: dict[str, list[str]] = {}
-        for table, chains in (("nat", (self.chain, self.post)), ("filter", (self.fwd, self.inp))):
+        for table, chains in (("nat", (self.chain, self.post, self.xcpt)),
+                              ("filter", (self.fwd, self.inp))):
             lines = ["-D" + ln[2:] for ln in self._our_jumps(table)]
             for chain in chains:
                 if self._chain_exists(table, chain):
@@ -299,6 +350,29 @@ class Firewall:
     def unguard(self, sid: str) -> None:
         """Remove the server's guard (its container is destroyed); absent is fine."""
         self.reconcile_guards({}, only=[sid])
+
+    def unguard_begin(self, sid: str, port: Port) -> Callable[[], None]:
+        """Start removing the guard that `guard(sid, port)` made, in a child process and
+        without reading the tables first (a termination overlaps it with LXC's delete);
+        the returned function waits for it and, if the tables were not as expected
+        (already gone, changed by hand), falls back to `unguard`'s read and compare."""
+        want = self._guard_lines(sid, port)
+        batches: dict[str, list[str]] = {"nat": [], "filter": []}
+        for table, ln in want:  # the jump and the rules first, then the chain
+            if ln.startswith("-A "):
+                batches[table].append("-D" + ln[2:])
+        batches["nat"].append(f"-X {self._guard_chain(sid)}")
+        proc = subprocess.Popen(["ebtables-restore", "--noflush"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                text=True)
+        assert proc.stdin is not None
+        proc.stdin.write(_batch_text(batches))
+        proc.stdin.close()
+
+        def finish() -> None:
+            if proc.wait() != 0:
+                self.unguard(sid)
+        return finish
 
     def reconcile_guards(self, expected: dict[str, Port],
                          only: Iterable[str] | None = None) -> dict[str, int]:

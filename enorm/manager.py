@@ -21,7 +21,7 @@ from enorm import migration, network, resources, sizing
 from enorm.config import ConfigError, NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
-from enorm.firewall import Firewall, Forward, Port
+from enorm.firewall import Firewall, Forward, Port, Redirect
 from enorm.protocol import (
     Access,
     MergeReport,
@@ -50,7 +50,7 @@ def _fault(point: str) -> None:
         os._exit(70)
 
 
-class Rejected(Exception):
+class AdmissionRefused(Exception):
     """Admission said no (409); `reason` is machine-readable."""
 
     def __init__(self, reason: str, detail: str, free: Resources | None = None) -> None:
@@ -65,6 +65,14 @@ class LaunchFailed(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class CannotRedirect(Exception):
+    """Transparent redirection asked of a server that has none, or is not running."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
 
 
 class NotFound(KeyError):
@@ -123,6 +131,13 @@ def _port(rec: ServerRecord) -> Port:
     return Port(network.host_veth(rec.id), network.mac_address(rec.id), rec.address)
 
 
+def _redirects(rec: ServerRecord, users: list) -> list[Redirect]:
+    """The transparent redirects of a server: each served user x each intercepted
+    destination (IPv4 users only: the rules are iptables')."""
+    return [Redirect(str(u.address), str(x.address), x.port, rec.address, x.to_port)
+            for x in rec.intercept for u in users if u.address.version == 4]
+
+
 def _forwards(rec: ServerRecord) -> list[Forward]:
     fw = [Forward(rec.access_port, rec.address, SSH_PORT)]
     fw += [Forward(hp, rec.address, cp) for cp, hp in sorted(rec.ports.items())]
@@ -139,7 +154,7 @@ class EdgeManager:
         self.allocator = node.allocator
         self.events = node.events
         self.migrate = migrate
-        self.unit = Resources(cores=self.cfg.unit.cores, memory_mb=self.cfg.unit.memory_mb)
+        self.unit = Resources(**self.cfg.unit.model_dump())  # the plain wire type
         # Guards admission and every change of allocations, ports and addresses.
         self._lock = threading.RLock()
 
@@ -198,13 +213,15 @@ class EdgeManager:
         return needs
 
     # -- views ---------------------------------------------------------------------------
-    def allocated(self) -> Resources:
+    def allocated(self, servers: list[ServerRecord] | None = None) -> resources.Amount:
         """Cores and memory held by servers (a stopped, migration-pending one holds none)."""
-        return resources.total(s.limits for s in self.store.servers()
-                               if s.state != "migration_pending")
+        servers = self.store.servers() if servers is None else servers
+        return resources.total(s.limits for s in servers if s.state != "migration_pending")
 
-    def free(self) -> Resources:
-        return self.allocator.free(self.allocated())
+    def free(self, servers: list[ServerRecord] | None = None) -> resources.Amount:
+        """The node's one figure of free resources; negative where the basic service has
+        grown into the allocations."""
+        return self.allocator.free(self.allocated(servers))
 
     def _taken_ports(self, servers: list[ServerRecord]) -> set[int]:
         """Host ports in use. A migration-pending server holds none: its forwards are gone
@@ -220,13 +237,15 @@ class EdgeManager:
             capacity=self.allocator.capacity,
             reserved=self.allocator.reserve,
             basic_service=self.allocator.basic,
-            allocated=self.allocated(),
-            free=self.free(),
+            allocated=self.allocated(servers).resources(),
+            free=self.free(servers).resources(),
             unit=self.unit,
             servers=len(servers),
             admission=self.cfg.admission,
             ports_free=network.free_port_count(self.cfg.port_range, self._taken_ports(servers)),
             autoscale_interval_s=self.cfg.autoscale_interval_s,
+            load=round(os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0))), 3),
+            min_priority=self.cfg.min_priority,
         )
 
     def get(self, sid: str, owner: str | None = None) -> ServerRecord:
@@ -275,8 +294,7 @@ class EdgeManager:
             servers = self.store.servers()
             active = [s for s in servers if s.state in ("launching", "running")]
             taken = self._taken_ports(servers)
-            free = self.allocator.free(resources.total(
-                s.limits for s in servers if s.state != "migration_pending"))
+            free = self.free(servers)
             decision = resources.admit(
                 unit=self.unit,
                 free=free,
@@ -288,23 +306,24 @@ class EdgeManager:
                          for s in active],
                 policy=self.cfg.admission,
             )
+            shown = free.resources()
             if not decision.admit:
-                raise Rejected(decision.reason or "insufficient_resources", decision.detail,
-                               free)
+                raise AdmissionRefused(decision.reason or "insufficient_resources", decision.detail,
+                              shown)
             pending = sum(s.owner == owner and s.state == "migration_pending" for s in servers)
             if pending >= self.cfg.max_pending_per_owner:
-                raise Rejected("migrations_pending",
+                raise AdmissionRefused("migrations_pending",
                                f"{pending} servers of {owner} wait for their sink "
-                               f"(at most {self.cfg.max_pending_per_owner})", free)
+                               f"(at most {self.cfg.max_pending_per_owner})", shown)
             ports = network.pick_ports(self.cfg.port_range, taken, 1 + len(req.ports))
             if ports is None:  # counted free, but another process holds some of them
-                raise Rejected("ports_unavailable",
+                raise AdmissionRefused("ports_unavailable",
                                f"fewer than {1 + len(req.ports)} bindable host ports in "
-                               f"{self.cfg.port_range}", free)
+                               f"{self.cfg.port_range}", shown)
             address = network.pick_address(self.cfg.subnet, {s.address for s in servers})
             if address is None:
-                raise Rejected("insufficient_resources",
-                               f"no free address left in {self.cfg.subnet}", free)
+                raise AdmissionRefused("insufficient_resources",
+                               f"no free address left in {self.cfg.subnet}", shown)
             sid = secrets.token_hex(4)
             rec = ServerRecord(
                 id=sid,
@@ -324,6 +343,7 @@ class EdgeManager:
                 created_at=time.time(),
                 data_sink=req.data_sink,
                 callback_url=str(req.callback_url) if req.callback_url else None,
+                intercept=req.intercept,
                 redis_password=secrets.token_urlsafe(18),
                 ssh_public_key=req.ssh_public_key,
             )
@@ -354,7 +374,7 @@ class EdgeManager:
     def _undo_launch(self, rec: ServerRecord) -> None:
         log.warning("launch of %s failed; undoing", rec.id)
         try:
-            self.firewall.remove(rec.id)
+            self.firewall.remove(rec.id, redirects=bool(rec.intercept))
         finally:
             try:
                 self.containers.destroy(rec.container)
@@ -363,15 +383,34 @@ class EdgeManager:
                 with self._lock:
                     self.store.delete(rec.id)
 
+    # -- transparent redirection ---------------------------------------------------------
+    def set_redirect(self, sid: str, on: bool, owner: str | None = None) -> int:
+        """Switch the server's transparent redirection on (the cloud manager, once its
+        server answers) or off (first step of a withdrawal); returns the rules in place."""
+        with self._lock:
+            rec = self.get(sid, owner)
+            if not rec.intercept:
+                raise CannotRedirect(400, f"server {sid}: its setup request named no intercept")
+            if on and rec.state != "running":
+                raise CannotRedirect(409, f"server {sid} is {rec.state}")
+            rec.redirecting = on
+            self.store.save(rec)
+        if on:
+            rules = _redirects(rec, self.store.users(rec.id))
+            self.firewall.redirect(rec.id, rules)
+            return len(rules)
+        self.firewall.unredirect(rec.id)
+        return 0
+
     # -- scaling (used by the auto-scaler) -----------------------------------------------
     def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None:
         with self._lock:
             rec = self.get(server_id)
             if rec.state != "running":
                 raise RuntimeError(f"{server_id}: cannot scale a server that is {rec.state}")
-            growth = resources.sub(limits, rec.limits)
-            if growth != resources.ZERO and not resources.fits(growth, self.free()):
-                raise Rejected("insufficient_resources", f"{server_id}: no room to grow")
+            growth = (resources.Amount.of(limits) - resources.Amount.of(rec.limits)).at_least_zero()
+            if not growth.is_zero() and not resources.fits(growth, self.free()):
+                raise AdmissionRefused("insufficient_resources", f"{server_id}: no room to grow")
             self.containers.set_limits(rec.container, limits)
             old = rec.limits
             rec.limits = limits
@@ -433,11 +472,15 @@ class EdgeManager:
             self.store.save(rec)
         if resumed:
             numbers = {**numbers, "resumed_after_restart": True}
+        # No new connection of a user may reach a server that is going: the redirects go
+        # before the data is merged.
+        if rec.intercept:
+            self.firewall.unredirect(rec.id)
         _fault("terminate.started")
         if not self.containers.exists(rec.container):
             # Destroyed by us after its merge (a crash came before the record went), or
             # gone behind our back with its data: either way nothing is left to merge.
-            self.firewall.remove(rec.id)
+            self.firewall.remove(rec.id, redirects=bool(rec.intercept))
             self.firewall.unguard(rec.id)
             self.containers.destroy(rec.container)  # its id range and mounts
             self._forget(rec, reason if resumed else "container_lost",
@@ -455,12 +498,22 @@ class EdgeManager:
                 raise MigrationPending(str(exc)) from exc
             merge_s = round(time.perf_counter() - t0, 4)
         _fault("terminate.merged")
-        self.firewall.remove(rec.id)
-        self.containers.destroy(rec.container)
-        self.firewall.unguard(rec.id)
+        self.firewall.remove(rec.id, redirects=bool(rec.intercept))
+        self._destroy(rec)
         _fault("terminate.destroyed")
         self._forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
         return merged
+
+    def _destroy(self, rec: ServerRecord) -> None:
+        """Stop the container, then delete its files and lift its bridge guard side by
+        side: once it is stopped its veth is gone, so the guard protects nothing, and
+        LXC's delete (in this process) and ebtables' rewrite (a child) overlap."""
+        self.containers.stop(rec.container)
+        unguarded = self.firewall.unguard_begin(rec.id, _port(rec))
+        try:
+            self.containers.destroy(rec.container)
+        finally:
+            unguarded()
 
     def _forget(self, rec: ServerRecord, reason: str, data: dict) -> None:
         """The record goes and its `server.terminated` event comes in one transaction:
@@ -474,7 +527,7 @@ class EdgeManager:
     def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:
         """The sink is unreachable: stop the container but keep it (and its data)."""
         log.warning("migration of %s failed (%s); container kept", rec.id, exc)
-        self.firewall.remove(rec.id)
+        self.firewall.remove(rec.id, redirects=bool(rec.intercept))
         self.containers.stop(rec.container)
         with self._lock:
             rec.state = "migration_pending"
@@ -508,7 +561,7 @@ class EdgeManager:
                 self.containers.destroy(rec.container)
             else:
                 keys = 0
-            self.firewall.remove(rec.id)
+            self.firewall.remove(rec.id, redirects=bool(rec.intercept))
             self._forget(rec, "discarded_by_operator",
                          {"keys_migrated": 0, "keys_saved": keys, "saved_to": str(path)})
             saved[rec.id] = path
@@ -539,9 +592,10 @@ class EdgeManager:
             if name not in owned:
                 self.containers.destroy(name)
                 report["orphans"].append(name)
+        running = [r for r in records.values() if r.state == "running"]
         report["rules"] = self.firewall.reconcile(
-            {r.id: _forwards(r) for r in records.values() if r.state == "running"}
-        )
+            {r.id: _forwards(r) for r in running},
+            {r.id: _redirects(r, self.store.users(r.id)) for r in running if r.redirecting})
         report["guards"] = self.firewall.reconcile_guards(
             {r.id: _port(r) for r in records.values()})
         return report

@@ -215,7 +215,7 @@ class NodeMetrics:
             self.scaling.labels(scale_kind(d), ev.reason).inc()
 
     def on_round(self, report: dict[str, Any]) -> None:
-        """A round's report (scaling.round_report): its time and what it measured."""
+        """A round's report (control_loop.round_report): its time and what it measured."""
         self.rounds.labels("error" if report.get("error") else "ok").inc()
         if report.get("duration_s") is not None:
             self.round_seconds.observe(report["duration_s"])

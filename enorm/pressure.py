@@ -7,25 +7,23 @@ memory every `pressure_interval_s` (the machine's use minus the containers', as 
 round does) and, when the memory left for it falls below `pressure_headroom_mb`,
 terminates the lowest-priority tenants (data merged back, as always) until the shortfall
 is covered, without waiting for the round. It also reads the kernel's pressure stall
-information (PSI, /proc/pressure/memory) and records it with each eviction.
+information (PSI, /proc/pressure/memory) and records it with each eviction, and, where
+the kernel accepts a PSI trigger, looks at once when tasks start stalling on memory
+instead of waiting for the next poll.
 
-`evictions` is the policy (pure); `PressureWatcher` the loop around it.
+`evictions` is the policy (pure); the control loop's `protect_basic_service` runs it.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import errno
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import psutil
-
-from enorm.monitor import free_after
 from enorm.protocol import Resources
 
-log = logging.getLogger(__name__)
 PSI_MEMORY = Path("/proc/pressure/memory")
 
 
@@ -65,63 +63,23 @@ def psi_some_avg10(path: Path = PSI_MEMORY) -> float | None:
     return None
 
 
-class PressureWatcher:
-    """The loop: measure, update the allocator's view of the basic service, evict."""
+# 100 ms of stall within 2 s. The window is a multiple of 2 s: without CAP_SYS_RESOURCE
+# (a container, a sandbox) the kernel refuses any other (EINVAL).
+TRIGGER = "some 100000 2000000"
 
-    def __init__(self, mgr, interval_s: float, headroom_mb: int) -> None:
-        self.mgr = mgr
-        self.interval_s, self.headroom_mb = interval_s, headroom_mb
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def basic_memory_mb(self) -> int:
-        """The machine's memory use outside the node's containers (MB)."""
-        vm = psutil.virtual_memory()
-        used = (vm.total - vm.available) >> 20
-        inside = 0
-        for s in self.mgr.store.servers():
-            if s.state != "running":
-                continue
-            try:
-                inside += self.mgr.containers.usage(s.container).memory_bytes >> 20
-            except Exception:  # noqa: BLE001 (gone meanwhile: it uses nothing)
-                continue
-        return max(0, used - inside)
-
-    def check(self) -> list[str]:
-        """One look; returns the servers it terminated."""
-        alloc = self.mgr.allocator
-        basic = self.basic_memory_mb()
-        alloc.basic = Resources(cores=alloc.basic.cores, memory_mb=basic)
-        # Signed: the allocator's own `free` stops at zero, the shortfall must not.
-        left = int(free_after(alloc.capacity, alloc.basic, [self.mgr.allocated()],
-                              alloc.reserve).memory_mb)
-        if left >= self.headroom_mb:
-            return []
-        victims = evictions(self.mgr.store.servers(), self.headroom_mb - left)
-        numbers = {"basic_service_mb": basic, "left_mb": left,
-                   "headroom_mb": self.headroom_mb, "psi_some_avg10": psi_some_avg10()}
-        done = []
-        for sid in victims:
-            try:
-                self.mgr.terminate(sid, reason="basic_service_pressure", numbers=numbers)
-                done.append(sid)
-            except Exception as exc:  # noqa: BLE001 (gone already, or merge pending)
-                log.warning("pressure eviction of %s: %s", sid, exc)
-        return done
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # the watcher must outlive a bad sample
-                log.exception("pressure check")
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="enorm-pressure", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+def psi_trigger(path: Path = PSI_MEMORY, trigger: str = TRIGGER) -> int | None:
+    """A descriptor that `poll` wakes (POLLPRI) when the trigger's stall is reached; None
+    where the kernel has no PSI or refuses the trigger (the node then only polls)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        os.write(fd, trigger.encode() + b"\0")
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
+            raise
+        return None
+    return fd

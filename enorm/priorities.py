@@ -16,10 +16,8 @@ cloud manager asked for and is the only figure known before anything is measured
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the auto-scaler imports this module
-    from enorm.autoscaler import ServerSnapshot, Snapshot
+from enorm.autoscaler import ServerSnapshot, Snapshot
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,25 @@ class DataSink(_Message):
         return self
 
 
+class Intercept(_Message):
+    """Transparent redirection, where this node is the users' router: the served users'
+    new TCP connections to `address:port` (the cloud game server) go to the container's
+    `to_port` instead; no change on the client, no redirection file. The operator must
+    list `address:port` among the cloud manager's destinations."""
+
+    address: ipaddress.IPv4Address
+    port: int = Field(ge=1, le=65535)
+    to_port: int = Field(ge=1, le=65535, description="one of the request's `ports`")
+
+
+class RedirectState(_Message):
+    """`PUT` / `DELETE /v1/servers/{id}/redirect`: the redirection now."""
+
+    server_id: str
+    redirecting: bool
+    rules: int = Field(description="rules in place: served users x intercepted destinations")
+
+
 class SetupRequest(_Message):
     """Procedure 2: what the cloud manager asks an edge node for.
 
@@ -97,6 +116,17 @@ class SetupRequest(_Message):
     override: bool = False
     # On termination of this server, also terminate its siblings (same owner and app).
     termination: TerminationMode = "single"
+    intercept: list[Intercept] = Field(default_factory=list, max_length=8)
+
+    @model_validator(mode="after")
+    def _intercept_to_a_port(self) -> SetupRequest:
+        for i, x in enumerate(self.intercept):
+            if x.to_port not in self.ports:
+                raise ValueError(f"intercept.{i}.to_port {x.to_port} is not one of ports "
+                                 f"{self.ports}")
+        if len({(x.address, x.port) for x in self.intercept}) != len(self.intercept):
+            raise ValueError("intercept: each address and port at most once")
+        return self
 
     @field_validator("ports")
     @classmethod
@@ -184,6 +214,33 @@ class NodeOffer(_Message):
     admission: str
     ports_free: int
     autoscale_interval_s: float
+    # For the cloud manager's placement: the 1-minute load average per core, and the
+    # lowest priority the node admits.
+    load: float = 0.0
+    min_priority: int = 0
+
+
+class ProbeRequest(_Message):
+    """`POST /v1/probe`: how far these users are from this node, before any setup (the
+    cloud manager's placement). Public unicast addresses only."""
+
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(
+        min_length=1, max_length=256)
+
+    @field_validator("addresses")
+    @classmethod
+    def _users_only(cls, v: list) -> list:
+        for a in v:
+            if a.is_loopback or a.is_unspecified or a.is_multicast or a.is_link_local:
+                raise ValueError(f"{a} is not a user's address (loopback, unspecified, "
+                                 "multicast and link-local addresses are refused)")
+        return v
+
+
+class ProbeResult(_Message):
+    method: str
+    rtt_ms: dict[str, float | None] = Field(description="address -> RTT; null: no answer")
+    median_ms: float | None = Field(description="of the answers; null: nobody answered")
 
 
 class ServerInfo(_Message):
@@ -204,6 +261,7 @@ class ServerInfo(_Message):
     created_at: float
     data_sink: DataSink | None = None
     callback_url: str | None = None
+    intercept: list[Intercept] = Field(default_factory=list)
 
     @field_serializer("data_sink")
     def _no_password(self, sink: DataSink | None) -> dict | None:

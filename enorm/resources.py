@@ -1,6 +1,12 @@
-"""The Resource Allocator: capacity, basic service, allocations, and admission (policy).
+"""The Resource Allocator and the one arithmetic of cores and memory on the node.
 
-free = capacity - max(reserve, basic service) - allocated. The basic service is what the
+`Amount` is the only type anything adds, subtracts or compares in: signed (an
+over-committed node has negative free resources, and a shortfall must be seen, not
+clipped to zero), one epsilon for fractional cores. `protocol.Resources` is what goes on
+the wire and into the store (never negative); `Amount.of` and `Amount.resources` are the
+two crossings.
+
+free = capacity - max(reserve, basic service) - allocated: the basic service is what the
 board's own processes use (the Monitor measures it); the reserve is the floor the
 operator keeps for them even when they are quiet. Admission is a pure function so that
 the paper's rule and the optional pre-emptive rule can be tested without a node.
@@ -13,49 +19,85 @@ from dataclasses import dataclass, field
 
 from enorm.protocol import RejectReason, Resources
 
-ZERO = Resources(cores=0, memory_mb=0)
+EPS = 1e-9
 
 
-def add(a: Resources, b: Resources) -> Resources:
-    return Resources(cores=round(a.cores + b.cores, 6), memory_mb=a.memory_mb + b.memory_mb)
+@dataclass(frozen=True)
+class Amount:
+    """Cores (fractional: a CFS quota) and memory (MB); may be negative."""
+
+    cores: float
+    memory_mb: float
+
+    @classmethod
+    def of(cls, r: Resources | Amount) -> Amount:
+        return r if isinstance(r, Amount) else cls(float(r.cores), float(r.memory_mb))
+
+    def __add__(self, o: Amount) -> Amount:
+        return Amount(round(self.cores + o.cores, 6), self.memory_mb + o.memory_mb)
+
+    def __sub__(self, o: Amount) -> Amount:
+        return Amount(round(self.cores - o.cores, 6), self.memory_mb - o.memory_mb)
+
+    def covers(self, o: Amount) -> bool:
+        """True when `o` fits into self in both dimensions."""
+        return self.cores + EPS >= o.cores and self.memory_mb + EPS >= o.memory_mb
+
+    def at_least_zero(self) -> Amount:
+        return Amount(max(0.0, self.cores), max(0.0, self.memory_mb))
+
+    def is_zero(self) -> bool:
+        return abs(self.cores) <= EPS and abs(self.memory_mb) <= EPS
+
+    def resources(self) -> Resources:
+        """As a protocol `Resources` (cores rounded to 1/1000, memory to whole MB, never
+        below zero)."""
+        return Resources(
+            cores=max(0.0, round(self.cores, 3)), memory_mb=max(0, int(round(self.memory_mb)))
+        )
 
 
-def sub(a: Resources, b: Resources) -> Resources:
-    """a - b, never below zero."""
-    return Resources(
-        cores=max(0.0, round(a.cores - b.cores, 6)), memory_mb=max(0, a.memory_mb - b.memory_mb)
-    )
+ZERO = Amount(0.0, 0.0)
+DEFAULT_UNIT = Amount(1.0, 200.0)  # the paper: 1 core, 200 MB
 
 
-def fits(need: Resources, free: Resources) -> bool:
-    return need.cores <= free.cores + 1e-9 and need.memory_mb <= free.memory_mb
+def fits(need: Resources | Amount, room: Resources | Amount) -> bool:
+    return Amount.of(room).covers(Amount.of(need))
 
 
-def total(items: Iterable[Resources]) -> Resources:
-    cores, mem = 0.0, 0
+def total(items: Iterable[Resources | Amount]) -> Amount:
+    out = ZERO
     for r in items:
-        cores += r.cores
-        mem += r.memory_mb
-    return Resources(cores=round(cores, 6), memory_mb=mem)
+        out = out + Amount.of(r)
+    return out
+
+
+def held_back(reserve: Resources | Amount, basic: Resources | Amount) -> Amount:
+    """What the basic service keeps: its measured use, at least the reserve."""
+    r, b = Amount.of(reserve), Amount.of(basic)
+    return Amount(max(r.cores, b.cores), max(r.memory_mb, b.memory_mb))
+
+
+def free(capacity: Resources | Amount, reserve: Resources | Amount,
+         basic: Resources | Amount, allocated: Resources | Amount) -> Amount:
+    """capacity - max(reserve, basic service) - allocated, per dimension; may be < 0."""
+    return Amount.of(capacity) - held_back(reserve, basic) - Amount.of(allocated)
 
 
 @dataclass
 class Allocator:
-    """The node's resources; `basic` is updated by the Monitor each round."""
+    """The node's resources; `basic` is the Monitor's latest figure of the basic service
+    (the rounds and the pressure watcher update it; admission reads it)."""
 
     capacity: Resources
     reserve: Resources
-    basic: Resources = field(default_factory=lambda: ZERO)
+    basic: Resources = field(default_factory=lambda: Resources(cores=0, memory_mb=0))
 
-    def held_back(self) -> Resources:
-        """What the basic service keeps: its measured use, at least the reserve."""
-        return Resources(
-            cores=max(self.reserve.cores, self.basic.cores),
-            memory_mb=max(self.reserve.memory_mb, self.basic.memory_mb),
-        )
+    def held_back(self) -> Amount:
+        return held_back(self.reserve, self.basic)
 
-    def free(self, allocated: Resources) -> Resources:
-        return sub(sub(self.capacity, self.held_back()), allocated)
+    def free(self, allocated: Resources | Amount) -> Amount:
+        return free(self.capacity, self.reserve, self.basic, allocated)
 
 
 @dataclass(frozen=True)
@@ -78,8 +120,8 @@ class Decision:
 
 def admit(
     *,
-    unit: Resources,
-    free: Resources,
+    unit: Resources | Amount,
+    free: Resources | Amount,
     priority: int,
     min_priority: int,
     ports_needed: int,
@@ -93,21 +135,22 @@ def admit(
     evict tenants of lower priority (lowest first, newest first among equals) until it
     fits; if even evicting all of them is not enough, reject for `priority`.
     """
+    unit, room = Amount.of(unit), Amount.of(free)
     evict: list[str] = []
-    if not fits(unit, free):
+    if not room.covers(unit):
         if policy != "preempt":
+            shown = room.resources()
             return Decision(False, "insufficient_resources",
-                            f"needs {unit.cores} cores/{unit.memory_mb} MB, free "
-                            f"{free.cores} cores/{free.memory_mb} MB")
+                            f"needs {unit.cores:g} cores/{unit.memory_mb:g} MB, free "
+                            f"{shown.cores} cores/{shown.memory_mb} MB")
         lower = sorted((t for t in tenants if t.priority < priority),
                        key=lambda t: (t.priority, -t.created_at))
-        room = free
         for t in lower:
-            if fits(unit, room):
+            if room.covers(unit):
                 break
             evict.append(t.id)
-            room = add(room, t.limits)
-        if not fits(unit, room):
+            room = room + Amount.of(t.limits)
+        if not room.covers(unit):
             return Decision(False, "insufficient_resources" if not lower else "priority",
                             "not enough resources even after pre-empting every tenant of "
                             f"lower priority than {priority}")

@@ -34,10 +34,12 @@ class ServerRecord(ServerInfo):
     ssh_public_key: str
     # Why a termination began: a restart that finishes it reports the same reason.
     end_reason: str | None = None
+    # The transparent redirects are switched on (a restart puts them back).
+    redirecting: bool = False
 
     def info(self) -> ServerInfo:
         return ServerInfo(**self.model_dump(exclude={"redis_password", "ssh_public_key",
-                                                     "end_reason"}))
+                                                     "end_reason", "redirecting"}))
 
 
 class Store:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     @app.post("/bench/withdraw")
     def _withdraw():
         dep = manager.withdraw(request.get_json()["server_id"])
-        return jsonify(server_id=dep.server_id, state=dep.state,
+        return jsonify(server_id=dep.server_id, state=dep.state, confirmed=dep.confirmed,
                        keys_migrated=dep.keys_migrated, timings=dep.timings)
 
     http = make_server(host, int(port), app, threaded=True)

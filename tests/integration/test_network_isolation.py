@@ -305,3 +305,27 @@ def test_subnet_guard_stays_after_down(tmp_path):
     assert "metric 4000" in routes, routes
     got = subprocess.run(["ip", "route", "get", addr], capture_output=True, text=True)
     assert got.returncode != 0 and "No route to host" in got.stderr, got
+
+
+def test_a_guard_lifted_beside_lxcs_delete_leaves_nothing_even_if_changed_by_hand():
+    """A termination lifts a container's bridge guard by its known lines in a child
+    process (overlapping LXC's delete); when the tables are not as the node left them,
+    it falls back to reading and comparing, and still leaves nothing."""
+    from enorm.firewall import Firewall, Port
+
+    fw = Firewall("tfwg", "10.89.250.0/24", "entbfwg")
+    port = Port("enfwgab12", "02:ab:12:00:00:01", "10.89.250.2")
+    try:
+        fw.guard("ab12", port)
+        assert len(fw.guards()["ab12"]) == 6
+        fw.unguard_begin("ab12", port)()
+        assert "ab12" not in fw.guards()
+        fw.guard("ab12", port)
+        subprocess.run(["ebtables", "-t", "filter", "-D", "FORWARD", "-i", port.veth, "-j",
+                        "DROP"], check=True)  # somebody removed one of its rules
+        fw.unguard_begin("ab12", port)()
+        assert "ab12" not in fw.guards()
+        assert "ENORM-TFWG" not in subprocess.run(["ebtables-save"], capture_output=True,
+                                                  text=True).stdout
+    finally:
+        fw.reconcile_guards({})

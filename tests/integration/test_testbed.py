@@ -7,13 +7,17 @@ from __future__ import annotations
 import fcntl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from bench.latency import measure
 from bench.load import Load
 from bench.testbed import WAN, Testbed, probe
+from bench.testbed.netns import sh
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,4 +83,52 @@ def test_testbed_delays_routes_and_tears_down(bench_lock):
         assert near["cloud_requests"] >= near["requests"] > 0
         assert edge["cloud_requests"] < near["cloud_requests"] / 4
         assert edge["wan_bytes"] < near["wan_bytes"] / 4
+    assert leftovers() == []
+
+
+def test_users_keep_playing_on_the_edge_while_the_cloud_link_is_cut(bench_lock):
+    """Edge autonomy: the WAN link goes down during play and the node's daemon is
+    restarted while the cloud is out of reach; the user, playing on the edge server all
+    along, sees no error, and once the link is back the withdrawal merges the data."""
+    assert leftovers() == []
+    with Testbed(users_per_node=1, unit_cores=0.5) as bed:
+        bed.access("wifi")
+        bed.wan("near")
+        src = bed.edges[0].users.addrs[0]
+        load = Load(bed.edges[0].users.name, bed.cloud_url, [src], 12.0, "aggressive")
+        (uid,) = load.start()
+        dep = bed.offload([(uid, src)])
+        node, wan = bed.edges[0].node, bed.cloud_ns.host_if
+        seen: dict = {}
+
+        def cut_restart_restore() -> None:
+            time.sleep(2.0)
+            sh("ip", "link", "set", wan, "down")
+            try:
+                seen["cloud_reachable"] = subprocess.run(
+                    ["ip", "netns", "exec", bed.edges[0].users.name, sys.executable, "-c",
+                     "import socket,sys; socket.create_connection((sys.argv[1], 8000), 1)",
+                     bed.cloud_ns.ip], capture_output=True).returncode == 0
+                node.proc.kill()  # the board reboots its daemon while the cloud is away
+                node.proc.wait(10)
+                node.proc = None
+                node.start()
+                seen["servers"] = [s["id"] for s in requests.get(
+                    node.url + "/v1/servers", timeout=5,
+                    headers={"Authorization": f"Bearer {bed.token}"}).json()]
+                time.sleep(3.0)
+            finally:
+                sh("ip", "link", "set", wan, "up")
+
+        cutter = threading.Thread(target=cut_restart_restore)
+        cutter.start()
+        res = load.run()
+        cutter.join()
+        assert seen["cloud_reachable"] is False  # the cut was real
+        assert seen["servers"] == [dep["server_id"]]  # back with its server, cloud away
+        assert res["errors"] == 0 and res["requests"] > 50, res
+        assert res["servers"] == [dep["url"]]  # on the edge all along
+        done = bed.withdraw(dep["server_id"])
+        assert done["state"] == "withdrawn" and done["confirmed"] is True
+        assert done["keys_migrated"] > 0
     assert leftovers() == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from enorm.protocol import Resources
-from enorm.resources import Allocator, Tenant, admit, total
+from enorm.resources import Allocator, Amount, Tenant, admit, total
 
 UNIT = Resources(cores=1.0, memory_mb=200)
 
@@ -72,12 +72,13 @@ def test_preempt_evicts_nobody_when_there_is_room():
 
 def test_allocator_holds_back_the_larger_of_reserve_and_basic_service():
     a = Allocator(capacity=R(4.0, 2048), reserve=R(0.5, 256))
-    assert a.free(R(1.0, 200)) == R(2.5, 1592)
+    assert a.free(R(1.0, 200)) == Amount(2.5, 1592)
     a.basic = R(1.5, 100)  # the board's own processes got busier on CPU
-    assert a.free(R(1.0, 200)) == R(1.5, 1592)
-    a.basic = R(8.0, 4096)  # never below zero
-    assert a.free(R(1.0, 200)) == R(0.0, 0)
+    assert a.free(R(1.0, 200)) == Amount(1.5, 1592)
+    a.basic = R(8.0, 4096)  # over-committed: the shortfall shows, the wire form stops at 0
+    assert a.free(R(1.0, 200)) == Amount(-5.0, -2248)
+    assert a.free(R(1.0, 200)).resources() == R(0.0, 0)
 
 
 def test_total_sums_fractional_cores_exactly():
-    assert total([R(0.1, 1)] * 10) == R(1.0, 10)
+    assert total([R(0.1, 1)] * 10) == Amount(1.0, 10)

@@ -11,20 +11,19 @@ import pytest
 
 from enorm import autoscaler as a
 from enorm.autoscaler import (
-    Amount,
     NodeSnapshot,
     Options,
     ScaleDown,
     ScaleUp,
-    Scheduler,
     ServerSnapshot,
     Snapshot,
     Terminate,
     apply,
     plan,
-    run_round,
 )
+from enorm.control_loop import ControlLoop, run_round
 from enorm.protocol import Resources
+from enorm.resources import Amount
 
 UNIT = Amount(1.0, 200.0)
 
@@ -407,13 +406,13 @@ def test_run_round_survives_a_failing_snapshot():
     assert r.snapshot is None and r.actions == () and "cgroup gone" in r.error
 
 
-def test_scheduler_run_once_and_from_config():
+def test_control_loop_run_once_and_from_config():
     class Cfg:
         idle_after_s = 10.0
         autoscale_interval_s = 300.0
 
     seen = []
-    s = Scheduler.from_config(
+    s = ControlLoop.from_config(
         Cfg(), lambda: snap([srv("A", idle=11.0)]), FakeManager(), on_round=seen.append
     )
     assert s.interval_s == 300.0 and s.options.idle_after_s == 10.0
@@ -422,7 +421,7 @@ def test_scheduler_run_once_and_from_config():
     assert seen == [r] and s.last is r
 
 
-def test_scheduler_runs_in_background_without_overlap():
+def test_control_loop_runs_in_background_without_overlap():
     active = 0
     peak = 0
     rounds = 0
@@ -439,10 +438,10 @@ def test_scheduler_runs_in_background_without_overlap():
             rounds += 1
         return snap([])
 
-    s = Scheduler(slow_snapshot, FakeManager(), interval_s=0.05)
+    s = ControlLoop(slow_snapshot, FakeManager(), interval_s=0.05)
     s.start(first_run_in_s=0.0)
     try:
-        job = s._scheduler.get_job(Scheduler.JOB_ID)
+        job = s.job(ControlLoop.JOB_ID)
         assert job.max_instances == 1 and job.coalesce is True
         deadline = time.monotonic() + 5
         while rounds < 2 and time.monotonic() < deadline:

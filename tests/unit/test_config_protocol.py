@@ -90,3 +90,28 @@ def test_setup_request_rejects_with_the_field(over, field):
 def test_setup_request_defaults():
     r = SetupRequest.model_validate(request())
     assert r.termination == "single" and r.override is False and r.data_sink is None
+
+
+def test_intercept_must_go_to_a_forwarded_port_once_per_destination():
+    from enorm.protocol import SetupRequest
+
+    base = {"app": "game", "priority": 5, "ports": [8080], "latency_objective_ms": 50,
+            "ssh_public_key": KEY}
+    ok = SetupRequest.model_validate(
+        {**base, "intercept": [{"address": "192.0.2.10", "port": 80, "to_port": 8080}]})
+    assert str(ok.intercept[0].address) == "192.0.2.10"
+    for bad in ([{"address": "192.0.2.10", "port": 80, "to_port": 9090}],
+                [{"address": "192.0.2.10", "port": 80, "to_port": 8080}] * 2,
+                [{"address": "192.0.2.10", "port": 0, "to_port": 8080}]):
+        with pytest.raises(ValidationError):
+            SetupRequest.model_validate({**base, "intercept": bad})
+
+
+def test_probe_requests_name_users_only():
+    from enorm.protocol import ProbeRequest
+
+    assert len(ProbeRequest.model_validate({"addresses": ["198.51.100.7"]}).addresses) == 1
+    for bad in (["127.0.0.1"], ["0.0.0.0"], ["224.0.0.1"], ["169.254.1.1"], [],
+                ["10.0.0.1"] * 257):
+        with pytest.raises(ValidationError):
+            ProbeRequest.model_validate({"addresses": bad})

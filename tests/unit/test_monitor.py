@@ -12,27 +12,31 @@ import time
 import pytest
 
 from enorm import monitor as m
-from enorm.autoscaler import Amount, plan
+from enorm import probes, requestlog, resources
+from enorm.autoscaler import NodeSnapshot, Snapshot, plan
+from enorm.control_loop import server_snapshot
 from enorm.protocol import Resources, ServerInfo
+from enorm.requestlog import Request, parse_line
+from enorm.resources import Amount
 
 # ----------------------------------------------------------------------------- log parsing
 
 
 def test_parse_line():
-    assert m.parse_line("1700000000.5 /api/user 12.5") == m.Request(1700000000.5, "/api/user", 12.5)
-    assert m.parse_line("1 /a path with spaces 3") == m.Request(1.0, "/a path with spaces", 3.0)
+    assert parse_line("1700000000.5 /api/user 12.5") == Request(1700000000.5, "/api/user", 12.5)
+    assert parse_line("1 /a path with spaces 3") == Request(1.0, "/a path with spaces", 3.0)
     for bad in ["", "1 /x", "x /y 3", "1 /y z", "1 /y -3", "nan /y 3"]:
-        assert m.parse_line(bad) is None, bad
+        assert requestlog.parse_line(bad) is None, bad
 
 
 def test_parse_lines_counts_malformed():
-    reqs, bad = m.parse_lines(["1 /a 2", "garbage", "", "2 /b 4"])
+    reqs, bad = requestlog.parse_lines(["1 /a 2", "garbage", "", "2 /b 4"])
     assert [r.path for r in reqs] == ["/a", "/b"] and bad == 1
 
 
 def test_log_reader_reads_only_new_lines(tmp_path):
     log = tmp_path / "requests.log"
-    r = m.LogReader()
+    r = requestlog.LogReader()
     assert r.read_new(log) == []  # not there yet
     log.write_text("1 /a 10\n2 /b 20\n")
     assert [q.path for q in r.read_new(log)] == ["/a", "/b"]
@@ -47,7 +51,7 @@ def test_log_reader_reads_only_new_lines(tmp_path):
 
 def test_log_reader_truncation_restarts(tmp_path):
     log = tmp_path / "requests.log"
-    r = m.LogReader()
+    r = requestlog.LogReader()
     log.write_text("1 /a 10\n2 /b 20\n3 /c 30\n")
     assert len(r.read_new(log)) == 3
     log.write_text("")  # `> requests.log`
@@ -58,7 +62,7 @@ def test_log_reader_truncation_restarts(tmp_path):
 
 def test_log_reader_rotation_restarts(tmp_path):
     log = tmp_path / "requests.log"
-    r = m.LogReader()
+    r = requestlog.LogReader()
     log.write_text("1 /a 10\n2 /b 20\n3 /c 30\n")
     assert len(r.read_new(log)) == 3
     os.rename(log, tmp_path / "requests.log.1")
@@ -71,7 +75,7 @@ def test_log_reader_rotation_restarts(tmp_path):
 def test_log_reader_counts_malformed(tmp_path):
     log = tmp_path / "requests.log"
     log.write_text("1 /a 10\nnot a line\n")
-    r = m.LogReader()
+    r = requestlog.LogReader()
     assert len(r.read_new(log)) == 1 and r.malformed == 1
 
 
@@ -96,7 +100,7 @@ def test_network_stats_penalises_loss():
 
 
 def test_computing_stats_and_idle():
-    reqs = [m.Request(100.0, "/a", 10.0), m.Request(160.0, "/b", 30.0)]
+    reqs = [requestlog.Request(100.0, "/a", 10.0), requestlog.Request(160.0, "/b", 30.0)]
     c = m.computing_stats(reqs)
     assert (c.count, c.mean_ms, c.p95_ms, c.last_request_at) == (2, 20.0, 30.0, 160.0)
     assert m.computing_stats([]) == m.ComputingStats(0, None, None, None)
@@ -117,65 +121,19 @@ def test_application_latency_and_improvable():
 # ----------------------------------------------------------------------------- cgroups
 
 
-def _v1(tmp_path, cpu_ns: int, mem: int):
-    cpu = tmp_path / "cpu,cpuacct" / "lxc.payload.enorm-t-1"
-    memory = tmp_path / "memory" / "lxc.payload.enorm-t-1"
-    cpu.mkdir(parents=True, exist_ok=True)
-    memory.mkdir(parents=True, exist_ok=True)
-    (cpu / "cpuacct.usage").write_text(f"{cpu_ns}\n")
-    (cpu / "cpu.cfs_quota_us").write_text("100000\n")
-    (memory / "memory.usage_in_bytes").write_text(f"{mem}\n")
-    (memory / "memory.limit_in_bytes").write_text(f"{200 << 20}\n")
-    return cpu, memory
-
-
-def _v2(tmp_path, usage_usec: int, mem: int):
-    d = tmp_path / "unified" / "lxc.payload.enorm-t-2"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "cpu.stat").write_text(
-        f"usage_usec {usage_usec}\nuser_usec {usage_usec // 2}\nsystem_usec {usage_usec // 2}\n"
-        "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n"
-    )
-    (d / "memory.current").write_text(f"{mem}\n")
-    (d / "memory.max").write_text("max\n")
-    return d
-
-
-def test_cgroup_v1(tmp_path):
-    cpu, mem = _v1(tmp_path, 5_000_000_000, 100 << 20)
-    a = m.read_cgroup(cpu, mem, at=10.0)
-    assert (a.cpu_ns, a.memory_bytes) == (5_000_000_000, 100 << 20)
-    cpu, mem = _v1(tmp_path, 8_000_000_000, 150 << 20)  # +3 s of CPU in 2 s of wall time
-    b = m.read_cgroup(cpu, mem, at=12.0)
+def test_cgroup_samples_give_cores_over_the_interval_and_memory_now():
+    a = m.CgroupSample(10.0, 5_000_000_000, 100 << 20)
+    b = m.CgroupSample(12.0, 8_000_000_000, 150 << 20)  # +3 s of CPU in 2 s of wall time
     assert m.cores_used(a, b) == pytest.approx(1.5)
     assert m.usage(a, b) == Amount(1.5, 150.0)
     assert m.usage(None, b) == Amount(0.0, 150.0)
-
-
-def test_cgroup_v2(tmp_path):
-    d = _v2(tmp_path, 1_000_000, 64 << 20)
-    a = m.read_cgroup(d, at=0.0)
-    assert (a.cpu_ns, a.memory_bytes) == (1_000_000_000, 64 << 20)
-    d = _v2(tmp_path, 1_500_000, 64 << 20)
-    b = m.read_cgroup(d, at=2.0)
-    assert m.cores_used(a, b) == pytest.approx(0.25)
     assert m.cores_used(b, a) == 0.0  # time going backwards: no nonsense
 
 
-def test_cgroup_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        m.read_cgroup(tmp_path)
-    (tmp_path / "cpu.stat").write_text("user_usec 1\n")
-    (tmp_path / "memory.current").write_text("1\n")
-    with pytest.raises(ValueError):
-        m.read_cgroup(tmp_path)
-
-
-def test_cgroup_usage_many(tmp_path):
-    d = _v2(tmp_path, 0, 1 << 20)
-    prev = {"s1": m.read_cgroup(d, at=0.0)}
-    d = _v2(tmp_path, 2_000_000, 3 << 20)
-    cur = {"s1": m.read_cgroup(d, at=4.0), "s2": m.read_cgroup(d, at=4.0)}
+def test_cgroup_usage_many():
+    prev = {"s1": m.CgroupSample(0.0, 0, 1 << 20)}
+    cur = {"s1": m.CgroupSample(4.0, 2_000_000_000, 3 << 20),
+           "s2": m.CgroupSample(4.0, 2_000_000_000, 3 << 20)}
     assert m.cgroup_usage(cur, prev) == {"s1": Amount(0.5, 3.0), "s2": Amount(0.0, 3.0)}
 
 
@@ -183,11 +141,11 @@ def test_basic_service_and_free():
     b = m.basic_service(1.75, 900.0, [Amount(1.0, 300.0), Amount(0.25, 200.0)])
     assert b == Resources(cores=0.5, memory_mb=400)
     assert m.basic_service(0.1, 10.0, [Amount(1.0, 300.0)]) == Resources(cores=0, memory_mb=0)
-    free = m.free_after(
+    free = resources.free(
         Resources(cores=4, memory_mb=2048),
+        Resources(cores=0.25, memory_mb=512),
         b,
-        [Resources(cores=1, memory_mb=200), Resources(cores=2, memory_mb=400)],
-        reserve=Resources(cores=0.25, memory_mb=512),
+        resources.total([Resources(cores=1, memory_mb=200), Resources(cores=2, memory_mb=400)]),
     )
     assert free == Amount(0.5, 936.0)  # 4 - max(0.5, 0.25) - 3 ; 2048 - max(400, 512) - 600
 
@@ -231,7 +189,7 @@ def test_tcp_probe_open_closed_blackholed(loopback_targets):
     t = loopback_targets
     timeout = 0.3
     t0 = time.perf_counter()
-    r = m.probe([t["open"], t["closed"], t["hole"], t["open"]], "tcp", t["port"], timeout)
+    r = probes.probe([t["open"], t["closed"], t["hole"], t["open"]], "tcp", t["port"], timeout)
     elapsed = time.perf_counter() - t0
     assert set(r) == {t["open"], t["closed"], t["hole"]}  # deduplicated
     assert r[t["open"]] is not None and 0 <= r[t["open"]] < 50  # SYN-ACK
@@ -246,21 +204,21 @@ def test_tcp_probe_bounded_concurrency_many_addresses():
     # 2,000 loopback addresses without a listener (RST), 64 in flight at most.
     addrs = [f"127.9.{i // 250}.{i % 250 + 1}" for i in range(2000)]
     t0 = time.perf_counter()
-    r = m.probe(addrs, "tcp", 9, 0.5, concurrency=64)
+    r = probes.probe(addrs, "tcp", 9, 0.5, concurrency=64)
     assert time.perf_counter() - t0 < 5
     assert len(r) == 2000 and all(v is not None for v in r.values())
 
 
 def test_probe_none_and_empty():
-    assert m.probe(["127.0.0.1"], "none") == {"127.0.0.1": None}
-    assert m.probe([], "tcp") == {}
+    assert probes.probe(["127.0.0.1"], "none") == {"127.0.0.1": None}
+    assert probes.probe([], "tcp") == {}
     with pytest.raises(ValueError):
-        m.probe(["127.0.0.1"], "udp")  # type: ignore[arg-type]
+        probes.probe(["127.0.0.1"], "udp")  # type: ignore[arg-type]
 
 
 def test_icmp_probe_loopback():
-    m._icmp_socket()[0].close()  # root (as in CI) may always open a raw ICMP socket
-    r = m.probe(["127.0.0.1", "127.0.0.5"], "icmp", timeout=0.5)
+    probes._icmp_socket()[0].close()  # root (as in CI) may always open a raw ICMP socket
+    r = probes.probe(["127.0.0.1", "127.0.0.5"], "icmp", timeout=0.5)
     assert all(v is not None and 0 <= v < 50 for v in r.values())
 
 
@@ -294,12 +252,21 @@ def test_monitor_snapshot_end_to_end(tmp_path, loopback_targets):
     log = tmp_path / "requests.log"
     log.write_text("1990 /a 150\n1995 /b 250\n")  # computing latency 200 ms > objective
     mon = m.Monitor(method="tcp", probe_port=t["port"], probe_timeout_s=0.3)
+    infos = [_info("busy"), _info("far", latency_objective_ms=500.0), _info("quiet", users=0)]
     inputs = [
-        m.ServerInput(_info("busy"), [t["open"], t["closed"]], log),
-        m.ServerInput(_info("far", latency_objective_ms=500.0), [t["hole"]], None),
-        m.ServerInput(_info("quiet", users=0), [], tmp_path / "none.log"),
+        m.ServerInput(i.id, i.created_at, i.latency_objective_ms, addrs, path)
+        for i, addrs, path in zip(infos, [[t["open"], t["closed"]], [t["hole"]], []],
+                                  [log, None, tmp_path / "none.log"], strict=True)
     ]
-    snap = mon.snapshot(inputs, free=Amount(1.0, 200.0), now=2000.0)
+
+    def snapshot(inputs, free, now):
+        """What the control loop's Observer makes of the Monitor's reports."""
+        reports = mon.measure(inputs, now)
+        by_id = {i.id: i for i in infos}
+        return Snapshot(NodeSnapshot(free), tuple(
+            server_snapshot(by_id[x.server_id], reports[x.server_id]) for x in inputs), now)
+
+    snap = snapshot(inputs, free=Amount(1.0, 200.0), now=2000.0)
     by = {s.id: s for s in snap.servers}
     busy, far, quiet = by["busy"], by["far"], by["quiet"]
     assert busy.computing_ms == 200.0 and busy.network_ms < 50
@@ -313,7 +280,7 @@ def test_monitor_snapshot_end_to_end(tmp_path, loopback_targets):
     assert kinds == {("ScaleUp", "busy"), ("Terminate", "far"), ("Terminate", "quiet")}
 
     # the next round sees no new requests; idle time keeps counting from the last one
-    snap2 = mon.snapshot(inputs[:1], free=Amount(0, 0), now=2100.0)
+    snap2 = snapshot(inputs[:1], free=Amount(0, 0), now=2100.0)
     assert snap2.servers[0].computing_ms is None
     assert snap2.servers[0].idle_for_s == 105.0
 
@@ -338,7 +305,7 @@ def test_log_beneath_the_tenants_layer_follows_no_link_and_reads_only_files(tmp_
     log = logdir / "requests.log"
     secret = tmp_path / "host-secret"
     secret.write_text("1700000000.0 /stolen 5\n")
-    r = m.LogReader()
+    r = requestlog.LogReader()
     log.symlink_to(secret)  # a link to a host file
     assert r.read_new(log, layer) == [] and r.refused == 1
     log.unlink()
@@ -356,7 +323,7 @@ def test_log_beneath_the_tenants_layer_follows_no_link_and_reads_only_files(tmp_
     (layer / "var/log").unlink()
     (tmp_path / "elsewhere").rename(layer / "var/log")
     # The plain file is read, at most max_read bytes a call.
-    r = m.LogReader(max_read=64)
+    r = requestlog.LogReader(max_read=64)
     log.write_text("".join(f"1700000000.0 /{i} 5\n" for i in range(10)))
     first = r.read_new(log, layer)
     assert 0 < len(first) < 10

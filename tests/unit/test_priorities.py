@@ -7,7 +7,8 @@ import pytest
 from test_autoscaler_plan import HIGH, FakeManager, snap, srv, summary
 
 from enorm import autoscaler as a
-from enorm.autoscaler import Options, run_round
+from enorm.autoscaler import Options
+from enorm.control_loop import run_round
 from enorm.priorities import Rule, apply, boost, effective
 
 RULE = Rule(users_step=100, max_boost=1, idle_after_s=600)
