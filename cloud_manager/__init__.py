@@ -4,7 +4,15 @@ and to bring them home when the server is terminated."""
 
 from .deployer import Deployer, DeployError
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .orchestrator import App, CloudManager, Deployment, EdgeContext, NoEdgeAvailable, sink_for
+from .orchestrator import (
+    App,
+    CloudManager,
+    Deployment,
+    EdgeContext,
+    HandoverFailed,
+    NoEdgeAvailable,
+    sink_for,
+)
 
 __all__ = [
     "App",
@@ -15,6 +23,7 @@ __all__ = [
     "EdgeClient",
     "EdgeContext",
     "EdgeError",
+    "HandoverFailed",
     "NoEdgeAvailable",
     "Rejected",
     "sink_for",

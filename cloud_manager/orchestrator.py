@@ -14,7 +14,14 @@ Withdrawal (`CloudManager.withdraw`, the cloud's override):
   into the cloud Redis (user keys replace, shared keys union) before it destroys the
   container; then confirm on the cloud that the users' data is there.
 Edge-initiated termination (`CloudManager.handle_event`, behind `POST /edge-events`):
-  the edge merged the data already; redirect the users back and confirm it arrived.
+  the edge merged the data already; redirect the users back and confirm it arrived; with
+  `rehome`, a server the node ended for resources has its users offloaded again to
+  another node.
+Handover between nodes (`CloudManager.handover`, start-first): the new server is started
+  on another node first; then the users go to the cloud, the old node fences its server,
+  merges it back and destroys it, the users' data is copied to the new server and they
+  are sent there. The cloud serves them in between, so no request fails; the data goes
+  edge -> cloud -> edge (the one verified merge path, and no path between nodes needed).
 """
 
 from __future__ import annotations
@@ -50,6 +57,21 @@ class NoEdgeAvailable(Exception):
         super().__init__("no edge node admitted the server: "
                          + "; ".join(f"{n}: {r}" for n, r in refusals.items()))
         self.refusals = refusals
+
+
+# Why a node ends a server for want of resources: its users are better served by another
+# node than by the cloud (with `rehome`).
+REHOME_REASONS = frozenset({
+    "insufficient_resources", "evicted_for_higher_priority", "basic_service_pressure",
+    "preempted", "node_shutdown"})
+
+
+class HandoverFailed(DeployError):
+    """A handover stopped half-way; `state` says where the users and their data are."""
+
+    def __init__(self, message: str, state: str):
+        super().__init__(f"{message} ({state})")
+        self.state = state
 
 
 @dataclass
@@ -94,6 +116,7 @@ class Deployment:
     setup: SetupResponse
     users: list[str]
     url: str  # the user-facing base URL of the edge server
+    members: list[User] = field(default_factory=list)  # the users with their addresses
     session: Session | None = None
     state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending
     timings: dict[str, float] = field(default_factory=dict)
@@ -106,6 +129,7 @@ class Deployment:
     end_reason: str | None = None
     keys_migrated: int | None = None
     confirmed: bool | None = None  # the users' data was found on the cloud at the end
+    handed_over_from: str | None = None  # the server these users came from
     ended: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -130,13 +154,15 @@ class CloudManager:
                  latency_objective_ms: float = 50.0, override: bool = False,
                  ready_timeout: float = 30.0, registry: Registry | None = None,
                  placement: Policy = "first", weights: Weights | None = None,
-                 probe_sample: int = 64):  # fmt: skip
+                 probe_sample: int = 64, rehome: bool = False):  # fmt: skip
         if placement not in ("first", "scored"):
             raise ValueError(f"placement must be 'first' or 'scored', not {placement!r}")
         self.edges = list(edges)
         self.registry = registry
         self.placement, self.weights = placement, weights or Weights()
         self.probe_sample = probe_sample
+        self.rehome = rehome
+        self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
         self.app = app
         self.cloud = cloud_redis
@@ -165,14 +191,19 @@ class CloudManager:
             **over,
         )
 
-    def place(self, req: SetupRequest) -> tuple[list[EdgeClient], dict[str, str], dict]:
+    def place(self, req: SetupRequest, exclude: Iterable[str] = (), only: str | None = None
+              ) -> tuple[list[EdgeClient], dict[str, str], dict]:
         """The nodes to ask, in order, the ones passed over (down) and, for the record,
-        the figures the order came from."""
+        the figures the order came from; never the nodes in `exclude`, only `only` if
+        given."""
         refused: dict[str, str] = {}
-        edges = self.edges
+        skip = set(exclude)
+        edges = [e for e in self.edges if e.name not in skip and only in (None, e.name)]
+        if only is not None and not edges:
+            raise ValueError(f"no edge node named {only!r} besides the excluded ones")
         if self.registry is not None:
-            edges = []
-            for e in self.edges:
+            edges, candidates = [], edges
+            for e in candidates:
                 if self.registry.up(e.name):
                     edges.append(e)
                 else:
@@ -223,9 +254,9 @@ class CloudManager:
         edge, setup, refused, _ = self._handshake(req)
         return edge, setup, refused
 
-    def _handshake(self, req: SetupRequest
+    def _handshake(self, req: SetupRequest, exclude: Iterable[str] = (), only: str | None = None
                    ) -> tuple[EdgeClient, SetupResponse, dict[str, str], dict]:
-        edges, refused, placed = self.place(req)
+        edges, refused, placed = self.place(req, exclude, only)
         for edge in edges:
             try:
                 return edge, edge.setup(req), refused, placed
@@ -236,75 +267,89 @@ class CloudManager:
             log.info("edge %s refused: %s", edge.name, refused[edge.name])
         raise NoEdgeAvailable(refused)
 
-    def offload(self, users: Sequence[User | tuple[str, str] | str], **over) -> Deployment:
-        """Move `users` to an edge server; returns once they are redirected there."""
+    def offload(self, users: Sequence[User | tuple[str, str] | str],
+                exclude: Iterable[str] = (), **over) -> Deployment:
+        """Move `users` to an edge server (on none of the nodes in `exclude`); returns
+        once they are redirected there."""
         users = [_user(u) for u in users]
-        ids = [u.id for u in users]
         t0 = time.perf_counter()
-        req = self.request_for(users, **over)
-        edge, setup, refused, placed = self._handshake(req)
-        t_handshake = time.perf_counter()
-        dep = Deployment(edge=edge, setup=setup, users=ids, refused=refused,
-                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}",
-                         placement=placed, intercepted=bool(req.intercept))
-        dep.timings["handshake"] = t_handshake - t0
-        with self._lock:
-            self.deployments[setup.server_id] = dep
+        dep = self._admitted(users, exclude, None, over)
         try:
-            self._deploy(dep)
+            self._connect(dep)
+            with ThreadPoolExecutor(2, thread_name_prefix="deploy") as pool:
+                futures = [pool.submit(self._start_server, dep), pool.submit(self._copy, dep)]
+                for f in futures:
+                    f.result()
+            self._wait_ready(dep)
         except BaseException:
-            log.exception("deployment of %s on %s failed; withdrawing", setup.server_id, edge.name)
+            log.exception("deployment of %s on %s failed; withdrawing", dep.server_id,
+                          dep.edge.name)
             self._abandon(dep)
             raise
-        t = time.perf_counter()
-        if dep.intercepted:
-            dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
-        else:
-            self.app.redirect(ids, dep.url)
-        dep.timings["redirect"] = time.perf_counter() - t
+        self._send_users(dep)
         dep.timings["total"] = time.perf_counter() - t0
         return dep
 
-    def _deploy(self, dep: Deployment) -> None:
+    def _admitted(self, users: list[User], exclude: Iterable[str], only: str | None,
+                  over: dict) -> Deployment:
+        """Handshake (placement, then the first node that admits): a new deployment."""
+        t0 = time.perf_counter()
+        req = self.request_for(users, **over)
+        edge, setup, refused, placed = self._handshake(req, exclude, only)
+        dep = Deployment(edge=edge, setup=setup, users=[u.id for u in users], members=users,
+                         refused=refused, placement=placed, intercepted=bool(req.intercept),
+                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")
+        dep.timings["handshake"] = time.perf_counter() - t0
+        with self._lock:
+            self.deployments[setup.server_id] = dep
+        return dep
+
+    def _connect(self, dep: Deployment) -> None:
         t = time.perf_counter()
-        dep.session = session = self.deployer.connect(dep.setup.access)
+        dep.session = self.deployer.connect(dep.setup.access)
         dep.timings["ssh"] = time.perf_counter() - t
+
+    def _start_server(self, dep: Deployment) -> None:
+        t = time.perf_counter()
         inside_redis = (f"redis://:{quote(dep.setup.redis_password, safe='')}"
                         f"@127.0.0.1:{CONTAINER_REDIS_PORT}/0")  # fmt: skip
+        ctx = EdgeContext(gateway=dep.session.gateway(), redis_url=inside_redis,
+                          port=self.app.port)
+        dep.session.start_app(self.app.command, self.app.env(ctx), files=self.app.files)
+        dep.timings["upload_start"] = time.perf_counter() - t
 
-        def start_server() -> None:
-            t = time.perf_counter()
-            ctx = EdgeContext(gateway=session.gateway(), redis_url=inside_redis,
-                              port=self.app.port)
-            session.start_app(self.app.command, self.app.env(ctx), files=self.app.files)
-            dep.timings["upload_start"] = time.perf_counter() - t
+    def _copy(self, dep: Deployment) -> None:
+        t = time.perf_counter()
+        edge = datasync.connect(dep.redis_forward(), timeout=30)
+        try:
+            # The manifest (on the cloud) lets the edge's merge at termination delete
+            # what the edge deleted and tell what the cloud changed meanwhile.
+            dep.copy = datasync.copy_users(
+                self.cloud, edge, dep.users, manifest=datasync.manifest_key(dep.server_id),
+                schema=self.app.key_schema)
+        finally:
+            edge.close()
+        dep.timings["data"] = time.perf_counter() - t
 
-        def copy_data() -> None:
-            t = time.perf_counter()
-            edge = datasync.connect(dep.redis_forward(), timeout=30)
-            try:
-                # The manifest (on the cloud) lets the edge's merge at termination
-                # delete what the edge deleted and tell what the cloud changed meanwhile.
-                dep.copy = datasync.copy_users(
-                    self.cloud, edge, dep.users,
-                    manifest=datasync.manifest_key(dep.server_id),
-                    schema=self.app.key_schema)
-            finally:
-                edge.close()
-            dep.timings["data"] = time.perf_counter() - t
-
-        with ThreadPoolExecutor(2, thread_name_prefix="deploy") as pool:
-            futures = [pool.submit(start_server), pool.submit(copy_data)]
-            for f in futures:
-                f.result()
+    def _wait_ready(self, dep: Deployment) -> None:
         t = time.perf_counter()
         wait_http(dep.url + self.app.health_path, timeout=self.ready_timeout)
         dep.timings["ready"] = time.perf_counter() - t
 
-    def _abandon(self, dep: Deployment) -> None:
-        """A failed deployment: nobody was redirected; withdraw the server."""
+    def _send_users(self, dep: Deployment) -> None:
+        t = time.perf_counter()
+        if dep.intercepted:
+            dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
+        else:
+            self.app.redirect(dep.users, dep.url)
+        dep.timings["redirect"] = time.perf_counter() - t
+
+    def _abandon(self, dep: Deployment, restore: bool = True) -> None:
+        """A failed deployment: nobody was redirected; withdraw the server (and, unless
+        the users are served elsewhere, point them at the cloud)."""
         try:
-            self.app.restore(dep.users)
+            if restore:
+                self.app.restore(dep.users)
         finally:
             self._close_session(dep)
             try:
@@ -337,6 +382,73 @@ class CloudManager:
             self._finish(dep, "withdrawn", "cloud_withdrawal", result.keys_migrated)
         dep.timings["withdraw_total"] = time.perf_counter() - t0
         return dep
+
+    # -- handover between nodes ------------------------------------------------------------
+    def handover(self, dep: Deployment | str, to: str | None = None,
+                 users: Sequence[User | tuple[str, str]] | None = None, **over) -> Deployment:
+        """Move a deployment's users to a new server on another node (`to`, or where the
+        placement puts them, never the node they are on), start-first. `users` gives
+        their addresses now (they moved into another node's area); same ids. Returns the
+        new deployment; `timings["interruption"]` is how long the cloud served them.
+
+        If the old server's data cannot be merged (its node lost the cloud), the users
+        stay on the cloud and the new server is withdrawn: HandoverFailed."""
+        old = self.deployments[dep] if isinstance(dep, str) else dep
+        if old.ended.is_set() or old.state != "deployed":
+            raise ValueError(f"server {old.server_id} is {old.state}: nothing to hand over")
+        members = [_user(u) for u in users] if users is not None else list(old.members)
+        if sorted(u.id for u in members) != sorted(old.users):
+            raise ValueError("users: a handover moves the deployment's own users")
+        t0 = time.perf_counter()
+        new = self._admitted(members, [old.edge.name], to, over)
+        new.handed_over_from = old.server_id
+        try:  # start-first: the old server serves until the new one answers
+            self._connect(new)
+            self._start_server(new)
+            self._wait_ready(new)
+        except BaseException:
+            log.exception("handover of %s: the new server %s on %s did not start",
+                          old.server_id, new.server_id, new.edge.name)
+            self._abandon(new, restore=False)
+            raise
+        t_switch = time.perf_counter()
+        self._end_for_handover(old, new)
+        try:
+            self._copy(new)
+        except BaseException:
+            self._abandon(new, restore=False)
+            raise HandoverFailed(f"copy to {new.server_id} failed", "users on the cloud, "
+                                 "their data merged") from None
+        self._send_users(new)
+        now = time.perf_counter()
+        new.timings["interruption"] = now - t_switch
+        new.timings["total"] = now - t0
+        return new
+
+    def _end_for_handover(self, old: Deployment, new: Deployment) -> None:
+        """Users to the cloud, then the old node fences, merges and destroys its server."""
+        t = time.perf_counter()
+        if old.intercepted:
+            old.edge.redirect(old.server_id, False)
+        self.app.restore(old.users)
+        self._close_session(old)
+        try:
+            result = old.edge.terminate(old.server_id)
+        except EdgeError as exc:
+            self._abandon(new, restore=False)
+            raise HandoverFailed(f"{old.edge.name} did not end {old.server_id}: {exc}",
+                                 "users on the cloud, their data on the old node") from None
+        old.timings["terminate"] = time.perf_counter() - t
+        pending = old.server_id in result.pending
+        with self._lock:
+            if pending:
+                old.state, old.end_reason = "migration_pending", "handover"
+            elif not old.ended.is_set():  # else its event came first
+                self._finish(old, "handed_over", "handover", result.keys_migrated)
+        if pending:
+            self._abandon(new, restore=False)
+            raise HandoverFailed(f"{old.server_id}'s merge is pending on {old.edge.name}",
+                                 "users on the cloud, their data kept on the old node")
 
     def _finish(self, dep: Deployment, state: str, reason: str, keys_migrated: int) -> None:
         t = time.perf_counter()
@@ -374,6 +486,10 @@ class CloudManager:
                 self._close_session(dep)
                 keys = int((event.get("data") or {}).get("keys_migrated", 0))
                 self._finish(dep, "terminated", event.get("reason") or "edge", keys)
+                if self.rehome and dep.end_reason in REHOME_REASONS and not self._closing.is_set():
+                    threading.Thread(target=self._rehome, args=(dep,), daemon=True,
+                                     name=f"rehome-{sid}").start()
+                    return "users restored, offloading them to another node"
                 return "users restored"
             if typ == "server.migration_failed":
                 if dep.ended.is_set():
@@ -386,6 +502,16 @@ class CloudManager:
                 dep.end_reason = event.get("reason")
                 return "users restored, merge pending"
             return "noted"
+
+    def _rehome(self, dep: Deployment) -> None:
+        """The node ended `dep` for resources: its users (home, data merged) go to another
+        node if one admits them, else they stay on the cloud."""
+        try:
+            self.rehomed[dep.server_id] = self.offload(dep.members or dep.users,
+                                                       exclude=[dep.edge.name])
+        except Exception as exc:  # noqa: BLE001 (the users are served by the cloud)
+            log.info("users of %s stay on the cloud: %s", dep.server_id, exc)
+            self.rehomed[dep.server_id] = exc
 
     # -- the cloud's own reconciliation ----------------------------------------------------
     def reconcile(self) -> dict[str, str]:

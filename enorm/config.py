@@ -149,6 +149,9 @@ class NodeConfig(BaseSettings):
     max_pending_per_owner: int = Field(4, ge=1)
     # How often a migration that failed (sink unreachable) is tried again.
     migration_retry_s: float = Field(30.0, gt=0)
+    # A termination that merges fences the server's ports first (TCP resets), then waits
+    # this long for requests it had already received to write before the merge reads.
+    merge_drain_s: float = Field(0.1, ge=0, le=10)
     # Events to the cloud's callback.
     callback_timeout_s: float = Field(2.0, gt=0)
 

@@ -17,6 +17,10 @@ Layout per node, so that one node's rules never touch another's:
 - filter chain ENORM-<NODE>-F, jumped to first in FORWARD for packets from the bridge
   (replies only, plus `container_egress`; so nothing between containers, of this node or
   another) and last for packets to it (forwarded ports only: conntrack state DNAT).
+- filter chain ENORM-<NODE>-Z, jumped to first in FORWARD and OUTPUT for packets to the
+  bridge: a terminating server's fence, one REJECT (TCP reset) per application port of its
+  container, so that no user's request reaches it once its data is being merged (a
+  connection opened before survives the DNAT rule's removal: conntrack keeps it).
 - ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
   veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
   for another's address, no IPv6), and nothing it sends is bridged to another port.
@@ -131,6 +135,7 @@ class Firewall:
         self.fwd = f"{self.chain}-F"
         self.inp = f"{self.chain}-I"
         self.xcpt = f"{self.chain}-X"
+        self.fence_chain = f"{self.chain}-Z"
 
     def _tag(self, sid: str) -> str:
         return f"enorm:{self.node}:{sid}"
@@ -153,13 +158,15 @@ class Firewall:
             ("nat", f"-A OUTPUT {local} {tag} -j {self.chain}"),
             ("nat", f"-A POSTROUTING {tag} -j {self.post}"),
             ("filter", f"-I INPUT {tag} -j {self.inp}"),
+            ("filter", f"-I FORWARD {tag} -j {self.fence_chain}"),
+            ("filter", f"-I OUTPUT {tag} -j {self.fence_chain}"),
             ("filter", f"-I FORWARD -i {br} {tag} -j {self.fwd}"),
             ("filter", f"-A FORWARD -o {br} {tag} -j {self.fwd}"),
         ]
 
     def _our_jumps(self, table: str) -> list[str]:
         """The node's jumps as `iptables -S` prints them (old layouts included)."""
-        targets = {self.chain, self.post, self.fwd, self.inp, self.xcpt}
+        targets = {self.chain, self.post, self.fwd, self.inp, self.xcpt, self.fence_chain}
         return [ln for ln in _iptables("-t", table, "-S").splitlines()
                 if ln.startswith("-A ") and ln.rsplit("-j ", 1)[-1] in targets]
 
@@ -172,7 +179,8 @@ class Firewall:
         tag = f'-m comment --comment "enorm:{self.node}"'
         batches: dict[str, list[str]] = {"nat": [], "filter": []}
         for table, chain in (("nat", self.chain), ("nat", self.post), ("nat", self.xcpt),
-                             ("filter", self.fwd), ("filter", self.inp)):
+                             ("filter", self.fwd), ("filter", self.inp),
+                             ("filter", self.fence_chain)):
             if not self._chain_exists(table, chain):
                 batches[table].append(f":{chain} - [0:0]")
         for table in batches:
@@ -191,6 +199,9 @@ class Firewall:
             f"-A {self.post} -s 127.0.0.0/8 -d {self.subnet} {tag} -j MASQUERADE",
         ]
         batches["filter"] += [
+            # a fence belongs to a termination under way: one resumed after a restart
+            # puts it back
+            f"-F {self.fence_chain}",
             f"-F {self.inp}",
             # Kubernetes' guard for the same hole: 127.0.0.0/8 arrives only on lo, or as
             # the answers of this host's own DNAT (whatever sets route_localnet where).
@@ -219,12 +230,13 @@ class Firewall:
             f"-j DNAT --to-destination {r.to_address}:{r.to_port}"
         )
 
-    def rules(self, chain: str | None = None) -> dict[str, list[str]]:
-        """The node's DNAT rules now (the forwards, or the redirects with `self.xcpt`), by
-        server id (as `iptables -S` prints them)."""
+    def rules(self, chain: str | None = None, table: str = "nat") -> dict[str, list[str]]:
+        """The node's tagged rules now (the forwards; the redirects with `self.xcpt`; the
+        fences with `self.fence_chain`, "filter"), by server id (as `iptables -S` prints
+        them)."""
         chain = chain or self.chain
         out: dict[str, list[str]] = {}
-        for line in _iptables("-t", "nat", "-S", chain).splitlines():
+        for line in _iptables("-t", table, "-S", chain).splitlines():
             m = _COMMENT.search(line)
             if line.startswith("-A ") and m and m["node"] == self.node:
                 out.setdefault(m["sid"], []).append(line[len(f"-A {chain} "):])
@@ -241,6 +253,22 @@ class Firewall:
         """Remove the server's redirects (first thing in a termination)."""
         lines = [f"-D {self.xcpt} {r}" for r in self.rules(self.xcpt).get(sid, [])]
         _restore({"nat": lines})
+        return len(lines)
+
+    def fence(self, sid: str, address: str, ports: Iterable[int]) -> None:
+        """Refuse every packet to the container's `ports` with a TCP reset (idempotent):
+        its users' clients fail at once and go back to the cloud, and no request that
+        arrives after this reaches the server whose data is being merged."""
+        present = set(self.rules(self.fence_chain, "filter").get(sid, []))
+        lines = [f"-d {address}/32 -p tcp -m tcp --dport {p} -m comment --comment "
+                 f"\"{self._tag(sid)}\" -j REJECT --reject-with tcp-reset" for p in ports]
+        _restore({"filter": [f"-A {self.fence_chain} {ln}" for ln in lines
+                             if ln not in present]})
+
+    def unfence(self, sid: str) -> int:
+        lines = [f"-D {self.fence_chain} {r}"
+                 for r in self.rules(self.fence_chain, "filter").get(sid, [])]
+        _restore({"filter": lines})
         return len(lines)
 
     def add(self, sid: str, forwards: list[Forward]) -> None:
@@ -291,7 +319,7 @@ class Firewall:
         """Remove the node's chains, jumps and guards entirely (node decommissioned, tests)."""
         batches: dict[str, list[str]] = {}
         for table, chains in (("nat", (self.chain, self.post, self.xcpt)),
-                              ("filter", (self.fwd, self.inp))):
+                              ("filter", (self.fwd, self.inp, self.fence_chain))):
             lines = ["-D" + ln[2:] for ln in self._our_jumps(table)]
             for chain in chains:
                 if self._chain_exists(table, chain):

@@ -491,6 +491,7 @@ class EdgeManager:
         merged, merge_s = MergeReport(), None
         if self.migrate is not None and rec.data_sink is not None:
             t0 = time.perf_counter()
+            self._fence(rec)
             try:
                 merged = self.migrate(rec, [u.id for u in self.store.users(rec.id)])
             except Exception as exc:
@@ -500,9 +501,21 @@ class EdgeManager:
         _fault("terminate.merged")
         self.firewall.remove(rec.id, redirects=bool(rec.intercept))
         self._destroy(rec)
+        self.firewall.unfence(rec.id)
         _fault("terminate.destroyed")
         self._forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
         return merged
+
+    def _fence(self, rec: ServerRecord) -> None:
+        """No request reaches the server once its data is being read: its application
+        ports answer with a TCP reset (a user's open connection too, which conntrack
+        would keep past the forward's removal), and what it had already received gets
+        `merge_drain_s` to write. A client reset goes back to the cloud, which the cloud
+        manager pointed it to before asking for the termination."""
+        if not rec.ports:
+            return
+        self.firewall.fence(rec.id, rec.address, sorted(rec.ports))
+        time.sleep(self.cfg.merge_drain_s)
 
     def _destroy(self, rec: ServerRecord) -> None:
         """Stop the container, then delete its files and lift its bridge guard side by
@@ -529,6 +542,7 @@ class EdgeManager:
         log.warning("migration of %s failed (%s); container kept", rec.id, exc)
         self.firewall.remove(rec.id, redirects=bool(rec.intercept))
         self.containers.stop(rec.container)
+        self.firewall.unfence(rec.id)
         with self._lock:
             rec.state = "migration_pending"
             self.store.save(rec)

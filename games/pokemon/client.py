@@ -1,9 +1,9 @@
 """A game client for tests, the demo and load tools.
 
 It logs in at the cloud, asks the cloud's redirection config which server to play on,
-and follows it: on a connection error, a 404 (the server does not hold the user) or a
-`redirect` hint it asks /config again and retries, so a user moves to an edge server
-and back without noticing.
+and follows it: on a connection error (also one in the middle of an answer), a 404 (the
+server does not hold the user) or a `redirect` hint it asks /config again and retries,
+so a user moves to an edge server and back without noticing.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class GameClient:
                 r = self.http.request(
                     method, self.server + path, headers=headers, timeout=self.timeout, **kw
                 )
-            except requests.ConnectionError as exc:
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                # the server is gone, or went while answering (a terminating server's
+                # node resets its users' connections): ask where to play now
                 last = exc
                 self.refresh()
                 continue
