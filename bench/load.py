@@ -50,7 +50,8 @@ def _client(cloud: str, i: int, source: str) -> GameClient:
     return c
 
 
-def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list) -> None:
+def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
+         trace: list | None) -> None:  # fmt: skip
     step = 0
     while time.monotonic() < until:
         t = time.perf_counter()
@@ -60,24 +61,31 @@ def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list) -
             else:
                 c.update(54.6 + (step % 50) * 1e-4, -5.93)
                 c.wild()
-            out.append((time.perf_counter() - t) * 1000)
+            ms = (time.perf_counter() - t) * 1000
+            out.append(ms)
         except Exception as exc:  # noqa: BLE001 (counted, the run goes on)
+            ms = None
             errors.append(type(exc).__name__)
+        if trace is not None:  # (wall clock at the end, ms or None for an error)
+            trace.append((round(time.time(), 4), None if ms is None else round(ms, 2)))
         step += 1
         if behaviour == "mixed":
             time.sleep(PAUSE_S)
 
 
-def serve(cloud: str, sources: list[str], duration: float, behaviour: str) -> None:
+def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
+          trace: bool = False) -> None:  # fmt: skip
     clients = [_client(cloud, i, src) for i, src in enumerate(sources)]
     print(json.dumps([c.user for c in clients]), flush=True)
     sys.stdin.readline()
     for c in clients:
         c.refresh()  # follow the redirection set meanwhile
+    print(json.dumps({"running": time.time()}), flush=True)
     lat: list[float] = []
     errors: list[str] = []
+    tr: list | None = [] if trace else None
     t0 = time.monotonic()
-    threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors))
+    threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors, tr))
                for c in clients]
     for th in threads:
         th.start()
@@ -91,6 +99,7 @@ def serve(cloud: str, sources: list[str], duration: float, behaviour: str) -> No
         "mean_ms": statistics.fmean(lat) if lat else None,
         "p50_ms": q[49] if lat else None, "p95_ms": q[94] if lat else None,
         "servers": sorted({c.server for c in clients if c.server}),
+        **({"trace": sorted(tr)} if tr is not None else {}),
     }), flush=True)  # fmt: skip
 
 
@@ -99,14 +108,15 @@ class Load:
     ids; `run()` releases the load and returns the results."""
 
     def __init__(self, netns: str, cloud: str, sources: list[str], duration: float,
-                 behaviour: str):  # fmt: skip
+                 behaviour: str, trace: bool = False):  # fmt: skip
         if behaviour not in ("aggressive", "mixed"):
             raise ValueError(f"behaviour: aggressive or mixed, not {behaviour!r}")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.load", cloud,
-             ",".join(sources), str(duration), behaviour],
+             ",".join(sources), str(duration), behaviour, *(["trace"] if trace else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        self.started: float | None = None
 
     def start(self) -> list[str]:
         line = self.proc.stdout.readline()
@@ -115,9 +125,21 @@ class Load:
             raise RuntimeError(f"load generator failed ({self.proc.returncode})")
         return json.loads(line)
 
-    def run(self) -> dict:
+    def go(self) -> float:
+        """Release the load; returns (wall clock) when the users started playing."""
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"load generator failed ({self.proc.returncode})")
+        self.started = json.loads(line)["running"]
+        return self.started
+
+    def run(self) -> dict:
+        """Release the load (unless `go` did) and return the results when it ends."""
+        if self.started is None:
+            self.go()
         out, _ = self.proc.communicate(timeout=600)
         return json.loads(out.strip().splitlines()[-1])
 
@@ -128,5 +150,6 @@ if __name__ == "__main__":
     ap.add_argument("sources")
     ap.add_argument("duration", type=float)
     ap.add_argument("behaviour")
+    ap.add_argument("trace", nargs="?", default="")
     a = ap.parse_args()
-    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour)
+    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour, a.trace == "trace")

@@ -318,9 +318,10 @@ class CloudManager:
         dep.session.start_app(self.app.command, self.app.env(ctx), files=self.app.files)
         dep.timings["upload_start"] = time.perf_counter() - t
 
-    def _copy(self, dep: Deployment) -> None:
+    def _copy(self, dep: Deployment, edge: datasync.Client | None = None) -> None:
+        """The users' keys cloud -> the edge server's Redis (over `edge` if connected)."""
         t = time.perf_counter()
-        edge = datasync.connect(dep.redis_forward(), timeout=30)
+        edge = edge or datasync.connect(dep.redis_forward(), timeout=30)
         try:
             # The manifest (on the cloud) lets the edge's merge at termination delete
             # what the edge deleted and tell what the cloud changed meanwhile.
@@ -406,15 +407,21 @@ class CloudManager:
             self._connect(new)
             self._start_server(new)
             self._wait_ready(new)
+            edge = datasync.connect(new.redis_forward(), timeout=30)  # ready for the copy
+            edge.ping()
         except BaseException:
             log.exception("handover of %s: the new server %s on %s did not start",
                           old.server_id, new.server_id, new.edge.name)
             self._abandon(new, restore=False)
             raise
         t_switch = time.perf_counter()
-        self._end_for_handover(old, new)
         try:
-            self._copy(new)
+            self._end_for_handover(old, new)
+        except BaseException:
+            edge.close()
+            raise
+        try:
+            self._copy(new, edge)
         except BaseException:
             self._abandon(new, restore=False)
             raise HandoverFailed(f"copy to {new.server_id} failed", "users on the cloud, "

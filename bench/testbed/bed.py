@@ -191,6 +191,14 @@ class Testbed:
         r.raise_for_status()
         return r.json()
 
+    def handover(self, server_id: str, to: str | None = None, timeout: float = 120) -> dict:
+        """The cloud manager moves a server's users to a new server on node `to` (or
+        where its placement puts them), start-first."""
+        r = requests.post(self.cloud_url + "/bench/handover",
+                          json={"server_id": server_id, "to": to}, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
     def withdraw(self, server_id: str, timeout: float = 120) -> dict:
         r = requests.post(self.cloud_url + "/bench/withdraw", json={"server_id": server_id},
                           timeout=timeout)

@@ -8,8 +8,9 @@ imported anything, so Redis, started later, inherits the quota).
 Besides the game (`/id`, `/config`, `/stats`, ...) it answers the testbed's control calls:
 `POST /bench/players {"n": N, "prefix": P}` -> N players made by the game's own logic in
 the cloud's Redis, `[[uid, token, lat, lng], ...]` (the same ones again for the same
-prefix), `POST /bench/offload {"users": [[id, address], ...]}` -> the deployment, and
-`POST /bench/withdraw {"server_id": ...}` -> its end and timings.
+prefix), `POST /bench/offload {"users": [[id, address], ...]}` -> the deployment,
+`POST /bench/withdraw {"server_id": ...}` -> its end and timings, and `POST /bench/handover
+{"server_id": ..., "to": NODE?}` -> the new deployment and the old one's end.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def main(argv: list[str] | None = None) -> None:
         dep = manager.withdraw(request.get_json()["server_id"])
         return jsonify(server_id=dep.server_id, state=dep.state, confirmed=dep.confirmed,
                        keys_migrated=dep.keys_migrated, timings=dep.timings)
+
+    @app.post("/bench/handover")
+    def _handover():
+        body = request.get_json()
+        old = manager.deployments[body["server_id"]]
+        new = manager.handover(old, to=body.get("to"))
+        return jsonify(server_id=new.server_id, url=new.url, node=new.edge.name,
+                       timings=new.timings, keys=new.copy.keys if new.copy else 0,
+                       old={"server_id": old.server_id, "node": old.edge.name,
+                            "state": old.state, "confirmed": old.confirmed,
+                            "keys_migrated": old.keys_migrated, "timings": old.timings})
 
     http = make_server(host, int(port), app, threaded=True)
     def _stop(*_):
