@@ -111,7 +111,7 @@ def probe_users() -> Response:
     try:
         cfg = _manager().cfg
         rtts = probes.probe([str(a) for a in req.addresses], cfg.probe, cfg.probe_port,
-                            cfg.probe_timeout_s)
+                            cfg.probe_timeout_s, source=str(cfg.probe_source or ""))
     finally:
         _PROBING.release()
     answered = [v for v in rtts.values() if v is not None]

@@ -128,7 +128,8 @@ def _preflight(cfg: config_mod.NodeConfig | None = None) -> list[preflight.Findi
     # /sys files (the tests' fixtures); the tools and the write probe need the real one.
     root = os.environ.get("ENORM_PREFLIGHT_ROOT", "/")
     return preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None,
-                         disk_mb=cfg.disk_mb if cfg else 0)
+                         disk_mb=cfg.disk_mb if cfg else 0,
+                         probe_source=str(cfg.probe_source or "") if cfg else "")
 
 
 @main.command()

@@ -143,6 +143,9 @@ class NodeConfig(BaseSettings):
     pressure_interval_s: float = Field(0.0, ge=0)
     pressure_headroom_mb: int = Field(0, ge=0)
     probe_port: int = Field(7, ge=1, le=65535)
+    # The local address the node's probes leave from (its uplink, where a board has
+    # several); unset: whatever the route picks.
+    probe_source: ipaddress.IPv4Address | None = None
     loss_penalty_ms: float = Field(1000.0, ge=0)
     # A cloud manager with this many servers waiting for their sink gets 409
     # `migrations_pending` for new ones (each keeps a stopped container and its data).

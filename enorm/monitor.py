@@ -210,6 +210,7 @@ class Monitor:
     loss_penalty_ms: float = 1000.0
     concurrency: int = DEFAULT_CONCURRENCY
     statistic: Literal["mean", "p95"] = "mean"
+    source: str = ""  # the local address probes leave from ("": the route's)
     logs: LogReader = field(default_factory=LogReader)
     last_request: dict[str, float] = field(default_factory=dict)
     last_reports: dict[str, ServerReport] = field(default_factory=dict)
@@ -221,6 +222,7 @@ class Monitor:
             probe_port=config.probe_port,
             probe_timeout_s=config.probe_timeout_s,
             loss_penalty_ms=config.loss_penalty_ms,
+            source=str(config.probe_source or ""),
             **kw,
         )
 
@@ -229,7 +231,8 @@ class Monitor:
     ) -> dict[str, ServerReport]:
         now = time.time() if now is None else now
         everyone = [a for i in inputs for a in map(str, i.user_addresses)]
-        rtts = probe(everyone, self.method, self.probe_port, self.probe_timeout_s, self.concurrency)
+        rtts = probe(everyone, self.method, self.probe_port, self.probe_timeout_s,
+                     self.concurrency, self.source)
         reports: dict[str, ServerReport] = {}
         for i in inputs:
             sid = i.server_id

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,11 +204,24 @@ def check_disk() -> Finding:
                    "or `disk_mb = 0` (no limit on what a tenant writes)")
 
 
+def check_probe_source(address: str) -> Finding:
+    """The node's probes leave from `probe_source`: it must be one of this host's."""
+    try:
+        with socket.socket() as s:
+            s.bind((address, 0))
+        return Finding("probe source", True, f"{address} is local")
+    except OSError as exc:
+        return Finding("probe source", False, f"cannot send from {address}: {exc.strerror}",
+                       "set `probe_source` to an address of this host, or leave it out")
+
+
 def run(root: Path | str = "/", live: bool = True,
-        ids: idmap.IdRange | None = None, disk_mb: int = 0) -> list[Finding]:
+        ids: idmap.IdRange | None = None, disk_mb: int = 0,
+        probe_source: str = "") -> list[Finding]:  # fmt: skip
     """Every check; `live` adds the tools on PATH and the write-and-read-back probe;
     `ids` (unprivileged containers) the id range and the idmapped-mount probe; `disk_mb`
-    the loop-device probe of sized writable layers."""
+    the loop-device probe of sized writable layers; `probe_source` that the probes can
+    leave from it."""
     root = Path(root)
     findings = check_controllers(root)
     if live:
@@ -220,6 +234,8 @@ def run(root: Path | str = "/", live: bool = True,
         findings.append(check_lxcfs(root))
         if disk_mb:
             findings.append(check_disk())
+        if probe_source:
+            findings.append(check_probe_source(probe_source))
     return findings
 
 

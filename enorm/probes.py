@@ -57,8 +57,10 @@ def probe_tcp(
     port: int,
     timeout: float = 0.5,
     concurrency: int = DEFAULT_CONCURRENCY,
+    source: str = "",
 ) -> dict[str, float | None]:
     """TCP-connect RTT (ms) to each distinct address; None = no answer within `timeout`.
+    With `source`, probes leave from that local address (the node's own uplink).
 
     One thread, non-blocking connects, at most `concurrency` in flight (capped by the
     open-files limit), one epoll, new connects in bursts of `_BURST` between polls. The
@@ -95,6 +97,8 @@ def probe_tcp(
                     exhausted = True
                     break
                 sock = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, stream)
+                if source:
+                    sock.bind((source, 0))
                 t0 = clock()
                 err = sock.connect_ex((a, port))
                 if err in _IN_PROGRESS:
@@ -163,6 +167,7 @@ def probe_icmp(
     addresses: Iterable[str],
     timeout: float = 0.5,
     concurrency: int = DEFAULT_CONCURRENCY,
+    source: str = "",
 ) -> dict[str, float | None]:
     """ICMP echo RTT (ms) to each distinct IPv4 address over one socket; None = lost.
 
@@ -176,6 +181,8 @@ def probe_icmp(
     if not v4:
         return result
     sock, raw = _icmp_socket()
+    if source:
+        sock.bind((source, 0))
     sock.setblocking(False)
     for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
         if opt is None:
@@ -253,13 +260,14 @@ def probe(
     port: int = 7,
     timeout: float = 0.5,
     concurrency: int = DEFAULT_CONCURRENCY,
+    source: str = "",
 ) -> dict[str, float | None]:
     """Probe all addresses at once (blocking); RTT in ms or None (lost / not probed)."""
     addrs = list(addresses)
     if method == "none" or not addrs:
         return dict.fromkeys(map(str, addrs))
     if method == "tcp":
-        return probe_tcp(addrs, port, timeout, concurrency)
+        return probe_tcp(addrs, port, timeout, concurrency, source)
     if method == "icmp":
-        return probe_icmp(addrs, timeout, concurrency)
+        return probe_icmp(addrs, timeout, concurrency, source)
     raise ValueError(f"unknown probe method {method!r}")

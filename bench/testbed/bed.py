@@ -11,6 +11,8 @@ live in namespace `enbdu<i>` (198.18.<i>.0/24, one address per user, default rou
 the node). The cloud namespace `enbdc` (10.86.255.0/30)
 holds the cloud game server, its Redis and the cloud manager, held to one core. A user
 going to the cloud crosses the access link and then the WAN link, as on a real path.
+Node i reaches users at `198.18.<i>.1` and its probes leave from there, so `distances`
+can put the nodes at different distances from one namespace's users (by that address).
 Everything is removed by `close`, also after a failure, SIGTERM or interpreter exit.
 """
 
@@ -69,6 +71,7 @@ class Testbed:
         self.cloud_proc = None
         self.cgroup = CGROUP_CPU / f"{PREFIX}-cloud"
         self._closed = False
+        self._distance: list[tuple[list[tuple[str | None, list[str]]], subprocess.Popen]] = []
 
     # -- build / tear down -------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -104,6 +107,7 @@ class Testbed:
                 # servers push region codes to the cloud game server there.
                 destinations={"*": [CLOUD_NET]},
                 container_egress=[f"{self.cloud_ns.ip}:{CLOUD_PORT}"],
+                probe_source=users.host_ip,
                 **self.node_kw)  # fmt: skip
             sh("ip", "route", "replace", "unreachable", f"10.86.{10 + i}.0/24", "metric", "4000")
             bed.node.start()
@@ -130,6 +134,7 @@ class Testbed:
             return
         self._closed = True
         errors = []
+        self._undistance()
         # The nodes go first: `enorm down` merges what a run left deployed (one killed
         # half-way) back into the cloud's Redis, which must still be there.
         for bed in self.edges:
@@ -171,6 +176,44 @@ class Testbed:
     def wan(self, profile: str | profiles.Link) -> None:
         self.cloud_ns.shape(profiles.WAN[profile] if isinstance(profile, str) else profile)
 
+    def distances(self, extra_ms: dict[int, float], users: int = 0) -> None:
+        """Put node k `extra_ms[k]` further (one way, on top of the access link) from
+        users namespace `users`: its traffic to and from node k's address (its servers'
+        and its probes') gets its own delayer each way. Call after `access`, which
+        resets the namespace's rules."""
+        self._undistance()
+        ns = self.edges[users].users
+        link = ns.link or profiles.Link("none", delay_ms=0.0, jitter_ms=0.0)
+        root = Path(__file__).resolve().parents[2]
+        for k, extra in sorted(extra_ms.items()):
+            addr = self.edges[k].users.host_ip
+            spec = f"{link.delay_ms + extra}:{link.jitter_ms}"
+            for where, rule, q in (
+                (ns.name, ["-i", ns.ns_if, "-s", addr], 8700 + 2 * k),
+                (None, ["-i", ns.host_if, "-d", addr], 8701 + 2 * k),
+            ):
+                rule = ["PREROUTING", *rule, "-j", "NFQUEUE", "--queue-num", str(q)]
+                cmd = [sys.executable, "-m", "bench.testbed.delayer", "--queue", f"{q}:{spec}"]
+                proc = subprocess.Popen((["ip", "netns", "exec", where] if where else []) + cmd,
+                                        stdout=subprocess.PIPE, cwd=root)
+                self._distance.append(([(where, rule)], proc))
+                if proc.stdout.readline().strip() != b"ready":
+                    raise RuntimeError(f"delayer for node {k} did not start")
+                # before the access link's own rule: a packet is queued once
+                sh("iptables", "-t", "mangle", "-I", *rule, ns=where)
+
+    def _undistance(self) -> None:
+        for rules, proc in self._distance:
+            for where, rule in rules:
+                sh("iptables", "-t", "mangle", "-D", *rule, check=False, ns=where)
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self._distance.clear()
+
     def players(self, n: int, prefix: str = "bed", node: int = 0,
                 timeout: float = 900) -> list[Player]:  # fmt: skip
         """n players made by the cloud (the same ones again for the same prefix), each
@@ -183,11 +226,13 @@ class Testbed:
         return [Player(uid, token, lat, lng, addrs[i % len(addrs)])
                 for i, (uid, token, lat, lng) in enumerate(r.json())]
 
-    def offload(self, users: list[tuple[str, str]], timeout: float = 120) -> dict:
+    def offload(self, users: list[tuple[str, str]], timeout: float = 120,
+                placement: str | None = None, exclude: list[str] | None = None) -> dict:
         """The cloud manager (in the cloud) offloads `users` [(id, address)]: bed0 first,
-        the next node if it refuses (the manager's failover order)."""
-        r = requests.post(self.cloud_url + "/bench/offload", json={"users": users},
-                          timeout=timeout)
+        the next node if it refuses (the manager's failover order), or by `placement`
+        ("first" / "scored", kept for the next calls), never on a node in `exclude`."""
+        r = requests.post(self.cloud_url + "/bench/offload", timeout=timeout, json={
+            "users": users, "placement": placement, "exclude": exclude or []})
         r.raise_for_status()
         return r.json()
 

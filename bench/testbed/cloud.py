@@ -8,7 +8,8 @@ imported anything, so Redis, started later, inherits the quota).
 Besides the game (`/id`, `/config`, `/stats`, ...) it answers the testbed's control calls:
 `POST /bench/players {"n": N, "prefix": P}` -> N players made by the game's own logic in
 the cloud's Redis, `[[uid, token, lat, lng], ...]` (the same ones again for the same
-prefix), `POST /bench/offload {"users": [[id, address], ...]}` -> the deployment,
+prefix), `POST /bench/offload {"users": [[id, address], ...], "placement": "first" |
+"scored"?, "exclude": [NODE, ...]?}` -> the deployment,
 `POST /bench/withdraw {"server_id": ...}` -> its end and timings, and `POST /bench/handover
 {"server_id": ..., "to": NODE?}` -> the new deployment and the old one's end.
 """
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> None:
 
     @app.post("/bench/offload")
     def _offload():
-        dep = manager.offload([tuple(u) for u in request.get_json()["users"]])
+        body = request.get_json()
+        manager.placement = body.get("placement") or manager.placement
+        dep = manager.offload([tuple(u) for u in body["users"]],
+                              exclude=body.get("exclude") or ())
         return jsonify(server_id=dep.server_id, url=dep.url, timings=dep.timings,
-                       keys=dep.copy.keys if dep.copy else 0)
+                       keys=dep.copy.keys if dep.copy else 0, node=dep.edge.name,
+                       placement=dep.placement)
 
     @app.post("/bench/withdraw")
     def _withdraw():

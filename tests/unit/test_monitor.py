@@ -12,7 +12,7 @@ import time
 import pytest
 
 from enorm import monitor as m
-from enorm import probes, requestlog, resources
+from enorm import preflight, probes, requestlog, resources
 from enorm.autoscaler import NodeSnapshot, Snapshot, plan
 from enorm.control_loop import server_snapshot
 from enorm.protocol import Resources, ServerInfo
@@ -200,6 +200,27 @@ def test_tcp_probe_open_closed_blackholed(loopback_targets):
     assert s.lost == 1 and s.p95_ms == 1000.0 and s.mean_ms > 1000.0 / 3
 
 
+def test_probes_leave_from_the_configured_source(loopback_targets):
+    """`probe_source`: the node's own address is the probes' source (the listener sees
+    it); an address the host does not have is refused, by the node's preflight first."""
+    t = loopback_targets
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    try:
+        r = probes.probe(["127.0.0.1"], "tcp", server.getsockname()[1], 1.0, source="127.0.0.7")
+        assert r["127.0.0.1"] is not None
+        conn, (peer, _) = server.accept()
+        conn.close()
+        assert peer == "127.0.0.7"
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        probes.probe([t["open"]], "tcp", t["port"], 0.3, source="192.0.2.1")
+    ok, bad = preflight.check_probe_source("127.0.0.7"), preflight.check_probe_source("192.0.2.1")
+    assert ok.ok and not bad.ok and "192.0.2.1" in bad.detail and "probe_source" in bad.fix
+
+
 def test_tcp_probe_bounded_concurrency_many_addresses():
     # 2,000 loopback addresses without a listener (RST), 64 in flight at most.
     addrs = [f"127.9.{i // 250}.{i % 250 + 1}" for i in range(2000)]
@@ -291,9 +312,11 @@ def test_monitor_from_config():
         probe_port = 7
         probe_timeout_s = 0.2
         loss_penalty_ms = 800.0
+        probe_source = "10.0.0.1"
 
     mon = m.Monitor.from_config(Cfg(), statistic="p95")
     assert (mon.method, mon.loss_penalty_ms, mon.statistic) == ("none", 800.0, "p95")
+    assert mon.source == "10.0.0.1"
 
 
 def test_log_beneath_the_tenants_layer_follows_no_link_and_reads_only_files(tmp_path):
