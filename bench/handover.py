@@ -1,6 +1,7 @@
 """Handover between edge nodes on the testbed (issue 12): users playing without pause
 (JMeter-like aggressive clients, each from its own address in the users' namespace) while
-the cloud manager moves their server from one node to the other and back, start-first:
+the cloud manager moves their server around three nodes (bed0 -> bed1 -> bed2 -> bed0
+...), start-first:
 the new server is started, then the users go to the cloud, the old node fences its
 server, merges its data back and destroys it, the data is copied to the new server and
 the users are sent there. Every cloud <-> edge call and both data copies cross the
@@ -98,7 +99,8 @@ def run(bed: Testbed, wan: str, users: int, count: int, gap: float) -> dict:
     for k in range(count):
         time.sleep(max(0.0, start + gap * (k + 1) - time.time()))
         t_call = time.time()
-        new = bed.handover(dep["server_id"], to=f"bed{1 - node}")
+        node = (node + 1) % len(bed.edges)
+        new = bed.handover(dep["server_id"], to=f"bed{node}")
         t_return = time.time()
         handovers.append({
             "from": new["old"]["node"], "to": new["node"], "t_call": t_call,
@@ -110,7 +112,7 @@ def run(bed: Testbed, wan: str, users: int, count: int, gap: float) -> dict:
         print(f"{wan}: handover {k + 1}: {new['old']['node']} -> {new['node']} in "
               f"{new['timings']['total']:.2f} s, users on the cloud "
               f"{new['timings']['interruption']:.2f} s", flush=True)
-        dep, node = new, 1 - node
+        dep = new
     runner.join()
     end = bed.withdraw(dep["server_id"])
     after = user_keys(cloud)
@@ -158,10 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     count = a.handovers or (2 if a.quick else 6)
     wans = a.wan or (["far"] if a.quick else ["near", "far"])
     wall0 = time.monotonic()
-    with Testbed(nodes=2, users_per_node=users) as bed:
+    with Testbed(nodes=3, users_per_node=users) as bed:
         bed.access("wifi")
         runs = [run(bed, wan, users, count, a.gap) for wan in wans]
-    data = {"experiment": "handover between two edge nodes under load (issue 12)",
+    data = {"experiment": "handover between three edge nodes under load (issue 12)",
             "runs": [{k: v for k, v in r.items() if k != "trace"} for r in runs],
             "loadavg_at_end": os.getloadavg(), "wall_s": round(time.monotonic() - wall0, 1)}
     a.out.mkdir(parents=True, exist_ok=True)
