@@ -32,6 +32,17 @@ _NO_SETINFO: dict[str, Any] = (
 )
 
 
+# Nor CLIENT MAINT_NOTIFICATIONS (redis-py 8 asks every new connection whether the server
+# will announce maintenance moves, for managed clouds): one more round trip per connect.
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _NO_MAINT: dict[str, Any] = {"maint_notifications_config":
+                                 MaintNotificationsConfig(enabled=False)}
+except ImportError:  # redis-py before 7
+    _NO_MAINT = {}
+
+
 def connect(url: str, cluster: bool = False, timeout: float = 5.0) -> Client:
     """A client for `url` with short timeouts, so an unreachable peer fails fast."""
     opts: dict[str, Any] = dict(
@@ -41,6 +52,8 @@ def connect(url: str, cluster: bool = False, timeout: float = 5.0) -> Client:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
         **_NO_SETINFO,
     )
+    if not cluster:
+        opts.update(_NO_MAINT)
     if cluster:
         try:
             return RedisCluster.from_url(url, **opts)
