@@ -1,10 +1,10 @@
 """`enorm-cloud`: the cloud side's commands, a thin layer over the cloud-manager library.
 
-`nodes`, `offload`, `deployments`, `where` and `withdraw` read a config file (edge nodes,
-their tokens, the cloud Redis, the app; see cloud_manager/config.py) and keep a ledger of
-deployments in the cloud Redis, so one invocation sees what another did. `demo` runs the
-whole cycle on this machine: an edge node, a cloud Redis and game server, users,
-handshake -> deploy -> play -> auto-scale -> terminate with the data merged back.
+`nodes`, `offload`, `deployments`, `where`, `handover` and `withdraw` read a config file
+(edge nodes, their tokens, the cloud Redis, the app; see cloud_manager/config.py) and keep
+a ledger of deployments in the cloud Redis, so one invocation sees what another did.
+`demo` runs the whole cycle on this machine: an edge node, a cloud Redis and game server,
+users, handshake -> deploy -> play -> auto-scale -> terminate with the data merged back.
 
 Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 an edge node does not answer.
 """
@@ -289,27 +289,93 @@ def where(config_path: Path | None, as_json: bool, user: str) -> None:
         output.line(f"{user}: edge server {e.server_id} on {e.node} at {e.url}")
 
 
+def _ledger_deployment(c: Cloud, server_id: str):
+    """The ledger's record of `server_id` as a Deployment (exit 2 if there is none)."""
+    from cloud_manager import Deployment
+    from enorm.protocol import Access, Resources, SetupResponse
+
+    e = c.ledger.get(server_id)
+    if e is None:
+        fail(f"server_id: no deployment {server_id} in the ledger", EXIT_USAGE)
+    if e.node not in c.edges:
+        fail(f"server_id: its node {e.node} is not in the config", EXIT_USAGE)
+    setup = SetupResponse(server_id=e.server_id, container="", address="",
+                          access=Access(host="", port=0), ports={},
+                          limits=Resources(cores=0, memory_mb=0), redis_password="")
+    return e, Deployment(edge=c.edges[e.node], setup=setup, users=e.users, url=e.url)
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--to", "node", help="this node (default: where the placement puts them)")
+@click.argument("server_id")
+@click.argument("users", nargs=-1)
+def handover(config_path: Path | None, as_json: bool, node: str | None, server_id: str,
+             users: tuple[str, ...]) -> None:  # fmt: skip
+    """Move a server's users to a new server on another node, start-first: the new one
+    runs before the old one is merged back and destroyed. USERS (ID=ADDRESS): where they
+    are now, if they moved (default: the addresses they were offloaded with)."""
+    from cloud_manager import DeployError, EdgeError, HandoverFailed, NoEdgeAvailable
+
+    from .ledger import Entry
+
+    parsed = _parse_users(users) if users else None
+    with cloud(config_path) as c:
+        e, dep = _ledger_deployment(c, server_id)
+        if node is not None:
+            try:
+                c.cfg.node(node)
+            except cloud_config.ConfigError as exc:
+                fail(str(exc), EXIT_USAGE)
+            if node == e.node:
+                fail(f"--to: {server_id} is on {node} already", EXIT_USAGE)
+        c.heartbeat()
+        mgr = c.manager()
+        output.progress(f"handing {server_id}'s {len(e.users)} users over from {e.node} ...")
+        try:
+            new = mgr.handover(dep, to=node, users=parsed)
+        except ValueError as exc:
+            fail(f"users: {exc}", EXIT_USAGE)
+        except NoEdgeAvailable as exc:
+            fail(f"{exc}; the users stay on {e.node}")
+        except HandoverFailed as exc:
+            if dep.ended.is_set():  # the old server is gone, its data merged
+                c.ledger.forget(server_id)
+            fail(f"handover failed: {exc}")
+        except (DeployError, EdgeError) as exc:
+            fail(f"handover failed before the switch (new server withdrawn; the users stay "
+                 f"on {e.node}): {exc}")
+        finally:
+            mgr.close()
+        c.ledger.forget(server_id)
+        c.ledger.record(Entry(server_id=new.server_id, node=new.edge.name, app=e.app,
+                              url=new.url, users=new.users))
+    data = {"server_id": new.server_id, "node": new.edge.name, "url": new.url,
+            "from": {"server_id": server_id, "node": e.node, "state": dep.state,
+                     "keys_migrated": dep.keys_migrated, "confirmed": dep.confirmed},
+            "keys_copied": new.copy.keys if new.copy else 0,
+            "timings_s": {k: round(v, 4) for k, v in new.timings.items()}}
+    if as_json:
+        _emit_json(data)
+    else:
+        output.line(f"{len(new.users)} users moved from {server_id} on {e.node} to "
+                    f"{new.server_id} on {new.edge.name} at {new.url} in "
+                    f"{new.timings['total']:.2f} s ({new.timings['interruption']:.2f} s "
+                    f"served by the cloud)")
+
+
 @main.command()
 @config_option
 @json_option
 @click.argument("server_id")
 def withdraw(config_path: Path | None, as_json: bool, server_id: str) -> None:
     """Bring a server's users home; the edge merges their data back, then destroys it."""
-    from cloud_manager import Deployment, EdgeError
-    from enorm.protocol import Access, Resources, SetupResponse
+    from cloud_manager import EdgeError
 
     with cloud(config_path) as c:
-        e = c.ledger.get(server_id)
-        if e is None:
-            fail(f"server_id: no deployment {server_id} in the ledger", EXIT_USAGE)
-        if e.node not in c.edges:
-            fail(f"server_id: its node {e.node} is not in the config", EXIT_USAGE)
+        e, dep = _ledger_deployment(c, server_id)
         mgr = c.manager(only=e.node)
-        edge = c.edges[e.node]
-        setup = SetupResponse(server_id=e.server_id, container="", address="",
-                              access=Access(host="", port=0), ports={}, limits=Resources(
-                                  cores=0, memory_mb=0), redis_password="")
-        dep = Deployment(edge=edge, setup=setup, users=e.users, url=e.url)
         output.progress(f"withdrawing {server_id} from {e.node} (data merged back) ...")
         try:
             dep = mgr.withdraw(dep)

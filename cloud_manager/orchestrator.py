@@ -118,7 +118,8 @@ class Deployment:
     url: str  # the user-facing base URL of the edge server
     members: list[User] = field(default_factory=list)  # the users with their addresses
     session: Session | None = None
-    state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending
+    state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending |
+    # handed_over
     timings: dict[str, float] = field(default_factory=dict)
     copy: datasync.SyncReport | None = None
     refused: dict[str, str] = field(default_factory=dict)  # edges that said no first
@@ -397,7 +398,8 @@ class CloudManager:
         old = self.deployments[dep] if isinstance(dep, str) else dep
         if old.ended.is_set() or old.state != "deployed":
             raise ValueError(f"server {old.server_id} is {old.state}: nothing to hand over")
-        members = [_user(u) for u in users] if users is not None else list(old.members)
+        members = [_user(u) for u in (users if users is not None
+                                      else old.members or old.users)]
         if sorted(u.id for u in members) != sorted(old.users):
             raise ValueError("users: a handover moves the deployment's own users")
         t0 = time.perf_counter()

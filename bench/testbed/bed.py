@@ -32,7 +32,7 @@ from bench.jmeter import Player
 from cloud_manager.local import LocalEdgeNode
 
 from . import profiles
-from .netns import Namespace, sh
+from .netns import Namespace, sh, stop
 
 PREFIX = "enbd"
 CLOUD_NET = "10.86.255.0/30"
@@ -206,12 +206,7 @@ class Testbed:
         for rules, proc in self._distance:
             for where, rule in rules:
                 sh("iptables", "-t", "mangle", "-D", *rule, check=False, ns=where)
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop(proc)
         self._distance.clear()
 
     def players(self, n: int, prefix: str = "bed", node: int = 0,

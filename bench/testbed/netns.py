@@ -25,6 +25,16 @@ def sh(*args: str, check: bool = True, ns: str | None = None) -> subprocess.Comp
     return r
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process this testbed started (a delayer), killing it if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class Namespace:
     """`name` namespace, veth `<name>h` (host) <-> `<name>n` (namespace) on `net`:
     host gets the first address, the namespace the next `n_addrs` ones."""
@@ -95,12 +105,7 @@ class Namespace:
 
     def unshape(self) -> None:
         for proc in self.delayers:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop(proc)
         self.delayers.clear()
         sh("iptables", "-t", "mangle", "-F", check=False, ns=self.name)
         while sh(*self._host_rule("-D", self.queues[0]), check=False).returncode == 0:

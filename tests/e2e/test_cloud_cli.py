@@ -98,3 +98,51 @@ token = "x"
 """)
         dead = cloud_cli(tmp_path / "dead.toml", "nodes")
         assert dead.returncode == 3 and "nowhere" in dead.stdout
+
+
+def test_enorm_cloud_handover_moves_a_servers_users_to_another_node(edge_node, redis_server,
+                                                                    tmp_path):
+    a, b = edge_node(), edge_node()
+    redis = redis_server()
+    with cloud_world(redis.url, [a, b]) as cloud:
+        users = make_users(cloud, 2)
+        for u in users:
+            play(u, LONDON)
+        nodes = ""
+        for n in (a, b):
+            token = next(t for t, o in n.tokens.items() if o == "cloud-a")
+            nodes += f'[[nodes]]\nname = "{n.name}"\nurl = "{n.url}"\ntoken = "{token}"\n'
+        cfg = tmp_path / "cloud.toml"
+        cfg.write_text(f"""
+cloud_redis = "{redis.url}"
+app = "games.pokemon.app:app"
+callback_url = "{cloud.url}/edge-events"
+[app_options]
+cloud_port = {cloud.port}
+push_interval = 0.2
+{nodes}""")
+        ids = [u.user for u in users]
+        off = cloud_cli(cfg, "offload", "--json", "--node", a.name, *ids)
+        assert off.returncode == 0, off.stderr
+        old = json.loads(off.stdout)
+        caught = len(users[0].party())
+        # bad input: exit 2 naming what is wrong, nothing moved
+        for args, says in ((["nosuch"], "server_id"),
+                           (["--to", "nowhere", old["server_id"]], "nowhere"),
+                           (["--to", a.name, old["server_id"]], "--to"),
+                           ([old["server_id"], "stranger=127.0.0.1"], "users")):
+            bad = cloud_cli(cfg, "handover", *args)
+            assert bad.returncode == 2 and says in bad.stderr, (args, bad.stderr)
+            assert "Traceback" not in bad.stderr
+        out = cloud_cli(cfg, "handover", "--json", "--to", b.name, old["server_id"])
+        assert out.returncode == 0, out.stderr
+        new = json.loads(out.stdout)
+        assert new["node"] == b.name and new["from"]["state"] == "handed_over"
+        assert new["from"]["confirmed"] is True and new["keys_copied"] > 0
+        where = json.loads(cloud_cli(cfg, "where", "--json", ids[0]).stdout)
+        assert where["server_id"] == new["server_id"] and where["node"] == b.name
+        assert users[0].refresh() == new["url"] and len(users[0].party()) == caught
+        listing = json.loads(cloud_cli(cfg, "deployments", "--json").stdout)
+        assert [d["server_id"] for d in listing] == [new["server_id"]]
+        done = cloud_cli(cfg, "withdraw", "--json", new["server_id"])
+        assert done.returncode == 0 and json.loads(done.stdout)["confirmed"] is True
