@@ -17,10 +17,12 @@ Layout per node, so that one node's rules never touch another's:
 - filter chain ENORM-<NODE>-F, jumped to first in FORWARD for packets from the bridge
   (replies only, plus `container_egress`; so nothing between containers, of this node or
   another) and last for packets to it (forwarded ports only: conntrack state DNAT).
-- filter chain ENORM-<NODE>-Z, jumped to first in FORWARD and OUTPUT for packets to the
-  bridge: a terminating server's fence, one REJECT (TCP reset) per application port of its
-  container, so that no user's request reaches it once its data is being merged (a
-  connection opened before survives the DNAT rule's removal: conntrack keeps it).
+- filter chain ENORM-<NODE>-Z, jumped to first in FORWARD and OUTPUT (every packet: the
+  later packets of a loopback client's DNATed connection were not seen there with the
+  bridge as their way out; the chain is empty but during terminations): a terminating
+  server's fence, one REJECT (TCP reset) per application port of its container, so that
+  no user's request reaches it once its data is being merged (a connection opened before
+  survives the DNAT rule's removal: conntrack keeps it).
 - ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
   veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
   for another's address, no IPv6), and nothing it sends is bridged to another port.

@@ -33,6 +33,14 @@ end
 return n
 """
 
+# A shared key whose type on the cloud is not the edge's is replaced by the edge's: the
+# check and the delete run on the server, in the write's own round trip.
+_TYPE_GUARD = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' and t ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _READ = {
     b"string": lambda p, k: p.get(k),
     b"hash": lambda p, k: p.hgetall(k),
@@ -65,12 +73,6 @@ def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tupl
 def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncReport) -> None:
     values = read_typed(edge, keys, "source")
     with Guard("destination"):
-        cloud_types: dict[bytes, bytes] = {}
-        for node, ks in by_node(cloud, list(values)).items():
-            pipe = node.pipeline(transaction=False)
-            for k in ks:
-                pipe.type(k)
-            cloud_types.update(zip(ks, pipe.execute(), strict=True))
         after: dict[bytes, Any] = {}
         for node, ks in by_node(cloud, list(values)).items():
             list_merge = node.register_script(_LIST_MERGE)
@@ -78,8 +80,7 @@ def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncRe
             reads: list[tuple[bytes, int]] = []
             for k in ks:
                 typ, value = values[k]
-                if cloud_types[k] not in (b"none", typ):
-                    pipe.delete(k)  # the types disagree: the edge's key wins
+                pipe.eval(_TYPE_GUARD, 1, k, typ)  # the types disagree: the edge's key wins
                 if typ == b"string":
                     pipe.set(k, value)
                 elif typ == b"set" and value:
