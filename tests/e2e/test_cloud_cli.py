@@ -20,6 +20,19 @@ def cloud_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+def write_config(path: Path, redis_url: str, cloud, nodes: str) -> Path:
+    """An `enorm-cloud` config for the game on `cloud` with the `[[nodes]]` text given."""
+    path.write_text(f"""
+cloud_redis = "{redis_url}"
+app = "games.pokemon.app:app"
+callback_url = "{cloud.url}/edge-events"
+[app_options]
+cloud_port = {cloud.port}
+push_interval = 0.2
+{nodes}""")
+    return path
+
+
 def test_enorm_cloud_offload_where_withdraw(edge_node, redis_server, tmp_path):
     node = edge_node()
     redis = redis_server()
@@ -29,15 +42,7 @@ def test_enorm_cloud_offload_where_withdraw(edge_node, redis_server, tmp_path):
             u.update(*LONDON)
         token = next(t for t, o in node.tokens.items() if o == "cloud-a")
         (tmp_path / "edge.token").write_text(token + "\n")
-        cfg = tmp_path / "cloud.toml"
-        cfg.write_text(f"""
-cloud_redis = "{redis.url}"
-app = "games.pokemon.app:app"
-callback_url = "{cloud.url}/edge-events"
-[app_options]
-cloud_port = {cloud.port}
-push_interval = 0.2
-[[nodes]]
+        cfg = write_config(tmp_path / "cloud.toml", redis.url, cloud, f"""[[nodes]]
 name = "{node.name}"
 url = "{node.url}"
 token_file = "{tmp_path / 'edge.token'}"
@@ -112,15 +117,7 @@ def test_enorm_cloud_handover_moves_a_servers_users_to_another_node(edge_node, r
         for n in (a, b):
             token = next(t for t, o in n.tokens.items() if o == "cloud-a")
             nodes += f'[[nodes]]\nname = "{n.name}"\nurl = "{n.url}"\ntoken = "{token}"\n'
-        cfg = tmp_path / "cloud.toml"
-        cfg.write_text(f"""
-cloud_redis = "{redis.url}"
-app = "games.pokemon.app:app"
-callback_url = "{cloud.url}/edge-events"
-[app_options]
-cloud_port = {cloud.port}
-push_interval = 0.2
-{nodes}""")
+        cfg = write_config(tmp_path / "cloud.toml", redis.url, cloud, nodes)
         ids = [u.user for u in users]
         off = cloud_cli(cfg, "offload", "--json", "--node", a.name, *ids)
         assert off.returncode == 0, off.stderr
