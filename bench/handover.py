@@ -1,17 +1,21 @@
 """Handover between edge nodes on the testbed (issue 12): users playing without pause
 (JMeter-like aggressive clients, each from its own address in the users' namespace) while
 the cloud manager moves their server around three nodes (bed0 -> bed1 -> bed2 -> bed0
-...), start-first:
-the new server is started, then the users go to the cloud, the old node fences its
-server, merges its data back and destroys it, the data is copied to the new server and
-the users are sent there. Every cloud <-> edge call and both data copies cross the
-emulated WAN link.
+...), start-first: the new server is started, then
+- direct: the old node fences its server and gives the users' keys to the new node
+  (node to node: on this testbed the nodes share a host, so that path has no delay), the
+  users are sent there, and the old node merges its shared keys home afterwards;
+- cloud: the users go to the cloud, the old node fences its server, merges its data back
+  and destroys it, the data is copied to the new server and the users are sent there.
+Every cloud <-> edge call (and in `cloud` both data copies) crosses the emulated WAN.
+Both paths run in the same run, one after the other per WAN link.
 
-Per handover: the manager's own figures (start phase, interruption = the time the users
-are served by the cloud), and what the users saw (failed requests, latency before,
-during the start phase and around the switch, the slowest request); at the end, the
-cloud's keys compared with what it had before the first offload (none may be missing).
-Writes bench/results/handover.json + .png.
+Per handover: the manager's own figures (start phase, interruption = from the first call
+that touches the old server to the users' redirection: in `cloud` the time the cloud
+serves them, in `direct` the time their requests wait), and what the users saw (failed
+requests, latency before, during the start phase and around the switch, the slowest
+request); at the end, the cloud's keys compared with what it had before the first
+offload (none may be missing). Writes bench/results/handover.json + .png.
 
     flock /run/enorm-bench.lock .venv/bin/python -m bench.handover [--quick]
 """
@@ -70,19 +74,21 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.axvspan(h["t_call"] - t0, h["t_switch"] - t0, color="tab:green", alpha=0.15,
                        label="new server starting" if i == 0 else None)
             ax.axvspan(h["t_switch"] - t0, h["t_return"] - t0, color="tab:orange", alpha=0.35,
-                       label="users on the cloud" if i == 0 else None)
+                       label=("users on the cloud" if run["path"] == "cloud" else
+                              "switch (data node to node)") if i == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("seconds")
         ax.set_ylabel("request latency (ms)")
         ax.set_title(f"{run['users']} users playing through {len(run['handovers'])} "
-                     f"handovers ({run['wan']} cloud, RTT {run['wan_rtt_ms']:.0f} ms)")
+                     f"{run['path']} handovers ({run['wan']} cloud, RTT "
+                     f"{run['wan_rtt_ms']:.0f} ms)")
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def run(bed: Testbed, wan: str, users: int, count: int, gap: float) -> dict:
-    """One load run over `wan` with `count` handovers between the two nodes."""
+def run(bed: Testbed, wan: str, users: int, count: int, gap: float, path: str) -> dict:
+    """One load run over `wan` with `count` handovers around the nodes by `path`."""
     bed.wan(wan)
     addrs = bed.edges[0].users.addrs[:users]
     load = Load(bed.edges[0].users.name, bed.cloud_url, addrs, gap * (count + 1) + 2.0,
@@ -100,17 +106,21 @@ def run(bed: Testbed, wan: str, users: int, count: int, gap: float) -> dict:
         time.sleep(max(0.0, start + gap * (k + 1) - time.time()))
         t_call = time.time()
         node = (node + 1) % len(bed.edges)
-        new = bed.handover(dep["server_id"], to=f"bed{node}")
+        new = bed.handover(dep["server_id"], to=f"bed{node}", path=path)
         t_return = time.time()
         handovers.append({
-            "from": new["old"]["node"], "to": new["node"], "t_call": t_call,
+            "from": new["old"]["node"], "to": new["node"], "path": new["path"],
+            "t_call": t_call,
             "t_switch": t_return - new["timings"]["interruption"], "t_return": t_return,
             "keys_copied": new["keys"], "old_state": new["old"]["state"],
             "old_confirmed": new["old"]["confirmed"], "keys_merged": new["old"]["keys_migrated"],
             "manager_s": {k: round(v, 4) for k, v in new["timings"].items()},
-            "old_terminate_s": round(new["old"]["timings"].get("terminate", 0), 4)})
-        print(f"{wan}: handover {k + 1}: {new['old']['node']} -> {new['node']} in "
-              f"{new['timings']['total']:.2f} s, users on the cloud "
+            # the old node's part of the switch: its merge and end (cloud), or its fence
+            # and the keys given to the new node (direct)
+            "old_terminate_s": round(new["old"]["timings"].get(
+                "terminate" if new["path"] == "cloud" else "handover", 0), 4)})
+        print(f"{wan}: {new['path']} handover {k + 1}: {new['old']['node']} -> "
+              f"{new['node']} in {new['timings']['total']:.2f} s, switch "
               f"{new['timings']['interruption']:.2f} s", flush=True)
         dep = new
     runner.join()
@@ -128,7 +138,9 @@ def run(bed: Testbed, wan: str, users: int, count: int, gap: float) -> dict:
     inter = [h["manager_s"]["interruption"] for h in handovers]
     return {
         "users": users, "wan": wan, "wan_rtt_ms": WAN[wan].rtt_ms, "access": "wifi",
+        "path": path,
         "summary": {
+            "paths_taken": sorted({h["path"] for h in handovers}),
             "interruption_s": {"p50": round(statistics.median(inter), 3),
                                "max": round(max(inter), 3)},
             "old_terminate_s_p50": round(statistics.median(
@@ -154,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--handovers", type=int, help="per WAN link (default 6)")
     ap.add_argument("--gap", type=float, default=6.0, help="seconds between handovers")
     ap.add_argument("--wan", nargs="*", choices=sorted(WAN), help="default: near far")
+    ap.add_argument("--path", nargs="*", choices=("direct", "cloud"),
+                    help="default: direct cloud")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     users = a.users or (16 if a.quick else 64)
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     wall0 = time.monotonic()
     with Testbed(nodes=3, users_per_node=users) as bed:
         bed.access("wifi")
-        runs = [run(bed, wan, users, count, a.gap) for wan in wans]
+        runs = [run(bed, wan, users, count, a.gap, path) for wan in wans
+                for path in a.path or ("direct", "cloud")]
     data = {"experiment": "handover between three edge nodes under load (issue 12)",
             "runs": [{k: v for k, v in r.items() if k != "trace"} for r in runs],
             "loadavg_at_end": os.getloadavg(), "wall_s": round(time.monotonic() - wall0, 1)}
@@ -171,10 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     plot(runs, a.out / "handover.png")
     for r in runs:
         s = r["summary"]
-        print(f"{r['wan']} cloud, {len(r['handovers'])} handovers of {r['users']} users: "
-              f"users on the cloud p50 {s['interruption_s']['p50']} s "
-              f"(max {s['interruption_s']['max']}; old server's end "
-              f"{s['old_terminate_s_p50']} s, copy {s['copy_s_p50']} s), "
+        print(f"{r['wan']} cloud, {len(r['handovers'])} {r['path']} handovers of "
+              f"{r['users']} users: switch p50 {s['interruption_s']['p50']} s "
+              f"(max {s['interruption_s']['max']}; old node's part "
+              f"{s['old_terminate_s_p50']} s, data {s['copy_s_p50']} s), "
               f"{s['failed_requests']} failed of {s['requests']} requests, slowest around "
               f"a switch {s['switch_window_max_ms']} ms, keys lost {s['keys_lost']}")
     print(f"wrote {a.out / 'handover.json'} in {data['wall_s']:.0f} s")

@@ -109,7 +109,8 @@ class Cloud:
             callback_url=self.cfg.callback_url, priority=self.cfg.priority,
             latency_objective_ms=self.cfg.latency_objective_ms,
             registry=None if only else self.registry(), placement=self.cfg.placement,
-            weights=Weights(**self.cfg.placement_weights.model_dump()))
+            weights=Weights(**self.cfg.placement_weights.model_dump()),
+            handover_path=self.cfg.handover_path)
 
     def close(self) -> None:
         for e in self.edges.values():
@@ -354,7 +355,8 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
     data = {"server_id": new.server_id, "node": new.edge.name, "url": new.url,
             "from": {"server_id": server_id, "node": e.node, "state": dep.state,
                      "keys_migrated": dep.keys_migrated, "confirmed": dep.confirmed},
-            "keys_copied": new.copy.keys if new.copy else 0,
+            "path": new.handover_path,
+            "keys_copied": new.copy.keys if new.copy else new.keys_received or 0,
             "timings_s": {k: round(v, 4) for k, v in new.timings.items()}}
     if as_json:
         _emit_json(data)
@@ -362,7 +364,8 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
         output.line(f"{len(new.users)} users moved from {server_id} on {e.node} to "
                     f"{new.server_id} on {new.edge.name} at {new.url} in "
                     f"{new.timings['total']:.2f} s ({new.timings['interruption']:.2f} s "
-                    f"served by the cloud)")
+                    + ("switching, data node to node)" if new.handover_path == "direct"
+                       else "served by the cloud)"))
 
 
 @main.command()

@@ -10,6 +10,7 @@
     cloud_url = "http://192.0.2.10:8000"
 
     placement = "scored"        # or "first" (the default): the configured order
+    handover_path = "cloud"     # or "direct" (the default): node to node, where allowed
     [placement_weights]         # optional; cloud_manager/placement.py documents the cost
     latency = 1.0
 
@@ -86,6 +87,7 @@ class CloudConfig(BaseModel):
     nodes: list[NodeEntry] = Field(min_length=1)
     placement: Literal["first", "scored"] = "first"
     placement_weights: PlacementWeights = Field(default_factory=PlacementWeights)
+    handover_path: Literal["direct", "cloud"] = "direct"
     # The registry (cloud Redis): a node without an offer for this long is down.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     down_after_s: float = Field(default=15.0, gt=0)

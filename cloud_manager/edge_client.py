@@ -15,6 +15,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from enorm.protocol import (
+    HandoverRequest,
+    HandoverResult,
     NodeOffer,
     ProbeResult,
     Rejection,
@@ -113,6 +115,19 @@ class EdgeClient:
         if r.status_code != 200:
             raise self._fail(r)
         return int(r.json()["rules"])
+
+    def hand_over(self, server_id: str, to: EdgeClient, to_server: str,
+                  key: str) -> HandoverResult:
+        """POST /v1/servers/{id}/handover: this node gives the server's users' keys to
+        `to_server` on `to` directly, then ends the server (shared keys merged home).
+        EdgeError 400 (the operator allows no such destination), 409 (not running) or
+        502 (the other node did not take them): nothing moved, the server serves on."""
+        body = HandoverRequest(to_url=to.url, to_server=to_server, key=key)
+        r = self._call("POST", f"/v1/servers/{server_id}/handover", self.terminate_timeout,
+                       json=body.model_dump())
+        if r.status_code != 200:
+            raise self._fail(r)
+        return HandoverResult.model_validate(r.json())
 
     def server(self, server_id: str) -> ServerInfo | None:
         """GET /v1/servers/{id}; None once the server is gone."""

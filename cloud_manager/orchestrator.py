@@ -18,15 +18,22 @@ Edge-initiated termination (`CloudManager.handle_event`, behind `POST /edge-even
   `rehome`, a server the node ended for resources has its users offloaded again to
   another node.
 Handover between nodes (`CloudManager.handover`, start-first): the new server is started
-  on another node first; then the users go to the cloud, the old node fences its server,
-  merges it back and destroys it, the users' data is copied to the new server and they
-  are sent there. The cloud serves them in between, so no request fails; the data goes
-  edge -> cloud -> edge (the one verified merge path, and no path between nodes needed).
+  on another node first. `direct` (the default): the old node fences its server and gives
+  the users' keys straight to the new node, which restores and verifies them; the users
+  go there, and the old node merges only the shared keys home and destroys its server
+  afterwards; the new server inherits the old one's manifest, so its own merge still
+  tells deletes and conflicts against what the cloud gave out first. The users wait
+  (their requests retried) while the keys move, which costs no crossing of the cloud's
+  link. Where the old node may not reach the new one (the operator's destinations), or
+  with `cloud`: the users go to the cloud, the old node fences, merges back and destroys
+  its server, the users' data is copied to the new server and they are sent there; the
+  cloud serves them in between (edge -> cloud -> edge).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +68,7 @@ class NoEdgeAvailable(Exception):
 
 # Why a node ends a server for want of resources: its users are better served by another
 # node than by the cloud (with `rehome`).
+HANDOVER_PATHS = ("direct", "cloud")
 REHOME_REASONS = frozenset({
     "insufficient_resources", "evicted_for_higher_priority", "basic_service_pressure",
     "preempted", "node_shutdown"})
@@ -131,6 +139,8 @@ class Deployment:
     keys_migrated: int | None = None
     confirmed: bool | None = None  # the users' data was found on the cloud at the end
     handed_over_from: str | None = None  # the server these users came from
+    handover_path: str | None = None  # direct (edge -> edge) | cloud (edge -> cloud -> edge)
+    keys_received: int | None = None  # the users' keys the old node gave (direct)
     ended: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -155,9 +165,14 @@ class CloudManager:
                  latency_objective_ms: float = 50.0, override: bool = False,
                  ready_timeout: float = 30.0, registry: Registry | None = None,
                  placement: Policy = "first", weights: Weights | None = None,
-                 probe_sample: int = 64, rehome: bool = False):  # fmt: skip
+                 probe_sample: int = 64, rehome: bool = False,
+                 handover_path: str = "direct"):  # fmt: skip
         if placement not in ("first", "scored"):
             raise ValueError(f"placement must be 'first' or 'scored', not {placement!r}")
+        if handover_path not in HANDOVER_PATHS:
+            raise ValueError(f"handover_path must be one of {HANDOVER_PATHS}, not "
+                             f"{handover_path!r}")
+        self.handover_path = handover_path
         self.edges = list(edges)
         self.registry = registry
         self.placement, self.weights = placement, weights or Weights()
@@ -391,7 +406,9 @@ class CloudManager:
         """Move a deployment's users to a new server on another node (`to`, or where the
         placement puts them, never the node they are on), start-first. `users` gives
         their addresses now (they moved into another node's area); same ids. Returns the
-        new deployment; `timings["interruption"]` is how long the cloud served them.
+        new deployment; `timings["interruption"]` is the switch, from the first step that
+        touches the old server to the users' redirection (`handover_path` direct: they
+        waited, their requests retried; cloud: the cloud served them).
 
         If the old server's data cannot be merged (its node lost the cloud), the users
         stay on the cloud and the new server is withdrawn: HandoverFailed."""
@@ -403,7 +420,9 @@ class CloudManager:
         if sorted(u.id for u in members) != sorted(old.users):
             raise ValueError("users: a handover moves the deployment's own users")
         t0 = time.perf_counter()
-        new = self._admitted(members, [old.edge.name], to, over)
+        key = secrets.token_urlsafe(32) if self.handover_path != "cloud" else None
+        new = self._admitted(members, [old.edge.name], to,
+                             {**over, "handover_key": key} if key else over)
         new.handed_over_from = old.server_id
         try:  # start-first: the old server serves until the new one answers
             self._connect(new)
@@ -416,7 +435,12 @@ class CloudManager:
                           old.server_id, new.server_id, new.edge.name)
             self._abandon(new, restore=False)
             raise
+        if key is not None and self._direct(old, new, key):
+            edge.close()
+            new.timings["total"] = time.perf_counter() - t0
+            return new
         t_switch = time.perf_counter()
+        new.handover_path = "cloud"
         try:
             self._end_for_handover(old, new)
         except BaseException:
@@ -433,6 +457,50 @@ class CloudManager:
         new.timings["interruption"] = now - t_switch
         new.timings["total"] = now - t0
         return new
+
+    def _direct(self, old: Deployment, new: Deployment, key: str) -> bool:
+        """The users' data edge -> edge: the old node fences its server and gives the
+        keys to the new one, then the users go there; they are never served by the cloud
+        meanwhile (its copy of their data is stale until the new server's merge, which
+        inherits the old one's manifest). False, with nothing moved and the old server
+        serving, when the old node cannot (no such destination allowed, the new node
+        unreachable from it): the caller goes through the cloud instead."""
+        t_switch = time.perf_counter()
+        try:
+            result = old.edge.hand_over(old.server_id, new.edge, new.server_id, key)
+        except EdgeError as exc:
+            if exc.status in (400, 409, 502):
+                log.info("handover of %s: no direct path (%s); through the cloud",
+                         old.server_id, exc)
+                return False
+            # No answer: the old node may or may not have given the keys. Both servers
+            # end, each merging what it holds (the new one with the inherited manifest).
+            log.warning("handover of %s: %s did not answer (%s); ending both servers",
+                        old.server_id, old.edge.name, exc)
+            try:
+                self._end_for_handover(old, new)
+            finally:
+                self._abandon(new, restore=False)
+            raise HandoverFailed(f"{old.edge.name} did not answer the handover: {exc}",
+                                 "users on the cloud, their data merged from both "
+                                 "servers") from None
+        old.timings["handover"] = time.perf_counter() - t_switch
+        # Only now, with the keys on the new server: its merge tells deletes from the
+        # manifest, and a manifest without the keys would delete them all on the cloud.
+        datasync.move_manifest(self.cloud, datasync.manifest_key(old.server_id),
+                               datasync.manifest_key(new.server_id))
+        self._send_users(new)
+        now = time.perf_counter()
+        new.timings["interruption"] = now - t_switch
+        new.timings["data"] = result.seconds
+        new.handover_path = "direct"
+        new.keys_received = result.keys
+        with self._lock:  # the old node's `server.terminated` comes later: already ended
+            old.state, old.end_reason, old.keys_migrated = "handed_over", "handover", result.keys
+            old.confirmed = True  # verified on the new server, key by key
+            old.ended.set()
+        self._close_session(old)
+        return True
 
     def _end_for_handover(self, old: Deployment, new: Deployment) -> None:
         """Users to the cloud, then the old node fences, merges and destroys its server."""

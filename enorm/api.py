@@ -21,9 +21,9 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from enorm import dashboard, destinations, memory, probes, protocol, store
+from enorm import dashboard, destinations, handover, memory, probes, protocol, store
 from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
 from enorm.manager import (
@@ -81,6 +81,8 @@ def _authenticate() -> Response | None:
     digests: dict[bytes, str] = current_app.config["ENORM_TOKEN_DIGESTS"]
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    if request.endpoint == "v1.import_data":
+        return None  # another node, with the server's one-time handover key: checked there
     if token:
         seen = token_digest(token)
         for known, owner in digests.items():
@@ -175,6 +177,45 @@ def delete_server(sid: str) -> Response:
     return _json(result, 202 if result.pending else 200)
 
 
+@bp.post("/servers/<sid>/handover")
+def handover_server(sid: str) -> Response:
+    """Give the server's users and their data to a server on another node (whose setup
+    request carried `key`), then end this one; answers once the other node holds it all."""
+    if g.owner == OPERATOR:
+        return _error(403, "forbidden", "the operator token owns no servers", "Authorization")
+    req = protocol.HandoverRequest.model_validate_json(_json_body(), strict=True)
+    policy: destinations.Policy = current_app.extensions["enorm.destinations"]
+    policy.check_url(g.owner, "to_url", req.to_url)
+    try:
+        result = _manager().hand_over(sid, req, g.owner)
+    except handover.HandoverError as exc:
+        return _error(exc.status, exc.error, exc.detail, "to_url" if exc.status == 502 else "id")
+    return _json(result)
+
+
+@bp.post("/servers/<sid>/import")
+def import_data(sid: str) -> Response:
+    """Node to node: a handover's data for this server (bearer: its handover key)."""
+    header = request.headers.get("Authorization", "")
+    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    data = protocol.HandoverData.model_validate_json(_json_body(), strict=True)
+    try:
+        result = _manager().import_data(sid, key, data)
+    except handover.HandoverError as exc:
+        return _error(exc.status, exc.error, exc.detail, "id")
+    except ValueError as exc:
+        return _error(400, "bad_request", str(exc), "keys")
+    except Forbidden:
+        return _error(401, "unauthorized", "no handover key of this server", "Authorization")
+    return _json(result)
+
+
+def _json_body() -> bytes:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("the body must be application/json")
+    return request.get_data(cache=False)
+
+
 @bp.route("/servers/<sid>/redirect", methods=["PUT", "DELETE"])
 def redirect_server(sid: str) -> Response:
     """Transparent redirection of the server's users on (PUT) or off (DELETE)."""
@@ -251,7 +292,8 @@ def openapi() -> dict:
     models = [protocol.SetupRequest, protocol.SetupResponse, protocol.Rejection,
               protocol.ErrorBody, protocol.NodeOffer, protocol.ServerInfo, protocol.Event,
               protocol.TerminateResult, protocol.Resources, protocol.ProbeRequest,
-              protocol.ProbeResult, protocol.RedirectState]
+              protocol.ProbeResult, protocol.RedirectState, protocol.HandoverRequest,
+              protocol.HandoverResult, protocol.HandoverData, protocol.ImportResult]
     schemas: dict[str, Any] = {}
     for m in models:
         s = m.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -317,6 +359,24 @@ def openapi() -> dict:
                                                  **ref("TerminateResult")},
                                          "401": err, "404": err}},
             },
+            "/v1/servers/{sid}/handover": {
+                "parameters": sid,
+                "post": {"summary": "Give the server's users and their data to a server on "
+                                    "another node (node to node), then end it",
+                         "requestBody": {"required": True, **ref("HandoverRequest")},
+                         "responses": {"200": {"description": "handed over",
+                                               **ref("HandoverResult")},
+                                       "400": err, "401": err, "403": err, "404": err,
+                                       "409": err, "415": err, "502": err}}},
+            "/v1/servers/{sid}/import": {
+                "parameters": sid,
+                "post": {"summary": "A handover's data from the old server's node (bearer: "
+                                    "the key of this server's setup request)",
+                         "requestBody": {"required": True, **ref("HandoverData")},
+                         "responses": {"200": {"description": "restored",
+                                               **ref("ImportResult")},
+                                       "400": err, "401": err, "409": err, "415": err,
+                                       "503": err}}},
             "/v1/servers/{sid}/limits": {
                 "parameters": sid,
                 "put": {"summary": "Set a server's limits by hand (operator)",

@@ -90,8 +90,9 @@ class NodeConfig(BaseSettings):
     # `sha256:<hex digest of the token>` (`printf %s TOKEN | sha256sum`), so that the file
     # need not hold the token; the daemon keeps only digests either way.
     tokens: dict[str, str] = {}
-    # Cloud manager -> where its callback_url and data_sink may point (enorm.destinations;
-    # "*" for every cloud manager). Nothing listed: a request naming either is refused.
+    # Cloud manager -> where its callback_url, data_sink and a direct handover's to_url
+    # (another node's API) may point (enorm.destinations; "*" for every cloud manager).
+    # Nothing listed: a request naming one is refused.
     destinations: dict[str, list[str]] = {}
     # A callback that keeps failing is given up after this long (the event stays listed).
     callback_give_up_s: float = Field(3600.0, gt=0)

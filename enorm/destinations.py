@@ -1,8 +1,9 @@
 """Egress policy: where a cloud manager may make the node connect (no SSRF).
 
 A setup request names two places the node will connect to on the tenant's behalf: its
-`callback_url` (events) and its `data_sink` (the merge back). The operator lists, per cloud
-manager, which destinations those may name; anything else is refused with the field named
+`callback_url` (events) and its `data_sink` (the merge back); a direct handover names a
+third, the other node's API (`to_url`). The operator lists, per cloud manager, which
+destinations those may name; anything else is refused with the field named
 before any connection or name lookup. Loopback and unix sockets pass only when an entry
 names them itself, and the node's own store and API never pass.
 

@@ -17,13 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from enorm import migration, network, resources, sizing
+import requests
+
+from enorm import handover, migration, network, resources, sizing
 from enorm.config import ConfigError, NodeConfig
 from enorm.containers import Containers
 from enorm.events import Events
 from enorm.firewall import Firewall, Forward, Port, Redirect
 from enorm.protocol import (
     Access,
+    HandoverData,
+    HandoverRequest,
+    HandoverResult,
+    ImportResult,
     MergeReport,
     NodeOffer,
     Resources,
@@ -157,6 +163,9 @@ class EdgeManager:
         self.unit = Resources(**self.cfg.unit.model_dump())  # the plain wire type
         # Guards admission and every change of allocations, ports and addresses.
         self._lock = threading.RLock()
+        self._handing: set[str] = set()  # servers whose users are being handed over
+        self._peer = requests.Session()  # node to node (handover); no proxy from the env
+        self._peer.trust_env = False
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> dict:
@@ -346,6 +355,8 @@ class EdgeManager:
                 intercept=req.intercept,
                 redis_password=secrets.token_urlsafe(18),
                 ssh_public_key=req.ssh_public_key,
+                handover_digest=(handover.key_digest(req.handover_key)
+                                 if req.handover_key else None),
             )
             self.store.save(rec, users=req.users)
             return rec, list(decision.evict)
@@ -401,6 +412,66 @@ class EdgeManager:
             return len(rules)
         self.firewall.unredirect(rec.id)
         return 0
+
+    # -- handover between nodes ----------------------------------------------------------
+    def hand_over(self, sid: str, req: HandoverRequest,
+                  owner: str | None = None) -> HandoverResult:
+        """Give the server's users, data included, to `req.to_server`
+        on another node: fence the server, send the keys, and once the other node holds
+        them all end this server in the background, its shared keys merged home but not
+        the handed users' keys. If the other node does not take them, the fence goes and
+        the server serves on (HandoverError)."""
+        with self._lock:
+            rec = self.get(sid, owner)
+            if rec.state != "running" or sid in self._handing:
+                state = "being handed over" if sid in self._handing else rec.state
+                raise handover.HandoverError(409, "not_running", f"server {sid} is {state}")
+            self._handing.add(sid)
+        try:
+            moving = [u.id for u in self.store.users(sid)]
+            self._fence(rec)
+            try:
+                patterns = rec.data_sink.shared_patterns if rec.data_sink else []
+                result = handover.send(rec, moving, patterns, req.to_url, req.to_server,
+                                       req.key, self._peer)
+            except BaseException:
+                self.firewall.unfence(rec.id)
+                raise
+            with self._lock:
+                rec = self.get(sid)
+                rec.handed_to, rec.handed_users = req.to_server, moving
+                self.store.save(rec)
+        finally:
+            with self._lock:
+                self._handing.discard(sid)
+        threading.Thread(target=self._end_handed, args=(sid, result), daemon=True,
+                         name=f"handed-{sid}").start()
+        return result
+
+    def _end_handed(self, sid: str, result: HandoverResult) -> None:
+        try:  # this server alone, whatever its termination mode: its siblings serve on
+            self._terminate_one(sid, "handover", {"handed_to": result.to_server,
+                                                  "keys_handed": result.keys})
+        except (MigrationPending, NotFound):
+            pass  # kept for the merge's retry / ended by someone else meanwhile
+        except Exception:  # noqa: BLE001 (a thread of its own: log it)
+            log.exception("ending %s after its handover", sid)
+
+    def import_data(self, sid: str, key: str, data: HandoverData) -> ImportResult:
+        """The receiving side: `key` must be the one of the setup request; the last
+        request (`final`) spends it."""
+        rec = self.store.get(sid)
+        if rec is None or not handover.key_matches(rec, key):
+            raise Forbidden(sid)
+        if rec.state != "running":
+            raise handover.HandoverError(409, "not_running", f"server {sid} is {rec.state}")
+        result = handover.receive(rec, [u.id for u in self.store.users(sid)], data)
+        if data.final:
+            with self._lock:
+                rec = self.get(sid)
+                rec.handover_digest = None
+                self.store.save(rec)
+        return result
 
     # -- scaling (used by the auto-scaler) -----------------------------------------------
     def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None:
@@ -462,7 +533,7 @@ class EdgeManager:
     def _terminate_one(self, sid: str, reason: str, numbers: dict) -> MergeReport:
         with self._lock:
             rec = self.get(sid)
-            if rec.state == "terminating" and reason != "reconcile":
+            if (rec.state == "terminating" and reason != "reconcile") or sid in self._handing:
                 raise NotFound(sid)  # another call is on it
             resumed = rec.state == "terminating"  # a restart finishes what a crash cut off
             was_pending = rec.state == "migration_pending"

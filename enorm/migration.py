@@ -43,7 +43,7 @@ def connect_container(rec: ServerRecord, timeout: float = 10.0) -> datasync.Clie
 def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
     """Merge the edge server's keys into its sink: only the keys of `user_ids` (the users
     of its setup request) and the shared patterns; deletes and conflicts from the copy's
-    manifest on the sink."""
+    manifest on the sink. Users handed over to another node's server are left out."""
     assert rec.data_sink is not None
     edge = connect_container(rec)
     cloud = datasync.connect(rec.data_sink.url, cluster=rec.data_sink.cluster)
@@ -51,7 +51,7 @@ def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
         report = datasync.merge_back(
             edge, cloud, shared_patterns=rec.data_sink.shared_patterns, user_ids=user_ids,
             manifest=datasync.manifest_key(rec.id),
-            cloud_wins=rec.data_sink.cloud_wins_patterns)
+            cloud_wins=rec.data_sink.cloud_wins_patterns, handed=rec.handed_users)
     finally:
         edge.close()
         cloud.close()

@@ -117,6 +117,10 @@ class SetupRequest(_Message):
     # On termination of this server, also terminate its siblings (same owner and app).
     termination: TerminationMode = "single"
     intercept: list[Intercept] = Field(default_factory=list, max_length=8)
+    # A handover between nodes: the secret with which the old server's node may bring
+    # the users' data to this server (`POST /v1/servers/{id}/import`), once.
+    handover_key: str | None = Field(None, min_length=32, max_length=128,
+                                     pattern=r"^[A-Za-z0-9_-]+$")
 
     @model_validator(mode="after")
     def _intercept_to_a_port(self) -> SetupRequest:
@@ -318,6 +322,46 @@ class MergeReport(_Message):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.conflict_sample = (self.conflict_sample + other.conflict_sample)[:10]
         self.not_owned_sample = (self.not_owned_sample + other.not_owned_sample)[:10]
+
+
+class HandoverRequest(_Message):
+    """`POST /v1/servers/{id}/handover`: give this server's users, data included, to a
+    server on another node, directly, then end this one (its shared keys merged home)."""
+
+    to_url: str = Field(max_length=2048, description="the other node's API, e.g. "
+                        "http://10.0.0.2:8700 (an IP literal among the destinations)")
+    to_server: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    key: str = Field(min_length=32, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+
+    @field_validator("to_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
+            raise ValueError("must be http(s)://host:port of the other node's API")
+        return v.rstrip("/")
+
+
+class HandoverData(_Message):
+    """`POST /v1/servers/{id}/import` (node to node): users' keys as DUMP payloads, base64,
+    with the TTL in ms for RESTORE (0: none); `final` ends the import."""
+
+    keys: list[tuple[str, str, int]] = Field(max_length=200_000)
+    final: bool = False
+
+
+class ImportResult(_Message):
+    keys: int = Field(description="keys restored and read back equal")
+    refused: int = Field(0, description="keys not of this server's users: not written")
+
+
+class HandoverResult(_Message):
+    server_id: str
+    to_server: str
+    keys: int = Field(description="the users' keys now on the other server, verified there")
+    bytes: int
+    others: int = Field(0, description="keys of users this server did not serve: left out")
+    seconds: float = Field(description="from the fence to the other node's last answer")
 
 
 class TerminateResult(MergeReport):

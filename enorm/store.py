@@ -36,10 +36,14 @@ class ServerRecord(ServerInfo):
     end_reason: str | None = None
     # The transparent redirects are switched on (a restart puts them back).
     redirecting: bool = False
+    # SHA-256 (hex) of the key a handover's old node imports this server's data with.
+    handover_digest: str | None = None
+    # Users whose data went to another node's server (`handed_to`): not merged from here.
+    handed_to: str | None = None
+    handed_users: list[str] = []
 
     def info(self) -> ServerInfo:
-        return ServerInfo(**self.model_dump(exclude={"redis_password", "ssh_public_key",
-                                                     "end_reason", "redirecting"}))
+        return ServerInfo(**self.model_dump(include=set(ServerInfo.model_fields)))
 
 
 class Store:

@@ -231,11 +231,14 @@ class Testbed:
         r.raise_for_status()
         return r.json()
 
-    def handover(self, server_id: str, to: str | None = None, timeout: float = 120) -> dict:
+    def handover(self, server_id: str, to: str | None = None, path: str | None = None,
+                 timeout: float = 120) -> dict:  # fmt: skip
         """The cloud manager moves a server's users to a new server on node `to` (or
-        where its placement puts them), start-first."""
+        where its placement puts them), start-first; `path`: direct (node to node, the
+        default) or cloud."""
         r = requests.post(self.cloud_url + "/bench/handover",
-                          json={"server_id": server_id, "to": to}, timeout=timeout)
+                          json={"server_id": server_id, "to": to, "path": path},
+                          timeout=timeout)
         r.raise_for_status()
         return r.json()
 

@@ -11,7 +11,8 @@ the cloud's Redis, `[[uid, token, lat, lng], ...]` (the same ones again for the 
 prefix), `POST /bench/offload {"users": [[id, address], ...], "placement": "first" |
 "scored"?, "exclude": [NODE, ...]?}` -> the deployment,
 `POST /bench/withdraw {"server_id": ...}` -> its end and timings, and `POST /bench/handover
-{"server_id": ..., "to": NODE?}` -> the new deployment and the old one's end.
+{"server_id": ..., "to": NODE?, "path": "direct"|"cloud"?}` -> the new deployment and the
+old one's end.
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     def _handover():
         body = request.get_json()
         old = manager.deployments[body["server_id"]]
+        manager.handover_path = body.get("path") or manager.handover_path
         new = manager.handover(old, to=body.get("to"))
         return jsonify(server_id=new.server_id, url=new.url, node=new.edge.name,
-                       timings=new.timings, keys=new.copy.keys if new.copy else 0,
+                       timings=new.timings, path=new.handover_path,
+                       keys=new.copy.keys if new.copy else new.keys_received or 0,
                        old={"server_id": old.server_id, "node": old.edge.name,
                             "state": old.state, "confirmed": old.confirmed,
                             "keys_migrated": old.keys_migrated, "timings": old.timings})

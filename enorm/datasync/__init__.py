@@ -34,8 +34,15 @@ the source), `manifest` (digests of what went out), `rules` (the merge policy, p
 
 from .copy import copy_users, count_existing, delete_users
 from .keys import KeySchema, hash_tag, scan, schema_keys, user_keys, user_pattern
-from .manifest import MANIFEST_TTL_S, digests, manifest_key, read_manifest, write_manifest
-from .merge import merge_back, read_typed
+from .manifest import (
+    MANIFEST_TTL_S,
+    digests,
+    manifest_key,
+    move_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .merge import export_users, merge_back, read_typed
 from .report import (
     DestinationUnreachable,
     SourceUnreachable,
@@ -60,10 +67,12 @@ __all__ = [
     "count_existing",
     "delete_users",
     "digests",
+    "export_users",
     "hash_tag",
     "manifest_key",
     "merge_back",
     "merge_rule",
+    "move_manifest",
     "ping",
     "read_manifest",
     "read_typed",

@@ -63,6 +63,22 @@ def write_manifest(client: Client, name: str, dumped: dict[bytes, bytes], *,
     return len(found)
 
 
+def move_manifest(client: Client, src: str, dst: str) -> int:
+    """A handover between nodes: the new server inherits what the old one was given (the
+    users' data went edge -> edge; the cloud still holds what was copied out at first).
+    Returns how many keys it names (0: the old server had none)."""
+    m = read_manifest(client, src)
+    with Guard("destination"):
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(dst)
+        if m:
+            pipe.hset(dst, mapping=m)
+            pipe.expire(dst, MANIFEST_TTL_S)
+        pipe.delete(src)
+        pipe.execute()
+    return len(m or {})
+
+
 def drop_manifest(client: Client, name: str) -> None:
     """Remove a manifest (a copy that failed half-way leaves none behind)."""
     with Guard("source"):

@@ -154,6 +154,24 @@ def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes],
     return out
 
 
+def export_users(edge: Client, user_ids: Iterable[str],
+                 shared_patterns: Iterable[str] = ()) -> tuple[dict[bytes, tuple], int]:
+    """A handover's data: the keys of `user_ids` on `edge` (hash-tagged with one of
+    them, not shared) as DUMP payloads with their TTLs, in one scan of a standalone
+    server; and how many tagged keys of other users were left out (never handed on)."""
+    owned = {str(u).encode() for u in user_ids}
+    patterns = list(shared_patterns)
+    out: dict[bytes, tuple] = {}
+    others = 0
+    for part in scan_dump(edge, "*{?*}*"):
+        for key, value in part.items():
+            if hash_tag(key) not in owned:
+                others += 1
+            elif not matches(key, patterns):
+                out[key] = value
+    return out, others
+
+
 def merge_back(
     edge: Client,
     cloud: Client,
@@ -162,6 +180,7 @@ def merge_back(
     user_ids: Iterable[str] | None = None,
     manifest: str | None = None,
     cloud_wins: Iterable[str] = (),
+    handed: Iterable[str] = (),
 ) -> SyncReport:
     """Termination: bring the edge's data home to the cloud, verified.
 
@@ -177,11 +196,17 @@ def merge_back(
     wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's value.
     The manifest is removed once the merge is verified. Without a manifest nothing is
     deleted and conflicts cannot be told.
+
+    `handed`: users whose keys went to another edge server (a handover between nodes):
+    their keys are left alone here, neither merged nor counted as not owned, and the
+    manifest stays: the cloud manager moves it to the server that took them, which
+    merges them in its turn.
     """
     started = time.perf_counter()
     report = SyncReport()
     patterns, wins = list(shared_patterns), list(cloud_wins)
     owned = None if user_ids is None else {str(u).encode() for u in user_ids}
+    gone_users = {str(u).encode() for u in handed}
     if not manifest or is_cluster(cloud):
         ping(cloud)  # else reading the manifest is the check (one round trip less)
     m = read_manifest(cloud, manifest) if manifest else None
@@ -190,6 +215,8 @@ def merge_back(
 
     def owns(key: bytes) -> bool:
         tag = hash_tag(key)
+        if tag in gone_users:
+            return False
         if owned is None or tag is None or tag in owned:
             return True
         report.not_owned += 1
@@ -253,14 +280,16 @@ def merge_back(
             k
             for k in m
             if k not in seen and k not in shared and (owned is None or hash_tag(k) in owned)
+            and hash_tag(k) not in gone_users
         ]
         kept = set(_conflicts(edge, cloud, m, gone))
         _count(report, kept)
         doomed = [k for k in gone if not (k in kept and matches(k, wins))]
         report.conflicts_cloud_won += len(gone) - len(doomed)
         report.deleted = _unlink(cloud, doomed)
-        with Guard("destination"):
-            cloud.delete(manifest)
+        if not gone_users:  # else the server the users went to inherits it
+            with Guard("destination"):
+                cloud.delete(manifest)
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report

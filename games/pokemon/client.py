@@ -2,17 +2,21 @@
 
 It logs in at the cloud, asks the cloud's redirection config which server to play on,
 and follows it: on a connection error (also one in the middle of an answer), a 404 (the
-server does not hold the user) or a `redirect` hint it asks /config again and retries,
-so a user moves to an edge server and back without noticing.
+server does not hold the user) or a `redirect` hint it asks /config again and retries
+(after a growing pause if the config still names the same server), so a user moves to
+an edge server, back, or on to another node's server without noticing.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from typing import Any
 
 import requests
 
 RETRYABLE_STATUS = (404, 409, 502, 503)
+BACKOFF_S, BACKOFF_MAX_S = 0.02, 0.5
 
 
 class GameClient:
@@ -57,7 +61,13 @@ class GameClient:
             self.login()
         headers = {"X-User": self.user, "X-Token": self.token, **kw.pop("headers", {})}
         last: Exception | None = None
-        for _ in range(self.retries + 1):
+        # Retries end after `retries` of them and `timeout` seconds both: a server being
+        # handed over to another node resets its users for a moment before the config
+        # names the new one, and a quick client would run out of tries meanwhile.
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            if attempt > self.retries and time.monotonic() >= deadline:
+                break
             try:
                 r = self.http.request(
                     method, self.server + path, headers=headers, timeout=self.timeout, **kw
@@ -66,7 +76,10 @@ class GameClient:
                 # the server is gone, or went while answering (a terminating server's
                 # node resets its users' connections): ask where to play now
                 last = exc
+                before = self.server
                 self.refresh()
+                if self.server == before:  # not switched yet: wait a little, growing
+                    time.sleep(min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S))
                 continue
             hint = _redirect_hint(r)
             if r.status_code in RETRYABLE_STATUS and (hint or r.status_code == 404):

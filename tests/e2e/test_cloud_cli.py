@@ -136,6 +136,7 @@ def test_enorm_cloud_handover_moves_a_servers_users_to_another_node(edge_node, r
         new = json.loads(out.stdout)
         assert new["node"] == b.name and new["from"]["state"] == "handed_over"
         assert new["from"]["confirmed"] is True and new["keys_copied"] > 0
+        assert new["path"] == "direct"  # node to node: both nodes allow loopback
         where = json.loads(cloud_cli(cfg, "where", "--json", ids[0]).stdout)
         assert where["server_id"] == new["server_id"] and where["node"] == b.name
         assert users[0].refresh() == new["url"] and len(users[0].party()) == caught

@@ -12,6 +12,7 @@ import pytest
 import requests
 from world import LONDON, PARIS, cloud_world, make_users, play
 
+from enorm import datasync
 from games.pokemon import keys
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
@@ -72,6 +73,15 @@ def fences(node) -> list[str]:
             and "REJECT" in ln]
 
 
+def gone(node, sid: str, timeout: float = 30) -> None:
+    """Wait until `node` has ended server `sid` (a direct handover ends the old server
+    after the switch, in the background)."""
+    deadline = time.monotonic() + timeout
+    while sid in {s["id"] for s in node.client().get(node.url + "/v1/servers", timeout=5).json()}:
+        assert time.monotonic() < deadline, f"{sid} still on {node.name}"
+        time.sleep(0.05)
+
+
 def test_a_terminating_server_takes_no_write_after_its_data_is_read(edge_node, redis_server):
     """A client keeps writing to its edge server while the cloud withdraws it: every write
     the edge confirmed is on the cloud afterwards (the node fences the server's port
@@ -96,9 +106,15 @@ def test_a_terminating_server_takes_no_write_after_its_data_is_read(edge_node, r
         assert fences(node) == []
 
 
-def test_handover_moves_playing_users_to_another_node_start_first(edge_node, redis_server):
+@pytest.mark.parametrize("path", ["direct", "cloud"])
+def test_handover_moves_playing_users_to_another_node_start_first(edge_node, redis_server,
+                                                                   path):  # fmt: skip
+    """direct: the data goes node to node and the users wait for it, never served by
+    the cloud (whose copy is stale then); cloud: the cloud serves them while the data
+    goes edge -> cloud -> edge."""
     a, b = edge_node(), edge_node()
     with cloud_world(redis_server().url, [a, b]) as cloud:
+        cloud.manager.handover_path = path
         users = make_users(cloud, 3)
         for u in users:
             play(u, LONDON)
@@ -119,11 +135,12 @@ def test_handover_moves_playing_users_to_another_node_start_first(edge_node, red
         # the new server on the other node; the old one ended with its data merged
         assert new.edge.name == b.name and new.handed_over_from == old.server_id
         assert old.state == "handed_over" and old.confirmed and old.ended.is_set()
-        on_a = a.client().get(a.url + "/v1/servers", timeout=5).json()
-        assert old.server_id not in {s["id"] for s in on_a}
+        gone(a, old.server_id)
         assert 0 < new.timings["interruption"] < new.timings["total"]
-        # the playing user saw no error: served by the old edge, the cloud, the new edge
-        assert w.errors == [] and set(w.by_server) == {old.url, cloud.url, new.url}
+        assert new.handover_path == path
+        # the playing user saw no error: served by the old edge, (the cloud,) the new edge
+        via = {old.url, new.url} if path == "direct" else {old.url, cloud.url, new.url}
+        assert w.errors == [] and set(w.by_server) == via
         for u in users[1:]:
             assert u.refresh() == new.url
             assert len(u.party()) == caught[u.user]  # what they caught on A, on B now
@@ -162,3 +179,108 @@ def test_users_of_an_evicted_server_are_rehomed_on_another_node(edge_node, redis
         for dep in (again, high):
             cloud.manager.withdraw(dep)
             assert dep.confirmed
+
+
+def test_direct_handover_data_goes_node_to_node_and_the_cloud_learns_it_once(edge_node,
+                                                                           redis_server):
+    """What the old server's tenant wrote: its users' keys (one made, one deleted) go to
+    the new server and reach the cloud only with the new server's merge (its inherited
+    manifest deletes on the cloud what the old one deleted); a key of a user it did not
+    serve goes nowhere; its shared keys reach the cloud with the old server's end."""
+    a, b = edge_node(), edge_node()
+    with cloud_world(redis_server().url, [a, b]) as cloud:
+        users = make_users(cloud, 3)
+        for u in users:
+            play(u, LONDON)
+        served, stranger = users[:2], users[2]
+        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in served])
+        u0, u1 = served[0].user, served[1].user
+        made = keys.pokemon(u0, "made-on-a")
+        dropped = sorted(cloud.redis.scan_iter(keys.pokemon(u1, "*")))[0]  # one it caught
+        foreign, shared = keys.pokedex(stranger.user), keys.region("zz-on-a")
+        assert cloud.redis.exists(dropped) and not cloud.redis.exists(made)
+        tenant = datasync.connect(old.redis_forward(), timeout=10)  # the tenant's own Redis
+        tenant.hset(made, mapping={"species": "25"})
+        tenant.delete(dropped)
+        tenant.sadd(foreign, "150")  # another user's data: never to be carried on
+        tenant.sadd(shared, "user:" + u0)
+        tenant.close()
+        before_foreign = cloud.redis.smembers(foreign)
+
+        new = cloud.manager.handover(old)
+        assert new.handover_path == "direct" and new.edge.name == b.name
+        assert old.state == "handed_over" and old.confirmed
+        assert new.keys_received and new.copy is None  # nothing read from the cloud
+        gone(a, old.server_id)
+        ended = [e for e in a.client().get(a.url + "/v1/events", timeout=5).json()
+                 if e["server_id"] == old.server_id and e["type"] == "server.terminated"]
+        assert ended and ended[0]["reason"] == "handover"
+        assert ended[0]["data"]["handed_to"] == new.server_id
+        assert ended[0]["data"]["keys_handed"] == new.keys_received
+        # the old node merged its shared keys, not the handed users' keys
+        assert cloud.redis.sismember(shared, "user:" + u0)
+        assert cloud.redis.exists(dropped) and not cloud.redis.exists(made)
+        assert cloud.redis.smembers(foreign) == before_foreign
+        mine = datasync.connect(new.redis_forward(), timeout=10)
+        assert mine.hget(made, "species") == b"25"
+        assert not mine.exists(dropped) and not mine.exists(foreign)
+        mine.close()
+
+        for u in served:  # the users play on the new node with their data
+            assert u.refresh() == new.url
+            play(u, PARIS, catches=1)
+        cloud.manager.withdraw(new)
+        assert new.confirmed
+        assert cloud.redis.hget(made, "species") == b"25"
+        assert not cloud.redis.exists(dropped)  # the old server's delete, via the manifest
+        assert cloud.redis.smembers(foreign) == before_foreign
+        assert fences(a) == [] and fences(b) == []
+
+
+def test_handover_goes_through_the_cloud_where_the_old_node_may_not_reach_the_new_one(
+        edge_node, redis_server):  # fmt: skip
+    """The old node's operator allows it only the cloud's Redis and callback: the direct
+    request is refused (400, to_url) with nothing moved, and the cloud manager hands the
+    users over through the cloud instead. Then, on the API: a peer that does not answer
+    (502), a wrong import key (401); the server serves on after each."""
+    redis = redis_server()
+    a = edge_node(start=False)
+    a.settings["destinations"] = {"*": [f"127.0.0.1:{redis.port}", f"127.0.0.1:{a.cloud_port}"]}
+    a.write_config()
+    a.start()
+    b = edge_node()
+    with cloud_world(redis.url, [a, b]) as cloud:
+        users = make_users(cloud, 2)
+        for u in users:
+            play(u, LONDON)
+        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        assert old.edge.name == a.name
+        caught = {u.user: len(u.party()) for u in users}
+        tok = next(t for t, o in a.tokens.items() if o == "cloud-a")
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {tok}"
+        key = "k" * 40
+        r = api.post(f"{a.url}/v1/servers/{old.server_id}/handover", timeout=10,
+                     json={"to_url": b.url, "to_server": "nope", "key": key})
+        assert r.status_code == 400 and r.json()["field"] == "to_url", r.text
+        # allowed (its own cloud's port) but no node there: 502, and nothing fenced
+        r = api.post(f"{a.url}/v1/servers/{old.server_id}/handover", timeout=30,
+                     json={"to_url": f"http://127.0.0.1:{redis.port}", "to_server": "x",
+                           "key": key})
+        assert r.status_code == 502 and r.json()["field"] == "to_url", r.text
+        assert fences(a) == []
+        assert users[0].update(*PARIS)  # still served by the old server
+        assert users[0].server == old.url
+        r = requests.post(f"{a.url}/v1/servers/{old.server_id}/import", timeout=10,
+                          json={"keys": [], "final": True},
+                          headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 401 and r.json()["field"] == "Authorization"
+
+        new = cloud.manager.handover(old)
+        assert new.handover_path == "cloud" and new.edge.name == b.name
+        assert old.state == "handed_over" and old.confirmed
+        for u in users:
+            assert u.refresh() == new.url
+            assert len(u.party()) == caught[u.user]
+        cloud.manager.withdraw(new)
+        assert new.confirmed

@@ -10,6 +10,7 @@ from test_datasync import fill_users
 from test_edge_node import handshake
 
 from enorm import datasync
+from enorm.datasync import payloads
 from games.pokemon import keys
 
 SERVED, OTHER, VICTIM = ["a1", "a2"], "c3", "v9"
@@ -157,3 +158,41 @@ def test_hostile_edge_server_on_a_real_node(edge_node, redis_server):
                                            timeout=10).json()
               if e["type"] == "server.terminated")
     assert ev["data"]["not_owned"] == 2 and ev["data"]["keys_deleted"] == 1
+
+
+def test_a_handover_node_to_node_merges_as_the_first_edge_would_have(redis_server):
+    """Edge A's users go straight to edge B (export, restore); A merges only its shared
+    keys and leaves the manifest, which moves to B; B's merge then does what A's would
+    have done: deletes, creations, conflicts. Nothing of users A did not serve travels."""
+    cloud, a, b = (datasync.connect(redis_server().url) for _ in range(3))
+    first, second = datasync.manifest_key("s1"), datasync.manifest_key("s2")
+    offload_and_play(cloud, a, first)
+    a.sadd("region:gcpvj0", "user:a1")  # a shared key written on A
+    victim_before, other_before = state(cloud, [VICTIM]), state(cloud, [OTHER])
+    served_before = state(cloud, SERVED)
+
+    dumped, others = datasync.export_users(a, SERVED, keys.SHARED_PATTERNS)
+    assert set(dumped) == set(datasync.user_keys(a, SERVED)) and others == 3
+    assert len(payloads.restore(b, dumped, replace=True)) == len(dumped)
+    left = datasync.merge_back(a, cloud, shared_patterns=keys.SHARED_PATTERNS,
+                               user_ids=SERVED, manifest=first, handed=SERVED)
+    assert left.verified and left.keys == 0 and left.deleted == 0 and left.not_owned == 3
+    assert state(cloud, SERVED) == served_before  # the handed users' keys: B's to merge
+    assert cloud.sismember("region:gcpvj0", "user:a1")
+    assert cloud.exists(first)
+
+    assert datasync.move_manifest(cloud, first, second) == cloud.hlen(second) > 0
+    assert not cloud.exists(first)
+    report = datasync.merge_back(b, cloud, shared_patterns=keys.SHARED_PATTERNS,
+                                 user_ids=SERVED, manifest=second, cloud_wins=["u:*"])
+    assert report.verified and report.manifest and report.not_owned == 0
+    assert state(cloud, [VICTIM]) == victim_before and state(cloud, [OTHER]) == other_before
+    assert report.deleted == 1 and not cloud.exists(keys.pokedex("a2"))
+    assert cloud.smembers("new:{a1}:x") == {b"born-on-edge"}
+    assert report.conflicts == 2 and report.conflicts_cloud_won == 1
+    assert cloud.hget(keys.location("a1"), "lat") == b"1.0"
+    assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
+    b_state, cloud_state = state(b, SERVED), state(cloud, SERVED)
+    del b_state[b"u:{a2}"], cloud_state[b"u:{a2}"]
+    assert cloud_state == b_state
+    assert not cloud.exists(second)
