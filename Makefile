@@ -22,7 +22,7 @@ reliability: setup
 
 # Every bench holds the machine-wide lock: their names and ports are fixed.
 # `bench`: about two hours (bench.latency ~27 min: 3 access x 7 user counts x 3 targets
-# x 20 s; bench.mixed ~26; bench.peers ~25; bench.slo ~12; bench.handover ~3; bench.placement ~3);
+# x 20 s; bench.mixed ~26; bench.peers ~15; bench.slo ~12; bench.handover ~6; bench.placement ~3);
 # `bench-quick`: under 5 minutes (it uses the calibration in bench/results and writes to
 # /tmp/enorm-bench-quick).
 LOCK = flock /run/enorm-bench.lock

@@ -32,6 +32,7 @@ Handover between nodes (`CloudManager.handover`, start-first): the new server is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from enorm import datasync
@@ -435,10 +437,14 @@ class CloudManager:
                           old.server_id, new.server_id, new.edge.name)
             self._abandon(new, restore=False)
             raise
-        if key is not None and self._direct(old, new, key):
-            edge.close()
-            new.timings["total"] = time.perf_counter() - t0
-            return new
+        if key is not None:
+            if self._direct(old, new, key):
+                edge.close()
+                new.timings["total"] = time.perf_counter() - t0
+                return new
+            # A refused import may have written part of the keys, which the old server
+            # has served on since: the copy below starts from none of theirs.
+            datasync.delete_users(edge, new.users)
         t_switch = time.perf_counter()
         new.handover_path = "cloud"
         try:
@@ -469,7 +475,8 @@ class CloudManager:
         try:
             result = old.edge.hand_over(old.server_id, new.edge, new.server_id, key)
         except EdgeError as exc:
-            if exc.status in (400, 409, 502):
+            if exc.status is not None and (exc.status < 500 or exc.status in (502, 503)):
+                # the node answered that nothing moved (and lifted its fence)
                 log.info("handover of %s: no direct path (%s); through the cloud",
                          old.server_id, exc)
                 return False
@@ -481,6 +488,9 @@ class CloudManager:
                 self._end_for_handover(old, new)
             finally:
                 self._abandon(new, restore=False)
+            # Both merged what they held; a handed-over old server leaves its manifest.
+            with contextlib.suppress(redis.RedisError):
+                self.cloud.delete(datasync.manifest_key(old.server_id))
             raise HandoverFailed(f"{old.edge.name} did not answer the handover: {exc}",
                                  "users on the cloud, their data merged from both "
                                  "servers") from None

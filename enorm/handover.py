@@ -68,13 +68,14 @@ def send(rec: ServerRecord, users: list[str], shared_patterns: list[str], to_url
     """Dump the users' keys of the (fenced) server and post them to the other node;
     returns once the other node has restored and verified every one."""
     t0 = time.perf_counter()
-    edge = connect_container(rec)
     try:
-        dumped, others = datasync.export_users(edge, users, shared_patterns)
+        edge = connect_container(rec)
+        try:
+            dumped, others = datasync.export_users(edge, users, shared_patterns)
+        finally:
+            edge.close()
     except datasync.SyncError as exc:
         raise HandoverError(503, "source_unavailable", f"the server's Redis: {exc}") from None
-    finally:
-        edge.close()
     url = f"{to_url}/v1/servers/{to_server}/import"
     batches = list(_batches(dumped))
     written = 0

@@ -163,7 +163,9 @@ class EdgeManager:
         self.unit = Resources(**self.cfg.unit.model_dump())  # the plain wire type
         # Guards admission and every change of allocations, ports and addresses.
         self._lock = threading.RLock()
-        self._handing: set[str] = set()  # servers whose users are being handed over
+        # Per server: held while its users are handed over (old node) or its data comes
+        # in (new node); a termination waits for it, so that it merges what is there.
+        self._busy: dict[str, threading.Lock] = {}
         self._peer = requests.Session()  # node to node (handover); no proxy from the env
         self._peer.trust_env = False
 
@@ -421,13 +423,14 @@ class EdgeManager:
         them all end this server in the background, its shared keys merged home but not
         the handed users' keys. If the other node does not take them, the fence goes and
         the server serves on (HandoverError)."""
-        with self._lock:
-            rec = self.get(sid, owner)
-            if rec.state != "running" or sid in self._handing:
-                state = "being handed over" if sid in self._handing else rec.state
-                raise handover.HandoverError(409, "not_running", f"server {sid} is {state}")
-            self._handing.add(sid)
+        busy = self._busy_lock(self.get(sid, owner).id)
+        if not busy.acquire(blocking=False):
+            raise handover.HandoverError(409, "not_running", f"server {sid} is busy (being "
+                                         "handed over or receiving data)")
         try:
+            rec = self.get(sid)
+            if rec.state != "running":
+                raise handover.HandoverError(409, "not_running", f"server {sid} is {rec.state}")
             moving = [u.id for u in self.store.users(sid)]
             self._fence(rec)
             try:
@@ -442,8 +445,7 @@ class EdgeManager:
                 rec.handed_to, rec.handed_users = req.to_server, moving
                 self.store.save(rec)
         finally:
-            with self._lock:
-                self._handing.discard(sid)
+            busy.release()
         threading.Thread(target=self._end_handed, args=(sid, result), daemon=True,
                          name=f"handed-{sid}").start()
         return result
@@ -463,15 +465,21 @@ class EdgeManager:
         rec = self.store.get(sid)
         if rec is None or not handover.key_matches(rec, key):
             raise Forbidden(sid)
-        if rec.state != "running":
-            raise handover.HandoverError(409, "not_running", f"server {sid} is {rec.state}")
-        result = handover.receive(rec, [u.id for u in self.store.users(sid)], data)
-        if data.final:
-            with self._lock:
-                rec = self.get(sid)
-                rec.handover_digest = None
-                self.store.save(rec)
+        with self._busy_lock(sid):
+            rec = self.get(sid)
+            if rec.state != "running":
+                raise handover.HandoverError(409, "not_running", f"server {sid} is {rec.state}")
+            result = handover.receive(rec, [u.id for u in self.store.users(sid)], data)
+            if data.final:
+                with self._lock:
+                    rec = self.get(sid)
+                    rec.handover_digest = None
+                    self.store.save(rec)
         return result
+
+    def _busy_lock(self, sid: str) -> threading.Lock:
+        with self._lock:
+            return self._busy.setdefault(sid, threading.Lock())
 
     # -- scaling (used by the auto-scaler) -----------------------------------------------
     def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None:
@@ -531,9 +539,12 @@ class EdgeManager:
         return result
 
     def _terminate_one(self, sid: str, reason: str, numbers: dict) -> MergeReport:
-        with self._lock:
+        # A handover or an import under way finishes first: then the merge below sees
+        # the users as handed (old node), or the keys that came in (new node).
+        self.get(sid)  # an unknown id gets no lock
+        with self._busy_lock(sid), self._lock:
             rec = self.get(sid)
-            if (rec.state == "terminating" and reason != "reconcile") or sid in self._handing:
+            if rec.state == "terminating" and reason != "reconcile":
                 raise NotFound(sid)  # another call is on it
             resumed = rec.state == "terminating"  # a restart finishes what a crash cut off
             was_pending = rec.state == "migration_pending"
@@ -572,7 +583,8 @@ class EdgeManager:
         _fault("terminate.merged")
         self.firewall.remove(rec.id, redirects=bool(rec.intercept))
         self._destroy(rec)
-        self.firewall.unfence(rec.id)
+        if rec.data_sink is not None or rec.handed_to is not None or resumed:
+            self.firewall.unfence(rec.id)  # else never fenced: spare the `iptables -S`
         _fault("terminate.destroyed")
         self._forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
         return merged
@@ -605,6 +617,7 @@ class EdgeManager:
         ev = self.events.make("server.terminated", rec, reason, data)
         with self._lock:
             self.store.delete(rec.id, event=ev, outbox_url=rec.callback_url)
+            self._busy.pop(rec.id, None)
         _fault("terminate.forgotten")
         self.events.announce(ev, rec, queued=bool(rec.callback_url))
 

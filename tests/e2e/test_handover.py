@@ -1,6 +1,8 @@
 """Users moving between edge nodes on real parts: the fence that keeps a terminating
 server's late writes from being lost, the start-first handover between two nodes with a
-user playing through it, and users re-homed on another node after an eviction."""
+user playing through it (node to node, and through the cloud where the old node may not
+reach the new one), a handover the old node does not answer, and users re-homed on
+another node after an eviction."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import requests
 from world import LONDON, PARIS, cloud_world, make_users, play
 
+from cloud_manager import EdgeError, HandoverFailed
 from enorm import datasync
 from games.pokemon import keys
 
@@ -284,3 +287,41 @@ def test_handover_goes_through_the_cloud_where_the_old_node_may_not_reach_the_ne
             assert len(u.party()) == caught[u.user]
         cloud.manager.withdraw(new)
         assert new.confirmed
+
+
+def test_a_handover_the_old_node_does_not_answer_ends_both_servers_and_loses_nothing(
+        edge_node, redis_server):  # fmt: skip
+    """The old node's answer is lost, so the cloud manager does not know whether the keys
+    moved: both servers end, each merging what it holds (a termination waits for a
+    handover or an import under way), the users go home, and what they did on the old
+    server is on the cloud."""
+    a, b = edge_node(), edge_node()
+    with cloud_world(redis_server().url, [a, b]) as cloud:
+        users = make_users(cloud, 2)
+        for u in users:
+            play(u, LONDON)
+        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        for u in users:
+            u.refresh()
+            play(u, PARIS)  # on the old edge server
+        caught = {u.user: len(u.party()) for u in users}
+        real = old.edge.hand_over
+
+        def answer_lost(*args, **kw):  # the request reaches the node; its answer does not
+            threading.Thread(target=real, args=args, kwargs=kw, daemon=True).start()
+            time.sleep(0.05)
+            raise EdgeError("read timed out")
+
+        old.edge.hand_over = answer_lost
+        with pytest.raises(HandoverFailed, match="did not answer"):
+            cloud.manager.handover(old)
+        assert old.ended.is_set()
+        new = next(d for d in cloud.manager.deployments.values()
+                   if d.handed_over_from == old.server_id)
+        assert new.state == "withdrawn" and new.ended.is_set()
+        gone(a, old.server_id)
+        gone(b, new.server_id)
+        for u in users:
+            assert u.refresh() == cloud.url
+            assert len(u.party()) == caught[u.user]  # served by the cloud, nothing lost
+        assert fences(a) == [] and fences(b) == []
