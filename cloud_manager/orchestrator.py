@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import paramiko
 import redis
 from flask import Blueprint, jsonify, request
 
@@ -294,10 +295,7 @@ class CloudManager:
         dep = self._admitted(users, exclude, None, over)
         try:
             self._connect(dep)
-            with ThreadPoolExecutor(2, thread_name_prefix="deploy") as pool:
-                futures = [pool.submit(self._start_server, dep), pool.submit(self._copy, dep)]
-                for f in futures:
-                    f.result()
+            self._over_ssh(dep, self._start_server, self._copy)
             self._wait_ready(dep)
         except BaseException:
             log.exception("deployment of %s on %s failed; withdrawing", dep.server_id,
@@ -326,6 +324,25 @@ class CloudManager:
         t = time.perf_counter()
         dep.session = self.deployer.connect(dep.setup.access)
         dep.timings["ssh"] = time.perf_counter() - t
+
+    def _over_ssh(self, dep: Deployment, *steps: Callable[[Deployment], None]) -> None:
+        """Run the steps side by side over the deployment's SSH session; if the session
+        dropped meanwhile (a container's sshd restarting just after boot), connect again
+        and run them once more (each step is idempotent: the upload overwrites, the copy
+        replaces and writes a fresh manifest)."""
+        for attempt in (1, 2):
+            try:
+                with ThreadPoolExecutor(len(steps), thread_name_prefix="deploy") as pool:
+                    for f in [pool.submit(step, dep) for step in steps]:
+                        f.result()
+                return
+            except (paramiko.SSHException, EOFError, OSError, datasync.SyncError) as exc:
+                if attempt == 2 or dep.session is None or dep.session.transport.is_active():
+                    raise
+                log.warning("SSH session to %s dropped (%s); connecting again",
+                            dep.server_id, exc)
+                self._close_session(dep)
+                self._connect(dep)
 
     def _start_server(self, dep: Deployment) -> None:
         t = time.perf_counter()
@@ -428,7 +445,7 @@ class CloudManager:
         new.handed_over_from = old.server_id
         try:  # start-first: the old server serves until the new one answers
             self._connect(new)
-            self._start_server(new)
+            self._over_ssh(new, self._start_server)
             self._wait_ready(new)
             edge = datasync.connect(new.redis_forward(), timeout=30)  # ready for the copy
             edge.ping()

@@ -22,6 +22,7 @@ from world import (
 )
 
 from cloud_manager import NoEdgeAvailable
+from cloud_manager.orchestrator import CloudManager
 from enorm import datasync
 from games.pokemon import keys
 
@@ -248,3 +249,34 @@ def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, re
                 assert now_shared[k] >= edge_shared.get(k, set()) | cloud_shared.get(k, set())
     finally:
         proxy.down()
+
+
+def test_a_deploy_whose_ssh_session_drops_connects_again(edge_node, redis_server,
+                                                         monkeypatch):  # fmt: skip
+    """The SSH session to a fresh container dies during the upload (as when its sshd
+    restarts just after boot): the cloud manager connects again and redoes the upload
+    and the copy, and the users play on the edge server with their data."""
+    node = edge_node()
+    with cloud_world(redis_server().url, [node]) as cloud:
+        users = make_users(cloud, 2)
+        for u in users:
+            play(u, LONDON)
+        caught = {u.user: len(u.party()) for u in users}
+        real, dropped = CloudManager._start_server, []
+
+        def drop_first(self, dep):
+            if not dropped:
+                dropped.append(dep.session)
+                dep.session.transport.close()
+            return real(self, dep)
+
+        monkeypatch.setattr(CloudManager, "_start_server", drop_first)
+        dep = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        assert dropped and dep.session is not dropped[0]
+        assert dep.copy.verified
+        for u in users:
+            assert u.refresh() == dep.url
+            assert len(u.party()) == caught[u.user]
+            play(u, PARIS, catches=1)
+        cloud.manager.withdraw(dep)
+        assert dep.confirmed
