@@ -71,6 +71,12 @@ def _owner_filter() -> str | None:
     return None if g.owner == OPERATOR else g.owner
 
 
+def _bearer() -> str:
+    """The request's bearer token, or ""."""
+    header = request.headers.get("Authorization", "")
+    return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+
+
 @bp.before_request
 def _authenticate() -> Response | None:
     """Find the caller's owner by the SHA-256 of its bearer token (constant time).
@@ -79,8 +85,7 @@ def _authenticate() -> Response | None:
     any length) is an ordinary miss, and the node keeps no plain token to compare with.
     """
     digests: dict[bytes, str] = current_app.config["ENORM_TOKEN_DIGESTS"]
-    header = request.headers.get("Authorization", "")
-    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    token = _bearer()
     if request.endpoint == "v1.import_data":
         return None  # another node, with the server's one-time handover key: checked there
     if token:
@@ -196,8 +201,7 @@ def handover_server(sid: str) -> Response:
 @bp.post("/servers/<sid>/import")
 def import_data(sid: str) -> Response:
     """Node to node: a handover's data for this server (bearer: its handover key)."""
-    header = request.headers.get("Authorization", "")
-    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    key = _bearer()
     data = protocol.HandoverData.model_validate_json(_json_body(), strict=True)
     try:
         result = _manager().import_data(sid, key, data)
