@@ -232,7 +232,7 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
                               url=dep.url, users=dep.users))
     result = {"server_id": dep.server_id, "node": dep.edge.name, "url": dep.url,
               "users": dep.users, "refused": dep.refused, "placement": dep.placement,
-              "keys_copied": dep.copy.keys if dep.copy else 0,
+              "keys_copied": dep.keys_copied,
               "timings_s": {k: round(v, 4) for k, v in dep.timings.items()}}
     if as_json:
         _emit_json(result)
@@ -356,7 +356,7 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
             "from": {"server_id": server_id, "node": e.node, "state": dep.state,
                      "keys_migrated": dep.keys_migrated, "confirmed": dep.confirmed},
             "path": new.handover_path,
-            "keys_copied": new.copy.keys if new.copy else new.keys_received or 0,
+            "keys_copied": new.keys_copied,
             "timings_s": {k: round(v, 4) for k, v in new.timings.items()}}
     if as_json:
         _emit_json(data)

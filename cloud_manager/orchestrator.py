@@ -69,9 +69,9 @@ class NoEdgeAvailable(Exception):
         self.refusals = refusals
 
 
+HANDOVER_PATHS = ("direct", "cloud")
 # Why a node ends a server for want of resources: its users are better served by another
 # node than by the cloud (with `rehome`).
-HANDOVER_PATHS = ("direct", "cloud")
 REHOME_REASONS = frozenset({
     "insufficient_resources", "evicted_for_higher_priority", "basic_service_pressure",
     "preempted", "node_shutdown"})
@@ -149,6 +149,11 @@ class Deployment:
     @property
     def server_id(self) -> str:
         return self.setup.server_id
+
+    @property
+    def keys_copied(self) -> int:
+        """The users' keys it was given: from the cloud, or from the old node (direct)."""
+        return self.copy.keys if self.copy else self.keys_received or 0
 
     def redis_forward(self) -> str:
         """A redis:// URL on 127.0.0.1 that leads to the container's Redis (over SSH)."""

@@ -131,11 +131,7 @@ def create_server() -> Response:
     if g.owner == OPERATOR:
         return _error(403, "forbidden", "the operator token cannot own servers",
                       "Authorization")
-    if request.mimetype != "application/json":
-        return _error(415, "unsupported_media_type", "the body must be application/json",
-                      "Content-Type")
-    # get_data honours MAX_CONTENT_LENGTH (413 before anything is parsed).
-    req = protocol.parse_setup(request.get_data(cache=False))
+    req = protocol.parse_setup(_json_body())
     policy: destinations.Policy = current_app.extensions["enorm.destinations"]
     if req.callback_url is not None:
         policy.check_url(g.owner, "callback_url", str(req.callback_url))
@@ -215,6 +211,8 @@ def import_data(sid: str) -> Response:
 
 
 def _json_body() -> bytes:
+    """The raw JSON body; 415 for another type, and get_data honours
+    MAX_CONTENT_LENGTH (413 before anything is parsed)."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("the body must be application/json")
     return request.get_data(cache=False)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         dep = manager.offload([tuple(u) for u in body["users"]],
                               exclude=body.get("exclude") or ())
         return jsonify(server_id=dep.server_id, url=dep.url, timings=dep.timings,
-                       keys=dep.copy.keys if dep.copy else 0, node=dep.edge.name,
+                       keys=dep.keys_copied, node=dep.edge.name,
                        placement=dep.placement)
 
     @app.post("/bench/withdraw")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         new = manager.handover(old, to=body.get("to"))
         return jsonify(server_id=new.server_id, url=new.url, node=new.edge.name,
                        timings=new.timings, path=new.handover_path,
-                       keys=new.copy.keys if new.copy else new.keys_received or 0,
+                       keys=new.keys_copied,
                        old={"server_id": old.server_id, "node": old.edge.name,
                             "state": old.state, "confirmed": old.confirmed,
                             "keys_migrated": old.keys_migrated, "timings": old.timings})
