@@ -127,9 +127,19 @@ def _preflight(cfg: config_mod.NodeConfig | None = None) -> list[preflight.Findi
     # ENORM_PREFLIGHT_ROOT points the checks at a copy of another machine's /proc and
     # /sys files (the tests' fixtures); the tools and the write probe need the real one.
     root = os.environ.get("ENORM_PREFLIGHT_ROOT", "/")
-    return preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None,
-                         disk_mb=cfg.disk_mb if cfg else 0,
-                         probe_source=str(cfg.probe_source or "") if cfg else "")
+    findings = preflight.run(root, live=root == "/", ids=cfg.id_range if cfg else None,
+                             disk_mb=cfg.disk_mb if cfg else 0,
+                             probe_source=str(cfg.probe_source or "") if cfg else "")
+    if cfg is not None and root == "/":
+        # An image of another architecture needs its emulator (enorm.images).
+        from enorm import images
+
+        arch = images.resolve(cfg.image).arch
+        problem = images.emulation_problem(arch)
+        how = "native" if images.native(arch) else f"through {images.QEMU[arch]} (binfmt_misc)"
+        findings.append(preflight.Finding("image architecture", problem is None,
+                                          problem or f"{arch}, {how}"))
+    return findings
 
 
 @main.command()
@@ -301,15 +311,32 @@ def image() -> None:
 
 @image.command("build")
 @click.argument("name", default="debian")
+@click.option("--arch", help="Debian architecture (amd64, arm64, armhf, armel); default: "
+              "this machine's. Another one runs under qemu-user (binfmt_misc) and its "
+              "base is enorm-base-NAME-ARCH")
+@click.option("--mirror", envvar="ENORM_DEBIAN_MIRROR", show_envvar=True,
+              help="the Debian archive to debootstrap from; default: the recipe's "
+              "`mirror`, else the Debian archive of this machine's apt sources")
 @click.option("--rebuild", is_flag=True, help="rebuild even if the base container exists")
 @click.option("--lxc-path", default="/var/lib/lxc", show_default=True)
-def image_build(name: str, rebuild: bool, lxc_path: str) -> None:
-    """Turn the recipe images/NAME into the base container enorm-base-NAME."""
-    from enorm import images
+def image_build(name: str, arch: str | None, mirror: str | None, rebuild: bool,
+                lxc_path: str) -> None:  # fmt: skip
+    """Turn the recipe images/NAME into a base container: enorm-base-NAME for this
+    machine's architecture (the node config's `image = "NAME"`), enorm-base-NAME-ARCH
+    for another (`image = "NAME-ARCH"`; NAME-ARCH also works here). The root file system
+    is cached under /var/cache/enorm/images by suite, architecture and package list; a
+    rebuilt base is swapped in atomically, under running containers too."""
+    from enorm import images, mirrors
 
     try:
-        built = images.build(name, lxc_path=Path(lxc_path), rebuild=rebuild,
-                             progress=output.progress)
+        images.resolve(name, arch)
+        if mirror:
+            mirrors.check_uri(mirror, "--mirror")
+    except (images.ImageError, mirrors.MirrorError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        built = images.build(name, arch=arch, mirror=mirror, lxc_path=Path(lxc_path),
+                             rebuild=rebuild, progress=output.progress)
     except images.ImageError as exc:
         fail(str(exc))
     output.line(f"{built} ready")
@@ -317,11 +344,12 @@ def image_build(name: str, rebuild: bool, lxc_path: str) -> None:
 
 @image.command("list")
 def image_list() -> None:
-    """The recipes this installation knows."""
+    """The recipes this installation knows, with their architectures."""
     from enorm import images
 
     for r in images.recipes():
-        click.echo(r)
+        arches = sorted(set(images.load_recipe(r)["arch"].values()))
+        click.echo(f"{r}\t{' '.join(arches)}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import psutil
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from enorm import images
 from enorm.destinations import Allowed
 from enorm.firewall import Egress
 from enorm.idmap import IdRange
@@ -70,6 +71,9 @@ class NodeConfig(BaseSettings):
     # tenants' cloud servers; nothing else on the host or beyond answers them.
     container_egress: list[str] = []
 
+    # The base image: a recipe of images/ for this machine's architecture ("debian": base
+    # container enorm-base-debian) or RECIPE-ARCH for another ("debian-arm64":
+    # enorm-base-debian-arm64, run under qemu-user), as `enorm image build` names them.
     image: str = Field("debian", pattern=r"^[a-z0-9-]+$")
     lxc_path: Path = Path("/var/lib/lxc")
     # Unprivileged containers (enorm/idmap.py): root inside each container is a range of
@@ -174,6 +178,15 @@ class NodeConfig(BaseSettings):
             raise ValueError("must be two ports, low <= high, within 1024-65535")
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image_known(cls, v: str) -> str:
+        try:
+            images.resolve(v)
+        except images.ImageError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("container_egress")
     @classmethod
     def _egress(cls, v: list[str]) -> list[str]:
@@ -236,7 +249,7 @@ class NodeConfig(BaseSettings):
 
     @property
     def base_container(self) -> str:
-        return f"enorm-base-{self.image}"
+        return images.resolve(self.image).container
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
