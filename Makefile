@@ -7,7 +7,10 @@ setup:
 demo: setup
 	.venv/bin/enorm-cloud demo
 
-test: setup
+# The tests also run an arm64 container (tests/e2e/test_foreign_arch.py): qemu-user and
+# its binfmt_misc registration come with them, not with `make demo`.
+test:
+	@./scripts/setup.sh --foreign arm64
 	.venv/bin/ruff check .
 	.venv/bin/pytest -q -p no:cacheprovider --timeout=900 tests
 

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # Install everything enorm needs on a Debian machine, idempotently, reusing what is there:
 # system packages, the project's venv (.venv), and the base container image.
+#
+#   scripts/setup.sh [--foreign ARCH]...
+#
+# --foreign ARCH (Debian names: arm64, armhf, armel, amd64): this machine will also build
+# and run containers of ARCH (`make test`'s arm64 container): qemu-user-static and
+# binfmt-support are installed and ARCH's emulator registered with binfmt_misc. Only
+# then: `make demo` needs none of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+foreign=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --foreign) [ $# -ge 2 ] || { echo "setup: --foreign needs an ARCH" >&2; exit 2; }
+                   foreign+=("$2"); shift 2 ;;
+        *) echo "setup: unknown argument $1 (usage: setup.sh [--foreign ARCH]...)" >&2; exit 2 ;;
+    esac
+done
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup: enorm manages LXC containers, iptables and bridges: run as root" >&2
@@ -39,9 +55,12 @@ if [ ! -f $jmeter_jar ] || ! dpkg-query -W -f='${Status}' jmeter-http 2>/dev/nul
 fi
 if [ ! -f $xstream_jar ]; then
     echo "setup: fetching xstream 1.4.15 (bullseye) for jmeter"
+    # The Debian archive of this machine's apt sources (or ENORM_DEBIAN_MIRROR): it serves
+    # bullseye as well as the machine's own suite.
+    mirror=$(python3 -m enorm.mirrors bullseye)
     tmp=$(mktemp -d /tmp/enorm-xstream.XXXXXX)
     trap 'rm -rf "$tmp"' EXIT
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main" \
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bullseye main" \
         > "$tmp/sources.list"
     mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
     aptopts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
@@ -51,6 +70,53 @@ if [ ! -f $xstream_jar ]; then
     dpkg-deb -x "$tmp"/libxstream-java_*.deb "$tmp/x"
     mkdir -p "$(dirname $xstream_jar)"
     cp "$tmp/x/usr/share/java/xstream.jar" "$xstream_jar.part" && mv "$xstream_jar.part" "$xstream_jar"
+fi
+
+# Foreign architectures: qemu-user through binfmt_misc. The registration's F flag makes
+# the kernel open the emulator at registration time, so that ARCH's binaries also run
+# inside containers and chroots that do not hold the emulator. binfmt_misc is not always
+# mounted (no systemd here to do it); registrations do not survive a reboot, so every
+# run checks them.
+qemu_name() {  # Debian architecture -> the name of its binfmt entry
+    case "$1" in
+        arm64) echo qemu-aarch64 ;; armhf|armel) echo qemu-arm ;; amd64) echo qemu-x86_64 ;;
+        i386) echo qemu-i386 ;; riscv64) echo qemu-riscv64 ;; ppc64el) echo qemu-ppc64le ;;
+        s390x) echo qemu-s390x ;;
+        *) echo "setup: --foreign $1: not a Debian architecture this script knows" >&2; return 1 ;;
+    esac
+}
+native=$(dpkg --print-architecture)
+entries=()
+for a in "${foreign[@]}"; do
+    case "$native:$a" in
+        "$native:$native"|amd64:i386|arm64:armhf|arm64:armel) continue ;;  # the CPU runs it
+    esac
+    entries+=("$(qemu_name "$a")")
+done
+if [ ${#entries[@]} -gt 0 ]; then
+    missing=()
+    for p in qemu-user-static binfmt-support; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "setup: installing ${missing[*]} (foreign architectures: ${foreign[*]})"
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+            --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    binfmt=/proc/sys/fs/binfmt_misc
+    if [ ! -e $binfmt/status ]; then
+        echo "setup: mounting binfmt_misc on $binfmt"
+        mount -t binfmt_misc binfmt_misc $binfmt
+    fi
+    for e in "${entries[@]}"; do
+        if ! head -n1 "$binfmt/$e" 2>/dev/null | grep -qx enabled; then
+            echo "setup: registering $e with binfmt_misc"
+            update-binfmts --enable "$e"
+        fi
+        grep -q "^flags: .*F" "$binfmt/$e" \
+            || { echo "setup: $e is registered without the F flag: containers cannot run it" >&2; exit 1; }
+    done
 fi
 
 python=${PYTHON:-python3}
