@@ -19,6 +19,23 @@ while [ $# -gt 0 ]; do
         *) echo "setup: unknown argument $1 (usage: setup.sh [--foreign ARCH]...)" >&2; exit 2 ;;
     esac
 done
+# The binfmt_misc entries the foreign architectures need (none for those the CPU runs).
+qemu_name() {  # Debian architecture -> the name of its binfmt entry
+    case "$1" in
+        arm64) echo qemu-aarch64 ;; armhf|armel) echo qemu-arm ;; amd64) echo qemu-x86_64 ;;
+        i386) echo qemu-i386 ;; riscv64) echo qemu-riscv64 ;; ppc64el) echo qemu-ppc64le ;;
+        s390x) echo qemu-s390x ;;
+        *) echo "setup: --foreign $1: not a Debian architecture this script knows" >&2; exit 2 ;;
+    esac
+}
+native=$(dpkg --print-architecture)
+entries=()
+for a in "${foreign[@]}"; do
+    case "$native:$a" in
+        "$native:$native"|amd64:i386|arm64:armhf|arm64:armel) continue ;;  # the CPU runs it
+    esac
+    entries+=("$(qemu_name "$a")") || exit 2
+done
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup: enorm manages LXC containers, iptables and bridges: run as root" >&2
@@ -30,29 +47,26 @@ fi
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
           build-essential python3-dev python3-venv chromium chromium-driver
           libnetfilter-queue-dev lxcfs e2fsprogs)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+# Install those of the packages that are not installed (apt-get update first, only then).
+install_missing() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
     echo "setup: installing ${missing[*]}"
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
         --no-install-recommends "${missing[@]}" >/dev/null
-fi
+}
+install_missing "${packages[@]}"
 
 # JMeter (bench/jmeter.py): Debian's 2.13 cannot load a plan with bookworm's xstream 1.4.20
 # (it forbids JMeter's classes), so the runner puts bullseye's xstream 1.4.15 first on the
 # class path. That one jar is fetched through a private apt configuration (its own sources
 # list, lists and cache in a temporary directory): the machine's apt sources stay as they are.
-jmeter_jar=/usr/share/jmeter/bin/ApacheJMeter.jar
 xstream_jar=/var/cache/enorm/jmeter/xstream-1.4.15.jar
-if [ ! -f $jmeter_jar ] || ! dpkg-query -W -f='${Status}' jmeter-http 2>/dev/null | grep -q "ok installed"; then
-    echo "setup: installing jmeter"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-        --no-install-recommends jmeter jmeter-http default-jre-headless >/dev/null
-fi
+install_missing jmeter jmeter-http default-jre-headless
 if [ ! -f $xstream_jar ]; then
     echo "setup: fetching xstream 1.4.15 (bullseye) for jmeter"
     # The Debian archive of this machine's apt sources (or ENORM_DEBIAN_MIRROR): it serves
@@ -77,33 +91,8 @@ fi
 # inside containers and chroots that do not hold the emulator. binfmt_misc is not always
 # mounted (no systemd here to do it); registrations do not survive a reboot, so every
 # run checks them.
-qemu_name() {  # Debian architecture -> the name of its binfmt entry
-    case "$1" in
-        arm64) echo qemu-aarch64 ;; armhf|armel) echo qemu-arm ;; amd64) echo qemu-x86_64 ;;
-        i386) echo qemu-i386 ;; riscv64) echo qemu-riscv64 ;; ppc64el) echo qemu-ppc64le ;;
-        s390x) echo qemu-s390x ;;
-        *) echo "setup: --foreign $1: not a Debian architecture this script knows" >&2; return 1 ;;
-    esac
-}
-native=$(dpkg --print-architecture)
-entries=()
-for a in "${foreign[@]}"; do
-    case "$native:$a" in
-        "$native:$native"|amd64:i386|arm64:armhf|arm64:armel) continue ;;  # the CPU runs it
-    esac
-    entries+=("$(qemu_name "$a")")
-done
 if [ ${#entries[@]} -gt 0 ]; then
-    missing=()
-    for p in qemu-user-static binfmt-support; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "setup: installing ${missing[*]} (foreign architectures: ${foreign[*]})"
-        apt-get -o DPkg::Lock::Timeout=600 update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-            --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    install_missing qemu-user-static binfmt-support
     binfmt=/proc/sys/fs/binfmt_misc
     if [ ! -e $binfmt/status ]; then
         echo "setup: mounting binfmt_misc on $binfmt"
