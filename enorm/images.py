@@ -272,7 +272,8 @@ def _customise(rootfs: Path) -> None:
 
 def base_config(name: str, rootfs: Path, arch: str) -> str:
     """The LXC config of the base container; clones add network, limits and name.
-    `lxc.arch` takes the Debian names (amd64, arm64, armhf, armel)."""
+    `lxc.arch` takes the Debian names (LXC 5 starts an arm64 container on an amd64 host
+    with `arm64` as with `aarch64`; the emulation is binfmt_misc's, not LXC's)."""
     return "\n".join(
         [
             "lxc.include = /usr/share/lxc/config/common.conf",
@@ -342,17 +343,17 @@ def _remove_old_rootfs(cdir: Path, lxc_path: Path, progress: Progress) -> None:
 def _swap_in(cdir: Path, new: Path) -> None:
     """Make `new` the base's rootfs in one step; the replaced one becomes rootfs.old.*."""
     live = cdir / "rootfs"
+    aside = cdir / f"{OLD_ROOTFS}{time.time():.3f}-{os.getpid()}"
     if not live.exists():
         new.rename(live)
         return
     try:
         _exchange(new, live)
     except OSError:  # a file system without RENAME_EXCHANGE: two renames
-        aside = cdir / f"{OLD_ROOTFS}{time.time():.3f}-{os.getpid()}"
         live.rename(aside)
         new.rename(live)
-        return
-    new.rename(cdir / f"{OLD_ROOTFS}{time.time():.3f}-{os.getpid()}")
+    else:
+        new.rename(aside)
 
 
 def build(

@@ -25,6 +25,7 @@ the error says which setting names one.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -210,7 +211,7 @@ def debian_mirror(suite: str, *, override: str | None = None,
     debian_signed = [x for x in unknown if DEBIAN_KEYRING in x.entry.signed_by]
     for choice in (
         [x for x in seen if debian(x) and serves(x)],
-        [x for x in seen if debian(x) and x.rel and x.rel.label == "Debian"
+        [x for x in seen if debian(x) and x.rel.label == "Debian"
          and _is_release_suite(x.rel.codename)],
         [x for x in debian_signed if serves(x)],
         [x for x in unknown if serves(x)],
@@ -229,8 +230,6 @@ def debian_mirror(suite: str, *, override: str | None = None,
 
 def main(argv: list[str]) -> int:
     """`python3 -m enorm.mirrors SUITE`: print the Debian archive for SUITE (scripts)."""
-    import os
-
     if len(argv) != 1:
         print("usage: python3 -m enorm.mirrors SUITE", file=sys.stderr)
         return 2
