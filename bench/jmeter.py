@@ -274,7 +274,7 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         max_threads: int = MAX_THREADS, think_ms: int | None = None,
         rampup: float | None = None, warmup_s: float = 0.0,
         out_dir: str | Path | None = None, heap: str = "512m",
-        netns: str | None = None) -> Result:  # fmt: skip
+        netns: str | None = None, launcher: Sequence[str] = ()) -> Result:  # fmt: skip
     """Run `plan` ("aggressive" or "mixed") with `users` virtual users for `duration`
     seconds against the game server at host:port (an IP literal) and parse its .jtl.
 
@@ -286,6 +286,7 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
     (default: the recorded session's). The .jtl, the engine's log and the players CSV
     stay in out_dir (a temporary directory, removed afterwards, when None). netns: run
     the engine inside that network namespace (`ip netns exec`), e.g. the users' one.
+    launcher: a command prefix for the engine (e.g. a cost group's, testbed/cost.py).
     """
     if plan not in PLANS:
         raise ValueError(f"plan: {plan!r} is not one of {', '.join(PLANS)}")
@@ -313,7 +314,7 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
                 raise ValueError(f"players: source {p.src!r} is not an IP literal") from None
             if engine != "jmeter":
                 raise ValueError(f"players: source addresses need engine jmeter, not {engine}")
-    wrap = ["ip", "netns", "exec", netns] if netns else []
+    wrap = [*launcher, *(["ip", "netns", "exec", netns] if netns else [])]
     if engine == "jmeter":
         check_installed()
     threads = min(users, max_threads)

@@ -53,6 +53,15 @@ if [ ! -f $xstream_jar ]; then
     cp "$tmp/x/usr/share/java/xstream.jar" "$xstream_jar.part" && mv "$xstream_jar.part" "$xstream_jar"
 fi
 
+# wrk: the benches' load generator for the high-rate points (bench/jmeter.py, engine
+# "wrk"; a fraction of JMeter's CPU per request). Its own block: the list above is shared.
+if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup: installing wrk"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends wrk >/dev/null
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from . import delayer
 from .profiles import Link
 
 
@@ -71,13 +71,13 @@ class Namespace:
         sh("ip", "route", "add", "default", "via", self.host_ip, ns=self.name)
         return self
 
-    def shape(self, link: Link) -> None:
+    def shape(self, link: Link, impl: str | None = None) -> None:
         """Delay + jitter each way, rate by TBF. Each direction is delayed where its
         packets arrive (PREROUTING of the receiving side: the host for `up`, the namespace
         for `down`), never on OUTPUT: a packet held there still counts against its
         sending socket, and TCP Small Queues then lets a connection have only a couple of
         packets below it, so a held link passed about 0.1 MB/s at 85 ms instead of a
-        real path's rate."""
+        real path's rate. `impl`: the delayer's implementation (delayer.IMPLS)."""
         self.unshape()
         self.link = link
         up, down = self.queues
@@ -85,14 +85,8 @@ class Namespace:
         sh("iptables", "-t", "mangle", "-A", "PREROUTING", "-i", self.ns_if, "-j", "NFQUEUE",
            "--queue-num", str(down), ns=self.name)
         sh(*self._host_rule("-A", up))
-        root = Path(__file__).resolve().parents[2]
         for ns, q in ((self.name, down), (None, up)):
-            cmd = [sys.executable, "-m", "bench.testbed.delayer", "--queue", f"{q}:{spec}"]
-            proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd,
-                                    stdout=subprocess.PIPE, cwd=root)
-            self.delayers.append(proc)
-            if proc.stdout.readline().strip() != b"ready":
-                raise RuntimeError(f"delayer of {self.name} (queue {q}) did not start")
+            self.delayers.append(delayer.start([f"{q}:{spec}"], ns=ns, impl=impl))
         for dev, rate, ns in ((self.ns_if, link.up_mbit, self.name),
                               (self.host_if, link.down_mbit, None)):
             if rate:
