@@ -93,24 +93,26 @@ def machine_busy_s() -> float:
 class Sample:
     t: float
     cpu_s: dict[str, float]
-    containers: dict[str, float]
-    packets: int
+    user_s: dict[str, float]  # of it in user space (the rest: the kernel, for the
+    containers: dict[str, tuple[float, float]]  # generator and the delayers mostly the
+    packets: int  # packets' own path through the network stack)
     loadavg: tuple[float, float, float] = field(default_factory=os.getloadavg)
 
 
 def sample(node_pids: list[int], container_prefixes: list[str], packets: int) -> Sample:
     """Every part's CPU seconds now. `container_prefixes`: the edge nodes' container
     name prefixes (LXC names a container's groups `lxc.payload.<name>`)."""
-    containers = {p.name: _usage_s(p) for prefix in container_prefixes
+    containers = {p.name: (_usage_s(p), _usage_s(p, "_user")) for prefix in container_prefixes
                   for p in CPUACCT.glob(f"lxc.payload.{prefix}*")}  # fmt: skip
+    groups = {"generator": GENERATOR, "delayers": DELAYERS, "cloud": CLOUD}
     return Sample(
         t=time.monotonic(),
-        cpu_s={"generator": GENERATOR.cpu_s(), "delayers": DELAYERS.cpu_s(),
-               "cloud": CLOUD.cpu_s(), "node": sum(process_cpu_s(p) for p in node_pids),
-               "machine": machine_busy_s()},  # fmt: skip
+        cpu_s={**{k: g.cpu_s() for k, g in groups.items()},
+               "node": sum(process_cpu_s(p) for p in node_pids), "machine": machine_busy_s()},
+        user_s={k: g.user_sys_s()[0] for k, g in groups.items()},
         containers=containers,
         packets=packets,
-    )
+    )  # fmt: skip
 
 
 def between(a: Sample, b: Sample, requests: int) -> dict:
@@ -120,14 +122,18 @@ def between(a: Sample, b: Sample, requests: int) -> dict:
     wall = max(b.t - a.t, 1e-9)
     cores = os.cpu_count() or 1
     cpu = {k: b.cpu_s[k] - a.cpu_s[k] for k in b.cpu_s}
+    user = {k: b.user_s[k] - a.user_s[k] for k in b.user_s}
     # a container started within the run counts from zero
-    cpu["edge"] = sum(v - a.containers.get(k, 0.0) for k, v in b.containers.items())
+    cpu["edge"] = sum(v[0] - a.containers.get(k, (0.0, 0.0))[0] for k, v in b.containers.items())
+    user["edge"] = sum(v[1] - a.containers.get(k, (0.0, 0.0))[1]
+                       for k, v in b.containers.items())
     cpu["other"] = cpu["machine"] - sum(cpu[k] for k in PARTS)
     packets = b.packets - a.packets
     testbed = sum(cpu[k] for k in TESTBED)
     return {
         "wall_s": round(wall, 3), "cores": cores, "requests": requests, "packets": packets,
         "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "user_s": {k: round(v, 3) for k, v in user.items()},
         "ms_per_request": {k: round(v * 1000 / requests, 4) if requests else None
                            for k, v in cpu.items()},
         "share": {k: round(v / (wall * cores), 4) for k, v in cpu.items()},
@@ -142,7 +148,9 @@ def summary(c: dict) -> str:
     ms = c["ms_per_request"]
     parts = ", ".join(f"{k} {ms[k]:.3f}" for k in (*PARTS, "other") if ms[k] is not None)
     per_packet = c["delayer_us_per_packet"]
-    return (f"  cost per request (CPU ms): {parts}; delayers {per_packet} us/packet; "
+    user = c["user_s"]["delayers"] / c["cpu_s"]["delayers"] if c["cpu_s"]["delayers"] else 0
+    return (f"  cost per request (CPU ms): {parts}; delayers {per_packet} us/packet "
+            f"({user:.0%} in user space); "
             f"testbed (generator + delayers) {c['testbed_share']:.0%} of the machine, "
             f"machine busy {c['share']['machine']:.0%}; load {c['loadavg']['start'][0]:.2f}"
             f" -> {c['loadavg']['end'][0]:.2f}")

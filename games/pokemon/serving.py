@@ -10,6 +10,7 @@ saying so, in the app's log (`/var/log/enorm-app/app.log`).
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 
@@ -33,6 +34,9 @@ def server(app, host: str, port: int, *, threads: int = THREADS,
             f"{sys.executable} (Debian: apt-get install python3-waitress; the enorm base "
             "image must include it: rebuild it with `enorm image build debian`)"
         ) from None
+    # "Task queue depth is N" for every request that waits for a thread: a queue is what
+    # a loaded server has, and the request log already times each request
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # poll(), not select(): select stops at 1024 descriptors
     return create_server(app, host=host, port=port, threads=threads,
                          connection_limit=connections, channel_timeout=idle_s,
