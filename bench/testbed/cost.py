@@ -91,11 +91,15 @@ def machine_busy_s() -> float:
 
 @dataclass
 class Sample:
+    """CPU seconds so far: every part's, of it in user space (the rest is the kernel's:
+    for the generator and the delayers mostly the packets' own path through the stack),
+    each container's (total, user), and the packets the delayers have seen."""
+
     t: float
     cpu_s: dict[str, float]
-    user_s: dict[str, float]  # of it in user space (the rest: the kernel, for the
-    containers: dict[str, tuple[float, float]]  # generator and the delayers mostly the
-    packets: int  # packets' own path through the network stack)
+    user_s: dict[str, float]
+    containers: dict[str, tuple[float, float]]
+    packets: int
     loadavg: tuple[float, float, float] = field(default_factory=os.getloadavg)
 
 
