@@ -2,8 +2,10 @@
 default) against the Python one (delayer.py), and the bare link without either, on the
 same link, at the same packet rates, interleaved:
 
-- accuracy: the probe's RTT through the delayed link against the configured RTT plus
-  the bare link's RTT (the probe's and the echo's own time), mean and p99;
+- accuracy: how late each delayer let its packets go against their due time (its own
+  account: mean, p99, max), and the probe's RTT through the delayed link against the
+  configured RTT plus the bare link's RTT (the probe's and the echo's own time; on a
+  loaded machine the probe's own scheduling shows in it);
 - CPU per packet: the delayer's (user space and kernel apart: the kernel part is mostly
   the packet's own path through the stack, which runs when the verdict is given), and
   the link's whole (delayer + echo server + probe client) against the bare link's, so
@@ -58,6 +60,8 @@ def one(ns: Namespace, echo_pid: int, impl: str, pps: int, seconds: float) -> di
     finally:
         if impl != "none":
             ns.unshape()
+    late = [x for x in ns.lateness if x] if impl != "none" else []
+    n_late = sum(x["packets"] for x in late)
     packets = (c1["rx_packets"] - c0["rx_packets"]) + (c1["tx_packets"] - c0["tx_packets"])
     user, kernel = u1 - u0, k1 - k0
     link = user + kernel + (e1 - e0) + (p1 - p0)
@@ -67,7 +71,11 @@ def one(ns: Namespace, echo_pid: int, impl: str, pps: int, seconds: float) -> di
             "packets": packets, "delayer_cpu_s": round(user + kernel, 3),
             "delayer_us_per_packet": per(user + kernel), "delayer_user_us_per_packet": per(user),
             "delayer_kernel_us_per_packet": per(kernel), "link_us_per_packet": per(link),
-            "delayer_share_of_a_core": round((user + kernel) / (t1 - t0), 4)}  # fmt: skip
+            "delayer_share_of_a_core": round((user + kernel) / (t1 - t0), 4),
+            "late_mean_us": round(sum(x["mean_us"] * x["packets"] for x in late) / n_late, 1)
+            if n_late else None,
+            "late_p99_us": max((x["p99_us"] for x in late), default=None),
+            "late_max_us": max((x["max_us"] for x in late), default=None)}  # fmt: skip
 
 
 def compare(runs: list[dict]) -> list[dict]:
@@ -85,6 +93,9 @@ def compare(runs: list[dict]) -> list[dict]:
                 "impl": impl, "pps_each_way": pps,
                 "added_ms": round(mean(rs, "mean_ms") - LINK.rtt_ms - bare_rtt, 3),
                 "p99_ms": round(mean(rs, "p99_ms"), 3),
+                "late_mean_us": round(mean(rs, "late_mean_us"), 1),
+                "late_p99_us": max(r["late_p99_us"] for r in rs),
+                "late_max_us": max(r["late_max_us"] for r in rs),
                 "delayer_us_per_packet": round(mean(rs, "delayer_us_per_packet"), 2),
                 "delayer_user_us_per_packet": round(mean(rs, "delayer_user_us_per_packet"), 2),
                 "delaying_us_per_packet": round(mean(rs, "link_us_per_packet") - bare_cpu, 2),
@@ -134,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": seconds, "loadavg": {"start": load0, "end": os.getloadavg()},
             "compared": compare(runs), "runs": runs}  # fmt: skip
     for c in data["compared"]:
-        print(f"{c['impl']:6s} {c['pps_each_way']:5d} pps: +{c['added_ms']:.2f} ms over the "
-              f"configured and bare RTT, delayer {c['delayer_us_per_packet']} us/packet "
+        print(f"{c['impl']:6s} {c['pps_each_way']:5d} pps: packets late by {c['late_mean_us']} us "
+              f"(p99 <= {c['late_p99_us']:.0f}, max {c['late_max_us']:.0f}); probe RTT "
+              f"{c['added_ms']:+.2f} ms over the configured and bare RTT; delayer "
+              f"{c['delayer_us_per_packet']} us/packet "
               f"({c['delayer_user_us_per_packet']} user), delaying costs "
               f"{c['delaying_us_per_packet']} us/packet over the bare link")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,10 @@
  *     enorm-delayer NUM:DELAY_MS:JITTER_MS [NUM:DELAY_MS:JITTER_MS ...]
  *
  * Runs at the lowest real-time priority (SCHED_FIFO 1) where it may, so that a loaded
- * machine does not stretch the delay. Prints "ready" once every queue is bound; on SIGTERM or SIGINT lets what it holds go
- * (accepts it, never drops it) and exits. Built on first use by bench/testbed/delayer.py.
+ * machine does not stretch the delay. Prints "ready" once every queue is bound; on
+ * SIGTERM or SIGINT lets what it holds go (accepts it, never drops it), prints how late
+ * the packets left against their due time (`late packets=N mean_us= p99_us= max_us=`)
+ * and exits. Built on first use by bench/testbed/delayer.py.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -45,6 +47,9 @@ struct link {
 
 static struct link links[MAX_QUEUES];
 static int nlinks;
+/* how late packets leave against their due time: count, sum, max, log2 buckets of us */
+static uint64_t late_n, late_buckets[32];
+static int64_t late_sum_ns, late_max_ns;
 static volatile sig_atomic_t stopping;
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 
@@ -86,8 +91,18 @@ static void release(int64_t now) {
     for (int i = 0; i < nlinks; i++) {
         struct link *l = &links[i];
         uint32_t last = l->head;
-        while (l->head != l->tail && (now < 0 || l->ring[l->head % RING].due_ns <= now))
+        while (l->head != l->tail && (now < 0 || l->ring[l->head % RING].due_ns <= now)) {
+            if (now >= 0) {
+                int64_t late = now - l->ring[l->head % RING].due_ns;
+                int b = 0;
+                for (int64_t us = late / 1000; us > 0 && b < 31; us >>= 1)
+                    b++;
+                late_n++, late_buckets[b]++, late_sum_ns += late;
+                if (late > late_max_ns)
+                    late_max_ns = late;
+            }
             l->head++;
+        }
         if (l->head != last)
             nfq_set_verdict_batch(l->qh, l->ring[(l->head - 1) % RING].id, NF_ACCEPT);
     }
@@ -192,6 +207,19 @@ int main(int argc, char **argv) {
         }
     }
     release(-1);
+    /* p99 as the upper bound of its log2 bucket */
+    uint64_t seen = 0, p99 = 0;
+    for (int b = 0; b < 32 && late_n; b++) {
+        seen += late_buckets[b];
+        if (seen * 100 >= late_n * 99) {
+            p99 = b ? 1ULL << b : 1;
+            break;
+        }
+    }
+    printf("late packets=%llu mean_us=%.1f p99_us=%llu max_us=%.1f\n",
+           (unsigned long long)late_n, late_n ? late_sum_ns / 1e3 / late_n : 0.0,
+           (unsigned long long)p99, late_max_ns / 1e3);
+    fflush(stdout);
     for (int i = 0; i < nlinks; i++)
         nfq_destroy_queue(links[i].qh);
     nfq_close(h);

@@ -15,7 +15,9 @@ namespace; on OUTPUT a held packet would still count against its sending socket)
     python -m bench.testbed.delayer --queue 1:20:2 --queue 2:20:2
 (queue number : one-way delay ms : jitter ms). Packets of one queue leave in order (a
 packet never overtakes the one before it), like a single link; jitter is uniform in
-[-jitter, +jitter] around the delay.
+[-jitter, +jitter] around the delay. Both print `ready` once bound and, when stopped,
+how late the packets left against their due time (`late packets=N mean_us=.. p99_us=..
+max_us=..`, p99 as its power-of-two bucket's bound; `lateness` reads it).
 """
 
 from __future__ import annotations
@@ -99,6 +101,40 @@ class Queue:
         self.push(due, pkt)
 
 
+def lateness(output: str) -> dict | None:
+    """The `late ...` line a stopped delayer printed, as numbers (None: no such line)."""
+    for line in output.splitlines():
+        if line.startswith("late "):
+            return {k: float(v) for k, v in (f.split("=") for f in line.split()[1:])}
+    return None
+
+
+class Late:
+    """How late packets leave: count, sum, max and power-of-two buckets of microseconds
+    (the C delayer's accounting, for a like-for-like report)."""
+
+    def __init__(self) -> None:
+        self.n, self.sum_s, self.max_s = 0, 0.0, 0.0
+        self.buckets = [0] * 32
+
+    def add(self, late_s: float) -> None:
+        self.n += 1
+        self.sum_s += late_s
+        self.max_s = max(self.max_s, late_s)
+        self.buckets[min(31, int(late_s * 1e6).bit_length())] += 1
+
+    def line(self) -> str:
+        seen, p99 = 0, 0
+        for b, count in enumerate(self.buckets):
+            seen += count
+            if self.n and seen * 100 >= self.n * 99:
+                p99 = 1 << b if b else 1
+                break
+        mean = self.sum_s * 1e6 / self.n if self.n else 0.0
+        return (f"late packets={self.n} mean_us={mean:.1f} p99_us={p99} "
+                f"max_us={self.max_s * 1e6:.1f}")
+
+
 def serve(specs: list[tuple[int, float, float]]) -> None:
     from netfilterqueue import NetfilterQueue
 
@@ -124,11 +160,14 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    late = Late()
     print("ready", flush=True)
     while not stop:
         now = time.monotonic()
         while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2].accept()
+            due, _, pkt = heapq.heappop(heap)
+            pkt.accept()
+            late.add(now - due)
         timeout = max(0.0, heap[0][0] - now) if heap else 0.2
         try:
             ready, _, _ = select.select(list(fds), [], [], timeout)
@@ -138,6 +177,7 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
             fds[fd].run(block=False)
     for _, _, pkt in heap:  # let what is held go, not drop it
         pkt.accept()
+    print(late.line(), flush=True)
     for nfq in nfqs:
         nfq.unbind()
 

@@ -25,14 +25,16 @@ def sh(*args: str, check: bool = True, ns: str | None = None) -> subprocess.Comp
     return r
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this testbed started (a delayer), killing it if it lingers."""
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a process this testbed started (a delayer), killing it if it lingers;
+    returns what it printed after its start (a delayer: its lateness)."""
     proc.terminate()
     try:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
 
 
 class Namespace:
@@ -52,6 +54,7 @@ class Namespace:
         self.queues = (queue_base + 1, queue_base + 2)
         self.delayers: list[subprocess.Popen] = []
         self.link: Link | None = None
+        self.lateness: list[dict | None] = []  # per delayer, from the last `unshape`
 
     @property
     def ip(self) -> str:
@@ -98,8 +101,7 @@ class Namespace:
                 "NFQUEUE", "--queue-num", str(queue)]
 
     def unshape(self) -> None:
-        for proc in self.delayers:
-            stop(proc)
+        self.lateness = [delayer.lateness(stop(proc)) for proc in self.delayers]
         self.delayers.clear()
         sh("iptables", "-t", "mangle", "-F", check=False, ns=self.name)
         while sh(*self._host_rule("-D", self.queues[0]), check=False).returncode == 0:
