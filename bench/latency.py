@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     duration = a.duration or (3.0 if a.quick else 20.0)
     access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()
     with Testbed(users_per_node=min(max(users), 250), unit_cores=unit_cores) as bed:
         # the busiest runs cross the WAN link at about 2,000 packets/s each way
         accuracy = emulator_accuracy(bed, pps=2000)
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                 report(acc, r)
     data = {"experiment": "latency (c), edge<->cloud bytes (d) and requests (e)",
             "quick": a.quick, "duration_s": duration,
-            "edge_unit": {"board": a.board, "cores": unit_cores}, "loadavg_at_end": os.getloadavg(),
+            "edge_unit": {"board": a.board, "cores": unit_cores},
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
             "wall_s": time.monotonic() - t0, "emulator": accuracy, "runs": runs,
             "engine": a.engine}
     a.out.mkdir(parents=True, exist_ok=True)
