@@ -26,13 +26,13 @@ Layout per node, so that one node's rules never touch another's:
 - ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
   veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
   for another's address, no IPv6), and nothing it sends is bridged to another port.
-iptables changes go through `iptables-restore --noflush`, ebtables changes through
-`ebtables-restore --noflush`: one atomic batch per operation.
 - conntrack (through pyroute2's netlink socket): a server's forwards go with the
   connections they carried. Conntrack keeps a connection's NAT past its DNAT rule, so a
   client holding a keep-alive connection to a server that is gone would send into a
   container that no longer exists and wait for its timeout; forgotten, its next packet
   meets no forward and is reset, and the client connects again where it is sent.
+iptables changes go through `iptables-restore --noflush`, ebtables changes through
+`ebtables-restore --noflush`: one atomic batch per operation.
 """
 
 from __future__ import annotations
@@ -48,13 +48,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 # ebtables has no per-rule tags to delete by: its guards are read, compared and rewritten.
 _GUARDS_LOCK = threading.Lock()
 _GUARD_ATTEMPTS = 4
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
-
-
-log = logging.getLogger(__name__)
 _DNAT_TO = re.compile(r"--to-destination (?P<address>[0-9.]+):(?P<port>[0-9]+)")
 
 
