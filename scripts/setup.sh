@@ -53,15 +53,6 @@ if [ ! -f $xstream_jar ]; then
     cp "$tmp/x/usr/share/java/xstream.jar" "$xstream_jar.part" && mv "$xstream_jar.part" "$xstream_jar"
 fi
 
-# wrk: the benches' load generator for the high-rate points (bench/jmeter.py, engine
-# "wrk"; a fraction of JMeter's CPU per request). Its own block: the list above is shared.
-if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
-    echo "setup: installing wrk"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-        --no-install-recommends wrk >/dev/null
-fi
-
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
@@ -75,6 +66,15 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q -e '.[dev]' >/dev/null
     .venv/bin/python -c 'import enorm, lxc, redis, flask' # fails loudly if the install did
     echo "$want" > $stamp
+fi
+
+# wrk: the benches' load generator for the high-rate points (bench/jmeter.py, engine
+# "wrk"; a fraction of JMeter's CPU per request). Its own block: the list above is shared.
+if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup: installing wrk"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends wrk >/dev/null
 fi
 
 # Unprivileged containers (enorm/idmap.py): the host ids their roots map to, registered
