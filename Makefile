@@ -25,7 +25,8 @@ reliability: setup
 
 # Every bench holds the machine-wide lock: their names and ports are fixed.
 # `bench`: about two hours (bench.latency ~27 min: 3 access x 7 user counts x 3 targets
-# x 20 s; bench.mixed ~26; bench.peers ~15; bench.slo ~12; bench.handover ~6; bench.placement ~3);
+# x 20 s; bench.mixed ~26; bench.peers ~15; bench.slo ~12; bench.handover ~6; bench.placement ~3;
+# bench.delayers ~2);
 # `bench-quick`: under 5 minutes (it uses the calibration in bench/results and writes to
 # /tmp/enorm-bench-quick).
 LOCK = flock /run/enorm-bench.lock
@@ -34,6 +35,7 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling
 	$(LOCK) .venv/bin/python -m bench.deployment
 	$(LOCK) .venv/bin/python -m bench.jmeter_engines
+	$(LOCK) .venv/bin/python -m bench.delayers
 	$(LOCK) .venv/bin/python -m bench.calibration
 	$(LOCK) .venv/bin/python -m bench.overheads
 	$(LOCK) .venv/bin/python -m bench.latency

@@ -33,7 +33,9 @@ import json
 import logging
 import math
 import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +57,7 @@ XSTREAM_JAR = Path(
 )
 PLAN_DIR = game_plans.HERE
 PLANS = tuple(game_plans.PLANS)
-ENGINES = ("jmeter", "locust")
+ENGINES = ("jmeter", "locust", "wrk")
 MAX_THREADS = 200
 # The .jtl as CSV with a header, start time stamps in ms, and the fields parse_jtl reads.
 JTL_PROPERTIES = {
@@ -272,17 +274,19 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         max_threads: int = MAX_THREADS, think_ms: int | None = None,
         rampup: float | None = None, warmup_s: float = 0.0,
         out_dir: str | Path | None = None, heap: str = "512m",
-        netns: str | None = None) -> Result:  # fmt: skip
+        netns: str | None = None, launcher: Sequence[str] = ()) -> Result:  # fmt: skip
     """Run `plan` ("aggressive" or "mixed") with `users` virtual users for `duration`
     seconds against the game server at host:port (an IP literal) and parse its .jtl.
 
     players: the users the server holds (a list, or the path of a players CSV); the
-    first `users` of them play. engine: "jmeter", or "locust" (the same load from
-    locustfile.py, for rates JMeter cannot offer on this machine; max_threads is then
-    the number of Locust users). think_ms: the mean think time of one mixed user
+    first `users` of them play. engine: "jmeter", "locust" (the same load from
+    locustfile.py; max_threads is then the number of Locust users) or "wrk" (the same
+    load from wrk.lua: one keep-alive connection per thread, for rates JMeter cannot
+    offer next to the servers on this machine). think_ms: the mean think time of one mixed user
     (default: the recorded session's). The .jtl, the engine's log and the players CSV
     stay in out_dir (a temporary directory, removed afterwards, when None). netns: run
     the engine inside that network namespace (`ip netns exec`), e.g. the users' one.
+    launcher: a command prefix for the engine (e.g. a cost group's, testbed/cost.py).
     """
     if plan not in PLANS:
         raise ValueError(f"plan: {plan!r} is not one of {', '.join(PLANS)}")
@@ -310,7 +314,7 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
                 raise ValueError(f"players: source {p.src!r} is not an IP literal") from None
             if engine != "jmeter":
                 raise ValueError(f"players: source addresses need engine jmeter, not {engine}")
-    wrap = ["ip", "netns", "exec", netns] if netns else []
+    wrap = [*launcher, *(["ip", "netns", "exec", netns] if netns else [])]
     if engine == "jmeter":
         check_installed()
     threads = min(users, max_threads)
@@ -334,11 +338,17 @@ def run(plan: str, host: str, port: int, users: int, duration: float, *,
         cpu = _children_cpu()
         if engine == "jmeter":
             _run_jmeter(plan, jtl, props, duration, heap, wrap)
+        elif engine == "wrk":
+            failed = _run_wrk(plan, jtl, props, duration, wrap)
         else:
             _run_locust(plan, jtl, props, duration, wrap)
         cpu = round(_children_cpu() - cpu, 3)
         result = parse_jtl(jtl, plan=plan, users=users, threads=threads,
                            target_rate=target, warmup_s=warmup_s)  # fmt: skip
+        if engine == "wrk" and failed:  # connections that failed before any request
+            result.requests += failed
+            result.errors += failed
+            result.error_codes["connect"] = result.error_codes.get("connect", 0) + failed
         result.client_cpu_s = cpu
         result.engine = engine
         if out_dir is None:
@@ -389,6 +399,39 @@ def _run_locust(plan: str, jtl: Path, props: dict, duration: float, wrap: list[s
             lines = part.read_text().splitlines(keepends=True)
             out.writelines(lines if i == 0 else lines[1:])
             part.unlink()
+
+
+def _run_wrk(plan: str, jtl: Path, props: dict, duration: float, wrap: list[str]) -> int:
+    """wrk with wrk.lua, one thread and connection per JMeter thread; its per-thread
+    .jtl files are joined into `jtl`. Returns the connect errors (no sample of theirs)."""
+    if shutil.which("wrk") is None:
+        raise JMeterError("wrk not found: run scripts/setup.sh (as root)")
+    prefix = jtl.with_suffix("")
+    steps = jtl.with_name("steps.tsv")
+    steps.write_text("".join(
+        "\t".join((f"{name} {path}", method, path, body or "")) + "\n"
+        for name in game_plans.PLANS[plan]
+        for method, path, body in [game_plans.REQUESTS[name]]))  # fmt: skip
+    threads = str(props["threads"])
+    cmd = [*wrap, "wrk", "-t", threads, "-c", threads, "-d", f"{math.ceil(duration)}s",
+           "--timeout", "10s",  # the plans' response timeout
+           "-s", str(PLAN_DIR / "wrk.lua"), f"http://{props['host']}:{props['port']}/"]
+    env = {**os.environ, "ENORM_PLAYERS": str(props["users_csv"]), "ENORM_STEPS": str(steps),
+           "ENORM_JTL": str(prefix), "ENORM_THREADS": threads,
+           "ENORM_PAUSE_MS": str(props["pause_ms"]),
+           "ENORM_PAUSE_JITTER_MS": str(props["pause_jitter_ms"])}  # fmt: skip
+    proc = _bounded(cmd, duration, cwd=jtl.parent, env=env)
+    parts = sorted(jtl.parent.glob(f"{prefix.name}.*.jtl"))
+    summary = re.search(r"wrk-summary .*connect=(\d+)", proc.stderr)
+    if proc.returncode != 0 or not parts or summary is None:
+        raise JMeterError(f"wrk exited with {proc.returncode}: "
+                          f"{(proc.stdout + proc.stderr)[-2000:]}")
+    with jtl.open("w") as out:
+        for i, part in enumerate(parts):
+            lines = part.read_text().splitlines(keepends=True)
+            out.writelines(lines if i == 0 else lines[1:])
+            part.unlink()
+    return int(summary.group(1))
 
 
 def _bounded(cmd: list[str], duration: float, **kw) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""JMeter against Locust as the load generator, side by side in one run, on the game's
+"""JMeter, Locust and wrk as the load generator, side by side in one run, on the game's
 two plans: the small case (8 aggressive users) beside the paper's largest (16,384 mixed
 users, about 1,950 requests/s offered), each against the same loopback edge game server.
 
@@ -42,7 +42,7 @@ def measure(duration: float, warmup: float) -> dict:
         "runs": runs,
         "duration_s": duration,
         "warmup_s": warmup,
-        "server": "games.pokemon.edge on 127.0.0.1 (werkzeug, one process), own redis-server",
+        "server": "games.pokemon.edge on 127.0.0.1 (waitress, one process), own redis-server",
         "machine": platform.platform(),
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
@@ -72,7 +72,7 @@ def plot(result: dict, path: Path) -> None:
     cpu.set_xticks(list(xs), labels, fontsize=8)
     cpu.set_ylabel("ms of CPU per request (start-up included)")
     cpu.set_title("load generator's own CPU")
-    fig.suptitle("JMeter and Locust on the game's plans (2 cores)")
+    fig.suptitle("JMeter, Locust and wrk on the game's plans (2 cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

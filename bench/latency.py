@@ -25,7 +25,7 @@ import requests
 from bench import jmeter
 from bench.calibration import BOARDS, quota_for
 from bench.jmeter import Player
-from bench.testbed import ACCESS, WAN, Testbed
+from bench.testbed import ACCESS, WAN, Testbed, cost
 from bench.testbed import probe as probe_mod
 from bench.testbed.bed import CLOUD_PORT
 
@@ -44,8 +44,9 @@ def measure(bed: Testbed, target: str, players: list[Player], duration: float,
     one edge server each (WAN near; the cloud still gets the edge servers' pushes);
     "near" / "far": every player stays on the cloud over that WAN. The same `servers`
     load-generator processes run either way, so the generator's own cost is alike.
-    Returns the latency of the HTTP samples (ramp-up left out), the rates, and the bytes
-    (the WAN link's counters) and requests (the cloud's counter) in the load's window."""
+    Returns the latency of the HTTP samples (ramp-up left out), the rates, the bytes
+    (the WAN link's counters) and requests (the cloud's counter) in the load's window,
+    and what each part cost over the load's whole run (`cost`: testbed/cost.py)."""
     bed.wan("near" if target == "edge" else target)
     groups = [players[k::servers] for k in range(servers)]
     deps = []
@@ -66,11 +67,14 @@ def measure(bed: Testbed, target: str, players: list[Player], duration: float,
                 return jmeter.run(behaviour, host, port, len(groups[k]), duration + warmup,
                                   players=groups[k], engine=engine, netns=bed.edges[0].users.name,
                                   max_threads=max(1, jmeter.MAX_THREADS // servers),
-                                  rampup=warmup, out_dir=Path(tmp) / str(k))  # fmt: skip
+                                  rampup=warmup, out_dir=Path(tmp) / str(k),
+                                  launcher=cost.GENERATOR.open().launcher())  # fmt: skip
 
             c0, r0 = bed.wan_counters(), cloud_requests(bed)
+            s0 = bed.cost_sample()
             with ThreadPoolExecutor(servers) as pool:
                 parts = list(pool.map(one, range(servers)))
+            s1 = bed.cost_sample()
             c1, r1 = bed.wan_counters(), cloud_requests(bed)
             res = jmeter.parse_jtl(
                 jmeter.join_jtl([Path(r.jtl) for r in parts], Path(tmp) / "all.jtl", warmup),
@@ -79,6 +83,7 @@ def measure(bed: Testbed, target: str, players: list[Player], duration: float,
         for d in deps:
             bed.withdraw(d["server_id"])
     targets = [r.target_rate for r in parts if r.target_rate]
+    spent = cost.between(s0, s1, requests=sum(r.requests for r in parts))
     return {
         "target": target, "behaviour": behaviour, "users": len(players), "servers": servers,
         "engine": engine, "threads": sum(r.threads for r in parts), "duration_s": res.duration_s,
@@ -86,7 +91,8 @@ def measure(bed: Testbed, target: str, players: list[Player], duration: float,
         "throughput_rps": res.throughput, "achieved_rps": res.achieved_rate,
         "offered_rps": round(sum(targets), 1) if targets else None,
         "p50_ms": res.p50, "p95_ms": res.p95, "p99_ms": res.p99, "mean_ms": res.mean,
-        "client_cpu_s": sum(r.client_cpu_s or 0 for r in parts),
+        "client_cpu_s": spent["cpu_s"]["generator"],
+        "cost": spent,
         "wan_bytes": (c1["rx_bytes"] - c0["rx_bytes"]) + (c1["tx_bytes"] - c0["tx_bytes"]),
         "wan_packets": (c1["rx_packets"] - c0["rx_packets"])
         + (c1["tx_packets"] - c0["tx_packets"]),
@@ -144,6 +150,7 @@ def report(label: str, r: dict) -> None:
           f"{r['target']:4s}: p50 {r['p50_ms']:.0f} ms p95 {r['p95_ms']:.0f} ms, "
           f"{r['achieved_rps']:.1f} req/s (offered {r['offered_rps']}), {r['errors']} errors, "
           f"WAN {r['wan_bytes']} B, cloud requests {r['cloud_requests']}", flush=True)
+    print(cost.summary(r["cost"]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     duration = a.duration or (3.0 if a.quick else 20.0)
     access = a.access or (["4g"] if a.quick else list(ACCESS))
     runs = []
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()
     with Testbed(users_per_node=min(max(users), 250), unit_cores=unit_cores) as bed:
         # the busiest runs cross the WAN link at about 2,000 packets/s each way
         accuracy = emulator_accuracy(bed, pps=2000)
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                 report(acc, r)
     data = {"experiment": "latency (c), edge<->cloud bytes (d) and requests (e)",
             "quick": a.quick, "duration_s": duration,
-            "edge_unit": {"board": a.board, "cores": unit_cores}, "loadavg_at_end": os.getloadavg(),
+            "edge_unit": {"board": a.board, "cores": unit_cores},
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
             "wall_s": time.monotonic() - t0, "emulator": accuracy, "runs": runs,
             "engine": a.engine}
     a.out.mkdir(parents=True, exist_ok=True)

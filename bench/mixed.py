@@ -65,6 +65,13 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _point(spec: str) -> tuple[int, int]:
+    servers, users = (int(x) for x in spec.split(":"))
+    if not 1 <= servers <= SERVERS or users < servers:
+        raise argparse.ArgumentTypeError(f"{spec}: 1..{SERVERS} servers, at least one user each")
+    return servers, users
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a reduced set, 8 s per run")
@@ -74,17 +81,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float,
                     help="seconds per run (default 30; 8 with --quick), longer where a few "
                          "users would send too few requests in it")
-    ap.add_argument("--engine", choices=jmeter.ENGINES, default="jmeter")
+    ap.add_argument("--engine", choices=jmeter.ENGINES, default="wrk",
+                    help="load generator (default wrk: a fraction of JMeter's CPU per request, "
+                         "see BENCHMARKS.md)")
+    ap.add_argument("--points", nargs="*", type=_point, metavar="SERVERS:USERS",
+                    help="run only these points (e.g. 1:16384 8:16384)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     unit_cores = 1.0 if a.board == "host" else quota_for(a.board)
-    configs = QUICK if a.quick else CONFIGS
+    configs = {"chosen points": a.points} if a.points else QUICK if a.quick else CONFIGS
     duration = a.duration or (8.0 if a.quick else 30.0)
     most = max(n for runs in configs.values() for _, n in runs)
     think_s = session_think_ms() / 1000
     min_samples = 4 if a.quick else 12
     runs = []
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()
     # The node holds the 8 servers of the many-server runs: its capacity is 8 units
     # (CFS quotas are caps, so the 8 share the machine's cores when all are busy).
     with Testbed(users_per_node=250, unit_cores=unit_cores, node_cores=SERVERS * unit_cores,
@@ -105,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             "duration_s": duration, "access": a.access,
             "edge_unit": {"board": a.board, "cores": unit_cores},
             "think_ms": round(think_s * 1000), "engine": a.engine,
-            "loadavg_at_end": os.getloadavg(), "wall_s": time.monotonic() - t0, "runs": runs}
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
+            "wall_s": time.monotonic() - t0, "runs": runs}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "mixed.json").write_text(json.dumps(data, indent=1))
     plot(data, a.out / "mixed.png")

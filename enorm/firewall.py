@@ -26,24 +26,34 @@ Layout per node, so that one node's rules never touch another's:
 - ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
   veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
   for another's address, no IPv6), and nothing it sends is bridged to another port.
+- conntrack (through pyroute2's netlink socket): a server's forwards go with the
+  connections they carried. Conntrack keeps a connection's NAT past its DNAT rule, so a
+  client holding a keep-alive connection to a server that is gone would send into a
+  container that no longer exists and wait for its timeout; forgotten, its next packet
+  meets no forward and is reset, and the client connects again where it is sent.
 iptables changes go through `iptables-restore --noflush`, ebtables changes through
 `ebtables-restore --noflush`: one atomic batch per operation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import re
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 # ebtables has no per-rule tags to delete by: its guards are read, compared and rewritten.
 _GUARDS_LOCK = threading.Lock()
 _GUARD_ATTEMPTS = 4
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
+_DNAT_TO = re.compile(r"--to-destination (?P<address>[0-9.]+):(?P<port>[0-9]+)")
 
 
 class FirewallError(RuntimeError):
@@ -285,10 +295,15 @@ class Firewall:
         that has some: each chain read costs an `iptables -S`); returns how many there
         were."""
         chains = (self.chain, self.xcpt) if redirects else (self.chain,)
-        lines = [f"-D {chain} {r}" for chain in chains
-                 for r in self.rules(chain).get(sid, [])]
-        _restore({"nat": lines})
-        return len(lines)
+        rules = [(chain, r) for chain in chains for r in self.rules(chain).get(sid, [])]
+        _restore({"nat": [f"-D {chain} {r}" for chain, r in rules]})
+        # off the termination's path: a client's packet that comes first is retransmitted
+        # (200 ms on) after the forgetting, and reset then
+        gone = {(m["address"], int(m["port"])) for _, r in rules if (m := _DNAT_TO.search(r))}
+        if gone:
+            threading.Thread(target=_forget_logged, args=(gone,), daemon=True,
+                             name="forget-connections").start()
+        return len(rules)
 
     def reconcile(self, expected: dict[str, list[Forward]],
                   redirects: dict[str, list[Redirect]] | None = None) -> dict[str, int]:
@@ -446,3 +461,31 @@ class Firewall:
             added += bool(want)
         _restore(batches, cmd="ebtables-restore")
         return {"removed": removed, "added": added}
+
+
+def _forget_logged(destinations: set[tuple[str, int]]) -> None:
+    try:
+        forget_connections(destinations)
+    except Exception:  # noqa: BLE001 (a thread of its own: say it, the node goes on)
+        log.exception("forgetting the connections to %s failed", sorted(destinations))
+
+
+def forget_connections(destinations: set[tuple[str, int]]) -> int:
+    """Conntrack forgets every TCP connection NATed to one of these (container address,
+    port): the next packet of a client that kept one open meets no forward and is reset,
+    rather than follow the old NAT to a container that is gone. Returns how many."""
+    if not destinations:
+        return 0
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with Conntrack() as ct:  # the kernel filters (by the whole reply source: faster)
+        stale = [e for address, port in destinations
+                 for e in ct.dump_entries(tuple_reply=NFCTAttrTuple(
+                     saddr=address, sport=port, proto=socket.IPPROTO_TCP))
+                 if (e.tuple_reply.saddr, e.tuple_reply.sport) == (address, port)]  # fmt: skip
+        for e in stale:
+            with contextlib.suppress(NetlinkError):  # ended meanwhile
+                ct.delete(e)
+    return len(stale)

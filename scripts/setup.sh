@@ -123,6 +123,15 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     echo "$want" > $stamp
 fi
 
+# wrk: the benches' load generator for the high-rate points (bench/jmeter.py, engine
+# "wrk"; a fraction of JMeter's CPU per request). Its own block: the list above is shared.
+if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup: installing wrk"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends wrk >/dev/null
+fi
+
 # Unprivileged containers (enorm/idmap.py): the host ids their roots map to, registered
 # for root so that no other tool hands them out. Matches the config's defaults
 # (idmap_start, idmap_count).

@@ -31,7 +31,7 @@ import requests
 from bench.jmeter import Player
 from cloud_manager.local import LocalEdgeNode
 
-from . import profiles
+from . import cost, delayer, profiles
 from .netns import Namespace, sh, stop
 
 PREFIX = "enbd"
@@ -126,6 +126,7 @@ class Testbed:
             stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
         # `ip netns exec` execs python in the same pid; /sys inside is the namespace's own
         (self.cgroup / "cgroup.procs").write_text(str(self.cloud_proc.pid))
+        cost.CLOUD.open().add(self.cloud_proc.pid)
         if self.cloud_proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("cloud tier did not start")
 
@@ -157,6 +158,8 @@ class Testbed:
             self.cloud_ns.close()
         with contextlib.suppress(OSError):
             self.cgroup.rmdir()
+        for group in (cost.GENERATOR, cost.DELAYERS, cost.CLOUD):
+            group.close()
         atexit.unregister(self.close)
         if getattr(self, "_old_term", None) is not None:
             signal.signal(signal.SIGTERM, self._old_term)
@@ -184,7 +187,6 @@ class Testbed:
         self._undistance()
         ns = self.edges[users].users
         link = ns.link or profiles.Link("none", delay_ms=0.0, jitter_ms=0.0)
-        root = Path(__file__).resolve().parents[2]
         for k, extra in sorted(extra_ms.items()):
             addr = self.edges[k].users.host_ip
             spec = f"{link.delay_ms + extra}:{link.jitter_ms}"
@@ -193,12 +195,7 @@ class Testbed:
                 (None, ["-i", ns.host_if, "-d", addr], 8701 + 2 * k),
             ):
                 rule = ["PREROUTING", *rule, "-j", "NFQUEUE", "--queue-num", str(q)]
-                cmd = [sys.executable, "-m", "bench.testbed.delayer", "--queue", f"{q}:{spec}"]
-                proc = subprocess.Popen((["ip", "netns", "exec", where] if where else []) + cmd,
-                                        stdout=subprocess.PIPE, cwd=root)
-                self._distance.append(([(where, rule)], proc))
-                if proc.stdout.readline().strip() != b"ready":
-                    raise RuntimeError(f"delayer for node {k} did not start")
+                self._distance.append(([(where, rule)], delayer.start([f"{q}:{spec}"], ns=where)))
                 # before the access link's own rule: a packet is queued once
                 sh("iptables", "-t", "mangle", "-I", *rule, ns=where)
 
@@ -247,6 +244,15 @@ class Testbed:
                           timeout=timeout)
         r.raise_for_status()
         return r.json()
+
+    def cost_sample(self) -> cost.Sample:
+        """Every part's CPU now (cost.py), with the packets the delayers have seen: each
+        shaped link's packets both ways (each is delayed once, on its receiving side)."""
+        links = [b.users for b in self.edges] + [self.cloud_ns]
+        packets = sum(c["rx_packets"] + c["tx_packets"] for c in
+                      (ns.counters() for ns in links if ns.link is not None))  # fmt: skip
+        return cost.sample([b.node.proc.pid for b in self.edges if b.node.proc is not None],
+                           [b.node.config.container_prefix for b in self.edges], packets)
 
     def wan_counters(self) -> dict[str, int]:
         """Bytes/packets on the WAN link's host end (rx: cloud -> edge)."""

@@ -1,28 +1,91 @@
 """A packet-level delayer: the kernel here has no netem, so one-way delay and jitter are
-added in user space through NFQUEUE. iptables hands every packet of a link to this
+added in user space through NFQUEUE. iptables hands every packet of a link to a delayer
 process, which holds it and gives the verdict (accept) when its time has come, so TCP
 handshakes, data and ACKs all see the path's RTT as on a real network.
+
+Two implementations of one contract: `delayer.c` (the default; built with the system cc
+on first use, cached by its source's digest under /var/cache/enorm/delayer) and this
+module's Python one, which wakes the interpreter for every packet and costs several
+times the CPU per packet (`python -m bench.delayers` measures both side by side).
+`start` runs either (`impl`, or ENORM_DELAYER=c|python) in a namespace, in the testbed's
+cost group.
 
 Run in the namespace whose PREROUTING hands it the packets (NFQUEUE is per network
 namespace; on OUTPUT a held packet would still count against its sending socket):
     python -m bench.testbed.delayer --queue 1:20:2 --queue 2:20:2
 (queue number : one-way delay ms : jitter ms). Packets of one queue leave in order (a
 packet never overtakes the one before it), like a single link; jitter is uniform in
-[-jitter, +jitter] around the delay.
+[-jitter, +jitter] around the delay. Both print `ready` once bound and, when stopped,
+how late the packets left against their due time (`late packets=N mean_us=.. p99_us=..
+max_us=..`, p99 as its power-of-two bucket's bound; `lateness` reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
+import os
 import random
 import select
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from netfilterqueue import NetfilterQueue
+from bench.testbed import cost
+
+IMPLS = ("c", "python")
+SOURCE = Path(__file__).with_name("delayer.c")
+CACHE = Path(os.environ.get("ENORM_DELAYER_CACHE", "/var/cache/enorm/delayer"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def binary() -> Path:
+    """The compiled delayer: built with the system cc (libnetfilter-queue-dev, installed
+    by scripts/setup.sh) the first time this source is used, then reused."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    out = CACHE / f"enorm-delayer-{digest}"
+    if out.is_file():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    r = subprocess.run(["cc", "-O2", "-Wall", "-o", str(tmp), str(SOURCE), "-lnetfilter_queue",
+                        "-lnfnetlink"], capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"building {SOURCE.name} failed (is libnetfilter-queue-dev "
+                           f"installed? scripts/setup.sh does): {r.stderr.strip()[-1500:]}")
+    os.replace(tmp, out)  # atomic: a concurrent build of the same source is the same file
+    return out
+
+
+def command(queues: list[str], impl: str = "c") -> list[str]:
+    """The delayer's command line for `queues` (NUM:DELAY_MS:JITTER_MS each)."""
+    if impl == "c":
+        return [str(binary()), *queues]
+    if impl == "python":
+        return [sys.executable, "-m", "bench.testbed.delayer",
+                *(a for q in queues for a in ("--queue", q))]  # fmt: skip
+    raise ValueError(f"delayer: impl {impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def start(queues: list[str], *, ns: str | None = None, impl: str | None = None
+          ) -> subprocess.Popen:  # fmt: skip
+    """A delayer for `queues`, in network namespace `ns` (None: the host's), in the
+    testbed's `delayers` cost group; returns once it has bound its queues."""
+    impl = impl or os.environ.get("ENORM_DELAYER", "c")
+    cmd = [*cost.DELAYERS.open().launcher(), *(["ip", "netns", "exec", ns] if ns else []),
+           *command(queues, impl)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
+    if proc.stdout.readline().strip() != b"ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the {impl} delayer for queues {queues} (namespace {ns}) did "
+                           "not start")
+    return proc
 
 
 class Queue:
@@ -38,7 +101,43 @@ class Queue:
         self.push(due, pkt)
 
 
+def lateness(output: str) -> dict | None:
+    """The `late ...` line a stopped delayer printed, as numbers (None: no such line)."""
+    for line in output.splitlines():
+        if line.startswith("late "):
+            return {k: float(v) for k, v in (f.split("=") for f in line.split()[1:])}
+    return None
+
+
+class Late:
+    """How late packets leave: count, sum, max and power-of-two buckets of microseconds
+    (the C delayer's accounting, for a like-for-like report)."""
+
+    def __init__(self) -> None:
+        self.n, self.sum_s, self.max_s = 0, 0.0, 0.0
+        self.buckets = [0] * 32
+
+    def add(self, late_s: float) -> None:
+        self.n += 1
+        self.sum_s += late_s
+        self.max_s = max(self.max_s, late_s)
+        self.buckets[min(31, int(late_s * 1e6).bit_length())] += 1
+
+    def line(self) -> str:
+        seen, p99 = 0, 0
+        for b, count in enumerate(self.buckets):
+            seen += count
+            if self.n and seen * 100 >= self.n * 99:
+                p99 = 1 << b if b else 1
+                break
+        mean = self.sum_s * 1e6 / self.n if self.n else 0.0
+        return (f"late packets={self.n} mean_us={mean:.1f} p99_us={p99} "
+                f"max_us={self.max_s * 1e6:.1f}")
+
+
 def serve(specs: list[tuple[int, float, float]]) -> None:
+    from netfilterqueue import NetfilterQueue
+
     heap: list = []
     seq = 0
 
@@ -61,11 +160,14 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    late = Late()
     print("ready", flush=True)
     while not stop:
         now = time.monotonic()
         while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2].accept()
+            due, _, pkt = heapq.heappop(heap)
+            pkt.accept()
+            late.add(now - due)
         timeout = max(0.0, heap[0][0] - now) if heap else 0.2
         try:
             ready, _, _ = select.select(list(fds), [], [], timeout)
@@ -75,6 +177,7 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
             fds[fd].run(block=False)
     for _, _, pkt in heap:  # let what is held go, not drop it
         pkt.accept()
+    print(late.line(), flush=True)
     for nfq in nfqs:
         nfq.unbind()
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from . import delayer
 from .profiles import Link
 
 
@@ -25,14 +25,16 @@ def sh(*args: str, check: bool = True, ns: str | None = None) -> subprocess.Comp
     return r
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this testbed started (a delayer), killing it if it lingers."""
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a process this testbed started (a delayer), killing it if it lingers;
+    returns what it printed after its start (a delayer: its lateness)."""
     proc.terminate()
     try:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
 
 
 class Namespace:
@@ -52,6 +54,7 @@ class Namespace:
         self.queues = (queue_base + 1, queue_base + 2)
         self.delayers: list[subprocess.Popen] = []
         self.link: Link | None = None
+        self.lateness: list[dict | None] = []  # per delayer, from the last `unshape`
 
     @property
     def ip(self) -> str:
@@ -71,13 +74,13 @@ class Namespace:
         sh("ip", "route", "add", "default", "via", self.host_ip, ns=self.name)
         return self
 
-    def shape(self, link: Link) -> None:
+    def shape(self, link: Link, impl: str | None = None) -> None:
         """Delay + jitter each way, rate by TBF. Each direction is delayed where its
         packets arrive (PREROUTING of the receiving side: the host for `up`, the namespace
         for `down`), never on OUTPUT: a packet held there still counts against its
         sending socket, and TCP Small Queues then lets a connection have only a couple of
         packets below it, so a held link passed about 0.1 MB/s at 85 ms instead of a
-        real path's rate."""
+        real path's rate. `impl`: the delayer's implementation (delayer.IMPLS)."""
         self.unshape()
         self.link = link
         up, down = self.queues
@@ -85,14 +88,8 @@ class Namespace:
         sh("iptables", "-t", "mangle", "-A", "PREROUTING", "-i", self.ns_if, "-j", "NFQUEUE",
            "--queue-num", str(down), ns=self.name)
         sh(*self._host_rule("-A", up))
-        root = Path(__file__).resolve().parents[2]
         for ns, q in ((self.name, down), (None, up)):
-            cmd = [sys.executable, "-m", "bench.testbed.delayer", "--queue", f"{q}:{spec}"]
-            proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd,
-                                    stdout=subprocess.PIPE, cwd=root)
-            self.delayers.append(proc)
-            if proc.stdout.readline().strip() != b"ready":
-                raise RuntimeError(f"delayer of {self.name} (queue {q}) did not start")
+            self.delayers.append(delayer.start([f"{q}:{spec}"], ns=ns, impl=impl))
         for dev, rate, ns in ((self.ns_if, link.up_mbit, self.name),
                               (self.host_if, link.down_mbit, None)):
             if rate:
@@ -104,8 +101,7 @@ class Namespace:
                 "NFQUEUE", "--queue-num", str(queue)]
 
     def unshape(self) -> None:
-        for proc in self.delayers:
-            stop(proc)
+        self.lateness = [delayer.lateness(stop(proc)) for proc in self.delayers]
         self.delayers.clear()
         sh("iptables", "-t", "mangle", "-F", check=False, ns=self.name)
         while sh(*self._host_rule("-D", self.queues[0]), check=False).returncode == 0:

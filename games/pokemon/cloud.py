@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from flask import Flask, jsonify, request
 
-from . import keys
+from . import keys, serving
 from .logic import Game, GameError
 from .routes import RequestStats, game_blueprint
 
@@ -149,16 +149,15 @@ def connect_redis(url: str, connections: int = 256):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from werkzeug.serving import run_simple
-
     p = argparse.ArgumentParser(description="iPokeMon-style cloud game server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--public-url", default=None)
+    p.add_argument("--threads", type=int, default=16)
     a = p.parse_args(argv)
     app = create_app(connect_redis(a.redis), public_url=a.public_url)
-    run_simple(a.host, a.port, app, threaded=True)
+    serving.run(serving.server(app, a.host, a.port, threads=a.threads))
 
 
 if __name__ == "__main__":

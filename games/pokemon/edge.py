@@ -6,8 +6,9 @@ local Redis (the users' keys were copied there at deployment), pushes region cod
 sees for the first time to the cloud's global map in batches, and writes one log line
 per request (`<unix ts> <path> <duration_ms>`) for the edge node's Monitor.
 
-Only the standard library, Flask 2.2, werkzeug and redis-py 4.3 (Debian bookworm's
-python3-flask and python3-redis): the container has no pip and no internet. Start it as
+Only the standard library, Flask 2.2, redis-py 4.3 and waitress 2.1 (Debian bookworm's
+python3-flask, python3-redis and python3-waitress): the container has no pip and no
+internet. Served by waitress with persistent connections (`serving.py`). Start it as
 
     python3 -m games.pokemon.edge --port 8080 --cloud http://CLOUD:8000 \
         --redis redis://127.0.0.1:6379/0 --log /var/log/enorm-app/requests.log
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import urllib.error
@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
 
 from flask import Flask, jsonify  # noqa: E402
 
+from . import serving  # noqa: E402
 from .logic import Game, GameError, NotServed  # noqa: E402
 from .routes import RequestStats, game_blueprint  # noqa: E402
 
@@ -166,7 +167,6 @@ def _arg(name: str, default):
 
 def main(argv: list[str] | None = None) -> None:
     import redis
-    from werkzeug.serving import run_simple
 
     p = argparse.ArgumentParser(description="iPokeMon-style edge game server")
     p.add_argument("--host", default=_arg("HOST", "0.0.0.0"))
@@ -176,20 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log", default=_arg("LOG", DEFAULT_LOG), help="request log ('' for none)")
     p.add_argument("--push-batch", type=int, default=int(_arg("PUSH_BATCH", 50)))
     p.add_argument("--push-interval", type=float, default=float(_arg("PUSH_INTERVAL", 5.0)))
+    p.add_argument("--threads", type=int, default=int(_arg("THREADS", serving.THREADS)))
     a = p.parse_args(argv)
 
     client = redis.Redis.from_url(a.redis, socket_timeout=5, socket_connect_timeout=2)
     app = create_app(client, cloud_url=a.cloud, log_path=a.log or None,
                      push_batch=a.push_batch, push_interval=a.push_interval)  # fmt: skip
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        run_simple(a.host, a.port, app, threaded=True)
-    except KeyboardInterrupt:
-        pass
+        serving.run(serving.server(app, a.host, a.port, threads=a.threads))
     finally:
         app.extensions["pokemon"]["pusher"].stop()
 

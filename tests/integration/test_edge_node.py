@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -232,6 +233,26 @@ def test_termination_leaves_nothing_behind(edge_node):
     assert again["access"]["port"] == bodies[0]["access"]["port"]
     events = a.get(node.url + "/v1/events", timeout=5).json()
     assert [e["type"] for e in events].count("server.terminated") == 3
+
+
+def test_a_connection_kept_open_to_a_terminated_server_is_reset(edge_node):
+    """A client that keeps its connection (HTTP keep-alive, SSH) to a server that is then
+    terminated is reset at its next packet, and so connects again where it is sent;
+    conntrack would otherwise keep NATing it to the gone container, where it hangs
+    until its own timeout."""
+    node = edge_node()
+    body = handshake(node).json()
+    conn = socket.create_connection(("127.0.0.1", body["access"]["port"]), timeout=10)
+    assert conn.recv(64).startswith(b"SSH-")  # through the forward, to the container
+    r = node.client().delete(f"{node.url}/v1/servers/{body['server_id']}", timeout=30)
+    assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        conn.sendall(b"SSH-2.0-client\r\n")
+        assert conn.recv(64) == b"", "answered by a server that is gone"
+        raise ConnectionResetError  # closed in order: as good as a reset here
+    assert time.monotonic() - t0 < 5  # reset at a retransmission, not at a timeout
+    conn.close()
 
 
 def test_a_reused_address_reaches_its_new_container_at_once(edge_node):

@@ -133,3 +133,34 @@ def test_netns_runs_the_engine_inside_the_namespace(edge, tmp_path):
     assert r.requests > 0 and r.errors == r.requests
     assert all("ConnectException" in code for code in r.error_codes), r.error_codes
     assert after["requests"] == before["requests"] + 1  # only the /stats call between
+
+
+def test_wrk_plays_the_plan_on_kept_alive_connections(edge, tmp_path):
+    """wrk (for the highest rates): the same steps, players and think times, the same
+    Result, one keep-alive connection per thread."""
+    host, port, players = edge
+    before = edge_stats(host, port)
+    r = jmeter.run("mixed", host, port, users=USERS, duration=5, players=players,
+                   engine="wrk", max_threads=2, think_ms=300, out_dir=tmp_path)  # fmt: skip
+    after = edge_stats(host, port)
+    assert r.engine == "wrk" and r.threads == 2 and r.target_rate == 20.0
+    assert r.requests > 10 and r.errors == 0, r.error_codes
+    assert 0 <= r.p50 <= r.p95 <= r.p99 <= r.max and r.p99 > 0 and r.client_cpu_s > 0
+    assert 0.5 * r.target_rate <= r.achieved_rate <= 1.5 * r.target_rate
+    assert {k.split()[0] for k in r.by_label} == set(plans.MIXED)
+    served = {u: after["by_user"].get(u, 0) - before["by_user"].get(u, 0) for u in after["by_user"]}
+    # wrk stops its threads mid-request: one each may be on the way without a sample
+    assert r.requests <= sum(served.values()) <= r.requests + r.threads
+    played = {u for u, n in served.items() if n}
+    assert played <= {p.uid for p in players} and len(played) > r.threads
+
+
+def test_wrk_refuses_a_server_that_is_not_there(edge, tmp_path):
+    """wrk checks the address before it starts: nothing listening is an error that says
+    so, not a run of failed samples (JMeter's way)."""
+    _, _, players = edge
+    from cloud_manager.local import free_port
+
+    with pytest.raises(jmeter.JMeterError, match="unable to connect to 127.0.0.1"):
+        jmeter.run("aggressive", "127.0.0.1", free_port(), users=1, duration=1,
+                   players=players, engine="wrk", out_dir=tmp_path)  # fmt: skip

@@ -3,6 +3,7 @@ client follows the redirection config from the cloud to the edge and back."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -158,6 +159,42 @@ def test_edge_refuses_unknown_users_with_a_hint(cloud, edge_factory):
     assert r.status_code == 404 and r.json()["redirect"] == cloud_url
     r = requests.get(cloud_url + "/config", params={"user": "99"}, timeout=5)
     assert r.json() == {"user": "99", "server": cloud_url}
+
+
+def test_edge_server_keeps_connections_alive(cloud, edge_factory):
+    """A player's requests ride one TCP connection (waitress, HTTP/1.1 keep-alive; the
+    development server closed each one) and each is one line in the request log."""
+    cloud_url, cloud_redis, _ = cloud
+    edge_url, edge_redis, _, log = edge_factory(cloud_url)
+    alice = GameClient(cloud_url, "google", "alice@example.org")
+    alice.login()
+    datasync.copy_users(cloud_redis, edge_redis, [alice.user])
+    conn = http.client.HTTPConnection(*edge_url.removeprefix("http://").split(":"), timeout=5)
+    headers = {"X-User": alice.user, "X-Token": alice.token}
+    socks = set()
+    for path in ("/u", "/pd", "/6pm", "/u"):
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.version == 11 and not resp.will_close
+        resp.read()
+        socks.add(id(conn.sock))
+    conn.close()
+    assert len(socks) == 1  # one connection for the four requests
+    lines = [ln.split(" ") for ln in log.read_text().splitlines()]
+    assert [path for _, path, _ in lines] == ["/u", "/pd", "/6pm", "/u"]
+    assert all(float(ms) >= 0 for _, _, ms in lines)
+
+
+def test_edge_server_without_waitress_says_so():
+    """An image without python3-waitress: the edge server exits at once and says what
+    is missing (in the container's app log), rather than serving on something else."""
+    code = ("import sys; sys.modules['waitress'] = None; "
+            "from games.pokemon.edge import main; main(['--port', '0', '--log', ''])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)  # fmt: skip
+    assert r.returncode == 1
+    assert "waitress is not installed" in r.stderr and "python3-waitress" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cloud_server_queues_requests_beyond_its_redis_connections(redis_server, free_tcp_port):

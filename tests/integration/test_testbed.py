@@ -34,7 +34,8 @@ def leftovers() -> list[str]:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return ([ln for ln in links.splitlines() if ": enbd" in ln]
             + [ln for ln in netns.splitlines() if ln.startswith("enbd")]
-            + [str(p) for p in Path("/sys/fs/cgroup/cpu").glob("enbd-*")])
+            + [str(p) for p in Path("/sys/fs/cgroup/cpu").glob("enbd-*")]
+            + [str(p) for p in Path("/sys/fs/cgroup/cpuacct").glob("enbd-*")])
 
 
 def queue_and_socket_drops(ns: str) -> dict[str, str]:
@@ -97,6 +98,13 @@ def test_testbed_delays_routes_and_tears_down(bench_lock):
         near = measure(bed, "near", players, 2.0, "aggressive")
         for r in (edge, near):
             assert r["errors"] == 0 and r["requests"] > 10, r
+            # what the testbed's own parts cost, beside what it measured
+            spent = r["cost"]
+            assert spent["requests"] >= r["requests"] and spent["packets"] > 2 * r["requests"]
+            assert spent["cpu_s"]["generator"] > 0 and spent["cpu_s"]["delayers"] > 0, spent
+            assert 0 < spent["testbed_share"] < 1 and spent["delayer_us_per_packet"] > 0
+        assert edge["cost"]["cpu_s"]["edge"] > 0  # the edge servers' containers
+        assert near["cost"]["cpu_s"]["cloud"] > near["cost"]["cpu_s"]["edge"]
         assert near["cloud_requests"] >= near["requests"] > 0
         assert edge["cloud_requests"] < near["cloud_requests"] / 4
         assert edge["wan_bytes"] < near["wan_bytes"] / 4
