@@ -46,9 +46,10 @@ from urllib.parse import quote
 import paramiko
 import redis
 from flask import Blueprint, jsonify, request
+from pydantic import ValidationError
 
 from enorm import datasync
-from enorm.protocol import DataSink, SetupRequest, SetupResponse, User
+from enorm.protocol import DataSink, Event, SetupRequest, SetupResponse, TerminationReason, User
 
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
@@ -70,11 +71,6 @@ class NoEdgeAvailable(Exception):
 
 
 HANDOVER_PATHS = ("direct", "cloud")
-# Why a node ends a server for want of resources: its users are better served by another
-# node than by the cloud (with `rehome`).
-REHOME_REASONS = frozenset({
-    "insufficient_resources", "evicted_for_higher_priority", "basic_service_pressure",
-    "preempted", "node_shutdown"})
 
 
 class HandoverFailed(DeployError):
@@ -138,7 +134,7 @@ class Deployment:
     placement: dict = field(default_factory=dict)
     # The node redirects the users' traffic itself (transparent redirection).
     intercepted: bool = False
-    end_reason: str | None = None
+    end_reason: TerminationReason | None = None
     keys_migrated: int | None = None
     confirmed: bool | None = None  # the users' data was found on the cloud at the end
     handed_over_from: str | None = None  # the server these users came from
@@ -398,7 +394,7 @@ class CloudManager:
             except EdgeError:
                 log.exception("could not withdraw %s", dep.server_id)
             dep.state = "withdrawn"
-            dep.end_reason = "deployment_failed"
+            dep.end_reason = TerminationReason.DEPLOYMENT_FAILED
             dep.ended.set()
 
     # -- Procedure 4: termination --------------------------------------------------------
@@ -417,10 +413,11 @@ class CloudManager:
         dep.timings["terminate"] = time.perf_counter() - t
         with self._lock:
             if dep.server_id in result.pending:
-                dep.state, dep.end_reason = "migration_pending", "cloud_withdrawal"
+                dep.state, dep.end_reason = "migration_pending", TerminationReason.CLOUD_WITHDRAWAL
                 return dep
             dep.keys_migrated = result.keys_migrated
-            self._finish(dep, "withdrawn", "cloud_withdrawal", result.keys_migrated)
+            self._finish(dep, "withdrawn", TerminationReason.CLOUD_WITHDRAWAL,
+                         result.keys_migrated)
         dep.timings["withdraw_total"] = time.perf_counter() - t0
         return dep
 
@@ -528,7 +525,8 @@ class CloudManager:
         new.handover_path = "direct"
         new.keys_received = result.keys
         with self._lock:  # the old node's `server.terminated` comes later: already ended
-            old.state, old.end_reason, old.keys_migrated = "handed_over", "handover", result.keys
+            old.state, old.end_reason = "handed_over", TerminationReason.HANDOVER
+            old.keys_migrated = result.keys
             old.confirmed = True  # verified on the new server, key by key
             old.ended.set()
         self._close_session(old)
@@ -551,15 +549,17 @@ class CloudManager:
         pending = old.server_id in result.pending
         with self._lock:
             if pending:
-                old.state, old.end_reason = "migration_pending", "handover"
+                old.state, old.end_reason = "migration_pending", TerminationReason.HANDOVER
             elif not old.ended.is_set():  # else its event came first
-                self._finish(old, "handed_over", "handover", result.keys_migrated)
+                self._finish(old, "handed_over", TerminationReason.HANDOVER,
+                             result.keys_migrated)
         if pending:
             self._abandon(new, restore=False)
             raise HandoverFailed(f"{old.server_id}'s merge is pending on {old.edge.name}",
                                  "users on the cloud, their data kept on the old node")
 
-    def _finish(self, dep: Deployment, state: str, reason: str, keys_migrated: int) -> None:
+    def _finish(self, dep: Deployment, state: str, reason: TerminationReason,
+                keys_migrated: int) -> None:
         t = time.perf_counter()
         dep.state, dep.end_reason, dep.keys_migrated = state, reason, keys_migrated
         dep.confirmed = self.confirm(dep)
@@ -581,26 +581,25 @@ class CloudManager:
             dep.session = None
 
     # -- events from the edge ------------------------------------------------------------
-    def handle_event(self, event: dict) -> str:
+    def handle_event(self, event: Event) -> str:
         """An event the edge node posted; returns what was done (for logs and tests)."""
-        sid, typ = event.get("server_id"), event.get("type")
         with self._lock:
-            dep = self.deployments.get(sid or "")
+            dep = self.deployments.get(event.server_id)
             if dep is None:
                 return "unknown server"
-            if typ == "server.terminated":
+            if event.type == "server.terminated":
                 if dep.ended.is_set():
                     return "already ended"
                 self.app.restore(dep.users)
                 self._close_session(dep)
-                keys = int((event.get("data") or {}).get("keys_migrated", 0))
-                self._finish(dep, "terminated", event.get("reason") or "edge", keys)
-                if self.rehome and dep.end_reason in REHOME_REASONS and not self._closing.is_set():
+                keys = int(event.data.get("keys_migrated", 0))
+                self._finish(dep, "terminated", event.reason, keys)
+                if self.rehome and event.reason.rehome and not self._closing.is_set():
                     threading.Thread(target=self._rehome, args=(dep,), daemon=True,
-                                     name=f"rehome-{sid}").start()
+                                     name=f"rehome-{dep.server_id}").start()
                     return "users restored, offloading them to another node"
                 return "users restored"
-            if typ == "server.migration_failed":
+            if event.type == "server.migration_failed":
                 if dep.ended.is_set():
                     return "already ended"  # a retry succeeded before this event came
                 # The edge keeps the data (container stopped) and retries the merge; the
@@ -608,7 +607,7 @@ class CloudManager:
                 self.app.restore(dep.users)
                 self._close_session(dep)
                 dep.state = "migration_pending"
-                dep.end_reason = event.get("reason")
+                dep.end_reason = event.reason
                 return "users restored, merge pending"
             return "noted"
 
@@ -648,7 +647,7 @@ class CloudManager:
                             dep.server_id, dep.edge.name)
                 self.app.restore(dep.users)
                 self._close_session(dep)
-                self._finish(dep, "terminated", "gone_without_event", 0)
+                self._finish(dep, "terminated", TerminationReason.GONE_WITHOUT_EVENT, 0)
             done[dep.server_id] = ("users restored, data confirmed" if dep.confirmed
                                    else "users restored, data NOT on the cloud")
         return done
@@ -689,13 +688,17 @@ class CloudManager:
 
         @bp.post(path)
         def _edge_event():
-            event = request.get_json(silent=True)
-            if not isinstance(event, dict) or "type" not in event:
-                return jsonify({"error": "body must be an enorm event"}), 400
+            try:
+                event = Event.model_validate_json(request.get_data(cache=False))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"] if str(p).isidentifier())
+                return jsonify({"error": "bad_request", "field": field or "body",
+                                "detail": f"not an enorm event: {err['msg']}"}), 400
             try:
                 done = self.handle_event(event)
             except Exception as exc:  # the edge retries until acknowledged
-                log.exception("event %s", event.get("id"))
+                log.exception("event %s", event.id)
                 return jsonify({"error": str(exc)}), 500
             return jsonify({"ok": True, "done": done})
 

@@ -173,7 +173,8 @@ def get_server(sid: str) -> Response:
 def delete_server(sid: str) -> Response:
     """The cloud's override: withdraw a server (its data is merged back first)."""
     t0 = time.perf_counter()
-    result = _manager().terminate(sid, reason="cloud_withdrawal", owner=_owner_filter())
+    result = _manager().terminate(sid, protocol.TerminationReason.CLOUD_WITHDRAWAL,
+                                  owner=_owner_filter())
     _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
     return _json(result, 202 if result.pending else 200)
 
@@ -244,7 +245,7 @@ def set_limits(sid: str) -> Response:
     mgr = _manager()
     if mgr.get(sid).state != "running":
         return _error(409, "not_running", f"server {sid} is not running", "id")
-    mgr.scale(sid, limits, reason="operator", numbers={})
+    mgr.scale(sid, limits, reason=protocol.ScaleReason.OPERATOR, numbers={})
     return _json(mgr.get(sid).info())
 
 

@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from enorm.protocol import Resources, TerminationMode
+from enorm.protocol import Resources, ScaleReason, TerminationMode, TerminationReason
 from enorm.resources import DEFAULT_UNIT, Amount
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class Options:
 class ScaleUp:
     server_id: str
     new_limits: Resources
-    reason: str
+    reason: ScaleReason
     numbers: dict[str, Any] = field(default_factory=dict)
     # Servers terminated (evicted) in this plan to make room; if any of those
     # terminations fails, apply() skips this scale up.
@@ -203,29 +203,18 @@ class ScaleUp:
 class ScaleDown:
     server_id: str
     new_limits: Resources
-    reason: str
+    reason: ScaleReason
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Terminate:
     server_id: str
-    reason: str
+    reason: TerminationReason
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
 Action = ScaleUp | ScaleDown | Terminate
-
-# Reasons, one place.
-R_RESOURCES = "insufficient_resources"
-R_NO_USERS = "no_users"
-R_IDLE = "idle"
-R_NOT_IMPROVABLE = "latency_not_improvable"
-R_EVICTED = "evicted_for_higher_priority"
-R_SIBLING = "sibling_terminated"
-R_LATENCY_HIGH = "latency_above_objective"
-R_LATENCY_LOW = "latency_below_objective"
-
 
 def rank(servers: Iterable[ServerSnapshot]) -> list[ServerSnapshot]:
     """P5.1: highest priority first; ties: older first, then by id (deterministic)."""
@@ -266,7 +255,8 @@ class _Walk:
         n.update(extra)
         return n
 
-    def terminate(self, s: ServerSnapshot, reason: str, **extra: Any) -> list[str]:
+    def terminate(self, s: ServerSnapshot, reason: TerminationReason,
+                  **extra: Any) -> list[str]:
         """Terminate s (and, in "multiple" mode, its siblings); release their limits."""
         if s.id not in self.alive:
             return []
@@ -277,7 +267,8 @@ class _Walk:
         if s.termination == "multiple":
             for t in self.order:
                 if t.id in self.alive and t.owner == s.owner and t.app == s.app:
-                    done += self.terminate(t, R_SIBLING, sibling_of=s.id, sibling_reason=reason)
+                    done += self.terminate(t, TerminationReason.SIBLING_TERMINATED,
+                                           sibling_of=s.id, sibling_reason=reason)
         return done
 
     def below(self, s: ServerSnapshot) -> list[ServerSnapshot]:
@@ -312,7 +303,8 @@ def plan(snapshot: Snapshot, options: Options | None = None) -> list[Action]:
                 "available_memory_mb": releasable.memory_mb,
             }
             for t in [s, *w.below(s)]:
-                w.terminate(t, R_RESOURCES, ranked_below=None if t is s else s.id, **extra)
+                w.terminate(t, TerminationReason.INSUFFICIENT_RESOURCES,
+                            ranked_below=None if t is s else s.id, **extra)
             break
 
         # P5.5-P5.6: need check, skipped when the cloud set the override flag.
@@ -331,14 +323,14 @@ def plan(snapshot: Snapshot, options: Options | None = None) -> list[Action]:
     return w.actions
 
 
-def _need_failure(s: ServerSnapshot, options: Options) -> str | None:
+def _need_failure(s: ServerSnapshot, options: Options) -> TerminationReason | None:
     """P5.5: why the server is not needed on this edge, or None if it is."""
     if s.users <= 0:
-        return R_NO_USERS
+        return TerminationReason.NO_USERS
     if s.idle_for_s is not None and s.idle_for_s >= options.idle_after_s:
-        return R_IDLE
+        return TerminationReason.IDLE
     if not s.improvable:
-        return R_NOT_IMPROVABLE
+        return TerminationReason.LATENCY_NOT_IMPROVABLE
     return None
 
 
@@ -353,7 +345,8 @@ def _scale_up(w: _Walk, s: ServerSnapshot, step: Amount) -> None:
             if w.free.covers(step):
                 break
             if t.id in w.alive:
-                evicted += w.terminate(t, R_EVICTED, for_server=s.id)
+                evicted += w.terminate(t, TerminationReason.EVICTED_FOR_HIGHER_PRIORITY,
+                                       for_server=s.id)
     if s.id not in w.alive:  # an evicted "multiple" server took s along as its sibling
         return
     if not w.free.covers(step):  # P6.3: nothing (more) to evict: leave s as is
@@ -363,7 +356,8 @@ def _scale_up(w: _Walk, s: ServerSnapshot, step: Amount) -> None:
     new = w.limits[s.id] + step
     w.limits[s.id] = new
     w.actions.append(
-        ScaleUp(s.id, new.resources(), R_LATENCY_HIGH, numbers, requires=tuple(evicted))
+        ScaleUp(s.id, new.resources(), ScaleReason.LATENCY_ABOVE_OBJECTIVE, numbers,
+                requires=tuple(evicted))
     )
 
 
@@ -389,7 +383,8 @@ def _scale_down(w: _Walk, s: ServerSnapshot, step: Amount, minimum: Amount) -> N
     numbers = w.numbers(s)
     w.free = w.free + released
     w.limits[s.id] = new
-    w.actions.append(ScaleDown(s.id, new.resources(), R_LATENCY_LOW, numbers))
+    w.actions.append(ScaleDown(s.id, new.resources(), ScaleReason.LATENCY_BELOW_OBJECTIVE,
+                               numbers))
 
 
 # --------------------------------------------------------------------------- fast mode
@@ -424,10 +419,6 @@ class SloOptions:
             raise ValueError("cooldown_s and down_after_s must be >= 0")
 
 
-R_SLO_HIGH = "latency_above_objective_fast"
-R_SLO_LOW = "latency_below_objective_fast"
-
-
 def slo_plan(snapshot: Snapshot, last_change: Mapping[str, float], now: float,
              options: SloOptions, base: Options | None = None) -> list[Action]:
     """One tick of the latency loop: at most one step per server, pure.
@@ -457,7 +448,8 @@ def slo_plan(snapshot: Snapshot, last_change: Mapping[str, float], now: float,
         if s.latency_ms > s.latency_objective_ms:
             if free.covers(step):
                 free = free - step
-                actions.append(ScaleUp(s.id, (cur + step).resources(), R_SLO_HIGH, numbers))
+                actions.append(ScaleUp(s.id, (cur + step).resources(),
+                                       ScaleReason.LATENCY_ABOVE_OBJECTIVE_FAST, numbers))
         elif (s.latency_ms < s.latency_objective_ms * (1.0 - options.hysteresis)
               and quiet >= options.down_after_s):
             new = Amount(max(minimum.cores, cur.cores - step.cores),
@@ -467,7 +459,8 @@ def slo_plan(snapshot: Snapshot, last_change: Mapping[str, float], now: float,
             numbers["cores_used"] = s.cores_used
             if not crowded and not (cur - new).at_least_zero().is_zero():
                 free = free + (cur - new)
-                actions.append(ScaleDown(s.id, new.resources(), R_SLO_LOW, numbers))
+                actions.append(ScaleDown(s.id, new.resources(),
+                                         ScaleReason.LATENCY_BELOW_OBJECTIVE_FAST, numbers))
     return actions
 
 
@@ -477,9 +470,10 @@ def slo_plan(snapshot: Snapshot, last_change: Mapping[str, float], now: float,
 class ScalingManager(Protocol):
     """What the auto-scaler needs from the Edge Manager (and nothing more)."""
 
-    def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None: ...
+    def scale(self, server_id: str, limits: Resources, reason: ScaleReason,
+              numbers: dict) -> None: ...
 
-    def terminate(self, server_id: str, reason: str, numbers: dict) -> None: ...
+    def terminate(self, server_id: str, reason: TerminationReason, numbers: dict) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from enorm.autoscaler import (
     Terminate,
 )
 from enorm.pressure import evictions, psi_some_avg10, psi_trigger
-from enorm.protocol import Resources, ServerInfo
+from enorm.protocol import Resources, ServerInfo, TerminationReason
 from enorm.requestlog import REQUEST_LOG
 from enorm.resources import Amount
 
@@ -222,7 +222,7 @@ def protect_basic_service(mgr: Any, headroom_mb: int) -> list[str]:
     done = []
     for sid in victims:
         try:
-            mgr.terminate(sid, reason="basic_service_pressure", numbers=numbers)
+            mgr.terminate(sid, reason=TerminationReason.BASIC_SERVICE_PRESSURE, numbers=numbers)
             done.append(sid)
         except Exception as exc:  # noqa: BLE001 (gone already, or merge pending)
             log.warning("pressure eviction of %s: %s", sid, exc)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import requests
 
-from enorm.protocol import Event
+from enorm.protocol import Event, EventReason, EventType
 from enorm.store import ServerRecord, Store
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,13 @@ class Events:
         # Called with every event as it is recorded (metrics); a failing one is logged.
         self.listeners: list[Callable[[Event], None]] = []
 
-    def make(self, type_: str, rec: ServerRecord, reason: str,
+    def make(self, type_: EventType, rec: ServerRecord, reason: EventReason,
              data: dict | None = None) -> Event:  # fmt: skip
         return Event(id=secrets.token_hex(8), type=type_, server_id=rec.id, app=rec.app,
                      owner=rec.owner, at=time.time(), reason=reason, data=data or {})
 
-    def emit(self, type_: str, rec: ServerRecord, reason: str, data: dict | None = None,
+    def emit(self, type_: EventType, rec: ServerRecord, reason: EventReason,
+             data: dict | None = None,
              notify: bool = True) -> Event:
         """Record an event about a server; with `notify`, send it to its callback too."""
         ev = self.make(type_, rec, reason, data)

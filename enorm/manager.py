@@ -33,10 +33,12 @@ from enorm.protocol import (
     MergeReport,
     NodeOffer,
     Resources,
+    ScaleReason,
     ServerInfo,
     SetupRequest,
     SetupResponse,
     TerminateResult,
+    TerminationReason,
 )
 from enorm.store import ServerRecord, Store
 
@@ -279,7 +281,7 @@ class EdgeManager:
         # Pre-emption: until the evicted tenants are gone the node is briefly over its
         # allocation on paper; meanwhile every other handshake sees less free, not more.
         for sid in evict:
-            self.terminate(sid, reason="preempted", numbers={"by_priority": req.priority})
+            self.terminate(sid, TerminationReason.PREEMPTED, {"by_priority": req.priority})
         try:
             self._launch(rec)
         except Exception as exc:
@@ -452,7 +454,7 @@ class EdgeManager:
 
     def _end_handed(self, sid: str, result: HandoverResult) -> None:
         try:  # this server alone, whatever its termination mode: its siblings serve on
-            self._terminate_one(sid, "handover", {"handed_to": result.to_server,
+            self._terminate_one(sid, TerminationReason.HANDOVER, {"handed_to": result.to_server,
                                                   "keys_handed": result.keys})
         except (MigrationPending, NotFound):
             pass  # kept for the merge's retry / ended by someone else meanwhile
@@ -482,7 +484,8 @@ class EdgeManager:
             return self._busy.setdefault(sid, threading.Lock())
 
     # -- scaling (used by the auto-scaler) -----------------------------------------------
-    def scale(self, server_id: str, limits: Resources, reason: str, numbers: dict) -> None:
+    def scale(self, server_id: str, limits: Resources, reason: ScaleReason,
+              numbers: dict) -> None:
         with self._lock:
             rec = self.get(server_id)
             if rec.state != "running":
@@ -519,7 +522,7 @@ class EdgeManager:
         return restored
 
     # -- Procedure 4: termination --------------------------------------------------------
-    def terminate(self, server_id: str, reason: str, numbers: dict | None = None,
+    def terminate(self, server_id: str, reason: TerminationReason, numbers: dict | None = None,
                   owner: str | None = None) -> TerminateResult:
         """Terminate a server (and, in `multiple` mode, its siblings of the same app)."""
         rec = self.get(server_id, owner)
@@ -538,13 +541,13 @@ class EdgeManager:
                 pass  # terminated meanwhile by someone else
         return result
 
-    def _terminate_one(self, sid: str, reason: str, numbers: dict) -> MergeReport:
+    def _terminate_one(self, sid: str, reason: TerminationReason, numbers: dict) -> MergeReport:
         # A handover or an import under way finishes first: then the merge below sees
         # the users as handed (old node), or the keys that came in (new node).
         self.get(sid)  # an unknown id gets no lock
         with self._busy_lock(sid), self._lock:
             rec = self.get(sid)
-            if rec.state == "terminating" and reason != "reconcile":
+            if rec.state == "terminating" and reason != TerminationReason.RECONCILE:
                 raise NotFound(sid)  # another call is on it
             resumed = rec.state == "terminating"  # a restart finishes what a crash cut off
             was_pending = rec.state == "migration_pending"
@@ -565,7 +568,7 @@ class EdgeManager:
             self.firewall.remove(rec.id, redirects=bool(rec.intercept))
             self.firewall.unguard(rec.id)
             self.containers.destroy(rec.container)  # its id range and mounts
-            self._forget(rec, reason if resumed else "container_lost",
+            self._forget(rec, reason if resumed else TerminationReason.CONTAINER_LOST,
                          {**numbers, "keys_migrated": 0, "requested_by": reason})
             return MergeReport()
         if was_pending:  # its Redis lives in the stopped container: bring it back first
@@ -611,7 +614,7 @@ class EdgeManager:
         finally:
             unguarded()
 
-    def _forget(self, rec: ServerRecord, reason: str, data: dict) -> None:
+    def _forget(self, rec: ServerRecord, reason: TerminationReason, data: dict) -> None:
         """The record goes and its `server.terminated` event comes in one transaction:
         after a crash the cloud learns of the termination from one or the other."""
         ev = self.events.make("server.terminated", rec, reason, data)
@@ -621,7 +624,8 @@ class EdgeManager:
         _fault("terminate.forgotten")
         self.events.announce(ev, rec, queued=bool(rec.callback_url))
 
-    def _keep_for_retry(self, rec: ServerRecord, reason: str, exc: Exception) -> None:
+    def _keep_for_retry(self, rec: ServerRecord, reason: TerminationReason,
+                        exc: Exception) -> None:
         """The sink is unreachable: stop the container but keep it (and its data)."""
         log.warning("migration of %s failed (%s); container kept", rec.id, exc)
         self.firewall.remove(rec.id, redirects=bool(rec.intercept))
@@ -638,7 +642,7 @@ class EdgeManager:
         for rec in self.store.servers():
             if rec.state == "migration_pending":
                 try:
-                    self._terminate_one(rec.id, "migration_retry", {})
+                    self._terminate_one(rec.id, TerminationReason.MIGRATION_RETRY, {})
                     done.append(rec.id)
                 except (MigrationPending, NotFound):
                     pass
@@ -660,7 +664,7 @@ class EdgeManager:
             else:
                 keys = 0
             self.firewall.remove(rec.id, redirects=bool(rec.intercept))
-            self._forget(rec, "discarded_by_operator",
+            self._forget(rec, TerminationReason.DISCARDED_BY_OPERATOR,
                          {"keys_migrated": 0, "keys_saved": keys, "saved_to": str(path)})
             saved[rec.id] = path
         return saved
@@ -706,7 +710,7 @@ class EdgeManager:
             del records[rec.id]
         elif rec.state == "terminating":
             try:
-                self._terminate_one(rec.id, "reconcile", {})
+                self._terminate_one(rec.id, TerminationReason.RECONCILE, {})
                 report["finished"].append(rec.id)
                 del records[rec.id]
             except MigrationPending:
@@ -714,7 +718,7 @@ class EdgeManager:
         elif rec.state == "running":
             if not self.containers.exists(rec.container):
                 self.containers.destroy(rec.container)  # its id range and mounts
-                self._forget(rec, "container_lost", {"keys_migrated": 0})
+                self._forget(rec, TerminationReason.CONTAINER_LOST, {"keys_migrated": 0})
                 report["lost"].append(rec.id)
                 del records[rec.id]
                 return
@@ -728,7 +732,7 @@ class EdgeManager:
         result = TerminateResult(terminated=[])
         for s in self.store.servers():
             try:
-                r = self.terminate(s.id, reason="node_shutdown")
+                r = self.terminate(s.id, reason=TerminationReason.NODE_SHUTDOWN)
             except NotFound:
                 continue  # a sibling of one terminated before
             except Exception:  # keep going: the others still get their data back

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from enum import StrEnum
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -285,20 +286,87 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+class TerminationReason(StrEnum):
+    """Why a server ended: the one set the node (its events, store and auto-scaler) and
+    the cloud manager share. A new reason is one line here, with `rehome` decided:
+    True where the node ended the server for want of resources, so that its users are
+    better served by another node than by the cloud (`CloudManager(rehome=True)` offloads
+    them again once their data is home), False where they stay on the cloud."""
+
+    rehome: bool
+
+    def __new__(cls, value: str, rehome: bool) -> TerminationReason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.rehome = rehome
+        return member
+
+    # The auto-scaling round: Procedure 5 (resource and need checks) and 6 (evictions).
+    INSUFFICIENT_RESOURCES = "insufficient_resources", True
+    NO_USERS = "no_users", False
+    IDLE = "idle", False
+    LATENCY_NOT_IMPROVABLE = "latency_not_improvable", False
+    EVICTED_FOR_HIGHER_PRIORITY = "evicted_for_higher_priority", True
+    SIBLING_TERMINATED = "sibling_terminated", False
+    # Admission (`preempt` policy) and the basic service's memory watch.
+    PREEMPTED = "preempted", True
+    BASIC_SERVICE_PRESSURE = "basic_service_pressure", True
+    # The cloud manager and the operator.
+    CLOUD_WITHDRAWAL = "cloud_withdrawal", False
+    HANDOVER = "handover", False
+    NODE_SHUTDOWN = "node_shutdown", True
+    DISCARDED_BY_OPERATOR = "discarded_by_operator", False
+    # The node itself: a container found gone, a termination a restart finished, a merge
+    # retried (each only where the record kept no reason of its own).
+    CONTAINER_LOST = "container_lost", False
+    RECONCILE = "reconcile", False
+    MIGRATION_RETRY = "migration_retry", False
+    # The cloud manager's own, never sent by a node: a deployment withdrawn before its
+    # users moved, a server found gone without an event.
+    DEPLOYMENT_FAILED = "deployment_failed", False
+    GONE_WITHOUT_EVENT = "gone_without_event", False
+
+
+class ScaleReason(StrEnum):
+    """Why a server's limits changed (`server.scaled`)."""
+
+    LATENCY_ABOVE_OBJECTIVE = "latency_above_objective"  # Procedure 6, in the round
+    LATENCY_BELOW_OBJECTIVE = "latency_below_objective"  # P5.9
+    LATENCY_ABOVE_OBJECTIVE_FAST = "latency_above_objective_fast"  # the fast latency loop
+    LATENCY_BELOW_OBJECTIVE_FAST = "latency_below_objective_fast"
+    OPERATOR = "operator"  # by hand (`PUT /v1/servers/{id}/limits`)
+
+
+EventReason = TerminationReason | ScaleReason | Literal["handshake", "changed_outside_enorm"]
+EventType = Literal["server.launched", "server.scaled", "server.terminated",
+                    "server.migration_failed", "server.limits_restored"]
+# The reasons each type of event carries: all a node can send.
+EVENT_REASONS: dict[str, frozenset[str]] = {
+    "server.launched": frozenset({"handshake"}),
+    "server.scaled": frozenset(ScaleReason),
+    "server.terminated": frozenset(TerminationReason),
+    "server.migration_failed": frozenset(TerminationReason),
+    "server.limits_restored": frozenset({"changed_outside_enorm"}),
+}
+
+
 class Event(_Message):
     """Something the edge did, recorded and (when a callback is set) sent to the cloud."""
 
     id: str
-    type: Literal[
-        "server.launched", "server.scaled", "server.terminated", "server.migration_failed",
-        "server.limits_restored",
-    ]
+    type: EventType
     server_id: str
     app: str
     owner: str = ""
     at: float
-    reason: str
+    reason: EventReason
     data: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _reason_of_its_type(self) -> Event:
+        if self.reason not in EVENT_REASONS[self.type]:
+            raise ValueError(f"reason: {self.reason} is not a reason of {self.type}")
+        return self
 
 
 class MergeReport(_Message):

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from enorm.protocol import Event, ServerInfo, User
+from enorm.protocol import Event, ServerInfo, TerminationReason, User
 
 EVENTS_KEPT = 10_000
 
@@ -33,7 +33,7 @@ class ServerRecord(ServerInfo):
     redis_password: str
     ssh_public_key: str
     # Why a termination began: a restart that finishes it reports the same reason.
-    end_reason: str | None = None
+    end_reason: TerminationReason | None = None
     # The transparent redirects are switched on (a restart puts them back).
     redirecting: bool = False
     # SHA-256 (hex) of the key a handover's old node imports this server's data with.

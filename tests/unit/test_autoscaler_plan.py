@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 
-from enorm import autoscaler as a
 from enorm.autoscaler import (
     NodeSnapshot,
     Options,
@@ -23,6 +22,8 @@ from enorm.autoscaler import (
 )
 from enorm.control_loop import ControlLoop, run_round
 from enorm.protocol import Resources
+from enorm.protocol import ScaleReason as Scaled
+from enorm.protocol import TerminationReason as Why
 from enorm.resources import Amount
 
 UNIT = Amount(1.0, 200.0)
@@ -92,7 +93,7 @@ CASES = [
         "scale up by evicting one lower-priority server (P6.2)",
         snap([srv("A", 10, lat=HIGH), srv("B", 5)], free=(0, 0)),
         Options(),
-        [("term", "B", a.R_EVICTED), ("up", "A", (2.0, 400))],
+        [("term", "B", Why.EVICTED_FOR_HIGHER_PRIORITY), ("up", "A", (2.0, 400))],
     ),
     (
         "scale up by evicting several, lowest first; equal priority is never evicted",
@@ -103,7 +104,8 @@ CASES = [
             minimum=UNIT,
         ),
         Options(),
-        [("term", "C", a.R_EVICTED), ("term", "B", a.R_EVICTED), ("up", "A", (4.0, 800))],
+        [("term", "C", Why.EVICTED_FOR_HIGHER_PRIORITY),
+         ("term", "B", Why.EVICTED_FOR_HIGHER_PRIORITY), ("up", "A", (4.0, 800))],
     ),
     (
         "nothing lower to evict: leave it (P6.3)",
@@ -115,7 +117,7 @@ CASES = [
         "evicting all lower is not enough: the paper evicts anyway, then leaves it",
         snap([srv("A", 10, lat=HIGH), srv("B", 5)], free=(-0.5, 0), minimum=Amount(0.5, 100)),
         Options(),
-        [("term", "B", a.R_EVICTED)],
+        [("term", "B", Why.EVICTED_FOR_HIGHER_PRIORITY)],
     ),
     (
         "skip_futile_evictions keeps the lower server when eviction cannot make room",
@@ -199,41 +201,41 @@ CASES = [
         snap([srv("A", 30), srv("B", 20, lat=HIGH), srv("C", 10), srv("D", 5)], free=(-2.5, -500)),
         Options(),
         [
-            ("term", "B", a.R_RESOURCES),
-            ("term", "C", a.R_RESOURCES),
-            ("term", "D", a.R_RESOURCES),
+            ("term", "B", Why.INSUFFICIENT_RESOURCES),
+            ("term", "C", Why.INSUFFICIENT_RESOURCES),
+            ("term", "D", Why.INSUFFICIENT_RESOURCES),
         ],
     ),
     (
         "resource check in memory alone",
         snap([srv("A", 30), srv("B", 20)], free=(3, -150)),
         Options(),
-        [("term", "B", a.R_RESOURCES)],
+        [("term", "B", Why.INSUFFICIENT_RESOURCES)],
     ),
     (
         "resource check ignores the override flag",
         snap([srv("A", 30), srv("B", 20, override=True)], free=(-0.5, 0)),
         Options(),
-        [("term", "B", a.R_RESOURCES)],
+        [("term", "B", Why.INSUFFICIENT_RESOURCES)],
     ),
     # --- P5.5-P5.6: need check
     (
         "idle for the configured time",
         snap([srv("A", idle=600.0, lat=HIGH), srv("B", 5, idle=599.0)], free=(1, 200)),
         Options(idle_after_s=600),
-        [("term", "A", a.R_IDLE)],
+        [("term", "A", Why.IDLE)],
     ),
     (
         "no users covered",
         snap([srv("A", users=0, lat=HIGH)], free=(1, 200)),
         Options(),
-        [("term", "A", a.R_NO_USERS)],
+        [("term", "A", Why.NO_USERS)],
     ),
     (
         "latency not improvable by the edge",
         snap([srv("A", lat=HIGH, improvable=False)], free=(1, 200)),
         Options(),
-        [("term", "A", a.R_NOT_IMPROVABLE)],
+        [("term", "A", Why.LATENCY_NOT_IMPROVABLE)],
     ),
     (
         "override: need-check terminations skipped, scaling still happens",
@@ -248,7 +250,7 @@ CASES = [
         "a terminated server frees room for the servers after it",
         snap([srv("A", 10, 2, 400, users=0), srv("B", 5, lat=HIGH)], free=(0, 0)),
         Options(),
-        [("term", "A", a.R_NO_USERS), ("up", "B", (2.0, 400))],
+        [("term", "A", Why.NO_USERS), ("up", "B", (2.0, 400))],
     ),
     # --- termination mode "multiple"
     (
@@ -262,7 +264,7 @@ CASES = [
             ]
         ),
         Options(),
-        [("term", "A", a.R_IDLE), ("term", "S", a.R_SIBLING)],
+        [("term", "A", Why.IDLE), ("term", "S", Why.SIBLING_TERMINATED)],
     ),
     (
         "multiple: evicting one server evicts its siblings with it",
@@ -276,13 +278,14 @@ CASES = [
             free=(0, 0),
         ),
         Options(),
-        [("term", "C", a.R_EVICTED), ("term", "B", a.R_SIBLING), ("up", "A", (2.0, 400))],
+        [("term", "C", Why.EVICTED_FOR_HIGHER_PRIORITY), ("term", "B", Why.SIBLING_TERMINATED),
+         ("up", "A", (2.0, 400))],
     ),
     (
         "single (default): siblings stay",
         snap([srv("A", 10, idle=9999, owner="x"), srv("S", 3, owner="x")]),
         Options(),
-        [("term", "A", a.R_IDLE)],
+        [("term", "A", Why.IDLE)],
     ),
     (
         "empty node",
@@ -320,7 +323,8 @@ def test_scale_up_records_evictions_and_numbers():
 def test_resource_termination_numbers_name_the_cause():
     s = snap([srv("A", 30), srv("B", 20), srv("C", 10)], free=(-1.5, 0))
     acts = plan(s)
-    assert summary(acts) == [("term", "B", a.R_RESOURCES), ("term", "C", a.R_RESOURCES)]
+    assert summary(acts) == [("term", "B", Why.INSUFFICIENT_RESOURCES),
+                             ("term", "C", Why.INSUFFICIENT_RESOURCES)]
     assert acts[1].numbers["ranked_below"] == "B"
     assert acts[0].numbers["available_cores"] == pytest.approx(0.5)
 
@@ -362,9 +366,9 @@ class FakeManager:
 
 def test_apply_continues_after_a_failure():
     acts = [
-        Terminate("X", a.R_IDLE),
-        ScaleDown("Y", Resources(cores=1, memory_mb=200), a.R_LATENCY_LOW),
-        ScaleUp("Z", Resources(cores=2, memory_mb=400), a.R_LATENCY_HIGH),
+        Terminate("X", Why.IDLE),
+        ScaleDown("Y", Resources(cores=1, memory_mb=200), Scaled.LATENCY_BELOW_OBJECTIVE),
+        ScaleUp("Z", Resources(cores=2, memory_mb=400), Scaled.LATENCY_ABOVE_OBJECTIVE),
     ]
     m = FakeManager(fail={"Y"})
     res = apply(acts, m)
@@ -378,13 +382,13 @@ def test_apply_skips_a_scale_up_whose_eviction_failed():
     m = FakeManager(fail={"B"})
     res = apply(acts, m)
     assert [(r.ok, r.skipped) for r in res] == [(False, False), (False, True)]
-    assert m.calls == [("terminate", "B", a.R_EVICTED)]
+    assert m.calls == [("terminate", "B", Why.EVICTED_FOR_HIGHER_PRIORITY)]
 
 
 def test_apply_passes_limits_reason_numbers():
     m = FakeManager()
     apply(plan(snap([srv("A", lat=HIGH)], free=(1, 200))), m)
-    assert m.calls == [("scale", "A", 2.0, 400, a.R_LATENCY_HIGH)]
+    assert m.calls == [("scale", "A", 2.0, 400, Scaled.LATENCY_ABOVE_OBJECTIVE)]
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -394,8 +398,8 @@ def test_run_round_wires_snapshot_plan_apply():
     m = FakeManager()
     r = run_round(lambda: snap([srv("A", users=0)]), m)
     assert r.error is None
-    assert summary(r.actions) == [("term", "A", a.R_NO_USERS)]
-    assert m.calls == [("terminate", "A", a.R_NO_USERS)]
+    assert summary(r.actions) == [("term", "A", Why.NO_USERS)]
+    assert m.calls == [("terminate", "A", Why.NO_USERS)]
 
 
 def test_run_round_survives_a_failing_snapshot():
@@ -417,7 +421,7 @@ def test_control_loop_run_once_and_from_config():
     )
     assert s.interval_s == 300.0 and s.options.idle_after_s == 10.0
     r = s.run_once()
-    assert summary(r.actions) == [("term", "A", a.R_IDLE)]
+    assert summary(r.actions) == [("term", "A", Why.IDLE)]
     assert seen == [r] and s.last is r
 
 

@@ -13,7 +13,15 @@ from werkzeug.serving import make_server
 from cloud_manager import App, CloudManager, EdgeClient, NoEdgeAvailable, Rejected
 from cloud_manager.deployer import Deployer, files_of, new_key
 from cloud_manager.orchestrator import Deployment
-from enorm.protocol import Access, DataSink, Resources, SetupRequest, SetupResponse, User
+from enorm.protocol import (
+    Access,
+    DataSink,
+    Event,
+    Resources,
+    SetupRequest,
+    SetupResponse,
+    User,
+)
 
 
 def fake_app(log: list) -> App:
@@ -33,6 +41,12 @@ def setup_response(sid: str = "s1") -> SetupResponse:
     return SetupResponse(server_id=sid, container=f"enorm-x-{sid}", address="10.89.0.2",
                          access=Access(host="127.0.0.1", port=30001), ports={8080: 30002},
                          limits=Resources(cores=1, memory_mb=200), redis_password="pw")  # fmt: skip
+
+
+def event(type_: str, sid: str, reason: str, **data) -> Event:
+    """An event as a node sends it (the callback endpoint parses the body into one)."""
+    return Event(id="e1", type=type_, server_id=sid, app="game", at=1.0, reason=reason,
+                 data=data)
 
 
 def test_new_key_is_accepted_by_the_protocol():
@@ -68,15 +82,14 @@ def test_terminated_event_restores_the_users_once():
     m = manager(log=log)
     dep = Deployment(edge=None, setup=setup_response(), users=["1", "2"], url="http://e")
     m.deployments["s1"] = dep
-    ev = {"type": "server.terminated", "server_id": "s1", "reason": "idle",
-          "data": {"keys_migrated": 12}}  # fmt: skip
+    ev = event("server.terminated", "s1", "idle", keys_migrated=12)
     assert m.handle_event(ev) == "users restored"
     assert log == [("restore", ["1", "2"])]
     assert dep.state == "terminated" and dep.end_reason == "idle" and dep.keys_migrated == 12
     assert dep.confirmed and dep.ended.is_set()
     assert m.handle_event(ev) == "already ended"
     assert log == [("restore", ["1", "2"])]
-    assert m.handle_event({**ev, "server_id": "other"}) == "unknown server"
+    assert m.handle_event(ev.model_copy(update={"server_id": "other"})) == "unknown server"
 
 
 def test_migration_failed_event_sends_users_home_and_waits_for_the_merge():
@@ -84,10 +97,10 @@ def test_migration_failed_event_sends_users_home_and_waits_for_the_merge():
     m = manager(log=log)
     dep = Deployment(edge=None, setup=setup_response(), users=["1"], url="http://e")
     m.deployments["s1"] = dep
-    ev = {"type": "server.migration_failed", "server_id": "s1", "reason": "idle", "data": {}}
+    ev = event("server.migration_failed", "s1", "idle")
     assert m.handle_event(ev) == "users restored, merge pending"
     assert dep.state == "migration_pending" and not dep.ended.is_set()
-    assert m.handle_event({"type": "server.scaled", "server_id": "s1"}) == "noted"
+    assert m.handle_event(event("server.scaled", "s1", "operator")) == "noted"
 
 
 def test_callback_endpoint_acknowledges_with_2xx():
@@ -95,9 +108,13 @@ def test_callback_endpoint_acknowledges_with_2xx():
     app = Flask("t")
     app.register_blueprint(m.blueprint())
     c = app.test_client()
-    r = c.post("/edge-events", json={"type": "server.terminated", "server_id": "nope"})
+    ev = event("server.terminated", "nope", "idle")
+    r = c.post("/edge-events", json=ev.model_dump(mode="json"))
     assert r.status_code == 200 and r.json["done"] == "unknown server"
     assert c.post("/edge-events", data="x").status_code == 400
+    # A reason the cloud does not know is refused loudly, naming the field.
+    r = c.post("/edge-events", json={**ev.model_dump(mode="json"), "reason": "bored"})
+    assert r.status_code == 400 and r.json["field"] == "reason"
 
 
 @pytest.fixture

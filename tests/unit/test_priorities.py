@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from test_autoscaler_plan import HIGH, FakeManager, snap, srv, summary
 
-from enorm import autoscaler as a
 from enorm.autoscaler import Options
 from enorm.control_loop import run_round
 from enorm.priorities import Rule, apply, boost, effective
+from enorm.protocol import TerminationReason as Why
 
 RULE = Rule(users_step=100, max_boost=1, idle_after_s=600)
 
@@ -57,7 +57,8 @@ def test_a_busy_server_is_served_before_an_unused_one_of_higher_priority():
     opts = Options(dynamic_priorities=True, priority_users_step=100, idle_after_s=600)
     m = FakeManager()
     dyn = run_round(lambda: snap(servers, free=(0, 0)), m, opts)
-    assert summary(dyn.actions) == [("term", "unused", a.R_EVICTED), ("up", "slow", (2.0, 400))]
+    assert summary(dyn.actions) == [("term", "unused", Why.EVICTED_FOR_HIGHER_PRIORITY),
+                                    ("up", "slow", (2.0, 400))]
     up = dyn.actions[1]
     assert up.numbers["priority"] == 6 and up.numbers["declared_priority"] == 5
     assert {s.id: (s.priority, s.declared_priority) for s in dyn.snapshot.servers} == {

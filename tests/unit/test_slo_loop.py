@@ -8,6 +8,8 @@ from test_autoscaler_plan import HIGH, FakeManager, snap, srv, summary
 from enorm import autoscaler as a
 from enorm.autoscaler import Options, SloOptions, plan, slo_plan
 from enorm.control_loop import ControlLoop
+from enorm.protocol import ScaleReason as Scaled
+from enorm.protocol import TerminationReason as Why
 
 SLO = SloOptions(interval_s=1.0, hysteresis=0.3, cooldown_s=10.0, down_after_s=60.0)
 LONG_AGO = {"A": 0.0, "B": 0.0}
@@ -17,7 +19,7 @@ NOW = 1000.0
 def test_a_step_up_when_above_the_objective_and_a_unit_is_free():
     acts = slo_plan(snap([srv("A", lat=HIGH)], free=(1, 200)), LONG_AGO, NOW, SLO)
     assert summary(acts) == [("up", "A", (2.0, 400))]
-    assert acts[0].reason == a.R_SLO_HIGH
+    assert acts[0].reason == Scaled.LATENCY_ABOVE_OBJECTIVE_FAST
 
 
 def test_no_evictions_in_the_fast_loop_the_round_does_those():
@@ -66,7 +68,7 @@ def test_slo_options_are_checked():
 def test_fast_mode_leaves_latency_to_the_loop_and_keeps_the_rounds_checks():
     s = snap([srv("A", lat=HIGH), srv("Q", users=0)], free=(1, 200))
     fast = Options(latency_steps=False)
-    assert summary(plan(s, fast)) == [("term", "Q", a.R_NO_USERS)]
+    assert summary(plan(s, fast)) == [("term", "Q", Why.NO_USERS)]
     assert ("up", "A", (2.0, 400)) in summary(plan(s))
 
 
