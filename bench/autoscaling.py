@@ -45,7 +45,7 @@ import lxc
 
 from enorm import autoscaler, config, control_loop
 from enorm.daemon import Daemon
-from enorm.protocol import SetupRequest, User
+from enorm.protocol import SetupRequest, TerminationReason, User
 from enorm.requestlog import REQUEST_LOG
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,7 +140,7 @@ class Bench:
         self.mgr = daemon.manager
         self.rounds = rounds
         self.node_round = control_loop.Observer(self.mgr)
-        self.options = autoscaler.Options.from_config(self.mgr.cfg)
+        self.options = autoscaler.Options.from_config(self.mgr.node.config)
         self.snapshot_s = 0.0
 
     def _snapshot(self) -> autoscaler.Snapshot:
@@ -163,18 +163,18 @@ class Bench:
         self.mgr.handshake(req, owner="bench")
 
     def grow_to(self, n: int, users: int) -> None:
-        have = len(self.mgr.store.servers())
+        have = len(self.mgr.node.store.servers())
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: self.launch(i, users), range(have, n)))
 
     def terminate_all(self) -> None:
-        for s in self.mgr.store.servers():
-            self.mgr.terminate(s.id, reason="bench")
+        for s in self.mgr.node.store.servers():
+            self.mgr.terminate(s.id, TerminationReason.CLOUD_WITHDRAWAL)
 
     def slow_request_everywhere(self) -> None:
         now = time.time()
-        for s in self.mgr.store.servers():
-            path = self.mgr.containers.delta_dir(s.container) / REQUEST_LOG
+        for s in self.mgr.node.store.servers():
+            path = self.mgr.node.containers.delta_dir(s.container) / REQUEST_LOG
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 f.write(f"{now:.3f} /api/location 120\n")
@@ -205,10 +205,10 @@ class Bench:
 
     def floor(self) -> float:
         """Bare cgroup writes and reads for the same containers, through python3-lxc."""
-        names = [s.container for s in self.mgr.store.servers()]
+        names = [s.container for s in self.mgr.node.store.servers()]
         t0 = time.perf_counter()
         for name in names:
-            c = lxc.Container(name, str(self.mgr.cfg.lxc_path))
+            c = lxc.Container(name, str(self.mgr.node.config.lxc_path))
             quota = c.get_cgroup_item("cpu.cfs_quota_us")
             mem = c.get_cgroup_item("memory.limit_in_bytes")
             c.set_cgroup_item("cpu.cfs_quota_us", quota)

@@ -173,7 +173,7 @@ def run_mode(policy: str, seconds: float, tmp: Path) -> dict:
             while (now := time.monotonic() - t0) < seconds:
                 if now >= STEP_AT_S and load.rate != HIGH_RPS:
                     load.rate = HIGH_RPS
-                rec = mgr.store.get(sid)
+                rec = mgr.node.store.get(sid)
                 units.append((round(now, 2), rec.limits.cores / cfg.unit.cores))
                 assert d.loop is not None
                 r = d.loop.last_tick if policy == "fast" else d.loop.last

@@ -26,15 +26,9 @@ from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 from enorm import dashboard, destinations, handover, memory, probes, protocol, store
 from enorm.config import TOKEN_HASH_PREFIX, NodeConfig
 from enorm.events import decide
-from enorm.manager import (
-    AdmissionRefused,
-    CannotRedirect,
-    EdgeManager,
-    Forbidden,
-    LaunchFailed,
-    NotFound,
-)
+from enorm.manager import AdmissionRefused, CannotRedirect, EdgeManager, LaunchFailed
 from enorm.metrics import NodeMetrics
+from enorm.node import Forbidden, Node, NotFound
 
 OPERATOR = "operator"
 
@@ -60,6 +54,14 @@ def _json(model: BaseModel | list, status: int = 200) -> Response:
 
 def _manager() -> EdgeManager:
     return current_app.extensions["enorm"]
+
+
+def _node() -> Node:
+    return _manager().node
+
+
+def _handovers() -> handover.Handovers:
+    return current_app.extensions["enorm.handovers"]
 
 
 def _metrics_of() -> NodeMetrics:
@@ -99,7 +101,7 @@ def _authenticate() -> Response | None:
 
 @bp.get("/node")
 def node() -> Response:
-    return _json(_manager().offer())
+    return _json(_node().offer())
 
 
 # One probe at a time per node: a placement question costs at most 256 connects.
@@ -116,7 +118,7 @@ def probe_users() -> Response:
     if not _PROBING.acquire(blocking=False):
         return _error(429, "busy", "another probe is running; try again", "addresses")
     try:
-        cfg = _manager().cfg
+        cfg = _node().config
         rtts = probes.probe([str(a) for a in req.addresses], cfg.probe, cfg.probe_port,
                             cfg.probe_timeout_s, source=str(cfg.probe_source or ""))
     finally:
@@ -161,12 +163,12 @@ def create_server() -> Response:
 
 @bp.get("/servers")
 def list_servers() -> Response:
-    return _json(_manager().servers(_owner_filter()))
+    return _json(_node().servers(_owner_filter()))
 
 
 @bp.get("/servers/<sid>")
 def get_server(sid: str) -> Response:
-    return _json(_manager().get(sid, _owner_filter()).info())
+    return _json(_node().get(sid, _owner_filter()).info())
 
 
 @bp.delete("/servers/<sid>")
@@ -189,7 +191,7 @@ def handover_server(sid: str) -> Response:
     policy: destinations.Policy = current_app.extensions["enorm.destinations"]
     policy.check_url(g.owner, "to_url", req.to_url)
     try:
-        result = _manager().hand_over(sid, req, g.owner)
+        result = _handovers().hand_over(sid, req, g.owner)
     except handover.HandoverError as exc:
         return _error(exc.status, exc.error, exc.detail, "to_url" if exc.status == 502 else "id")
     return _json(result)
@@ -201,7 +203,7 @@ def import_data(sid: str) -> Response:
     key = _bearer()
     data = protocol.HandoverData.model_validate_json(_json_body(), strict=True)
     try:
-        result = _manager().import_data(sid, key, data)
+        result = _handovers().import_data(sid, key, data)
     except handover.HandoverError as exc:
         return _error(exc.status, exc.error, exc.detail, "id")
     except ValueError as exc:
@@ -242,11 +244,10 @@ def set_limits(sid: str) -> Response:
     if not isinstance(payload, dict):
         return _error(400, "bad_request", "body must be a JSON object", "body")
     limits = protocol.Resources.model_validate(payload)
-    mgr = _manager()
-    if mgr.get(sid).state != "running":
+    if _node().get(sid).state != "running":
         return _error(409, "not_running", f"server {sid} is not running", "id")
-    mgr.scale(sid, limits, reason=protocol.ScaleReason.OPERATOR, numbers={})
-    return _json(mgr.get(sid).info())
+    _manager().scale(sid, limits, reason=protocol.ScaleReason.OPERATOR, numbers={})
+    return _json(_node().get(sid).info())
 
 
 @bp.get("/events")
@@ -257,7 +258,7 @@ def events() -> Response:
             raise ValueError
     except ValueError:
         return _error(400, "bad_request", "must be an integer within 1-10000", "limit")
-    evs = _manager().store.events(limit=limit, server_id=request.args.get("server"),
+    evs = _node().store.events(limit=limit, server_id=request.args.get("server"),
                                   owner=_owner_filter())
     return _json(evs)
 
@@ -265,7 +266,7 @@ def events() -> Response:
 @bp.get("/dashboard")
 def dashboard_view() -> Response:
     """What the dashboard page shows: node history, servers, decisions (read-only)."""
-    return jsonify(dashboard.view(_manager(), _metrics_of(),
+    return jsonify(dashboard.view(_node(), _metrics_of(),
                                   current_app.extensions["enorm.history"], _owner_filter()))
 
 
@@ -445,6 +446,7 @@ def _policy(cfg: NodeConfig) -> destinations.Policy:
 
 def create_app(
     manager: EdgeManager,
+    handovers: handover.Handovers,
     *,
     tokens: dict[str, str],
     operator_token: str,
@@ -452,17 +454,19 @@ def create_app(
     metrics: NodeMetrics | None = None,
 ) -> Flask:
     """A fresh app around one Edge Manager; tests build their own."""
+    node = manager.node
     app = Flask("enorm")
     app.config["ENORM_TOKEN_DIGESTS"] = {
         **{_stored_digest(t): owner for t, owner in tokens.items()},
         _stored_digest(operator_token): OPERATOR,
     }
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["enorm.destinations"] = _policy(manager.cfg)
+    app.extensions["enorm.destinations"] = _policy(node.config)
     app.extensions["enorm"] = manager
+    app.extensions["enorm.handovers"] = handovers
     if metrics is None:
-        metrics = NodeMetrics(manager)
-    manager.events.listeners.append(metrics.on_event)
+        metrics = NodeMetrics(node)
+    node.events.listeners.append(metrics.on_event)
     app.extensions["enorm.metrics"] = metrics
     app.extensions["enorm.history"] = dashboard.History()
     if autoscale is not None:
@@ -483,10 +487,10 @@ def create_app(
     @app.get("/healthz")
     def _healthz() -> Response:
         try:
-            manager.store.r.ping()
+            node.store.r.ping()
         except Exception as exc:  # the node's Redis is gone: not healthy
             return _error(503, "unavailable", f"store: {exc}")
-        return jsonify({"status": "ok", "node": manager.cfg.name})
+        return jsonify({"status": "ok", "node": node.config.name})
 
     @app.get("/metrics")
     def _metrics_view() -> Response:

@@ -279,22 +279,22 @@ def down(config_path: str | None, keep_bridge: bool, force: bool) -> None:
         pass
     d = Daemon.open(cfg, background=False)
     try:
-        n = len(d.manager.store.servers())
+        n = len(d.node.store.servers())
         if n:
             output.progress(f"terminating {n} servers (data merged back first) ...")
-        r = d.manager.shutdown_node()
+        r = d.manager.ends.shutdown()
         output.line(f"terminated {r.terminated}, pending {r.pending}")
         if r.pending and force:
             assert cfg.state_dir is not None
-            saved = d.manager.discard_pending(Path(cfg.state_dir) / "discarded")
+            saved = d.manager.ends.discard_pending(Path(cfg.state_dir) / "discarded")
             for sid, path in saved.items():
                 output.line(f"WARNING: server {sid} was NOT merged back to its sink; its "
                             f"keys are saved in {path} (RESTORE them by hand)")
         elif r.pending:
             fail("some servers kept their data (sink unreachable); node left in place "
                  "(`enorm down --force` saves their keys to files and discards them)")
-        d.manager.firewall.teardown()
-        d.manager.store.wipe()
+        d.node.firewall.teardown()
+        d.node.store.wipe()
     finally:
         d.close()
     assert cfg.state_dir is not None

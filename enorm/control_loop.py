@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -49,6 +49,10 @@ from enorm.protocol import Resources, ServerInfo, TerminationReason
 from enorm.requestlog import REQUEST_LOG
 from enorm.resources import Amount
 
+if TYPE_CHECKING:
+    from enorm.manager import EdgeManager
+    from enorm.node import Node
+
 log = logging.getLogger(__name__)
 
 
@@ -71,9 +75,11 @@ def server_snapshot(rec: ServerInfo, r: monitor.ServerReport,
 class Observer:
     """Takes snapshots of one node, round after round (keeps the previous samples)."""
 
-    def __init__(self, mgr: Any) -> None:
+    def __init__(self, mgr: EdgeManager) -> None:
         self.mgr = mgr
-        self.monitor = monitor.Monitor.from_config(mgr.cfg, statistic=mgr.cfg.statistic)
+        self.node = mgr.node
+        cfg = self.node.config
+        self.monitor = monitor.Monitor.from_config(cfg, statistic=cfg.statistic)
         self.host = monitor.HostSampler()
         self.host.sample()  # the first interval starts now
         self.prev: dict[str, monitor.CgroupSample] = {}
@@ -83,7 +89,7 @@ class Observer:
         now = time.monotonic()
         for name in names:
             try:
-                u = self.mgr.containers.usage(name)
+                u = self.node.containers.usage(name)
             except Exception:  # a container that vanished meanwhile uses nothing
                 continue
             samples[name] = monitor.CgroupSample(now, u.cpu_ns, u.memory_bytes)
@@ -92,27 +98,27 @@ class Observer:
         return used
 
     def snapshot(self) -> Snapshot:
-        mgr = self.mgr
-        mgr.enforce_limits()  # the plan starts from the limits the store holds
-        servers = mgr.store.servers()
+        node = self.node
+        self.mgr.enforce_limits()  # the plan starts from the limits the store holds
+        servers = node.store.servers()
         running = [s for s in servers if s.state == "running"]
         known = set(self.prev)  # containers with a previous sample: their CPU use is known
         used = self._usage([s.container for s in running])
-        if mgr.cfg.basic_service == "measured":
+        if node.config.basic_service == "measured":
             cores, mem = self.host.sample()
-            mgr.allocator.basic = monitor.basic_service(cores, mem, used.values())
-        addresses = mgr.store.user_addresses([s.id for s in running])
+            node.allocator.basic = monitor.basic_service(cores, mem, used.values())
+        addresses = node.store.user_addresses([s.id for s in running])
         now = time.time()
         reports = self.monitor.measure([
             monitor.ServerInput(
                 server_id=s.id, created_at=s.created_at,
                 latency_objective_ms=s.latency_objective_ms, user_addresses=addresses[s.id],
-                log_path=mgr.containers.delta_dir(s.container) / REQUEST_LOG,
-                log_root=mgr.containers.delta_dir(s.container),
+                log_path=node.containers.delta_dir(s.container) / REQUEST_LOG,
+                log_root=node.containers.delta_dir(s.container),
             )
             for s in running
         ], now)
-        return Snapshot(NodeSnapshot(mgr.free(servers), Amount.of(mgr.unit)),
+        return Snapshot(NodeSnapshot(node.free(servers), Amount.of(node.unit)),
                         tuple(server_snapshot(s, reports[s.id], used.get(s.container)
                                               if s.container in known else None)
                               for s in running), now)
@@ -191,32 +197,33 @@ def round_report(r: Round) -> dict[str, Any]:
 # --------------------------------------------------------------------------- pressure
 
 
-def basic_memory_mb(mgr: Any) -> int:
+def basic_memory_mb(node: Node) -> int:
     """The machine's memory use outside the node's containers (MB)."""
     vm = psutil.virtual_memory()
     used = (vm.total - vm.available) >> 20
     inside = 0
-    for s in mgr.store.servers():
+    for s in node.store.servers():
         if s.state != "running":
             continue
         try:
-            inside += mgr.containers.usage(s.container).memory_bytes >> 20
+            inside += node.containers.usage(s.container).memory_bytes >> 20
         except Exception:  # noqa: BLE001 (gone meanwhile: it uses nothing)
             continue
     return max(0, used - inside)
 
 
-def protect_basic_service(mgr: Any, headroom_mb: int) -> list[str]:
+def protect_basic_service(mgr: EdgeManager, headroom_mb: int) -> list[str]:
     """One look at the basic service's memory: update the allocator's figure and, when
     less than `headroom_mb` is left for it, terminate the lowest-priority tenants (data
     merged back) until the shortfall is covered. Returns the servers terminated."""
-    alloc = mgr.allocator
-    basic = basic_memory_mb(mgr)
+    node = mgr.node
+    alloc = node.allocator
+    basic = basic_memory_mb(node)
     alloc.basic = Resources(cores=alloc.basic.cores, memory_mb=basic)
-    left = int(mgr.free().memory_mb)  # signed: a shortfall shows as < 0
+    left = int(node.free().memory_mb)  # signed: a shortfall shows as < 0
     if left >= headroom_mb:
         return []
-    victims = evictions(mgr.store.servers(), headroom_mb - left)
+    victims = evictions(node.store.servers(), headroom_mb - left)
     numbers = {"basic_service_mb": basic, "left_mb": left,
                "headroom_mb": headroom_mb, "psi_some_avg10": psi_some_avg10()}
     done = []
@@ -388,11 +395,11 @@ class ControlLoop:
             self._scheduler = None
 
 
-def node_loop(mgr: Any, on_round: Callable[[dict[str, Any]], None] | None = None
+def node_loop(mgr: EdgeManager, on_round: Callable[[dict[str, Any]], None] | None = None
               ) -> ControlLoop:
     """The control loop of a live node, from its config; `on_round` gets each round's
     report (metrics, the dashboard's timeline)."""
-    cfg = mgr.cfg
+    cfg = mgr.node.config
     observer = Observer(mgr)
     hook = None if on_round is None else (lambda r: on_round(round_report(r)))
     loop = ControlLoop.from_config(cfg, observer.snapshot, mgr, on_round=hook)
@@ -408,5 +415,5 @@ def node_loop(mgr: Any, on_round: Callable[[dict[str, Any]], None] | None = None
         fd = psi_trigger()
         if fd is not None:
             loop.wake_on("enorm-pressure", fd, look)
-    loop.every("enorm-migration-retry", cfg.migration_retry_s, mgr.retry_pending)
+    loop.every("enorm-migration-retry", cfg.migration_retry_s, mgr.ends.retry_pending)
     return loop

@@ -1,4 +1,5 @@
-"""Wiring of one edge node's daemon: store, Edge Manager, events, auto-scaler, HTTP API.
+"""Wiring of one edge node's daemon: store, the node's parts, the Edge Manager and its jobs
+(termination, handover), events, the control loop, HTTP API.
 
 `Daemon.open` does everything but serving, so tests and the demo run a real node in
 their own process and `enorm serve` runs the same thing under waitress.
@@ -14,8 +15,20 @@ from pathlib import Path
 
 from flask import Flask
 
-from enorm import api, control_loop, manager, memory, metrics, migration, store
+from enorm import (
+    api,
+    control_loop,
+    handover,
+    manager,
+    memory,
+    metrics,
+    migration,
+    reconcile,
+    store,
+    termination,
+)
 from enorm.config import NodeConfig
+from enorm.node import Node, build, check_unit
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +61,35 @@ class Daemon:
     loop: control_loop.ControlLoop | None = None
 
     @classmethod
-    def open(cls, cfg: NodeConfig, *, migrate: manager.Migrate | None = None,
+    def open(cls, cfg: NodeConfig, *, migrate: termination.Migrate | None = None,
              background: bool = True) -> Daemon:
         """Open the node; `background` starts the control loop's jobs."""
         assert cfg.state_dir is not None
-        manager.check_unit(cfg)
+        check_unit(cfg)
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
-        node = manager.build(cfg, store.Store(client, cfg.name))
-        mgr = manager.EdgeManager(node, migrate=migrate or migration.merge_back_to_sink)
-        reconciled = mgr.start()
+        node = build(cfg, store.Store(client, cfg.name))
+        ends = termination.Terminator(node, migrate or migration.merge_back_to_sink)
+        mgr = manager.EdgeManager(node, ends)
+        reconciled = reconcile.start(node, ends)
         node.events.start()
-        node_metrics = metrics.NodeMetrics(mgr)
+        node_metrics = metrics.NodeMetrics(node)
         loop = control_loop.node_loop(mgr, on_round=node_metrics.on_round)
         if background:
             loop.start()
-        app = api.create_app(mgr, tokens=cfg.tokens, operator_token=operator_token(cfg),
+        app = api.create_app(mgr, handover.Handovers(node, ends), tokens=cfg.tokens,
+                             operator_token=operator_token(cfg),
                              autoscale=lambda: control_loop.round_report(loop.run_once()),
                              metrics=node_metrics)
         return cls(cfg, mgr, app, reconciled, loop)
 
+    @property
+    def node(self) -> Node:
+        return self.manager.node
+
     def close(self) -> None:
         if self.loop is not None:
             self.loop.shutdown()
-        self.manager.events.stop()
+        self.node.events.stop()
 
     def serve(self) -> None:
         from waitress import serve

@@ -4,6 +4,11 @@ then switches the users and the old node ends its server with only the shared ke
 home. The data never waits for the cloud's link, which the switch would otherwise cross
 twice (edge -> cloud -> edge).
 
+`Handovers` sequences both sides on a node: `hand_over` (the old server's: fence, send,
+then end the server in the background, its handed users' keys left out of the merge) and
+`import_data` (the new server's), each under the server's termination lock, so that a
+termination waits and merges what is there.
+
 Trust: the new server's setup request carried a one-time key (its SHA-256 is kept), and
 only the holder of that key may write into that server; the receiving node writes only
 keys of that server's own users, whatever the sender offers (a tenant's Redis on the old
@@ -14,8 +19,9 @@ destinations for that cloud manager allow (`to_url`, an IP literal: no name look
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
+import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,8 +30,18 @@ import requests
 from enorm import datasync
 from enorm.datasync import payloads
 from enorm.migration import connect_container
-from enorm.protocol import HandoverData, HandoverResult, ImportResult
-from enorm.store import ServerRecord
+from enorm.node import Forbidden, Node, NotFound
+from enorm.protocol import (
+    HandoverData,
+    HandoverRequest,
+    HandoverResult,
+    ImportResult,
+    TerminationReason,
+)
+from enorm.store import ServerRecord, key_digest
+from enorm.termination import MigrationPending, Terminator
+
+log = logging.getLogger(__name__)
 
 POST_BYTES = 4 << 20  # per import request: well under the receiver's body limit (16 MB)
 TIMEOUT_S = 30.0
@@ -37,10 +53,6 @@ class HandoverError(Exception):
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def key_matches(rec: ServerRecord, key: str) -> bool:
@@ -131,3 +143,76 @@ def receive(rec: ServerRecord, users: list[str], data: HandoverData) -> ImportRe
     finally:
         edge.close()
     return ImportResult(keys=len(written), refused=refused)
+
+
+class Handovers:
+    """A node's side of handovers: giving a server's users away, taking them in."""
+
+    def __init__(self, node: Node, ends: Terminator) -> None:
+        self.node = node
+        self.ends = ends
+        self._peer = requests.Session()  # node to node; no proxy from the environment
+        self._peer.trust_env = False
+
+    def hand_over(self, sid: str, req: HandoverRequest,
+                  owner: str | None = None) -> HandoverResult:
+        """Give the server's users, data included, to `req.to_server` on another node:
+        fence the server, send the keys, and once the other node holds them all end this
+        server in the background, its shared keys merged home but not the handed users'
+        keys. If the other node does not take them, the fence goes and the server serves
+        on (HandoverError)."""
+        node = self.node
+        busy = self.ends.busy(node.get(sid, owner).id)
+        if not busy.acquire(blocking=False):
+            raise HandoverError(409, "not_running", f"server {sid} is busy (being handed "
+                                "over or receiving data)")
+        try:
+            rec = node.get(sid)
+            if rec.state != "running":
+                raise HandoverError(409, "not_running", f"server {sid} is {rec.state}")
+            moving = node.store.user_ids(sid)
+            self.ends.fence(rec)
+            try:
+                patterns = rec.data_sink.shared_patterns if rec.data_sink else []
+                result = send(rec, moving, patterns, req.to_url, req.to_server, req.key,
+                              self._peer)
+            except BaseException:
+                node.firewall.unfence(rec.id)
+                raise
+            with node.lock:
+                rec = node.get(sid)
+                rec.handed_to, rec.handed_users = req.to_server, moving
+                node.store.save(rec)
+        finally:
+            busy.release()
+        threading.Thread(target=self._end_handed, args=(sid, result), daemon=True,
+                         name=f"handed-{sid}").start()
+        return result
+
+    def _end_handed(self, sid: str, result: HandoverResult) -> None:
+        try:  # this server alone, whatever its termination mode: its siblings serve on
+            self.ends.end(sid, TerminationReason.HANDOVER,
+                          {"handed_to": result.to_server, "keys_handed": result.keys})
+        except (MigrationPending, NotFound):
+            pass  # kept for the merge's retry / ended by someone else meanwhile
+        except Exception:  # noqa: BLE001 (a thread of its own: log it)
+            log.exception("ending %s after its handover", sid)
+
+    def import_data(self, sid: str, key: str, data: HandoverData) -> ImportResult:
+        """The receiving side: `key` must be the one of the setup request; the last
+        request (`final`) spends it."""
+        node = self.node
+        rec = node.store.get(sid)
+        if rec is None or not key_matches(rec, key):
+            raise Forbidden(sid)
+        with self.ends.busy(sid):
+            rec = node.get(sid)
+            if rec.state != "running":
+                raise HandoverError(409, "not_running", f"server {sid} is {rec.state}")
+            result = receive(rec, node.store.user_ids(sid), data)
+            if data.final:
+                with node.lock:
+                    rec = node.get(sid)
+                    rec.handover_digest = None
+                    node.store.save(rec)
+        return result

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from enorm.protocol import Event, Resources
 
 if TYPE_CHECKING:
-    from enorm.manager import EdgeManager
+    from enorm.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class _StateCollector(Collector):
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
-        mgr = self.m.manager
+        node = self.m.node
         try:
-            servers = mgr.store.servers()
+            servers = node.store.servers()
         except Exception as exc:  # the store is gone: say so rather than fail the scrape
             log.warning("metrics: store unavailable: %s", exc)
             up = GaugeMetricFamily("enorm_store_up", "1 when the node's store answers")
@@ -61,12 +61,12 @@ class _StateCollector(Collector):
         up = GaugeMetricFamily("enorm_store_up", "1 when the node's store answers")
         up.add_metric([], 1)
         yield up
-        yield from self._node(mgr, servers)
-        yield from self._servers(mgr, servers)
+        yield from self._node(node, servers)
+        yield from self._servers(node, servers)
 
-    def _node(self, mgr: EdgeManager, servers: list) -> Iterator[Metric]:
-        alloc = mgr.allocator
-        allocated = mgr.allocated()
+    def _node(self, node: Node, servers: list) -> Iterator[Metric]:
+        alloc = node.allocator
+        allocated = node.allocated()
         figures = {
             "capacity": alloc.capacity,
             "reserve": alloc.reserve,
@@ -84,9 +84,9 @@ class _StateCollector(Collector):
         yield cores
         yield mem
         unit_c = GaugeMetricFamily("enorm_node_unit_cores", "Cores in one scaling unit")
-        unit_c.add_metric([], mgr.unit.cores)
+        unit_c.add_metric([], node.unit.cores)
         unit_m = GaugeMetricFamily("enorm_node_unit_memory_bytes", "Memory in one scaling unit")
-        unit_m.add_metric([], mgr.unit.memory_mb * MB)
+        unit_m.add_metric([], node.unit.memory_mb * MB)
         yield unit_c
         yield unit_m
         count = GaugeMetricFamily("enorm_servers", "Edge servers on the node by state",
@@ -99,7 +99,7 @@ class _StateCollector(Collector):
         pending.add_metric([], self.m.outbox_size())
         yield pending
 
-    def _servers(self, mgr: EdgeManager, servers: list) -> Iterator[Metric]:
+    def _servers(self, node: Node, servers: list) -> Iterator[Metric]:
         lbl = ["server", "app", "owner"]
 
         def fam(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
@@ -123,7 +123,7 @@ class _StateCollector(Collector):
         for s in servers:
             v = [s.id, s.app, s.owner]
             prio.add_metric(v, s.priority)
-            n_units.add_metric(v, units(s.limits, mgr.unit))
+            n_units.add_metric(v, units(s.limits, node.unit))
             cpu_lim.add_metric(v, s.limits.cores)
             mem_lim.add_metric(v, s.limits.memory_mb * MB)
             users.add_metric(v, s.users)
@@ -132,7 +132,7 @@ class _StateCollector(Collector):
                 state.add_metric(v + [st], 1.0 if s.state == st else 0.0)
             if s.state == "running":
                 try:
-                    u = mgr.containers.usage(s.container)
+                    u = node.containers.usage(s.container)
                 except Exception:  # stopped or gone between the listing and now
                     pass
                 else:
@@ -148,8 +148,8 @@ class _StateCollector(Collector):
 class NodeMetrics:
     """The node's registry: a state collector plus counters fed by events and rounds."""
 
-    def __init__(self, manager: EdgeManager) -> None:
-        self.manager = manager
+    def __init__(self, node: Node) -> None:
+        self.node = node
         self.registry = CollectorRegistry()
         # server id -> {"application": ms, "network": ms, "computing": ms}
         self.last_measured: dict[str, dict[str, float | None]] = {}
@@ -189,7 +189,7 @@ class NodeMetrics:
 
     def outbox_size(self) -> int:
         try:
-            return len(self.manager.store.outbox())
+            return len(self.node.store.outbox())
         except Exception:
             return 0
 

@@ -7,8 +7,10 @@ one place, `Store.key`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -18,7 +20,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from enorm.protocol import Event, ServerInfo, TerminationReason, User
+from enorm.protocol import (
+    Access,
+    Event,
+    Resources,
+    ServerInfo,
+    SetupRequest,
+    SetupResponse,
+    TerminationReason,
+    User,
+)
 
 EVENTS_KEPT = 10_000
 
@@ -42,8 +53,41 @@ class ServerRecord(ServerInfo):
     handed_to: str | None = None
     handed_users: list[str] = []
 
+    @classmethod
+    def admitted(cls, req: SetupRequest, *, sid: str, owner: str, container: str,
+                 address: str, host_ports: list[int], limits: Resources,
+                 created_at: float) -> ServerRecord:
+        """A launching server's record: what the setup request asked for, as it asked,
+        and where the node put it; `host_ports` are the access port, then one per port
+        of the request, in its order."""
+        return cls(
+            **req.model_dump(mode="json", include=_AS_REQUESTED),
+            id=sid, owner=owner, state="launching", container=container, address=address,
+            access_port=host_ports[0], ports=dict(zip(req.ports, host_ports[1:], strict=True)),
+            limits=limits, users=len(req.users), created_at=created_at,
+            redis_password=secrets.token_urlsafe(18),
+            handover_digest=key_digest(req.handover_key) if req.handover_key else None,
+        )
+
+    def response(self, public_host: str) -> SetupResponse:
+        """The setup request's answer (201): how the cloud manager reaches its server."""
+        return SetupResponse(server_id=self.id, access=Access(host=public_host,
+                                                              port=self.access_port),
+                             **self.model_dump(include=set(SetupResponse.model_fields)))
+
     def info(self) -> ServerInfo:
         return ServerInfo(**self.model_dump(include=set(ServerInfo.model_fields)))
+
+
+# The setup request's fields a record keeps as they came (`ports` and `users` change
+# shape: host ports per container port, a count; the node keeps the users apart).
+_AS_REQUESTED = (set(SetupRequest.model_fields) & set(ServerRecord.model_fields)) - {
+    "ports", "users"}
+
+
+def key_digest(key: str) -> str:
+    """What the node keeps of a handover key: its SHA-256 (hex)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Store:
@@ -74,6 +118,9 @@ class Store:
     def users(self, sid: str) -> list[User]:
         raw = self.r.get(self.key("users", sid))
         return [User(**u) for u in json.loads(raw)] if raw else []
+
+    def user_ids(self, sid: str) -> list[str]:
+        return [u.id for u in self.users(sid)]
 
     def user_addresses(self, sids: list[str]) -> dict[str, list[str]]:
         """Every listed server's user addresses in one round trip, as stored.

@@ -19,8 +19,8 @@ from enorm.metrics import units
 if TYPE_CHECKING:
     from flask import Response
 
-    from enorm.manager import EdgeManager
     from enorm.metrics import NodeMetrics
+    from enorm.node import Node
 
 STATIC = Path(__file__).parent
 HISTORY_POINTS = 720  # one hour at the page's 5 s sampling
@@ -45,12 +45,12 @@ class History:
     def __init__(self) -> None:
         self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
 
-    def sample(self, mgr: EdgeManager, force: bool = False) -> None:
+    def sample(self, node: Node, force: bool = False) -> None:
         now = time.time()
         if not force and self.points and now - self.points[-1]["t"] < SAMPLE_EVERY_S:
             return
-        alloc = mgr.allocator
-        allocated = mgr.allocated()
+        alloc = node.allocator
+        allocated = node.allocated()
         free = alloc.free(allocated)
         self.points.append({
             "t": now,
@@ -62,24 +62,24 @@ class History:
         })
 
 
-def view(mgr: EdgeManager, metrics: NodeMetrics, history: History,
+def view(node: Node, metrics: NodeMetrics, history: History,
          owner: str | None) -> dict[str, Any]:
     """Everything the page shows, for one caller (`owner` None: the operator)."""
-    history.sample(mgr)
-    offer = mgr.offer()
+    history.sample(node)
+    offer = node.offer()
     measured = metrics.last_measured
     servers = []
-    for s in mgr.servers(owner):
+    for s in node.servers(owner):
         m = measured.get(s.id, {})
         servers.append({
             "id": s.id, "app": s.app, "owner": s.owner, "priority": s.priority,
-            "state": s.state, "units": units(s.limits, mgr.unit),
+            "state": s.state, "units": units(s.limits, node.unit),
             "limits": s.limits.model_dump(), "users": s.users,
             "latency_ms": m.get("application"), "network_ms": m.get("network"),
             "computing_ms": m.get("computing"),
             "objective_ms": s.latency_objective_ms,
         })
-    events = mgr.store.events(limit=50, owner=owner)
+    events = node.store.events(limit=50, owner=owner)
     return {
         "node": offer.model_dump(mode="json"),
         "history": list(history.points),

@@ -115,3 +115,35 @@ def test_probe_requests_name_users_only():
                 ["10.0.0.1"] * 257):
         with pytest.raises(ValidationError):
             ProbeRequest.model_validate({"addresses": bad})
+
+
+def test_the_record_is_made_from_the_setup_request_whole():
+    """Every field of a setup request reaches the server's record: as it came, reshaped
+    (ports, users), or as a digest (handover_key); the answer is made from the record."""
+    from enorm.protocol import Resources, SetupResponse
+    from enorm.store import _AS_REQUESTED, ServerRecord, key_digest
+
+    assert set(SetupRequest.model_fields) == _AS_REQUESTED | {"ports", "users", "handover_key"}
+    req = SetupRequest.model_validate({
+        "app": "game", "priority": 7, "ports": [8080, 9000], "latency_objective_ms": 40,
+        "ssh_public_key": KEY, "users": [{"id": "u1", "address": "10.90.1.2"}],
+        "data_sink": {"url": "redis://10.0.0.9:6379/0", "shared_patterns": ["region:*"]},
+        "callback_url": "http://10.0.0.9:8000/edge-events", "override": True,
+        "termination": "multiple", "handover_key": "k" * 43,
+        "intercept": [{"address": "10.0.0.9", "port": 8000, "to_port": 8080}]})
+    unit = Resources(cores=1, memory_mb=200)
+    rec = ServerRecord.admitted(req, sid="ab12", owner="cloud-a", container="enorm-x-ab12",
+                                address="10.88.0.2", host_ports=[20001, 20002, 20003],
+                                limits=unit, created_at=1.0)
+    for name in _AS_REQUESTED:
+        assert getattr(rec, name) == (str(req.callback_url) if name == "callback_url"
+                                      else getattr(req, name)), name
+    assert (rec.state, rec.access_port, rec.ports, rec.users) == (
+        "launching", 20001, {8080: 20002, 9000: 20003}, 1)
+    assert rec.handover_digest == key_digest("k" * 43) and rec.redis_password
+    resp = rec.response("192.0.2.1")
+    assert resp == SetupResponse(server_id="ab12", container="enorm-x-ab12",
+                                 address="10.88.0.2", access={"host": "192.0.2.1",
+                                                              "port": 20001},
+                                 ports={8080: 20002, 9000: 20003}, limits=unit,
+                                 redis_password=rec.redis_password)
