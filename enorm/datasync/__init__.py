@@ -25,11 +25,14 @@ dumps the next chunk while two others restore the previous ones, each on its own
 connection. In a cluster the batches are cut per slot and pipelined per master. On
 termination the edge's keys are found and dumped in the same script calls (SCAN+DUMP).
 
-The package, by seam: `transport` (clients, batching per master and slot, pipelined
-scripts), `keys` (finding a user's keys: hash-tag scan or the app's `KeySchema`),
-`payloads` (DUMP/RESTORE scripts and verification), `copy` (the staged copy, delete on
-the source), `manifest` (digests of what went out), `rules` (the merge policy, pure),
-`merge` (termination: merge back, deletes, conflicts, ownership).
+The package, by seam: `redis_types` (the table of Redis types: per type how a value is
+read, written by the merge, merged and sized, compared by value in a script, what an
+index of it names; the Lua the others run is built from it), `transport` (clients,
+batching per master and slot, pipelined scripts), `keys` (finding a user's keys:
+hash-tag scan or the app's `KeySchema`), `payloads` (DUMP/RESTORE scripts and
+verification), `copy` (the staged copy, delete on the source), `manifest` (digests of
+what went out), `rules` (the merge policy, pure), `merge` (termination: merge back,
+deletes, conflicts, ownership).
 """
 
 from .copy import copy_users, count_existing, delete_users

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from .redis_types import MEMBERS_FN
 from .transport import Client, masters, no_args, run_script
 
 SCAN_COUNT = 2000
@@ -96,9 +97,10 @@ class KeySchema:
 
     `fixed`: names every user may have, e.g. `u:{<user>}`. `families`: pairs (index,
     member key), e.g. (`pms:{<user>}`, `pm:{<user>}:<member>`): the members (or fields)
-    of the index key, a set, sorted set, list or hash the app keeps, name the family's
-    keys. Every name carries `{<user>}` as its hash tag, so a cluster finds them on one
-    slot. A key the schema does not name is not copied: the app keeps it complete.
+    of the index key, of any type `redis_types` gives members (set, sorted set, list,
+    hash), name the family's keys. Every name carries `{<user>}` as its hash tag, so a
+    cluster finds them on one slot. A key the schema does not name is not copied: the
+    app keeps it complete.
     """
 
     fixed: tuple[str, ...] = ()
@@ -116,17 +118,13 @@ class KeySchema:
                 )
 
 
-# The members (or fields) of each index key in KEYS, whatever its type, packed: per key
-# a count, then per member its length and bytes (big-endian 4-byte lengths).
-_INDEX_MEMBERS = """
+# The members (or fields) of each index key in KEYS, whatever its type (`redis_types`),
+# packed: per key a count, then per member its length and bytes (big-endian 4-byte
+# lengths).
+_INDEX_MEMBERS = MEMBERS_FN + """
 local out = {}
 for i, k in ipairs(KEYS) do
-  local t = redis.call('TYPE', k)['ok']
-  local m = {}
-  if t == 'set' then m = redis.call('SMEMBERS', k)
-  elseif t == 'zset' then m = redis.call('ZRANGE', k, 0, -1)
-  elseif t == 'list' then m = redis.call('LRANGE', k, 0, -1)
-  elseif t == 'hash' then m = redis.call('HKEYS', k) end
+  local m = members(k)
   local parts = {struct.pack('>I4', #m)}
   for j, x in ipairs(m) do parts[j + 1] = struct.pack('>I4', #x) .. x end
   out[i] = table.concat(parts)

@@ -16,22 +16,10 @@ from .copy import CHUNK, FIRST_CHUNK, copy_chunks
 from .keys import SCAN_COUNT, hash_tag, scan, user_keys
 from .manifest import digests, read_manifest
 from .payloads import dump, scan_dump
+from .redis_types import TYPES
 from .report import SyncReport, VerificationFailed
 from .rules import contains, matches
 from .transport import BATCH, Client, Guard, Job, by_node, is_cluster, ping, run_jobs
-
-# Append the ARGV items the list lacks, counting duplicates (a multiset difference), in
-# one step so a concurrent writer on the cloud cannot interleave.
-_LIST_MERGE = """
-local have = {}
-for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do have[v] = (have[v] or 0) + 1 end
-local n = 0
-for _, v in ipairs(ARGV) do
-  if (have[v] or 0) > 0 then have[v] = have[v] - 1
-  else redis.call('RPUSH', KEYS[1], v); n = n + 1 end
-end
-return n
-"""
 
 # A shared key whose type on the cloud is not the edge's is replaced by the edge's: the
 # check and the delete run on the server, in the write's own round trip.
@@ -41,17 +29,9 @@ if t ~= 'none' and t ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-_READ = {
-    b"string": lambda p, k: p.get(k),
-    b"hash": lambda p, k: p.hgetall(k),
-    b"set": lambda p, k: p.smembers(k),
-    b"zset": lambda p, k: p.zrange(k, 0, -1, withscores=True),
-    b"list": lambda p, k: p.lrange(k, 0, -1),
-}
-
 
 def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tuple[bytes, Any]]:
-    """key -> (type, value) for the keys of a merge-able type that exist."""
+    """key -> (type, value) for the keys of a type the table knows that exist."""
     out: dict[bytes, tuple[bytes, Any]] = {}
     with Guard(side):
         for node, ks in by_node(client, keys).items():
@@ -62,9 +42,9 @@ def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tupl
                     pipe.type(k)
                 types = pipe.execute()
                 pipe = node.pipeline(transaction=False)
-                kept = [(k, t) for k, t in zip(chunk, types, strict=True) if t in _READ]
+                kept = [(k, t) for k, t in zip(chunk, types, strict=True) if t in TYPES]
                 for k, t in kept:
-                    _READ[t](pipe, k)
+                    TYPES[t].read(pipe, k)
                 for (k, t), v in zip(kept, pipe.execute(), strict=True):
                     out[k] = (t, v)
     return out
@@ -75,26 +55,17 @@ def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncRe
     with Guard("destination"):
         after: dict[bytes, Any] = {}
         for node, ks in by_node(cloud, list(values)).items():
-            list_merge = node.register_script(_LIST_MERGE)
             pipe = node.pipeline(transaction=False)
             reads: list[tuple[bytes, int]] = []
             for k in ks:
                 typ, value = values[k]
+                row = TYPES[typ]
                 pipe.eval(_TYPE_GUARD, 1, k, typ)  # the types disagree: the edge's key wins
-                if typ == b"string":
-                    pipe.set(k, value)
-                elif typ == b"set" and value:
-                    pipe.sadd(k, *value)
-                elif typ == b"hash" and value:
-                    pipe.hset(k, mapping=value)
-                elif typ == b"zset" and value:
-                    pipe.zadd(k, dict(value), gt=True)
-                elif typ == b"list" and value:
-                    list_merge(keys=[k], args=value, client=pipe)
-                report.bytes += _size(value)
+                row.write(pipe, k, value)
+                report.bytes += row.size(value)
                 # read back in the same round trip: the verification below
                 reads.append((k, len(pipe)))
-                _READ[typ](pipe, k)
+                row.read(pipe, k)
             replies = pipe.execute(raise_on_error=False)
             after.update((k, replies[i]) for k, i in reads)
     report.merged += len(values)
@@ -103,16 +74,6 @@ def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncRe
     if bad:
         raise VerificationFailed(f"{len(bad)} shared keys were not merged into the cloud", bad)
     report.keys_verified += len(values)
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, bytes):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(len(f) + len(v) for f, v in value.items())
-    if isinstance(value, list) and value and isinstance(value[0], tuple):
-        return sum(len(m) + 8 for m, _ in value)
-    return sum(len(v) for v in value)
 
 
 SAMPLE = 10  # key names reported per kind of surprise

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from .keys import SCAN_COUNT, hash_tag
+from .redis_types import ELEMENTS_FN, SAME_FN, UNORDERED
 from .report import VerificationFailed
 from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_jobs, run_script
 
@@ -52,25 +53,18 @@ return {r[1], table.concat(out)}
 _SCAN_HEADER = struct.Struct(">IqI")
 
 # A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
-# free for the copy, which dumps every key anyway. Sets and hashes in hash-table encoding
-# (RDB types 2 and 4) dump in their table's order, which a rehash may change without a
-# write: theirs is a SHA-1 of the type and the sorted elements instead. A key that does
-# not exist gets 16 dots.
-DIGEST_FN = """
-local function lp(x) return struct.pack('>I4', #x) .. x end
+# free for the copy, which dumps every key anyway. Values whose DUMP follows a hash
+# table's order (`redis_types`: sets and hashes of that encoding), which a rehash may
+# change without a write, get a SHA-1 of the RDB type and the sorted elements instead. A
+# key that does not exist gets 16 dots.
+DIGEST_FN = ELEMENTS_FN + """
 local function digest(k)
   local p = redis.call('DUMP', k)
   if not p then return '................' end
   local t = string.byte(p, 1)
-  if t ~= 2 and t ~= 4 then
+  local parts = elements(k, t)
+  if not parts then
     return string.format(string.rep('%02x', 8), string.byte(p, #p - 7, #p))
-  end
-  local parts = {}
-  if t == 4 then
-    local kv = redis.call('HGETALL', k)
-    for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end
-  else
-    for _, m in ipairs(redis.call('SMEMBERS', k)) do parts[#parts + 1] = lp(m) end
   end
   table.sort(parts)
   return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
@@ -113,44 +107,10 @@ return table.concat(out)
 # (hash-table sets and hashes: their DUMP order is the table's) or that differ after a
 # RESTORE (another Redis version, another encoding). KEYS: pairs (key, scratch key of the
 # same slot); ARGV: the source's payloads. Each payload is restored into the scratch key
-# and compared with the key by value, by type; the scratch key is deleted in the same
-# script, so nobody ever sees it. Returns the positions (0-based) of the keys that differ.
-_SAME = """
-local function same(k, s)
-  local t = redis.call('TYPE', k)['ok']
-  if t ~= redis.call('TYPE', s)['ok'] then return false end
-  if t == 'string' then return redis.call('GET', k) == redis.call('GET', s) end
-  if t == 'set' then
-    if redis.call('SCARD', k) ~= redis.call('SCARD', s) then return false end
-    for _, m in ipairs(redis.call('SMEMBERS', s)) do
-      if redis.call('SISMEMBER', k, m) == 0 then return false end
-    end
-    return true
-  end
-  if t == 'hash' then
-    if redis.call('HLEN', k) ~= redis.call('HLEN', s) then return false end
-    local kv = redis.call('HGETALL', s)
-    for j = 1, #kv, 2 do
-      if redis.call('HGET', k, kv[j]) ~= kv[j + 1] then return false end
-    end
-    return true
-  end
-  if t == 'zset' then
-    if redis.call('ZCARD', k) ~= redis.call('ZCARD', s) then return false end
-    local ms = redis.call('ZRANGE', s, 0, -1, 'WITHSCORES')
-    for j = 1, #ms, 2 do
-      if redis.call('ZSCORE', k, ms[j]) ~= ms[j + 1] then return false end
-    end
-    return true
-  end
-  if t == 'list' then
-    local a, b = redis.call('LRANGE', k, 0, -1), redis.call('LRANGE', s, 0, -1)
-    if #a ~= #b then return false end
-    for j = 1, #a do if a[j] ~= b[j] then return false end end
-    return true
-  end
-  return redis.call('DUMP', k) == redis.call('DUMP', s)
-end
+# and compared with the key by value (`redis_types.SAME_FN`, by type); the scratch key is
+# deleted in the same script, so nobody ever sees it. Returns the positions (0-based) of
+# the keys that differ.
+_SAME = SAME_FN + """
 local bad = {}
 for i = 1, #ARGV do
   local k, s = KEYS[2 * i - 1], KEYS[2 * i]
@@ -172,8 +132,6 @@ def payload_digest(payload: bytes) -> bytes | None:
         return None
     return payload[-8:].hex().encode()
 
-# RDB types of the payloads whose bytes follow a hash table's order (set, hash).
-UNORDERED = frozenset({2, 4})
 
 
 def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes, tuple]:

@@ -3,7 +3,17 @@
 import pytest
 
 from enorm import datasync
-from enorm.datasync import hash_tag, merge_rule, rules, user_pattern
+from enorm.datasync import hash_tag, keys, merge_rule, payloads, rules, user_pattern
+from enorm.datasync.redis_types import ELEMENTS_FN, MEMBERS_FN, SAME_FN, TYPES
+
+# Two values per type of the table, as its `read` gives them: the cloud's and the edge's.
+SAMPLES = {
+    b"string": (b"old", b"new"),
+    b"set": ({b"a", b"b"}, {b"b", b"c"}),
+    b"hash": ({b"f": b"cloud", b"g": b"1"}, {b"f": b"edge"}),
+    b"zset": ([(b"a", 3.0), (b"b", 9.0)], [(b"a", 5.0), (b"c", 1.0)]),
+    b"list": ([b"y", b"z"], [b"x", b"y", b"y"]),
+}
 
 
 @pytest.mark.parametrize(
@@ -77,3 +87,27 @@ def test_sync_errors_are_one_family():
         datasync.VerificationFailed,
     ):
         assert issubclass(cls, datasync.SyncError)
+
+
+def test_every_type_of_the_table_merges_to_hold_the_edges_value():
+    assert set(SAMPLES) == set(TYPES)  # a new row comes with its sample here
+    for typ, (cloud, edge) in SAMPLES.items():
+        merged = merge_rule(typ, cloud, edge)
+        as_read = list(merged.items()) if isinstance(merged, dict) and typ == b"zset" else merged
+        assert rules.contains(typ, as_read, edge), typ
+        assert not rules.contains(typ, cloud, edge), typ
+        assert merge_rule(typ, None, edge) == edge
+        assert TYPES[typ].size(edge) > 0
+    # A type the table does not know: the edge's value, compared whole.
+    assert merge_rule(b"stream", [b"1-0"], [b"2-0"]) == [b"2-0"]
+    assert rules.contains(b"stream", [b"2-0"], [b"2-0"])
+
+
+def test_the_scripts_are_built_from_the_table():
+    for name, row in TYPES.items():
+        assert f"t == '{name.decode()}' then\n    {row.same.strip()}" in SAME_FN
+        assert row.members is None or f"return {row.members}" in MEMBERS_FN
+        assert row.hashtable is None or f"t == {row.hashtable[0]} then" in ELEMENTS_FN
+    assert payloads._SAME.startswith(SAME_FN)
+    assert keys._INDEX_MEMBERS.startswith(MEMBERS_FN)
+    assert payloads.DIGEST_FN.startswith(ELEMENTS_FN) and payloads.UNORDERED == {2, 4}

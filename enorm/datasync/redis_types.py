@@ -1,0 +1,210 @@
+"""The Redis types datasync knows, one row each (`TYPES`), and the Lua built from them.
+
+A row says, for one type: how a whole value is read (redis-py, queued on a pipeline),
+how the merge writes the edge's value into the cloud's (the union, as commands), the
+merge rule itself and its check (pure: what the cloud holds after a merge), the bytes a
+value counts for, how a script compares two keys of the type by value, what an index key
+of the type names (its members or fields: `KeySchema` families), and, for the types whose
+DUMP follows a hash table's order, the elements a digest sorts. `rules`, `merge`,
+`payloads` (the by-value check and the digest) and `keys` (the index members) take all
+of it from here, so a new type is one row (and its tests).
+
+A type without a row still moves: DUMP/RESTORE copy any value as bytes, verified byte for
+byte. The table says what else can be done with it: merged as a shared key, compared by
+value, used as an index.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Pipe = Any  # a redis-py pipeline (standalone or one master's)
+
+# Append the ARGV items the list lacks, counting duplicates (a multiset difference), in
+# one step so a concurrent writer on the cloud cannot interleave.
+_LIST_MERGE = """
+local have = {}
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do have[v] = (have[v] or 0) + 1 end
+local n = 0
+for _, v in ipairs(ARGV) do
+  if (have[v] or 0) > 0 then have[v] = have[v] - 1
+  else redis.call('RPUSH', KEYS[1], v); n = n + 1 end
+end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class RedisType:
+    name: bytes  # what TYPE answers
+    # Queue a read of the whole value; the reply is the value the functions below take.
+    read: Callable[[Pipe, bytes], Any]
+    # Queue the merge's write of the edge's value into the cloud's key (the union).
+    write: Callable[[Pipe, bytes, Any], Any]
+    # The value the cloud holds after `edge` is merged into `cloud` (both present).
+    merge: Callable[[Any, Any], Any]
+    # True when `cloud` holds all of `edge` under the merge rule.
+    contains: Callable[[Any, Any], bool]
+    # The bytes a value counts for in a report.
+    size: Callable[[Any], int]
+    # Lua: true when keys `k` and `s` (of this type both) hold the same value.
+    same: str
+    # Lua: the members an index key of this type names (None: not an index type).
+    members: str | None = None
+    # The RDB type of the encoding whose DUMP follows a hash table's order, and the Lua
+    # that lists its elements into `parts` for a digest (None: DUMP is deterministic).
+    hashtable: tuple[int, str] | None = None
+
+
+def _list_merge(cloud: list, edge: list) -> list:
+    have = Counter(cloud)
+    extra = []
+    for item in edge:
+        if have[item] > 0:
+            have[item] -= 1
+        else:
+            extra.append(item)
+    return list(cloud) + extra
+
+
+def _zset_merge(cloud: list, edge: list) -> dict:
+    merged = dict(cloud)
+    for member, score in dict(edge).items():
+        merged[member] = max(score, merged.get(member, score))
+    return merged
+
+
+def _zset_contains(cloud: Any, edge: list) -> bool:
+    c = dict(cloud)
+    return all(m in c and c[m] >= s for m, s in edge)
+
+
+def _lua_equal_counts(count: str) -> str:
+    return f"if redis.call('{count}', k) ~= redis.call('{count}', s) then return false end"
+
+
+TYPES: dict[bytes, RedisType] = {t.name: t for t in (
+    RedisType(
+        name=b"string",
+        read=lambda p, k: p.get(k),
+        write=lambda p, k, v: p.set(k, v),
+        merge=lambda cloud, edge: edge,  # the edge wins
+        contains=lambda cloud, edge: cloud == edge,
+        size=len,
+        same="return redis.call('GET', k) == redis.call('GET', s)",
+    ),
+    RedisType(
+        name=b"set",
+        read=lambda p, k: p.smembers(k),
+        write=lambda p, k, v: v and p.sadd(k, *v),
+        merge=lambda cloud, edge: set(cloud) | set(edge),  # union of members
+        contains=lambda cloud, edge: set(edge) <= set(cloud),
+        size=lambda v: sum(len(m) for m in v),
+        same=_lua_equal_counts("SCARD") + """
+    for _, m in ipairs(redis.call('SMEMBERS', s)) do
+      if redis.call('SISMEMBER', k, m) == 0 then return false end
+    end
+    return true""",
+        members="redis.call('SMEMBERS', k)",
+        hashtable=(2, """
+    for _, m in ipairs(redis.call('SMEMBERS', k)) do parts[#parts + 1] = lp(m) end"""),
+    ),
+    RedisType(
+        name=b"hash",
+        read=lambda p, k: p.hgetall(k),
+        write=lambda p, k, v: v and p.hset(k, mapping=v),
+        # union of fields; a field on both sides takes the edge's value
+        merge=lambda cloud, edge: {**cloud, **edge},
+        contains=lambda cloud, edge: all(cloud.get(f) == v for f, v in edge.items()),
+        size=lambda v: sum(len(f) + len(x) for f, x in v.items()),
+        same=_lua_equal_counts("HLEN") + """
+    local kv = redis.call('HGETALL', s)
+    for j = 1, #kv, 2 do
+      if redis.call('HGET', k, kv[j]) ~= kv[j + 1] then return false end
+    end
+    return true""",
+        members="redis.call('HKEYS', k)",
+        hashtable=(4, """
+    local kv = redis.call('HGETALL', k)
+    for j = 1, #kv, 2 do parts[#parts + 1] = lp(kv[j]) .. lp(kv[j + 1]) end"""),
+    ),
+    RedisType(
+        name=b"zset",
+        read=lambda p, k: p.zrange(k, 0, -1, withscores=True),
+        write=lambda p, k, v: v and p.zadd(k, dict(v), gt=True),
+        merge=_zset_merge,  # union of members; one on both sides keeps the higher score
+        contains=_zset_contains,
+        size=lambda v: sum(len(m) + 8 for m, _ in v),
+        same=_lua_equal_counts("ZCARD") + """
+    local ms = redis.call('ZRANGE', s, 0, -1, 'WITHSCORES')
+    for j = 1, #ms, 2 do
+      if redis.call('ZSCORE', k, ms[j]) ~= ms[j + 1] then return false end
+    end
+    return true""",
+        members="redis.call('ZRANGE', k, 0, -1)",
+    ),
+    RedisType(
+        name=b"list",
+        read=lambda p, k: p.lrange(k, 0, -1),
+        write=lambda p, k, v: v and p.eval(_LIST_MERGE, 1, k, *v),
+        # the cloud's list, then the edge's items the cloud lacks (multiset difference)
+        merge=_list_merge,
+        contains=lambda cloud, edge: not (Counter(edge) - Counter(cloud)),
+        size=lambda v: sum(len(x) for x in v),
+        same="""local a, b = redis.call('LRANGE', k, 0, -1), redis.call('LRANGE', s, 0, -1)
+    if #a ~= #b then return false end
+    for j = 1, #a do if a[j] ~= b[j] then return false end end
+    return true""",
+        members="redis.call('LRANGE', k, 0, -1)",
+    ),
+)}
+
+
+# -- the Lua the scripts are built from ---------------------------------------------------
+def _chain(var: str, arms: dict[str, str], otherwise: str | None = None) -> str:
+    """A Lua if/elseif chain: `var == cond` -> body."""
+    parts = [f"{'if' if i == 0 else 'elseif'} {var} == {cond} then\n    {body.strip()}"
+             for i, (cond, body) in enumerate(arms.items())]
+    if otherwise is not None:
+        parts.append(f"else\n    {otherwise}")
+    return "\n  ".join(parts) + "\n  end"
+
+
+# same(k, s): keys `k` and `s` hold the same value (by type; DUMP bytes for a type the
+# table does not know).
+SAME_FN = f"""
+local function same(k, s)
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= redis.call('TYPE', s)['ok'] then return false end
+  {_chain("t", {f"'{t.name.decode()}'": t.same for t in TYPES.values()})}
+  return redis.call('DUMP', k) == redis.call('DUMP', s)
+end
+"""
+
+# members(k): what index key `k` names (its members or fields), whatever its type.
+MEMBERS_FN = f"""
+local function members(k)
+  local t = redis.call('TYPE', k)['ok']
+  {_chain("t", {f"'{t.name.decode()}'": f"return {t.members}"
+                for t in TYPES.values() if t.members})}
+  return {{}}
+end
+"""
+
+# elements(k, t): for a value whose DUMP (RDB type `t`) follows a hash table's order, its
+# elements, length-prefixed, for a digest to sort; nil for any other.
+ELEMENTS_FN = f"""
+local function lp(x) return struct.pack('>I4', #x) .. x end
+local function elements(k, t)
+  local parts = {{}}
+  {_chain("t", {str(t.hashtable[0]): t.hashtable[1] for t in TYPES.values() if t.hashtable},
+          "return nil")}
+  return parts
+end
+"""
+
+# RDB types of the payloads whose bytes follow a hash table's order.
+UNORDERED = frozenset(t.hashtable[0] for t in TYPES.values() if t.hashtable)
