@@ -41,7 +41,7 @@ from bench import heavy_data
 from cloud_manager import CloudManager, EdgeClient
 from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
 from enorm import datasync
-from enorm.protocol import DataSink
+from enorm.protocol import DataSink, User
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
 from games.pokemon.app import app as pokemon_app
@@ -94,11 +94,11 @@ def cloud_size_runs(manager: CloudManager, cloud: redis.Redis, big: int, runs: i
     def offload(label: str, n: int, reps: int) -> None:
         for _ in range(reps):
             try:
-                dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
+                dep = manager.offload([User(id=u, address="127.0.0.1") for u in users[:n]])
             except Exception as exc:  # noqa: BLE001 (one retry, counted in the result)
                 print(f"{label} {n} users: offload failed ({exc}); once more", flush=True)
                 out.setdefault("retried", []).append(f"{label}/{n}: {exc}")
-                dep = manager.offload([(u, "127.0.0.1") for u in users[:n]])
+                dep = manager.offload([User(id=u, address="127.0.0.1") for u in users[:n]])
             manager.withdraw(dep)
             if dep.state != "withdrawn" or not dep.confirmed:
                 raise RuntimeError(f"{label} {n} users: {dep.state}")
@@ -143,7 +143,7 @@ def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users:
     out["ttl_keys"] = sum(1 for t in pipe.execute() if t > 0)
     try:
         for run in range(runs):
-            dep = manager.offload([(u, "127.0.0.1") for u in users])
+            dep = manager.offload([User(id=u, address="127.0.0.1") for u in users])
             to_edge = heavy_data.bare_copy(cloud_url, dep.redis_forward(), keys_of)
             pw = dep.setup.redis_password
             direct = f"redis://:{pw}@{dep.setup.address}:6379/0"
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             before = datasync.read_typed(cloud, datasync.user_keys(cloud), "source")
             for size in a.sizes:
                 for run in range(a.runs):
-                    dep = manager.offload([(u, "127.0.0.1") for u in users[:size]])
+                    dep = manager.offload([User(id=u, address="127.0.0.1") for u in users[:size]])
                     manager.withdraw(dep)
                     if dep.state != "withdrawn" or not dep.confirmed:
                         raise RuntimeError(f"run {run} at {size} users: {dep.state}")

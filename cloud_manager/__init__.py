@@ -2,17 +2,11 @@
 enorm edge nodes (handshake, deployment over SSH, data migration, redirection, failover)
 and to bring them home when the server is terminated."""
 
+from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .orchestrator import (
-    App,
-    CloudManager,
-    Deployment,
-    EdgeContext,
-    HandoverFailed,
-    NoEdgeAvailable,
-    sink_for,
-)
+from .handover import HandoverFailed
+from .orchestrator import CloudManager, Deployment, NoEdgeAvailable
 
 __all__ = [
     "App",

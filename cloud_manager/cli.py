@@ -231,7 +231,7 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
         c.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=mgr.app.name,
                               url=dep.url, users=dep.users))
     result = {"server_id": dep.server_id, "node": dep.edge.name, "url": dep.url,
-              "users": dep.users, "refused": dep.refused, "placement": dep.placement,
+              "users": dep.user_ids, "refused": dep.refused, "placement": dep.placement,
               "keys_copied": dep.keys_copied,
               "timings_s": {k: round(v, 4) for k, v in dep.timings.items()}}
     if as_json:
@@ -261,7 +261,7 @@ def deployments(config_path: Path | None, as_json: bool) -> None:
                     limits = None if info is None else info.limits
                 except EdgeError:
                     state = "node unreachable"
-            data.append({**e.__dict__, "state": state,
+            data.append({**e.__dict__, "users": e.user_ids, "state": state,
                          "limits": limits.model_dump() if limits else None})
             rows.append((e.server_id, e.node, e.app, len(e.users), e.url, state,
                          _res(limits) if limits else ""))

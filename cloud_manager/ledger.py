@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from enorm import datasync
+from enorm.protocol import User
 
 PREFIX = "enorm:{cloud}"
 
@@ -22,8 +23,24 @@ class Entry:
     node: str
     app: str
     url: str  # the user-facing base URL of the edge server
-    users: list[str]
+    users: list[User]  # with the addresses they were offloaded with
     created_at: float = field(default_factory=time.time)
+
+    @property
+    def user_ids(self) -> list[str]:
+        return [u.id for u in self.users]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "users": [u.model_dump(mode="json")
+                                                     for u in self.users]})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Entry:
+        d = json.loads(raw)
+        # An entry written before the ledger kept addresses names its users by id.
+        d["users"] = [User(id=u, address="127.0.0.1") if isinstance(u, str)
+                      else User.model_validate(u) for u in d["users"]]
+        return cls(**d)
 
 
 class Ledger:
@@ -34,17 +51,17 @@ class Ledger:
 
     def record(self, e: Entry) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.deployments, e.server_id, json.dumps(asdict(e)))
+        pipe.hset(self.deployments, e.server_id, e.to_json())
         if e.users:
-            pipe.hset(self.users, mapping=dict.fromkeys(e.users, e.server_id))
+            pipe.hset(self.users, mapping=dict.fromkeys(e.user_ids, e.server_id))
         pipe.execute()
 
     def get(self, server_id: str) -> Entry | None:
         raw = self.r.hget(self.deployments, server_id)
-        return None if raw is None else Entry(**json.loads(raw))
+        return None if raw is None else Entry.from_json(raw)
 
     def all(self) -> list[Entry]:
-        return sorted((Entry(**json.loads(v)) for v in self.r.hvals(self.deployments)),
+        return sorted((Entry.from_json(v) for v in self.r.hvals(self.deployments)),
                       key=lambda e: e.created_at)
 
     def where(self, user: str) -> Entry | None:
@@ -54,7 +71,7 @@ class Ledger:
     def forget(self, server_id: str) -> None:
         """Drop a deployment, and its users' entries unless they moved on meanwhile."""
         e = self.get(server_id)
-        users = e.users if e is not None else []
+        users = e.user_ids if e is not None else []
         now = self.r.hmget(self.users, users) if users else []
         mine = [u for u, sid in zip(users, now, strict=True)
                 if sid is not None and sid.decode() == server_id]

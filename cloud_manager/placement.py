@@ -13,16 +13,29 @@ so with the default weights (1, 0.2, 0.2, 0.5) a millisecond of the users' laten
 as much as a hundredth of a loaded core, a node with one free unit costs 10 more than
 one with plenty, and a node that would have to evict somebody for this priority 50 more.
 A node whose last offer says it cannot admit at all (no free unit and no pre-emption, or
-the priority below its minimum) goes last, not away: the offer may be stale. Pure, so
-that each rule is tested from a table (tests/unit/test_placement.py).
+the priority below its minimum) goes last, not away: the offer may be stale. `cost` and
+`order` are pure, so that each rule is tested from a table (tests/unit/test_placement.py);
+`Placer` asks the nodes for what they need: the registry's view (nodes down are passed
+over), each node's offer and its own probe of a sample of the users.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from .edge_client import EdgeClient, EdgeError
+
+if TYPE_CHECKING:
+    from enorm.protocol import SetupRequest
+
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
 
 Policy = Literal["first", "scored"]
 
@@ -75,3 +88,73 @@ def order(candidates: Sequence[Candidate], policy: Policy = "first",
     ranked = sorted(enumerate(candidates),
                     key=lambda ic: (not ic[1].admits, cost(ic[1], w), ic[0]))
     return [c.name for _, c in ranked]
+
+
+class Placer:
+    """Asks the nodes what `order` needs: the nodes the registry holds down are passed
+    over; with `scored` each node's offer (the registry's, else asked now) and its own
+    probe of a sample of the users, side by side."""
+
+    def __init__(self, registry: Registry | None = None, policy: Policy = "first",
+                 weights: Weights | None = None, probe_sample: int = 64) -> None:
+        if policy not in ("first", "scored"):
+            raise ValueError(f"placement must be 'first' or 'scored', not {policy!r}")
+        self.registry = registry
+        self.policy, self.weights = policy, weights or Weights()
+        self.probe_sample = probe_sample
+
+    def place(self, nodes: Iterable[EdgeClient], req: SetupRequest,
+              exclude: Iterable[str] = (), only: str | None = None
+              ) -> tuple[list[EdgeClient], dict[str, str], dict]:
+        """Of `nodes`, the ones to ask, in order, the ones passed over (down) and, for the
+        record, the figures the order came from; never the nodes in `exclude`, only
+        `only` if given."""
+        refused: dict[str, str] = {}
+        skip = set(exclude)
+        edges = [e for e in nodes if e.name not in skip and only in (None, e.name)]
+        if only is not None and not edges:
+            raise ValueError(f"no edge node named {only!r} besides the excluded ones")
+        if self.registry is not None:
+            edges, candidates = [], edges
+            for e in candidates:
+                if self.registry.up(e.name):
+                    edges.append(e)
+                else:
+                    refused[e.name] = "down (no heartbeat)"
+        if self.policy == "first" or len(edges) < 2:
+            return edges, refused, {"policy": self.policy, "order": [e.name for e in edges]}
+        sample = [str(u.address) for u in req.users[: self.probe_sample]]
+        with ThreadPoolExecutor(min(16, len(edges))) as pool:
+            cands = list(pool.map(lambda e: self.candidate(e, req, sample), edges))
+        names = order(cands, "scored", self.weights)
+        by_name = {e.name: e for e in edges}
+        return [by_name[n] for n in names], refused, {
+            "policy": "scored", "order": names,
+            "nodes": {c.name: {"latency_ms": c.latency_ms, "free_units": c.free_units,
+                               "load": c.load, "admits": c.admits,
+                               "cost": round(cost(c, self.weights), 3)}
+                      for c in cands}}
+
+    def candidate(self, edge: EdgeClient, req: SetupRequest, sample: list[str]) -> Candidate:
+        """One node's figures: its offer (the registry's, else asked now) and its probe of
+        a sample of the users; what it cannot answer counts as unknown."""
+        offer = None
+        if self.registry is not None and (st := self.registry.get(edge.name)) is not None:
+            offer = st.offer
+        try:
+            offer = offer or edge.offer()
+        except EdgeError:
+            return Candidate(edge.name, admits=False)
+        try:
+            latency = edge.probe(sample).median_ms if sample else None
+        except EdgeError as exc:
+            log.info("edge %s: probe failed: %s", edge.name, exc)
+            latency = None
+        units = min(offer.free.cores / offer.unit.cores if offer.unit.cores else 0.0,
+                    offer.free.memory_mb / offer.unit.memory_mb if offer.unit.memory_mb else 0.0)
+        room = units >= 1.0
+        preempt = not room and offer.admission == "preempt"
+        return Candidate(
+            edge.name, latency_ms=latency, free_units=units, load=offer.load,
+            admits=req.priority >= offer.min_priority and (room or preempt),
+            needs_preemption=preempt)

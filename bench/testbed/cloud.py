@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.jmeter import create_players
     from cloud_manager import CloudManager, EdgeClient
     from enorm import datasync
-    from enorm.protocol import DataSink
+    from enorm.protocol import DataSink, User
     from games.pokemon import cloud as game_cloud
     from games.pokemon import keys, serving
     from games.pokemon.app import app as pokemon_app
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     def _offload():
         body = request.get_json()
         manager.placement = body.get("placement") or manager.placement
-        dep = manager.offload([tuple(u) for u in body["users"]],
+        dep = manager.offload([User(id=u[0], address=u[1]) for u in body["users"]],
                               exclude=body.get("exclude") or ())
         return jsonify(server_id=dep.server_id, url=dep.url, timings=dep.timings,
                        keys=dep.keys_copied, node=dep.edge.name,

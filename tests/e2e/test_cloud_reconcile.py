@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from world import LONDON, cloud_world, make_users, play
+from world import LONDON, as_users, cloud_world, make_users, play
 
 from games.pokemon import keys
 
@@ -19,7 +19,7 @@ def test_server_gone_without_an_event_brings_users_home(edge_node, redis_server)
         users = make_users(cloud, 3)
         for u in users:
             u.update(*LONDON)
-        dep = cloud.manager.offload([(u.user, "127.0.0.1") for u in users[:2]])
+        dep = cloud.manager.offload(as_users(users[:2]))
         users[0].refresh()
         assert users[0].server == dep.url
         play(users[0], LONDON)

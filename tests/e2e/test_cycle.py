@@ -14,6 +14,7 @@ from world import (
     LONDON,
     PARIS,
     TcpProxy,
+    as_users,
     cloud_world,
     make_users,
     play,
@@ -80,7 +81,7 @@ def run_cycle(cloud, node, *, edge_initiated: bool) -> None:
     cloud_before = snapshot(cloud.redis, None)
     cloud_before_shared = shared(cloud.redis)
 
-    dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in offload])
+    dep = cloud.manager.offload(as_users(offload))
     assert dep.edge.name == node.name
     assert dep.copy.verified and dep.copy.keys >= 50
     redirect = game_cloud_config(cloud)
@@ -156,8 +157,8 @@ def test_second_edge_node_takes_over_after_409(edge_node, redis_server):
         for c in clients:
             play(c, LONDON, catches=1)
         cloud_before = snapshot(cloud.redis, None)
-        first = cloud.manager.offload([(c.user, "127.0.0.1") for c in clients[:20]])
-        second = cloud.manager.offload([(c.user, "127.0.0.1") for c in clients[20:]])
+        first = cloud.manager.offload(as_users(clients[:20]))
+        second = cloud.manager.offload(as_users(clients[20:]))
         assert first.edge.name == a.name and first.refused == {}
         assert second.edge.name == b.name
         assert second.refused == {a.name: "insufficient_resources"}
@@ -174,13 +175,13 @@ def test_second_edge_node_takes_over_after_409(edge_node, redis_server):
                 assert after[k] == v, k
         assert not set(cloud_before) - set(after)
         # with A free again, the next server lands on A
-        third = cloud.manager.offload([(clients[0].user, "127.0.0.1")])
+        third = cloud.manager.offload(as_users([clients[0]]))
         assert third.edge.name == a.name
         # A full and B not configured: nobody admits, nothing is redirected
         edges, cloud.manager.edges = cloud.manager.edges, cloud.manager.edges[:1]
         try:
             with pytest.raises(NoEdgeAvailable) as refused:
-                cloud.manager.offload([(clients[1].user, "127.0.0.1")])
+                cloud.manager.offload(as_users([clients[1]]))
         finally:
             cloud.manager.edges = edges
         assert refused.value.refusals == {a.name: "insufficient_resources"}
@@ -201,7 +202,7 @@ def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, re
         with cloud_world(store.url, [node],
                          sink_url=f"redis://127.0.0.1:{proxy.port}/0") as cloud:  # fmt: skip
             clients = make_users(cloud, 20)
-            dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in clients[:10]])
+            dep = cloud.manager.offload(as_users(clients[:10]))
             offloaded_play(cloud, dep, clients[:10])
             edge_users, edge_shared = edge_values_before_end(dep)
             cloud_shared = shared(cloud.redis)
@@ -262,7 +263,7 @@ def test_a_deploy_whose_ssh_session_drops_connects_again(edge_node, redis_server
         for u in users:
             play(u, LONDON)
         caught = {u.user: len(u.party()) for u in users}
-        real, dropped = CloudManager._start_server, []
+        real, dropped = CloudManager.start_server, []
 
         def drop_first(self, dep):
             if not dropped:
@@ -270,8 +271,8 @@ def test_a_deploy_whose_ssh_session_drops_connects_again(edge_node, redis_server
                 dep.session.transport.close()
             return real(self, dep)
 
-        monkeypatch.setattr(CloudManager, "_start_server", drop_first)
-        dep = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        monkeypatch.setattr(CloudManager, "start_server", drop_first)
+        dep = cloud.manager.offload(as_users(users))
         assert dropped and dep.session is not dropped[0]
         assert dep.copy.verified
         for u in users:

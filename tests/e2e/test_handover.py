@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from world import LONDON, PARIS, cloud_world, make_users, play
+from world import LONDON, PARIS, as_users, cloud_world, make_users, play
 
 from cloud_manager import EdgeError, HandoverFailed
 from enorm import datasync
@@ -94,7 +94,7 @@ def test_a_terminating_server_takes_no_write_after_its_data_is_read(edge_node, r
     with cloud_world(redis_server().url, [node]) as cloud:
         (user,) = make_users(cloud, 1)
         user.update(*LONDON)
-        dep = cloud.manager.offload([(user.user, "127.0.0.1")])
+        dep = cloud.manager.offload(as_users([user]))
         w = Writer(user, pinned=dep.url)
         w.start()
         while w.by_server.get(dep.url, 0) < 20:
@@ -121,7 +121,7 @@ def test_handover_moves_playing_users_to_another_node_start_first(edge_node, red
         users = make_users(cloud, 3)
         for u in users:
             play(u, LONDON)
-        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        old = cloud.manager.offload(as_users(users))
         assert old.edge.name == a.name
         for u in users[1:]:
             u.refresh()
@@ -164,8 +164,8 @@ def test_users_of_an_evicted_server_are_rehomed_on_another_node(edge_node, redis
         users = make_users(cloud, 4)
         for u in users:
             play(u, LONDON)
-        low = cloud.manager.offload([(u.user, "127.0.0.1") for u in users[:2]], priority=2)
-        high = cloud.manager.offload([(u.user, "127.0.0.1") for u in users[2:]], priority=8)
+        low = cloud.manager.offload(as_users(users[:2]), priority=2)
+        high = cloud.manager.offload(as_users(users[2:]), priority=8)
         assert low.edge.name == high.edge.name == a.name
         assert low.ended.wait(30) and low.end_reason == "preempted" and low.confirmed
         deadline = time.monotonic() + 60
@@ -196,7 +196,7 @@ def test_direct_handover_data_goes_node_to_node_and_the_cloud_learns_it_once(edg
         for u in users:
             play(u, LONDON)
         served, stranger = users[:2], users[2]
-        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in served])
+        old = cloud.manager.offload(as_users(served))
         u0, u1 = served[0].user, served[1].user
         made = keys.pokemon(u0, "made-on-a")
         dropped = sorted(cloud.redis.scan_iter(keys.pokemon(u1, "*")))[0]  # one it caught
@@ -256,7 +256,7 @@ def test_handover_goes_through_the_cloud_where_the_old_node_may_not_reach_the_ne
         users = make_users(cloud, 2)
         for u in users:
             play(u, LONDON)
-        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        old = cloud.manager.offload(as_users(users))
         assert old.edge.name == a.name
         caught = {u.user: len(u.party()) for u in users}
         tok = next(t for t, o in a.tokens.items() if o == "cloud-a")
@@ -300,7 +300,7 @@ def test_a_handover_the_old_node_does_not_answer_ends_both_servers_and_loses_not
         users = make_users(cloud, 2)
         for u in users:
             play(u, LONDON)
-        old = cloud.manager.offload([(u.user, "127.0.0.1") for u in users])
+        old = cloud.manager.offload(as_users(users))
         for u in users:
             u.refresh()
             play(u, PARIS)  # on the old edge server

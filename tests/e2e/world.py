@@ -14,7 +14,7 @@ from werkzeug.serving import make_server
 
 from cloud_manager import CloudManager, EdgeClient
 from enorm import datasync
-from enorm.protocol import DataSink
+from enorm.protocol import DataSink, User
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
 from games.pokemon.app import app as pokemon_app
@@ -95,6 +95,11 @@ def make_users(cloud: Cloud, n: int) -> list[GameClient]:
         c.login()
         out.append(c)
     return out
+
+
+def as_users(clients: list[GameClient]) -> list[User]:
+    """The game's players as the cloud manager's users (on this machine: loopback)."""
+    return [User(id=c.user, address="127.0.0.1") for c in clients]
 
 
 def play(c: GameClient, where: tuple[float, float], catches: int = 2) -> None:

@@ -43,6 +43,10 @@ def setup_response(sid: str = "s1") -> SetupResponse:
                          limits=Resources(cores=1, memory_mb=200), redis_password="pw")  # fmt: skip
 
 
+def users(*ids: str) -> list[User]:
+    return [User(id=i, address="10.90.1.2") for i in ids]
+
+
 def event(type_: str, sid: str, reason: str, **data) -> Event:
     """An event as a node sends it (the callback endpoint parses the body into one)."""
     return Event(id="e1", type=type_, server_id=sid, app="game", at=1.0, reason=reason,
@@ -80,7 +84,7 @@ def test_files_of_uploads_python_sources_only(tmp_path: Path):
 def test_terminated_event_restores_the_users_once():
     log: list = []
     m = manager(log=log)
-    dep = Deployment(edge=None, setup=setup_response(), users=["1", "2"], url="http://e")
+    dep = Deployment(edge=None, setup=setup_response(), users=users("1", "2"), url="http://e")
     m.deployments["s1"] = dep
     ev = event("server.terminated", "s1", "idle", keys_migrated=12)
     assert m.handle_event(ev) == "users restored"
@@ -95,7 +99,7 @@ def test_terminated_event_restores_the_users_once():
 def test_migration_failed_event_sends_users_home_and_waits_for_the_merge():
     log: list = []
     m = manager(log=log)
-    dep = Deployment(edge=None, setup=setup_response(), users=["1"], url="http://e")
+    dep = Deployment(edge=None, setup=setup_response(), users=users("1"), url="http://e")
     m.deployments["s1"] = dep
     ev = event("server.migration_failed", "s1", "idle")
     assert m.handle_event(ev) == "users restored, merge pending"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from flask import Flask
-from test_cloud_manager import manager, setup_response
+from test_cloud_manager import manager, setup_response, users
 
 from cloud_manager.orchestrator import Deployment
 from enorm.events import Events
@@ -61,7 +61,7 @@ def test_every_reason_a_node_can_send_is_known_to_the_cloud(type_, reason):
     body = json.dumps(ev.model_dump())  # what requests' json= sends
     m = manager()
     m.rehome = True
-    dep = Deployment(edge=None, setup=setup_response(), users=["1", "2"], url="http://e")
+    dep = Deployment(edge=None, setup=setup_response(), users=users("1", "2"), url="http://e")
     m.deployments["s1"] = dep
     app = Flask("t")
     app.register_blueprint(m.blueprint())
