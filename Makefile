@@ -5,7 +5,7 @@ setup:
 	@./scripts/setup.sh
 
 demo: setup
-	.venv/bin/enorm-cloud demo
+	.venv/bin/enorm-demo
 
 # The tests also run an arm64 container (tests/e2e/test_foreign_arch.py): qemu-user and
 # its binfmt_misc registration come with them, not with `make demo`.

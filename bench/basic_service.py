@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from cloud_manager.local import LocalEdgeNode
+from games.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bday"

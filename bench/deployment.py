@@ -39,9 +39,9 @@ import redis
 
 from bench import heavy_data
 from cloud_manager import CloudManager, EdgeClient
-from cloud_manager.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
 from enorm import datasync
 from enorm.protocol import DataSink, User
+from games.local import CloudServer, LocalEdgeNode, LocalRedis, free_port
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
 from games.pokemon.app import app as pokemon_app

@@ -465,8 +465,8 @@ def local_edge(users: int, *, prefix: str = "jmeter") -> Iterator[tuple[str, int
     yields (edge host, edge port, players). Everything stops on exit, also on failure."""
     import redis
 
-    from cloud_manager.local import CloudServer, LocalRedis, _stop, _wait, free_port
     from enorm import datasync
+    from games.local import CloudServer, LocalRedis, _stop, _wait, free_port
     from games.pokemon import cloud as game_cloud
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

@@ -45,7 +45,7 @@ import lxc
 import psutil
 import requests
 
-from cloud_manager.local import LocalEdgeNode
+from games.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATE = Path("/var/lib/enorm-peers")

@@ -33,7 +33,7 @@ import psutil
 import requests
 
 from bench.basic_service import _HOG, _used_mb, _vmstat
-from cloud_manager.local import LocalEdgeNode
+from games.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNIT_MB = 300

@@ -30,8 +30,8 @@ import lxc
 import psutil
 import requests
 
-from cloud_manager.local import LocalEdgeNode
 from enorm.network import wait_tcp
+from games.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE = dict(

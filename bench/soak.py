@@ -26,7 +26,7 @@ import lxc
 import psutil
 import requests
 
-from cloud_manager.local import LocalEdgeNode
+from games.local import LocalEdgeNode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME, BRIDGE = "bsoak", "enbsoak0"

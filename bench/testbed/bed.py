@@ -29,7 +29,7 @@ from pathlib import Path
 import requests
 
 from bench.jmeter import Player
-from cloud_manager.local import LocalEdgeNode
+from games.local import LocalEdgeNode
 
 from . import cost, delayer, profiles
 from .netns import Namespace, sh, stop

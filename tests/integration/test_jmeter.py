@@ -74,7 +74,7 @@ def test_mixed_plan_multiplexes_users_onto_fewer_threads(edge, tmp_path):
 def test_jmeter_failures_are_reported(edge, tmp_path):
     """A server that is not there: every sample fails, and the Result says so."""
     _, _, players = edge
-    from cloud_manager.local import free_port
+    from games.local import free_port
 
     r = jmeter.run("aggressive", "127.0.0.1", free_port(), users=1, duration=1,
                    players=players, out_dir=tmp_path)  # fmt: skip

@@ -1,6 +1,10 @@
-"""Local stand-ins for the demo and the benchmarks: a real `enorm serve` subprocess, a
-throw-away redis-server and the cloud game server on a real HTTP port, each stopped by
-whoever started it (`close`), also after a failure."""
+"""Local stand-ins of a cloud and an edge node, for the game's demo, the benchmarks and the
+tests: a real `enorm serve` subprocess, a throw-away redis-server and a cloud server on a
+real HTTP port, each stopped by whoever started it (`close`), also after a failure.
+
+They live with the apps, not in the library: a cloud application server brings its own
+cloud, and only these tools start one on this machine. (Here rather than in bench/ or
+tests/: the demo is installed with the distribution, and neither of those is.)"""
 
 from __future__ import annotations
 
