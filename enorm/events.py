@@ -46,8 +46,7 @@ class Events:
                      owner=rec.owner, at=time.time(), reason=reason, data=data or {})
 
     def emit(self, type_: EventType, rec: ServerRecord, reason: EventReason,
-             data: dict | None = None,
-             notify: bool = True) -> Event:
+             data: dict | None = None, notify: bool = True) -> Event:
         """Record an event about a server; with `notify`, send it to its callback too."""
         ev = self.make(type_, rec, reason, data)
         url = rec.callback_url if notify else None
