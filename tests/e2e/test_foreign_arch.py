@@ -24,7 +24,7 @@ import pytest
 import requests
 from nodes import VENV_BIN
 from test_cycle import assert_merged, edge_values_before_end, offloaded_play
-from world import LONDON, cloud_world, make_users, play, shared, snapshot
+from world import LONDON, as_users, cloud_world, make_users, play, shared, snapshot
 
 from enorm import images
 from enorm.containers import cgroup_version
@@ -128,7 +128,7 @@ def run_cycle(stage: Stages, edge_node, redis_server) -> None:
         cloud_before, cloud_before_shared = snapshot(cloud.redis, None), shared(cloud.redis)
 
         with stage("offload (handshake, SSH deploy, data, ready)"):
-            dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in offload])
+            dep = cloud.manager.offload(as_users(offload))
         # the cloud manager's own split: handshake = container up and sshd answering
         stage.times += [(f"  {part}", dep.timings[part])
                         for part in ("handshake", "ssh", "upload_start", "data", "ready")]

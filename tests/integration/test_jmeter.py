@@ -159,7 +159,7 @@ def test_wrk_refuses_a_server_that_is_not_there(edge, tmp_path):
     """wrk checks the address before it starts: nothing listening is an error that says
     so, not a run of failed samples (JMeter's way)."""
     _, _, players = edge
-    from cloud_manager.local import free_port
+    from games.local import free_port
 
     with pytest.raises(jmeter.JMeterError, match="unable to connect to 127.0.0.1"):
         jmeter.run("aggressive", "127.0.0.1", free_port(), users=1, duration=1,
