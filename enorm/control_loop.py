@@ -44,6 +44,7 @@ from enorm.autoscaler import (
     Snapshot,
     Terminate,
 )
+from enorm.firewall import FirewallError
 from enorm.pressure import evictions, psi_some_avg10, psi_trigger
 from enorm.protocol import Resources, ServerInfo, TerminationReason
 from enorm.requestlog import REQUEST_LOG
@@ -97,6 +98,15 @@ class Observer:
         self.prev = samples
         return used
 
+    def _packets(self) -> dict[str, int] | None:
+        """Every server's packet count, one read of the accounting chain (None: not
+        read this time; the request logs still count)."""
+        try:
+            return self.node.firewall.counters()
+        except FirewallError as exc:
+            log.warning("activity: the packet counters could not be read: %s", exc)
+            return None
+
     def snapshot(self) -> Snapshot:
         node = self.node
         self.mgr.enforce_limits()  # the plan starts from the limits the store holds
@@ -108,6 +118,7 @@ class Observer:
             cores, mem = self.host.sample()
             node.allocator.basic = monitor.basic_service(cores, mem, used.values())
         addresses = node.store.user_addresses([s.id for s in running])
+        packets = self._packets() if running else {}
         now = time.time()
         reports = self.monitor.measure([
             monitor.ServerInput(
@@ -115,6 +126,7 @@ class Observer:
                 latency_objective_ms=s.latency_objective_ms, user_addresses=addresses[s.id],
                 log_path=node.containers.delta_dir(s.container) / REQUEST_LOG,
                 log_root=node.containers.delta_dir(s.container),
+                packets=None if packets is None else packets.get(s.id, 0),
             )
             for s in running
         ], now)

@@ -23,6 +23,11 @@ Layout per node, so that one node's rules never touch another's:
   server's fence, one REJECT (TCP reset) per application port of its container, so that
   no user's request reaches it once its data is being merged (a connection opened before
   survives the DNAT rule's removal: conntrack keeps it).
+- filter chain ENORM-<NODE>-A, jumped to first in FORWARD and OUTPUT for packets to the
+  node's subnet: accounting, one rule per application port of each container (`-d
+  <container> --dport <port>`, tagged, `-j RETURN`), whose packet counter is the node's
+  own measure of a server's users (every packet, so a kept-alive connection counts; the
+  access port's SSH does not). `counters` reads the whole chain in one call a round.
 - ebtables (bridge family) nat chain ENORM-<NODE>-<SERVER> per container, keyed by its host
   veth: it may send only ARP and IPv4 from its own MAC and address (no spoofing, no ARP
   for another's address, no IPv6), and nothing it sends is bridged to another port.
@@ -54,6 +59,9 @@ _GUARDS_LOCK = threading.Lock()
 _GUARD_ATTEMPTS = 4
 _COMMENT = re.compile(r'--comment "?enorm:(?P<node>[a-z0-9]+):(?P<sid>[a-z0-9]+)"?')
 _DNAT_TO = re.compile(r"--to-destination (?P<address>[0-9.]+):(?P<port>[0-9]+)")
+# A rule of `iptables -L -v -x -n`: its packet count first, its comment at the end.
+_COUNTED = re.compile(r"^\s*(?P<packets>[0-9]+)\s.*/\* enorm:(?P<node>[a-z0-9]+):"
+                      r"(?P<sid>[a-z0-9]+) \*/")
 
 
 class FirewallError(RuntimeError):
@@ -62,11 +70,13 @@ class FirewallError(RuntimeError):
 
 @dataclass(frozen=True)
 class Forward:
-    """One forwarded port: host port -> container address and port."""
+    """One forwarded port: host port -> container address and port. `counted`: its
+    packets are the server's users' (an application port, not the access port's SSH)."""
 
     host_port: int
     address: str
     port: int
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,7 @@ class Firewall:
         self.inp = f"{self.chain}-I"
         self.xcpt = f"{self.chain}-X"
         self.fence_chain = f"{self.chain}-Z"
+        self.acct = f"{self.chain}-A"
 
     def _tag(self, sid: str) -> str:
         return f"enorm:{self.node}:{sid}"
@@ -172,13 +183,16 @@ class Firewall:
             ("filter", f"-I INPUT {tag} -j {self.inp}"),
             ("filter", f"-I FORWARD {tag} -j {self.fence_chain}"),
             ("filter", f"-I OUTPUT {tag} -j {self.fence_chain}"),
+            ("filter", f"-I FORWARD -d {self.subnet} {tag} -j {self.acct}"),
+            ("filter", f"-I OUTPUT -d {self.subnet} {tag} -j {self.acct}"),
             ("filter", f"-I FORWARD -i {br} {tag} -j {self.fwd}"),
             ("filter", f"-A FORWARD -o {br} {tag} -j {self.fwd}"),
         ]
 
     def _our_jumps(self, table: str) -> list[str]:
         """The node's jumps as `iptables -S` prints them (old layouts included)."""
-        targets = {self.chain, self.post, self.fwd, self.inp, self.xcpt, self.fence_chain}
+        targets = {self.chain, self.post, self.fwd, self.inp, self.xcpt, self.fence_chain,
+                   self.acct}
         return [ln for ln in _iptables("-t", table, "-S").splitlines()
                 if ln.startswith("-A ") and ln.rsplit("-j ", 1)[-1] in targets]
 
@@ -192,7 +206,7 @@ class Firewall:
         batches: dict[str, list[str]] = {"nat": [], "filter": []}
         for table, chain in (("nat", self.chain), ("nat", self.post), ("nat", self.xcpt),
                              ("filter", self.fwd), ("filter", self.inp),
-                             ("filter", self.fence_chain)):
+                             ("filter", self.fence_chain), ("filter", self.acct)):
             if not self._chain_exists(table, chain):
                 batches[table].append(f":{chain} - [0:0]")
         for table in batches:
@@ -234,6 +248,20 @@ class Firewall:
             f"-p tcp -m tcp --dport {f.host_port} -m comment --comment \"{self._tag(sid)}\" "
             f"-j DNAT --to-destination {f.address}:{f.port}"
         )
+
+    def _count_rule(self, sid: str, f: Forward) -> str:
+        return (f"-d {f.address}/32 -p tcp -m tcp --dport {f.port} "
+                f"-m comment --comment \"{self._tag(sid)}\" -j RETURN")
+
+    def counters(self) -> dict[str, int]:
+        """Packets sent to each server's application ports since its accounting rules
+        were made: one read of the accounting chain for every server of the node."""
+        out: dict[str, int] = {}
+        for line in _iptables("-t", "filter", "-L", self.acct, "-v", "-x", "-n").splitlines():
+            m = _COUNTED.match(line)
+            if m and m["node"] == self.node:
+                out[m["sid"]] = out.get(m["sid"], 0) + int(m["packets"])
+        return out
 
     def _redirect_rule(self, sid: str, r: Redirect) -> str:
         return (
@@ -284,19 +312,25 @@ class Firewall:
         return len(lines)
 
     def add(self, sid: str, forwards: list[Forward]) -> None:
-        """Forward the server's ports; rules already there are not added twice."""
+        """Forward the server's ports and count its users' packets; rules already there
+        are not added twice."""
         present = set(self.rules().get(sid, []))
         lines = [f"-A {self.chain} {self._rule(sid, f)}" for f in forwards]
         lines = [ln for ln in lines if ln[len(f"-A {self.chain} "):] not in present]
-        _restore({"nat": lines})
+        counted = set(self.rules(self.acct, "filter").get(sid, []))
+        _restore({"nat": lines,
+                  "filter": [f"-A {self.acct} {r}" for f in forwards if f.counted
+                             if (r := self._count_rule(sid, f)) not in counted]})
 
     def remove(self, sid: str, redirects: bool = False) -> int:
-        """Remove every rule tagged with the server id (and its redirects, for a server
-        that has some: each chain read costs an `iptables -S`); returns how many there
-        were."""
+        """Remove every rule tagged with the server id, its accounting included (and its
+        redirects, for a server that has some: each chain read costs an `iptables -S`);
+        returns how many forwards and redirects there were."""
         chains = (self.chain, self.xcpt) if redirects else (self.chain,)
         rules = [(chain, r) for chain in chains for r in self.rules(chain).get(sid, [])]
-        _restore({"nat": [f"-D {chain} {r}" for chain, r in rules]})
+        _restore({"nat": [f"-D {chain} {r}" for chain, r in rules],
+                  "filter": [f"-D {self.acct} {r}"
+                             for r in self.rules(self.acct, "filter").get(sid, [])]})
         # off the termination's path: a client's packet that comes first is retransmitted
         # (200 ms on) after the forgetting, and reset then
         gone = {(m["address"], int(m["port"])) for _, r in rules if (m := _DNAT_TO.search(r))}
@@ -309,34 +343,37 @@ class Firewall:
                   redirects: dict[str, list[Redirect]] | None = None) -> dict[str, int]:
         """Make the rules equal `expected` (and the redirects `redirects`): drop other
         servers' rules, add missing ones."""
-        want = {self.chain: {sid: [self._rule(sid, f) for f in fs]
-                             for sid, fs in expected.items()},
-                self.xcpt: {sid: [self._redirect_rule(sid, r) for r in rs]
-                            for sid, rs in (redirects or {}).items()}}
+        want = {("nat", self.chain): {sid: [self._rule(sid, f) for f in fs]
+                                      for sid, fs in expected.items()},
+                ("nat", self.xcpt): {sid: [self._redirect_rule(sid, r) for r in rs]
+                                     for sid, rs in (redirects or {}).items()},
+                ("filter", self.acct): {sid: [self._count_rule(sid, f) for f in fs
+                                              if f.counted]
+                                        for sid, fs in expected.items()}}
         removed = added = 0
-        lines: list[str] = []
-        for chain, rules_by_sid in want.items():
-            current = self.rules(chain)
+        lines: dict[str, list[str]] = {"nat": [], "filter": []}
+        for (table, chain), rules_by_sid in want.items():
+            current = self.rules(chain, table)
             for sid, rules in current.items():
                 keep = set(rules_by_sid.get(sid, []))
                 for r in rules:
                     if r not in keep:
-                        lines.append(f"-D {chain} {r}")
+                        lines[table].append(f"-D {chain} {r}")
                         removed += 1
             for sid, rules in rules_by_sid.items():
                 have = set(current.get(sid, []))
                 for r in rules:
                     if r not in have:
-                        lines.append(f"-A {chain} {r}")
+                        lines[table].append(f"-A {chain} {r}")
                         added += 1
-        _restore({"nat": lines})
+        _restore(lines)
         return {"removed": removed, "added": added}
 
     def teardown(self) -> None:
         """Remove the node's chains, jumps and guards entirely (node decommissioned, tests)."""
         batches: dict[str, list[str]] = {}
         for table, chains in (("nat", (self.chain, self.post, self.xcpt)),
-                              ("filter", (self.fwd, self.inp, self.fence_chain))):
+                              ("filter", (self.fwd, self.inp, self.fence_chain, self.acct))):
             lines = ["-D" + ln[2:] for ln in self._our_jumps(table)]
             for chain in chains:
                 if self._chain_exists(table, chain):

@@ -3,8 +3,12 @@
 - network latency to the server's users (`probes`: TCP connect or ICMP, all users at
   once, bounded concurrency, a timeout counted as a loss with a penalty);
 - computing latency from the edge server's request log (`requestlog`: only the lines
-  since the last look);
+  since the last look), where the app writes one;
 - application latency = network + computing (the paper's definition);
+- activity: the last time the server's users sent it anything, from the node's own
+  count of the packets to its application ports (`firewall.counters`, every app) and
+  from its request log (an app that writes one); idle time runs from the later of
+  the two, or from the launch;
 - CPU and memory use per container (from the samples the container driver reads);
 - the basic service: what the board's own processes use, outside enorm's containers.
 
@@ -70,8 +74,8 @@ def network_stats(rtts: Iterable[float | None], loss_penalty_ms: float) -> Laten
 
 
 def idle_for(now: float, last_request_at: float | None, since: float) -> float:
-    """Seconds without a request; a server that never had one is idle since `since`
-    (its launch)."""
+    """Seconds without activity (a request, a packet from a user); a server that never
+    had any is idle since `since` (its launch)."""
     last = since if last_request_at is None else max(last_request_at, since)
     return max(0.0, now - last)
 
@@ -178,6 +182,9 @@ class ServerInput:
     log_path: str | os.PathLike[str] | None = None
     # The tenant's writable layer the log lies in: nothing below it is trusted.
     log_root: str | os.PathLike[str] | None = None
+    # Packets its users sent to its application ports so far (the node's own count;
+    # None: not counted).
+    packets: int | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,8 @@ class Monitor:
     statistic: Literal["mean", "p95"] = "mean"
     source: str = ""  # the local address probes leave from ("": the route's)
     logs: LogReader = field(default_factory=LogReader)
-    last_request: dict[str, float] = field(default_factory=dict)
+    last_request: dict[str, float] = field(default_factory=dict)  # last activity
+    packets: dict[str, int] = field(default_factory=dict)
     last_reports: dict[str, ServerReport] = field(default_factory=dict)
 
     @classmethod
@@ -246,6 +254,10 @@ class Monitor:
             comp = computing_stats(reqs)
             if comp.last_request_at is not None:
                 self.last_request[sid] = max(self.last_request.get(sid, 0.0), comp.last_request_at)
+            if i.packets is not None:
+                if i.packets != self.packets.get(sid, 0):  # more, or a rule made anew
+                    self.last_request[sid] = now
+                self.packets[sid] = i.packets
             pick = (lambda s: s.p95_ms) if self.statistic == "p95" else (lambda s: s.mean_ms)
             net_ms = pick(net) if net is not None else None
             comp_ms = pick(comp) if comp.count else None
@@ -257,8 +269,10 @@ class Monitor:
                 idle_for_s=idle_for(now, self.last_request.get(sid), i.created_at),
                 improvable=improvable(net_ms, i.latency_objective_ms),
             )
-        for gone in set(self.last_request) - {i.server_id for i in inputs}:
-            self.last_request.pop(gone, None)
+        live = {i.server_id for i in inputs}
+        for seen in (self.last_request, self.packets):
+            for gone in set(seen) - live:
+                seen.pop(gone, None)
         self.last_reports = reports
         return reports
 

@@ -138,8 +138,9 @@ def port_of(rec: ServerRecord) -> Port:
 
 
 def forwards(rec: ServerRecord) -> list[Forward]:
-    """Its host ports: the access port to sshd, then each application port."""
-    fw = [Forward(rec.access_port, rec.address, SSH_PORT)]
+    """Its host ports: the access port to sshd (its packets are not the users'), then
+    each application port."""
+    fw = [Forward(rec.access_port, rec.address, SSH_PORT, counted=False)]
     fw += [Forward(hp, rec.address, cp) for cp, hp in sorted(rec.ports.items())]
     return fw
 

@@ -109,6 +109,42 @@ def test_computing_stats_and_idle():
     assert m.idle_for(now=200.0, last_request_at=10.0, since=50.0) == 150.0  # before launch
 
 
+def test_a_servers_packets_are_its_activity_whether_or_not_it_logs():
+    """Idle time from the node's own packet count: more packets since the round before
+    (or a count first seen above zero) is activity now; the log adds its request times."""
+    mon = m.Monitor(method="none")
+
+    def idle(now: float, packets: int | None) -> float:
+        inp = m.ServerInput("s1", created_at=0.0, latency_objective_ms=50, packets=packets)
+        return mon.measure([inp], now)["s1"].idle_for_s
+
+    assert idle(10.0, 0) == 10.0  # nothing yet: idle since the launch
+    assert idle(20.0, 40) == 0.0  # users sent 40 packets since
+    assert idle(30.0, 40) == 10.0  # none since
+    assert idle(40.0, 41) == 0.0  # one more: a kept-alive connection's request
+    assert idle(50.0, 3) == 0.0  # fewer: the rule was made anew (a restart), and used
+    assert idle(60.0, None) == 10.0  # not counted this round: the last activity stands
+    mon.measure([], 70.0)
+    assert "s1" not in mon.packets and "s1" not in mon.last_request
+
+
+def test_packet_counters_are_read_per_server_from_one_listing(monkeypatch):
+    from enorm import firewall
+
+    listing = """Chain ENORM-T1-A (2 references)
+    pkts      bytes target     prot opt in     out     source               destination
+  12  3400 RETURN  6  --  *  *  0.0.0.0/0  10.89.1.2  tcp dpt:8080 /* enorm:t1:aaaa */
+  3  180 RETURN  6  --  *  *  0.0.0.0/0  10.89.1.2  tcp dpt:9090 /* enorm:t1:aaaa */
+  0  0 RETURN  6  --  *  *  0.0.0.0/0  10.89.1.3  tcp dpt:8080 /* enorm:t1:bbbb */
+  7  500 RETURN  6  --  *  *  0.0.0.0/0  10.89.1.4  tcp dpt:8080 /* enorm:t11:cccc */
+"""
+    calls = []
+    monkeypatch.setattr(firewall, "_iptables", lambda *a: calls.append(a) or listing)
+    fw = firewall.Firewall("t1", "10.89.1.0/24", "entb1")
+    assert fw.counters() == {"aaaa": 15, "bbbb": 0}
+    assert calls == [("-t", "filter", "-L", "ENORM-T1-A", "-v", "-x", "-n")]
+
+
 def test_application_latency_and_improvable():
     assert m.application_latency(20.0, 30.0) == 50.0
     assert m.application_latency(None, 30.0) == 30.0
