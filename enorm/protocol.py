@@ -372,7 +372,17 @@ class Event(_Message):
 class MergeReport(_Message):
     """What merging one or more servers' data back did (termination result and event)."""
 
-    keys_migrated: int = 0
+    keys_migrated: int = Field(0, description="user keys written to the cloud, and shared "
+                               "keys merged there (`shared_merged`)")
+    shared_merged: int = Field(0, description="shared keys merged by their type's rule")
+    shared_ttls: int = Field(0, description="shared keys whose expiry the merge set or "
+                             "removed on the cloud (the type's TTL rule)")
+    stream_renumbered: int = Field(0, description="entries of shared streams appended "
+                                   "with a new ID (theirs was at or below the cloud's "
+                                   "last; kept in their field `enorm:edge-id`)")
+    not_merged: int = Field(0, description="shared keys of a type without a merge rule "
+                            "(a module's): not merged")
+    not_merged_sample: list[str] = Field(default_factory=list)
     keys_deleted: int = Field(0, description="served users' keys the edge deleted, "
                               "deleted on the cloud too (needs the copy's manifest)")
     conflicts: int = Field(0, description="served users' keys the cloud changed during "
@@ -380,16 +390,18 @@ class MergeReport(_Message):
     conflicts_cloud_won: int = Field(0, description="conflicts resolved for the cloud "
                                      "(cloud_wins_patterns); the others went to the edge")
     conflict_sample: list[str] = Field(default_factory=list)
-    not_owned: int = Field(0, description="keys on the edge of users the server did not "
-                           "serve: never merged")
+    not_owned: int = Field(0, description="keys on the edge that are not the server's to "
+                           "give back (another user's, the library's `enorm:` namespace, "
+                           "neither a served user's nor shared): never merged")
     not_owned_sample: list[str] = Field(default_factory=list)
 
     def add(self, other: MergeReport) -> None:
-        for f in ("keys_migrated", "keys_deleted", "conflicts", "conflicts_cloud_won",
+        for f in ("keys_migrated", "shared_merged", "shared_ttls", "stream_renumbered",
+                  "not_merged", "keys_deleted", "conflicts", "conflicts_cloud_won",
                   "not_owned"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
-        self.conflict_sample = (self.conflict_sample + other.conflict_sample)[:10]
-        self.not_owned_sample = (self.not_owned_sample + other.not_owned_sample)[:10]
+        for f in ("conflict_sample", "not_owned_sample", "not_merged_sample"):
+            setattr(self, f, (getattr(self, f) + getattr(other, f))[:10])
 
 
 class HandoverRequest(_Message):

@@ -35,8 +35,17 @@ what went out), `rules` (the merge policy, pure), `merge` (termination: merge ba
 deletes, conflicts, ownership).
 """
 
-from .copy import copy_users, count_existing, delete_users
-from .keys import KeySchema, hash_tag, scan, schema_keys, user_keys, user_pattern
+from .copy import copy_shared, copy_users, count_existing, delete_users
+from .keys import (
+    LIBRARY_PREFIX,
+    KeySchema,
+    hash_tag,
+    is_library,
+    scan,
+    schema_keys,
+    user_keys,
+    user_pattern,
+)
 from .manifest import (
     MANIFEST_TTL_S,
     digests,
@@ -53,25 +62,30 @@ from .report import (
     SyncReport,
     VerificationFailed,
 )
-from .rules import merge_rule
-from .transport import Client, connect, ping
+from .rules import matches, merge_rule
+from .transport import Client, binary, connect, ping
 
 __all__ = [
     "Client",
+    "binary",
     "DestinationUnreachable",
     "KeySchema",
+    "LIBRARY_PREFIX",
     "MANIFEST_TTL_S",
     "SourceUnreachable",
     "SyncError",
     "SyncReport",
     "VerificationFailed",
     "connect",
+    "copy_shared",
     "copy_users",
     "count_existing",
     "delete_users",
     "digests",
     "export_users",
     "hash_tag",
+    "is_library",
+    "matches",
     "manifest_key",
     "merge_back",
     "merge_rule",

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import payloads
-from .keys import KeySchema, iter_user_keys, schema_keys, user_keys
-from .manifest import drop_manifest, write_manifest
+from .keys import KeySchema, check_id, is_library, iter_user_keys, schema_keys, user_keys
+from .manifest import drop_manifest, record_shared, write_manifest
 from .report import SyncError, SyncReport
-from .transport import BATCH, Client, Guard, Job, by_node, ping, run_jobs
+from .transport import Client, Guard, Job, ping, run_jobs
 
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
 FIRST_CHUNK = 2_500  # a smaller first chunk starts the destination sooner
@@ -41,6 +41,7 @@ def copy_users(
     replace: bool = True,
     manifest: str | None = None,
     schema: KeySchema | None = None,
+    shared: Iterable[bytes | str] = (),
 ) -> SyncReport:
     """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
 
@@ -48,12 +49,16 @@ def copy_users(
     With `manifest` (see `manifest_key`), the digest of every copied key (as copied) is
     recorded on `src` under that name, for `merge_back` to find deletes and conflicts.
     With `schema` the keys are found by name (`schema_keys`), without it by a scan of
-    `src`'s keyspace.
+    `src`'s keyspace. `shared` names shared keys to copy as well (those that exist, with
+    their TTLs); `dst` records them as copied (`manifest.SHARED_RECORD`), so that the
+    merge at termination tells what the edge changed of them.
     Raises DestinationUnreachable before touching anything if `dst` does not answer,
     VerificationFailed if `dst` does not hold what was read from `src`.
     """
     started = time.perf_counter()
     ids = list(dict.fromkeys(str(u) for u in user_ids))
+    for u in ids:
+        check_id(u)
     report = SyncReport(users=len(ids))
     ping(dst)
     # The digests come from the very payloads copied: no second read, no race. With
@@ -75,6 +80,7 @@ def copy_users(
                     on_dump=record if streamed else None)  # fmt: skip
         if manifest is not None and (copied is not None or not written_parts):
             write_manifest(src, manifest, copied or {})
+        copy_shared(src, dst, shared, report)
     except BaseException:
         if manifest is not None and written_parts:
             with contextlib.suppress(SyncError):
@@ -84,6 +90,23 @@ def copy_users(
     report.verified = True
     report.seconds = time.perf_counter() - started
     return report
+
+
+def copy_shared(src: Client, dst: Client, keys: Iterable[bytes | str],
+                report: SyncReport) -> None:  # fmt: skip
+    """The named shared keys `src` -> `dst` (REPLACE, verified), recorded on `dst` as
+    copied. Keys of the library's namespace are never copied."""
+    ks = [k for k in dict.fromkeys(k.encode() if isinstance(k, str) else k for k in keys)
+          if not is_library(k)]  # fmt: skip
+    if not ks:
+        return
+    with Guard("source"):
+        part = payloads.dump(src, ks)
+    written = payloads.restore(dst, part, True)
+    report.keys_verified += payloads.verify_present(dst, written)
+    report.shared += len(written)
+    report.bytes += sum(len(part[k][0]) for k in written)
+    record_shared(dst, written)
 
 
 def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
@@ -152,10 +175,12 @@ def delete_users(src: Client, user_ids: Iterable[str]) -> int:
     function here that removes data."""
     with Guard("source"):
         keys = user_keys(src, [str(u) for u in user_ids])
-        deleted = 0
-        for node, ks in by_node(src, keys).items():
-            pipe = node.pipeline(transaction=False)
-            for i in range(0, len(ks), BATCH):
-                pipe.unlink(*ks[i : i + BATCH])
-            deleted += sum(pipe.execute())
-    return deleted
+    return unlink(src, keys, "source")
+
+
+def unlink(client: Client, keys: list[bytes], side: str = "destination") -> int:
+    """Delete `keys` on `client` (one slot per command in a cluster); how many existed."""
+    if not keys:
+        return 0
+    (replies,) = run_jobs(client, [Job(keys, lambda b: ["UNLINK", *b])], side)
+    return sum(n for _, n in replies)

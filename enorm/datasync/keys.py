@@ -11,6 +11,12 @@ from .redis_types import MEMBERS_FN
 from .transport import Client, masters, no_args, run_script
 
 SCAN_COUNT = 2000
+# The library's own keys (the cloud manager's ledger and registry, the copy's manifest, a
+# scratch key of the verification, the edge's record of the shared keys it was given)
+# start with this, whatever hash tag follows: no such key is ever a user's or shared, so
+# none is found, copied, exported or merged as data, whatever the app declares or a user
+# is called (`enorm:{cloud}:users` is not user `cloud`'s).
+LIBRARY_PREFIX = b"enorm:"
 # Up to this many users a per-user SCAN MATCH is cheaper than one scan of all tagged keys.
 PER_USER_SCAN_MAX = 8
 _GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]"})
@@ -26,6 +32,11 @@ def hash_tag(key: bytes) -> bytes | None:
     if end <= start + 1:
         return None
     return key[start + 1 : end]
+
+
+def is_library(key: bytes) -> bool:
+    """A key of the library's namespace (`LIBRARY_PREFIX`): never a user's, never shared."""
+    return key.startswith(LIBRARY_PREFIX)
 
 
 def user_pattern(user_id: str) -> str:
@@ -77,17 +88,18 @@ def user_keys(client: Client, user_ids: Iterable[str] | None = None) -> list[byt
 
 
 def iter_user_keys(client: Client, user_ids: Iterable[str] | None) -> Iterator[bytes]:
-    """`user_keys` as the scan finds them."""
+    """`user_keys` as the scan finds them (never a key of the library's namespace)."""
     if user_ids is None:
-        return (k for k in scan(client, "*{?*}*") if hash_tag(k) is not None)
+        return (k for k in scan(client, "*{?*}*")
+                if hash_tag(k) is not None and not is_library(k))  # fmt: skip
     ids = [str(u) for u in user_ids]
     for u in ids:
         check_id(u)
     if len(ids) <= PER_USER_SCAN_MAX:
         return (k for u in ids for k in scan(client, user_pattern(u))
-                if hash_tag(k) == u.encode())  # fmt: skip
+                if hash_tag(k) == u.encode() and not is_library(k))  # fmt: skip
     wanted = {u.encode() for u in ids}
-    return (k for k in scan(client, "*{?*}*") if hash_tag(k) in wanted)
+    return (k for k in scan(client, "*{?*}*") if hash_tag(k) in wanted and not is_library(k))
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,7 @@ class KeySchema:
     of the index key, of any type `redis_types` gives members (set, sorted set, list,
     hash), name the family's keys. Every name carries `{<user>}` as its hash tag, so a
     cluster finds them on one slot. A key the schema does not name is not copied: the
-    app keeps it complete.
+    app keeps it complete. No name may start with the library's prefix (`enorm:`).
     """
 
     fixed: tuple[str, ...] = ()
@@ -110,6 +122,9 @@ class KeySchema:
         for t in (*self.fixed, *(x for f in self.families for x in f)):
             if "{<user>}" not in t or hash_tag(t.replace("<member>", "m").encode()) != b"<user>":
                 raise ValueError(f"key schema: {t!r} must have {{<user>}} as its hash tag")
+            if is_library(t.encode()):
+                raise ValueError(f"key schema: {t!r} must not start with "
+                                 f"{LIBRARY_PREFIX.decode()!r}: the library's keys")
         for idx, member in self.families:
             if "<member>" not in member or "<member>" in idx:
                 raise ValueError(
@@ -163,4 +178,4 @@ def schema_keys(client: Client, schema: KeySchema, user_ids: Iterable[str]) -> l
                 members.append(blob[pos : pos + n])
                 pos += n
             keys += [pre + m + post for pre, post in named[idx] for m in members]
-    return list(dict.fromkeys(keys))
+    return [k for k in dict.fromkeys(keys) if not is_library(k)]

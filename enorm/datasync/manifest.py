@@ -1,6 +1,9 @@
-"""The copy's manifest: a digest of each key as it went out to the edge, kept on the cloud,
-so that the merge at termination can tell what the edge deleted and what the cloud
-changed meanwhile (a conflict)."""
+"""What a copy gave out. The manifest: a digest of each user key as it went out to the
+edge, kept on the cloud, so that the merge at termination can tell what the edge deleted
+and what the cloud changed meanwhile (a conflict). The shared record: each shared key
+copied to the edge as it was then (digest and expiry), kept on the edge beside it, so
+that the merge leaves alone what the edge did not change (a stale copy of a string must
+not win over the cloud's newer value)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,18 @@ return table.concat(out)
 """
 )
 MANIFEST_TTL_S = 30 * 86400  # a server that never terminates leaves no manifest for ever
+# On the edge: shared key -> its digest and absolute expiry (ms, the edge's clock; -1:
+# none) when copied there. In the library's namespace, so never merged as data; the
+# tenant could change it, and gain nothing it could not do to its shared keys directly.
+SHARED_RECORD = b"enorm:shared-copy"
+_SHARED_STATE = (
+    DIGEST_FN
+    + """
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = digest(k) .. ':' .. redis.call('PEXPIRETIME', k) end
+return out
+"""
+)
 
 
 def manifest_key(server_id: str) -> str:
@@ -90,3 +105,32 @@ def read_manifest(client: Client, name: str) -> dict[bytes, bytes] | None:
     with Guard("destination"):
         m = client.hgetall(name)
     return m or None
+
+
+def shared_states(client: Client, keys: list[bytes], side: str) -> dict[bytes, bytes]:
+    """key -> its digest and absolute expiry now (the shared record's form)."""
+    out: dict[bytes, bytes] = {}
+    for batch, states in run_script(client, keys, _SHARED_STATE, no_args, side):
+        out.update(zip(batch, states, strict=True))
+    return out
+
+
+def record_shared(edge: Client, keys: list[bytes]) -> None:
+    """After a copy: the shared keys as the edge now holds them (`SHARED_RECORD`)."""
+    states = shared_states(edge, keys, "destination")
+    with Guard("destination"):
+        pipe = edge.pipeline(transaction=False)
+        pipe.delete(SHARED_RECORD)
+        if states:
+            pipe.hset(SHARED_RECORD, mapping=states)
+        pipe.execute()
+
+
+def shared_unchanged(edge: Client, keys: list[bytes]) -> set[bytes]:
+    """Of the edge's shared `keys`, those still as they were copied (value and expiry)."""
+    with Guard("source"):
+        copied = edge.hgetall(SHARED_RECORD) if keys else {}
+    if not copied:
+        return set()
+    asked = [k for k in keys if k in copied]
+    return {k for k, st in shared_states(edge, asked, "source").items() if copied[k] == st}

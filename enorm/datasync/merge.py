@@ -1,38 +1,65 @@
 """Termination: the edge's data merged back into the cloud, verified; only the served
-users' keys, deletes and conflicts told from the copy's manifest."""
+users' keys, deletes and conflicts told from the copy's manifest; the shared keys by
+their type's rule and TTL; everything else on the edge counted and sampled, never
+silently dropped."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 
 from . import payloads
-from .copy import CHUNK, FIRST_CHUNK, copy_chunks
-from .keys import SCAN_COUNT, hash_tag, scan, user_keys
-from .manifest import digests, read_manifest
+from .copy import CHUNK, FIRST_CHUNK, copy_chunks, unlink
+from .keys import hash_tag, is_library, scan
+from .manifest import SHARED_RECORD, digests, read_manifest, shared_unchanged
 from .payloads import dump, scan_dump
 from .redis_types import TYPES
 from .report import SyncReport, VerificationFailed
 from .rules import contains, matches
-from .transport import BATCH, Client, Guard, Job, by_node, is_cluster, ping, run_jobs
+from .transport import BATCH, Client, Guard, by_node, is_cluster, ping
 
-# A shared key whose type on the cloud is not the edge's is replaced by the edge's: the
-# check and the delete run on the server, in the write's own round trip.
-_TYPE_GUARD = """
+# Before a shared key is merged: a key of another type on the cloud is replaced by the
+# edge's (deleted here); the cloud's PTTL is returned (-2: no key), for the TTL rule.
+_PREPARE = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' and t ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
+return redis.call('PTTL', KEYS[1])
+"""
+
+# After a shared key is merged: its expiry by its type's rule (`redis_types`). ARGV: the
+# rule ('edge' | 'later'), the edge's PTTL (-1: none), the cloud's before the merge (-2:
+# no key, -1: none). Returns 1 when the expiry was set or removed.
+_EXPIRE = """
+local k, rule, e, c0 = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local c = redis.call('PTTL', k)
+if c == -2 then return 0 end
+if e < 0 then
+  if c >= 0 and (rule == 'edge' or c0 ~= -1) then redis.call('PERSIST', k); return 1 end
+  return (rule == 'edge' and c0 >= 0) and 1 or 0
+end
+if rule == 'edge' or c0 == -2 then
+  if c == -1 or c < e then redis.call('PEXPIRE', k, e); return 1 end
+  return 0
+end
+if c >= 0 and c < e then redis.call('PEXPIRE', k, e); return 1 end
 return 0
 """
 
 
 def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tuple[bytes, Any]]:
     """key -> (type, value) for the keys of a type the table knows that exist."""
-    out: dict[bytes, tuple[bytes, Any]] = {}
+    return {k: (t, v) for k, (t, v, _) in _read(client, keys, side).items() if t in TYPES}
+
+
+def _read(client: Client, keys: list[bytes], side: str,
+          ttl: bool = False) -> dict[bytes, tuple[bytes, Any, int]]:  # fmt: skip
+    """key -> (type, value, PTTL if `ttl`) for the keys that exist; the value is None for
+    a type the table does not know."""
+    out: dict[bytes, tuple[bytes, Any, int]] = {}
     with Guard(side):
         for node, ks in by_node(client, keys).items():
             for i in range(0, len(ks), BATCH):
@@ -42,34 +69,67 @@ def read_typed(client: Client, keys: list[bytes], side: str) -> dict[bytes, tupl
                     pipe.type(k)
                 types = pipe.execute()
                 pipe = node.pipeline(transaction=False)
-                kept = [(k, t) for k, t in zip(chunk, types, strict=True) if t in TYPES]
+                kept = [(k, t) for k, t in zip(chunk, types, strict=True) if t != b"none"]
                 for k, t in kept:
-                    TYPES[t].read(pipe, k)
-                for (k, t), v in zip(kept, pipe.execute(), strict=True):
-                    out[k] = (t, v)
+                    if t in TYPES:
+                        TYPES[t].read(pipe, k)
+                    else:
+                        pipe.exists(k)
+                    if ttl:
+                        pipe.pttl(k)
+                replies = iter(pipe.execute())
+                for k, t in kept:
+                    v = next(replies)
+                    out[k] = (t, v if t in TYPES else None, next(replies) if ttl else -1)
     return out
 
 
 def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncReport) -> None:
-    values = read_typed(edge, keys, "source")
+    """The shared keys into the cloud, each by its type's rule (`redis_types`) and TTL;
+    those the edge left as they were copied are not merged again, those of a type
+    without a rule are counted and sampled (`not_merged`)."""
+    same = shared_unchanged(edge, keys)
+    report.shared_unchanged += len(same)
+    values = _read(edge, [k for k in keys if k not in same], "source", ttl=True)
+    for k, (typ, _, _) in values.items():
+        if typ not in TYPES:
+            report.not_merged += 1
+            _sample(report.not_merged_sample, k)
+    values = {k: v for k, v in values.items() if v[0] in TYPES}
     with Guard("destination"):
+        before: dict[bytes, int] = {}
+        for node, ks in by_node(cloud, list(values)).items():
+            pipe = node.pipeline(transaction=False)
+            for k in ks:
+                pipe.eval(_PREPARE, 1, k, values[k][0])
+            before.update(zip(ks, pipe.execute(), strict=True))
         after: dict[bytes, Any] = {}
         for node, ks in by_node(cloud, list(values)).items():
             pipe = node.pipeline(transaction=False)
-            reads: list[tuple[bytes, int]] = []
+            reads: list[tuple[bytes, int, int | None, int]] = []
             for k in ks:
-                typ, value = values[k]
+                typ, value, pttl = values[k]
                 row = TYPES[typ]
-                pipe.eval(_TYPE_GUARD, 1, k, typ)  # the types disagree: the edge's key wins
+                wrote = len(pipe)
                 row.write(pipe, k, value)
+                wrote = wrote if len(pipe) > wrote else None
+                pipe.eval(_EXPIRE, 1, k, row.ttl, pttl, before[k])
                 report.bytes += row.size(value)
                 # read back in the same round trip: the verification below
-                reads.append((k, len(pipe)))
+                reads.append((k, len(pipe), wrote, len(pipe) - 1))
                 row.read(pipe, k)
             replies = pipe.execute(raise_on_error=False)
-            after.update((k, replies[i]) for k, i in reads)
+            for k, i, wrote, expired in reads:
+                after[k] = replies[i]
+                row = TYPES[values[k][0]]
+                if row.tally is not None and wrote is not None and \
+                        not isinstance(replies[wrote], Exception):
+                    for name, n in row.tally(replies[wrote]).items():
+                        setattr(report, name, getattr(report, name) + n)
+                if replies[expired] == 1:
+                    report.ttls += 1
     report.merged += len(values)
-    bad = [k for k, (typ, v) in values.items()
+    bad = [k for k, (typ, v, _) in values.items()
            if isinstance(after.get(k), Exception) or not contains(typ, after.get(k), v)]
     if bad:
         raise VerificationFailed(f"{len(bad)} shared keys were not merged into the cloud", bad)
@@ -84,35 +144,57 @@ def _sample(into: list[str], key: bytes) -> None:
         into.append(key.decode("utf-8", "replace"))
 
 
-def _tagged_dumps(edge: redis.Redis, shared: Callable[[], set[bytes]], tags: set[bytes],
-                  owns: Callable[[bytes], bool]) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
-    """The edge's user keys (hash-tagged, not shared, owned) dumped in one scan, in
-    chunks of about CHUNK keys (a smaller first one, to get the destination going); the
-    tags seen are added to `tags`. `shared()` gives the shared keys, waited for only
-    once the first SCAN steps are done."""
+class _Sorter:
+    """Sorts the edge's keys as the scan finds them: the served users' keys (hash-tagged
+    with one of them, shared-looking or not unless a shared pattern names them), the
+    shared keys (untagged, or tagged with a served user, matching a shared pattern), and
+    the rest, which is not the server's to give back: counted and sampled as `not_owned`
+    (another user's, the library's namespace, neither a user's nor shared)."""
+
+    def __init__(self, report: SyncReport, patterns: list[str], owned: set[bytes] | None,
+                 handed: set[bytes]) -> None:  # fmt: skip
+        self.report, self.patterns, self.owned, self.handed = report, patterns, owned, handed
+        self.shared: list[bytes] = []
+        self.tags: set[bytes] = set()
+
+    def user(self, key: bytes) -> bool:
+        """True for a user key to merge; shared keys are set aside, the rest counted."""
+        if key == SHARED_RECORD:  # the library's own, read by the shared merge
+            return False
+        tag = hash_tag(key)
+        if is_library(key):
+            return self._refuse(key)
+        if tag in self.handed:
+            return False
+        if tag is not None and self.owned is not None and tag not in self.owned:
+            return self._refuse(key)
+        if matches(key, self.patterns):
+            self.shared.append(key)
+            return False
+        if tag is None:
+            return self._refuse(key)
+        self.tags.add(tag)
+        return True
+
+    def _refuse(self, key: bytes) -> bool:
+        self.report.not_owned += 1
+        _sample(self.report.not_owned_sample, key)
+        return False
+
+
+def _dumps(edge: redis.Redis, sorter: _Sorter) -> Iterator[dict[bytes, tuple]]:
+    """The edge's user keys dumped in one scan of its whole keyspace (it holds only the
+    served users), in chunks of about CHUNK keys (a smaller first one, to get the
+    destination going); the other keys are sorted aside as the scan finds them."""
     chunk: dict[bytes, tuple[bytes, int]] = {}
     size = FIRST_CHUNK
-    skip: set[bytes] | None = None
-    for part in scan_dump(edge, "*{?*}*"):
-        chunk.update(part)
+    for part in scan_dump(edge, "*"):
+        chunk.update((k, v) for k, v in part.items() if sorter.user(k))
         if len(chunk) >= size:
-            if skip is None:
-                skip = shared()
-            yield _user_part(chunk, skip, tags, owns)
+            yield chunk
             chunk, size = {}, CHUNK
     if chunk:
-        yield _user_part(chunk, shared() if skip is None else skip, tags, owns)
-
-
-def _user_part(part: dict[bytes, tuple], shared: set[bytes], tags: set[bytes],
-               owns: Callable[[bytes], bool]) -> dict:  # fmt: skip
-    out = {}
-    for key, value in part.items():
-        tag = hash_tag(key)
-        if tag is not None and key not in shared and owns(key):
-            out[key] = value
-            tags.add(tag)
-    return out
+        yield chunk
 
 
 def export_users(edge: Client, user_ids: Iterable[str],
@@ -126,7 +208,7 @@ def export_users(edge: Client, user_ids: Iterable[str],
     others = 0
     for part in scan_dump(edge, "*{?*}*"):
         for key, value in part.items():
-            if hash_tag(key) not in owned:
+            if hash_tag(key) not in owned or is_library(key):
                 others += 1
             elif not matches(key, patterns):
                 out[key] = value
@@ -146,10 +228,14 @@ def merge_back(
     """Termination: bring the edge's data home to the cloud, verified.
 
     User keys replace the cloud's copy; keys matching `shared_patterns` are merged by
-    `merge_rule`. With `user_ids` (what a node always passes: the users of the setup
-    request) only keys whose hash tag is one of them are written, shared keys included;
-    every other hash-tagged key on the edge is counted and sampled, never merged: an edge
-    server cannot write another user's data on the cloud.
+    `merge_rule` and their type's TTL rule (`redis_types`); a shared key the edge left as
+    it was copied there is not merged again, one of a type without a rule is counted and
+    sampled (`not_merged`). With `user_ids` (what a node always passes: the users of the
+    setup request) only keys whose hash tag is one of them are written, shared keys
+    included; every other key on the edge (another user's, the library's namespace
+    `enorm:`, or neither a user's nor shared) is counted and sampled (`not_owned`), never
+    merged: an edge server cannot write another user's data, or the library's, on the
+    cloud.
 
     With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
     keys that the edge deleted are deleted on the cloud, and a key the cloud changed
@@ -165,28 +251,15 @@ def merge_back(
     """
     started = time.perf_counter()
     report = SyncReport()
-    patterns, wins = list(shared_patterns), list(cloud_wins)
+    wins = list(cloud_wins)
     owned = None if user_ids is None else {str(u).encode() for u in user_ids}
     gone_users = {str(u).encode() for u in handed}
+    sorter = _Sorter(report, list(shared_patterns), owned, gone_users)
     if not manifest or is_cluster(cloud):
         ping(cloud)  # else reading the manifest is the check (one round trip less)
     m = read_manifest(cloud, manifest) if manifest else None
     report.manifest = m is not None
     seen: set[bytes] = set()  # the edge's user keys that were offered to the cloud
-
-    def owns(key: bytes) -> bool:
-        tag = hash_tag(key)
-        if tag in gone_users:
-            return False
-        if owned is None or tag is None or tag in owned:
-            return True
-        report.not_owned += 1
-        _sample(report.not_owned_sample, key)
-        return False
-
-    def scan_shared() -> list[bytes]:
-        with Guard("source"):
-            return list(dict.fromkeys(k for p in patterns for k in scan(edge, p, SCAN_COUNT * 4)))
 
     def remembered(chunks: Iterable) -> Iterator[dict[bytes, tuple]]:
         for item in chunks:
@@ -219,35 +292,30 @@ def merge_back(
                     del part[k]
         return written + payloads.restore(dst, {k: part[k] for k in held if k in part}, replace)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="datasync-shared") as pool:
-        # The shared keys are scanned while the user keys' scan starts.
-        pending = pool.submit(scan_shared)
-        tags: set[bytes] = set()
-        if not is_cluster(edge):
-            chunks: Iterable = _tagged_dumps(edge, lambda: set(pending.result()), tags, owns)
-        else:
-            shared_set = set(pending.result())
-            with Guard("source"):
-                keys = [k for k in user_keys(edge, None) if k not in shared_set and owns(k)]
-            tags = {t for k in keys if (t := hash_tag(k)) is not None}
-            chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
-        copy_chunks(edge, cloud, remembered(chunks), True, report,
-                    restore=None if m is None else restore_unchanged)
-        shared = [k for k in pending.result() if owns(k)]
-    report.users = len(tags) if owned is None else len(owned)
-    _merge_shared(edge, cloud, shared, report)
+    if not is_cluster(edge):
+        chunks: Iterable = _dumps(edge, sorter)
+    else:
+        with Guard("source"):
+            keys = [k for k in scan(edge, "*") if sorter.user(k)]
+        chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
+    copy_chunks(edge, cloud, remembered(chunks), True, report,
+                restore=None if m is None else restore_unchanged)
+    report.users = len(sorter.tags) if owned is None else len(owned)
+    _merge_shared(edge, cloud, sorter.shared, report)
     if m is not None:
+        shared = set(sorter.shared)
         gone = [
             k
             for k in m
-            if k not in seen and k not in shared and (owned is None or hash_tag(k) in owned)
-            and hash_tag(k) not in gone_users
+            if k not in seen and k not in shared
+            and (tag := hash_tag(k)) is not None and not is_library(k)
+            and (owned is None or tag in owned) and tag not in gone_users
         ]
         kept = set(_conflicts(edge, cloud, m, gone))
         _count(report, kept)
         doomed = [k for k in gone if not (k in kept and matches(k, wins))]
         report.conflicts_cloud_won += len(gone) - len(doomed)
-        report.deleted = _unlink(cloud, doomed)
+        report.deleted = unlink(cloud, doomed)
         if not gone_users:  # else the server the users went to inherits it
             with Guard("destination"):
                 cloud.delete(manifest)
@@ -280,11 +348,3 @@ def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes],
         or (now[k] is None and at_edge[k] is not None and k in m)
     ]
     return out
-
-
-def _unlink(client: Client, keys: list[bytes]) -> int:
-    """Delete `keys` on `client` (one slot per command in a cluster); how many existed."""
-    if not keys:
-        return 0
-    (replies,) = run_jobs(client, [Job(keys, lambda b: ["UNLINK", *b])], "destination")
-    return sum(n for _, n in replies)

@@ -255,7 +255,7 @@ def _positions(batch: list[bytes], reply: bytes) -> list[bytes]:
 
 def _scratch(key: bytes) -> bytes:
     """A scratch key in the slot of `key` (same hash tag)."""
-    return b"__enorm_verify:{" + (hash_tag(key) or key) + b"}"
+    return b"enorm:verify:{" + (hash_tag(key) or key) + b"}"
 
 
 def _same_job(dumped: dict[bytes, tuple], keys: list[bytes]) -> Job:

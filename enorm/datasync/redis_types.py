@@ -9,9 +9,15 @@ DUMP follows a hash table's order, the elements a digest sorts. `rules`, `merge`
 `payloads` (the by-value check and the digest) and `keys` (the index members) take all
 of it from here, so a new type is one row (and its tests).
 
-A type without a row still moves: DUMP/RESTORE copy any value as bytes, verified byte for
-byte. The table says what else can be done with it: merged as a shared key, compared by
-value, used as an index.
+A type without a row (a module's) still moves as a user's key: DUMP/RESTORE copy any
+value as bytes, verified byte for byte. The table says what else can be done with it:
+merged as a shared key (a shared key of a type without a row is not merged: counted and
+sampled as `not_merged`), compared by value, used as an index.
+
+A shared key's TTL after the merge (`ttl`): a value the edge's wins whole (a string)
+keeps the edge's TTL, or none; a union (every other type) lives as long as the
+longer-lived side wanted: the later of the two expiries, none if either side has none,
+the edge's if the cloud had no such key.
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ class RedisType:
     # The RDB type of the encoding whose DUMP follows a hash table's order, and the Lua
     # that lists its elements into `parts` for a digest (None: DUMP is deterministic).
     hashtable: tuple[int, str] | None = None
+    # A shared key's TTL after the merge: "edge" (the edge's value wins, with its TTL) or
+    # "later" (a union: the later expiry; none if either side has none).
+    ttl: str = "later"
+    # What the merge's write answered, as report counters (e.g. stream entries renumbered).
+    tally: Callable[[Any], dict[str, int]] | None = None
 
 
 def _list_merge(cloud: list, edge: list) -> list:
@@ -82,6 +93,130 @@ def _zset_contains(cloud: Any, edge: list) -> bool:
     return all(m in c and c[m] >= s for m, s in edge)
 
 
+# -- streams ---------------------------------------------------------------------------
+# A shared stream is merged by appending the entries the edge added since the copy: those
+# above the newest edge entry the cloud holds as it is (what was copied out, or merged
+# before), in the edge's order. Such an entry keeps its ID when it is above the cloud's
+# last ID; otherwise (the cloud's stream moved past it meanwhile) it takes the first ID
+# above that one (its time stays near its own, and the edge's later entries can keep
+# theirs) and carries its edge ID in a last field `enorm:edge-id`, by which a merge
+# retried finds it there.
+STREAM_MARK = b"enorm:edge-id"
+
+_XRANGE = "return redis.call('XRANGE', KEYS[1], '-', '+')"
+
+# KEYS[1]: the cloud's stream; ARGV: the edge's entries in ID order, each as its ID, its
+# number of fields and values, then those (as XRANGE gives them). Returns {kept, renumbered}.
+_STREAM_MERGE = """
+local k, mark = KEYS[1], '""" + STREAM_MARK.decode() + """'
+local function less(a, b)  -- stream ID a < b, exactly (digit strings, no overflow)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am ~= bm then
+    if #am ~= #bm then return #am < #bm end
+    return am < bm
+  end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local function same(a, b)
+  if #a ~= #b then return false end
+  for j = 1, #a do if a[j] ~= b[j] then return false end end
+  return true
+end
+local entries, i = {}, 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  local f = {}
+  for j = 1, n do f[j] = ARGV[i + 1 + j] end
+  entries[#entries + 1] = {ARGV[i], f}
+  i = i + 2 + n
+end
+local from, top, marked = 1, '0-0', {}
+if redis.call('EXISTS', k) == 1 then
+  for e = #entries, 1, -1 do
+    local got = redis.call('XRANGE', k, entries[e][1], entries[e][1])
+    if #got == 1 and same(got[1][2], entries[e][2]) then from = e + 1; break end
+  end
+  if from <= #entries then
+    for _, c in ipairs(redis.call('XRANGE', k, '(' .. entries[from][1], '+')) do
+      local f = c[2]
+      if #f >= 2 and f[#f - 1] == mark then marked[f[#f]] = true end
+    end
+  end
+  local info = redis.call('XINFO', 'STREAM', k)
+  for j = 1, #info, 2 do if info[j] == 'last-generated-id' then top = info[j + 1] end end
+end
+local kept, renumbered = 0, 0
+for e = from, #entries do
+  local id, f = entries[e][1], entries[e][2]
+  if not marked[id] then
+    if less(top, id) then
+      redis.call('XADD', k, id, unpack(f))
+      top, kept = id, kept + 1
+    else  -- the first ID above the top (near its own time; the clock's past 2^52)
+      local ms, seq = string.match(top, '^(%d+)-(%d+)$')
+      local nxt = '*'
+      if tonumber(seq) < 2 ^ 52 then nxt = ms .. '-' .. string.format('%d', seq + 1) end
+      f[#f + 1] = mark
+      f[#f + 1] = id
+      top, renumbered = redis.call('XADD', k, nxt, unpack(f)), renumbered + 1
+    end
+  end
+end
+return {kept, renumbered}
+"""
+
+
+def _entries(v: Any) -> list[tuple[bytes, tuple[bytes, ...]]]:
+    """A stream as XRANGE gives it: (ID, fields and values) per entry."""
+    return [(bytes(e[0]), tuple(e[1])) for e in v]
+
+
+def _id(i: bytes) -> tuple[int, int]:
+    ms, _, seq = i.partition(b"-")
+    return int(ms), int(seq)
+
+
+def _stream_new(cloud: list, edge: list) -> tuple[list, dict, set]:
+    """The edge's entries added since the copy (above the newest one the cloud holds as
+    it is), the cloud's entries by ID, and the edge IDs of entries a merge renumbered."""
+    have = dict(cloud)
+    start = next((i + 1 for i in range(len(edge) - 1, -1, -1)
+                  if have.get(edge[i][0]) == edge[i][1]), 0)
+    marked = {f[-1]: f[:-2] for _, f in cloud if len(f) >= 2 and f[-2] == STREAM_MARK}
+    return edge[start:], have, marked
+
+
+def _stream_merge(cloud: Any, edge: Any) -> list:
+    c, e = _entries(cloud), _entries(edge)
+    new, _, marked = _stream_new(c, e)
+    top = max((_id(i) for i, _ in c), default=(0, 0))
+    out = list(c)
+    for i, f in new:
+        if i in marked:
+            continue
+        if _id(i) > top:
+            top = _id(i)
+            out.append((i, f))
+        else:  # the first ID above the top
+            top = (top[0], top[1] + 1)
+            out.append((b"%d-%d" % top, (*f, STREAM_MARK, i)))
+    return out
+
+
+def _stream_contains(cloud: Any, edge: Any) -> bool:
+    new, have, marked = _stream_new(_entries(cloud), _entries(edge))
+    return all(have.get(i) == f or marked.get(i) == f for i, f in new)
+
+
+def _stream_args(v: Any) -> list[bytes | int]:
+    out: list[bytes | int] = []
+    for i, f in _entries(v):
+        out += [i, len(f), *f]
+    return out
+
+
 def _lua_equal_counts(count: str) -> str:
     return f"if redis.call('{count}', k) ~= redis.call('{count}', s) then return false end"
 
@@ -95,6 +230,7 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         contains=lambda cloud, edge: cloud == edge,
         size=len,
         same="return redis.call('GET', k) == redis.call('GET', s)",
+        ttl="edge",
     ),
     RedisType(
         name=b"set",
@@ -159,6 +295,23 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
     for j = 1, #a do if a[j] ~= b[j] then return false end end
     return true""",
         members="redis.call('LRANGE', k, 0, -1)",
+    ),
+    RedisType(
+        name=b"stream",
+        read=lambda p, k: p.eval(_XRANGE, 1, k),
+        write=lambda p, k, v: v and p.eval(_STREAM_MERGE, 1, k, *_stream_args(v)),
+        # the cloud's entries, then the edge's added since the copy (above)
+        merge=_stream_merge,
+        contains=_stream_contains,
+        size=lambda v: sum(len(i) + sum(len(x) for x in f) for i, f in _entries(v)),
+        same=_lua_equal_counts("XLEN") + """
+    local a, b = redis.call('XRANGE', k, '-', '+'), redis.call('XRANGE', s, '-', '+')
+    for j = 1, #a do
+      if a[j][1] ~= b[j][1] or #a[j][2] ~= #b[j][2] then return false end
+      for x = 1, #a[j][2] do if a[j][2][x] ~= b[j][2][x] then return false end end
+    end
+    return true""",
+        tally=lambda reply: {"renumbered": int(reply[1])},
     ),
 )}
 

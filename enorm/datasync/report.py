@@ -34,13 +34,24 @@ class SyncReport:
     users: int = 0
     keys: int = 0  # user keys written to the destination
     merged: int = 0  # shared keys merged into the destination
+    shared: int = 0  # copy: shared keys copied with the users' (the app names them)
+    # merge_back: shared keys the edge left as they were copied (value and expiry): not
+    # merged again
+    shared_unchanged: int = 0
+    ttls: int = 0  # merge_back: shared keys whose expiry the merge set on the cloud
+    renumbered: int = 0  # merge_back: shared stream entries appended with a new ID
+    # merge_back: shared keys of a type the merge has no rule for (a module's), a sample
+    not_merged: int = 0
+    not_merged_sample: list[str] = field(default_factory=list)
     skipped: int = 0  # replace=False: keys the destination already had
     keys_verified: int = 0  # keys checked on the destination after writing
     bytes: int = 0  # payload bytes moved
     seconds: float = 0.0
     verified: bool = False
     deleted: int = 0  # merge_back with a manifest: keys the edge deleted, removed on the cloud
-    # merge_back: keys on the edge that belong to no served user (not merged), a sample
+    # merge_back: keys on the edge that are not the server's to give back (not merged), a
+    # sample: another user's, the library's namespace (`enorm:`), or neither a user's nor
+    # shared
     not_owned: int = 0
     not_owned_sample: list[str] = field(default_factory=list)
     # merge_back with a manifest: served users' keys the cloud changed during the offload

@@ -62,6 +62,39 @@ def connect(url: str, cluster: bool = False, timeout: float = 5.0) -> Client:
     return redis.Redis.from_url(url, **opts)
 
 
+# What a twin of an application's client keeps of its connection settings: where and
+# who it is, TLS, timeouts; the rest (decoding above all) is datasync's own.
+_KEPT = ("host", "port", "path", "db", "username", "password", "credential_provider",
+         "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+         "socket_keepalive_options", "client_name", "protocol")
+
+
+def binary(client: Client) -> Client:
+    """`client`, or, if it decodes replies (`decode_responses=True`, as a Flask app's
+    client often does), a client of the same server(s) that does not: DUMP payloads and
+    the scripts' packed replies are bytes. The caller closes a twin it asked for
+    (`binary(c) is not c`)."""
+    encoder = getattr(client, "get_encoder", None)  # a stand-in of a test has none
+    if encoder is None or not encoder().decode_responses:
+        return client
+    if is_cluster(client):
+        from redis.cluster import ClusterNode
+
+        kw = client.nodes_manager.connection_kwargs
+        opts = {k: kw[k] for k in _KEPT if k in kw and k not in ("host", "port", "db")}
+        opts.update((k, v) for k, v in kw.items() if k.startswith("ssl"))
+        nodes = [ClusterNode(n.host, n.port) for n in client.get_nodes()]
+        return RedisCluster(startup_nodes=nodes, decode_responses=False, **_NO_SETINFO,
+                            **opts)
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    opts = {k: kw[k] for k in _KEPT if k in kw}
+    opts.update((k, v) for k, v in kw.items() if k.startswith("ssl"))
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, decode_responses=False, **_NO_SETINFO,
+        **_NO_MAINT, **opts))
+
+
 def is_cluster(client: Client) -> bool:
     return isinstance(client, RedisCluster)
 

@@ -264,7 +264,7 @@ def test_cluster_unreachable(redis_cluster):
         datasync.copy_users(cluster, redis.Redis(port=1, socket_connect_timeout=0.5), ["1"])
 
 
-@pytest.mark.parametrize("typ", [b"string", b"set", b"hash", b"zset", b"list"])
+@pytest.mark.parametrize("typ", [b"string", b"set", b"hash", b"zset", b"list", b"stream"])
 def test_every_type_of_the_table_is_compared_by_value(pair, typ):
     """The by-value check (the table's Lua, `payloads._SAME`) on a real Redis: a key
     equals the payload of its own value and differs from another value's; the values
@@ -275,7 +275,8 @@ def test_every_type_of_the_table_is_compared_by_value(pair, typ):
     one, other = {b"string": (b"a", b"b"), b"set": ({b"a"}, {b"a", b"b"}),
                   b"hash": ({b"f": b"1"}, {b"f": b"2"}),
                   b"zset": ([(b"a", 1.0)], [(b"a", 2.0)]),
-                  b"list": ([b"x", b"y"], [b"y", b"x"])}[typ]  # fmt: skip
+                  b"list": ([b"x", b"y"], [b"y", b"x"]),
+                  b"stream": ([[b"1-0", [b"f", b"a"]]], [[b"1-0", [b"f", b"b"]]])}[typ]  # fmt: skip
     row = TYPES[typ]
     pipe = cloud.pipeline()
     row.write(pipe, b"k:{1}", one)

@@ -13,6 +13,10 @@ SAMPLES = {
     b"hash": ({b"f": b"cloud", b"g": b"1"}, {b"f": b"edge"}),
     b"zset": ([(b"a", 3.0), (b"b", 9.0)], [(b"a", 5.0), (b"c", 1.0)]),
     b"list": ([b"y", b"z"], [b"x", b"y", b"y"]),
+    # the cloud's stream went on after the copy (2-0); the edge added 3-0 and 9-0 after
+    # the entry both hold (1-0): 3-0 is below the cloud's top, 9-0 above it
+    b"stream": ([[b"1-0", [b"f", b"a"]], [b"5-0", [b"f", b"cloud"]]],
+                [[b"1-0", [b"f", b"a"]], [b"3-0", [b"f", b"x"]], [b"9-0", [b"f", b"y"]]]),
 }
 
 
@@ -99,8 +103,8 @@ def test_every_type_of_the_table_merges_to_hold_the_edges_value():
         assert merge_rule(typ, None, edge) == edge
         assert TYPES[typ].size(edge) > 0
     # A type the table does not know: the edge's value, compared whole.
-    assert merge_rule(b"stream", [b"1-0"], [b"2-0"]) == [b"2-0"]
-    assert rules.contains(b"stream", [b"2-0"], [b"2-0"])
+    assert merge_rule(b"ReJSON-RL", b"1", b"2") == b"2"
+    assert rules.contains(b"ReJSON-RL", b"2", b"2") and not rules.contains(b"ReJSON-RL", b"1", b"2")
 
 
 def test_the_scripts_are_built_from_the_table():
@@ -111,3 +115,22 @@ def test_the_scripts_are_built_from_the_table():
     assert payloads._SAME.startswith(SAME_FN)
     assert keys._INDEX_MEMBERS.startswith(MEMBERS_FN)
     assert payloads.DIGEST_FN.startswith(ELEMENTS_FN) and payloads.UNORDERED == {2, 4}
+
+
+def test_a_shared_stream_takes_the_entries_the_edge_added_since_the_copy():
+    """Above the newest entry both hold: kept IDs while above the cloud's top, then new
+    IDs carrying the edge's in `enorm:edge-id`; entries the cloud dropped after the copy
+    (below that entry) do not come back; a merge again adds nothing."""
+    from enorm.datasync.redis_types import STREAM_MARK
+
+    copied = [[b"1-0", [b"f", b"a"]], [b"2-0", [b"f", b"b"]]]
+    cloud = [[b"2-0", [b"f", b"b"]], [b"6-0", [b"f", b"c"]]]  # 1-0 trimmed, 6-0 new
+    edge = [*copied, [b"4-0", [b"f", b"e1"]], [b"7-0", [b"f", b"e2"]]]
+    merged = merge_rule(b"stream", cloud, edge)
+    assert [i for i, _ in merged] == [b"2-0", b"6-0", b"6-1", b"7-0"]
+    assert [f for _, f in merged[2:]] == [(b"f", b"e1", STREAM_MARK, b"4-0"), (b"f", b"e2")]
+    assert rules.contains(b"stream", merged, edge)
+    assert merge_rule(b"stream", merged, edge) == merged
+    # nothing on the cloud: the edge's entries with their IDs
+    above = merge_rule(b"stream", [[b"1-0", [b"f", b"a"]]], edge)
+    assert [i for i, _ in above] == [b"1-0", b"2-0", b"4-0", b"7-0"]
