@@ -1,23 +1,27 @@
 """The contract between the cloud manager and an application (the one a game developer
-reads): what is deployed on an edge node and how it runs there, how its users are
-redirected, and its data. The game in `games/pokemon/app.py` is one such App; the
-library knows no app.
+reads; the whole of it, with what the container offers and what each error means, is
+docs/apps.md): what is deployed on an edge node and how it runs there, how its users are
+redirected, and its data. The game in `games/pokemon/app.py` and the nearby-messages
+service in `games/nearby/app.py` are two such Apps; the library knows no app.
 
 The application's duties:
 - its edge server runs from `files` with `command` and the environment `env` gives
   (`EdgeContext`: the node's gateway as the container sees it, the container's own
-  Redis, the port to listen on) and answers `health_path` on that port once ready;
+  Redis, the port to listen on), listens on 0.0.0.0 at that port and answers
+  `health_path` there once ready;
 - `redirect(user_ids, url)` points those users' clients at the edge server, and
   `restore(user_ids)` back at the cloud (the cloud manager calls them; clients follow);
 - every key of a user carries the user id as its hash tag (`u:{42}`); keys without one
-  that the edge server also writes are `shared_patterns` (merged back by union), users'
-  keys whose cloud value wins a conflict are `cloud_wins_patterns`, and `key_schema`
-  names where a user's keys are, so that an offload reads them by name.
+  that the edge server also writes are `shared_patterns` (merged back by their type's
+  rule), users' keys whose cloud value wins a conflict are `cloud_wins_patterns`,
+  `key_schema` names where a user's keys are, so that an offload reads them by name, and
+  `shared_keys` names the shared keys the edge server needs for a group of users (copied
+  with their keys). No key of the app starts with `enorm:`: the library's namespace.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +61,26 @@ class App:
     # A key every user has: checked on the cloud after termination.
     user_key: Callable[[str], str] | None = None
     health_path: str = "/healthz"
+    # The shared keys the edge server needs to serve these users (e.g. the message boards
+    # of the cells around them), by name: copied cloud -> edge with the users' keys, with
+    # their TTLs; each must match one of `shared_patterns`, so that it comes back. None:
+    # the edge starts with no shared key and writes its own.
+    shared_keys: Callable[[Sequence[str]], Iterable[str]] | None = None
+
+    def shared_keys_for(self, user_ids: Sequence[str]) -> list[str]:
+        """`shared_keys(user_ids)`, each checked to come back at termination."""
+        if self.shared_keys is None:
+            return []
+        out = []
+        for k in self.shared_keys(user_ids):
+            k = k.decode() if isinstance(k, bytes) else str(k)
+            if datasync.is_library(k.encode()) or datasync.hash_tag(k.encode()) is not None \
+                    or not datasync.matches(k.encode(), self.shared_patterns):
+                raise ValueError(f"shared_keys: {k!r} matches none of the app's "
+                                 f"shared_patterns {self.shared_patterns} (or has a hash tag, "
+                                 "or the library's prefix enorm:): it would not come back")
+            out.append(k)
+        return out
 
 
 def sink_for(app: App, sink: DataSink) -> DataSink:
@@ -72,5 +96,8 @@ def sink_for(app: App, sink: DataSink) -> DataSink:
             if "{" in p or "}" in p:
                 raise ValueError(f"{name}: {p!r} names a user's hash tag; users' keys are "
                                  "found by their tag, not declared shared")
+            if datasync.is_library(p.encode()):
+                raise ValueError(f"{name}: {p!r} is in the library's namespace "
+                                 f"({datasync.LIBRARY_PREFIX.decode()}*): never an app's key")
         update[name] = list(declared or given)
     return sink.model_copy(update=update)

@@ -5,7 +5,9 @@
 a ledger of deployments in the cloud Redis, so one invocation sees what another did.
 (The game's demo is the game's: `enorm-demo`, games/pokemon/demo.py.)
 
-Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 an edge node does not answer.
+Exit codes: 0 ok, 1 failed, 2 bad usage or config (a node that refuses the configured
+token, or a callback or sink its operator does not allow, is a config error: the message
+names the field), 3 an edge node does not answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -32,7 +34,8 @@ def main() -> None:
     """The cloud manager's tools.
 
     \b
-    Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 an edge node does not answer.
+    Exit codes: 0 ok, 1 failed, 2 bad usage or config (also: a node refuses the token,
+    or a callback or sink its operator does not allow), 3 an edge node does not answer.
     Piped, tables become tab-separated lines; --json gives JSON.
     """
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
@@ -43,6 +46,22 @@ config_option = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help=f"the cloud side's config (TOML); default {cloud_config.DEFAULT_PATH}")
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+def edge_failure(exc: Exception) -> NoReturn:
+    """Exit with the code an edge node's answer means, the message naming the cause: a
+    token it does not know or a request it refuses is the config's (2), no answer is 3,
+    anything else 1."""
+    from cloud_manager import EdgeError, RequestRefused, Unauthorized
+
+    if isinstance(exc, Unauthorized):
+        fail(f"nodes.{exc.node}.token: the node refused it (401): fix the token or "
+             f"token_file, or ask the node's operator to add it ({exc})", EXIT_USAGE)
+    if isinstance(exc, RequestRefused):
+        fail(str(exc), EXIT_USAGE)
+    if isinstance(exc, EdgeError) and exc.status is None:
+        fail(str(exc), EXIT_UNREACHABLE)
+    fail(str(exc))
 
 
 def _config(path: Path | None) -> cloud_config.CloudConfig:
@@ -143,7 +162,7 @@ def _emit_json(data: Any) -> None:
 def nodes(config_path: Path | None, as_json: bool) -> None:
     """The configured edge nodes and their offers (free resources, unit, policy, load), as
     one heartbeat round finds them; recorded in the registry (cloud Redis)."""
-    rows, data, unreachable = [], [], 0
+    rows, data, unreachable, refused = [], [], 0, []
     with cloud(config_path) as c:
         states = c.heartbeat()
         now = time.time()
@@ -151,6 +170,10 @@ def nodes(config_path: Path | None, as_json: bool) -> None:
             st = states[name]
             up = st.up(now, c.cfg.down_after_s)
             data.append({**st.as_dict(), "up": up})
+            if st.status == 401:
+                refused.append(name)
+                rows.append((name, edge.url, "token refused (401)", "", "", "", "", ""))
+                continue
             if st.error is not None:
                 unreachable += 1
                 state = ("unreachable" if st.seen_at is None
@@ -167,6 +190,9 @@ def nodes(config_path: Path | None, as_json: bool) -> None:
     else:
         output.table("edge nodes", ("name", "url", "state", "free", "unit", "servers",
                                     "admission", "load/core"), rows)
+    if refused:
+        fail("; ".join(f"nodes.{n}.token: the node refused it (401)" for n in refused),
+             EXIT_USAGE)
     if unreachable == len(data):
         sys.exit(EXIT_UNREACHABLE)
 
@@ -196,7 +222,7 @@ def _parse_users(users: tuple[str, ...]):
 def offload(config_path: Path | None, as_json: bool, node: str | None,
             users: tuple[str, ...]) -> None:
     """Offload USERS (ID or ID=ADDRESS) of the app to an edge server."""
-    from cloud_manager import DeployError, NoEdgeAvailable
+    from cloud_manager import DeployError, EdgeError, NoEdgeAvailable
 
     from .ledger import Entry
 
@@ -216,6 +242,8 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
         except NoEdgeAvailable as exc:
             gone = all(r.startswith("unreachable") for r in exc.refusals.values())
             fail(str(exc), EXIT_UNREACHABLE if gone else 1)
+        except EdgeError as exc:  # every node refused the request itself
+            edge_failure(exc)
         except DeployError as exc:
             fail(f"deployment failed (server withdrawn): {exc}")
         finally:
@@ -239,7 +267,7 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
 @json_option
 def deployments(config_path: Path | None, as_json: bool) -> None:
     """Edge servers serving this cloud's users, with their state on the node now."""
-    from cloud_manager import EdgeError
+    from cloud_manager import EdgeError, Unauthorized
 
     rows, data = [], []
     with cloud(config_path) as c:
@@ -251,8 +279,10 @@ def deployments(config_path: Path | None, as_json: bool) -> None:
                     info = edge.server(e.server_id)
                     state = "gone" if info is None else info.state
                     limits = None if info is None else info.limits
-                except EdgeError:
-                    state = "node unreachable"
+                except Unauthorized:
+                    state = "token refused (401)"
+                except EdgeError as exc:
+                    state = "node unreachable" if exc.status is None else f"error {exc.status}"
             data.append({**e.__dict__, "users": e.user_ids, "state": state,
                          "limits": limits.model_dump() if limits else None})
             rows.append((e.server_id, e.node, e.app, len(e.users), e.url, state,
@@ -309,7 +339,14 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
     """Move a server's users to a new server on another node, start-first: the new one
     runs before the old one is merged back and destroyed. USERS (ID=ADDRESS): where they
     are now, if they moved (default: the addresses they were offloaded with)."""
-    from cloud_manager import DeployError, EdgeError, HandoverFailed, NoEdgeAvailable
+    from cloud_manager import (
+        DeployError,
+        EdgeError,
+        HandoverFailed,
+        NoEdgeAvailable,
+        RequestRefused,
+        Unauthorized,
+    )
 
     from .ledger import Entry
 
@@ -336,6 +373,8 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
             if dep.ended.is_set():  # the old server is gone, its data merged
                 c.ledger.forget(server_id)
             fail(f"handover failed: {exc}")
+        except (Unauthorized, RequestRefused) as exc:
+            edge_failure(exc)
         except (DeployError, EdgeError) as exc:
             fail(f"handover failed before the switch (new server withdrawn; the users stay "
                  f"on {e.node}): {exc}")
@@ -375,16 +414,26 @@ def withdraw(config_path: Path | None, as_json: bool, server_id: str) -> None:
         try:
             dep = mgr.withdraw(dep)
         except EdgeError as exc:
-            fail(str(exc), EXIT_UNREACHABLE if exc.status is None else 1)
+            edge_failure(exc)
         if dep.state != "migration_pending":
             c.ledger.forget(server_id)
+    merge = dep.merge.model_dump() if dep.merge is not None else {}
     data = {"server_id": server_id, "state": dep.state, "keys_migrated": dep.keys_migrated,
-            "confirmed": dep.confirmed}
+            "confirmed": dep.confirmed, "merge": merge}
     if as_json:
         _emit_json(data)
     else:
         output.line(f"{server_id}: {dep.state}, {dep.keys_migrated} keys merged back, "
                     f"data on the cloud: {'confirmed' if dep.confirmed else 'NOT confirmed'}")
+        for what, n, sample in (("deleted on the cloud", merge.get("keys_deleted"), None),
+                                ("conflicts", merge.get("conflicts"),
+                                 merge.get("conflict_sample")),
+                                ("not owned (dropped)", merge.get("not_owned"),
+                                 merge.get("not_owned_sample")),
+                                ("not merged (no rule for the type)", merge.get("not_merged"),
+                                 merge.get("not_merged_sample"))):
+            if n:
+                output.line(f"  {n} {what}" + (f": {', '.join(sample)}" if sample else ""))
     if dep.state == "migration_pending":
         fail("the merge failed; the edge keeps the data and retries")
 

@@ -1,7 +1,7 @@
 """The cloud side's config file (TOML) for `enorm-cloud`: edge nodes, tokens, the app.
 
     cloud_redis = "redis://127.0.0.1:6379/0"    # the game's data and the ledger
-    app = "games.pokemon.deploy:app"            # module:function(cloud_redis, **app_options)
+    app = "games.pokemon.app:app"               # module:function(cloud_redis, **app_options)
     callback_url = "http://192.0.2.10:8000/edge-events"   # optional
     priority = 5
     latency_objective_ms = 50
@@ -18,6 +18,11 @@
     name = "edge0"
     url = "http://192.0.2.20:8470"
     token_file = "/etc/enorm-cloud/edge0.token"   # or token = "..."
+
+`app` names a function of a module that `enorm-cloud` imports: the module must be
+importable by the Python that runs `enorm-cloud` (installed there, or on PYTHONPATH); it
+is called with the cloud Redis client (bytes replies) and `app_options`, and returns the
+`cloud_manager.App` (docs/apps.md).
 """
 
 from __future__ import annotations
@@ -104,7 +109,9 @@ class CloudConfig(BaseModel):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"app: cannot load {self.app}: {exc}") from exc
+            raise ConfigError(f"app: cannot load {self.app}: {exc} (the module must be "
+                              "importable by the Python that runs enorm-cloud: installed "
+                              "there, or on PYTHONPATH)") from exc
 
 
 def load(path: Path | None) -> CloudConfig:

@@ -32,10 +32,26 @@ T = TypeVar("T")
 
 APP_DIR = "/opt/enorm-app"
 SUPERVISOR = "/usr/local/bin/enorm-app"
+APP_LOG = "/var/log/enorm-app/app.log"  # the app's stdout and stderr (the supervisor's)
+# One line per start of the app (its pid): the supervisor restarts an app that exited,
+# so a second line, or a first pid gone, says it exited.
+STARTS = "/run/enorm-app.starts"
+LOG_TAIL = 4000  # bytes of the app's log a failed deployment carries
 
 
 class DeployError(Exception):
-    """The server could not be deployed (SSH, upload, start, or it never answered)."""
+    """The server could not be deployed (SSH, upload, start, or it never answered).
+    `app_log`: the tail of the app's log (its stdout and stderr) when it was read, e.g.
+    the traceback of a server that exited at start."""
+
+    def __init__(self, message: str, app_log: str | None = None):
+        super().__init__(message)
+        self.app_log = app_log
+
+    def add_log(self, tail: str | None) -> None:
+        self.app_log = tail
+        if tail:
+            self.args = (f"{self.args[0]}\n--- the tail of {APP_LOG} ---\n{tail.rstrip()}",)
 
 
 def new_key() -> tuple[paramiko.PKey, str]:
@@ -129,6 +145,7 @@ class Session:
         env_file = f"{workdir}/app.env"
         script = "\n".join([
             "#!/bin/sh",
+            f"echo $$ >> {STARTS}",  # exec keeps the pid: the app's
             "set -a",
             f". {shlex.quote(env_file)}",
             "set +a",
@@ -140,10 +157,27 @@ class Session:
         self._install({**{r: (_bytes(d), 0o644) for r, d in (files or {}).items()},
                        env_file: (body.encode(), 0o600),
                        f"{workdir}/run.sh": (script.encode(), 0o755)},
-                      then=f"{SUPERVISOR} stop; {SUPERVISOR} start -- {workdir}/run.sh")
+                      then=f"{SUPERVISOR} stop; rm -f {STARTS}; "
+                           f"{SUPERVISOR} start -- {workdir}/run.sh")
 
     def stop_app(self) -> None:
         self.run(f"{SUPERVISOR} stop", check=False)
+
+    def app_exited(self) -> bool:
+        """The app started by `start_app` has exited since (the supervisor restarts it,
+        so a deployment cannot wait for it to come up by itself)."""
+        _, out, _ = self.run(f'[ -s {STARTS} ] || exit 0; set -- $(cat {STARTS}); '
+                             f'[ $# -gt 1 ] || ! kill -0 "$1" 2>/dev/null && echo exited',
+                             timeout=10, check=False)
+        return out.strip() == "exited"
+
+    def app_log(self, size: int = LOG_TAIL) -> str | None:
+        """The last `size` bytes of the app's log; None if it cannot be read."""
+        try:
+            rc, out, _ = self.run(f"tail -c {int(size)} {APP_LOG}", timeout=10, check=False)
+        except (paramiko.SSHException, OSError, EOFError):
+            return None
+        return out if rc == 0 else None
 
     def gateway(self) -> str:
         """The container's default gateway: the edge node's host on its bridge."""
@@ -206,9 +240,13 @@ class Deployer:
                 time.sleep(0.05)
 
 
-def wait_http(url: str, timeout: float = 20.0, interval: float = 0.02) -> float:
-    """Poll `url` until it answers 2xx; seconds waited. Raises DeployError on timeout."""
+def wait_http(url: str, timeout: float = 20.0, interval: float = 0.02,
+              exited: Callable[[], bool] | None = None, every: float = 0.5) -> float:
+    """Poll `url` until it answers 2xx; seconds waited. Raises DeployError on timeout, or
+    at once when `exited()` (asked every `every` seconds) says the server's process is
+    gone."""
     started = time.monotonic()
+    asked = started
     last: object = None
     with requests.Session() as s:
         while True:
@@ -219,6 +257,12 @@ def wait_http(url: str, timeout: float = 20.0, interval: float = 0.02) -> float:
                 last = f"{r.status_code} {r.text[:200]}"
             except (OSError, requests.RequestException) as exc:
                 last = exc
-            if time.monotonic() - started > timeout:
+            now = time.monotonic()
+            if exited is not None and now - asked >= every:
+                asked = now
+                if exited():
+                    raise DeployError(f"the app exited before {url} answered "
+                                      f"(after {now - started:.1f} s): {last}")
+            if now - started > timeout:
                 raise DeployError(f"{url} did not answer within {timeout}s: {last}")
             time.sleep(interval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -30,9 +31,34 @@ from enorm.protocol import (
 class EdgeError(Exception):
     """The edge node answered something the protocol does not allow, or not at all."""
 
-    def __init__(self, message: str, status: int | None = None, body: Any = None):
+    def __init__(self, message: str, status: int | None = None, body: Any = None,
+                 node: str | None = None):  # fmt: skip
         super().__init__(message)
-        self.status, self.body = status, body
+        self.status, self.body, self.node = status, body, node
+
+
+class Unauthorized(EdgeError):
+    """401: the node does not know this cloud manager's token (`nodes.<name>.token`)."""
+
+
+class Forbidden(EdgeError):
+    """403: the token is known, but may not do this (e.g. a priority the operator does not
+    allow it, an operator-only call)."""
+
+
+class RequestRefused(EdgeError):
+    """400: the node refused the request itself; `field` names what, `error` why."""
+
+    def __init__(self, message: str, status: int, body: Any, node: str | None = None):
+        super().__init__(message, status, body, node)
+        body = body if isinstance(body, dict) else {}
+        self.error, self.field = body.get("error"), body.get("field")
+
+
+class DestinationNotAllowed(RequestRefused):
+    """400 `destination_not_allowed`: the callback URL, the data sink or a handover's
+    target is not among the destinations the node's operator allows this cloud manager
+    (node config `destinations`); `field` names which."""
 
 
 class Rejected(EdgeError):
@@ -70,17 +96,32 @@ class EdgeClient:
         try:
             return self.http.request(method, self.url + path, timeout=timeout, **kw)
         except requests.RequestException as exc:
-            raise EdgeError(f"{self.name}: {method} {path}: {exc}") from exc
+            raise EdgeError(f"{self.name}: {method} {path}: {exc}", node=self.name) from exc
 
-    @staticmethod
-    def _fail(resp: requests.Response) -> EdgeError:
+    def _fail(self, resp: requests.Response) -> EdgeError:
+        """The error an answer means, named after its cause (the node answered)."""
         try:
             body = resp.json()
             detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
         except ValueError:
             body, detail = None, resp.text
-        return EdgeError(f"{resp.request.method} {resp.url}: {resp.status_code} {detail}",
-                         resp.status_code, body)
+        code = resp.status_code
+        where = f"{self.name}: {resp.request.method} {urlsplit(resp.url).path}"
+        if code == 401:
+            return Unauthorized(f"{where}: 401 unauthorized: the node does not know this "
+                                f"cloud manager's token ({detail})", code, body, self.name)
+        if code == 403:
+            return Forbidden(f"{where}: 403 forbidden: {detail}", code, body, self.name)
+        if code == 400 and isinstance(body, dict):
+            field = body.get("field")
+            if body.get("error") == "destination_not_allowed":
+                return DestinationNotAllowed(
+                    f"{where}: 400 destination_not_allowed: {field}: {detail} (the node's "
+                    "operator lists where each cloud manager may point: `destinations`)",
+                    code, body, self.name)
+            return RequestRefused(f"{where}: 400 {body.get('error')}: {field}: {detail}",
+                                  code, body, self.name)
+        return EdgeError(f"{where}: {code} {detail}", code, body, self.name)
 
     def offer(self, timeout: float | None = None) -> NodeOffer:
         """GET /v1/node: capacity, free resources, unit, policy, load."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 
-from enorm.protocol import Event, TerminationReason
+from enorm.protocol import Event, MergeReport, TerminationReason
 
 from . import rehome
 from .edge_client import EdgeError
@@ -43,7 +43,9 @@ def handle(cm: CloudManager, event: Event) -> str:
                 return "already ended"
             cm.app.restore(dep.user_ids)  # the node's rules went with the server
             cm.close_session(dep)
-            cm.finish(dep, "terminated", event.reason, int(event.data.get("keys_migrated", 0)))
+            dep.merge = MergeReport.model_validate(
+                {k: v for k, v in event.data.items() if k in MergeReport.model_fields})
+            cm.finish(dep, "terminated", event.reason, dep.merge.keys_migrated)
             if rehome.after(cm, dep):
                 return "users restored, offloading them to another node"
             return "users restored"
@@ -101,10 +103,12 @@ def user_reports_dead(cm: CloudManager, user: str) -> str:
     return reconcile(cm).get(dep.server_id, "server alive")
 
 
-def blueprint(cm: CloudManager, path: str = "/edge-events") -> Blueprint:
+def blueprint(cm: CloudManager, path: str = "/edge-events",
+              name: str = "enorm_cloud_manager") -> Blueprint:
     """`POST <path>`: the callback URL edge nodes send events to (2xx = acknowledged);
-    `POST <path>/dead`: a game client could not reach its edge server."""
-    bp = Blueprint("enorm_cloud_manager", __name__)
+    `POST <path>/dead`: a game client could not reach its edge server. `name`: the
+    blueprint's, unique in one Flask app (two managers, two names)."""
+    bp = Blueprint(name, __name__)
 
     @bp.post(path)
     def _edge_event():

@@ -75,6 +75,9 @@ def hand_over(cm: CloudManager, old: Deployment, to: str | None,
         cm.wait_ready(new)
         edge = datasync.connect(new.redis_forward(), timeout=30)  # ready for the copy
         edge.ping()
+        if key is not None:  # the shared keys the app names, as the cloud has them now
+            datasync.copy_shared(cm.cloud, edge, cm.app.shared_keys_for(new.user_ids),
+                                 datasync.SyncReport())
     except BaseException:
         log.exception("handover of %s: the new server %s on %s did not start",
                       old.server_id, new.server_id, new.edge.name)

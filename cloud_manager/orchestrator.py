@@ -34,7 +34,15 @@ import paramiko
 from flask import Blueprint
 
 from enorm import datasync
-from enorm.protocol import DataSink, Event, SetupRequest, SetupResponse, TerminationReason, User
+from enorm.protocol import (
+    DataSink,
+    Event,
+    MergeReport,
+    SetupRequest,
+    SetupResponse,
+    TerminationReason,
+    User,
+)
 
 from . import events, handover
 from .app import App, EdgeContext, sink_for
@@ -49,7 +57,11 @@ CONTAINER_REDIS_PORT = 6379
 
 
 class NoEdgeAvailable(Exception):
-    """Every configured edge node refused (409) or could not be reached."""
+    """No edge node admitted the server: each refused it (409, with the reason) or could
+    not be reached (`refusals`: node -> why). A node that refused the request itself (a
+    wrong token, a destination its operator does not allow) is named with that cause;
+    when every node did so, that error is raised instead (`Unauthorized`,
+    `DestinationNotAllowed`, ...): no other node would have done better."""
 
     def __init__(self, refusals: dict[str, str]):
         super().__init__("no edge node admitted the server: "
@@ -77,6 +89,9 @@ class Deployment:
     intercepted: bool = False
     end_reason: TerminationReason | None = None
     keys_migrated: int | None = None
+    # What the termination's merge did (keys migrated, deleted, conflicts and not merged,
+    # with samples): from the node's answer to a withdrawal or its `server.terminated`.
+    merge: MergeReport | None = None
     confirmed: bool | None = None  # the users' data was found on the cloud at the end
     handed_over_from: str | None = None  # the server these users came from
     handover_path: str | None = None  # direct (edge -> edge) | cloud (edge -> cloud -> edge)
@@ -108,7 +123,8 @@ class Deployment:
 class CloudManager:
     """The library a cloud application server embeds to use edge nodes."""
 
-    def __init__(self, edges: Iterable[EdgeClient], app: App, *, cloud_redis: datasync.Client,
+    def __init__(self, edges: Iterable[EdgeClient], app: App, *,
+                 cloud_redis: datasync.Client | str,
                  sink: DataSink, callback_url: str | None = None,
                  deployer: Deployer | None = None, priority: int = 5,
                  latency_objective_ms: float = 50.0, override: bool = False,
@@ -127,8 +143,12 @@ class CloudManager:
         self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
         self.app = app
-        self.cloud = cloud_redis
         self.sink = sink_for(app, sink)
+        # The library's own connection to the cloud Redis: a URL, or a twin of the app's
+        # client when that one decodes replies (DUMP payloads are bytes).
+        self.cloud = (datasync.connect(cloud_redis, cluster=self.sink.cluster)
+                      if isinstance(cloud_redis, str) else datasync.binary(cloud_redis))
+        self._own_cloud = self.cloud is not cloud_redis
         self.callback_url = callback_url
         self.deployer = deployer or Deployer()
         self.priority, self.latency_objective_ms = priority, latency_objective_ms
@@ -178,14 +198,21 @@ class CloudManager:
                         only: str | None = None
                         ) -> tuple[EdgeClient, SetupResponse, dict[str, str], dict]:
         edges, refused, placed = self.place(req, exclude, only)
+        wrong: list[EdgeError] = []  # nodes that refused the request itself
         for edge in edges:
             try:
                 return edge, edge.setup(req), refused, placed
             except Rejected as exc:
                 refused[edge.name] = exc.reason
             except EdgeError as exc:
-                refused[edge.name] = f"unreachable: {exc}"
+                if exc.status is None:
+                    refused[edge.name] = f"unreachable: {exc}"
+                else:  # it answered: a wrong token, a destination not allowed, ...
+                    refused[edge.name] = str(exc)
+                    wrong.append(exc)
             log.info("edge %s refused: %s", edge.name, refused[edge.name])
+        if wrong and len(wrong) == len(edges):
+            raise wrong[0]
         raise NoEdgeAvailable(refused)
 
     def offload(self, users: Sequence[User], exclude: Iterable[str] = (), **over) -> Deployment:
@@ -255,22 +282,34 @@ class CloudManager:
         dep.timings["upload_start"] = time.perf_counter() - t
 
     def copy(self, dep: Deployment, edge: datasync.Client | None = None) -> None:
-        """The users' keys cloud -> the edge server's Redis (over `edge` if connected)."""
+        """The users' keys, and the shared keys the app names for them, cloud -> the edge
+        server's Redis (over `edge` if connected)."""
         t = time.perf_counter()
+        shared = self.app.shared_keys_for(dep.user_ids)  # checked before anything moves
         edge = edge or datasync.connect(dep.redis_forward(), timeout=30)
         try:
             # The manifest (on the cloud) lets the edge's merge at termination delete
             # what the edge deleted and tell what the cloud changed meanwhile.
             dep.copy = datasync.copy_users(
                 self.cloud, edge, dep.user_ids, manifest=datasync.manifest_key(dep.server_id),
-                schema=self.app.key_schema)
+                schema=self.app.key_schema, shared=shared)
         finally:
             edge.close()
         dep.timings["data"] = time.perf_counter() - t
 
     def wait_ready(self, dep: Deployment) -> None:
+        """Until the server answers its health path on its user-facing port; a server
+        whose process exits meanwhile fails at once, and either failure carries the tail
+        of its log (`DeployError.app_log`), read before the container goes."""
         t = time.perf_counter()
-        wait_http(dep.url + self.app.health_path, timeout=self.ready_timeout)
+        session = dep.session
+        try:
+            wait_http(dep.url + self.app.health_path, timeout=self.ready_timeout,
+                      exited=None if session is None else session.app_exited)
+        except DeployError as exc:
+            if session is not None and exc.app_log is None:
+                exc.add_log(session.app_log())
+            raise
         dep.timings["ready"] = time.perf_counter() - t
 
     def send_users(self, dep: Deployment) -> None:
@@ -331,7 +370,10 @@ class CloudManager:
     # -- Procedure 4: termination --------------------------------------------------------
     def withdraw(self, dep: Deployment | str) -> Deployment:
         """The cloud's override: users back to the cloud, then the edge merges the data
-        back and destroys the server; then the data is confirmed on the cloud."""
+        back and destroys the server; then the data is confirmed on the cloud. Returns the
+        deployment with what the termination did in `merge` (keys migrated and deleted,
+        conflicts, keys not owned or not merged, each with a sample) and `confirmed`; a
+        node whose merge failed leaves it `migration_pending` (the node retries)."""
         dep = self.deployments[dep] if isinstance(dep, str) else dep
         t0 = time.perf_counter()
         self.users_home(dep)  # before the edge server goes away
@@ -343,6 +385,8 @@ class CloudManager:
             if dep.server_id in result.pending:
                 dep.state, dep.end_reason = "migration_pending", TerminationReason.CLOUD_WITHDRAWAL
                 return dep
+            dep.merge = MergeReport.model_validate(result.model_dump(
+                include=set(MergeReport.model_fields)))
             self.finish(dep, "withdrawn", TerminationReason.CLOUD_WITHDRAWAL,
                         result.keys_migrated)
         dep.timings["withdraw_total"] = time.perf_counter() - t0
@@ -368,9 +412,11 @@ class CloudManager:
         """A user's client found its edge server dead (`events.user_reports_dead`)."""
         return events.user_reports_dead(self, user)
 
-    def blueprint(self, path: str = "/edge-events") -> Blueprint:
-        """The callback edge nodes send events to (`events.blueprint`)."""
-        return events.blueprint(self, path)
+    def blueprint(self, path: str = "/edge-events",
+                  name: str = "enorm_cloud_manager") -> Blueprint:
+        """The callback edge nodes send events to (`events.blueprint`); a second manager
+        in the same Flask app takes another `path` and `name`."""
+        return events.blueprint(self, path, name)
 
     def start_reconciling(self, interval_s: float) -> None:
         """Run `reconcile` every `interval_s` in a daemon thread until `close`."""
@@ -401,3 +447,5 @@ class CloudManager:
                 self.close_session(dep)
         for e in self.edges:
             e.close()
+        if self._own_cloud:
+            self.cloud.close()

@@ -41,13 +41,14 @@ class NodeState:
     seen_at: float | None  # when it last answered
     checked_at: float  # when it was last asked
     error: str | None = None  # why the last question got no offer
+    status: int | None = None  # the HTTP status it answered with then (None: no answer)
 
     def up(self, now: float, down_after_s: float) -> bool:
         return self.seen_at is not None and now - self.seen_at <= down_after_s
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "seen_at": self.seen_at,
-                "checked_at": self.checked_at, "error": self.error,
+                "checked_at": self.checked_at, "error": self.error, "status": self.status,
                 "offer": None if self.offer is None else self.offer.model_dump(mode="json")}
 
 
@@ -61,15 +62,16 @@ class Registry:
         self.r, self.down_after_s, self.clock = client, down_after_s, clock
 
     def record(self, name: str, url: str, offer: NodeOffer | None,
-               error: str | None = None) -> NodeState:
+               error: str | None = None, status: int | None = None) -> NodeState:
         """What one heartbeat found: an offer (the node is up now) or an error (the
-        node keeps its last offer and the time it was last seen)."""
+        node keeps its last offer and the time it was last seen; `status`: what it
+        answered, e.g. 401 to a token it does not know)."""
         now = self.clock()
         old = self.get(name)
         state = NodeState(
             name, url, offer if offer is not None else (old.offer if old else None),
             now if offer is not None else (old.seen_at if old else None), now,
-            None if offer is not None else error)
+            None if offer is not None else error, None if offer is not None else status)
         self.r.hset(KEY, name, json.dumps(state.as_dict()))
         return state
 
@@ -78,7 +80,7 @@ class Registry:
         d = json.loads(raw)
         return NodeState(d["name"], d["url"],
                          None if d["offer"] is None else NodeOffer.model_validate(d["offer"]),
-                         d["seen_at"], d["checked_at"], d.get("error"))
+                         d["seen_at"], d["checked_at"], d.get("error"), d.get("status"))
 
     def get(self, name: str) -> NodeState | None:
         raw = self.r.hget(KEY, name)
@@ -114,18 +116,20 @@ class Heartbeats:
         self._owner = f"{id(self):x}"
         self._was_up: dict[str, bool] = {}
 
-    def _ask(self, edge: EdgeClient) -> tuple[EdgeClient, NodeOffer | None, str | None]:
+    def _ask(self, edge: EdgeClient) -> tuple[EdgeClient, NodeOffer | None, EdgeError | None]:
         try:
             return edge, edge.offer(timeout=self.timeout_s), None
         except EdgeError as exc:
-            return edge, None, str(exc)
+            return edge, None, exc
 
     def beat(self) -> dict[str, NodeState]:
         """Ask every node now (in parallel) and record the answers."""
         out = {}
         with ThreadPoolExecutor(max(1, min(16, len(self.edges)))) as pool:
-            for edge, offer, error in pool.map(self._ask, self.edges):
-                st = self.registry.record(edge.name, edge.url, offer, error)
+            for edge, offer, exc in pool.map(self._ask, self.edges):
+                error = None if exc is None else str(exc)
+                st = self.registry.record(edge.name, edge.url, offer, error,
+                                          None if exc is None else exc.status)
                 out[edge.name] = st
                 up = st.up(self.registry.clock(), self.registry.down_after_s)
                 if self._was_up.get(edge.name, True) != up:
