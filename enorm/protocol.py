@@ -60,7 +60,7 @@ class DataSink(_Message):
     """Where the edge server's data goes back to on termination (the cloud's Redis).
 
     User keys carry the user id as a hash tag (`u:{42}`); they replace the cloud's copy.
-    Keys matching `shared_patterns` (region annotations, ...) are merged as a union.
+    Keys matching `shared_patterns` are merged by their type's rule (docs/apps.md).
     """
 
     url: str = Field(pattern=r"^(redis|rediss|unix)://.+", max_length=512)

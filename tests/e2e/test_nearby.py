@@ -236,7 +236,8 @@ def test_a_server_that_writes_no_log_is_kept_while_used_and_ended_when_idle(edge
                                                                             redis_server):
     """Nearby's edge server writes no request log: the node counts its users' packets
     (kept-alive connections included) and does not end it as idle while they play; once
-    they stop, the round ends it (reason idle) and the cloud gets the data back."""
+    they stop, a round idle_after_s after the last one that saw packets ends it (reason
+    idle) and the cloud gets the data back."""
     idle_after_s = 6.0
     node = edge_node(idle_after_s=idle_after_s, autoscale_interval_s=3600)
     op = requests.Session()
@@ -267,6 +268,11 @@ def test_a_server_that_writes_no_log_is_kept_while_used_and_ended_when_idle(edge
         _, out, _ = dep.session.run("ls /var/log/enorm-app")
         assert "requests.log" not in out.split()  # no log: the packets alone told
 
+        # A round sees packets as they were counted since the round before, so activity
+        # is as recent as the round that saw it: the next round finds the last posts,
+        # the one after idle_after_s more ends the server.
+        (seen,) = [s for s in round_()["servers"] if s["id"] == dep.server_id]
+        assert seen["idle_for_s"] < 1.0, seen
         time.sleep(idle_after_s + 0.5)
         r = round_()
         assert [(a["action"], a["server_id"], a["reason"]) for a in r["plan"]] == [
