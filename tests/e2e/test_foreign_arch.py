@@ -24,6 +24,7 @@ import pytest
 import requests
 from nodes import VENV_BIN
 from test_cycle import assert_merged, edge_values_before_end, offloaded_play
+from test_nearby import nearby_cycle
 from world import LONDON, as_users, cloud_world, make_users, play, shared, snapshot
 
 from enorm import images
@@ -163,3 +164,22 @@ def run_cycle(stage: Stages, edge_node, redis_server) -> None:
         assert_merged(cloud, edge_users, edge_shared, cloud_before_shared, cloud_before)
         assert not box.defined
         assert op.get(f"{node.url}/v1/servers", timeout=5).json() == []
+
+
+def test_nearby_on_arm64_plays_every_type_and_merges_back(edge_node, redis_server,
+                                                          arm64_image):
+    """The second app, whose edge server is waitress and writes no request log, through
+    its whole cycle (tests/e2e/test_nearby.py) in an arm64 container."""
+    node = edge_node(start=False, image=IMAGE, unit=UNIT, launch_timeout_s=LAUNCH_TIMEOUT_S,
+                     autoscale_interval_s=3600)
+    node.start(timeout=NODE_START_S)
+
+    def arm64(dep) -> None:
+        _, out, _ = dep.session.run("uname -m; cat /proc/$(cat /run/enorm-app.starts)/cmdline",
+                                    timeout=60)
+        machine, cmdline = out.split("\n", 1)
+        assert machine == "aarch64" and "games.nearby.edge" in cmdline
+
+    t0 = time.monotonic()
+    nearby_cycle(node, redis_server().url, ready_timeout=READY_TIMEOUT_S, on_edge=arm64)
+    print(f"\nnearby on arm64 under qemu-user: {time.monotonic() - t0:.1f} s")

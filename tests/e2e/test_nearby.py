@@ -14,7 +14,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +26,7 @@ from werkzeug.serving import make_server
 from cloud_manager import (
     CloudManager,
     DeployError,
+    Deployment,
     DestinationNotAllowed,
     EdgeClient,
     Unauthorized,
@@ -106,9 +107,17 @@ def assert_same_ttl(cloud_ttl: int, edge_ttl: int, elapsed_ms: float, key) -> No
 
 
 def test_nearby_offload_play_every_type_and_withdraw(edge_node, redis_server):
-    node = edge_node()
-    store = redis_server()
-    with nearby_world(store.url, node) as world:
+    nearby_cycle(edge_node(), redis_server().url)
+
+
+def nearby_cycle(node: EdgeNode, redis_url: str, ready_timeout: float | None = None,
+                 on_edge: Callable[[Deployment], None] | None = None) -> None:
+    """Offload three users, play every type on the edge while the cloud writes a shared
+    board, withdraw, and check the cloud key by key (`on_edge(dep)`: a look at the edge
+    server after the offload)."""
+    with nearby_world(redis_url, node) as world:
+        if ready_timeout is not None:
+            world.manager.ready_timeout = ready_timeout
         ann, bob, cat, dan = (world.client(u) for u in ("ann", "bob", "cat", "dan"))
         for c, (lat, lng) in zip((ann, bob, cat), ((51.5072, -0.1276), (51.5080, -0.1280),
                                                    (51.5101, -0.1300)), strict=True):
@@ -136,6 +145,8 @@ def test_nearby_offload_play_every_type_and_withdraw(edge_node, redis_server):
         assert dep.copy.verified and dep.copy.shared > 0
         assert dep.copy.keys == len([k for k in cloud_before if b"{dan}" not in k])
         assert world.redis.hgetall(keys.ROUTE) == dict.fromkeys(served, dep.url)
+        if on_edge is not None:
+            on_edge(dep)
 
         # -- on the edge: adds, changes and deletes of every type, per user and shared
         for c in (ann, bob, cat):
