@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import math
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -26,8 +29,11 @@ import lxc
 import psutil
 
 from enorm import disk, idmap, network
+from enorm.faults import crash_point
 from enorm.network import wait_tcp
 from enorm.protocol import Resources
+
+log = logging.getLogger(__name__)
 
 CFS_PERIOD_US = 100_000
 # lxcfs's view of a container's own size (when lxcfs serves /var/lib/lxcfs; `optional`:
@@ -100,7 +106,11 @@ class Containers:
         self.v = cgroup_version()
         # None: privileged containers (root inside is root on the host).
         self.ids = ids
-        self.slots = idmap.Slots(lxc_path, ids) if ids is not None else None
+        self.slots = idmap.Slots(lxc_path, ids)
+        # A name this node makes: its prefix and one word (a server id), so that no
+        # other node's container or a base container (`enorm-base-*`) is ever taken.
+        self._name = re.compile(re.escape(prefix) + "[a-z0-9]+")
+        self._real_path = os.path.realpath(lxc_path)
         # 0: the writable layer is a plain directory on the board's file system.
         self.disk_mb = disk_mb
         # The CPUs containers are placed on: those the daemon may use itself.
@@ -108,7 +118,7 @@ class Containers:
 
     # -- helpers -------------------------------------------------------------------------
     def _get(self, name: str) -> lxc.Container:
-        if not name.startswith(self.prefix):
+        if not self._name.fullmatch(name) or name == self.base:
             raise ContainerError(f"{name}: not a container of this node ({self.prefix}*)")
         return lxc.Container(name, self.lxc_path)
 
@@ -165,6 +175,10 @@ class Containers:
         """What the node mounts for a container, in unmount order."""
         return [self._rootfs(name), self._lower(name), self._layer(name)]
 
+    def _dir(self, name: str) -> str:
+        """The container's directory, as the mount table names it."""
+        return os.path.join(self._real_path, name)
+
     def _rootfs(self, name: str) -> Path:
         """Where an unprivileged container's overlay is mounted (its `dir:` rootfs)."""
         return Path(self.lxc_path) / name / "rootfs"
@@ -178,7 +192,7 @@ class Containers:
     def _mount_rootfs(self, name: str) -> None:
         """Mount the idmapped base and the overlay of an unprivileged container (again
         after a reboot or a crash: mounts do not outlive them)."""
-        assert self.slots is not None and self.ids is not None
+        assert self.ids is not None
         slot = self.slots.of(name)
         if slot is None:
             raise ContainerError(f"{name}: holds no id range (created privileged?)")
@@ -190,10 +204,6 @@ class Containers:
             ov = Path(self.lxc_path) / name / "overlay"
             (ov / "work").mkdir(exist_ok=True)
             idmap.mount_overlay(lower, ov / "delta", ov / "work", target)
-
-    def _unmount_rootfs(self, name: str) -> None:
-        for path in self._mounts(name):
-            idmap.unmount(path)
 
     # -- lifecycle -----------------------------------------------------------------------
     def create(
@@ -225,6 +235,7 @@ class Containers:
         )
         if not c:
             raise ContainerError(f"{name}: clone of {self.base} failed")
+        crash_point("create.cloned")
         mac = mac or "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
         items = {
             "lxc.uts.name": name[-63:],
@@ -239,8 +250,9 @@ class Containers:
         if veth:
             items["lxc.net.0.veth.pair"] = veth
         slot = None
-        if self.slots is not None and self.ids is not None:
+        if self.ids is not None:
             slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
+            crash_point("create.claimed")
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
         limit_items = self._limit_items(limits, self._first_cpu(address))
         items.update({key + k: v for k, v in limit_items.items()})
@@ -273,6 +285,7 @@ class Containers:
         lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith(tuple(drop))]
         conf.write_text("\n".join(lines + add) + "\n")
         self._mount_layer(name)
+        crash_point("create.mounted")
         delta = self.delta_dir(name)
         ssh = delta / "root/.ssh"
         ssh.mkdir(parents=True, exist_ok=True)
@@ -304,7 +317,7 @@ class Containers:
             return
         self._wait_monitor_gone(name)
         self._mount_layer(name)
-        if self.slots is not None and self.slots.of(name) is not None:
+        if self.ids is not None and self.slots.of(name) is not None:
             try:
                 self._mount_rootfs(name)
             except idmap.IdmapError as exc:
@@ -373,33 +386,73 @@ class Containers:
             time.sleep(0.002)
 
     def destroy(self, name: str) -> None:
-        c = self._get(name)
-        if not c.defined:
-            self._release(name)
-            return
+        """Remove the container and everything of it, whatever state a crash left it in
+        (see `leftovers`): stopped; its mounts taken away, last mounted first (the
+        overlay, the idmapped base under it, the writable layer); LXC's destroy while
+        it has a config; then what LXC or a crash left: the directory (LXC removes the
+        config first), loop devices of its image, the idmapped base's mount point, the
+        id claim. Idempotent: a crash at any step is finished by the next call."""
         self.stop(name)
-        self._unmount_rootfs(name)
+        crash_point("destroy.stopped")
+        self._unmount(name)
+        crash_point("destroy.unmounted")
         c = self._get(name)
-        if not c.destroy():
-            raise ContainerError(f"{name}: destroy failed")
+        if c.defined and not c.destroy():
+            if self._get(name).running:
+                raise ContainerError(f"{name}: destroy failed")
+            log.warning("%s: LXC's destroy failed; removing its directory", name)
+        crash_point("destroy.deleted")
         self._release(name)
 
+    def _unmount(self, name: str) -> None:
+        """Unmount everything under the container's directory and its idmapped base,
+        the last mounted first (as `umount -R`)."""
+        top, lower = self._dir(name), str(self._lower(name))
+        for point in reversed(idmap.mount_points()):
+            if point == lower or point.startswith(top + "/"):
+                idmap.unmount(Path(point))
+
     def _release(self, name: str) -> None:
-        self._unmount_rootfs(name)
-        with contextlib.suppress(OSError):
+        """What is left once LXC is done (or could not be): loop devices, the directory,
+        the idmapped base's mount point, the id claim."""
+        top = self._dir(name)
+        for device, backing in disk.loop_devices().items():
+            if str(backing).startswith(top + "/"):
+                disk.detach(device)
+        if os.path.lexists(top):
+            if any(p.startswith(top + "/") for p in idmap.mount_points()):
+                raise ContainerError(f"{name}: still mounted under {top}; not removed")
+            shutil.rmtree(top)
+        with contextlib.suppress(FileNotFoundError):
             self._lower(name).rmdir()
-        if self.slots is not None:
-            self.slots.release(name)
+        self.slots.release(name)
+
+    def leftovers(self) -> list[str]:
+        """Every container of this node that anything is left of on the machine, whatever
+        state a crash left it in: known to LXC (its config), a directory without a config
+        (a kill between LXC's removing the config and the directory), a mount under its
+        directory or of its idmapped base (with the directory gone or not), a loop
+        device of its writable layer (its image deleted or not), an id claim."""
+        found = set(self.names())
+        found.update(os.listdir(self._real_path))
+        if idmap.MOUNTS.is_dir():
+            found.update(os.listdir(idmap.MOUNTS))
+        paths = [*idmap.mount_points(), *map(str, disk.loop_devices().values())]
+        for top in (self._real_path, str(idmap.MOUNTS)):
+            found.update(p[len(top) + 1:].split("/")[0] for p in paths
+                         if p.startswith(top + "/"))
+        found.update(owner for _, owner in self.slots.claims())
+        return sorted(n for n in found if self._name.fullmatch(n) and n != self.base)
 
     def uid_base(self, name: str) -> int | None:
         """The host id of the container's root (None: privileged)."""
-        slot = self.slots.of(name) if self.slots is not None else None
+        slot = self.slots.of(name) if self.ids is not None else None
         return None if slot is None else self.ids.host_base(slot)  # type: ignore[union-attr]
 
     def names(self) -> list[str]:
-        """Every container of this node that exists, running or not."""
+        """Every container of this node that LXC knows (it has a config), running or not."""
         return [n for n in lxc.list_containers(config_path=self.lxc_path)
-                if n.startswith(self.prefix)]
+                if self._name.fullmatch(n) and n != self.base]
 
     def running(self, name: str) -> bool:
         return self._get(name).running

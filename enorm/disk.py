@@ -49,3 +49,23 @@ def mount_image(image: Path, target: Path) -> None:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise DiskError(f"mount {image} at {target}: {proc.stderr.strip()[-300:]}")
+
+
+def loop_devices() -> dict[str, Path]:
+    """Every bound loop device and its backing file (also when that file has been deleted
+    since: the kernel keeps the device until it is detached)."""
+    out = {}
+    for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            backing = f.read_text().strip().removesuffix(" (deleted)")
+        except OSError:  # detached meanwhile
+            continue
+        out[f"/dev/{f.parts[3]}"] = Path(backing)
+    return out
+
+
+def detach(device: str) -> None:
+    """Detach a loop device (already gone is fine; a mounted one goes at its unmount)."""
+    proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
+    if proc.returncode != 0 and device in loop_devices():
+        raise DiskError(f"losetup -d {device}: {proc.stderr.strip()[-300:]}")

@@ -106,8 +106,10 @@ def registered(rng: IdRange, root: Path = Path("/")) -> list[str]:
 class Slots:
     """Machine-wide claims of id slots, one per container."""
 
-    def __init__(self, lxc_path: Path, rng: IdRange) -> None:
+    def __init__(self, lxc_path: Path, rng: IdRange | None) -> None:
         self.dir = Path(lxc_path) / ".enorm-idmap"
+        # None: privileged containers, which claim nothing (claims left from when the
+        # node's were unprivileged are still found and released).
         self.rng = rng
 
     def _owner(self, slot: int) -> str | None:
@@ -118,15 +120,22 @@ class Slots:
 
     def of(self, name: str) -> int | None:
         """The slot a container holds, if any."""
+        return next((slot for slot, owner in self.claims() if owner == name), None)
+
+    def claims(self) -> list[tuple[int, str]]:
+        """Every claim on the machine: (slot, container name)."""
+        out = []
         if self.dir.is_dir():
             for f in self.dir.iterdir():
-                if f.name.isdigit() and self._owner(int(f.name)) == name:
-                    return int(f.name)
-        return None
+                owner = self._owner(int(f.name)) if f.name.isdigit() else None
+                if owner is not None:
+                    out.append((int(f.name), owner))
+        return sorted(out)
 
     def claim(self, name: str, alive) -> int:
         """A free slot for `name`; `alive(container)` says whether a claim's container
         still exists (a claim of one that is gone is taken over)."""
+        assert self.rng is not None, "privileged containers claim no ids"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         for slot in range(self.rng.slots):
             path = self.dir / str(slot)
@@ -159,9 +168,10 @@ class Slots:
             yield
 
     def release(self, name: str) -> None:
-        slot = self.of(name)
-        if slot is not None:
-            (self.dir / str(slot)).unlink(missing_ok=True)
+        """Give up every slot `name` holds (one, unless a crash left a second)."""
+        for slot, owner in self.claims():
+            if owner == name:
+                (self.dir / str(slot)).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -218,18 +228,23 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
         raise IdmapError(f"overlay mount at {target}: {os.strerror(e)}")
 
 
-def mounted(path: Path) -> bool:
-    """Whether something is mounted at `path`. From the mount table: a bind mount from
-    the same file system is invisible to `os.path.ismount` (same device)."""
-    want = os.path.realpath(path)
+def mount_points() -> list[str]:
+    """Every mount point of the mount table, in the order they were mounted (a point
+    mounted twice over is listed twice)."""
+    out = []
     with open("/proc/self/mountinfo") as f:
         for ln in f:
             point = ln.split(" ", 5)[4]
             if "\\" in point:  # spaces and the like come octal-escaped
                 point = point.encode().decode("unicode_escape")
-            if point == want:
-                return True
-    return False
+            out.append(point)
+    return out
+
+
+def mounted(path: Path) -> bool:
+    """Whether something is mounted at `path`. From the mount table: a bind mount from
+    the same file system is invisible to `os.path.ismount` (same device)."""
+    return os.path.realpath(path) in mount_points()
 
 
 def unmount(path: Path) -> None:

@@ -24,19 +24,21 @@ from enorm.termination import MigrationPending, Terminator
 log = logging.getLogger(__name__)
 
 
-def start(node: Node, ends: Terminator) -> dict:
-    """Bring up the bridge and chains, reconcile the store with reality, and refuse a
-    unit the image cannot start in."""
+def start(node: Node, ends: Terminator, sized: bool = True) -> dict:
+    """Bring up the bridge and chains, reconcile the store with reality, and (`sized`)
+    refuse a unit the image cannot start in. `enorm down` opens the node unsized: it
+    starts nothing, so neither the unit nor the image matters to it."""
     cfg = node.config
-    known = sizing.load(cfg.lxc_path, cfg.base_container)
+    known = sizing.load(cfg.lxc_path, cfg.base_container) if sized else None
     if known is not None:
         check_unit(cfg, known)
     network.ensure_bridge(cfg.bridge, cfg.subnet)
     node.firewall.setup()
     report = reconcile(node, ends)
-    needs = known or measure_image(node)
-    check_unit(cfg, needs)
-    report["image_needs"] = needs.as_dict()
+    if sized:
+        needs = known or measure_image(node)
+        check_unit(cfg, needs)
+        report["image_needs"] = needs.as_dict()
     return report
 
 
@@ -85,7 +87,9 @@ def reconcile(node: Node, ends: Terminator) -> dict:
     launching -> undone (the cloud never got a 201); terminating -> finished;
     running with a stopped container -> started again, limits re-applied; running
     with its container gone -> dropped, with an event; containers and rules that no
-    record owns -> removed.
+    record owns -> removed, and with them anything left of a container of the node's
+    in any state (`Containers.leftovers`: a directory without a config, a mount, a
+    loop device, an id claim).
     """
     report: dict = {"undone": [], "finished": [], "restarted": [], "lost": [],
                     "orphans": [], "errors": {}}
@@ -98,11 +102,8 @@ def reconcile(node: Node, ends: Terminator) -> dict:
         except Exception as exc:  # one broken server must not stop the node
             log.exception("reconcile of %s", rec.id)
             report["errors"][rec.id] = f"{type(exc).__name__}: {exc}"
-    owned = {r.container for r in records.values()}
-    for name in node.containers.names():
-        if name not in owned:
-            node.containers.destroy(name)
-            report["orphans"].append(name)
+    report["orphans"] = sweep(node, {r.container for r in records.values()},
+                              report["errors"])
     running = [r for r in records.values() if r.state == "running"]
     report["rules"] = node.firewall.reconcile(
         {r.id: forwards(r) for r in running},
@@ -110,6 +111,22 @@ def reconcile(node: Node, ends: Terminator) -> dict:
     report["guards"] = node.firewall.reconcile_guards(
         {r.id: port_of(r) for r in records.values()})
     return report
+
+
+def sweep(node: Node, owned: set[str], errors: dict[str, str]) -> list[str]:
+    """Remove everything left of the node's containers that no record owns; returns
+    their names (one that cannot be removed is named in `errors`, and the others go on)."""
+    removed = []
+    for name in node.containers.leftovers():
+        if name in owned:
+            continue
+        try:
+            node.containers.destroy(name)
+            removed.append(name)
+        except Exception as exc:
+            log.exception("removing what is left of %s", name)
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return removed
 
 
 def _reconcile_one(node: Node, ends: Terminator, rec: ServerRecord,

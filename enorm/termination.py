@@ -19,13 +19,13 @@ merges what is there once it is done.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from enorm import migration
+from enorm.faults import crash_point
 from enorm.node import Node, NotFound, port_of
 from enorm.protocol import MergeReport, TerminateResult, TerminationReason
 from enorm.store import ServerRecord
@@ -38,14 +38,6 @@ Migrate = Callable[[ServerRecord, list[str]], MergeReport]
 
 class MigrationPending(RuntimeError):
     """The data could not be merged back; the container is stopped and kept."""
-
-
-def _fault(point: str) -> None:
-    """Crash here when ENORM_FAULT names this point: the crash-safety tests kill the
-    daemon at each step of a termination. Unset, it costs one dict lookup."""
-    if os.environ.get("ENORM_FAULT") == point:
-        log.error("ENORM_FAULT=%s: exiting as a crash would", point)
-        os._exit(70)
 
 
 class Terminator:
@@ -103,7 +95,7 @@ class Terminator:
         # before the data is merged.
         if rec.intercept:
             node.firewall.unredirect(rec.id)
-        _fault("terminate.started")
+        crash_point("terminate.started")
         if not node.containers.exists(rec.container):
             # Destroyed by us after its merge (a crash came before the record went), or
             # gone behind our back with its data: either way nothing is left to merge.
@@ -125,12 +117,12 @@ class Terminator:
                 self._keep_for_retry(rec, reason, exc)
                 raise MigrationPending(str(exc)) from exc
             merge_s = round(time.perf_counter() - t0, 4)
-        _fault("terminate.merged")
+        crash_point("terminate.merged")
         node.firewall.remove(rec.id, redirects=bool(rec.intercept))
         self._destroy(rec)
         if rec.data_sink is not None or rec.handed_to is not None or resumed:
             node.firewall.unfence(rec.id)  # else never fenced: spare the `iptables -S`
-        _fault("terminate.destroyed")
+        crash_point("terminate.destroyed")
         self.forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
         return merged
 
@@ -164,7 +156,7 @@ class Terminator:
         with self.node.lock:
             self.node.store.delete(rec.id, event=ev, outbox_url=rec.callback_url)
             self._busy.pop(rec.id, None)
-        _fault("terminate.forgotten")
+        crash_point("terminate.forgotten")
         events.announce(ev, rec, queued=bool(rec.callback_url))
 
     def _keep_for_retry(self, rec: ServerRecord, reason: TerminationReason,
