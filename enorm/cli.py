@@ -266,10 +266,10 @@ def down(config_path: str | None, keep_bridge: bool, force: bool) -> None:
     """Decommission the node: terminate every server, then remove chains and the store.
 
     The daemon must be stopped first; its servers are terminated here, data merged back.
-    Runs on the board as root: only the operator can use it (and --force).
+    Works whatever state a crash left (enorm/decommission.py) and whatever the unit or
+    the image. Runs on the board as root: only the operator can use it (and --force).
     """
-    from enorm import network, store
-    from enorm.daemon import Daemon
+    from enorm import decommission
 
     cfg = load_config(config_path)
     try:
@@ -277,30 +277,19 @@ def down(config_path: str | None, keep_bridge: bool, force: bool) -> None:
         fail(f"the daemon still answers at {cfg.url}: stop it first")
     except requests.ConnectionError:
         pass
-    d = Daemon.open(cfg, background=False)
     try:
-        n = len(d.node.store.servers())
-        if n:
-            output.progress(f"terminating {n} servers (data merged back first) ...")
-        r = d.manager.ends.shutdown()
-        output.line(f"terminated {r.terminated}, pending {r.pending}")
-        if r.pending and force:
-            assert cfg.state_dir is not None
-            saved = d.manager.ends.discard_pending(Path(cfg.state_dir) / "discarded")
-            for sid, path in saved.items():
-                output.line(f"WARNING: server {sid} was NOT merged back to its sink; its "
-                            f"keys are saved in {path} (RESTORE them by hand)")
-        elif r.pending:
-            fail("some servers kept their data (sink unreachable); node left in place "
-                 "(`enorm down --force` saves their keys to files and discards them)")
-        d.node.firewall.teardown()
-        d.node.store.wipe()
-    finally:
-        d.close()
-    assert cfg.state_dir is not None
-    store.stop_managed(Path(cfg.state_dir))
-    if not keep_bridge:
-        network.remove_bridge(cfg.bridge)
+        r = decommission.down(cfg, force=force, keep_bridge=keep_bridge,
+                              progress=output.progress)
+    except Exception as exc:  # a message, not a traceback: the store is stopped anyway
+        logging.getLogger(__name__).debug("down", exc_info=True)
+        fail(f"node {cfg.name}: not entirely down: {exc}")
+    output.line(f"terminated {r.terminated}, pending {r.pending}")
+    for sid, path in r.saved.items():
+        output.line(f"WARNING: server {sid} was NOT merged back to its sink; its "
+                    f"keys are saved in {path} (RESTORE them by hand)")
+    if r.leftovers:
+        output.line(f"removed what was left of {len(r.leftovers)} containers: "
+                    f"{' '.join(r.leftovers)}")
     output.line(f"node {cfg.name}: down")
 
 

@@ -170,6 +170,14 @@ class NodeConfig(BaseSettings):
         """The environment wins over the file, so an operator can override one setting."""
         return (env_settings, init_settings)
 
+    @field_validator("name")
+    @classmethod
+    def _not_base(cls, v: str) -> str:
+        # Its containers would be named like the base containers (enorm-base-*).
+        if v == "base":
+            raise ValueError("'base' is taken by the base containers (enorm-base-*)")
+        return v
+
     @field_validator("port_range")
     @classmethod
     def _ports_ordered(cls, v: tuple[int, int]) -> tuple[int, int]:

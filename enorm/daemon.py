@@ -62,15 +62,18 @@ class Daemon:
 
     @classmethod
     def open(cls, cfg: NodeConfig, *, migrate: termination.Migrate | None = None,
-             background: bool = True) -> Daemon:
-        """Open the node; `background` starts the control loop's jobs."""
+             background: bool = True, sized: bool = True) -> Daemon:
+        """Open the node; `background` starts the control loop's jobs; `sized` refuses a
+        unit the base image cannot start in (`enorm down`, which starts nothing, opens
+        the node unsized)."""
         assert cfg.state_dir is not None
-        check_unit(cfg)
+        if sized:
+            check_unit(cfg)
         client = store.open_store(cfg.store_url, Path(cfg.state_dir))
         node = build(cfg, store.Store(client, cfg.name))
         ends = termination.Terminator(node, migrate or migration.merge_back_to_sink)
         mgr = manager.EdgeManager(node, ends)
-        reconciled = reconcile.start(node, ends)
+        reconciled = reconcile.start(node, ends, sized)
         node.events.start()
         node_metrics = metrics.NodeMetrics(node)
         loop = control_loop.node_loop(mgr, on_round=node_metrics.on_round)

@@ -7,15 +7,16 @@ one place, `Store.key`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -248,23 +249,39 @@ def open_store(store_url: str | None, state_dir: Path, timeout: float = 10.0) ->
             time.sleep(0.01)
 
 
-def stop_managed(state_dir: Path) -> None:
-    """Stop the Redis that `open_store` started for this state dir (and only that one)."""
-    pidfile = state_dir / "store.pid"
-    try:
-        pid = int(pidfile.read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    try:
-        redis.Redis(unix_socket_path=str(managed_socket(state_dir)),
-                    retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
-    except redis.RedisError:
-        pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+def stop_managed(state_dir: Path, timeout: float = 5.0) -> bool:
+    """Stop the Redis that `open_store` started for this state dir, and only that one,
+    whatever state it is in: found by the socket it serves (its process title names it;
+    the pid file may be stale or gone after a crash), asked to shut down over that
+    socket, then SIGTERM, then SIGKILL. Its data is in its AOF. Returns whether one ran."""
+    procs = managed_processes(state_dir)
+    if procs:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    pidfile.unlink(missing_ok=True)
+            redis.Redis(unix_socket_path=str(managed_socket(state_dir)), socket_timeout=timeout,
+                        retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
+        except redis.RedisError:
+            pass
+        _, alive = psutil.wait_procs(procs, timeout)
+        for signal_them in (psutil.Process.terminate, psutil.Process.kill):
+            for p in alive:
+                with contextlib.suppress(psutil.Error):
+                    signal_them(p)
+            _, alive = psutil.wait_procs(alive, 2.0)
+        if alive:
+            raise StoreError(f"store: redis-server {[p.pid for p in alive]} of {state_dir} "
+                             "did not stop")
+    (state_dir / "store.pid").unlink(missing_ok=True)
+    return bool(procs)
+
+
+def managed_processes(state_dir: Path) -> list[psutil.Process]:
+    """The redis-server processes serving this state dir's socket (one, normally)."""
+    sock = str(managed_socket(state_dir))
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        args = " ".join(p.info["cmdline"] or []).split()
+        # Its title once started (`... unixsocket:PATH`), else its arguments.
+        if (p.info["name"] or "").startswith("redis-server") and (
+                f"unixsocket:{sock}" in args or sock in args):
+            found.append(p)
+    return found
