@@ -34,6 +34,7 @@ def test_file_then_environment(tmp_path, monkeypatch):
     [
         ('port_range = [5000, 4000]', "port_range"),
         ('name = "Bad Name"', "name"),
+        ('name = "base"', "name: .*base containers"),
         ('subnet = "10.0.0.0/30"', "subnet"),
         ('unit = { cores = 0 }', "unit.cores"),
         ('nosuch = 1', "nosuch"),
