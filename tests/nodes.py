@@ -2,7 +2,10 @@
 ports and state, and `enorm down` at the end so nothing is left behind.
 
 Every name a test node makes starts with `t` + a number (node `t17`: containers
-`enorm-t17-*`, bridge `entb17`, chains `ENORM-T17*`), subnets are 10.89.<n>.0/24.
+`enorm-t17-*`, bridge `entb17`, chains `ENORM-T17*`), subnets are 10.89.<n>.0/24. A
+number is held (a flock) from `make_node` until the node is down with nothing of it
+left on the machine (`traces`); a node that was not is never reused by another test
+process until this one exits.
 """
 
 from __future__ import annotations
@@ -11,21 +14,29 @@ import contextlib
 import fcntl
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
+from enorm import idmap, sizing
+
 VENV_BIN = Path(sys.executable).parent
-_held: list[int] = []  # lock files of the indexes this process holds
+LXC_PATH = Path("/var/lib/lxc")
+BASE = "enorm-base-debian"
+_held: dict[int, int] = {}  # node number -> the fd of its lock file
 
 
 def node_index() -> int:
@@ -36,15 +47,68 @@ def node_index() -> int:
     start = random.randrange(180)
     for i in range(180):
         n = 20 + (start + i) % 180
+        if n in _held:
+            continue  # flock(2) would grant this process its own lock again
         fd = os.open(lockdir / str(n), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue
-        _held.append(fd)
+        _held[n] = fd
         return n
     raise RuntimeError("no free test node number (180 in use)")
+
+
+def release_index(n: int) -> None:
+    """Give the number back (its node is down and nothing of it is left)."""
+    fd = _held.pop(n, None)
+    if fd is not None:
+        os.close(fd)  # the flock goes with the last fd
+
+
+def traces(name: str, settings: dict) -> dict[str, list[str]]:
+    """Everything of node `name` on this machine, found without the node's own code:
+    containers and their directories, mounts, idmapped mount points, loop devices, id
+    claims, iptables and ebtables chains and rules, its bridge, its store's Redis. Empty
+    when the node is entirely down (the subnet's unreachable route stays by design)."""
+    lxc_path = Path(settings.get("lxc_path", LXC_PATH))
+    prefix = f"enorm-{name}-"
+    chain = re.compile(rf"ENORM-{name.upper()}(?![A-Z0-9])|enorm:{name}(?![a-z0-9])")
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln.split()[4] for ln in f if f"/{prefix}" in ln.split()[4]]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    claims = lxc_path / ".enorm-idmap"
+    sock = str(Path(settings["state_dir"]) / "store.sock")
+    found = {
+        "directories": sorted(p.name for p in lxc_path.glob(prefix + "*")),
+        "mounts": mounts,
+        "idmap_points": sorted(p.name for p in idmap.MOUNTS.glob(prefix + "*")),
+        "loop_devices": [ln for ln in loops.splitlines() if f"/{prefix}" in ln],
+        "id_claims": sorted(f"{p.name}: {_read(p)}" for p in claims.glob("[0-9]*")
+                            if _read(p).startswith(prefix)),
+        "iptables": [ln for table in ("nat", "filter")
+                     for ln in _run("iptables-save", "-t", table).splitlines()
+                     if chain.search(ln)],
+        "ebtables": [ln for ln in _run("ebtables-save").splitlines() if chain.search(ln)],
+        "bridge": [settings["bridge"]] if subprocess.run(
+            ["ip", "link", "show", "dev", settings["bridge"]],
+            capture_output=True).returncode == 0 else [],
+        "store": [str(p.pid) for p in psutil.process_iter(["cmdline"])
+                  if f"unixsocket:{sock}" in " ".join(p.info["cmdline"] or []).split()],
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # released meanwhile (another node's)
+        return ""
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 def toml_value(v: Any) -> str:
@@ -64,6 +128,7 @@ class EdgeNode:
     name: str
     dir: Path
     settings: dict
+    index: int
     proc: subprocess.Popen | None = None
     tokens: dict[str, str] = field(default_factory=dict)
     # The one host port (at the gateway) its containers may connect to: a cloud game
@@ -124,10 +189,23 @@ class EdgeNode:
                               capture_output=True, text=True, timeout=300)
 
     def down(self) -> None:
+        """Stop the daemon and take the node down; its number goes back only once
+        nothing of it is left (else it stays held, so that no other test meets it)."""
         self.stop()
-        r = self.cli("down")
-        if r.returncode != 0:
-            raise RuntimeError(f"enorm down failed: {r.stdout}{r.stderr}")
+        try:
+            r = self.cli("down")
+        except subprocess.TimeoutExpired as exc:
+            r = subprocess.CompletedProcess(exc.cmd, -1, str(exc.stdout), str(exc.stderr))
+        failed = f"enorm down exited {r.returncode}: {r.stdout}{r.stderr}" if r.returncode else ""
+        from enorm import store  # a store left running (a down that died) is stopped here
+
+        if store.stop_managed(Path(self.settings["state_dir"])) and not failed:
+            failed = "enorm down left the store's Redis running"
+        left = traces(self.name, self.settings)
+        if failed or left:
+            raise RuntimeError(f"node {self.name}: {failed or 'enorm down exited 0'}"
+                               + (f"; left on the machine: {left}" if left else ""))
+        release_index(self.index)
 
 
 def make_node(base: Path, cloud_port: int | None = None, **overrides: Any) -> EdgeNode:
@@ -155,7 +233,8 @@ def make_node(base: Path, cloud_port: int | None = None, **overrides: Any) -> Ed
         **overrides,
     }
     base.mkdir(parents=True, exist_ok=True)
-    node = EdgeNode(name=name, dir=base, settings=settings, tokens=tokens, cloud_port=cloud_port)
+    node = EdgeNode(name=name, dir=base, settings=settings, index=n, tokens=tokens,
+                    cloud_port=cloud_port)
     node.write_config()
     return node
 
@@ -179,8 +258,52 @@ def edge_node(tmp_path: Path) -> Iterator[Callable[..., EdgeNode]]:
         return node
 
     yield make
-    for node in made:
-        node.down()
+    failures = []
+    for node in made:  # every one, whatever the others did
+        try:
+            node.down()
+        except Exception as exc:
+            failures.append(str(exc))
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.fixture
+def own_base() -> Iterator[Callable[..., Path]]:
+    """Factory: `own_base(init=..., needs=...)` makes an LXC path of the test's own (a
+    node's `lxc_path`) with a base container that reads the machine's base rootfs
+    (linked, read-only) but has its own config and its own `enorm-needs.json`, so that
+    nothing a test changes there (the image's measured needs, its init) reaches another
+    node on the machine. `needs`: "machine" (a copy of the machine's figure), None (not
+    measured yet) or a `sizing.Needs`. Request it before `edge_node`: removed after the
+    nodes are down."""
+    made: list[Path] = []
+
+    def make(init: str | None = None, needs: Any = "machine") -> Path:
+        # Not under /tmp: the containers' root must traverse the path (pytest's is 0700).
+        top = Path("/var/lib/enorm-test")
+        top.mkdir(mode=0o755, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="lxc-", dir=top))
+        path.chmod(0o755)
+        made.append(path)
+        machine = LXC_PATH / BASE
+        (path / BASE).mkdir()
+        conf = (machine / "config").read_text()
+        if init is not None:
+            conf = re.sub(r"^lxc\.init\.cmd = .*$", f"lxc.init.cmd = {init}", conf, flags=re.M)
+        (path / BASE / "config").write_text(conf)
+        (path / BASE / "rootfs").symlink_to(machine / "rootfs")
+        if needs == "machine":
+            needs = sizing.load(LXC_PATH, BASE)
+        if needs is not None:
+            sizing.save(path, BASE, needs)
+        return path
+
+    yield make
+    for path in made:
+        inside = [p for p in idmap.mount_points() if p.startswith(f"{path}/")]
+        assert not inside, f"{path}: still mounted: {inside}"
+        shutil.rmtree(path)
 
 
 @contextlib.contextmanager

@@ -1,3 +1,3 @@
 """Fixtures for tests on real edge nodes."""
 
-from nodes import edge_node  # noqa: F401
+from nodes import edge_node, own_base  # noqa: F401

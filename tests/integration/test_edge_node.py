@@ -15,7 +15,7 @@ import pytest
 import requests
 from nodes import EdgeNode, user_namespace
 
-from enorm import network
+from enorm import network, sizing
 from enorm.firewall import Firewall, Port
 
 pytestmark = pytest.mark.system
@@ -420,9 +420,12 @@ def test_preempt_policy_terminates_lower_priority_tenants(edge_node):
                and e["server_id"] == low[0]["server_id"] for e in events)
 
 
-def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(edge_node):
-    # Real containers whose sshd cannot be up within the node's launch timeout.
-    node = edge_node(launch_timeout_s=0.001)
+def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(own_base, edge_node):
+    # A real container whose init never starts sshd (a base of the test's own): however
+    # fast or slow the machine, sshd is not up within the launch timeout.
+    lxc_path = own_base(init="/bin/sleep infinity",
+                        needs=sizing.Needs(memory_mb=5.0, peak_mb=6.0, start_s=1.0))
+    node = edge_node(launch_timeout_s=1.0, lxc_path=str(lxc_path))
     a = node.client()
     before = a.get(node.url + "/v1/node", timeout=5).json()
     r = handshake(node)
@@ -438,7 +441,8 @@ def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(edge_nod
     for k in ("allocated", "servers", "ports_free"):
         assert after[k] == before[k], k
     assert nat_rules(node) == []
-    assert not [n for n in lxc.list_containers() if n.startswith(f"enorm-{node.name}-")]
+    assert not [n for n in lxc.list_containers(config_path=str(lxc_path))
+                if n.startswith(f"enorm-{node.name}-")]
     ebt = subprocess.run(["ebtables-save"], capture_output=True, text=True).stdout
     assert f"ENORM-{node.name.upper()}-" not in ebt
     assert a.get(node.url + "/v1/servers", timeout=5).json() == []
