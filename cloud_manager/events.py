@@ -45,7 +45,11 @@ def handle(cm: CloudManager, event: Event) -> str:
             cm.close_session(dep)
             dep.merge = MergeReport.model_validate(
                 {k: v for k, v in event.data.items() if k in MergeReport.model_fields})
-            cm.finish(dep, "terminated", event.reason, dep.merge.keys_migrated)
+            keys = dep.merge.keys_migrated
+            if dep.state == "handing_over":  # ended for its handover through the cloud
+                cm.finish(dep, "handed_over", TerminationReason.HANDOVER, keys)
+                return "handed over"
+            cm.finish(dep, "terminated", event.reason, keys)
             if rehome.after(cm, dep):
                 return "users restored, offloading them to another node"
             return "users restored"

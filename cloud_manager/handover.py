@@ -165,9 +165,14 @@ def _end_old(cm: CloudManager, old: Deployment, new: Deployment) -> None:
     """Users to the cloud, then the old node fences, merges and destroys its server."""
     t = time.perf_counter()
     cm.users_home(old)
+    with cm.lock:  # its `server.terminated` may come before the answer: a handover either way
+        old.state = "handing_over"
     try:
         result = old.edge.terminate(old.server_id)
     except EdgeError as exc:
+        with cm.lock:
+            if old.state == "handing_over":
+                old.state = "deployed"
         cm.abandon(new, restore=False)
         raise HandoverFailed(f"{old.edge.name} did not end {old.server_id}: {exc}",
                              "users on the cloud, their data on the old node") from None

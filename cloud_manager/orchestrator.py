@@ -79,7 +79,7 @@ class Deployment:
     url: str  # the user-facing base URL of the edge server
     session: Session | None = None
     state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending |
-    # handed_over
+    # handing_over (its node is ending it for a handover through the cloud) | handed_over
     timings: dict[str, float] = field(default_factory=dict)
     copy: datasync.SyncReport | None = None
     refused: dict[str, str] = field(default_factory=dict)  # edges that said no first

@@ -96,6 +96,23 @@ def test_terminated_event_restores_the_users_once():
     assert m.handle_event(ev.model_copy(update={"server_id": "other"})) == "unknown server"
 
 
+def test_a_server_ended_for_its_handover_ends_handed_over_whichever_word_comes_first():
+    """Through the cloud, the old node's `server.terminated` (for the cloud's DELETE) may
+    come before the DELETE's answer: the deployment ends handed over either way, and its
+    users are not re-homed elsewhere (they are going to the new server)."""
+    log: list = []
+    m = manager(log=log)
+    m.rehome = True
+    dep = Deployment(edge=None, setup=setup_response(), users=users("1"), url="http://e")
+    dep.state = "handing_over"  # set by the handover before it asks the node
+    m.deployments["s1"] = dep
+    ev = event("server.terminated", "s1", "preempted", keys_migrated=3)
+    assert m.handle_event(ev) == "handed over"
+    assert dep.state == "handed_over" and dep.end_reason == "handover"
+    assert dep.keys_migrated == 3 and dep.ended.is_set() and not m.rehomed
+    assert m.handle_event(ev) == "already ended"
+
+
 def test_migration_failed_event_sends_users_home_and_waits_for_the_merge():
     log: list = []
     m = manager(log=log)
