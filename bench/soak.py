@@ -1,11 +1,14 @@
 """Soak: many handshake/termination cycles from concurrent clients against a real node.
 
-At the end nothing may be left over (container, veth, iptables rule, port, store record),
-the daemon's RSS must be within 10% of its start (after a warm-up), and no sample may
-show more allocated than the node's capacity. A second phase creates and deletes servers
-with 100,000 users and records the RSS after each cycle.
+At the end nothing may be left over (container, veth, iptables rule, port, store record,
+mount, loop device, id claim), the daemon's RSS must be within 10% of its start (after a
+warm-up), and no sample may show more allocated than the node's capacity. The RSS is
+sampled against the cycles done: a long run (at least `TREND_MIN_CYCLES`) fails when it
+still rises over the last third (a least-squares line, `TREND_MAX_RISE_MB`) or spreads
+over more than `FLAT_MB` in the last two thirds. A second phase creates and deletes
+servers with 100,000 users and records the RSS after each cycle.
 
-    flock /run/enorm-bench.lock python -m bench.soak [--cycles 1000] [--clients 8] [--big 10]
+    flock /run/enorm-bench.lock python -m bench.soak [--cycles 10000] [--clients 8] [--big 10]
 
 Writes bench/results/soak.json and soak.png (or into --out).
 """
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +40,11 @@ NODE = dict(name=NAME, bridge=BRIDGE, subnet="10.81.0.0/24", port_range=[26000, 
             basic_service="reserve", autoscale_interval_s=86400,
             tokens={"soak-token": "soak"}, operator_token="soak-operator",
             max_pending_per_owner=4)
+# A long run's RSS must be flat: no more rise than this over its last third (a line
+# fitted to the samples), no more spread than this over its last two thirds.
+TREND_MIN_CYCLES = 3000
+TREND_MAX_RISE_MB = 1.0
+FLAT_MB = 2.0
 
 
 def leftovers(node_ports_free: int, offer: dict) -> dict:
@@ -57,6 +66,8 @@ def leftovers(node_ports_free: int, offer: dict) -> dict:
               if p.is_file() and p.read_text().startswith(ours)] if claims_dir.is_dir() else []
     return {
         "containers": [c for c in lxc.list_containers() if c.startswith(f"enorm-{NAME}-")],
+        # with a config or without (a destroy cut short)
+        "directories": sorted(p.name for p in Path("/var/lib/lxc").glob(ours + "*")),
         "veths": veths,
         "forward_rules": rules,
         "records": offer["servers"],
@@ -93,6 +104,7 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
     body = {"app": "soak", "priority": 5, "ports": [8080], "latency_objective_ms": 50,
             "ssh_public_key": pub, "users": [{"id": "u1", "address": "10.1.0.1"}]}
     counts = {"ok": 0, "refused": 0, "errors": 0}
+    done = [0]  # cycles finished (of the measured run)
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -114,6 +126,7 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
             detail = r.text
         with lock:
             counts[what] += 1
+            done[0] += 1
             if what == "errors" and len(errors) < 20:
                 errors.append(detail[:300])
 
@@ -124,7 +137,8 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
         t0 = time.monotonic()
         while not stop.is_set():
             o = op.get(url + "/v1/node", timeout=10).json()
-            samples.append({"t": round(time.monotonic() - t0, 2), "rss_mb": round(rss(), 1),
+            samples.append({"t": round(time.monotonic() - t0, 2), "cycle": done[0],
+                            "rss_mb": round(rss(), 2),
                             "cores": o["allocated"]["cores"],
                             "memory_mb": o["allocated"]["memory_mb"],
                             "cap_cores": o["capacity"]["cores"] - o["reserved"]["cores"],
@@ -135,8 +149,9 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
     with ThreadPoolExecutor(clients) as pool:  # warm-up: every worker thread once
         list(pool.map(cycle, range(clients * 2)))
     handshakes.clear()
+    done[0] = 0
     time.sleep(0.5)
-    load_start = os.getloadavg()[0]
+    load_start = os.getloadavg()
     rss_start = rss()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -144,7 +159,7 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(cycle, range(cycles)))
     wall = time.perf_counter() - t0
-    load_end = os.getloadavg()[0]
+    load_end = os.getloadavg()
     stop.set()
     sampler.join()
     time.sleep(0.5)
@@ -172,13 +187,36 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
         "samples": len(samples), "samples_over_capacity": len(over),
         "max_allocated_cores": max((s["cores"] for s in samples), default=0),
         "capacity_cores": samples[0]["cap_cores"] if samples else None,
+        "rss_trend": rss_trend(samples, cycles),
         "big_cycles_rss_mb": big_rss,
         "handshake_s": _quantiles(handshakes),
         "leftovers": leftovers(ports_free, offer),
         "raw": {"samples": samples},
-        "loadavg_1min": {"start": round(load_start, 2), "end": round(load_end, 2)},
+        "loadavg": {"start": [round(x, 2) for x in load_start],
+                    "end": [round(x, 2) for x in load_end]},
         "machine_cpus": os.cpu_count(),
     }
+
+
+def rss_trend(samples: list[dict], cycles: int) -> dict:
+    """The RSS against the cycles done: the rise of a least-squares line over the last
+    third, the spread (max - min) over the last two thirds, and whether it is flat."""
+    def part(lo: float) -> list[tuple[int, float]]:
+        return [(s["cycle"], s["rss_mb"]) for s in samples if s["cycle"] >= lo * cycles]
+
+    last, two = part(2 / 3), part(1 / 3)
+    if len(last) < 2 or last[0][0] == last[-1][0]:
+        return {"judged": False, "why": "too few samples"}
+    n, sx, sy = len(last), sum(c for c, _ in last), sum(r for _, r in last)
+    sxx, sxy = sum(c * c for c, _ in last), sum(c * r for c, r in last)
+    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)  # MB per cycle
+    rise = slope * (last[-1][0] - last[0][0])
+    spread = max(r for _, r in two) - min(r for _, r in two)
+    judged = cycles >= TREND_MIN_CYCLES
+    return {"judged": judged, "rise_last_third_mb": round(rise, 3),
+            "kb_per_1000_cycles": round(slope * 1000 * 1024, 1),
+            "spread_last_two_thirds_mb": round(spread, 2),
+            "flat": rise <= TREND_MAX_RISE_MB and spread <= FLAT_MB}
 
 
 def _quantiles(xs: list[float]) -> dict:
@@ -198,17 +236,22 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     s = res["raw"]["samples"]
-    t = [x["t"] for x in s]
-    a.plot(t, [x["cores"] for x in s], label="allocated cores")
-    if s:
-        a.axhline(s[0]["cap_cores"], color="red", linestyle="--", label="capacity")
+    c = [x["cycle"] for x in s]
+    a.plot(c, [x["rss_mb"] for x in s], color="green", label="daemon RSS (MB)")
+    for third in (1, 2):
+        a.axvline(res["cycles"] * third / 3, color="grey", linestyle=":")
     a2 = a.twinx()
-    a2.plot(t, [x["rss_mb"] for x in s], color="green", label="daemon RSS (MB)")
-    a2.axhline(res["rss_start_mb"] * 1.1, color="green", linestyle=":", label="start +10%")
-    a.set_xlabel("seconds")
-    a.set_title(f"{res['cycles']} cycles, {res['clients']} clients")
+    a2.plot(c, [x["cores"] for x in s], color="tab:blue", alpha=0.3, label="allocated cores")
+    if s:
+        a2.axhline(s[0]["cap_cores"], color="red", linestyle="--", label="capacity")
+    a.set_xlabel("cycles (handshake + termination)")
+    a.set_ylabel("daemon RSS (MB)")
+    trend = res["rss_trend"]
+    a.set_title(f"{res['cycles']} cycles, {res['clients']} clients; last third "
+                f"{trend.get('rise_last_third_mb', '?')} MB, spread "
+                f"{trend.get('spread_last_two_thirds_mb', '?')} MB", fontsize=9)
     a.legend(loc="upper left")
-    a2.legend(loc="upper right")
+    a2.legend(loc="lower right")
     b.plot(range(len(res["big_cycles_rss_mb"])), res["big_cycles_rss_mb"], marker="o")
     b.set_xlabel("create+delete cycles with 100,000 users")
     b.set_ylabel("daemon RSS (MB)")
@@ -219,7 +262,7 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cycles", type=int, default=1000)
+    ap.add_argument("--cycles", type=int, default=10_000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--big", type=int, default=10, help="cycles with 100,000 users")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -229,6 +272,9 @@ def main() -> None:
     (args.out / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, args.out / "soak.png")
     print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=2))
+    trend = res["rss_trend"]
+    if trend["judged"] and not trend["flat"]:
+        sys.exit(f"soak: the daemon's RSS is not flat: {trend}")
 
 
 if __name__ == "__main__":
