@@ -258,12 +258,17 @@ def edge_node(tmp_path: Path) -> Iterator[Callable[..., EdgeNode]]:
         return node
 
     yield make
+    down_all(made)
+
+
+def down_all(nodes: list) -> None:
+    """Take every node down, whatever the others did; fail naming every failure."""
     failures = []
-    for node in made:  # every one, whatever the others did
+    for node in nodes:
         try:
             node.down()
         except Exception as exc:
-            failures.append(str(exc))
+            failures.append(f"{type(exc).__name__}: {exc}")
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)
 
