@@ -288,7 +288,8 @@ def down(config_path: str | None, keep_bridge: bool, force: bool) -> None:
         output.line(f"WARNING: server {sid} was NOT merged back to its sink; its "
                     f"keys are saved in {path} (RESTORE them by hand)")
     if r.leftovers:
-        output.line(f"removed what was left of {len(r.leftovers)} containers: "
+        n = len(r.leftovers)
+        output.line(f"removed what was left of {n} container{'s' * (n != 1)}: "
                     f"{' '.join(r.leftovers)}")
     output.line(f"node {cfg.name}: down")
 

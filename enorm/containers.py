@@ -416,9 +416,9 @@ class Containers:
         """What is left once LXC is done (or could not be): loop devices, the directory,
         the idmapped base's mount point, the id claim."""
         top = self._dir(name)
-        for device, backing in disk.loop_devices().items():
-            if str(backing).startswith(top + "/"):
-                disk.detach(device)
+        bound = disk.release_loops(top)
+        if bound:  # its file system still in use somewhere: it goes with the last user
+            log.warning("%s: loop devices %s still bound to its image", name, " ".join(bound))
         if os.path.lexists(top):
             if any(p.startswith(top + "/") for p in idmap.mount_points()):
                 raise ContainerError(f"{name}: still mounted under {top}; not removed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from enorm import idmap
@@ -64,8 +65,28 @@ def loop_devices() -> dict[str, Path]:
     return out
 
 
-def detach(device: str) -> None:
-    """Detach a loop device (already gone is fine; a mounted one goes at its unmount)."""
-    proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
-    if proc.returncode != 0 and device in loop_devices():
-        raise DiskError(f"losetup -d {device}: {proc.stderr.strip()[-300:]}")
+def release_loops(top: str, wait_s: float = 2.0) -> list[str]:
+    """The loop devices of files under `top` go; returns those still bound after
+    `wait_s` (a file system still in use somewhere, the sweep finds them later).
+
+    One that clears itself (`mount -o loop`) goes at its file system's last unmount, a
+    moment after the unmount (later after a lazy one): it is waited for, not detached.
+    Detaching it raced with the kernel: the device, freed in between, was bound by
+    another container's mount (the soak: `losetup -d` failed with ENXIO, and could as
+    well have hit that container's device). One bound without autoclear (by hand, or a
+    crash between `losetup` and `mount`) is detached."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ours = {d: b for d, b in loop_devices().items() if str(b).startswith(top + "/")}
+        for device in [d for d in ours if not _autoclear(d)]:
+            subprocess.run(["losetup", "-d", device], capture_output=True)
+        if not ours or time.monotonic() > deadline:
+            return sorted(ours)
+        time.sleep(0.005)
+
+
+def _autoclear(device: str) -> bool:
+    try:
+        return (Path("/sys/block") / Path(device).name / "loop/autoclear").read_text()[0] == "1"
+    except (OSError, IndexError):  # detached meanwhile
+        return True

@@ -10,6 +10,7 @@ import json
 import re
 import secrets
 import subprocess
+import threading
 from pathlib import Path
 
 import lxc
@@ -150,3 +151,29 @@ def test_down_after_a_kill_at_any_step_leaves_nothing(edge_node, redis_server, m
     if point in TERMINATION:  # the data came home, whichever step the kill cut
         assert cloud.hget(keys.user("u1"), "xp") == b"777"
 
+
+
+def test_a_loop_device_that_clears_itself_is_waited_for_not_detached(tmp_path, monkeypatch):
+    """A writable layer's loop device (`mount -o loop`: autoclear) goes at its last
+    unmount, a moment later: detaching it raced with the kernel (the soak: freed, bound
+    by another container's mount, `losetup -d` failed with ENXIO and the termination
+    with it). It is waited for; one bound without autoclear is detached."""
+    top = tmp_path / "enorm-tloop-c1"
+    top.mkdir()
+    for f in ("a.img", "b.img"):
+        disk.make_image(top / f, 16)
+    disk.mount_image(top / "a.img", top / "a")
+    subprocess.run(["losetup", "-f", top / "b.img"], check=True)
+    bound = {b.name: d for d, b in disk.loop_devices().items() if b.parent == top}
+    detached: list[str] = []
+    real_run = subprocess.run
+    monkeypatch.setattr(disk.subprocess, "run",
+                        lambda cmd, **kw: detached.append(cmd[-1]) or real_run(cmd, **kw))
+    try:
+        assert disk.release_loops(str(top), wait_s=0.2) == [bound["a.img"]]  # mounted
+        threading.Timer(0.3, idmap.unmount, [top / "a"]).start()
+        assert disk.release_loops(str(top), wait_s=10) == []
+        assert bound["a.img"] not in detached and bound["b.img"] in detached
+    finally:
+        idmap.unmount(top / "a")
+        disk.release_loops(str(top), wait_s=2)
