@@ -98,7 +98,7 @@ class Daemon:
         from waitress import serve
 
         memory.bound_malloc_arenas()
-        memory.trim_after_full_collections()
+        memory.collect_small_and_often()
         log.info("enorm %s listening on %s", self.config.name, self.config.url)
         serve(self.app, host=self.config.listen_host, port=self.config.listen_port,
               threads=16, ident="enorm", max_request_body_size=api.MAX_BODY_BYTES,
