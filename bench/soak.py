@@ -2,12 +2,13 @@
 
 No cycle may fail or be refused (each client holds one unit at most, the node has room
 for all), and at the end nothing may be left over (container, directory, veth, iptables
-rule, port, store record, mount, loop device, id claim); no sample may show more allocated
-than the node's capacity (the suite's short run also bounds the RSS to 1.1x its start). The RSS is
-sampled against the cycles done: a long run (at least `TREND_MIN_CYCLES`) fails when it
-still rises over the last third (a least-squares line, `TREND_MAX_RISE_MB`) or spreads
-over more than `FLAT_MB` in the last two thirds. A second phase creates and deletes
-servers with 100,000 users and records the RSS after each cycle.
+rule, port, store record, mount, loop device, id claim); no sample may show more
+allocated than the node's capacity (the suite's short run also bounds the RSS to 1.1x its
+start). The RSS is sampled against the cycles done: a long run (at least
+`TREND_MIN_CYCLES`) fails when it still rises over the last third (a least-squares line,
+`TREND_MAX_RISE_MB`) or spreads over more than `FLAT_MB` in the last two thirds. A
+second phase creates and deletes servers with 100,000 users and records the RSS after
+each cycle.
 
     flock /run/enorm-bench.lock python -m bench.soak [--cycles 10000] [--clients 8] [--big 10]
 

@@ -27,9 +27,8 @@ def test_short_soak_leaves_nothing_and_keeps_memory_flat(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "soak.json").read_text())
     assert (tmp_path / "soak.png").stat().st_size > 0
-    assert res["ok"] + res["refused"] + res["errors"] == 24 + 16  # cycles + warm-up
-    # Launch failures under load are counted, not fixed here (issue 15, isolation part).
-    assert res["ok"] >= 20, res["error_samples"]
+    # cycles + warm-up, none failed or refused (bench/soak.py fails the run otherwise)
+    assert res["ok"] == 24 + 16 and res["refused"] == res["errors"] == 0
     assert res["leftovers"] == {"containers": [], "directories": [], "veths": [],
                                 "forward_rules": [],
                                 "records": 0, "ports_held": 0, "mounts": [],
