@@ -4,11 +4,12 @@ Measured with 100,000-user setup requests (create+delete cycles): RSS grew 64 ->
 over 6 cycles, because each of waitress's threads got its own malloc arena and kept the
 freed memory; with 2 arenas and a trim after big bodies it stays near 150 MB.
 
-Small requests too (issue 28): each handshake and termination leaves a few kB of objects
-in reference cycles, freed only by the collector's full collections (every few hundred
-cycles); the heap grew to each new peak of garbage plus requests in flight and kept the
-pages after the collection, so RSS climbed in steps of 1-4 MB. A trim after each full
-collection hands the freed pages back.
+Small requests too (issue 28): each handshake and termination leaves ~20 objects in
+reference cycles, freed only by the collector's full collections (then every few hundred
+cycles); the heap and pymalloc's arenas grew to each new peak of that garbage plus the
+requests in flight and kept it, so RSS climbed in steps of 1-4 MB (3,000 soak cycles:
+80.7 -> 95.4 MB). With full collections while the garbage is small and a trim after
+each: 80.4 -> 87.7 MB (RELIABILITY.md, with what is still not explained).
 """
 
 from __future__ import annotations

@@ -152,7 +152,6 @@ def test_down_after_a_kill_at_any_step_leaves_nothing(edge_node, redis_server, m
         assert cloud.hget(keys.user("u1"), "xp") == b"777"
 
 
-
 def test_a_loop_device_that_clears_itself_is_waited_for_not_detached(tmp_path, monkeypatch):
     """A writable layer's loop device (`mount -o loop`: autoclear) goes at its last
     unmount, a moment later: detaching it raced with the kernel (the soak: freed, bound
