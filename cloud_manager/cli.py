@@ -314,18 +314,12 @@ def where(config_path: Path | None, as_json: bool, user: str) -> None:
 
 def _ledger_deployment(c: Cloud, server_id: str):
     """The ledger's record of `server_id` as a Deployment (exit 2 if there is none)."""
-    from cloud_manager import Deployment
-    from enorm.protocol import Access, Resources, SetupResponse
-
     e = c.ledger.get(server_id)
     if e is None:
         fail(f"server_id: no deployment {server_id} in the ledger", EXIT_USAGE)
     if e.node not in c.edges:
         fail(f"server_id: its node {e.node} is not in the config", EXIT_USAGE)
-    setup = SetupResponse(server_id=e.server_id, container="", address="",
-                          access=Access(host="", port=0), ports={},
-                          limits=Resources(cores=0, memory_mb=0), redis_password="")
-    return e, Deployment(edge=c.edges[e.node], setup=setup, users=e.users, url=e.url)
+    return e, e.deployment(c.edges[e.node])
 
 
 @main.command()
@@ -436,6 +430,45 @@ def withdraw(config_path: Path | None, as_json: bool, server_id: str) -> None:
                 output.line(f"  {n} {what}" + (f": {', '.join(sample)}" if sample else ""))
     if dep.state == "migration_pending":
         fail("the merge failed; the edge keeps the data and retries")
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--once", is_flag=True, help="one round now, then exit")
+def policy(config_path: Path | None, as_json: bool, once: bool) -> None:
+    """Let the cloud manager decide where the app's groups are served (the config's
+    [policy]: offload where a node pays, hand over, withdraw): one line per decision,
+    until interrupted. The deployments it makes are in the ledger."""
+    from .policy_loop import run_cli
+
+    cfg = _config(config_path)
+    if not cfg.policy.enabled:
+        fail("policy.enabled: the policy is off in the config (set enabled = true)",
+             EXIT_USAGE)
+    if cfg.policy.population is None:
+        fail("policy.population: name the app's hook (module:function) that gives its "
+             "groups of users", EXIT_USAGE)
+    with cloud(config_path) as c:
+        c.heartbeat()
+        mgr = c.manager()
+        try:
+            run_cli(mgr, c.ledger, cfg, once, _emit_line if as_json else _say)
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
+        finally:
+            mgr.close()
+
+
+def _emit_line(ev: Any) -> None:
+    click.echo(json.dumps(ev.as_dict(), default=str), nl=True)
+
+
+def _say(ev: Any) -> None:
+    output.line(f"{ev.kind} {ev.group} ({ev.reason}): "
+                + (f"{ev.node} -> {ev.to}" if ev.to else (ev.node or ""))
+                + (f", server {ev.new_server_id}" if ev.new_server_id else "")
+                + ("" if ev.ok else f" FAILED: {ev.error}"))
 
 
 if __name__ == "__main__":

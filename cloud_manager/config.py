@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .policy import Settings as PolicySettings
+
 DEFAULT_PATH = Path("/etc/enorm-cloud/cloud.toml")
 
 
@@ -96,6 +98,8 @@ class CloudConfig(BaseModel):
     # The registry (cloud Redis): a node without an offer for this long is down.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     down_after_s: float = Field(default=15.0, gt=0)
+    # The cloud manager deciding by itself (`enorm-cloud policy`; cloud_manager/policy.py).
+    policy: PolicySettings = Field(default_factory=PolicySettings)
 
     def node(self, name: str) -> NodeEntry:
         for n in self.nodes:

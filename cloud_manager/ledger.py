@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from enorm import datasync
 from enorm.protocol import User
@@ -29,6 +30,18 @@ class Entry:
     @property
     def user_ids(self) -> list[str]:
         return [u.id for u in self.users]
+
+    def deployment(self, edge: Any) -> Any:
+        """This entry as a `Deployment` on `edge` (its `EdgeClient`), enough to withdraw
+        or hand over from another process: ids, node, users and URL, no session."""
+        from enorm.protocol import Access, Resources, SetupResponse
+
+        from .orchestrator import Deployment
+
+        setup = SetupResponse(server_id=self.server_id, container="", address="",
+                              access=Access(host="", port=0), ports={},
+                              limits=Resources(cores=0, memory_mb=0), redis_password="")
+        return Deployment(edge=edge, setup=setup, users=self.users, url=self.url)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "users": [u.model_dump(mode="json")

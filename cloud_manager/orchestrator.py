@@ -49,6 +49,8 @@ from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
 from .placement import Placer, Policy, Weights
+from .policy import Settings as PolicySettings
+from .policy_loop import PolicyLoop, Population
 from .registry import Heartbeats, Registry
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class CloudManager:
         self.rehome = rehome
         self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
+        self.policy: PolicyLoop | None = None  # `start_policy`
         self.app = app
         self.sink = sink_for(app, sink)
         # The library's own connection to the cloud Redis: a URL, or a twin of the app's
@@ -438,8 +441,25 @@ class CloudManager:
         self._heartbeats.start()
         return self._heartbeats
 
+    def start_policy(self, population: Population, settings: PolicySettings | None = None,
+                     opted_out: Callable[[], Iterable[str]] | None = None) -> PolicyLoop:
+        """Let the cloud manager decide by itself where the app's groups are served
+        (`policy_loop.py`), every `settings.interval_s` until `close`. Re-homing after a
+        pre-emption is the policy's then; heartbeats start if there is a registry."""
+        if self.policy is not None:
+            raise ValueError("the policy runs already")
+        loop = PolicyLoop(self, settings or PolicySettings(), population, opted_out)
+        self.rehome = False
+        if self.registry is not None and self._heartbeats is None:
+            self.start_heartbeats()
+        self.policy = loop
+        loop.start()
+        return loop
+
     def close(self) -> None:
         self.closing.set()
+        if self.policy is not None:
+            self.policy.stop()
         if self._heartbeats is not None:
             self._heartbeats.stop()
         with self.lock:

@@ -1,0 +1,393 @@
+"""The policy loop: every `interval_s`, a snapshot, the policy's plan, the decisions
+carried out (`CloudManager.start_policy`, `enorm-cloud policy`).
+
+A round, in order of its steps:
+  the app's groups (its `population` hook: `Group`s, or bare `User`s that the nodes'
+  probes group by their nearest node) and the users who opted out -> the nodes as the
+  registry sees them (up, and whether their last offer admits a server), else as they
+  answer now -> each group's expected latency to the cloud and to each node (the
+  location model where both locations are known, else the node's own probe of the
+  group's users) -> the deployments the loop made, and those a node ended for want of
+  resources (re-placed elsewhere) -> `policy.plan` -> the decisions through
+  `CloudManager.offload` (to that node only), `handover` (to that node, with the users'
+  addresses now) and `withdraw`, one after another; a decision that fails is recorded,
+  and the later ones of its group are skipped.
+Each decision carried out is one log line (logger `cloud_manager.decisions`) and one
+`PolicyEvent` (kept in `events`, given to every listener) with its reason, its figures
+and the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from enorm.protocol import User
+
+from .edge_client import EdgeClient, EdgeError
+from .policy import (
+    Decision,
+    DeploymentView,
+    GroupView,
+    NodeView,
+    Settings,
+    Snapshot,
+    State,
+    expected_ms,
+    groups_by_nearest,
+    plan,
+)
+
+if TYPE_CHECKING:
+    from .orchestrator import CloudManager, Deployment
+
+log = logging.getLogger(__name__)
+decisions = logging.getLogger("cloud_manager.decisions")
+
+
+@dataclass
+class Group:
+    """One group of users as the app gives it to the policy."""
+
+    name: str
+    users: Sequence[User]
+    # Where the group is (latitude, longitude), if the app knows: the location model.
+    location: tuple[float, float] | None = None
+    priority: int | None = None  # None: the cloud manager's priority
+    opt_out: bool = False
+    idle_for_s: float | None = None  # since the group's last request; None: unknown
+
+
+Population = Callable[[], Iterable[Group | User]]
+
+
+@dataclass
+class PolicyEvent:
+    """One decision carried out: what, why, the figures, how it went."""
+
+    kind: str
+    group: str
+    reason: str
+    node: str | None
+    to: str | None
+    server_id: str | None  # handover and withdraw: the server it ended
+    new_server_id: str | None  # offload and handover: the server it made
+    users: list[str]
+    figures: dict[str, Any]
+    ok: bool
+    error: str | None = None
+    seconds: float = 0.0
+    at: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PolicyLoop:
+    """Runs the policy for one CloudManager; `round()` is one tick (tests call it)."""
+
+    def __init__(self, cm: CloudManager, settings: Settings, population: Population,
+                 opted_out: Callable[[], Iterable[str]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if settings.cloud_ms is None and settings.cloud_location is None:
+            raise ValueError("policy: give cloud_ms or cloud_location (the users' "
+                             "latency to the cloud, against which a node must pay)")
+        unknown = set(settings.locations) - {e.name for e in cm.edges}
+        if unknown:
+            raise ValueError(f"policy.locations: no edge node named {sorted(unknown)[0]!r}")
+        self.cm, self.settings, self.population = cm, settings, population
+        self.opted_out = opted_out or (lambda: ())
+        self.clock = clock
+        self.state = State()
+        self.owned: dict[str, Deployment] = {}  # group -> its live deployment
+        self._adopt: list[Deployment] = []
+        self._preempted: dict[str, str] = {}  # group -> the node that ended its server
+        self.events: deque[PolicyEvent] = deque(maxlen=1000)
+        self.listeners: list[Callable[[PolicyEvent], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- inputs --------------------------------------------------------------------------
+    def adopt(self, dep: Deployment) -> None:
+        """A deployment made before (another process, the ledger): the group whose users
+        it serves, exactly, is taken as served by it from the next round."""
+        self._adopt.append(dep)
+
+    def _groups(self) -> list[Group]:
+        given = list(self.population())
+        groups = [g for g in given if isinstance(g, Group)]
+        bare = [u for u in given if isinstance(u, User)]
+        if bare:
+            by_addr = {str(u.address): u for u in bare}
+            rtt = {n: {a: ms for a, ms in per.items() if a in by_addr}
+                   for n, per in self._probe(list(by_addr)).items()}
+            for name, addrs in groups_by_nearest(rtt).items():
+                groups.append(Group(name, [by_addr[a] for a in addrs]))
+        return groups
+
+    def _probe(self, addresses: list[str]) -> dict[str, dict[str, float | None]]:
+        """node -> address -> RTT ms, each node's own probe (a failed one: nothing)."""
+        sample = addresses[: self.settings.probe_sample]
+        if not sample:
+            return {}
+
+        def ask(e: EdgeClient) -> tuple[str, dict[str, float | None]]:
+            try:
+                return e.name, dict(e.probe(sample).rtt_ms)
+            except EdgeError as exc:
+                log.info("policy: %s did not probe: %s", e.name, exc)
+                return e.name, {}
+
+        with ThreadPoolExecutor(min(16, len(self.cm.edges)) or 1) as pool:
+            return dict(pool.map(ask, self.cm.edges))
+
+    def _nodes(self) -> list[NodeView]:
+        reg = self.cm.registry
+        out = []
+        for e in self.cm.edges:
+            if reg is not None:
+                st = reg.get(e.name)
+                offer = st.offer if st is not None else None
+                up = st is not None and st.up(reg.clock(), reg.down_after_s)
+            else:
+                try:
+                    offer, up = e.offer(), True
+                except EdgeError:
+                    offer, up = None, False
+            admits = offer is not None and self.cm.priority >= offer.min_priority and (
+                offer.admission == "preempt"
+                or min(offer.free.cores / (offer.unit.cores or 1),
+                       offer.free.memory_mb / (offer.unit.memory_mb or 1)) >= 1.0)
+            out.append(NodeView(e.name, up, admits))
+        return out
+
+    def snapshot(self) -> tuple[Snapshot, dict[str, Group]]:
+        s = self.settings
+        groups = self._groups()
+        self._take_ended()
+        self._take_adopted(groups)
+        located = all(e.name in s.locations for e in self.cm.edges)
+        need_probe = [g for g in groups if g.location is None or not located]
+        rtt = self._probe(sorted({str(u.address) for g in need_probe for u in g.users}))
+        views = []
+        for g in groups:
+            node_ms: dict[str, float | None] = {}
+            for e in self.cm.edges:
+                if g.location is not None and e.name in s.locations:
+                    node_ms[e.name] = expected_ms(g.location, s.locations[e.name], s)
+                else:
+                    known = [ms for u in g.users
+                             if (ms := rtt.get(e.name, {}).get(str(u.address))) is not None]
+                    node_ms[e.name] = statistics.median(known) if known else None
+            cloud = (s.cloud_ms if s.cloud_ms is not None else
+                     expected_ms(g.location, s.cloud_location, s)
+                     if g.location is not None and s.cloud_location is not None else None)
+            dep = self.owned.get(g.name)
+            views.append(GroupView(
+                g.name, frozenset(u.id for u in g.users),
+                self.cm.priority if g.priority is None else g.priority, g.opt_out, cloud,
+                node_ms, g.idle_for_s, self._preempted.pop(g.name, None)
+                if dep is None else None))
+        nodes = self._nodes()
+        deps = tuple(DeploymentView(name, d.server_id, d.edge.name,
+                                    frozenset(d.user_ids), self._units(d))
+                     for name, d in self.owned.items())
+        snap = Snapshot(self.clock(), tuple(views), tuple(nodes), deps,
+                        frozenset(self.opted_out()))
+        return snap, {g.name: g for g in groups}
+
+    def _take_ended(self) -> None:
+        """Deployments that ended without the loop (the node's events, reconcile): gone
+        from `owned`; those ended for want of resources are re-placed elsewhere."""
+        for name, dep in list(self.owned.items()):
+            if dep.ended.is_set() or dep.state != "deployed":
+                del self.owned[name]
+                if dep.end_reason is not None and dep.end_reason.rehome:
+                    self._preempted[name] = dep.edge.name
+
+    def _take_adopted(self, groups: list[Group]) -> None:
+        by_users = {frozenset(u.id for u in g.users): g.name for g in groups}
+        for dep in self._adopt:
+            name = by_users.get(frozenset(dep.user_ids))
+            if name is not None and name not in self.owned and not dep.ended.is_set():
+                self.owned[name] = dep
+        self._adopt.clear()
+
+    def _units(self, dep: Deployment) -> float:
+        """The server's size in the node's units now (its auto-scaler may have grown
+        it); asked only where the budget counts units. Unknown: one unit."""
+        if self.settings.max_units is None or self.cm.registry is None:
+            return 1.0
+        st = self.cm.registry.get(dep.edge.name)
+        try:
+            info = dep.edge.server(dep.server_id)
+        except EdgeError:
+            info = None
+        if st is None or st.offer is None or info is None:
+            return 1.0
+        unit = st.offer.unit
+        return max(1.0, info.limits.cores / (unit.cores or 1),
+                   info.limits.memory_mb / (unit.memory_mb or 1))
+
+    # -- one round -----------------------------------------------------------------------
+    def round(self) -> list[PolicyEvent]:
+        snap, groups = self.snapshot()
+        planned, self.state = plan(snap, self.state, self.settings)
+        return self.apply(planned, groups)
+
+    def apply(self, planned: Sequence[Decision], groups: dict[str, Group]) -> list[PolicyEvent]:
+        out, failed = [], set()
+        for d in planned:
+            if d.group in failed:
+                continue
+            t0 = time.perf_counter()
+            old = self.owned.get(d.group)
+            new = None
+            try:
+                new = self._carry_out(d, groups.get(d.group))
+                error = None
+            except Exception as exc:  # noqa: BLE001 (recorded; the loop goes on)
+                error = f"{type(exc).__name__}: {exc}"
+                failed.add(d.group)
+            ev = PolicyEvent(d.kind, d.group, str(d.reason), d.node, d.to,
+                             None if old is None or d.kind == "offload" else old.server_id,
+                             None if new is None else new.server_id, sorted(d.users),
+                             dict(d.figures), error is None, error,
+                             round(time.perf_counter() - t0, 4))
+            decisions.info("%s -> %s%s", d.describe(), "done" if ev.ok else "FAILED",
+                           f" {ev.new_server_id}" if ev.new_server_id else
+                           (f": {error}" if error else ""))
+            self.events.append(ev)
+            for listener in self.listeners:
+                try:
+                    listener(ev)
+                except Exception:
+                    log.exception("policy listener %r", listener)
+            out.append(ev)
+        return out
+
+    def _carry_out(self, d: Decision, group: Group | None) -> Deployment | None:
+        cm = self.cm
+        if d.kind == "withdraw":
+            dep = self.owned[d.group]
+            cm.withdraw(dep)
+            del self.owned[d.group]
+            return None
+        assert group is not None
+        users = [u for u in group.users if u.id in d.users]
+        if d.kind == "offload":
+            over = {} if group.priority is None else {"priority": group.priority}
+            dep = cm.offload(users, exclude=[e.name for e in cm.edges if e.name != d.node],
+                             **over)
+            self.owned[d.group] = dep
+            return dep
+        old = self.owned[d.group]
+        try:
+            new = cm.handover(old, to=d.to, users=users)
+        except Exception:
+            if old.ended.is_set():
+                del self.owned[d.group]
+            raise
+        self.owned[d.group] = new
+        return new
+
+    # -- the thread ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="enorm-policy")
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.cm.closing.is_set():
+            t0 = time.monotonic()
+            try:
+                self.round()
+            except Exception:  # the loop outlives a bad round (a hook that raised, Redis)
+                log.exception("policy round failed")
+            self._stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - t0)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+
+
+def population_from(spec: str, cloud_redis: Any) -> Population:
+    """The app's hook named `module:function` in the config, made with the cloud Redis."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"policy.population: cannot load {spec}: {exc}") from exc
+    return factory(cloud_redis)
+
+
+def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
+            say: Callable[[PolicyEvent], None]) -> None:
+    """`enorm-cloud policy`: the loop in the foreground over the ledger's deployments
+    (adopted), recording what it does there, until SIGINT/SIGTERM (or one round)."""
+    import signal
+
+    from .ledger import Entry
+
+    loop = PolicyLoop(cm, cfg.policy, population_from(cfg.policy.population, cm.cloud))
+    cm.rehome = False
+    for dep in _ledger_deployments(cm, ledger):
+        loop.adopt(dep)
+
+    def record(ev: PolicyEvent) -> None:
+        if not ev.ok:
+            return
+        if ev.server_id:
+            ledger.forget(ev.server_id)
+        dep = loop.owned.get(ev.group)
+        if ev.new_server_id and dep is not None:
+            ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=cm.app.name,
+                                url=dep.url, users=dep.users))
+
+    loop.listeners += [record, say]
+    if once:
+        loop.round()
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    heartbeats = cm.start_heartbeats(cfg.heartbeat_interval_s)
+    try:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                loop.round()
+            except Exception:  # a bad round (the hook, Redis) is logged; the next one runs
+                log.exception("policy round failed")
+            stop.wait(max(0.0, cfg.policy.interval_s - (time.monotonic() - t0)))
+    finally:
+        heartbeats.stop()
+
+
+
+def _ledger_deployments(cm: CloudManager, ledger: Any) -> list[Deployment]:
+    """The app's deployments in the ledger, as Deployments the loop can end or move."""
+    edges = {e.name: e for e in cm.edges}
+    out = []
+    for e in ledger.all():
+        if e.app == cm.app.name and e.node in edges:
+            dep = e.deployment(edges[e.node])
+            with cm.lock:
+                cm.deployments[dep.server_id] = dep
+            out.append(dep)
+    return out
