@@ -84,9 +84,10 @@ class Settings(BaseModel):
     # The cloud: a fixed figure, or a location (then by the same model).
     cloud_ms: float | None = Field(default=None, ge=0)
     cloud_location: tuple[float, float] | None = None
-    # `enorm-cloud policy`: module:function(cloud_redis, **app_options) -> the app's hook
-    # (a callable returning the groups now).
+    # `enorm-cloud policy`: module:function(cloud_redis, **population_options) -> the
+    # app's hook (`policy_loop.Population`: a callable giving the groups now).
     population: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
+    population_options: dict[str, Any] = Field(default_factory=dict)
     probe_sample: int = Field(default=64, ge=1, le=256)
 
     @model_validator(mode="after")

@@ -66,7 +66,10 @@ class Group:
     idle_for_s: float | None = None  # since the group's last request; None: unknown
 
 
-Population = Callable[[], Iterable[Group | User]]
+# The app's hook: called every round with `data_of` (user id -> the Redis that holds the
+# user's data now: the cloud's, or their edge server's), it returns the groups now.
+DataOf = Callable[[str], Any]
+Population = Callable[[DataOf], Iterable[Group | User]]
 
 
 @dataclass
@@ -111,6 +114,7 @@ class PolicyLoop:
         self.owned: dict[str, Deployment] = {}  # group -> its live deployment
         self._adopt: list[Deployment] = []
         self._preempted: dict[str, str] = {}  # group -> the node that ended its server
+        self._redis: dict[str, Any] = {}  # server id -> a client of its Redis (data_of)
         self.events: deque[PolicyEvent] = deque(maxlen=1000)
         self.listeners: list[Callable[[PolicyEvent], None]] = []
         self._stop = threading.Event()
@@ -122,8 +126,29 @@ class PolicyLoop:
         it serves, exactly, is taken as served by it from the next round."""
         self._adopt.append(dep)
 
+    def data_of(self, user: str) -> Any:
+        """The Redis that holds `user`'s data now: their edge server's (reached through
+        its SSH session) while a deployment of the loop serves them, else the cloud's."""
+        from enorm import datasync
+
+        dep = next((d for d in self.owned.values() if user in d.user_ids
+                    and not d.ended.is_set() and d.session is not None), None)
+        if dep is None:
+            return self.cm.cloud
+        client = self._redis.get(dep.server_id)
+        if client is None:
+            client = self._redis[dep.server_id] = datasync.connect(dep.redis_forward(),
+                                                                   timeout=10)
+        return client
+
+    def _drop_clients(self) -> None:
+        """Clients of servers the loop no longer owns (withdrawn, handed over, ended)."""
+        live = {d.server_id for d in self.owned.values()}
+        for sid in [s for s in self._redis if s not in live]:
+            self._redis.pop(sid).close()
+
     def _groups(self) -> list[Group]:
-        given = list(self.population())
+        given = list(self.population(self.data_of))
         groups = [g for g in given if isinstance(g, Group)]
         bare = [u for u in given if isinstance(u, User)]
         if bare:
@@ -172,8 +197,9 @@ class PolicyLoop:
 
     def snapshot(self) -> tuple[Snapshot, dict[str, Group]]:
         s = self.settings
-        groups = self._groups()
         self._take_ended()
+        groups = self._groups()
+        self._drop_clients()
         self._take_adopted(groups)
         located = all(e.name in s.locations for e in self.cm.edges)
         need_probe = [g for g in groups if g.location is None or not located]
@@ -263,8 +289,8 @@ class PolicyLoop:
                              None if new is None else new.server_id, sorted(d.users),
                              dict(d.figures), error is None, error,
                              round(time.perf_counter() - t0, 4))
-            decisions.info("%s -> %s%s", d.describe(), "done" if ev.ok else "FAILED",
-                           f" {ev.new_server_id}" if ev.new_server_id else
+            decisions.info("%s -> %s in %.2f s%s", d.describe(), "done" if ev.ok else "FAILED",
+                           ev.seconds, f": {ev.new_server_id}" if ev.new_server_id else
                            (f": {error}" if error else ""))
             self.events.append(ev)
             for listener in self.listeners:
@@ -322,10 +348,14 @@ class PolicyLoop:
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        for client in self._redis.values():
+            client.close()
+        self._redis.clear()
 
 
-def population_from(spec: str, cloud_redis: Any) -> Population:
-    """The app's hook named `module:function` in the config, made with the cloud Redis."""
+def population_from(spec: str, cloud_redis: Any, options: dict[str, Any]) -> Population:
+    """The app's hook named `module:function` in the config, made with the cloud Redis
+    and `population_options`."""
     import importlib
 
     module, _, attr = spec.partition(":")
@@ -333,7 +363,10 @@ def population_from(spec: str, cloud_redis: Any) -> Population:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"policy.population: cannot load {spec}: {exc}") from exc
-    return factory(cloud_redis)
+    try:
+        return factory(cloud_redis, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy.population_options: {exc}") from exc
 
 
 def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
@@ -344,7 +377,8 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
 
     from .ledger import Entry
 
-    loop = PolicyLoop(cm, cfg.policy, population_from(cfg.policy.population, cm.cloud))
+    loop = PolicyLoop(cm, cfg.policy, population_from(cfg.policy.population, cm.cloud,
+                                                     cfg.policy.population_options))
     cm.rehome = False
     for dep in _ledger_deployments(cm, ledger):
         loop.adopt(dep)

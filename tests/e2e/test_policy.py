@@ -1,0 +1,85 @@
+"""The cloud manager deciding by itself on real nodes: a party of players offloaded to
+the node of their area, handed over when they walk into another node's area, and
+withdrawn when no node pays any more -- with no call from the app, only its players
+playing (their locations read where their data is: the cloud, then each edge server)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from world import LONDON, PARIS, as_users, cloud_world, make_users, play
+
+from cloud_manager.policy import Settings
+from games.pokemon import groups
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
+
+NEW_YORK = (40.7128, -74.006)  # far from both nodes: the cloud (40 ms) is nearer
+
+
+def wait_for(loop, n: int, timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while len(loop.events) < n:
+        assert time.monotonic() < deadline, f"after {list(loop.events)}"
+        time.sleep(0.1)
+    return list(loop.events)
+
+
+def test_a_party_is_offloaded_followed_and_withdrawn_by_the_policy(edge_node, redis_server):
+    london, paris = edge_node(), edge_node()
+    with cloud_world(redis_server().url, [london, paris]) as cloud:
+        players = make_users(cloud, 3)
+        for p in players:
+            play(p, LONDON)
+        settings = Settings(interval_s=0.3, dwell_s=1.5, cloud_ms=40.0,
+                            locations={london.name: LONDON, paris.name: PARIS})
+        hook = groups.population(cloud.redis, {"party": as_users(players)})
+        loop = cloud.manager.start_policy(hook, settings)
+
+        # In London: offloaded to the London node (2 ms against the cloud's 40).
+        (off,) = wait_for(loop, 1)
+        assert (off.kind, off.reason, off.node, off.ok) == ("offload", "edge_pays", london.name,
+                                                            True)
+        assert off.figures["cloud_ms"] == 40.0 and off.figures["node_ms"] == 2.0
+        first = cloud.manager.deployments[off.new_server_id]
+        for p in players:
+            assert p.refresh() == first.url
+            play(p, LONDON)
+        caught = {p.user: len(p.party()) for p in players}
+
+        # They walk to Paris (the moves reach the London server): handed over, once.
+        t_moved = time.monotonic()
+        for p in players:
+            play(p, PARIS, catches=0)
+        hand = wait_for(loop, 2)[1]
+        reaction = time.monotonic() - t_moved
+        assert (hand.kind, hand.reason, hand.node, hand.to, hand.ok) == (
+            "handover", "better_node", london.name, paris.name, True)
+        assert hand.server_id == first.server_id and hand.figures["for_s"] >= 1.5
+        assert hand.figures["gain_ms"] == pytest.approx(0.02 * 344, abs=0.2)
+        assert reaction < 1.5 + 2 * 0.3 + hand.seconds + 2  # dwell + two rounds + the move
+        second = cloud.manager.deployments[hand.new_server_id]
+        assert first.state == "handed_over" and first.confirmed
+        assert second.edge.name == paris.name
+        for p in players:
+            assert p.refresh() == second.url
+            assert len(p.party()) == caught[p.user]  # what they caught in London
+            play(p, PARIS, catches=1)
+        time.sleep(2.5)  # they stay in Paris: no more decisions
+        assert len(loop.events) == 2
+
+        # To New York: no node pays; withdrawn, their data home.
+        for p in players:
+            play(p, NEW_YORK, catches=0)
+        back = wait_for(loop, 3)[2]
+        assert (back.kind, back.reason, back.node, back.ok) == ("withdraw", "gain_gone",
+                                                                paris.name, True)
+        assert back.figures["gain_ms"] < 5 and back.figures["for_s"] >= 1.5
+        assert second.state == "withdrawn" and second.confirmed
+        for p in players:
+            assert p.refresh() == cloud.url
+            assert float(cloud.redis.hget(f"loc:{{{p.user}}}", "lat")) == NEW_YORK[0]
+        time.sleep(1.5)
+        assert [e.kind for e in loop.events] == ["offload", "handover", "withdraw"]
+        assert loop.owned == {}
