@@ -1,0 +1,156 @@
+"""The policy loop around the pure plan, with a fake cloud manager: what a round asks,
+what it carries out, one event per decision, failures recorded and the rest of the
+group's decisions skipped, servers a node pre-empted re-placed elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from cloud_manager.edge_client import EdgeError
+from cloud_manager.policy import Settings
+from cloud_manager.policy_loop import Group, PolicyLoop
+from enorm.protocol import NodeOffer, Resources, TerminationReason, User
+
+LONDON, PARIS = (51.5072, -0.1276), (48.8566, 2.3522)
+
+
+def offer(name: str, free_cores: float = 2.0) -> NodeOffer:
+    r = Resources(cores=2, memory_mb=1024)
+    return NodeOffer(name=name, capacity=r, reserved=Resources(cores=0, memory_mb=0),
+                     basic_service=Resources(cores=0, memory_mb=0), allocated=r,
+                     free=Resources(cores=free_cores, memory_mb=1024),
+                     unit=Resources(cores=0.5, memory_mb=128), servers=0, admission="reject",
+                     ports_free=10, autoscale_interval_s=300)
+
+
+class Edge:
+    def __init__(self, name: str, up: bool = True, free: float = 2.0):
+        self.name, self.up, self.free = name, up, free
+
+    def offer(self, timeout=None):
+        if not self.up:
+            raise EdgeError(f"{self.name}: down")
+        return offer(self.name, self.free)
+
+
+class FakeManager:
+    """What the loop uses of a CloudManager; records the calls."""
+
+    def __init__(self, *edges: Edge):
+        self.edges, self.registry, self.priority = list(edges), None, 5
+        self.cloud, self.closing, self.calls = None, threading.Event(), []
+        self.fail: set[str] = set()
+        self.n = 0
+
+    def _dep(self, node: str, users) -> SimpleNamespace:
+        self.n += 1
+        return SimpleNamespace(server_id=f"s{self.n}", edge=SimpleNamespace(name=node),
+                               users=list(users), user_ids=[u.id for u in users],
+                               ended=threading.Event(), state="deployed", end_reason=None,
+                               session=None)
+
+    def offload(self, users, exclude=(), **over):
+        (node,) = [e.name for e in self.edges if e.name not in exclude]
+        self.calls.append(("offload", node, sorted(u.id for u in users), over))
+        if "offload" in self.fail:
+            raise RuntimeError("no room")
+        return self._dep(node, users)
+
+    def handover(self, old, to=None, users=None):
+        self.calls.append(("handover", old.server_id, to))
+        return self._dep(to, users)
+
+    def withdraw(self, dep):
+        self.calls.append(("withdraw", dep.server_id))
+        if "withdraw" in self.fail:
+            raise EdgeError("node unreachable")
+        dep.state = "withdrawn"
+        dep.ended.set()
+
+
+def party(where, **kw):
+    users = [User(id="u1", address="203.0.113.1"), User(id="u2", address="203.0.113.2")]
+    return lambda data_of: [Group("party", users, where[0], **kw)] if where[0] else []
+
+
+def loop_for(cm, where, settings=None, **kw):
+    s = settings or Settings(cloud_ms=40.0, dwell_s=0.0,
+                             locations={"a": LONDON, "b": PARIS})
+    clock = iter(range(1000)).__next__
+    return PolicyLoop(cm, s, party(where, **kw), clock=lambda: float(clock()))
+
+
+def test_a_round_carries_out_the_plan_one_event_each(caplog):
+    cm = FakeManager(Edge("a"), Edge("b"))
+    where = [LONDON]
+    loop = loop_for(cm, where, priority=7)
+    seen = []
+    loop.listeners.append(seen.append)
+    with caplog.at_level(logging.INFO, "cloud_manager.decisions"):
+        (ev,) = loop.round()
+    assert cm.calls == [("offload", "a", ["u1", "u2"], {"priority": 7})]
+    assert (ev.kind, ev.reason, ev.node, ev.new_server_id, ev.ok) == (
+        "offload", "edge_pays", "a", "s1", True)
+    assert seen == [ev] and list(loop.events) == [ev]
+    assert "offload party -> a: edge_pays" in caplog.text and "done" in caplog.text
+    assert loop.round() == []  # served where it should be: nothing to do
+    where[0] = PARIS
+    (ev,) = loop.round()
+    assert (ev.kind, ev.server_id, ev.new_server_id, ev.to) == ("handover", "s1", "s2", "b")
+    assert loop.owned["party"].server_id == "s2"
+    where[0] = None  # the party is gone
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.server_id) == ("withdraw", "no_users", "s2")
+    assert loop.owned == {}
+
+
+def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON], settings=Settings(
+        cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0, locations={"a": LONDON, "b": PARIS}))
+    loop.round()
+    cm.edges[0].up = False
+    cm.fail.add("withdraw")
+    (ev,) = loop.round()  # withdraw (node down) fails: no offload to b in that round
+    assert (ev.kind, ev.reason, ev.ok) == ("withdraw", "node_down", False)
+    assert "node unreachable" in ev.error
+    assert cm.calls[-1] == ("withdraw", "s1") and "party" in loop.owned
+    cm.fail.clear()
+    evs = loop.round()  # the node answers the withdrawal now: then b
+    assert [(e.kind, e.node, e.ok) for e in evs] == [("withdraw", "a", True),
+                                                     ("offload", "b", True)]
+
+
+def test_a_preempted_server_is_re_placed_on_another_node():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON])
+    loop.round()
+    dep = loop.owned["party"]
+    dep.state, dep.end_reason = "terminated", TerminationReason.PREEMPTED
+    dep.ended.set()
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.node) == ("offload", "preempted", "b")
+    assert ev.figures["preempted_from"] == "a"
+
+
+def test_a_failed_offload_is_an_event_and_the_next_round_tries_again():
+    cm = FakeManager(Edge("a"), Edge("b", free=0.0))  # b has no unit free: never there
+    cm.fail.add("offload")
+    loop = loop_for(cm, [LONDON])
+    (ev,) = loop.round()
+    assert not ev.ok and ev.error == "RuntimeError: no room" and loop.owned == {}
+    cm.fail.clear()
+    (ev,) = loop.round()
+    assert ev.ok and ev.node == "a"
+
+
+def test_settings_the_loop_cannot_use_are_refused():
+    cm = FakeManager(Edge("a"))
+    with pytest.raises(ValueError, match="cloud_ms or cloud_location"):
+        PolicyLoop(cm, Settings(), party([LONDON]))
+    with pytest.raises(ValueError, match="policy.locations: no edge node named 'z'"):
+        PolicyLoop(cm, Settings(cloud_ms=40, locations={"z": LONDON}), party([LONDON]))
