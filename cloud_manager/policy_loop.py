@@ -115,6 +115,7 @@ class PolicyLoop:
         self._adopt: list[Deployment] = []
         self._preempted: dict[str, str] = {}  # group -> the node that ended its server
         self._redis: dict[str, Any] = {}  # server id -> a client of its Redis (data_of)
+        self._offers: dict[str, Any] = {}  # node -> its last offer (the unit's size)
         self.events: deque[PolicyEvent] = deque(maxlen=1000)
         self.listeners: list[Callable[[PolicyEvent], None]] = []
         self._stop = threading.Event()
@@ -193,6 +194,8 @@ class PolicyLoop:
                 or min(offer.free.cores / (offer.unit.cores or 1),
                        offer.free.memory_mb / (offer.unit.memory_mb or 1)) >= 1.0)
             out.append(NodeView(e.name, up, admits))
+            if offer is not None:
+                self._offers[e.name] = offer
         return out
 
     def snapshot(self) -> tuple[Snapshot, dict[str, Group]]:
@@ -251,16 +254,16 @@ class PolicyLoop:
     def _units(self, dep: Deployment) -> float:
         """The server's size in the node's units now (its auto-scaler may have grown
         it); asked only where the budget counts units. Unknown: one unit."""
-        if self.settings.max_units is None or self.cm.registry is None:
+        offer = self._offers.get(dep.edge.name)
+        if self.settings.max_units is None or offer is None:
             return 1.0
-        st = self.cm.registry.get(dep.edge.name)
         try:
             info = dep.edge.server(dep.server_id)
         except EdgeError:
-            info = None
-        if st is None or st.offer is None or info is None:
             return 1.0
-        unit = st.offer.unit
+        if info is None:
+            return 1.0
+        unit = offer.unit
         return max(1.0, info.limits.cores / (unit.cores or 1),
                    info.limits.memory_mb / (unit.memory_mb or 1))
 

@@ -5,9 +5,11 @@ playing (their locations read where their data is: the cloud, then each edge ser
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from test_cloud_cli import cloud_cli, write_config
 from world import LONDON, PARIS, as_users, cloud_world, make_users, play
 
 from cloud_manager.policy import Settings
@@ -83,3 +85,60 @@ def test_a_party_is_offloaded_followed_and_withdrawn_by_the_policy(edge_node, re
         time.sleep(1.5)
         assert [e.kind for e in loop.events] == ["offload", "handover", "withdraw"]
         assert loop.owned == {}
+
+
+def test_enorm_cloud_policy_offloads_and_a_later_run_withdraws_what_the_ledger_holds(
+        edge_node, redis_server, tmp_path):  # fmt: skip
+    """`enorm-cloud policy --once`: refused while off; on, it offloads the party (the
+    ledger records it); a later run adopts that deployment from the ledger and withdraws
+    it when the budget says no server at all."""
+    node = edge_node()
+    redis = redis_server()
+    with cloud_world(redis.url, [node]) as cloud:
+        players = make_users(cloud, 2)
+        for p in players:
+            play(p, LONDON, catches=1)
+        token = next(t for t, o in node.tokens.items() if o == "cloud-a")
+        party = json.dumps([f"{p.user}=127.0.0.1" for p in players])
+
+        def config(policy: str) -> object:
+            return write_config(tmp_path / "cloud.toml", redis.url, cloud, f"""
+[[nodes]]
+name = "{node.name}"
+url = "{node.url}"
+token = "{token}"
+[policy]
+cloud_ms = 40
+population = "games.pokemon.groups:population"
+{policy}
+[policy.locations]
+{node.name} = [{LONDON[0]}, {LONDON[1]}]
+[policy.population_options.parties]
+party = {party}
+""")
+
+        off = cloud_cli(config(""), "policy", "--once")
+        assert off.returncode == 2 and "policy.enabled" in off.stderr
+        bad = cloud_cli(config("enabled = true\nwithdraw_gain_ms = 20"), "policy", "--once")
+        assert bad.returncode == 2 and "withdraw_gain_ms" in bad.stderr
+
+        out = cloud_cli(config("enabled = true"), "policy", "--once", "--json")
+        assert out.returncode == 0, out.stderr
+        (ev,) = [json.loads(line) for line in out.stdout.splitlines()]
+        assert (ev["kind"], ev["reason"], ev["node"], ev["ok"]) == ("offload", "edge_pays",
+                                                                    node.name, True)
+        where = json.loads(cloud_cli(config(""), "where", "--json", players[0].user).stdout)
+        assert where["server_id"] == ev["new_server_id"]
+        assert players[0].refresh() == where["url"]
+        play(players[0], LONDON, catches=1)
+        caught = len(players[0].party())
+
+        again = cloud_cli(config("enabled = true"), "policy", "--once", "--json")
+        assert again.returncode == 0 and again.stdout == ""  # adopted: nothing to do
+        out = cloud_cli(config("enabled = true\nmax_servers = 0"), "policy", "--once")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"withdraw party (budget_spent): {node.name}")
+        assert cloud_cli(config(""), "where", players[0].user).stdout.strip() \
+            == f"{players[0].user}: cloud"
+        assert players[0].refresh() == cloud.url
+        assert len(players[0].party()) == caught  # what they caught on the edge, home
