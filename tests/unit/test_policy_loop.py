@@ -36,6 +36,9 @@ class Edge:
             raise EdgeError(f"{self.name}: down")
         return offer(self.name, self.free)
 
+    def server(self, server_id):  # its auto-scaler grew it to 1.5 cores (3 units)
+        return SimpleNamespace(limits=Resources(cores=1.5, memory_mb=128))
+
 
 class FakeManager:
     """What the loop uses of a CloudManager; records the calls."""
@@ -48,7 +51,8 @@ class FakeManager:
 
     def _dep(self, node: str, users) -> SimpleNamespace:
         self.n += 1
-        return SimpleNamespace(server_id=f"s{self.n}", edge=SimpleNamespace(name=node),
+        edge = next(e for e in self.edges if e.name == node)
+        return SimpleNamespace(server_id=f"s{self.n}", edge=edge,
                                users=list(users), user_ids=[u.id for u in users],
                                ended=threading.Event(), state="deployed", end_reason=None,
                                session=None)
@@ -154,3 +158,16 @@ def test_settings_the_loop_cannot_use_are_refused():
         PolicyLoop(cm, Settings(), party([LONDON]))
     with pytest.raises(ValueError, match="policy.locations: no edge node named 'z'"):
         PolicyLoop(cm, Settings(cloud_ms=40, locations={"z": LONDON}), party([LONDON]))
+
+
+def test_the_budget_counts_the_servers_units_now():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    where = [LONDON]
+    s = Settings(cloud_ms=40.0, dwell_s=0.0, max_units=4, locations={"a": LONDON, "b": PARIS})
+    loop = loop_for(cm, where, settings=s)
+    loop.round()
+    snap, _ = loop.snapshot()
+    assert [d.units for d in snap.deployments] == [3.0]  # 1.5 cores in 0.5-core units
+    loop.settings = s.model_copy(update={"max_units": 2})
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.figures["units"]) == ("withdraw", "budget_spent", 3.0)
