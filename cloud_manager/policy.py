@@ -66,7 +66,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = False  # `enorm-cloud policy` and `start_policy()` run it regardless
+    # `enorm-cloud policy` runs only with it; in the library, `start_policy()` is the switch.
+    enabled: bool = False
     interval_s: float = Field(default=2.0, gt=0)
     offload_gain_ms: float = Field(default=10.0, ge=0)
     withdraw_gain_ms: float = Field(default=5.0, ge=0)
