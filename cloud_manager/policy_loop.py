@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("cloud_manager.decisions")
+PROBE_BATCH = 256  # addresses per probe request (protocol.ProbeRequest)
 
 
 @dataclass
@@ -148,30 +149,34 @@ class PolicyLoop:
         for sid in [s for s in self._redis if s not in live]:
             self._redis.pop(sid).close()
 
-    def _groups(self) -> list[Group]:
+    def _groups(self) -> tuple[list[Group], dict[str, dict[str, float | None]]]:
+        """The app's groups, and what the nodes' probes found if it took them to group
+        bare users (node -> address -> ms)."""
         given = list(self.population(self.data_of))
         groups = [g for g in given if isinstance(g, Group)]
         bare = [u for u in given if isinstance(u, User)]
+        rtt: dict[str, dict[str, float | None]] = {}
         if bare:
             by_addr = {str(u.address): u for u in bare}
-            rtt = {n: {a: ms for a, ms in per.items() if a in by_addr}
-                   for n, per in self._probe(list(by_addr)).items()}
+            rtt = self._probe(list(by_addr))
             for name, addrs in groups_by_nearest(rtt).items():
                 groups.append(Group(name, [by_addr[a] for a in addrs]))
-        return groups
+        return groups, rtt
 
     def _probe(self, addresses: list[str]) -> dict[str, dict[str, float | None]]:
-        """node -> address -> RTT ms, each node's own probe (a failed one: nothing)."""
-        sample = addresses[: self.settings.probe_sample]
-        if not sample:
+        """node -> address -> RTT ms, each node's own probe, 256 addresses a request (the
+        protocol's most); a node that fails answers nothing."""
+        if not addresses:
             return {}
 
         def ask(e: EdgeClient) -> tuple[str, dict[str, float | None]]:
+            out: dict[str, float | None] = {}
             try:
-                return e.name, dict(e.probe(sample).rtt_ms)
+                for i in range(0, len(addresses), PROBE_BATCH):
+                    out.update(e.probe(addresses[i:i + PROBE_BATCH]).rtt_ms)
             except EdgeError as exc:
                 log.info("policy: %s did not probe: %s", e.name, exc)
-                return e.name, {}
+            return e.name, out
 
         with ThreadPoolExecutor(min(16, len(self.cm.edges)) or 1) as pool:
             return dict(pool.map(ask, self.cm.edges))
@@ -201,12 +206,15 @@ class PolicyLoop:
     def snapshot(self) -> tuple[Snapshot, dict[str, Group]]:
         s = self.settings
         self._take_ended()
-        groups = self._groups()
+        groups, rtt = self._groups()
         self._drop_clients()
         self._take_adopted(groups)
         located = all(e.name in s.locations for e in self.cm.edges)
-        need_probe = [g for g in groups if g.location is None or not located]
-        rtt = self._probe(sorted({str(u.address) for g in need_probe for u in g.users}))
+        probed = {a for per in rtt.values() for a in per}
+        sample = {str(u.address) for g in groups if g.location is None or not located
+                  for u in g.users[: s.probe_sample]}
+        for node, per in self._probe(sorted(sample - probed)).items():
+            rtt.setdefault(node, {}).update(per)
         views = []
         for g in groups:
             node_ms: dict[str, float | None] = {}

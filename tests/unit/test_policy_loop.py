@@ -28,13 +28,19 @@ def offer(name: str, free_cores: float = 2.0) -> NodeOffer:
 
 
 class Edge:
-    def __init__(self, name: str, up: bool = True, free: float = 2.0):
-        self.name, self.up, self.free = name, up, free
+    def __init__(self, name: str, up: bool = True, free: float = 2.0, rtt=None):
+        self.name, self.up, self.free, self.rtt = name, up, free, rtt
 
     def offer(self, timeout=None):
         if not self.up:
             raise EdgeError(f"{self.name}: down")
         return offer(self.name, self.free)
+
+    def probe(self, addresses, timeout=None):
+        self.probed = list(addresses)
+        if self.rtt is None:
+            raise EdgeError(f"{self.name}: 400 probe refused")
+        return SimpleNamespace(rtt_ms={a: self.rtt.get(a) for a in addresses})
 
     def server(self, server_id):  # its auto-scaler grew it to 1.5 cores (3 units)
         return SimpleNamespace(limits=Resources(cores=1.5, memory_mb=128))
@@ -171,3 +177,18 @@ def test_the_budget_counts_the_servers_units_now():
     loop.settings = s.model_copy(update={"max_units": 2})
     (ev,) = loop.round()
     assert (ev.kind, ev.reason, ev.figures["units"]) == ("withdraw", "budget_spent", 3.0)
+
+
+def test_an_app_without_groups_or_locations_gets_groups_from_the_probes():
+    near_a, near_b, lost = "203.0.113.1", "203.0.113.2", "203.0.113.3"
+    cm = FakeManager(Edge("a", rtt={near_a: 3.0, near_b: 30.0}),
+                     Edge("b", rtt={near_a: 25.0, near_b: 4.0}),
+                     Edge("c"))  # its probe fails: no figure from it
+    users = [User(id="u1", address=near_a), User(id="u2", address=near_b),
+             User(id="u3", address=lost)]
+    loop = PolicyLoop(cm, Settings(cloud_ms=40.0), lambda data_of: users)
+    evs = loop.round()
+    assert sorted((e.group, e.node, tuple(e.users)) for e in evs) == [
+        ("near-a", "a", ("u1",)), ("near-b", "b", ("u2",))]
+    assert next(e for e in evs if e.node == "a").figures["node_ms"] == 3.0
+    assert sorted(cm.edges[0].probed) == sorted([near_a, near_b, lost])
