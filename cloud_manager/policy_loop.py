@@ -341,18 +341,19 @@ class PolicyLoop:
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name="enorm-policy")
+            self._thread = threading.Thread(target=self.run, args=(self._stop,),
+                                            daemon=True, name="enorm-policy")
             self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set() and not self.cm.closing.is_set():
+    def run(self, stop: threading.Event) -> None:
+        """A round every `interval_s` until `stop` is set or the manager closes."""
+        while not stop.is_set() and not self.cm.closing.is_set():
             t0 = time.monotonic()
             try:
                 self.round()
             except Exception:  # the loop outlives a bad round (a hook that raised, Redis)
                 log.exception("policy round failed")
-            self._stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - t0)))
+            stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - t0)))
 
     def stop(self) -> None:
         self._stop.set()
@@ -397,8 +398,9 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     def record(ev: PolicyEvent) -> None:
         if not ev.ok:
             return
-        if ev.server_id:
-            ledger.forget(ev.server_id)
+        old = cm.deployments.get(ev.server_id or "")
+        if old is not None and old.state != "migration_pending":  # else kept, as `withdraw`
+            ledger.forget(old.server_id)
         dep = loop.owned.get(ev.group)
         if ev.new_server_id and dep is not None:
             ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=cm.app.name,
@@ -413,16 +415,9 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
         signal.signal(sig, lambda *_: stop.set())
     heartbeats = cm.start_heartbeats(cfg.heartbeat_interval_s)
     try:
-        while not stop.is_set():
-            t0 = time.monotonic()
-            try:
-                loop.round()
-            except Exception:  # a bad round (the hook, Redis) is logged; the next one runs
-                log.exception("policy round failed")
-            stop.wait(max(0.0, cfg.policy.interval_s - (time.monotonic() - t0)))
+        loop.run(stop)
     finally:
         heartbeats.stop()
-
 
 
 def _ledger_deployments(cm: CloudManager, ledger: Any) -> list[Deployment]:

@@ -6,9 +6,12 @@ playing (their locations read where their data is: the cloud, then each edge ser
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 
 import pytest
+from nodes import VENV_BIN
 from test_cloud_cli import cloud_cli, write_config
 from world import LONDON, PARIS, as_users, cloud_world, make_users, play
 
@@ -135,9 +138,19 @@ party = {party}
 
         again = cloud_cli(config("enabled = true"), "policy", "--once", "--json")
         assert again.returncode == 0 and again.stdout == ""  # adopted: nothing to do
-        out = cloud_cli(config("enabled = true\nmax_servers = 0"), "policy", "--once")
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith(f"withdraw party (budget_spent): {node.name}")
+        # The long-running command: withdraws at its first round, runs on until SIGTERM.
+        cfg = config("enabled = true\nmax_servers = 0\ninterval_s = 0.2")
+        proc = subprocess.Popen([str(VENV_BIN / "enorm-cloud"), "policy", "-c", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith(f"withdraw party (budget_spent): {node.name}"), line
+            time.sleep(1)  # more rounds: nothing more to do
+            proc.send_signal(signal.SIGTERM)
+            rest, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and rest == "", err
         assert cloud_cli(config(""), "where", players[0].user).stdout.strip() \
             == f"{players[0].user}: cloud"
         assert players[0].refresh() == cloud.url
