@@ -81,6 +81,15 @@ class ContainerError(RuntimeError):
     """LXC refused an operation; the message names the container and the step."""
 
 
+class LimitRefused(ContainerError):
+    """The kernel refused a new limit (`memory`: a memory limit, e.g. below what the
+    container holds); what was written before it has been put back."""
+
+    def __init__(self, message: str, memory: bool) -> None:
+        super().__init__(message)
+        self.memory = memory
+
+
 def cgroup_version() -> int:
     """2 on a unified hierarchy, 1 where the memory controller is a v1 hierarchy."""
     return 1 if os.path.isdir("/sys/fs/cgroup/memory") else 2
@@ -462,7 +471,8 @@ class Containers:
 
     # -- limits and usage ----------------------------------------------------------------
     def set_limits(self, name: str, limits: Resources) -> None:
-        """Apply new limits to the running container (the auto-scaler's mechanism).
+        """Apply new limits to the running container (the auto-scaler's mechanism), all
+        or nothing (LimitRefused).
 
         Only the kernel's values change; the store keeps the limits and `reconcile`
         applies them again if the container is ever restarted. In v1 the period is set
@@ -473,12 +483,20 @@ class Containers:
             raise ContainerError(f"{name}: not running, cannot change its limits")
         items = self._limit_items(limits, self._first_cpu(self._address(c)))
         items.pop("cpu.cfs_period_us", None)
-        for k, v in items.items():
-            if not c.set_cgroup_item(k, v):
-                raise ContainerError(
-                    f"{name}: the kernel refused cgroup {k}={v}"
-                    + (" (memory in use is above the new limit?)" if "memory" in k else "")
-                )
+        # All or nothing: the memory first (the item a kernel refuses: usage above the
+        # new limit), and what was written goes back if a later item is refused.
+        order = sorted(items, key=lambda k: not k.startswith("memory"))
+        before = {k: (c.get_cgroup_item(k) or "").strip() for k in order}
+        done: list[str] = []
+        for k in order:
+            if not c.set_cgroup_item(k, items[k]):
+                for w in reversed(done):
+                    c.set_cgroup_item(w, before[w])
+                raise LimitRefused(
+                    f"{name}: the kernel refused cgroup {k}={items[k]}"
+                    + (" (memory in use is above the new limit)" if "memory" in k else ""),
+                    memory="memory" in k)
+            done.append(k)
 
     def restore(self, name: str, limits: Resources) -> dict[str, str]:
         """Write back every limit item (CPU, memory, pids) that differs from what the node

@@ -57,9 +57,14 @@ def save(lxc_path: Path | str, base: str, needs: Needs) -> None:
     tmp.replace(p)
 
 
+def least_memory_mb(needs: Needs) -> int:
+    """The least memory a server of the image may have: its start-up and the headroom."""
+    return math.ceil(needs.memory_mb * HEADROOM)
+
+
 def unit_problem(unit_memory_mb: int, needs: Needs, base: str) -> str | None:
     """Why this unit cannot hold the image, or None when it can (policy, pure)."""
-    want = math.ceil(needs.memory_mb * HEADROOM)
+    want = least_memory_mb(needs)
     if unit_memory_mb >= want:
         return None
     return (f"unit.memory_mb: {unit_memory_mb} MB is less than the base image {base} needs "
