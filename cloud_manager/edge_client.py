@@ -161,7 +161,7 @@ class EdgeClient:
                   key: str) -> HandoverResult:
         """POST /v1/servers/{id}/handover: this node gives the server's users' keys to
         `to_server` on `to` directly, then ends the server (shared keys merged home).
-        An EdgeError with a 4xx (e.g. 400: the operator allows no such destination; 409:
+        An EdgeError with a 4xx (e.g. 403: the operator allows no such destination; 409:
         not running), 502 (the other node did not take them) or 503 (the server's Redis):
         nothing moved, the server serves on."""
         body = HandoverRequest(to_url=to.url, to_server=to_server, key=key)

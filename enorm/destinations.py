@@ -114,7 +114,10 @@ class Policy:
 
     def check_url(self, owner: str, field: str, url: str) -> None:
         """Raise Refused unless `url` names a destination `owner` may use."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. "redis://[": an unclosed IPv6 literal
+            raise Refused(field, f"not a URL: {exc}") from None
         if parts.scheme == "unix":
             path = os.path.normpath(parts.path or "/")
             if os.path.realpath(path) in self.own_sockets:

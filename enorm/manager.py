@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from typing import Literal
 
-from enorm import network, resources
+from enorm import network, resources, sizing
+from enorm.containers import LimitRefused
 from enorm.node import Node, forwards, port_of, redirects
 from enorm.protocol import (
-    RejectReason,
+    RefusalReason,
     Resources,
     ScaleReason,
     SetupRequest,
@@ -40,12 +42,13 @@ log = logging.getLogger(__name__)
 
 
 class AdmissionRefused(Exception):
-    """Admission said no (409); `reason` is machine-readable."""
+    """Admission, or a change of a server's limits, said no (409); `reason` is
+    machine-readable, `field` the request's field where one is to blame."""
 
-    def __init__(self, reason: RejectReason, detail: str,
-                 free: Resources | None = None) -> None:  # fmt: skip
+    def __init__(self, reason: RefusalReason, detail: str, free: Resources | None = None,
+                 field: str | None = None) -> None:  # fmt: skip
         super().__init__(detail)
-        self.reason, self.detail, self.free = reason, detail, free
+        self.reason, self.detail, self.free, self.field = reason, detail, free, field
 
 
 class LaunchFailed(Exception):
@@ -60,9 +63,9 @@ class LaunchFailed(Exception):
 class CannotRedirect(Exception):
     """Transparent redirection asked of a server that has none, or is not running."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, reason: Literal["no_intercept", "not_running"], detail: str) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.reason, self.detail = reason, detail
 
 
 class EdgeManager:
@@ -158,21 +161,43 @@ class EdgeManager:
 
     # -- what a running server has: its limits and its redirection -----------------------
     def scale(self, server_id: str, limits: Resources, reason: ScaleReason,
-              numbers: dict) -> None:  # fmt: skip
+              numbers: dict) -> bool:  # fmt: skip
+        """Give a running server new limits: checked before anything is written (its
+        state, the room on the node, what the image needs), then written all or nothing
+        (AdmissionRefused for each). The limits it has already: nothing done, no event
+        (False)."""
         node = self.node
         with node.lock:
             rec = node.get(server_id)
             if rec.state != "running":
-                raise RuntimeError(f"{server_id}: cannot scale a server that is {rec.state}")
+                raise AdmissionRefused("not_running", f"server {server_id} is {rec.state}",
+                                       field="id")
+            if limits == rec.limits:
+                return False
+            free = node.free()
             growth = (resources.Amount.of(limits) - resources.Amount.of(rec.limits)).at_least_zero()
-            if not growth.is_zero() and not resources.fits(growth, node.free()):
-                raise AdmissionRefused("insufficient_resources", f"{server_id}: no room to grow")
-            node.containers.set_limits(rec.container, limits)
+            if not resources.fits(growth, free):
+                field = "cores" if growth.cores > free.cores + resources.EPS else "memory_mb"
+                raise AdmissionRefused("insufficient_resources", f"{server_id}: no room to "
+                                       f"grow its {field} (free: {free.resources()})",
+                                       free.resources(), field)
+            needs = sizing.load(node.config.lxc_path, node.config.base_container)
+            if needs is not None and limits.memory_mb < sizing.least_memory_mb(needs):
+                raise AdmissionRefused("below_needs", f"{limits.memory_mb} MB is less than "
+                                       f"the base image needs ({sizing.least_memory_mb(needs)}"
+                                       " MB)", field="memory_mb")
+            try:
+                node.containers.set_limits(rec.container, limits)
+            except LimitRefused as exc:  # the kernel's own no (memory in use): undone
+                raise AdmissionRefused("memory_in_use" if exc.memory else "insufficient_resources",
+                                       str(exc), field="memory_mb" if exc.memory else "cores"
+                                       ) from exc
             old = rec.limits
             rec.limits = limits
             node.store.save(rec)
         node.events.emit("server.scaled", rec, reason,
                          {**numbers, "from": old.model_dump(), "to": limits.model_dump()})
+        return True
 
     def terminate(self, server_id: str, reason: TerminationReason, numbers: dict | None = None,
                   owner: str | None = None) -> TerminateResult:
@@ -208,9 +233,10 @@ class EdgeManager:
         with node.lock:
             rec = node.get(sid, owner)
             if not rec.intercept:
-                raise CannotRedirect(400, f"server {sid}: its setup request named no intercept")
+                raise CannotRedirect("no_intercept",
+                                     f"server {sid}: its setup request named no intercept")
             if on and rec.state != "running":
-                raise CannotRedirect(409, f"server {sid} is {rec.state}")
+                raise CannotRedirect("not_running", f"server {sid} is {rec.state}")
             rec.redirecting = on
             node.store.save(rec)
         if on:

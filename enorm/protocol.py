@@ -8,16 +8,16 @@ paper: priority, latency objective, unit.
 from __future__ import annotations
 
 import ipaddress
-import re
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    HttpUrl,
+    WithJsonSchema,
     field_serializer,
     field_validator,
     model_validator,
@@ -27,15 +27,43 @@ VERSION = "v1"
 
 RejectReason = Literal["insufficient_resources", "priority", "ports_unavailable",
                        "migrations_pending"]
+# Every 409 of the API: admission's reasons, and the other requests that are well formed
+# but that the node's state refuses (the server is not running, has no interception, is
+# busy; limits below what it needs or holds).
+RefusalReason = RejectReason | Literal["not_running", "no_intercept", "below_needs",
+                                       "memory_in_use"]
 ServerState = Literal["launching", "running", "terminating", "migration_pending"]
 TerminationMode = Literal["single", "multiple"]
 
 # One key on one line: no control characters anywhere (a \r or \n would start a second
-# authorized_keys line), `\Z` so that a trailing newline does not pass either.
-_SSH_KEY = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}"
-    r"( [^\x00-\x1f\x7f]*)?\Z"
-)
+# authorized_keys line). Patterns are checked by pydantic's regex engine, where `$` is the
+# end of the text (as in the document's ECMAScript patterns): a trailing newline fails.
+SSH_KEY_PATTERN = (r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{40,}"
+                   r"( [^\x00-\x1f\x7f]*)?$")
+_PORT = r"(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})"
+_IPV4 = r"((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_H = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "(" + "|".join([  # every way to write eight groups, "::" standing for one run of zeros
+    f"({_H}:){{7}}{_H}", f"({_H}:){{1,7}}:", f"({_H}:){{1,6}}:{_H}",
+    *[f"({_H}:){{1,{5 - i}}}(:{_H}){{1,{i + 2}}}" for i in range(4)],
+    f"{_H}:(:{_H}){{1,6}}", f":((:{_H}){{1,7}}|:)"]) + ")"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"({_IPV4}|\[{_IPV6}\]|{_LABEL}(\.{_LABEL})*)"
+# http(s)://host[:port] and, for a callback, a path and query without spaces or controls.
+NODE_URL_PATTERN = rf"^https?://{_HOST}(:{_PORT})?/?$"
+CALLBACK_URL_PATTERN = rf"^https?://{_HOST}(:{_PORT})?(/[!-~]*)?$"
+# A server id as the node makes them (`secrets.token_hex(4)`).
+SERVER_ID_PATTERN = r"^[0-9a-f]{8}$"
+
+
+def _integral(v: object) -> object:
+    """JSON has one kind of number: 5.0 is the integer 5, as the document's JSON Schema
+    says (`"5"`, `true` and 5.5 still are not)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# An integer field of a request, parsed strictly but for the above.
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Message(BaseModel):
@@ -46,7 +74,16 @@ class Resources(_Message):
     """An amount of cores (fractional: CFS quota) and memory."""
 
     cores: float = Field(ge=0)
-    memory_mb: int = Field(ge=0)
+    memory_mb: Int = Field(ge=0)
+
+
+class Limits(Resources):
+    """`PUT /v1/servers/{id}/limits`: a server's new limits. The kernel's least CFS quota
+    is 1 ms per 100 ms period; above the node's free resources plus the server's own, or
+    below what the base image needs to run, is a 409 naming the field."""
+
+    cores: float = Field(ge=0.01, le=1024)
+    memory_mb: Int = Field(ge=1, le=1 << 24)
 
 
 class User(_Message):
@@ -62,6 +99,11 @@ class DataSink(_Message):
     User keys carry the user id as a hash tag (`u:{42}`); they replace the cloud's copy.
     Keys matching `shared_patterns` are merged by their type's rule (docs/apps.md).
     """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "not": {"description": "a Redis Cluster is never reached over a unix socket",
+                "required": ["cluster", "url"],
+                "properties": {"cluster": {"const": True}, "url": {"pattern": "^unix://"}}}})
 
     url: str = Field(pattern=r"^(redis|rediss|unix)://.+", max_length=512)
     cluster: bool = False
@@ -85,8 +127,9 @@ class Intercept(_Message):
     list `address:port` among the cloud manager's destinations."""
 
     address: ipaddress.IPv4Address
-    port: int = Field(ge=1, le=65535)
-    to_port: int = Field(ge=1, le=65535, description="one of the request's `ports`")
+    port: Int = Field(ge=1, le=65535)
+    to_port: Int = Field(ge=1, le=65535, description="must be one of the setup request's "
+                         "`ports` (else 400 naming `intercept.<i>.to_port`)")
 
 
 class RedirectState(_Message):
@@ -105,19 +148,27 @@ class SetupRequest(_Message):
     """
 
     app: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
-    priority: int = Field(ge=0, le=1000, description="higher is more important")
-    ports: list[int] = Field(default_factory=list, max_length=16)
-    users: list[User] = Field(default_factory=list, max_length=100_000)
+    priority: Int = Field(ge=0, le=1000, description="higher is more important")
+    ports: list[Annotated[int, Field(ge=1, le=65535, json_schema_extra={
+        "not": {"const": 22, "description": "the access port, forwarded already"}}),
+        BeforeValidator(_integral)]] = Field(
+        default_factory=list, max_length=16, json_schema_extra={"uniqueItems": True},
+        description="container ports the users need; unique, not 22")
+    users: list[User] = Field(default_factory=list, max_length=100_000,
+                              description="each user id at most once")
     latency_objective_ms: float = Field(gt=0, le=60_000)
-    ssh_public_key: str = Field(max_length=16_384)
+    ssh_public_key: str = Field(max_length=16_384, pattern=SSH_KEY_PATTERN,
+                                description="one OpenSSH public key line")
     data_sink: DataSink | None = None
-    callback_url: HttpUrl | None = None
+    callback_url: str | None = Field(None, max_length=2048, pattern=CALLBACK_URL_PATTERN)
     # The cloud's override: the edge may not terminate this server for need reasons
     # (idle, no users, latency not improvable); only for resources or by the cloud.
     override: bool = False
     # On termination of this server, also terminate its siblings (same owner and app).
     termination: TerminationMode = "single"
-    intercept: list[Intercept] = Field(default_factory=list, max_length=8)
+    intercept: list[Intercept] = Field(
+        default_factory=list, max_length=8,
+        description="each address and port at most once; each to_port one of `ports`")
     # A handover between nodes: the secret with which the old server's node may bring
     # the users' data to this server (`POST /v1/servers/{id}/import`), once.
     handover_key: str | None = Field(None, min_length=32, max_length=128,
@@ -136,9 +187,6 @@ class SetupRequest(_Message):
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
-        for p in v:
-            if not 1 <= p <= 65535:
-                raise ValueError(f"port {p} is not within 1-65535")
         if len(set(v)) != len(v):
             raise ValueError("ports must be unique")
         if 22 in v:
@@ -150,14 +198,6 @@ class SetupRequest(_Message):
     def _users_unique(cls, v: list[User]) -> list[User]:
         if len({u.id for u in v}) != len(v):
             raise ValueError("user ids must be unique")
-        return v
-
-    @field_validator("ssh_public_key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        v = v.strip(" ")
-        if not _SSH_KEY.match(v):
-            raise ValueError("must be one OpenSSH public key line (ssh-ed25519, ssh-rsa, ecdsa)")
         return v
 
 
@@ -188,20 +228,30 @@ class SetupResponse(_Message):
     redis_password: str = Field(description="the container's Redis (port 6379 inside)")
 
 
-class Rejection(_Message):
-    """409 body: a machine-readable reason and what the node had."""
-
-    error: RejectReason
-    detail: str
-    free: Resources | None = None
-
-
 class ErrorBody(_Message):
-    """4xx body for everything but admission: the field and the reason."""
+    """Every 4xx and 5xx body but a 409's: what went wrong and the field it is about."""
 
     error: str
     detail: str
     field: str | None = None
+
+
+class Rejection(_Message):
+    """Every 409 body: a well-formed request the node's state refuses, with a
+    machine-readable reason, the field where there is one and what the node had free.
+    (Setup refusals name no field: the request as a whole did not fit.)"""
+
+    error: RefusalReason
+    detail: str
+    field: str | None = None
+    free: Resources | None = None
+
+
+class Health(_Message):
+    """`GET /healthz`: the daemon answers and its store too."""
+
+    status: Literal["ok"]
+    node: str
 
 
 class NodeOffer(_Message):
@@ -225,12 +275,19 @@ class NodeOffer(_Message):
     min_priority: int = 0
 
 
+# What `ProbeRequest` refuses, as the canonical text of an address (the document's `not`).
+_NOT_A_USER = ("^(127\\.|0\\.0\\.0\\.0$|2(2[4-9]|3\\d)\\.|169\\.254\\.|::1?$|[fF]{2}|"
+               "[fF][eE][89aAbB])")
+
+
 class ProbeRequest(_Message):
     """`POST /v1/probe`: how far these users are from this node, before any setup (the
     cloud manager's placement). Public unicast addresses only."""
 
-    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(
-        min_length=1, max_length=256)
+    addresses: list[Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, WithJsonSchema({
+        "type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+        "not": {"pattern": _NOT_A_USER, "description": "loopback, unspecified, multicast "
+                "and link-local addresses are refused"}})]] = Field(min_length=1, max_length=256)
 
     @field_validator("addresses")
     @classmethod
@@ -369,6 +426,25 @@ class Event(_Message):
         return self
 
 
+class EventsQuery(BaseModel):
+    """`GET /v1/events?limit=&server=`: the newest events first (unknown parameters are
+    ignored)."""
+
+    limit: Int = Field(100, ge=1, le=10_000, description="how many, at most")
+    server: str | None = Field(None, max_length=64, description="only this server's")
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _digits(cls, v: object) -> object:
+        """A query's text: decimal digits (a JSON Schema integer may be written 5.0)."""
+        if not isinstance(v, str):
+            return v
+        whole = v.removesuffix(".0")
+        if not (whole.isascii() and whole.isdigit()):
+            raise ValueError("must be an integer within 1-10000")
+        return int(whole)
+
+
 class MergeReport(_Message):
     """What merging one or more servers' data back did (termination result and event)."""
 
@@ -408,17 +484,14 @@ class HandoverRequest(_Message):
     """`POST /v1/servers/{id}/handover`: give this server's users, data included, to a
     server on another node, directly, then end this one (its shared keys merged home)."""
 
-    to_url: str = Field(max_length=2048, description="the other node's API, e.g. "
-                        "http://10.0.0.2:8700 (an IP literal among the destinations)")
+    to_url: str = Field(max_length=2048, pattern=NODE_URL_PATTERN, description="the other "
+                        "node's API, e.g. http://10.0.0.2:8700 (among the destinations)")
     to_server: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
     key: str = Field(min_length=32, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
 
     @field_validator("to_url")
     @classmethod
     def _http(cls, v: str) -> str:
-        u = urlsplit(v)
-        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
-            raise ValueError("must be http(s)://host:port of the other node's API")
         return v.rstrip("/")
 
 
@@ -426,7 +499,7 @@ class HandoverData(_Message):
     """`POST /v1/servers/{id}/import` (node to node): users' keys as DUMP payloads, base64,
     with the TTL in ms for RESTORE (0: none); `final` ends the import."""
 
-    keys: list[tuple[str, str, int]] = Field(max_length=200_000)
+    keys: list[tuple[str, str, Int]] = Field(max_length=200_000)
     final: bool = False
 
 

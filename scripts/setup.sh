@@ -44,10 +44,12 @@ fi
 
 # chromium + its driver: the dashboard's browser test; libnetfilter-queue-dev: the
 # testbed's NFQUEUE delayer (netfilterqueue builds against it); redis-redisearch: a Redis
-# module whose values are of a type datasync has no merge rule for (the shared keys' test).
+# module whose values are of a type datasync has no merge rule for (the shared keys' test);
+# prometheus: its promtool checks the node's /metrics exposition (the server is not
+# started: policy-rc.d).
 packages=(lxc lxc-dev redis-server redis-tools iptables iproute2 debootstrap openssh-client
           build-essential python3-dev python3-venv chromium chromium-driver
-          libnetfilter-queue-dev lxcfs e2fsprogs redis-redisearch)
+          libnetfilter-queue-dev lxcfs e2fsprogs redis-redisearch prometheus)
 # Install those of the packages that are not installed (apt-get update first, only then).
 install_missing() {
     local missing=() p

@@ -12,9 +12,11 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, send_from_directory
+from flask import Blueprint, abort, send_from_directory
 
 from enorm.metrics import units
+from enorm.openapi import Answer, PathParameter, declare
+from enorm.protocol import ErrorBody
 
 if TYPE_CHECKING:
     from flask import Response
@@ -30,12 +32,23 @@ page = Blueprint("dashboard", __name__)
 
 
 @page.get("/dashboard")
+@declare("The dashboard's page (open it as /dashboard#token=<token>)",
+         {200: Answer("the page", media_types=("text/html",))}, security=None)
 def index() -> Response:
     return send_from_directory(STATIC, "index.html", max_age=0)
 
 
 @page.get("/dashboard/<path:name>")
+@declare("The page's script and styles",
+         {200: Answer("the file", media_types=("text/javascript", "text/css")),
+          404: Answer("no such file", ErrorBody)},
+         path={"name": PathParameter("a script or style sheet of the page", {
+             "type": "string", "pattern": r"^[A-Za-z0-9._/-]+\.(js|css)$"})},
+         security=None)
 def asset(name: str) -> Response:
+    """Only the page's scripts and style sheets: nothing else of the package."""
+    if not name.endswith((".js", ".css")):
+        abort(404)
     return send_from_directory(STATIC, name, max_age=3600)
 
 

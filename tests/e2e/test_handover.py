@@ -265,7 +265,7 @@ def test_handover_goes_through_the_cloud_where_the_old_node_may_not_reach_the_ne
         key = "k" * 40
         r = api.post(f"{a.url}/v1/servers/{old.server_id}/handover", timeout=10,
                      json={"to_url": b.url, "to_server": "nope", "key": key})
-        assert r.status_code == 400 and r.json()["field"] == "to_url", r.text
+        assert r.status_code == 403 and r.json()["field"] == "to_url", r.text
         # allowed (its own cloud's port) but no node there: 502, and nothing fenced
         r = api.post(f"{a.url}/v1/servers/{old.server_id}/handover", timeout=30,
                      json={"to_url": f"http://127.0.0.1:{redis.port}", "to_server": "x",

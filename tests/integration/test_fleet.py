@@ -166,7 +166,7 @@ def test_transparent_redirection_sends_only_the_served_users_to_the_edge(edge_no
             users = [{"id": "u1", "address": user_ip}]
             # Refused: a destination the operator did not list, a port not forwarded.
             bad = handshake(node, users=users, intercept=[{**intercept[0], "port": 9}])
-            assert bad.status_code == 400 and bad.json()["field"] == "intercept.0"
+            assert bad.status_code == 403 and bad.json()["field"] == "intercept.0"
             bad = handshake(node, users=users, intercept=[{**intercept[0], "to_port": 81}])
             assert bad.status_code == 400 and "to_port" in bad.json()["detail"]
 
@@ -205,7 +205,8 @@ def test_transparent_redirection_sends_only_the_served_users_to_the_edge(edge_no
 
             plain = handshake(node, users=users).json()
             no = c.put(f"{node.url}/v1/servers/{plain['server_id']}/redirect", timeout=10)
-            assert no.status_code == 400 and no.json()["field"] == "intercept"
+            assert no.status_code == 409 and no.json()["error"] == "no_intercept"
+            assert no.json()["field"] == "intercept"
         finally:
             for p in procs:
                 p.kill()

@@ -155,6 +155,25 @@ def test_big_body_is_refused_before_it_is_read(node: EdgeNode, framing: str) -> 
     assert requests.get(node.url + "/healthz", timeout=5).ok
 
 
+def test_refusals_carry_the_headers_rfc_9110_requires(node: EdgeNode) -> None:
+    """A 405 says which methods the path has (`Allow`), a 401 which scheme it wants
+    (`WWW-Authenticate`): on every path of the document, beside our JSON body."""
+    spec = requests.get(node.url + "/v1/openapi.json", timeout=5).json()
+    for path, item in spec["paths"].items():
+        url = node.url + path.replace("{sid}", "deadbeef").replace("{name}", "x.js")
+        has = {m.upper() for m in item}
+        r = requests.request("TRACE", url, timeout=5)
+        assert r.status_code == 405 and r.json()["field"] == "method", (path, r.text)
+        allow = {m.strip() for m in r.headers["Allow"].split(",")}
+        assert has <= allow and "TRACE" not in allow, (path, allow)
+        for method in has:
+            if item[method.lower()]["security"]:
+                r = requests.request(method, url, timeout=5)
+                assert r.status_code == 401, (method, path, r.status_code)
+                assert r.headers["WWW-Authenticate"].startswith("Bearer "), (method, path)
+                assert r.json()["field"] == "Authorization"
+
+
 def test_another_tenants_server_is_not_found(node: EdgeNode) -> None:
     """404 for another tenant's id, exactly like a missing one."""
     r = handshake(node)
@@ -182,8 +201,9 @@ def test_token_configured_as_digest(node: EdgeNode) -> None:
 
 
 def test_no_ssrf_through_setup_requests(node: EdgeNode) -> None:
-    """Destinations the operator did not allow are 400 naming the field, and the node
-    never connects to them; the node's own store and API are refused even when allowed."""
+    """Destinations the operator did not allow are 403 naming the field (a URL the
+    document's pattern refuses: 400), and the node never connects to them; the node's
+    own store and API are refused even when allowed."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -192,30 +212,31 @@ def test_no_ssrf_through_setup_requests(node: EdgeNode) -> None:
     own_store = Path(node.settings["state_dir"]) / "store.sock"
     api_port = node.settings["listen_port"]
     cases = [
-        ("cloud-b", {"callback_url": f"http://127.0.0.1:{port}/x"}, "callback_url"),
-        ("cloud-b", {"data_sink": {"url": f"redis://127.0.0.1:{port}"}}, "data_sink.url"),
-        ("cloud-a", {"callback_url": "http:///x"}, "callback_url"),
-        ("cloud-a", {"callback_url": "http://cloud.invalid:80/x"}, "callback_url"),
-        ("cloud-a", {"callback_url": "http://10.1.2.3/x"}, "callback_url"),
+        ("cloud-b", {"callback_url": f"http://127.0.0.1:{port}/x"}, "callback_url", 403),
+        ("cloud-b", {"data_sink": {"url": f"redis://127.0.0.1:{port}"}}, "data_sink.url", 403),
+        ("cloud-a", {"callback_url": "http:///x"}, "callback_url", 400),
+        ("cloud-a", {"callback_url": "http://cloud.invalid:80/x"}, "callback_url", 403),
+        ("cloud-a", {"callback_url": "http://10.1.2.3/x"}, "callback_url", 403),
         ("cloud-a", {"callback_url": f"http://127.0.0.1:{api_port}/v1/autoscale"},
-         "callback_url"),
+         "callback_url", 403),
         ("cloud-a", {"data_sink": {"url": f"redis://[::ffff:127.0.0.1]:{api_port}"}},
-         "data_sink.url"),
-        ("cloud-a", {"data_sink": {"url": f"redis://0.0.0.0:{port}"}}, "data_sink.url"),
+         "data_sink.url", 403),
+        ("cloud-a", {"data_sink": {"url": f"redis://0.0.0.0:{port}"}}, "data_sink.url", 403),
         ("cloud-a", {"data_sink": {"url": f"unix://{own_store}",
-                                   "shared_patterns": ["*"]}}, "data_sink.url"),
+                                   "shared_patterns": ["*"]}}, "data_sink.url", 403),
         ("cloud-a", {"data_sink": {"url": f"unix://{own_store.parent}/../state/store.sock"}},
-         "data_sink.url"),
-        ("cloud-a", {"data_sink": {"url": "unix:///tmp/some.sock"}}, "data_sink.url"),
+         "data_sink.url", 403),
+        ("cloud-a", {"data_sink": {"url": "unix:///tmp/some.sock"}}, "data_sink.url", 403),
+        ("cloud-a", {"data_sink": {"url": "redis://[::1"}}, "data_sink.url", 403),  # was 500
         ("cloud-a", {"data_sink": {"url": "unix:///tmp/some.sock", "cluster": True}},
-         "data_sink"),
+         "data_sink", 400),
     ]
     before = node.client().get(node.url + "/v1/node", timeout=5).json()
     try:
-        for owner, over, field in cases:
+        for owner, over, field, status in cases:
             r = node.client(owner).post(node.url + "/v1/servers", timeout=30,
                                         json=setup_request(**over))
-            assert r.status_code == 400, (owner, over, r.text)
+            assert r.status_code == status, (owner, over, r.text)
             assert r.json()["field"] == field and r.json()["detail"], (over, r.json())
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody connected

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -19,6 +20,7 @@ from test_edge_node import handshake
 pytestmark = pytest.mark.system
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def scrape(node, token: str | None) -> requests.Response:
@@ -51,6 +53,20 @@ def test_metrics_and_decision_log(edge_node, monkeypatch):
     assert scrape(node, next(iter(node.tokens))).status_code == 403
     resp = scrape(node, op)
     assert resp.status_code == 200
+    # One media type with each parameter once (Go's mime.ParseMediaType, which Prometheus
+    # 3 uses, refuses a repeated one and fails the scrape), and what promtool accepts.
+    kind, *params = [p.strip() for p in resp.headers["Content-Type"].split(";")]
+    assert kind == "text/plain" and sorted(p.split("=")[0] for p in params) == [
+        "charset", "version"], resp.headers["Content-Type"]
+    lint = subprocess.run(["promtool", "check", "metrics"], input=resp.text,
+                          capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # Every series family is in docs/metrics.md; no `*_created` of prometheus_client.
+    documented = set(re.findall(r"`(enorm_\w+)`", METRICS_DOC.read_text()))
+    exposed = {f.name + ("_total" if f.type == "counter" else "")
+               for f in text_string_to_metric_families(resp.text)}
+    assert exposed and exposed <= documented, exposed - documented
+    assert not [line for line in resp.text.splitlines() if "_created" in line]
     found = samples(resp.text)
     sid = b["server_id"]
     per = {"server": sid, "app": "game", "owner": "cloud-b"}
@@ -196,3 +212,62 @@ def test_operator_sets_limits_by_hand(edge_node):
     assert out.returncode == 0 and "0.75 cores / 96 MB" in out.stdout, out.stderr
     ev = node.client().get(f"{node.url}/v1/events?server={sid}", timeout=10).json()
     assert [e["reason"] for e in ev if e["type"] == "server.scaled"] == ["operator", "operator"]
+    # The limits it has already: nothing written, no event, no scaling action counted.
+    same = requests.put(url, json={"cores": 0.75, "memory_mb": 96}, headers=op, timeout=10)
+    assert same.status_code == 200 and same.json()["limits"] == {"cores": 0.75, "memory_mb": 96}
+    ev = node.client().get(f"{node.url}/v1/events?server={sid}", timeout=10).json()
+    assert [e["type"] for e in ev].count("server.scaled") == 2
+    found = samples(scrape(node, node.settings["operator_token"]).text)
+    assert value(found, "enorm_scaling_actions_total", kind="up", reason="operator") == 2
+
+
+def test_a_refused_resize_writes_nothing(edge_node):
+    """Refusals are checked before any write (4xx naming the field), and what the kernel
+    refuses midway is undone: the container's cgroup, the store and the events stay as
+    they were. The kernel's refusal is real: a child cgroup holding a larger CFS quota
+    than the one asked for (cgroup v1 keeps a child's quota within its parent's)."""
+    import lxc
+
+    node = edge_node(cores=2.0, unit={"cores": 0.25, "memory_mb": 64})
+    op = {"Authorization": f"Bearer {node.settings['operator_token']}"}
+    srv = handshake(node).json()
+    sid, name = srv["server_id"], srv["container"]
+    url = f"{node.url}/v1/servers/{sid}/limits"
+    c = lxc.Container(name)
+
+    def kernel() -> tuple[int, int]:
+        return (int(c.get_cgroup_item("cpu.cfs_quota_us")),
+                int(c.get_cgroup_item("memory.limit_in_bytes")))
+
+    def stored() -> dict:
+        return requests.get(f"{node.url}/v1/servers/{sid}", headers=op, timeout=10).json()
+
+    before = kernel()
+    assert before == (25_000, 64 << 20)
+    cases = [  # (limits, status, error, field)
+        ({"cores": 0.0, "memory_mb": 0}, 400, "bad_request", "cores"),
+        ({"cores": 0.5, "memory_mb": 0}, 400, "bad_request", "memory_mb"),
+        ({"cores": 0.5, "memory_mb": 1}, 409, "below_needs", "memory_mb"),
+        ({"cores": 2.5, "memory_mb": 64}, 409, "insufficient_resources", "cores"),
+    ]
+    for limits, status, error, field in cases:
+        r = requests.put(url, json=limits, headers=op, timeout=30)
+        assert (r.status_code, r.json()["error"], r.json()["field"]) == (status, error, field), \
+            (limits, r.text)
+        assert kernel() == before, limits
+    child = Path(f"/sys/fs/cgroup/cpu/lxc.payload.{name}/enorm-test-quota")
+    child.mkdir()
+    try:
+        (child / "cpu.cfs_quota_us").write_text("25000")
+        # Memory is written first (64 -> 128 MB), then the kernel refuses the quota.
+        r = requests.put(url, json={"cores": 0.125, "memory_mb": 128}, headers=op, timeout=30)
+        assert r.status_code == 409 and r.json()["field"] == "cores", r.text
+        assert "cpu.cfs_quota_us" in r.json()["detail"]
+        assert kernel() == before
+    finally:
+        child.rmdir()
+    assert stored()["limits"] == {"cores": 0.25, "memory_mb": 64}
+    ev = node.client().get(f"{node.url}/v1/events?server={sid}", timeout=10).json()
+    assert "server.scaled" not in [e["type"] for e in ev]
+    ok = requests.put(url, json={"cores": 0.125, "memory_mb": 128}, headers=op, timeout=30)
+    assert ok.status_code == 200 and kernel() == (12_500, 128 << 20), ok.text

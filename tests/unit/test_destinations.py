@@ -34,6 +34,7 @@ def test_listed_destinations_pass(url: str) -> None:
     ("http://[::1]:8470/", "own services"),
     ("http://0.0.0.0:8470/", "own services"),
     ("redis://127.0.0.1:7001", "not in"),
+    ("redis://[::1", "not a URL"),                # unclosed IPv6 literal: was a 500
 ])
 def test_other_destinations_are_refused(url: str, why: str) -> None:
     p = policy(a=["10.0.0.0/8:6379", "cloud.example:6379", "unix:/run/cloud.sock",
