@@ -16,7 +16,7 @@ test:
 
 # Long versions of the hostile-input and crash-safety tests (figures in RELIABILITY.md).
 reliability: setup
-	ENORM_FUZZ_CASES=2000 .venv/bin/pytest -q -s -p no:cacheprovider --timeout=3600 \
+	ENORM_FUZZ_SECONDS=300 ENORM_FUZZ_MIN_REQUESTS=10000 .venv/bin/pytest -q -s -p no:cacheprovider --timeout=3600 \
 		tests/integration/test_fuzz.py tests/integration/test_hostile_input.py \
 		tests/integration/test_bounded_tenancy.py tests/integration/test_secrets.py \
 		tests/integration/test_edge_node.py tests/integration/test_datasync.py \
