@@ -181,7 +181,8 @@ class EdgeManager:
                 raise AdmissionRefused("insufficient_resources", f"{server_id}: no room to "
                                        f"grow its {field} (free: {free.resources()})",
                                        free.resources(), field)
-            needs = sizing.load(node.config.lxc_path, node.config.base_container)
+            needs = (sizing.load(node.config.lxc_path, node.config.base_container)
+                     if limits.memory_mb < rec.limits.memory_mb else None)  # shrinking only
             if needs is not None and limits.memory_mb < sizing.least_memory_mb(needs):
                 raise AdmissionRefused("below_needs", f"{limits.memory_mb} MB is less than "
                                        f"the base image needs ({sizing.least_memory_mb(needs)}"
