@@ -264,7 +264,8 @@ def test_a_refused_resize_writes_nothing(edge_node):
         assert r.status_code == 409 and r.json()["field"] == "cores", r.text
         assert "cpu.cfs_quota_us" in r.json()["detail"]
         assert kernel() == before
-    finally:
+    finally:  # unlimited first: a removed cgroup lingers in the kernel for a moment
+        (child / "cpu.cfs_quota_us").write_text("-1")
         child.rmdir()
     assert stored()["limits"] == {"cores": 0.25, "memory_mb": 64}
     ev = node.client().get(f"{node.url}/v1/events?server={sid}", timeout=10).json()
