@@ -56,7 +56,7 @@ class RequestRefused(EdgeError):
 
 
 class DestinationNotAllowed(RequestRefused):
-    """400 `destination_not_allowed`: the callback URL, the data sink or a handover's
+    """403 `destination_not_allowed`: the callback URL, the data sink or a handover's
     target is not among the destinations the node's operator allows this cloud manager
     (node config `destinations`); `field` names which."""
 
@@ -107,6 +107,11 @@ class EdgeClient:
             body, detail = None, resp.text
         code = resp.status_code
         where = f"{self.name}: {resp.request.method} {urlsplit(resp.url).path}"
+        if isinstance(body, dict) and body.get("error") == "destination_not_allowed":
+            return DestinationNotAllowed(
+                f"{where}: {code} destination_not_allowed: {body.get('field')}: {detail} "
+                "(the node's operator lists where each cloud manager may point: "
+                "`destinations`)", code, body, self.name)
         if code == 401:
             return Unauthorized(f"{where}: 401 unauthorized: the node does not know this "
                                 f"cloud manager's token ({detail})", code, body, self.name)
@@ -114,11 +119,6 @@ class EdgeClient:
             return Forbidden(f"{where}: 403 forbidden: {detail}", code, body, self.name)
         if code == 400 and isinstance(body, dict):
             field = body.get("field")
-            if body.get("error") == "destination_not_allowed":
-                return DestinationNotAllowed(
-                    f"{where}: 400 destination_not_allowed: {field}: {detail} (the node's "
-                    "operator lists where each cloud manager may point: `destinations`)",
-                    code, body, self.name)
             return RequestRefused(f"{where}: 400 {body.get('error')}: {field}: {detail}",
                                   code, body, self.name)
         return EdgeError(f"{where}: {code} {detail}", code, body, self.name)
