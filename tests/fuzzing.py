@@ -12,9 +12,9 @@ This module is also the run's hooks module (`hooks = "fuzzing"` in its config):
 - `before_call` makes the setup request's cross-field rules hold in schema-valid
   requests, rules that JSON Schema cannot say and the document states in words: user
   ids unique, each interception once, each `intercept.to_port` one of `ports`; and puts
-  a real server's id in half of the schema-valid requests' paths: one the run was
-  given (the operator creates none; never withdrawn, so that they stay for the others)
-  or one the run made itself (a withdrawal takes it, which makes room for the next);
+  a real server's id in half of the schema-valid requests' paths: one the run made
+  itself or was given (a withdrawal takes one, the run's own first, and leaves the last
+  given one for the others; the room it frees admits the next setup request);
 - `after_call` records every request (operation, generation mode, status) for the test,
   and the servers the run made.
 
@@ -41,6 +41,9 @@ SETUP = "POST /v1/servers"
 WITHDRAW = "DELETE /v1/servers/{sid}"
 _given = [s for s in os.environ.get(SERVERS_ENV, "").split(",") if s]
 _made: list[str] = []  # servers this run's setup requests made and have not withdrawn
+# Our own generator: Hypothesis resets the `random` module's state for every example, so
+# its draws would be the same for every case of an operation.
+_rng = random.Random()
 
 
 @schemathesis.check
@@ -72,12 +75,13 @@ def before_call(context, case, kwargs) -> None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return
-    if "sid" in (case.path_parameters or {}) and random.random() < 0.5:
+    if "sid" in (case.path_parameters or {}) and _rng.random() < 0.5:
         if _label(case) == WITHDRAW:
-            if _made:
-                case.path_parameters["sid"] = _made.pop(random.randrange(len(_made)))
+            pool = _made or (_given if len(_given) > 1 else [])
+            if pool:
+                case.path_parameters["sid"] = pool.pop(_rng.randrange(len(pool)))
         elif _given or _made:
-            case.path_parameters["sid"] = random.choice(_given + _made)
+            case.path_parameters["sid"] = _rng.choice(_given + _made)
     if _label(case) != SETUP or not isinstance(case.body, dict):
         return
     body = case.body
