@@ -12,9 +12,10 @@ This module is also the run's hooks module (`hooks = "fuzzing"` in its config):
 - `before_call` makes the setup request's cross-field rules hold in schema-valid
   requests, rules that JSON Schema cannot say and the document states in words: user
   ids unique, each interception once, each `intercept.to_port` one of `ports`; and puts
-  a real server's id in half of the schema-valid requests' paths: one the run made
-  itself or was given (a withdrawal takes one, the run's own first, and leaves the last
-  given one for the others; the room it frees admits the next setup request);
+  a real server's id in half of the schema-valid requests' paths (but in the stateful
+  phase, which follows links): one the run made itself or was given (a withdrawal takes
+  one, the run's own first, and leaves the last given one for the others; the room it
+  frees admits the next setup request);
 - `after_call` records every request (operation, generation mode, status) for the test,
   and the servers the run made.
 
@@ -75,7 +76,10 @@ def before_call(context, case, kwargs) -> None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return
-    if "sid" in (case.path_parameters or {}) and _rng.random() < 0.5:
+    # Not in the stateful phase: its links give real ids, and a scenario's own server
+    # must not go from under it.
+    if ("sid" in (case.path_parameters or {}) and meta.phase.name != "stateful"
+            and _rng.random() < 0.5):
         if _label(case) == WITHDRAW:
             pool = _made or (_given if len(_given) > 1 else [])
             if pool:
