@@ -30,7 +30,15 @@ TOOLS = ("lxc-start", "lxc-stop", "iptables", "iptables-restore", "ebtables",
          "ebtables-restore", "ip", "redis-server")
 CMDLINE_FIX = ("add `cgroup_enable=cpuset cgroup_enable=memory cgroup_memory=1` to the kernel "
                "command line (Raspberry Pi OS: the one line of /boot/firmware/cmdline.txt, "
-               "/boot/cmdline.txt before Bookworm) and reboot")
+               "/boot/cmdline.txt before Bookworm) and reboot; if the controller is still "
+               "off after that, `enorm doctor` says what next")
+# The command line asks for the controller and the kernel still keeps it off: recent
+# Raspberry Pi 5 kernels do (raspberrypi/linux issue 6980).
+IGNORED_FIX = ("this kernel does not honour `cgroup_enable=` (recent Raspberry Pi 5 kernels, "
+               "raspberrypi/linux issue 6980): boot a kernel that does (an earlier Raspberry "
+               "Pi OS kernel, or a distribution kernel such as Debian's linux-image-arm64, "
+               "whose memory controller is on), and look in /proc/cmdline for a "
+               "`cgroup_disable=` that the boot firmware adds after yours")
 SCRATCH_LIMIT = 64 << 20
 
 
@@ -87,10 +95,20 @@ def mounted_v1(root: Path) -> set[str]:
     return out
 
 
+def asked_for(root: Path) -> set[str]:
+    """Controllers the kernel command line asks to enable (`cgroup_enable=a,b`)."""
+    out: set[str] = set()
+    for word in (_read(root, "/proc/cmdline") or "").split():
+        if word.startswith("cgroup_enable="):
+            out.update(filter(None, word.partition("=")[2].split(",")))
+    return out
+
+
 def check_controllers(root: Path) -> list[Finding]:
     """Each controller enorm needs: enabled by the kernel and usable in the layout."""
     kind = layout(root)
     enabled = enabled_controllers(root)
+    asked = asked_for(root)
     findings = [Finding("cgroup layout", True, kind)]
     if kind == "v2":
         avail = set((_read(root, "/sys/fs/cgroup/cgroup.controllers") or "").split())
@@ -100,9 +118,13 @@ def check_controllers(root: Path) -> list[Finding]:
         need = CONTROLLERS_V1
     for c in need:
         if not enabled.get(c, False):
-            detail = ("disabled by the kernel command line" if c in enabled
-                      else "not built into this kernel")
-            fix = CMDLINE_FIX if c in enabled else "use a kernel with this controller"
+            if c not in enabled:
+                detail, fix = "not built into this kernel", "use a kernel with this controller"
+            elif c in asked:
+                detail, fix = (f"disabled although the command line has cgroup_enable={c}",
+                               IGNORED_FIX)
+            else:
+                detail, fix = "disabled by the kernel command line", CMDLINE_FIX
             findings.append(Finding(f"cgroup {c}", False, detail, fix))
         elif c not in avail:
             where = "cgroup.controllers" if kind == "v2" else "a v1 mount under /sys/fs/cgroup"

@@ -36,6 +36,26 @@ def test_raspberry_pi_os_without_memory_is_refused_with_the_fix() -> None:
     assert "cgroup memory" in msg and "cgroup_enable=memory" in msg
 
 
+def test_a_kernel_that_ignores_cgroup_enable_is_told_apart(tmp_path: Path) -> None:
+    """Raspberry Pi 5 kernels that keep memory off although cmdline.txt asks for it: the
+    usual fix was applied already, so the message says what is left to do."""
+    root = tmp_path / "m"
+    shutil.copytree(FIXTURES / "rpi-nomem", root)
+    (root / "proc/cmdline").write_text(
+        "coherent_pool=1M console=tty1 root=PARTUUID=1-02 rootwait cgroup_disable=memory "
+        "cgroup_enable=cpuset cgroup_enable=memory cgroup_memory=1\n")
+    bad = preflight.failures(preflight.run(root, live=False))
+    assert [f.check for f in bad] == ["cgroup memory"]
+    assert bad[0].detail == "disabled although the command line has cgroup_enable=memory"
+    assert "raspberrypi/linux issue 6980" in bad[0].fix
+    assert "/proc/cmdline" in bad[0].fix
+    # not asked yet: the usual fix, which also says where to look if it does not help
+    (root / "proc/cmdline").write_text("console=tty1 root=/dev/mmcblk0p2 cgroup_disable=memory\n")
+    bad = preflight.failures(preflight.run(root, live=False))
+    assert bad[0].detail == "disabled by the kernel command line"
+    assert "cmdline.txt" in bad[0].fix and "6980" not in bad[0].fix
+
+
 def test_v1_controller_enabled_but_not_mounted(tmp_path: Path) -> None:
     root = tmp_path / "m"
     shutil.copytree(FIXTURES / "v1", root)
