@@ -110,7 +110,9 @@ def serve(config_path: str | None, no_autoscale: bool) -> None:
     cfg = load_config(config_path)
     findings = _preflight(cfg)
     if preflight.failures(findings):
-        fail(preflight.message(findings))
+        # Not a failure that waiting cures: a supervisor should not restart it (the
+        # systemd unit's RestartPreventExitStatus), the board needs the fix named.
+        fail(preflight.message(findings), EXIT_USAGE)
     try:
         d = Daemon.open(cfg, background=not no_autoscale)
     except Exception as exc:

@@ -18,7 +18,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CODES = (
     (EXIT_OK, "done"),
     (EXIT_FAILED, "the operation failed (the message says why)"),
-    (EXIT_USAGE, "bad usage: a wrong option, argument or config file"),
+    (EXIT_USAGE, "bad usage: a wrong option, argument or config file, or a board that "
+                 "cannot enforce the limits (`serve`)"),
     (EXIT_UNREACHABLE, "the daemon or edge node does not answer"),
 )
 
