@@ -53,7 +53,7 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 
 Progress = Callable[[str], None]
 # Bump when _customise changes: existing base containers are customised again.
-REVISION = "2"
+REVISION = "3"
 MARKER = "etc/enorm-image-revision"
 RECORD = "enorm-image.json"
 OLD_ROOTFS = "rootfs.old."  # + the time it was swapped out

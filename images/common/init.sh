@@ -7,6 +7,8 @@ set -u
 mkdir -p /run/sshd /var/log/enorm-app /var/lib/redis
 /usr/sbin/sshd -e
 redis-server /etc/redis/enorm.conf
+# The tenant's server, if one was started before this container was (re)started.
+/usr/local/bin/enorm-app resume
 # Processes the deployer starts with `enorm-app` are supervised there, not here.
 trap 'exit 0' TERM INT PWR
 while :; do

@@ -95,6 +95,11 @@ def test_a_restarted_board_mounts_the_rootfs_again(edge_node):
     c = ssh(node, a["access"]["port"])
     try:
         assert run(c, "echo kept > /root/marker && sync") == (0, "")
+        # the tenant's server, started as the deployer starts it (enorm-app)
+        assert run(c, "mkdir -p /opt/enorm-app && printf '#!/bin/sh\\nexec sleep 7777\\n' "
+                      "> /opt/enorm-app/run.sh && chmod 755 /opt/enorm-app/run.sh && "
+                      "enorm-app start -- /opt/enorm-app/run.sh")[0] == 0
+        assert run(c, "sleep 0.5; pgrep -fx 'sleep 7777'")[0] == 0
     finally:
         c.close()
     node.kill()
@@ -109,6 +114,9 @@ def test_a_restarted_board_mounts_the_rootfs_again(edge_node):
     try:
         assert uid_map(c)[1] >= RANGE.start
         assert run(c, "cat /root/marker") == (0, "kept\n")  # the sized layer came back
+        # ... and the tenant's server with it (found on a board rebooted by the lab)
+        assert run(c, "for i in $(seq 50); do pgrep -fx 'sleep 7777' && exit 0; "
+                      "sleep 0.1; done; exit 1")[0] == 0
     finally:
         c.close()
     assert all(idmap.mounted(m) for m in mounts)
