@@ -7,7 +7,11 @@ Layout per node, so that one node's rules never touch another's:
   redirection, one DNAT rule per served user and intercepted destination
   (`-s <user> -d <cloud> --dport <port>` -> the container), tagged like the forwards.
 - nat chain ENORM-<NODE>-P (POSTROUTING): MASQUERADE of 127.0.0.0/8 -> the subnet, so that
-  a client on 127.0.0.1 gets its answers back through the DNAT.
+  a client on 127.0.0.1 gets its answers back through the DNAT; and of the subnet ->
+  each `container_egress` destination beyond the board (out of another interface than
+  the bridge): no router upstream knows the node's subnet, so a container's connection
+  to a cloud server leaves with the board's address (found by the board lab: behind
+  QEMU's user network, as on a board's LAN, the answers had nowhere to go).
 - filter chain ENORM-<NODE>-I, jumped to first in INPUT: 127.0.0.0/8 from any interface
   but lo is dropped unless it answers this host's own connections (the CVE-2020-8558
   class: `route_localnet`, which the loopback DNAT needs on the bridge, would let it in);
@@ -223,6 +227,9 @@ class Firewall:
         batches["nat"] += [
             f"-F {self.post}",
             f"-A {self.post} -s 127.0.0.0/8 -d {self.subnet} {tag} -j MASQUERADE",
+            # (a destination on the board itself is delivered locally: no POSTROUTING)
+            *(f"-A {self.post} -s {self.subnet} ! -o {br} -d {e.net} -p tcp -m tcp "
+              f"--dport {e.port} {tag} -j MASQUERADE" for e in self.egress),
         ]
         batches["filter"] += [
             # a fence belongs to a termination under way: one resumed after a restart

@@ -205,6 +205,37 @@ def test_host_is_closed_to_containers(redis_server, edge_node):
             li.close()
 
 
+def test_an_allowed_destination_beyond_the_board_answers(edge_node):
+    """`container_egress` to a server beyond the board whose network knows no route to
+    the node's subnet (a cloud server upstream of a board's LAN; QEMU's user network in
+    the board lab, which found it): the connection leaves with the board's address and
+    its answers come back. Without the node's MASQUERADE it timed out."""
+    node = edge_node(start=False)
+    n = node.name[1:]
+    with user_namespace(int(n)) as (ns, ns_ip, host_ip):
+        subprocess.run(["ip", "-n", ns, "route", "del", "default"], check=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import socket, sys; s = socket.socket(); "
+             f"s.bind(('{ns_ip}', 0)); s.listen(1); print(s.getsockname()[1], flush=True); "
+             "c, peer = s.accept(); c.sendall(b'hi'); print(peer[0], flush=True)"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(server.stdout.readline())  # type: ignore[union-attr]
+            node.settings.update(container_egress=[f"{ns_ip}/32:{port}"])
+            node.write_config()
+            node.start()
+            with tenants(node, "cloud-a") as (a,):
+                got = a.run("python3 -c \"import socket; s = socket.create_connection("
+                            f"('{ns_ip}', {port}), timeout=5); print(s.recv(2).decode())\"")
+                assert got.strip() == "hi"
+                assert a.probe(["connect", ns_ip, port + 1]) == ["silent"]  # only the port
+            assert server.stdout.readline().strip() == host_ip  # type: ignore[union-attr]
+        finally:
+            server.kill()
+            server.wait()
+
+
 def test_containers_cannot_reach_each_other(edge_node):
     """Another tenant's container, another server of the same tenant, another node's
     container: no plain connect, no raw SYN (to its MAC or routed through the gateway),
