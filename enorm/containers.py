@@ -570,6 +570,12 @@ class Containers:
                 init = psutil.Process(c.init_pid)
                 comms = [p.name() for p in [init, *init.children(recursive=True)][:12]]
             neigh = network.neighbour(address)
+            # A network manager of the board (systemd-networkd matching `Type=ether`)
+            # takes a veth off the bridge: the container runs, nothing reaches it.
+            veth, bridge = (c.get_config_item(f"lxc.net.0.{k}") for k in ("veth.pair", "link"))
+            on = network.master(veth) if veth else "?"
+            port = f"veth {veth} on {on}" + ("" if on == bridge else
+                                             f" (not on {bridge}: taken by a network manager?)")
             # What sshd needs from the writable layer (lstat: the tenant's files).
             delta = self.delta_dir(name)
             files = []
@@ -580,6 +586,6 @@ class Containers:
                 except OSError as exc:
                     files.append(f"{rel} {exc.strerror}")
             return (f"state {c.state}, processes {','.join(comms) or 'none'}, "
-                    f"neighbour {neigh}, {'; '.join(files)}")
+                    f"neighbour {neigh}, {port}, {'; '.join(files)}")
         except Exception as exc:  # a diagnosis must not hide the timeout
             return f"{type(exc).__name__}: {exc}"

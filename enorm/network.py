@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import socket
 import subprocess
 import time
@@ -101,6 +102,14 @@ def pin_neighbour(address: str, mac: str, bridge: str) -> None:
 def neighbour(address: str) -> str:
     """The host's neighbour entry for an address, as `ip neigh` prints it ("none")."""
     return _ip("neigh", "show", address, check=False).stdout.strip() or "none"
+
+
+def master(ifname: str) -> str:
+    """The bridge a link is a port of ("none"; "gone" when the link is)."""
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{ifname}/master"))
+    except FileNotFoundError:
+        return "none" if os.path.exists(f"/sys/class/net/{ifname}") else "gone"
 
 
 def host_veth(server_id: str) -> str:

@@ -436,6 +436,7 @@ def test_container_that_does_not_come_up_answers_503_and_leaves_nothing(own_base
     # What was seen, for the operator: the container ran, and what the host knew of it.
     assert "(seen: state RUNNING, processes " in body["detail"]
     assert "neighbour " in body["detail"]
+    assert f"on {node.settings['bridge']}," in body["detail"]  # its veth: on the bridge
     assert r.headers["Retry-After"] == "5"
     after = a.get(node.url + "/v1/node", timeout=5).json()
     for k in ("allocated", "servers", "ports_free"):
