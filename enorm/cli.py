@@ -334,6 +334,23 @@ def image_build(name: str, arch: str | None, mirror: str | None, rebuild: bool,
     output.line(f"{built} ready")
 
 
+@image.command("import")
+@click.argument("name")
+@click.argument("tarball", type=click.Path(exists=True, dir_okay=False))
+@click.option("--lxc-path", default="/var/lib/lxc", show_default=True)
+def image_import(name: str, tarball: str, lxc_path: str) -> None:
+    """Build enorm-base-NAME from a tarball of NAME's rootfs made elsewhere for this
+    board's architecture (a controller's `enorm image build`): no debootstrap here."""
+    from enorm import images
+
+    try:
+        built = images.import_rootfs(name, Path(tarball), lxc_path=Path(lxc_path),
+                                     progress=output.progress)
+    except images.ImageError as exc:
+        fail(str(exc))
+    output.line(f"{built} ready")
+
+
 @image.command("list")
 def image_list() -> None:
     """The recipes this installation knows, with their architectures."""

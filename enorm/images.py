@@ -198,10 +198,15 @@ def _run(cmd: list[str], progress: Progress, step: str) -> None:
         raise ImageError(f"image: {step} failed:\n" + "\n".join(tail))
 
 
+def _cached_rootfs(recipe: dict, arch: str) -> tuple[str, Path]:
+    """The cache entry's stem (its lock) and the rootfs of this recipe's package list."""
+    stem = f"{recipe['distro']}-{recipe['suite']}-{arch}"
+    return stem, CACHE_DIR / f"{stem}-{cache_key(recipe, arch)}"
+
+
 def _debootstrap(recipe: dict, arch: str, mirror: str | None, progress: Progress) -> Path:
     """Build (or reuse) the cached rootfs for this recipe, architecture and package list."""
-    stem = f"{recipe['distro']}-{recipe['suite']}-{arch}"
-    rootfs = CACHE_DIR / f"{stem}-{cache_key(recipe, arch)}"
+    stem, rootfs = _cached_rootfs(recipe, arch)
     with _locked(stem):
         if (rootfs / "usr/bin/python3").exists():
             progress(f"rootfs: reusing {rootfs}")
@@ -424,3 +429,53 @@ def _download(image: Image, lxc_path: Path, progress: Progress) -> None:
     _run(["chroot", str(rootfs), "apk", "add", "--no-cache", *recipe["packages"]], progress,
          "apk add")
     _customise(rootfs)
+
+
+# ELF e_machine of each Debian architecture (a rootfs's python3 tells what it was built for).
+ELF_MACHINE = {"amd64": 62, "arm64": 183, "armhf": 40, "armel": 40, "i386": 3}
+
+
+def elf_machine(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def import_rootfs(name: str, tarball: Path, *, lxc_path: Path = Path("/var/lib/lxc"),
+                  progress: Progress = print) -> str:
+    """A debootstrap rootfs of recipe `name` built elsewhere (on a controller, for this
+    board's architecture) and tarred: it becomes this machine's cached rootfs, as if
+    debootstrap had run here, and the base container is built from it. Build once, push
+    to many boards; a rootfs of another architecture is refused before anything is
+    replaced."""
+    image = resolve(name)  # this board's own architecture
+    recipe, arch = image.data, image.arch
+    if recipe["method"] != "debootstrap":
+        raise ImageError(f"image: recipe {image.recipe!r} is not built with debootstrap")
+    stem, rootfs = _cached_rootfs(recipe, arch)
+    tmp = rootfs.with_name(rootfs.name + ".import")
+    with _locked(stem):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _run(["tar", "-xpf", str(tarball), "--numeric-owner", "-C", str(tmp)], progress,
+                 "unpack rootfs")
+            link = tmp / "usr/bin/python3"
+            target = os.readlink(link) if link.is_symlink() else link.name
+            found = elf_machine(tmp / target.lstrip("/") if target.startswith("/")
+                                else link.parent / target)  # never a file of this host
+            if found != ELF_MACHINE.get(arch):
+                got = next((a for a, m in ELF_MACHINE.items() if m == found), "no python3")
+                raise ImageError(f"image: {tarball} holds a {got} rootfs; "
+                                 f"this board needs {arch}")
+            shutil.rmtree(rootfs, ignore_errors=True)
+            tmp.rename(rootfs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"rootfs: imported {tarball} as {rootfs}")
+    return build(name, lxc_path=lxc_path, progress=progress)
