@@ -1,0 +1,115 @@
+"""`python -m bench.boards [--quick] [--arch arm64,amd64]`: the board lab (make boards).
+
+Full run: both boards, every step, figures into bench/results/boards.json (+ .png).
+`--quick`: one board (arm64), the cycle alone, results to /tmp/enorm-boards-quick.json.
+Exits 1 when a board failed a check (what failed is in the results and on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.boards import aptproxy, disk, image, lab, report, sources, wheelhouse
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+KEY = disk.CACHE / "ssh/id_ed25519"
+# What the lab needs on the host, from Debian: the VMs, qemu-user for the arm64 disk's
+# chroot, the apt proxy, and socat for the VMs' guest forwards.
+PACKAGES = ["qemu-system-arm", "qemu-system-x86", "qemu-utils", "qemu-user-static",
+            "binfmt-support", "apt-cacher-ng", "socat", "debootstrap", "e2fsprogs"]
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_packages() -> None:
+    """Install what is missing (apt-cacher-ng's own service is not used: the lab runs
+    its own instance on 127.0.0.1)."""
+    missing = [p for p in PACKAGES if "install ok installed" not in subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout]
+    if missing:
+        log(f"installing {' '.join(missing)}")
+        apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
+        subprocess.run([*apt, "update", "-qq"], check=True)
+        subprocess.run([*apt, "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       check=True, env={"DEBIAN_FRONTEND": "noninteractive",
+                                        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def ensure_key() -> Path:
+    """The lab's SSH key: its public half is baked into the cached disks."""
+    if not KEY.exists():
+        KEY.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "enorm-board-lab",
+                        "-f", str(KEY)], check=True)
+    return KEY
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one board, the cycle alone")
+    ap.add_argument("--arch", help="comma-separated (default: arm64,amd64; quick: arm64)")
+    ap.add_argument("--out", type=Path, help="results JSON (default by mode)")
+    ap.add_argument("--image", choices=("host", "board"), default="host",
+                    help="build the container image on the host and import it on the board "
+                         "(default), or run debootstrap on the board")
+    a = ap.parse_args()
+    archs = (a.arch or ("arm64" if a.quick else "arm64,amd64")).split(",")
+    out = a.out or (Path("/tmp/enorm-boards-quick.json") if a.quick
+                    else RESULTS / "boards.json")
+    t0 = time.monotonic()
+    ensure_packages()
+    key = ensure_key()
+    pub = key.with_suffix(".pub").read_text()
+    debian = sources.debian(disk.SUITE, sources.machine_sources())
+    lines = "\n".join(s.line() for s in debian)
+    mirror = sources.debian_mirror(disk.SUITE)
+    results: dict = {"mode": "quick" if a.quick else "full", "archs": archs, "boards": {},
+                     "image_built_on": a.image,
+                     "prepare_s": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    work = Path(tempfile.mkdtemp(prefix="enorm-board-run-", dir="/var/tmp"))
+    try:
+        source = lab.snapshot_source(work / "src")
+        run_boards(archs, a.quick, a.image, source, key, mirror, lines, pub, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["total_s"] = round(time.monotonic() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if not a.quick:
+        report.plot(results, out.with_suffix(".png"))
+    log(f"results in {out}; total {results['total_s']:.0f} s")
+    failed = {k: b["failed"] for k, b in results["boards"].items() if b["failed"]}
+    if failed:
+        log(f"FAILED: {', '.join(failed)}")
+        sys.exit(1)
+
+
+def run_boards(archs: list[str], quick: bool, image_on: str, source: Path, key: Path,
+               mirror: str, lines: str, pub: str, results: dict) -> None:
+    # apt-cacher-ng reads its port as a signed 16-bit number: one below 32768.
+    with aptproxy.AptProxy(lab.free_block(1, start=31400, stop=32000)[0]) as proxy:
+        log(f"apt proxy on {proxy.url} (cache {proxy.cache})")
+        for arch in archs:
+            t = time.monotonic()
+            d = disk.build(arch, mirror=mirror, sources_lines=lines, pubkey=pub,
+                           proxy=proxy.url, progress=log)
+            w = wheelhouse.build(arch, source)
+            tar, tar_s = image.tarball(arch, log) if image_on == "host" else (None, 0.0)
+            results["prepare_s"][arch] = {"disk_build_s": d.build_s, "image_tarball_s": tar_s,
+                                          "total_s": round(time.monotonic() - t, 1)}
+            board = lab.run_board(arch, d, key, apt_port=proxy.port, source=source,
+                                  wheelhouse=w, image_tarball=tar, quick=quick, log=log)
+            results["boards"][arch] = board.as_dict()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""The board lab's scenario: one board VM, from a freshly flashed disk to the whole cycle.
+
+Per board (`run_board`), each step timed and checked, the first failed check ends the
+board's run (its figures so far are kept):
+
+1. boot a fresh overlay of the cached disk: systemd, cgroup v2, 4 vCPUs, 1 GB;
+2. the project's playbook from zero over SSH (apt through the host's apt-cacher-ng, pip
+   from a wheelhouse), then again: changed=0; the systemd units it made;
+3. `enorm doctor`;
+4. the cycle with the host's cloud manager: handshake, deployment over SSH, data copy,
+   users playing on the board, the limits seen from inside the container (memory.max,
+   cpu.max, pids.max, the cpuset, nproc, MemTotal), one auto-scaling round whose resize
+   is seen inside, termination with the data merged back and checked on the cloud;
+5. (full run) the pressure watcher: a process of the board's own grows until the
+   lowest-priority tenant is terminated, with the kernel's PSI recorded;
+6. (full run) a reboot while a server serves: the node comes back by itself and its
+   users play again;
+7. (full run) figures taken on the board (`onboard`): handshake, resize and termination
+   beside their bare floors, the daemon's memory idle and with 8 servers;
+8. (full run) the same board booted with `cgroup_disable=memory` (as Raspberry Pi
+   kernels ship): the playbook, `enorm doctor` and the daemon refuse, naming the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from bench.boards import cloud as cloud_tier
+from bench.boards.disk import Disk
+from bench.boards.vm import HOST_ALIAS, VM
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+BIN = Path(sys.executable).parent
+TOKEN = "enorm-board-lab-token"
+# 8 servers on a 1 GB board: a unit of a quarter core and 80 MB (8 x 80 = 640 MB, beside
+# the board's own ~250 MB and the 192 MB reserve); the game server, its Redis and sshd
+# fit in it.
+UNIT = {"cores": 0.25, "memory_mb": 80}
+NODE_PORTS = 16
+PIDS_MAX = 512
+RECAP = re.compile(r"^\S+\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+                   r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)", re.M)
+
+
+class CheckFailed(AssertionError):
+    """A check of the lab did not hold; the message says what was seen."""
+
+
+def check(cond: object, what: str) -> None:
+    if not cond:
+        raise CheckFailed(what)
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_block(n: int, start: int = 27400, stop: int = 32000) -> list[int]:
+    """`n` consecutive ports free on 127.0.0.1 (the node's host ports are forwarded under
+    the same numbers, so they must be consecutive on both sides)."""
+    for base in range(start, stop, n):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return list(range(base, base + n))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1 in {start}-{stop}")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The host ports of one board run: each on 127.0.0.1, each the run's own."""
+
+    ssh: int
+    api: int
+    node: tuple[int, ...]  # the node's port range, forwarded 1:1
+    apt: int  # the apt proxy (guestfwd)
+    redis: int  # the cloud's Redis (guestfwd)
+    http: int  # the cloud's game server and callback (guestfwd)
+
+    @classmethod
+    def pick(cls, apt: int) -> Ports:
+        block = free_block(NODE_PORTS + 4)
+        return cls(block[0], block[1], tuple(block[4:]), apt, block[2], block[3])
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+def node_name(arch: str) -> str:
+    return f"board{arch}"
+
+
+def snapshot_source(dest: Path) -> Path:
+    """The project as it is now (tracked and new files, not the ignored ones), copied:
+    what the playbook installs stays the same for the whole run, whatever is edited in
+    the working tree meanwhile (a second run must find nothing changed)."""
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    subprocess.run(["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", str(dest) + ".tar"],
+                   input=b"\0".join(f for f in files if f and (REPO / f.decode()).exists()),
+                   check=True)
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-C", str(dest), "-xf", str(dest) + ".tar"], check=True)
+    Path(str(dest) + ".tar").unlink()
+    return dest
+
+
+def inventory(arch: str, ports: Ports, *, source: Path, wheelhouse: Path,
+              image_tarball: Path | None, key: Path) -> dict:
+    """The playbook's inventory for one board: an operator's, plus where the lab's board
+    finds packages (the apt proxy and the wheelhouse)."""
+    host = {
+        "ansible_host": "127.0.0.1", "ansible_port": ports.ssh, "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(key),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                                   "-o UserKnownHostsFile=/dev/null",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "enorm_source_dir": str(source),
+        "enorm_node_name": node_name(arch),
+        "enorm_listen_host": "0.0.0.0",
+        "enorm_public_host": "127.0.0.1",  # as the host's cloud reaches it (hostfwd)
+        "enorm_port_range": [ports.node[0], ports.node[-1]],
+        "enorm_reserve_memory_mb": 192,
+        "enorm_unit": UNIT,
+        "enorm_tokens": {TOKEN: cloud_tier.OWNER},
+        "enorm_destinations": {cloud_tier.OWNER: [f"{HOST_ALIAS}:{ports.redis}",
+                                                  f"{HOST_ALIAS}:{ports.http}"]},
+        "enorm_settings_extra": {
+            "container_egress": [f"{HOST_ALIAS}/32:{ports.http}"],
+            # TCG: a container's sshd takes seconds, not milliseconds.
+            "launch_timeout_s": 120,
+            "pressure_interval_s": 2, "pressure_headroom_mb": 96,
+        },
+        "enorm_autoscale_interval_s": 3600,  # the lab runs its round itself
+        "enorm_apt_proxy": f"http://{HOST_ALIAS}:{ports.apt}",
+        "enorm_pip_wheelhouse": str(wheelhouse),
+    }
+    if image_tarball is not None:
+        host["enorm_image_tarball"] = str(image_tarball)
+    return {"edge_nodes": {"hosts": {f"enorm-board-{arch}": host}}}
+
+
+def playbook(inv: dict, workdir: Path, label: str) -> tuple[dict, float, str]:
+    """Run site.yml; (recap counts, seconds, output). Does not raise on failure."""
+    (workdir / "inventory.json").write_text(json.dumps(inv))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(workdir / "ansible-home"),
+           "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "TMPDIR": str(workdir),
+           "ANSIBLE_SSH_RETRIES": "3",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+    log = workdir / f"playbook-{label}.log"  # as it goes, each line with its time
+    t0 = time.monotonic()
+    lines = []
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(BIN / "ansible-playbook"), "-i", str(workdir / "inventory.json"),
+                              str(ANSIBLE_DIR / "site.yml")], cwd=ANSIBLE_DIR, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line)
+            f.write(f"{time.monotonic() - t0:7.1f} {line}")
+            f.flush()
+        p.wait()
+    took = time.monotonic() - t0
+    out = "".join(lines)
+    m = RECAP.search(out)
+    counts = {k: int(v) for k, v in m.groupdict().items()} if m else {}
+    counts["rc"] = p.returncode
+    return counts, took, out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Board:
+    """What one board run found: facts, step times, checks passed, figures."""
+
+    arch: str
+    facts: dict = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    passed: list[str] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    failed: str | None = None
+
+    @contextlib.contextmanager
+    def step(self, name: str, log: Callable[[str], None]) -> Iterator[None]:
+        log(f"[{self.arch}] {name} ...")
+        t0 = time.monotonic()
+        yield
+        self.steps[name] = round(time.monotonic() - t0, 1)
+        self.passed.append(name)
+        log(f"[{self.arch}] {name}: ok ({self.steps[name]:.1f} s)")
+
+    def as_dict(self) -> dict:
+        return {"arch": self.arch, "facts": self.facts, "steps_s": self.steps,
+                "passed": self.passed, "figures": self.figures, "failed": self.failed}
+
+
+class BoardRun:
+    """One board: its VM, its cloud, the steps. `close` removes all of it."""
+
+    def __init__(self, arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
+                 wheelhouse: Path, image_tarball: Path | None,
+                 log: Callable[[str], None]) -> None:
+        self.arch, self.key, self.log = arch, key, log
+        self.board = Board(arch)
+        self.ports = Ports.pick(apt_port)
+        p = self.ports
+        self.vm = VM(arch, disk, key, ssh_port=p.ssh,
+                     hostfwd={p.api: 8470, **{n: n for n in p.node}},
+                     guestfwd={p.apt: p.apt, p.redis: p.redis, p.http: p.http})
+        self.inv = inventory(arch, p, source=source, wheelhouse=wheelhouse,
+                             image_tarball=image_tarball, key=key)
+        self.cloud: cloud_tier.Cloud | None = None
+        self.node_url = f"http://127.0.0.1:{p.api}"
+        self._operator: str | None = None
+
+    # -- helpers ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return node_name(self.arch)
+
+    def operator(self) -> dict:
+        if self._operator is None:
+            self._operator = self.vm.run(
+                f"cat /var/lib/enorm/{self.name}/operator.token").stdout.strip()
+        return {"Authorization": f"Bearer {self._operator}"}
+
+    def api(self, method: str, path: str, **kw) -> requests.Response:
+        kw.setdefault("headers", self.operator())
+        kw.setdefault("timeout", 300)
+        return requests.request(method, self.node_url + path, **kw)
+
+    def inside(self, dep, cmd: str) -> str:
+        return dep.session.run(cmd, timeout=120)[1]
+
+    # -- steps --------------------------------------------------------------------------
+    def boot(self) -> None:
+        b = self.board
+        with b.step("boot", self.log):
+            self.vm.start()
+            b.figures["boot_to_ssh_s"] = round(self.vm.wait_ssh(), 1)
+        facts = self.vm.run(
+            "uname -m; uname -r; stat -fc %T /sys/fs/cgroup; cat /proc/1/comm; nproc; "
+            "awk '/MemTotal/ {print $2}' /proc/meminfo; . /etc/os-release; echo $PRETTY_NAME"
+        ).stdout.split("\n")
+        b.facts = {"machine": facts[0], "kernel": facts[1], "cgroup_fs": facts[2],
+                   "init": facts[3], "cpus": int(facts[4]), "mem_total_mb": int(facts[5]) >> 10,
+                   "os": facts[6]}
+        check(b.facts["cgroup_fs"] == "cgroup2fs", f"cgroup v2 expected: {b.facts}")
+        check(b.facts["init"] == "systemd", f"systemd expected as PID 1: {b.facts}")
+
+    def provision(self) -> None:
+        b = self.board
+        work = self.vm.dir
+        with b.step("playbook from zero", self.log):
+            counts, took, out = playbook(self.inv, work, "zero")
+            check(counts.get("rc") == 0 and counts.get("failed") == 0,
+                  f"the playbook failed: {counts}\n{out[-5000:]}")
+        b.figures["playbook_zero_s"] = round(took, 1)
+        b.figures["playbook_zero_changed"] = counts["changed"]
+        with b.step("playbook again: changed=0", self.log):
+            counts, took, out = playbook(self.inv, work, "again")
+            check(counts.get("rc") == 0, f"the second run failed: {counts}\n{out[-5000:]}")
+            changed = re.findall(r"^changed: \[.*?\].*$|^TASK \[(.*?)\]", out, re.M)
+            check(counts.get("changed") == 0,
+                  f"the second run changed {counts.get('changed')} things: "
+                  f"{[t for t in changed if t][-20:]}\n{out[-4000:]}")
+        b.figures["playbook_again_s"] = round(took, 1)
+        with b.step("systemd units", self.log):
+            units = ["enorm.service", "enorm-redis.service", "enorm-net-enorm0.service"]
+            show = self.vm.run("systemctl show -p Id,UnitFileState,ActiveState,Restart,KillMode "
+                               + " ".join(units)).stdout
+            props = [dict(ln.split("=", 1) for ln in block.splitlines() if "=" in ln)
+                     for block in show.strip().split("\n\n")]
+            by = {p["Id"]: p for p in props}
+            for u in units:
+                check(by[u]["UnitFileState"] == "enabled", f"{u} not enabled: {by[u]}")
+            check(by["enorm.service"]["ActiveState"] == "active", f"{by['enorm.service']}")
+            check(by["enorm.service"]["Restart"] == "on-failure", f"{by['enorm.service']}")
+            check(by["enorm.service"]["KillMode"] == "process", f"{by['enorm.service']}")
+            check(by["enorm-redis.service"]["ActiveState"] == "active",
+                  f"{by['enorm-redis.service']}")
+            b.facts["units"] = by
+
+    def doctor(self) -> None:
+        with self.board.step("enorm doctor", self.log):
+            p = self.vm.run("/opt/enorm/venv/bin/enorm doctor --json "
+                            "--config /etc/enorm/node.toml", check=False)
+            found = json.loads(p.stdout or "[]")
+            bad = [f for f in found if not f["ok"]]
+            check(p.returncode == 0 and not bad, f"enorm doctor failed: {bad or p.stderr}")
+            layout = next(f["detail"] for f in found if f["check"] == "cgroup layout")
+            check(layout == "v2", f"doctor saw layout {layout}")
+
+    def start_cloud(self, objective_ms: float = 5.0) -> cloud_tier.Cloud:
+        if self.cloud is None:
+            self.cloud = cloud_tier.Cloud(self.node_url, self.name, TOKEN,
+                                          redis_port=self.ports.redis,
+                                          http_port=self.ports.http, objective_ms=objective_ms)
+        return self.cloud
+
+    def limits_inside(self, dep, cores: float, memory_mb: int) -> dict:
+        """What the tenant sees from inside its container (its cgroup namespace, lxcfs)."""
+        out = self.inside(dep, "cd /sys/fs/cgroup && cat memory.max cpu.max pids.max "
+                               "cpuset.cpus.effective && nproc && "
+                               "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        mem, cpu, pids, cpus, nproc, total = out.split("\n")[:6]
+        seen = {"memory.max": mem, "cpu.max": cpu, "pids.max": pids,
+                "cpuset.cpus.effective": cpus, "nproc": nproc, "MemTotal_kB": total}
+        want_cpus = max(1, -(-round(cores * 1000) // 1000))
+        check(int(mem) == memory_mb << 20, f"memory.max inside: {seen}")
+        check(cpu == f"{round(cores * 100000)} 100000", f"cpu.max inside: {seen}")
+        check(int(pids) == PIDS_MAX, f"pids.max inside: {seen}")
+        check(len(_cpu_list(cpus)) == want_cpus and int(nproc) == want_cpus,
+              f"cpuset / nproc inside (want {want_cpus}): {seen}")
+        check(int(total) == memory_mb << 10, f"MemTotal inside (lxcfs): {seen}")
+        return seen
+
+    def cycle(self) -> dict:
+        """Handshake, deploy, data, play, limits, one round, termination."""
+        b, cloud = self.board, self.start_cloud()
+        users = cloud.users(12)
+        for c in users[:10]:
+            cloud_tier.play(c, cloud_tier.LONDON)
+        moved = users[:8]
+        with b.step("handshake + deployment + data copy", self.log):
+            dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in moved])
+            check(dep.copy.verified and dep.copy.keys >= len(moved), f"copy: {dep.copy}")
+            check(set(cloud.redirections()) == {c.user for c in moved},
+                  f"redirections: {cloud.redirections()}")
+        b.figures["cycle_timings_s"] = {k: round(v, 3) for k, v in dep.timings.items()}
+        with b.step("users play on the board", self.log):
+            for c in moved:
+                check(c.refresh() == dep.url, f"{c.user} sent to {c.server}, not {dep.url}")
+                cloud_tier.play(c, cloud_tier.PARIS)
+            stats = requests.get(dep.url + "/stats", timeout=30).json()
+            for c in moved:
+                check(stats["by_user"].get(c.user, 0) >= 3, f"{c.user}: {stats['by_user']}")
+            cloud_tier.play(users[10], cloud_tier.PARIS)
+            check(users[10].server == cloud.url, "a user that stayed played elsewhere")
+            # the edge server reaches the cloud from its container (container_egress)
+            cloud_tier.wait_until(lambda: requests.get(dep.url + "/stats", timeout=30)
+                                  .json()["cloud"]["regions_pushed"] > 0, 60,
+                                  "the edge server's pushes to the cloud's game server")
+        with b.step("limits inside the container (cgroup v2, lxcfs)", self.log):
+            b.figures["inside_at_launch"] = self.limits_inside(dep, UNIT["cores"],
+                                                               UNIT["memory_mb"])
+        with b.step("auto-scaling round: one unit up, seen inside", self.log):
+            r = self.api("POST", "/v1/autoscale")
+            check(r.ok, f"autoscale: {r.status_code} {r.text[:500]}")
+            report = r.json()
+            ups = [a for a in report["plan"] if a["action"] == "ScaleUp"
+                   and a["server_id"] == dep.server_id]
+            check(ups and all(x["ok"] for x in report["results"]),
+                  f"round: {json.dumps(report)[:1500]}")
+            b.figures["round_s"] = round(report["duration_s"], 3)
+            cores, mem = UNIT["cores"] * 2, UNIT["memory_mb"] * 2
+            b.figures["inside_after_round"] = self.limits_inside(dep, cores, mem)
+        with b.step("resize past one core: nproc follows", self.log):
+            r = self.api("PUT", f"/v1/servers/{dep.server_id}/limits",
+                         json={"cores": 1.25, "memory_mb": mem})
+            check(r.ok, f"resize: {r.status_code} {r.text[:300]}")
+            b.figures["inside_after_resize"] = self.limits_inside(dep, 1.25, mem)
+        for c in moved:
+            cloud_tier.play(c, cloud_tier.LONDON)
+        return {"dep": dep, "users": users, "moved": moved}
+
+    def terminate(self, dep, moved) -> None:
+        b, cloud = self.board, self.cloud
+        assert cloud is not None
+        ids = [c.user for c in moved]
+        edge = cloud_tier.datasync.connect(dep.redis_forward())
+        try:
+            final = cloud_tier.user_keys(edge, ids)
+        finally:
+            edge.close()
+        with b.step("termination, data merged back and confirmed", self.log):
+            t0 = time.perf_counter()
+            cloud.manager.withdraw(dep)
+            b.figures["withdraw_s"] = round(time.perf_counter() - t0, 3)
+            check(dep.confirmed and dep.keys_migrated >= len(final),
+                  f"merge: confirmed={dep.confirmed} keys={dep.keys_migrated}/{len(final)}")
+            home = cloud_tier.user_keys(cloud.client, ids)
+            diff = [k for k, v in final.items() if home.get(k) != v]
+            check(final and not diff, f"{len(diff)} keys differ on the cloud: {diff[:5]}")
+            check(cloud.redirections() == {}, f"redirections left: {cloud.redirections()}")
+            servers = self.api("GET", "/v1/servers").json()
+            check(servers == [], f"servers left on the node: {servers}")
+
+    def pressure(self) -> None:
+        """A process of the board's own grows; the watcher ends the lowest-priority
+        tenant, data merged back, with the kernel's PSI (cgroup v2) recorded."""
+        b, cloud = self.board, self.start_cloud()
+        with b.step("pressure watcher (PSI) ends the lowest priority", self.log):
+            trig = self.vm.run("/opt/enorm/venv/bin/python -c 'from enorm import pressure;"
+                               "print(pressure.psi_trigger() is not None);"
+                               "print(pressure.psi_some_avg10())'").stdout.split()
+            b.facts["psi_trigger_accepted"] = trig[0] == "True"
+            check(trig[1] != "None", f"no PSI on the board: {trig}")
+            users = cloud.users(4)
+            low = cloud.manager.offload([(users[0].user, "127.0.0.1")], priority=1)
+            high = cloud.manager.offload([(users[1].user, "127.0.0.1")], priority=9)
+            hog = ("import time\nb=[]\nwhile True:\n  b.append(bytearray(16<<20))\n"
+                   "  [b[-1].__setitem__(i, 1) for i in range(0, 16<<20, 4096)]\n"
+                   "  time.sleep(0.25)\n")
+            self.vm.run("systemd-run --unit enorm-board-hog --collect -p MemoryMax=700M "
+                        f"python3 -c {shlex.quote(hog)}")
+            try:
+                cloud_tier.wait_until(lambda: low.ended.is_set(), 180,
+                                      "the low-priority tenant's termination")
+            finally:
+                self.vm.run("systemctl stop enorm-board-hog", check=False)
+            events = self.api("GET", "/v1/events?limit=50").json()
+            ev = next(e for e in events if e.get("type") == "server.terminated"
+                      and e.get("server_id") == low.server_id)
+            b.figures["pressure_event"] = ev
+            check(ev["data"]["reason"] == "basic_service_pressure", f"event: {ev}")
+            check(low.confirmed, f"the evicted tenant's data not confirmed: {low.end_reason}")
+            check(not high.ended.is_set(), "the high-priority tenant was ended too")
+            cloud.manager.withdraw(high)
+
+    def reboot(self) -> None:
+        """A reboot while a server serves: the node comes back by itself (systemd),
+        reconciles, and the users play on the same server again."""
+        b, cloud = self.board, self.start_cloud()
+        users = cloud.users(3)
+        dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in users])
+        for c in users:
+            cloud_tier.play(c, cloud_tier.PARIS)
+        with b.step("reboot while serving: back by itself", self.log):
+            b.figures["reboot_s"] = round(self.vm.reboot(), 1)
+            t0 = time.monotonic()
+            cloud_tier.wait_until(lambda: _ok(self.node_url + "/healthz"), 300,
+                                  "the node's API after the reboot")
+            b.figures["node_back_after_ssh_s"] = round(time.monotonic() - t0, 1)
+            srv = self.api("GET", f"/v1/servers/{dep.server_id}").json()
+            check(srv.get("state") == "running", f"after the reboot: {srv}")
+            cloud_tier.wait_until(lambda: _ok(dep.url + "/stats"), 300,
+                                  "the edge server after the reboot")
+            for c in users:
+                cloud_tier.play(c, cloud_tier.LONDON)
+                check(c.server == dep.url, f"{c.user} plays on {c.server} after the reboot")
+        dep.session = None  # the SSH session died with the VM
+        self.terminate(dep, users)
+
+    def figures(self) -> None:
+        with self.board.step("figures on the board (onboard)", self.log):
+            p = self.vm.run(f"cd /opt/enorm/src && /opt/enorm/venv/bin/python -m "
+                            f"bench.boards.onboard --token {TOKEN} --servers 8", timeout=3600)
+            self.board.figures["onboard"] = json.loads(p.stdout.strip().splitlines()[-1])
+
+    def no_memory_controller(self) -> None:
+        """The same board booted as Raspberry Pi kernels ship: without a memory
+        controller. The playbook, `enorm doctor` and the daemon refuse, with the fix."""
+        b = self.board
+        with b.step("cgroup_disable=memory: refused with the fix", self.log):
+            self.vm.restart(cmdline_extra="cgroup_disable=memory")
+            self.vm.wait_ssh()
+            counts, _, out = playbook(self.inv, self.vm.dir, "nomem")
+            check(counts.get("rc") != 0 and "cgroup_enable=memory" in out
+                  and "cmdline.txt" in out, f"the playbook did not stop with the fix:\n"
+                                            f"{out[-3000:]}")
+            p = self.vm.run("/opt/enorm/venv/bin/enorm doctor --config /etc/enorm/node.toml",
+                            check=False)
+            check(p.returncode == 1 and "cgroup_enable=memory" in p.stdout + p.stderr,
+                  f"doctor: {p.returncode} {p.stdout}{p.stderr}")
+            b.figures["doctor_without_memory"] = (p.stdout + p.stderr).strip()
+            state = self.vm.run("systemctl show -p ActiveState,NRestarts,ExecMainStatus "
+                                "enorm.service; journalctl -b -u enorm.service "
+                                "--no-pager -n 20").stdout
+            b.figures["daemon_without_memory"] = state
+            check("ActiveState=active" not in state, f"the daemon runs: {state}")
+            check("cgroup_enable=memory" in state, f"no fix in the daemon's log: {state}")
+
+    def close(self) -> None:
+        try:
+            if self.cloud is not None:
+                self.cloud.close()
+        finally:
+            self.vm.remove()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def _cpu_list(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def run_board(arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
+              wheelhouse: Path, image_tarball: Path | None, quick: bool,
+              log: Callable[[str], None]) -> Board:
+    run = BoardRun(arch, disk, key, apt_port=apt_port, source=source, wheelhouse=wheelhouse,
+                   image_tarball=image_tarball, log=log)
+    try:
+        run.boot()
+        run.provision()
+        run.doctor()
+        got = run.cycle()
+        run.terminate(got["dep"], got["moved"])
+        if not quick:
+            run.pressure()
+            run.reboot()
+            run.figures()
+            run.no_memory_controller()
+    except Exception as exc:  # noqa: BLE001 (reported with the board's results)
+        run.board.failed = f"{type(exc).__name__}: {exc}"
+        log(f"[{arch}] FAILED: {run.board.failed[:4000]}")
+        log(f"[{arch}] console:\n{run.vm.console_tail(30)}")
+        keep = Path(tempfile.gettempdir()) / f"enorm-board-{arch}-last-failure"
+        subprocess.run(["rm", "-rf", str(keep)], check=False)
+        subprocess.run(["mkdir", "-p", str(keep)], check=False)
+        for f in run.vm.dir.glob("*.log"):
+            subprocess.run(["cp", str(f), str(keep)], check=False)
+        log(f"[{arch}] logs kept in {keep}")
+    finally:
+        run.close()
+    return run.board

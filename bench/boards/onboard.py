@@ -1,0 +1,189 @@
+"""Figures taken on the board itself (run there by the lab over SSH, from the project
+source the playbook installed): the node's handshake, resize and termination, each
+beside the bare floor measured in the same run on the same VM, and the daemon's memory
+idle and with `--servers` servers.
+
+Floors: a plain python3-lxc overlay clone of the same base image, `start` and its sshd
+accepting TCP (the handshake's), kill + destroy (the termination's), one write to the
+container's `memory.max` (a resize's). Memory: the daemon's RSS and PSS (systemd's
+MainPID of the unit), beside a bare interpreter that imports what the daemon imports.
+
+    /opt/enorm/venv/bin/python -m bench.boards.onboard --token T --servers 8
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lxc
+import psutil
+import requests
+
+from enorm import config as node_config
+from enorm.daemon import operator_token
+from enorm.network import wait_tcp
+
+FLOOR_PREFIX = "enorm-board-floor"
+
+
+def p50(xs: list[float]) -> float:
+    return round(statistics.median(xs), 4)
+
+
+def memory(pid: int) -> dict:
+    full = psutil.Process(pid).memory_full_info()
+    return {"rss_mb": round(full.rss / 2**20, 1), "pss_mb": round(full.pss / 2**20, 1)}
+
+
+def daemon_pid(unit: str) -> int:
+    out = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", unit],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not out or out == "0":
+        raise RuntimeError(f"{unit} has no main process")
+    return int(out)
+
+
+def bare_interpreter() -> dict:
+    """What the interpreter and the daemon's libraries take before any of its work."""
+    code = ("import enorm.daemon, enorm.api, enorm.control_loop, waitress, lxc, psutil;"
+            "import sys; sys.stdout.write('ok'); sys.stdout.flush(); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        p.stdout.read(2)  # type: ignore[union-attr]
+        return memory(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def cgroup_dir(container: str) -> Path:
+    """The container's cgroup on a unified tree (LXC's `lxc.payload.<name>`)."""
+    c = lxc.Container(container)
+    found = [p for p in Path("/sys/fs/cgroup").rglob(f"lxc.payload.{container}")
+             if p.is_dir()] if c.running else []
+    if not found:
+        raise RuntimeError(f"{container}: no cgroup lxc.payload.{container}")
+    return found[0]
+
+
+def floor_once(i: int, cfg: node_config.NodeConfig) -> tuple[float, float, float]:
+    """Clone + start + sshd up; one memory.max write; kill + destroy: python3-lxc alone."""
+    name = f"{FLOOR_PREFIX}{i:02d}"
+    hosts = list(cfg.subnet.hosts())
+    addr = str(hosts[-2 - i])
+    t0 = time.perf_counter()
+    c = lxc.Container(cfg.base_container, str(cfg.lxc_path)).clone(
+        name, config_path=str(cfg.lxc_path), flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay")
+    c.clear_config_item("lxc.net.0.type")
+    for k, v in (("lxc.net.0.type", "veth"), ("lxc.net.0.link", cfg.bridge),
+                 ("lxc.net.0.flags", "up"), ("lxc.net.0.name", "eth0"),
+                 ("lxc.net.0.ipv4.address", f"{addr}/{cfg.subnet.prefixlen}"),
+                 ("lxc.net.0.ipv4.gateway", str(cfg.gateway))):
+        c.set_config_item(k, v)
+    c.save_config()
+    c.start()
+    wait_tcp(addr, 22, timeout=120, interval=0.002)
+    up = time.perf_counter() - t0
+    mem = cgroup_dir(name) / "memory.max"
+    t1 = time.perf_counter()
+    mem.write_text(str(cfg.unit.memory_mb * 2 << 20))
+    resize = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    os.kill(c.init_pid, signal.SIGKILL)
+    while lxc.Container(name, str(cfg.lxc_path)).state != "STOPPED":
+        time.sleep(0.002)
+    lxc.Container(name, str(cfg.lxc_path)).destroy()
+    return up, resize, time.perf_counter() - t2
+
+
+def cleanup_floor(lxc_path: str) -> None:
+    for name in lxc.list_containers(config_path=lxc_path):
+        if name.startswith(FLOOR_PREFIX):
+            c = lxc.Container(name, lxc_path)
+            c.stop()
+            c.destroy()
+
+
+def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int,
+            unit_name: str) -> dict:
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {token}"
+    op = {"Authorization": f"Bearer {operator}"}
+    base = f"http://127.0.0.1:{cfg.listen_port}"
+    pid = daemon_pid(unit_name)
+    time.sleep(2)
+    idle = memory(pid)
+    pub = Path("/etc/ssh/ssh_host_ed25519_key.pub").read_text()
+    body = {"app": "board-figures", "priority": 5, "ports": [8080],
+            "users": [{"id": "1", "address": "127.0.0.2"}], "latency_objective_ms": 50,
+            "ssh_public_key": pub}
+    hs, ids, resize, term = [], [], [], []
+    try:
+        for _ in range(servers):
+            t0 = time.perf_counter()
+            r = s.post(base + "/v1/servers", json=body, timeout=300)
+            hs.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            ids.append(r.json()["server_id"])
+        time.sleep(2)
+        loaded = memory(pid)
+        two = {"cores": cfg.unit.cores * 2, "memory_mb": cfg.unit.memory_mb * 2}
+        for sid in ids:
+            t0 = time.perf_counter()
+            r = requests.put(f"{base}/v1/servers/{sid}/limits", json=two, headers=op,
+                             timeout=60)
+            resize.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    finally:
+        for sid in ids:
+            t0 = time.perf_counter()
+            r = s.delete(f"{base}/v1/servers/{sid}", timeout=300)
+            term.append(time.perf_counter() - t0)
+    floor_up, floor_resize, floor_down = [], [], []
+    try:
+        for i in range(servers):
+            up, rs, down = floor_once(i, cfg)
+            floor_up.append(up)
+            floor_resize.append(rs)
+            floor_down.append(down)
+    finally:
+        cleanup_floor(str(cfg.lxc_path))
+    bare = bare_interpreter()
+    return {
+        "n": servers,
+        "handshake_s": p50(hs), "handshake_floor_s": p50(floor_up),
+        "handshake_over_floor": round(p50(hs) / p50(floor_up), 2),
+        "resize_s": p50(resize), "resize_floor_s": p50(floor_resize),
+        "resize_over_floor": round(p50(resize) / p50(floor_resize), 1),
+        "terminate_s": p50(term), "terminate_floor_s": p50(floor_down),
+        "terminate_over_floor": round(p50(term) / p50(floor_down), 2),
+        "daemon_idle": idle, "daemon_loaded": loaded, "bare_interpreter": bare,
+        "raw": {"handshake_s": hs, "handshake_floor_s": floor_up, "resize_s": resize,
+                "resize_floor_s": floor_resize, "terminate_s": term,
+                "terminate_floor_s": floor_down},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="/etc/enorm/node.toml")
+    ap.add_argument("--unit", default="enorm")
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--servers", type=int, default=8)
+    a = ap.parse_args()
+    cfg = node_config.load(a.config)
+    print(json.dumps(measure(cfg, a.token, operator_token(cfg), a.servers, a.unit)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The board lab's pure parts (the lab itself runs in `make boards`, not here): where
+packages come from, the VMs' network, the wheelhouse's platforms, the inventory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.boards import disk, lab, sources, vm, wheelhouse
+
+DEB822 = """\
+Types: deb
+# a snapshot comment
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb-src
+URIs: http://mirror.example/debian
+Suites: bookworm
+Components: main
+
+Types: deb
+URIs: https://vendor.example/node_20.x
+Suites: nodistro
+Components: main
+"""
+
+
+def apt_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "apt"
+    (d / "sources.list.d").mkdir(parents=True)
+    (d / "sources.list.d/debian.sources").write_text(DEB822)
+    (d / "sources.list.d/vendor.list").write_text(
+        "deb [signed-by=/k.gpg arch=amd64] https://packages.vendor.example/apt cloud-sdk main\n")
+    return d
+
+
+def test_the_debian_mirror_is_the_machines_not_another_vendors(tmp_path: Path) -> None:
+    d = apt_dir(tmp_path)
+    assert sources.debian_mirror("bookworm", d) == "http://mirror.example/debian"
+    found = sources.debian("bookworm", sources.machine_sources(d))
+    assert [s.uri for s in found] == ["http://mirror.example/debian",
+                                      "http://mirror.example/debian-security"]
+    assert found[0].line().splitlines() == [
+        "deb http://mirror.example/debian bookworm main",
+        "deb http://mirror.example/debian bookworm-updates main"]
+
+
+def test_one_line_sources_with_options(tmp_path: Path) -> None:
+    d = tmp_path / "apt"
+    (d / "sources.list.d").mkdir(parents=True)
+    (d / "sources.list").write_text("# comment\ndeb [arch=arm64 trusted=yes] "
+                                    "http://archive.example/debian/ bookworm main contrib\n"
+                                    "deb-src http://archive.example/debian bookworm main\n")
+    assert sources.debian_mirror("bookworm", d) == "http://archive.example/debian"
+
+
+def test_no_debian_source_is_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "apt"
+    (d / "sources.list.d").mkdir(parents=True)
+    try:
+        sources.debian_mirror("bookworm", d)
+    except RuntimeError as exc:
+        assert "bookworm main" in str(exc)
+    else:
+        raise AssertionError("no error without a Debian source")
+
+
+def spec(tmp_path: Path, arch: str = "arm64") -> vm.Spec:
+    d = disk.Disk(arch, tmp_path / "root.img", tmp_path / "vmlinuz", tmp_path / "initrd", 0)
+    return vm.Spec(arch, d, tmp_path / "o.qcow2", tmp_path / "c.log", tmp_path / "pid",
+                   hostfwd={2222: 22, 8471: 8470}, guestfwd={3142: 41000, 6379: 41001})
+
+
+def test_the_vm_reaches_only_the_forwards_it_names(tmp_path: Path) -> None:
+    nic = vm.netdev(spec(tmp_path)).split(",")
+    assert "restrict=on" in nic and "ipv6=off" in nic
+    fwd = [p for p in nic if "fwd=" in p]
+    assert fwd == ["hostfwd=tcp:127.0.0.1:2222-:22", "hostfwd=tcp:127.0.0.1:8471-:8470",
+                   f"guestfwd=tcp:{vm.HOST_ALIAS}:3142-cmd:socat STDIO TCP:127.0.0.1:41000",
+                   f"guestfwd=tcp:{vm.HOST_ALIAS}:6379-cmd:socat STDIO TCP:127.0.0.1:41001"]
+
+
+def test_the_board_is_a_1_gb_4_cpu_cortex_a72_on_tcg(tmp_path: Path) -> None:
+    s = spec(tmp_path)
+    s.cmdline_extra = "cgroup_disable=memory"
+    cmd = vm.command(s)
+    assert cmd[:5] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72"]
+    assert cmd[cmd.index("-smp") + 1] == "4" and cmd[cmd.index("-m") + 1] == "1024"
+    assert cmd[cmd.index("-accel") + 1] == "tcg,thread=multi"
+    assert cmd[cmd.index("-append") + 1] == \
+        "console=ttyAMA0 root=/dev/vda rw cgroup_disable=memory"
+    assert vm.command(spec(tmp_path, "amd64"))[0] == "qemu-system-x86_64"
+
+
+def test_wheels_for_the_boards_platform() -> None:
+    tags = wheelhouse.platforms("arm64")
+    assert tags[0] == "manylinux_2_36_aarch64" and "manylinux2014_aarch64" in tags
+    assert all("x86_64" not in t for t in tags)
+    args = wheelhouse.download_args("arm64", Path("/w"))
+    # sdists are allowed for what has no wheel: --no-deps, never --only-binary
+    assert "--no-deps" in args and "--prefer-binary" in args and "--only-binary" not in args
+    assert args[args.index("--python-version") + 1] == "3.11"
+    report = {"install": [{"metadata": {"name": "enorm", "version": "0.1.0"}},
+                          {"metadata": {"name": "redis", "version": "8.2.0"}},
+                          {"metadata": {"name": "Flask", "version": "3.1.3"}}]}
+    assert wheelhouse.pins(report) == ["Flask==3.1.3", "redis==8.2.0"]
+
+
+def test_the_inventory_sends_apt_and_pip_through_the_host(tmp_path: Path) -> None:
+    ports = lab.Ports(ssh=1, api=2, node=tuple(range(30000, 30016)), apt=3, redis=4, http=5)
+    inv = lab.inventory("arm64", ports, source=tmp_path / "src", wheelhouse=tmp_path / "w",
+                        image_tarball=None, key=tmp_path / "k")
+    host = inv["edge_nodes"]["hosts"]["enorm-board-arm64"]
+    assert host["enorm_apt_proxy"] == f"http://{vm.HOST_ALIAS}:3"
+    assert host["enorm_pip_wheelhouse"] == str(tmp_path / "w")
+    assert host["enorm_port_range"] == [30000, 30015]
+    assert host["ansible_host"] == "127.0.0.1" and host["ansible_port"] == 1
+    # the node may send its data and events to the cloud's two forwards, nothing else
+    assert host["enorm_destinations"] == {"board-cloud": [f"{vm.HOST_ALIAS}:4",
+                                                          f"{vm.HOST_ALIAS}:5"]}
+    assert "enorm_image_tarball" not in host
+
+
+def test_the_disk_is_built_again_when_its_recipe_changes() -> None:
+    a = disk.recipe("arm64", "deb http://m/debian bookworm main", "ssh-ed25519 AAA lab")
+    b = disk.recipe("arm64", "deb http://m/debian bookworm main", "ssh-ed25519 BBB lab")
+    assert disk.digest(a) != disk.digest(b)
+    assert disk.digest(a) == disk.digest(dict(a))
+    assert "linux-image-arm64" in a["packages"] and "systemd-sysv" in a["packages"]
