@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (scripts/setup.sh).
-.PHONY: setup demo test lint bench bench-quick reliability
+.PHONY: setup demo test lint bench bench-quick reliability boards boards-quick
 
 setup:
 	@./scripts/setup.sh
@@ -54,3 +54,12 @@ bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.mixed --quick --out /tmp/enorm-bench-quick
 	$(LOCK) .venv/bin/python -m bench.basic_service --hour-s 2 --out /tmp/enorm-bench-quick
 	$(LOCK) .venv/bin/python -m bench.pressure --runs 1 --out /tmp/enorm-bench-quick/pressure.json
+
+# The board lab (bench/boards): Debian 12 arm64 and amd64 VMs under QEMU TCG, provisioned
+# by the playbook, the whole cycle on each; results in bench/results/boards.json.
+# `boards-quick`: the arm64 board and the cycle alone (/tmp/enorm-boards-quick.json).
+# Its own lock (not the benches'): its ports are free ones, its caches shared.
+boards: setup
+	flock /run/enorm-boards.lock nice -n 10 .venv/bin/python -m bench.boards
+boards-quick: setup
+	flock /run/enorm-boards.lock nice -n 10 .venv/bin/python -m bench.boards --quick

@@ -69,8 +69,7 @@ def main() -> None:
     ensure_packages()
     key = ensure_key()
     pub = key.with_suffix(".pub").read_text()
-    debian = sources.debian(disk.SUITE, sources.machine_sources())
-    lines = "\n".join(s.line() for s in debian)
+    lines = sources.debian_lines(disk.SUITE)
     mirror = sources.debian_mirror(disk.SUITE)
     results: dict = {"mode": "quick" if a.quick else "full", "archs": archs, "boards": {},
                      "image_built_on": a.image,

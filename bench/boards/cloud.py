@@ -14,9 +14,9 @@ import time
 
 from bench.boards.vm import HOST_ALIAS
 from cloud_manager import CloudManager, EdgeClient
-from cloud_manager.local import CloudServer, LocalRedis
 from enorm import datasync
-from enorm.protocol import DataSink
+from enorm.protocol import DataSink, User
+from games.local import CloudServer, LocalRedis
 from games.pokemon import cloud as game_cloud
 from games.pokemon import keys
 from games.pokemon.app import app as pokemon_app
@@ -72,6 +72,11 @@ class Cloud:
         if self.server is not None:
             self.server.close()
         self.redis.close()
+
+
+def as_users(clients: list[GameClient]) -> list[User]:
+    """The players as the cloud manager's users: on the host, so loopback."""
+    return [User(id=c.user, address="127.0.0.1") for c in clients]
 
 
 def play(c: GameClient, where: tuple[float, float], catches: int = 1) -> int:

@@ -254,6 +254,11 @@ class BoardRun:
         kw.setdefault("timeout", 300)
         return requests.request(method, self.node_url + path, **kw)
 
+    def daemon_rss_mb(self) -> float:
+        """The daemon's resident memory on the board (systemd's MainPID of the unit)."""
+        kb = self.vm.run("ps -o rss= -p $(systemctl show -p MainPID --value enorm)").stdout
+        return round(int(kb) / 1024, 1)
+
     def inside(self, dep, cmd: str) -> str:
         return dep.session.run(cmd, timeout=120)[1]
 
@@ -347,12 +352,14 @@ class BoardRun:
         for c in users[:10]:
             cloud_tier.play(c, cloud_tier.LONDON)
         moved = users[:8]
+        b.figures["daemon_rss_idle_mb"] = self.daemon_rss_mb()
         with b.step("handshake + deployment + data copy", self.log):
-            dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in moved])
+            dep = cloud.manager.offload(cloud_tier.as_users(moved))
             check(dep.copy.verified and dep.copy.keys >= len(moved), f"copy: {dep.copy}")
             check(set(cloud.redirections()) == {c.user for c in moved},
                   f"redirections: {cloud.redirections()}")
         b.figures["cycle_timings_s"] = {k: round(v, 3) for k, v in dep.timings.items()}
+        b.figures["daemon_rss_one_server_mb"] = self.daemon_rss_mb()
         with b.step("users play on the board", self.log):
             for c in moved:
                 check(c.refresh() == dep.url, f"{c.user} sent to {c.server}, not {dep.url}")
@@ -422,8 +429,8 @@ class BoardRun:
             b.facts["psi_trigger_accepted"] = trig[0] == "True"
             check(trig[1] != "None", f"no PSI on the board: {trig}")
             users = cloud.users(4)
-            low = cloud.manager.offload([(users[0].user, "127.0.0.1")], priority=1)
-            high = cloud.manager.offload([(users[1].user, "127.0.0.1")], priority=9)
+            low = cloud.manager.offload(cloud_tier.as_users(users[:1]), priority=1)
+            high = cloud.manager.offload(cloud_tier.as_users(users[1:2]), priority=9)
             hog = ("import time\nb=[]\nwhile True:\n  b.append(bytearray(16<<20))\n"
                    "  [b[-1].__setitem__(i, 1) for i in range(0, 16<<20, 4096)]\n"
                    "  time.sleep(0.25)\n")
@@ -448,7 +455,7 @@ class BoardRun:
         reconciles, and the users play on the same server again."""
         b, cloud = self.board, self.start_cloud()
         users = cloud.users(3)
-        dep = cloud.manager.offload([(c.user, "127.0.0.1") for c in users])
+        dep = cloud.manager.offload(cloud_tier.as_users(users))
         for c in users:
             cloud_tier.play(c, cloud_tier.PARIS)
         with b.step("reboot while serving: back by itself", self.log):

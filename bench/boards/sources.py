@@ -1,86 +1,34 @@
-"""Where the VMs' packages come from: this machine's own apt sources.
+"""Where the VMs' packages come from: this machine's own apt sources (`enorm.mirrors`).
 
-The lab writes no registry's host name: the Debian mirror is the one this machine's apt
-uses (deb822 `*.sources` or one-line `sources.list` entries), picked among the machine's
-other repositories by its suites (the Debian release and its `-updates` / `-security`
-companions).
+The lab writes no registry's host name: a board's apt gets the machine's Debian entries
+for the release (the release itself and its `-updates` / `-security` companions, by what
+apt downloaded: `Origin: Debian`), and debootstrap the archive `enorm.mirrors` picks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-APT_DIR = Path("/etc/apt")
+from enorm import mirrors
 
 
-@dataclass(frozen=True)
-class Source:
-    """One apt repository: a URI, its suites and components."""
-
-    uri: str
-    suites: tuple[str, ...]
-    components: tuple[str, ...]
-
-    def line(self) -> str:
-        """The one-line form (`deb URI SUITE COMPONENTS`), one line per suite."""
-        return "\n".join(f"deb {self.uri} {s} {' '.join(self.components)}" for s in self.suites)
-
-
-def parse_deb822(text: str) -> list[Source]:
-    """`Types: deb` stanzas of a `.sources` file (comments and `deb-src` left out)."""
+def debian_lines(suite: str, root: Path = Path("/")) -> str:
+    """One-line `deb` entries of the machine's Debian archives for `suite` and its
+    companions, in apt's order (a vendor archive serving the same suite left out)."""
     out = []
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for ln in stanza.splitlines():
-            if ln.startswith("#") or ":" not in ln or ln[:1].isspace():
+    for e in mirrors.entries(root):
+        for s in e.suites:
+            if s != suite and not s.startswith(suite + "-"):
                 continue
-            key, _, value = ln.partition(":")
-            fields[key.strip().lower()] = value.strip()
-        if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
-            continue
-        for uri in fields.get("uris", "").split():
-            out.append(Source(uri.rstrip("/"), tuple(fields.get("suites", "").split()),
-                              tuple(fields.get("components", "").split())))
-    return out
+            rel = mirrors.release(e.uri, s, root)
+            if rel is None or rel.origin == "Debian":
+                out.append(f"deb {e.uri.rstrip('/')} {s} {' '.join(e.components)}")
+    if not out:
+        raise RuntimeError(f"no apt source of this machine serves Debian {suite} "
+                           f"(looked in {root / 'etc/apt'})")
+    return "\n".join(out)
 
 
-def parse_one_line(text: str) -> list[Source]:
-    """`deb [options] URI SUITE COMPONENT...` lines."""
-    out = []
-    for ln in text.splitlines():
-        words = ln.split("#", 1)[0].split()
-        if not words or words[0] != "deb":
-            continue
-        words = words[1:]
-        if words and words[0].startswith("["):
-            while words and not words[0].endswith("]"):
-                words = words[1:]
-            words = words[1:]
-        if len(words) >= 2:
-            out.append(Source(words[0].rstrip("/"), (words[1],), tuple(words[2:])))
-    return out
-
-
-def machine_sources(apt_dir: Path = APT_DIR) -> list[Source]:
-    out = []
-    for f in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]:
-        if f.is_file():
-            out += parse_one_line(f.read_text())
-    for f in sorted((apt_dir / "sources.list.d").glob("*.sources")):
-        out += parse_deb822(f.read_text())
-    return out
-
-
-def debian(suite: str, sources: list[Source]) -> list[Source]:
-    """The repositories of Debian release `suite` (and its -updates, -security, ...)."""
-    return [s for s in sources if any(x == suite or x.startswith(suite + "-") for x in s.suites)]
-
-
-def debian_mirror(suite: str = "bookworm", apt_dir: Path = APT_DIR) -> str:
-    """The URI that serves `suite` itself with `main` (what debootstrap needs)."""
-    for s in debian(suite, machine_sources(apt_dir)):
-        if suite in s.suites and "main" in s.components:
-            return s.uri
-    raise RuntimeError(f"no apt source of this machine serves {suite} main "
-                       f"(looked in {apt_dir}/sources.list and sources.list.d)")
+def debian_mirror(suite: str) -> str:
+    """The archive debootstrap builds a board's disk from."""
+    return mirrors.debian_mirror(suite).rstrip("/")

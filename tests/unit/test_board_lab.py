@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.boards import disk, lab, sources, vm, wheelhouse
 
 DEB822 = """\
@@ -32,44 +34,35 @@ Components: main
 """
 
 
-def apt_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "apt"
+def apt_root(tmp_path: Path) -> Path:
+    d = tmp_path / "etc/apt"
     (d / "sources.list.d").mkdir(parents=True)
     (d / "sources.list.d/debian.sources").write_text(DEB822)
     (d / "sources.list.d/vendor.list").write_text(
-        "deb [signed-by=/k.gpg arch=amd64] https://packages.vendor.example/apt cloud-sdk main\n")
-    return d
+        "deb [signed-by=/k.gpg arch=amd64] https://packages.vendor.example/apt cloud-sdk main\n"
+        "deb http://vendor.example/raspi bookworm main\n")
+    lists = tmp_path / "var/lib/apt/lists"
+    lists.mkdir(parents=True)
+    (lists / "vendor.example_raspi_dists_bookworm_InRelease").write_text(
+        "Origin: Raspberry Pi Foundation\nLabel: Raspberry Pi Foundation\n"
+        "Suite: stable\nCodename: bookworm\n")
+    return tmp_path
 
 
-def test_the_debian_mirror_is_the_machines_not_another_vendors(tmp_path: Path) -> None:
-    d = apt_dir(tmp_path)
-    assert sources.debian_mirror("bookworm", d) == "http://mirror.example/debian"
-    found = sources.debian("bookworm", sources.machine_sources(d))
-    assert [s.uri for s in found] == ["http://mirror.example/debian",
-                                      "http://mirror.example/debian-security"]
-    assert found[0].line().splitlines() == [
+def test_a_boards_apt_gets_the_machines_debian_entries_for_the_release(tmp_path) -> None:
+    """The release and its companions, from the machine's Debian archives only: not a
+    vendor archive serving the same suite, not another suite, not deb-src."""
+    assert sources.debian_lines("bookworm", apt_root(tmp_path)).splitlines() == [
         "deb http://mirror.example/debian bookworm main",
-        "deb http://mirror.example/debian bookworm-updates main"]
-
-
-def test_one_line_sources_with_options(tmp_path: Path) -> None:
-    d = tmp_path / "apt"
-    (d / "sources.list.d").mkdir(parents=True)
-    (d / "sources.list").write_text("# comment\ndeb [arch=arm64 trusted=yes] "
-                                    "http://archive.example/debian/ bookworm main contrib\n"
-                                    "deb-src http://archive.example/debian bookworm main\n")
-    assert sources.debian_mirror("bookworm", d) == "http://archive.example/debian"
+        "deb http://mirror.example/debian bookworm-updates main",
+        "deb http://mirror.example/debian-security bookworm-security main"]
 
 
 def test_no_debian_source_is_a_clear_error(tmp_path: Path) -> None:
-    d = tmp_path / "apt"
-    (d / "sources.list.d").mkdir(parents=True)
-    try:
-        sources.debian_mirror("bookworm", d)
-    except RuntimeError as exc:
-        assert "bookworm main" in str(exc)
-    else:
-        raise AssertionError("no error without a Debian source")
+    (tmp_path / "etc/apt/sources.list.d").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="no apt source of this machine serves Debian "
+                                           "bookworm"):
+        sources.debian_lines("bookworm", tmp_path)
 
 
 def spec(tmp_path: Path, arch: str = "arm64") -> vm.Spec:
