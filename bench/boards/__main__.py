@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.boards import aptproxy, disk, image, lab, report, sources, wheelhouse
@@ -74,15 +76,24 @@ def main() -> None:
     results: dict = {"mode": "quick" if a.quick else "full", "archs": archs, "boards": {},
                      "image_built_on": a.image,
                      "prepare_s": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    # SIGTERM unwinds like ^C: every VM, forward and proxy of the run is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def save(complete: bool = False) -> None:
+        results["complete"] = complete
+        results["total_s"] = round(time.monotonic() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out)
+
     work = Path(tempfile.mkdtemp(prefix="enorm-board-run-", dir="/var/tmp"))
     try:
         source = lab.snapshot_source(work / "src")
-        run_boards(archs, a.quick, a.image, source, key, mirror, lines, pub, results)
+        run_boards(archs, a.quick, a.image, source, key, mirror, lines, pub, results, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["total_s"] = round(time.monotonic() - t0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save(complete=True)
     if not a.quick:
         report.plot(results, out.with_suffix(".png"))
     log(f"results in {out}; total {results['total_s']:.0f} s")
@@ -93,7 +104,8 @@ def main() -> None:
 
 
 def run_boards(archs: list[str], quick: bool, image_on: str, source: Path, key: Path,
-               mirror: str, lines: str, pub: str, results: dict) -> None:
+               mirror: str, lines: str, pub: str, results: dict,
+               save: Callable[[], None]) -> None:
     # apt-cacher-ng reads its port as a signed 16-bit number: one below 32768.
     with aptproxy.AptProxy(lab.free_block(1, start=31400, stop=32000)[0]) as proxy:
         log(f"apt proxy on {proxy.url} (cache {proxy.cache})")
@@ -105,9 +117,16 @@ def run_boards(archs: list[str], quick: bool, image_on: str, source: Path, key: 
             tar, tar_s = image.tarball(arch, log) if image_on == "host" else (None, 0.0)
             results["prepare_s"][arch] = {"disk_build_s": d.build_s, "image_tarball_s": tar_s,
                                           "total_s": round(time.monotonic() - t, 1)}
+
+            def step_done(board: lab.Board) -> None:
+                results["boards"][board.arch] = board.as_dict()
+                save()
+
             board = lab.run_board(arch, d, key, apt_port=proxy.port, source=source,
-                                  wheelhouse=w, image_tarball=tar, quick=quick, log=log)
+                                  wheelhouse=w, image_tarball=tar, quick=quick, log=log,
+                                  on_step=step_done)
             results["boards"][arch] = board.as_dict()
+            save()
 
 
 if __name__ == "__main__":

@@ -204,6 +204,9 @@ class Board:
     passed: list[str] = field(default_factory=list)
     figures: dict = field(default_factory=dict)
     failed: str | None = None
+    # Called after each step that passed (the run's results are written as it goes: a
+    # run stopped halfway keeps what it measured).
+    on_step: Callable[[Board], None] | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def step(self, name: str, log: Callable[[str], None]) -> Iterator[None]:
@@ -213,6 +216,8 @@ class Board:
         self.steps[name] = round(time.monotonic() - t0, 1)
         self.passed.append(name)
         log(f"[{self.arch}] {name}: ok ({self.steps[name]:.1f} s)")
+        if self.on_step is not None:
+            self.on_step(self)
 
     def as_dict(self) -> dict:
         return {"arch": self.arch, "facts": self.facts, "steps_s": self.steps,
@@ -224,9 +229,10 @@ class BoardRun:
 
     def __init__(self, arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
                  wheelhouse: Path, image_tarball: Path | None,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None],
+                 on_step: Callable[[Board], None] | None = None) -> None:
         self.arch, self.key, self.log = arch, key, log
-        self.board = Board(arch)
+        self.board = Board(arch, on_step=on_step)
         self.ports = Ports.pick(apt_port)
         p = self.ports
         self.vm = VM(arch, disk, key, ssh_port=p.ssh,
@@ -528,9 +534,10 @@ def _cpu_list(text: str) -> list[int]:
 
 def run_board(arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
               wheelhouse: Path, image_tarball: Path | None, quick: bool,
-              log: Callable[[str], None]) -> Board:
+              log: Callable[[str], None],
+              on_step: Callable[[Board], None] | None = None) -> Board:
     run = BoardRun(arch, disk, key, apt_port=apt_port, source=source, wheelhouse=wheelhouse,
-                   image_tarball=image_tarball, log=log)
+                   image_tarball=image_tarball, log=log, on_step=on_step)
     try:
         run.boot()
         run.provision()
