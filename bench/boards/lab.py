@@ -451,7 +451,7 @@ class BoardRun:
             ev = next(e for e in events if e.get("type") == "server.terminated"
                       and e.get("server_id") == low.server_id)
             b.figures["pressure_event"] = ev
-            check(ev["data"]["reason"] == "basic_service_pressure", f"event: {ev}")
+            check(ev["reason"] == "basic_service_pressure", f"event: {ev}")
             check(low.confirmed, f"the evicted tenant's data not confirmed: {low.end_reason}")
             check(not high.ended.is_set(), "the high-priority tenant was ended too")
             cloud.manager.withdraw(high)
