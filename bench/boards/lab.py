@@ -11,12 +11,12 @@ board's run (its figures so far are kept):
    users playing on the board, the limits seen from inside the container (memory.max,
    cpu.max, pids.max, the cpuset, nproc, MemTotal), one auto-scaling round whose resize
    is seen inside, termination with the data merged back and checked on the cloud;
-5. (full run) the pressure watcher: a process of the board's own grows until the
-   lowest-priority tenant is terminated, with the kernel's PSI recorded;
-6. (full run) a reboot while a server serves: the node comes back by itself and its
+5. (full run) a reboot while a server serves: the node comes back by itself and its
    users play again;
-7. (full run) figures taken on the board (`onboard`): handshake, resize and termination
+6. (full run) figures taken on the board (`onboard`): handshake, resize and termination
    beside their bare floors, the daemon's memory idle and with 8 servers;
+7. (full run) the pressure watcher: a process of the board's own grows until the
+   lowest-priority tenant is terminated, with the kernel's PSI recorded;
 8. (full run) the same board booted with `cgroup_disable=memory` (as Raspberry Pi
    kernels ship): the playbook, `enorm doctor` and the daemon refuse, naming the fix.
 """
@@ -545,12 +545,17 @@ def run_board(arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
         got = run.cycle()
         run.terminate(got["dep"], got["moved"])
         if not quick:
-            run.pressure()
+            # Pressure after the steps that need room: the board's own peak it leaves
+            # behind made the node refuse the next offload (insufficient_resources, run of
+            # 2026-12-07).
             run.reboot()
             run.figures()
+            run.pressure()
             run.no_memory_controller()
     except Exception as exc:  # noqa: BLE001 (reported with the board's results)
         run.board.failed = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):  # what the node offered at that moment
+            run.board.facts["node_at_failure"] = run.api("GET", "/v1/node", timeout=30).json()
         log(f"[{arch}] FAILED: {run.board.failed[:4000]}")
         log(f"[{arch}] console:\n{run.vm.console_tail(30)}")
         keep = Path(tempfile.gettempdir()) / f"enorm-board-{arch}-last-failure"
