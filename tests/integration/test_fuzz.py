@@ -4,7 +4,7 @@ nothing found against the document, schema-valid setup requests admitted (201) a
 those it generates, and afterwards the daemon alive, every answer it gave listed in its
 route's entry, and every server it holds whole.
 
-The suite runs each for ENORM_FUZZ_SECONDS (75 s); `make reliability` runs them longer
+The suite runs each for ENORM_FUZZ_SECONDS (45 s); `make reliability` runs them longer
 and asks for ENORM_FUZZ_MIN_REQUESTS in all."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_edge_node import handshake
 
 pytestmark = pytest.mark.system
-SECONDS = int(os.environ.get("ENORM_FUZZ_SECONDS", "75"))
+SECONDS = int(os.environ.get("ENORM_FUZZ_SECONDS", "45"))
 MIN_REQUESTS = int(os.environ.get("ENORM_FUZZ_MIN_REQUESTS", "1500"))
 
 
