@@ -87,6 +87,7 @@ class Cloud:
             fail(str(exc), EXIT_USAGE)
         self.redis = datasync.connect(cfg.cloud_redis, cluster=cfg.cluster)
         self.ledger = Ledger(self.redis)
+        self.ledger.adopt_legacy()  # a ledger an older enorm-cloud wrote
 
     def registry(self):
         from .registry import Registry
@@ -98,7 +99,8 @@ class Cloud:
         from .registry import Heartbeats
 
         return Heartbeats(self.registry(), list(self.edges.values()),
-                          self.cfg.heartbeat_interval_s).beat()
+                          self.cfg.heartbeat_interval_s,
+                          max_rate=self.cfg.heartbeat_max_rate).beat()
 
     def manager(self, only: str | None = None):
         from cloud_manager import CloudManager

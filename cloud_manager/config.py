@@ -95,8 +95,12 @@ class CloudConfig(BaseModel):
     placement: Literal["first", "scored"] = "first"
     placement_weights: PlacementWeights = Field(default_factory=PlacementWeights)
     handover_path: Literal["direct", "cloud"] = "direct"
-    # The registry (cloud Redis): a node without an offer for this long is down.
+    # The registry (cloud Redis): each node is asked for its offer every
+    # heartbeat_interval_s, stretched so that the fleet's heartbeats stay under
+    # heartbeat_max_rate requests/s across the processes; a node without an offer for
+    # down_after_s (at least two heartbeat periods and a timeout) is down.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_max_rate: float = Field(default=200.0, gt=0)
     down_after_s: float = Field(default=15.0, gt=0)
     # The cloud manager deciding by itself (`enorm-cloud policy`; cloud_manager/policy.py).
     policy: PolicySettings = Field(default_factory=PolicySettings)

@@ -2,20 +2,37 @@
 
 The library's `CloudManager` holds its deployments in memory; the ledger is what outlives
 a process, so that `enorm-cloud withdraw` or `where` in one process sees an offload made
-by another. Two hashes under one hash tag, so they live on one slot of a Redis Cluster.
+by another. It spreads over a Redis Cluster's slots: a deployment is one key under its
+server's hash tag (`enorm:deployment:{<server id>}`), a user's pointer to it one key
+under the user's own tag (`enorm:{<user>}:served-by`, beside the user's data: the
+library's prefix keeps it out of every copy and merge), and the list of deployments is
+cut into `SHARDS` sets (`enorm:{ledger:<k>}:deployments`).
+
+A cluster has no transaction across slots, so the writes go in an order a reader
+tolerates when a process dies half-way: `record` writes the deployment, then its users'
+pointers; `forget` takes the pointers that still name it (compare-and-delete, so a user
+who moved on keeps the newer one), then the deployment. A pointer to a deployment that
+is gone reads as no deployment. A ledger written before (two hashes under
+`enorm:{cloud}`) is moved into this shape by `adopt_legacy`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
+from redis.exceptions import ClusterDownError, TryAgainError
+
 from enorm import datasync
+from enorm.datasync.transport import Job, eval_command, run_jobs
 from enorm.protocol import User
 
-PREFIX = "enorm:{cloud}"
+# Where the ledger was before it spread over the slots (`Ledger.adopt_legacy`).
+LEGACY_PREFIX = "enorm:{cloud}"
 
 
 @dataclass
@@ -56,40 +73,118 @@ class Entry:
         return cls(**d)
 
 
-class Ledger:
-    def __init__(self, redis: datasync.Client, prefix: str = PREFIX) -> None:
-        self.r = redis
-        self.deployments = f"{prefix}:deployments"
-        self.users = f"{prefix}:users"
+# How many sets the list of deployments is cut into (as the registry's index).
+SHARDS = 64
 
-    def record(self, e: Entry) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.deployments, e.server_id, e.to_json())
-        if e.users:
-            pipe.hset(self.users, mapping=dict.fromkeys(e.user_ids, e.server_id))
+# KEYS: users' pointers (one slot); ARGV[1]: a server id. Deletes the pointers that still
+# name it (a user who moved on keeps the newer one); returns how many.
+DELETE_IF = """
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then n = n + redis.call('DEL', k) end
+end
+return n
+"""
+
+
+def deployment_key(server_id: str) -> str:
+    return f"enorm:deployment:{{{_tag(server_id, 'server id')}}}"
+
+
+def user_key(user: str) -> str:
+    """A user's pointer to its deployment, on the user's own slot."""
+    return f"enorm:{{{_tag(user, 'user id')}}}:served-by"
+
+
+def index_key(k: int) -> str:
+    return f"enorm:{{ledger:{k}}}:deployments"
+
+
+def shard(server_id: str) -> int:
+    return zlib.crc32(server_id.encode()) % SHARDS
+
+
+def _tag(value: str, what: str) -> str:
+    if not value or "{" in value or "}" in value:
+        raise ValueError(f"{what} {value!r}: empty, or braces that would change the "
+                         "key's hash tag")
+    return value
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Ledger:
+    def __init__(self, redis: datasync.Client) -> None:
+        self.r = redis
+
+    def record(self, e: Entry, retry_s: float = 15.0) -> None:
+        """The deployment, then its users' pointers (module docstring: the order); tried
+        again for `retry_s` while the cluster cannot answer (a master failing over: its
+        replica takes over within seconds), since writing it twice changes nothing."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                return self._record(e)
+            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError,
+                    TryAgainError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
+
+    def _record(self, e: Entry) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(deployment_key(e.server_id), e.to_json())
+        pipe.sadd(index_key(shard(e.server_id)), e.server_id)
         pipe.execute()
+        if e.users:
+            pipe = self.r.pipeline(transaction=False)
+            for u in e.user_ids:
+                pipe.set(user_key(u), e.server_id)
+            pipe.execute()
 
     def get(self, server_id: str) -> Entry | None:
-        raw = self.r.hget(self.deployments, server_id)
+        raw = self.r.get(deployment_key(server_id))
         return None if raw is None else Entry.from_json(raw)
 
+    def ids(self) -> list[str]:
+        """Every deployment's server id: a read per shard of the list, pipelined."""
+        pipe = self.r.pipeline(transaction=False)
+        for k in range(SHARDS):
+            pipe.smembers(index_key(k))
+        return [_text(s) for part in pipe.execute() for s in part]
+
     def all(self) -> list[Entry]:
-        return sorted((Entry.from_json(v) for v in self.r.hvals(self.deployments)),
+        ids = self.ids()
+        keys = [deployment_key(s) for s in ids]
+        raws = datasync.mget(self.r, keys)
+        return sorted((Entry.from_json(v) for v in raws if v is not None),
                       key=lambda e: e.created_at)
 
     def where(self, user: str) -> Entry | None:
-        sid = self.r.hget(self.users, user)
-        return None if sid is None else self.get(sid.decode())
+        sid = self.r.get(user_key(user))
+        return None if sid is None else self.get(_text(sid))
 
     def forget(self, server_id: str) -> None:
-        """Drop a deployment, and its users' entries unless they moved on meanwhile."""
+        """Drop a deployment, and its users' pointers unless they moved on meanwhile."""
         e = self.get(server_id)
-        users = e.user_ids if e is not None else []
-        now = self.r.hmget(self.users, users) if users else []
-        mine = [u for u, sid in zip(users, now, strict=True)
-                if sid is not None and sid.decode() == server_id]
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hdel(self.deployments, server_id)
-        if mine:
-            pipe.hdel(self.users, *mine)
+        if e is not None and e.users:
+            keys = [user_key(u).encode() for u in e.user_ids]
+            run_jobs(self.r, [Job(keys, eval_command(DELETE_IF, lambda _: [server_id]))],
+                     "source")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(deployment_key(server_id))
+        pipe.srem(index_key(shard(server_id)), server_id)
         pipe.execute()
+
+    def adopt_legacy(self, prefix: str = LEGACY_PREFIX) -> int:
+        """Move a ledger of the old shape (two hashes under one hash tag) into this one;
+        how many deployments moved. Each is recorded before the old hashes go, so a
+        crash half-way loses nothing (the next call records the rest again)."""
+        old = self.r.hgetall(f"{prefix}:deployments")
+        for raw in old.values():
+            self.record(Entry.from_json(raw))
+        if old:
+            self.r.delete(f"{prefix}:deployments", f"{prefix}:users")
+        return len(old)

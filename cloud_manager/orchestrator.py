@@ -169,7 +169,7 @@ class CloudManager:
     @placement.setter
     def placement(self, policy: Policy) -> None:
         p = self.placer
-        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample)
+        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample, p.probe_nodes)
 
     # -- Procedures 1-3: handshake and deployment ----------------------------------------
     def request_for(self, users: Sequence[User], **over) -> SetupRequest:
@@ -432,12 +432,15 @@ class CloudManager:
 
         threading.Thread(target=loop, name="cloud-reconcile", daemon=True).start()
 
-    def start_heartbeats(self, interval_s: float = 5.0, timeout_s: float = 2.0) -> Heartbeats:
-        """Ask every node for its offer every `interval_s` into the registry (one of the
-        cloud-manager processes sharing it polls per interval), until `close`."""
+    def start_heartbeats(self, interval_s: float = 5.0, timeout_s: float = 2.0,
+                         max_rate: float = 200.0) -> Heartbeats:
+        """Ask every node for its offer every `interval_s` (stretched so that the fleet's
+        heartbeats stay under `max_rate` requests/s) into the registry, the polling shared
+        with the other cloud-manager processes (registry.py), until `close`."""
         if self.registry is None:
             raise ValueError("start_heartbeats needs a registry")
-        self._heartbeats = Heartbeats(self.registry, self.edges, interval_s, timeout_s)
+        self._heartbeats = Heartbeats(self.registry, self.edges, interval_s, timeout_s,
+                                      max_rate)
         self._heartbeats.start()
         return self._heartbeats
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .edge_client import EdgeClient, EdgeError
+from .registry import Registry, Summary
 
 if TYPE_CHECKING:
-    from enorm.protocol import SetupRequest
-
-    from .registry import Registry
+    from enorm.protocol import NodeOffer, SetupRequest
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,20 @@ def order(candidates: Sequence[Candidate], policy: Policy = "first",
 class Placer:
     """Asks the nodes what `order` needs: the nodes the registry holds down are passed
     over; with `scored` each node's offer (the registry's, else asked now) and its own
-    probe of a sample of the users, side by side."""
+    probe of a sample of the users, side by side. Of a large fleet only the
+    `probe_nodes` best by their offers are probed (a probe is a request to the node):
+    the others follow them in the order of their offers."""
 
     def __init__(self, registry: Registry | None = None, policy: Policy = "first",
-                 weights: Weights | None = None, probe_sample: int = 64) -> None:
+                 weights: Weights | None = None, probe_sample: int = 64,
+                 probe_nodes: int = 16) -> None:
         if policy not in ("first", "scored"):
             raise ValueError(f"placement must be 'first' or 'scored', not {policy!r}")
+        if probe_nodes < 1:
+            raise ValueError("probe_nodes must be >= 1")
         self.registry = registry
         self.policy, self.weights = policy, weights or Weights()
-        self.probe_sample = probe_sample
+        self.probe_sample, self.probe_nodes = probe_sample, probe_nodes
 
     def place(self, nodes: Iterable[EdgeClient], req: SetupRequest,
               exclude: Iterable[str] = (), only: str | None = None
@@ -109,38 +114,54 @@ class Placer:
         """Of `nodes`, the ones to ask, in order, the ones passed over (down) and, for the
         record, the figures the order came from; never the nodes in `exclude`, only
         `only` if given."""
+        t0 = time.perf_counter()
         refused: dict[str, str] = {}
         skip = set(exclude)
         edges = [e for e in nodes if e.name not in skip and only in (None, e.name)]
         if only is not None and not edges:
             raise ValueError(f"no edge node named {only!r} besides the excluded ones")
-        if self.registry is not None:
+        offers: dict[str, NodeOffer | None] = {}
+        summaries: dict[str, Summary] = {}
+        if self.registry is not None:  # who is up, and the figures to rank them by
+            summaries = self.registry.summaries()
             edges, candidates = [], edges
             for e in candidates:
-                if self.registry.up(e.name):
+                if e.name in summaries:
                     edges.append(e)
                 else:
                     refused[e.name] = "down (no heartbeat)"
         if self.policy == "first" or len(edges) < 2:
-            return edges, refused, {"policy": self.policy, "order": [e.name for e in edges]}
-        sample = [str(u.address) for u in req.users[: self.probe_sample]]
-        with ThreadPoolExecutor(min(16, len(edges))) as pool:
-            cands = list(pool.map(lambda e: self.candidate(e, req, sample), edges))
-        names = order(cands, "scored", self.weights)
+            return edges, refused, {"policy": self.policy, "order": [e.name for e in edges],
+                                    "ms": {"total": _ms(t0)}}
         by_name = {e.name: e for e in edges}
+        rest: list[str] = []
+        if len(edges) > self.probe_nodes and summaries:  # shortlist by the summaries
+            ranked = order([summary_candidate(e.name, summaries[e.name], req) for e in edges],
+                           "scored", self.weights)
+            edges, rest = [by_name[n] for n in ranked[:self.probe_nodes]], ranked[self.probe_nodes:]
+        if self.registry is not None:  # the offers of the nodes to probe
+            offers = {n: st.offer if st else None
+                      for n, st in self.registry.states(e.name for e in edges).items()}
+        sample = [str(u.address) for u in req.users[: self.probe_sample]]
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(min(16, len(edges))) as pool:
+            cands = list(pool.map(
+                lambda e: self.candidate(e, req, sample, offers.get(e.name)), edges))
+        probes = _ms(t1)
+        names = order(cands, "scored", self.weights) + rest
         return [by_name[n] for n in names], refused, {
-            "policy": "scored", "order": names,
+            "policy": "scored", "order": names[:self.probe_nodes],
+            # the decision's time, and the part of it the nodes' probes took
+            "ms": {"total": _ms(t0), "probes": probes},
             "nodes": {c.name: {"latency_ms": c.latency_ms, "free_units": c.free_units,
                                "load": c.load, "admits": c.admits,
                                "cost": round(cost(c, self.weights), 3)}
                       for c in cands}}
 
-    def candidate(self, edge: EdgeClient, req: SetupRequest, sample: list[str]) -> Candidate:
+    def candidate(self, edge: EdgeClient, req: SetupRequest, sample: list[str],
+                  offer: NodeOffer | None = None) -> Candidate:
         """One node's figures: its offer (the registry's, else asked now) and its probe of
         a sample of the users; what it cannot answer counts as unknown."""
-        offer = None
-        if self.registry is not None and (st := self.registry.get(edge.name)) is not None:
-            offer = st.offer
         try:
             offer = offer or edge.offer()
         except EdgeError:
@@ -150,11 +171,25 @@ class Placer:
         except EdgeError as exc:
             log.info("edge %s: probe failed: %s", edge.name, exc)
             latency = None
-        units = min(offer.free.cores / offer.unit.cores if offer.unit.cores else 0.0,
-                    offer.free.memory_mb / offer.unit.memory_mb if offer.unit.memory_mb else 0.0)
-        room = units >= 1.0
-        preempt = not room and offer.admission == "preempt"
-        return Candidate(
-            edge.name, latency_ms=latency, free_units=units, load=offer.load,
-            admits=req.priority >= offer.min_priority and (room or preempt),
-            needs_preemption=preempt)
+        return offer_candidate(edge.name, offer, req, latency)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+def offer_candidate(name: str, offer: NodeOffer | None, req: SetupRequest,
+                    latency_ms: float | None = None) -> Candidate:
+    """A node's figures from its offer (None: unknown, it goes last) and a latency."""
+    if offer is None:
+        return Candidate(name, latency_ms=latency_ms, admits=False)
+    return summary_candidate(name, Summary.of(offer), req, latency_ms)
+
+
+def summary_candidate(name: str, s: Summary, req: SetupRequest,
+                      latency_ms: float | None = None) -> Candidate:
+    room = s.free_units >= 1.0
+    preempt = not room and s.preempt
+    return Candidate(name, latency_ms=latency_ms, free_units=s.free_units, load=s.load,
+                     admits=req.priority >= s.min_priority and (room or preempt),
+                     needs_preemption=preempt)

@@ -184,9 +184,10 @@ class PolicyLoop:
     def _nodes(self) -> list[NodeView]:
         reg = self.cm.registry
         out = []
+        states = reg.states(e.name for e in self.cm.edges) if reg is not None else {}
         for e in self.cm.edges:
             if reg is not None:
-                st = reg.get(e.name)
+                st = states[e.name]
                 offer = st.offer if st is not None else None
                 up = st is not None and st.up(reg.clock(), reg.down_after_s)
             else:
@@ -413,7 +414,8 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    heartbeats = cm.start_heartbeats(cfg.heartbeat_interval_s)
+    heartbeats = cm.start_heartbeats(cfg.heartbeat_interval_s,
+                                     max_rate=cfg.heartbeat_max_rate)
     try:
         loop.run(stop)
     finally:

@@ -1,34 +1,119 @@
 """The node registry: which edge nodes there are, what each offers, whether it is up.
 
-It lives in the cloud Redis, one hash under one hash tag (so it works unchanged on a Redis
-Cluster), so that several cloud-manager processes share one view. Heartbeats come from
-the configured list: every `interval_s` the cloud manager asks each node for its offer
-(`GET /v1/node`: free resources, unit, load, admission policy); the node needs no route
-to the cloud for it. Of several processes, one polls per interval (a lock key that
-expires with the interval) and the others read what it wrote. A node that has not
-answered for `down_after_s` is down: placement passes it over. Its running servers are
-left alone: an edge server keeps serving its users while the cloud cannot see its node.
+It lives in the cloud Redis (standalone or a Redis Cluster), so that several
+cloud-manager processes share one view, and it spreads over the cluster's slots: each
+node's state is its own key under the node's hash tag (`enorm:node:{<name>}`), and the
+index that lists the nodes is cut into `SHARDS` sorted sets (`enorm:{registry:<k>}:nodes`,
+node -> the time it counts as down), so no slot holds the whole fleet and "who is up" is
+a range read per shard, not a read of every node.
+
+Heartbeats come from the configured list: the cloud manager asks each node for its
+offer (`GET /v1/node`: free resources, unit, load, admission policy); the node needs no
+route to the cloud for it. The rate is bounded, as Nomad bounds its heartbeats: each
+node is asked once per period `T = max(interval_s, nodes / max_rate)`, so the fleet's
+total stays under `max_rate` requests/s however many nodes there are. The period is cut
+into one turn per shard; at each turn the processes sharing the registry race for that
+shard's lease (`enorm:{registry:<k>}:poll`) and the winner asks the shard's nodes, so the
+polling is shared between them and the work of a process that died is taken by the
+others at its next turn. A node counts as down `ttl = max(down_after_s, 2 T + timeout)`
+after its last answer (one missed heartbeat is tolerated): that is the detection bound.
+Its running servers are left alone: an edge server keeps serving its users while the
+cloud cannot see its node.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from enorm import datasync
 from enorm.protocol import NodeOffer
 
 from .edge_client import EdgeClient, EdgeError
 
 log = logging.getLogger(__name__)
 
-KEY = "enorm:{registry}:nodes"
-POLL_LOCK = "enorm:{registry}:poll"
+# How many pieces the index and the polling are cut into: enough that a 3-master cluster
+# gets about a third each, few enough that listing the fleet is one pipelined round trip.
+SHARDS = 64
+# A node that was never seen sits in the index with this score (never up).
+NEVER = 0.0
+
+
+def shard(name: str) -> int:
+    """The index shard (and polling turn) of a node, stable across processes."""
+    return zlib.crc32(name.encode()) % SHARDS
+
+
+def node_key(name: str) -> str:
+    """One node's state: under its own hash tag, on its own slot."""
+    if "{" in name or "}" in name:
+        raise ValueError(f"node name {name!r}: braces would change the key's hash tag")
+    return f"enorm:node:{{{name}}}"
+
+
+def index_key(k: int) -> str:
+    """Shard `k` of the index: node -> the time it counts as down (`NEVER`: not seen)."""
+    return f"enorm:{{registry:{k}}}:nodes"
+
+
+def summary_key(k: int) -> str:
+    """Shard `k`'s summaries: node -> what placement ranks by (`Summary`), so that the
+    placement among the whole fleet reads a few hashes, not every node's offer."""
+    return f"enorm:{{registry:{k}}}:summaries"
+
+
+def poll_key(k: int, turn: int) -> str:
+    """The lease of shard `k`'s heartbeat turn number `turn` (counted on the wall clock,
+    the same in every process): taken once, by the process that polls it."""
+    return f"enorm:{{registry:{k}}}:poll:{turn}"
+
+
+def period(nodes: int, interval_s: float, max_rate: float) -> float:
+    """The heartbeat period: `interval_s`, stretched so that `nodes` heartbeats fit in
+    `max_rate` requests per second."""
+    return max(interval_s, nodes / max_rate)
+
+
+def ttl(down_after_s: float, period_s: float, timeout_s: float) -> float:
+    """How long after its last answer a node counts as up: one missed heartbeat is
+    tolerated, so the bound for detecting a down node is `2 period + timeout`."""
+    return max(down_after_s, 2 * period_s + timeout_s)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What placement ranks a node by, from its last offer: units it could still give,
+    load per core, the lowest priority it admits, whether it pre-empts."""
+
+    free_units: float
+    load: float
+    min_priority: int
+    preempt: bool
+
+    @classmethod
+    def of(cls, offer: NodeOffer) -> Summary:
+        u = offer.unit
+        units = min(offer.free.cores / u.cores if u.cores else 0.0,
+                    offer.free.memory_mb / u.memory_mb if u.memory_mb else 0.0)
+        return cls(units, offer.load, offer.min_priority, offer.admission == "preempt")
+
+    def encode(self) -> str:
+        return f"{self.free_units:.3f} {self.load:.3f} {self.min_priority} {int(self.preempt)}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Summary:
+        f, load, prio, pre = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        return cls(float(f), float(load), int(prio), pre == "1")
 
 
 @dataclass(frozen=True)
@@ -42,14 +127,32 @@ class NodeState:
     checked_at: float  # when it was last asked
     error: str | None = None  # why the last question got no offer
     status: int | None = None  # the HTTP status it answered with then (None: no answer)
+    ttl_s: float = 0.0  # how long after `seen_at` it counts as up (the heartbeat's bound)
 
     def up(self, now: float, down_after_s: float) -> bool:
-        return self.seen_at is not None and now - self.seen_at <= down_after_s
+        return self.seen_at is not None and now - self.seen_at <= max(down_after_s,
+                                                                      self.ttl_s)
+
+    def down_at(self, down_after_s: float) -> float:
+        """When it counts as down if it answers no more (`NEVER` if never seen)."""
+        return NEVER if self.seen_at is None else self.seen_at + max(down_after_s, self.ttl_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "seen_at": self.seen_at,
                 "checked_at": self.checked_at, "error": self.error, "status": self.status,
+                "ttl_s": self.ttl_s,
                 "offer": None if self.offer is None else self.offer.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one heartbeat got from one node: an offer, or an error (and the status)."""
+
+    name: str
+    url: str
+    offer: NodeOffer | None
+    error: str | None = None
+    status: int | None = None
 
 
 class Registry:
@@ -62,94 +165,217 @@ class Registry:
         self.r, self.down_after_s, self.clock = client, down_after_s, clock
 
     def record(self, name: str, url: str, offer: NodeOffer | None,
-               error: str | None = None, status: int | None = None) -> NodeState:
+               error: str | None = None, status: int | None = None,
+               ttl_s: float = 0.0) -> NodeState:
         """What one heartbeat found: an offer (the node is up now) or an error (the
         node keeps its last offer and the time it was last seen; `status`: what it
         answered, e.g. 401 to a token it does not know)."""
+        return self.record_many([Answer(name, url, offer, error, status)], ttl_s)[name]
+
+    def record_many(self, answers: Sequence[Answer], ttl_s: float = 0.0
+                    ) -> dict[str, NodeState]:
+        """A heartbeat turn's answers, written in one pipeline: each node's state and
+        its index entry (the nodes without an offer keep their last one: read first)."""
         now = self.clock()
-        old = self.get(name)
-        state = NodeState(
-            name, url, offer if offer is not None else (old.offer if old else None),
-            now if offer is not None else (old.seen_at if old else None), now,
-            None if offer is not None else error, None if offer is not None else status)
-        self.r.hset(KEY, name, json.dumps(state.as_dict()))
-        return state
+        failed = [a.name for a in answers if a.offer is None]
+        old = dict(zip(failed, self.states_list(failed), strict=True))
+        out, pipe = {}, self.r.pipeline(transaction=False)
+        for a in answers:
+            if a.offer is not None:
+                st = NodeState(a.name, a.url, a.offer, now, now, ttl_s=ttl_s)
+            else:
+                o = old[a.name]
+                st = NodeState(a.name, a.url, o.offer if o else None,
+                               o.seen_at if o else None, now, a.error, a.status,
+                               o.ttl_s if o else ttl_s)
+            pipe.set(node_key(a.name), json.dumps(st.as_dict()))
+            if a.offer is not None:
+                pipe.zadd(index_key(shard(a.name)), {a.name: st.down_at(self.down_after_s)})
+                pipe.hset(summary_key(shard(a.name)), a.name, Summary.of(a.offer).encode())
+            else:  # listed, with the bound it had
+                pipe.zadd(index_key(shard(a.name)), {a.name: st.down_at(self.down_after_s)},
+                          nx=True)
+            out[a.name] = st
+        pipe.execute()
+        return out
 
     @staticmethod
     def _parse(raw: Any) -> NodeState:
         d = json.loads(raw)
         return NodeState(d["name"], d["url"],
                          None if d["offer"] is None else NodeOffer.model_validate(d["offer"]),
-                         d["seen_at"], d["checked_at"], d.get("error"), d.get("status"))
+                         d["seen_at"], d["checked_at"], d.get("error"), d.get("status"),
+                         d.get("ttl_s", 0.0))
 
     def get(self, name: str) -> NodeState | None:
-        raw = self.r.hget(KEY, name)
+        raw = self.r.get(node_key(name))
         return None if raw is None else self._parse(raw)
 
+    def states_list(self, names: Sequence[str]) -> list[NodeState | None]:
+        """The states of `names`, in order (None: never recorded), in one read per slot."""
+        return [None if raw is None else self._parse(raw)
+                for raw in datasync.mget(self.r, [node_key(n) for n in names])]
+
+    def states(self, names: Iterable[str]) -> dict[str, NodeState | None]:
+        names = list(names)
+        return dict(zip(names, self.states_list(names), strict=True))
+
+    def names(self, up_only: bool = False) -> list[str]:
+        """The nodes in the index (only those up now, with `up_only`): a range read per
+        shard, pipelined; no node's state is read."""
+        pipe = self.r.pipeline(transaction=False)
+        lo = self.clock() if up_only else "-inf"
+        for k in range(SHARDS):
+            pipe.zrangebyscore(index_key(k), lo, "+inf")
+        return sorted(n.decode() if isinstance(n, bytes) else n
+                      for part in pipe.execute() for n in part)
+
     def nodes(self) -> dict[str, NodeState]:
-        return {(k.decode() if isinstance(k, bytes) else k): self._parse(v)
-                for k, v in self.r.hgetall(KEY).items()}
+        names = self.names()
+        return {n: st for n, st in zip(names, self.states_list(names), strict=True)
+                if st is not None}
 
     def up(self, name: str) -> bool:
         st = self.get(name)
         return st is not None and st.up(self.clock(), self.down_after_s)
 
-    def forget(self, name: str) -> None:
-        self.r.hdel(KEY, name)
+    def up_among(self, names: Iterable[str]) -> dict[str, NodeState | None]:
+        """`names` -> state for the nodes up now, None for the others, in one read."""
+        now = self.clock()
+        return {n: st if st is not None and st.up(now, self.down_after_s) else None
+                for n, st in self.states(names).items()}
 
-    def claim_poll(self, interval_s: float, owner: str) -> bool:
-        """True for the one process that polls in this interval."""
-        return bool(self.r.set(POLL_LOCK, owner, nx=True, px=max(1, int(interval_s * 1000))))
+    def forget(self, name: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(node_key(name))
+        pipe.zrem(index_key(shard(name)), name)
+        pipe.hdel(summary_key(shard(name)), name)
+        pipe.execute()
+
+    def summaries(self) -> dict[str, Summary]:
+        """The nodes up now, each with its `Summary`: two reads per shard, pipelined."""
+        pipe = self.r.pipeline(transaction=False)
+        now = self.clock()
+        for k in range(SHARDS):
+            pipe.zrangebyscore(index_key(k), now, "+inf")
+            pipe.hgetall(summary_key(k))
+        replies = pipe.execute()
+        out = {}
+        for up, sums in zip(replies[::2], replies[1::2], strict=True):
+            for n in up:
+                if (raw := sums.get(n)) is not None:
+                    out[n.decode() if isinstance(n, bytes) else n] = Summary.decode(raw)
+        return out
+
+    def claim(self, k: int, turn: int, lease_s: float, owner: str) -> bool:
+        """True for the one process that polls shard `k` in turn number `turn`."""
+        return bool(self.r.set(poll_key(k, turn), owner, nx=True,
+                               px=max(1, int(lease_s * 1000))))
 
 
 class Heartbeats:
-    """Asks every configured node for its offer every `interval_s` and records it."""
+    """Asks the configured nodes for their offers, at most `max_rate` requests/s across
+    the processes sharing the registry, and records the answers (module docstring)."""
 
     def __init__(self, registry: Registry, edges: Sequence[EdgeClient],
-                 interval_s: float = 5.0, timeout_s: float = 2.0) -> None:
+                 interval_s: float = 5.0, timeout_s: float = 2.0,
+                 max_rate: float = 200.0, workers: int = 16) -> None:
         if not interval_s > 0:
             raise ValueError("interval_s must be > 0")
+        if not max_rate > 0:
+            raise ValueError("max_rate must be > 0")
         self.registry, self.edges = registry, list(edges)
-        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.interval_s, self.timeout_s, self.max_rate = interval_s, timeout_s, max_rate
+        self.period_s = period(len(self.edges), interval_s, max_rate)
+        self.ttl_s = ttl(registry.down_after_s, self.period_s, timeout_s)
+        self.by_shard: dict[int, list[EdgeClient]] = {}
+        for e in self.edges:
+            self.by_shard.setdefault(shard(e.name), []).append(e)
+        self.workers = workers
+        self.turns_won = 0  # shards this process polled (the bench reads it)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._owner = f"{id(self):x}"
         self._was_up: dict[str, bool] = {}
 
-    def _ask(self, edge: EdgeClient) -> tuple[EdgeClient, NodeOffer | None, EdgeError | None]:
+    def _ask(self, edge: EdgeClient) -> Answer:
         try:
-            return edge, edge.offer(timeout=self.timeout_s), None
+            return Answer(edge.name, edge.url, edge.offer(timeout=self.timeout_s))
         except EdgeError as exc:
-            return edge, None, exc
+            return Answer(edge.name, edge.url, None, str(exc), exc.status)
 
-    def beat(self) -> dict[str, NodeState]:
-        """Ask every node now (in parallel) and record the answers."""
-        out = {}
-        with ThreadPoolExecutor(max(1, min(16, len(self.edges)))) as pool:
-            for edge, offer, exc in pool.map(self._ask, self.edges):
-                error = None if exc is None else str(exc)
-                st = self.registry.record(edge.name, edge.url, offer, error,
-                                          None if exc is None else exc.status)
-                out[edge.name] = st
-                up = st.up(self.registry.clock(), self.registry.down_after_s)
-                if self._was_up.get(edge.name, True) != up:
-                    log.warning("edge node %s is %s%s", edge.name, "up" if up else "down",
-                                "" if up else f" (no offer for {self.registry.down_after_s:g} "
-                                f"s: {error})")
-                self._was_up[edge.name] = up
+    def poll(self, edges: Sequence[EdgeClient]) -> dict[str, NodeState]:
+        """Ask `edges` now (in parallel) and record the answers."""
+        if not edges:
+            return {}
+        with ThreadPoolExecutor(max(1, min(self.workers, len(edges)))) as pool:
+            return self._record(list(pool.map(self._ask, edges)))
+
+    def _record(self, answers: list[Answer]) -> dict[str, NodeState]:
+        out = self.registry.record_many(answers, self.ttl_s)
+        now = self.registry.clock()
+        for a in answers:
+            up = out[a.name].up(now, self.registry.down_after_s)
+            if self._was_up.get(a.name, True) != up:
+                log.warning("edge node %s is %s%s", a.name, "up" if up else "down",
+                            "" if up else f" (no offer for {self.ttl_s:g} s: {a.error})")
+            self._was_up[a.name] = up
         return out
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def beat(self) -> dict[str, NodeState]:
+        """Ask every configured node now (one round, whatever the period)."""
+        return self.poll(self.edges)
+
+    def turn(self, i: int, pool: ThreadPoolExecutor | None = None) -> bool:
+        """Turn number `i` (shard `i % SHARDS`): if this process wins its lease, ask the
+        shard's nodes (in `pool`, recorded when the last one answered; without a pool,
+        now) and say so. Lost: another process has it, or this one has no node there."""
+        k = i % SHARDS
+        edges = self.by_shard.get(k)
+        if not edges or not self.registry.claim(k, i, self.period_s, self._owner):
+            return False
+        self.turns_won += 1
+        if pool is None:
+            self.poll(edges)
+            return True
+        futures = [pool.submit(self._ask, e) for e in edges]
+        left, lock = [len(futures)], threading.Lock()
+
+        def answered(_: Any) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
             try:
-                if self.registry.claim_poll(self.interval_s, self._owner):
-                    self.beat()
-            except Exception:  # the heartbeat outlives a Redis hiccup
-                log.exception("heartbeat round failed")
-            self._stop.wait(self.interval_s)
+                self._record([f.result() for f in futures])
+            except Exception:  # the heartbeat outlives a Redis hiccup; the next turn runs
+                log.exception("heartbeat turn %d: recording failed", k)
+
+        for f in futures:
+            f.add_done_callback(answered)
+        return True
+
+    def _run(self) -> None:
+        step = self.period_s / SHARDS
+        done = math.floor(time.time() / step) - 1  # the last turn taken (by its number)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="enorm-heartbeat") as pool:
+            while not self._stop.is_set():
+                now = math.floor(time.time() / step)
+                # Every turn due since the last, so that a late wake-up skips no shard;
+                # the turn's number is the same in every process (the wall clock).
+                for i in range(max(done + 1, now - SHARDS + 1), now + 1):
+                    try:
+                        self.turn(i, pool)
+                    except Exception:
+                        log.exception("heartbeat turn failed")
+                done = now
+                # Sleep to the next turn, plus a jitter so that no process always wins.
+                self._stop.wait(max(0.0, (now + 1) * step - time.time())
+                                + random.uniform(0, step / 4))
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name="enorm-heartbeats")
             self._thread.start()
@@ -159,3 +385,4 @@ class Heartbeats:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+

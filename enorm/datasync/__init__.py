@@ -63,7 +63,7 @@ from .report import (
     VerificationFailed,
 )
 from .rules import matches, merge_rule
-from .transport import Client, binary, connect, ping
+from .transport import Client, binary, connect, is_cluster, mget, ping
 
 __all__ = [
     "Client",
@@ -77,6 +77,8 @@ __all__ = [
     "SyncReport",
     "VerificationFailed",
     "connect",
+    "is_cluster",
+    "mget",
     "copy_shared",
     "copy_users",
     "count_existing",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -97,6 +97,13 @@ def binary(client: Client) -> Client:
 
 def is_cluster(client: Client) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def mget(client: Client, keys: Sequence[str | bytes]) -> list[Any]:
+    """GET of many keys in one round trip per master (a cluster splits it by slot)."""
+    if not keys:
+        return []
+    return client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)
 
 
 def masters(client: Client) -> list[redis.Redis]:

@@ -105,13 +105,14 @@ def test_scored_placement_picks_the_node_with_room_where_first_fit_does_not(edge
         first = cloud_manager(edges, redis.url)
         order, _, placed = first.place(first.request_for(users))
         assert [e.name for e in order] == [full.name, roomy.name]
-        assert placed == {"policy": "first", "order": [full.name, roomy.name]}
+        assert placed["policy"] == "first" and placed["order"] == [full.name, roomy.name]
 
         scored = cloud_manager(edges, redis.url, placement="scored")
         req = scored.request_for(users)
         order, refused, placed = scored.place(req)
         assert [e.name for e in order] == [roomy.name, full.name] and refused == {}
         figures = placed["nodes"]
+        assert 0 < placed["ms"]["probes"] <= placed["ms"]["total"]
         assert figures[full.name]["free_units"] == pytest.approx(1.0)
         assert figures[roomy.name]["free_units"] == pytest.approx(8.0)
         for f in figures.values():  # both nodes probed the user themselves

@@ -1,0 +1,118 @@
+"""The cloud side's state spread over a Redis Cluster's slots (issue 32): the registry and
+the ledger, on a plain Redis and on a 3-master cluster, as several processes see them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis.crc import key_slot
+
+from cloud_manager import ledger as ledger_mod
+from cloud_manager import registry as registry_mod
+from cloud_manager.ledger import Entry, Ledger
+from cloud_manager.registry import Registry
+from enorm import datasync
+from enorm.protocol import NodeOffer, Resources, User
+
+
+def offer(name: str, free_cores: float = 2.0) -> NodeOffer:
+    r = Resources(cores=4, memory_mb=4096)
+    return NodeOffer(name=name, capacity=r, reserved=Resources(cores=0, memory_mb=0),
+                     basic_service=Resources(cores=0, memory_mb=0), allocated=r,
+                     free=Resources(cores=free_cores, memory_mb=2048),
+                     unit=Resources(cores=1, memory_mb=200), servers=0, admission="paper",
+                     ports_free=100, autoscale_interval_s=300)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def cloud(request, redis_server):
+    if request.param == "cluster":
+        return datasync.connect(request.getfixturevalue("redis_cluster").url, cluster=True)
+    return datasync.connect(redis_server().url)
+
+
+def masters_of(cloud, keys: list[str]) -> dict[str, int]:
+    """How many of `keys` each master holds (one 'master' when standalone)."""
+    if not datasync.is_cluster(cloud):
+        return {"standalone": len(keys)}
+    out: dict[str, int] = {}
+    for k in keys:
+        node = cloud.nodes_manager.get_node_from_slot(key_slot(k.encode()))
+        out[node.name] = out.get(node.name, 0) + 1
+    return out
+
+
+def test_the_registry_spreads_and_answers_who_is_up_in_one_read(cloud):
+    now = [1000.0]
+    reg = Registry(cloud, down_after_s=10.0, clock=lambda: now[0])
+    names = [f"n{i}" for i in range(300)]
+    answers = [registry_mod.Answer(n, f"http://10.0.0.1/{n}",
+                                   offer(n) if i % 3 else None, "no answer", None)
+               for i, n in enumerate(names)]
+    states = reg.record_many(answers, ttl_s=30.0)
+    up = {n for i, n in enumerate(names) if i % 3}
+    assert {n for n, st in states.items() if st.seen_at is not None} == up
+    assert reg.names() == sorted(names)
+    assert set(reg.names(up_only=True)) == up
+    # Another process sees the same view; the node's own TTL (30 s) beats down_after_s.
+    other = Registry(cloud, down_after_s=10.0, clock=lambda: now[0] + 25)
+    assert set(other.names(up_only=True)) == up
+    assert {n for n, st in other.up_among(names).items() if st is not None} == up
+    assert other.nodes()["n1"].offer.name == "n1" and other.get("n0").seen_at is None
+    # A node that stops answering keeps its last offer and goes down at its TTL.
+    now[0] += 5
+    reg.record("n1", "http://10.0.0.1/n1", None, "timed out")
+    st = other.get("n1")
+    assert st.offer is not None and st.error == "timed out" and st.seen_at == 1000.0
+    now[0] += 26
+    assert not reg.up("n1") and "n1" not in reg.names(up_only=True)
+    reg.forget("n1")
+    assert reg.get("n1") is None and "n1" not in reg.names()
+    # No slot holds the fleet: the nodes' keys and the index spread over every master.
+    keys = [registry_mod.node_key(n) for n in names]
+    assert len({key_slot(k.encode()) for k in keys}) > 250
+    index = [registry_mod.index_key(k) for k in range(registry_mod.SHARDS)]
+    spread = masters_of(cloud, keys + index)
+    assert len(spread) == (3 if datasync.is_cluster(cloud) else 1)
+    assert max(spread.values()) < 0.5 * len(keys + index) or len(spread) == 1
+    with pytest.raises(ValueError, match="braces"):
+        reg.get("a{b}")
+
+
+def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(cloud):
+    led = Ledger(cloud)
+    users = [User(id=f"u{i}", address="10.1.0.1") for i in range(200)]
+    for s in range(20):
+        led.record(Entry(server_id=f"s{s:02d}", node=f"n{s % 3}", app="g", url="http://x",
+                         users=users[s * 10:(s + 1) * 10], created_at=float(s)))
+    assert [e.server_id for e in led.all()] == [f"s{s:02d}" for s in range(20)]
+    assert led.where("u42").server_id == "s04" and led.where("nobody") is None
+    # u40..u44 move to a new deployment; forgetting the old one keeps their pointers.
+    led.record(Entry(server_id="s99", node="n1", app="g", url="http://y",
+                     users=users[40:45], created_at=99.0))
+    led.forget("s04")
+    assert led.get("s04") is None
+    assert led.where("u42").server_id == "s99" and led.where("u47") is None
+    # A pointer to a deployment that is gone (a process died before it took the pointers)
+    # reads as none.
+    cloud.set(ledger_mod.user_key("u48"), "s04")
+    assert led.where("u48") is None
+    keys = [ledger_mod.user_key(u.id) for u in users]
+    spread = masters_of(cloud, keys)
+    assert len(spread) == (3 if datasync.is_cluster(cloud) else 1)
+    assert max(spread.values()) < 0.5 * len(keys) or len(spread) == 1
+    # The users' pointers are the library's keys: no copy finds them as a user's data.
+    assert not [k for k in datasync.user_keys(cloud, ["u1"]) if b"served-by" in k]
+
+
+def test_a_ledger_of_the_old_shape_is_adopted(cloud):
+    old = Entry(server_id="s1", node="n0", app="g", url="http://x",
+                users=[User(id="cloud", address="10.0.0.1")])
+    cloud.hset("enorm:{cloud}:deployments", "s1", old.to_json())
+    cloud.hset("enorm:{cloud}:users", "cloud", "s1")
+    led = Ledger(cloud)
+    assert led.adopt_legacy() == 1 and led.adopt_legacy() == 0
+    assert led.where("cloud").server_id == "s1"
+    assert json.loads(led.get("s1").to_json())["node"] == "n0"
+    assert not cloud.exists("enorm:{cloud}:deployments", "enorm:{cloud}:users")
