@@ -1,0 +1,171 @@
+"""One cloud-manager process of the fleet bench: the library's `CloudManager` over every
+simulated node, sharing the registry and the ledger in the cluster with the other
+processes. It runs the heartbeats (its share of the turns) and offloads: groups of users
+taken from a counter the processes share, placed among all the nodes (scored: the
+registry's offers, then the probes of the best few), admitted by a node (the real
+handshake against the simulated node), recorded in the ledger. No container is behind a
+simulated node, so an offload stops after the handshake and the ledger: the SSH deploy
+and the data copy are measured elsewhere (bench.deployment, bench.datasync). Each worker
+withdraws its oldest deployment once it holds `keep`, so the fleet does not fill up.
+
+The offloads start when the bench sets `fleet:go`; at SIGTERM (or after `--duration` s)
+the process writes what it measured as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import redis
+import requests
+from requests.adapters import HTTPAdapter
+
+from bench.fleet.nodes import names as node_names
+from cloud_manager import App, CloudManager, EdgeClient, EdgeError, NoEdgeAvailable
+from cloud_manager.ledger import Entry, Ledger
+from cloud_manager.registry import Registry
+from enorm import datasync
+from enorm.protocol import DataSink, User
+
+# The bench's own keys: which group of users is next; the offloads start once GO exists.
+GROUP_COUNTER = "fleet:groups"
+GO = "fleet:go"
+TOKEN = "fleet-bench-token"
+
+
+def edges(sims: list[tuple[int, int, int]]) -> list[EdgeClient]:
+    """An EdgeClient per simulated node. They share one pooled HTTP session: one loopback
+    port per simulator process, one token for all (10,000 sessions would hold 10,000
+    connection pools)."""
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {TOKEN}"
+    http.mount("http://", HTTPAdapter(pool_connections=16, pool_maxsize=128))
+    out = []
+    for port, first, count in sims:
+        for name in node_names(first, count):
+            e = EdgeClient(f"http://127.0.0.1:{port}/n/{name}", TOKEN, name=name, retries=0,
+                           timeout=2.0, setup_timeout=5.0, terminate_timeout=5.0)
+            e.http.close()
+            e.http = http
+            out.append(e)
+    return out
+
+
+def app() -> App:
+    return App(name="fleet", port=8000, files={}, command=["true"], env=lambda ctx: {},
+               redirect=lambda users, url: None, restore=lambda users: None)
+
+
+class Worker:
+    def __init__(self, cm: CloudManager, ledger: Ledger, group: int, keep: int,
+                 stop: threading.Event) -> None:
+        self.cm, self.ledger, self.group, self.keep, self.stop = cm, ledger, group, keep, stop
+        self.held: deque[tuple[EdgeClient, str]] = deque()
+        self.offload_s: list[tuple[float, float]] = []  # (when it ended, seconds)
+        self.failed: dict[str, int] = {}
+        self.placement_ms: list[dict] = []  # the placement's own timings (total, probes)
+
+    def count(self, kind: str) -> None:
+        self.failed[kind] = self.failed.get(kind, 0) + 1
+        time.sleep(0.05)
+
+    def run(self) -> None:
+        r = self.cm.cloud
+        while not self.stop.is_set() and not r.exists(GO):
+            self.stop.wait(0.2)
+        while not self.stop.is_set():
+            try:
+                g = int(r.incr(GROUP_COUNTER)) - 1
+            except redis.RedisError:  # a master failing over
+                time.sleep(0.1)
+                continue
+            users = [User(id=f"u{g * self.group + i}", address=f"198.18.{(g >> 8) & 255}."
+                          f"{g & 255}") for i in range(self.group)]
+            t0 = time.perf_counter()
+            try:
+                dep = self.cm.admit(users, (), None, {})
+            except (NoEdgeAvailable, EdgeError, datasync.SyncError, redis.RedisError,
+                    OSError) as exc:
+                self.count(type(exc).__name__)
+                continue
+            try:
+                self.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
+                                         app="fleet", url=dep.url, users=users))
+            except redis.RedisError:  # not recorded after its retries: not kept either
+                self.count("record_failed")
+                self.cm.abandon(dep, restore=False)
+                continue
+            self.offload_s.append((time.time(), time.perf_counter() - t0))
+            self.placement_ms.append(dep.placement["ms"])
+            with self.cm.lock:
+                self.cm.deployments.pop(dep.server_id, None)  # the ledger holds it
+            self.held.append((dep.edge, dep.server_id))
+            while len(self.held) > self.keep:
+                edge, sid = self.held.popleft()
+                try:
+                    edge.terminate(sid)
+                    self.ledger.forget(sid)
+                except (EdgeError, redis.RedisError):
+                    pass  # a node down: its server stays there (and in the ledger)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--redis", required=True)
+    ap.add_argument("--sims", required=True, help="port:first:count,...")
+    ap.add_argument("--name", default=f"m{os.getpid()}")
+    ap.add_argument("--interval", type=float, default=5.0)
+    ap.add_argument("--max-rate", type=float, default=200.0)
+    ap.add_argument("--down-after", type=float, default=15.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--group", type=int, default=100)
+    ap.add_argument("--keep", type=int, default=10)
+    ap.add_argument("--duration", type=float, default=3600.0)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    sims = [tuple(int(x) for x in s.split(":")) for s in a.sims.split(",")]
+    cloud = datasync.connect(a.redis, cluster=True)
+    registry = Registry(cloud, down_after_s=a.down_after)
+    fleet = edges(sims)
+    cm = CloudManager(fleet, app(), cloud_redis=cloud, sink=DataSink(url=a.redis, cluster=True),
+                      registry=registry, placement="scored", probe_sample=8)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    beats = cm.start_heartbeats(a.interval, timeout_s=2.0, max_rate=a.max_rate)
+    print(f"ready {a.name} {len(fleet)} period {beats.period_s:g} ttl {beats.ttl_s:g}",
+          flush=True)
+    ledger = Ledger(cloud)
+    workers = [Worker(cm, ledger, a.group, a.keep, stop) for _ in range(a.workers)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    stop.wait(a.duration)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    elapsed = time.time() - t0
+    beats.stop()
+    failed: dict[str, int] = {}
+    for w in workers:
+        for k, v in w.failed.items():
+            failed[k] = failed.get(k, 0) + v
+    a.out.write_text(json.dumps({
+        "name": a.name, "nodes": len(fleet), "elapsed_s": elapsed,
+        "period_s": beats.period_s, "ttl_s": beats.ttl_s, "turns_won": beats.turns_won,
+        "offload_s": [s for w in workers for s in w.offload_s],
+        "placement_ms": [m for w in workers for m in w.placement_ms], "failed": failed,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    os._exit(0)  # the daemon threads (heartbeat pools) need not be joined
+
+
+if __name__ == "__main__":
+    main()

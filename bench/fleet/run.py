@@ -1,0 +1,323 @@
+"""One run of the fleet bench at one size: the cluster, the simulators and the
+cloud-manager processes started, measured in two phases, everything stopped after.
+
+Phase 1, heartbeats only: heartbeat requests/s (counted by the simulators) and Redis
+ops/s per node, the busiest master's share of the ops, and the time until the registry
+holds a node that went down as down (a few nodes taken down at the phase's start; the
+bound is the registry's TTL, `2 period + timeout`). Phase 2, offloads: every process
+offloads groups of users (placement among all nodes, handshake, ledger), optionally with
+a master killed half-way (`failover`). Then the ledger is filled to `users` users and
+`where` is timed, and the memory per node and per user read from the masters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bench.fleet.cluster import Cluster
+from bench.fleet.manager import GO
+from bench.fleet.nodes import names as node_names
+from cloud_manager import ledger as ledger_mod
+from cloud_manager import registry as registry_mod
+from cloud_manager.ledger import Entry, Ledger
+from cloud_manager.placement import order, summary_candidate
+from cloud_manager.registry import Registry
+from enorm import datasync
+from enorm.protocol import SetupRequest, User
+
+PER_SIM = 2500  # simulated nodes per asyncio process
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)]
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 2)
+
+
+class Run:
+    def __init__(self, nodes: int, procs: int = 4, interval_s: float = 5.0,
+                 max_rate: float = 200.0, workers: int = 2, group: int = 100,
+                 churn: float = 0.0) -> None:
+        self.nodes, self.procs, self.interval_s = nodes, procs, interval_s
+        self.max_rate, self.workers, self.group, self.churn = max_rate, workers, group, churn
+        self.cluster = Cluster()
+        self.tmp = Path(tempfile.mkdtemp(prefix="enorm-fleet-run-"))
+        self.sims: list[tuple[int, int, int]] = []
+        self.children: list[subprocess.Popen] = []
+        self.managers: list[tuple[subprocess.Popen, Path]] = []
+
+    # -- starting and stopping ------------------------------------------------------------
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                             stderr=log.open("wb"), text=True)
+        self.children.append(p)
+        line = p.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"{args[0]} did not start: {line!r} {log.read_text()[-2000:]}")
+        return p
+
+    def start(self) -> Run:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Run:
+        self.cluster.start()
+        self.r = datasync.connect(self.cluster.url, cluster=True)
+        for i, first in enumerate(range(0, self.nodes, PER_SIM)):
+            port, count = _port(), min(PER_SIM, self.nodes - first)
+            self._spawn(["bench.fleet.nodes", "--port", str(port), "--first", str(first),
+                         "--count", str(count), "--churn", str(self.churn), "--seed", str(i)],
+                        self.tmp / f"sim{i}.log")
+            self.sims.append((port, first, count))
+        sims = ",".join(f"{p}:{f}:{c}" for p, f, c in self.sims)
+        for i in range(self.procs):
+            out = self.tmp / f"m{i}.json"
+            p = self._spawn(["bench.fleet.manager", "--redis", self.cluster.url, "--sims", sims,
+                             "--name", f"m{i}", "--out", str(out),
+                             "--interval", str(self.interval_s),
+                             "--max-rate", str(self.max_rate), "--down-after", "1",
+                             "--workers", str(self.workers), "--group", str(self.group),
+                             "--keep", str(max(1, 2 * self.nodes // (self.procs * self.workers)))],
+                            self.tmp / f"m{i}.log")
+            self.managers.append((p, out))
+        self.period_s = registry_mod.period(self.nodes, self.interval_s, self.max_rate)
+        self.ttl_s = registry_mod.ttl(1.0, self.period_s, 2.0)
+        return self
+
+    def stop(self) -> None:
+        for p in self.children:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.cluster.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- what the simulators and the masters counted --------------------------------------
+    def sim_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for port, _, _ in self.sims:
+            for k, v in requests.get(f"http://127.0.0.1:{port}/ctl/stats", timeout=10
+                                     ).json()["asked"].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def sim_for(self, name: str) -> int:
+        i = int(name[1:])
+        return next(port for port, first, count in self.sims if first <= i < first + count)
+
+    def set_down(self, names: list[str], down: bool) -> float:
+        at = time.time()
+        for n in names:
+            requests.post(f"http://127.0.0.1:{self.sim_for(n)}/ctl/{'down' if down else 'up'}",
+                          json={"nodes": [n]}, timeout=10)
+        return at
+
+    def window(self, seconds: float, during=None) -> dict:
+        """Counts over `seconds`: simulator requests, each master's ops."""
+        s0, o0, t0 = self.sim_stats(), self.cluster.ops(), time.time()
+        if during is not None:
+            during()
+        time.sleep(max(0.0, seconds - (time.time() - t0)))
+        s1, o1, t1 = self.sim_stats(), self.cluster.ops(), time.time()
+        dt = t1 - t0
+        # a master that failed over: its replica's count restarts from its own
+        ops = {p: o1[p] - o0.get(p, 0) for p in o1}
+        total = sum(ops.values()) or 1
+        return {"seconds": round(dt, 2),
+                "requests_per_s": {k: round((s1.get(k, 0) - s0.get(k, 0)) / dt, 2) for k in s1},
+                "redis_ops_per_s": round(total / dt, 1),
+                "busiest_master_share": round(max(ops.values()) / total, 3),
+                "ops_per_master": {str(p): v for p, v in ops.items()}}
+
+    # -- the phases -----------------------------------------------------------------------
+    def warm_up(self, timeout: float) -> float:
+        """Until the registry has seen every node once (a whole heartbeat period)."""
+        reg, t0 = Registry(self.r, down_after_s=1.0), time.time()
+        while time.time() - t0 < timeout:
+            if len(reg.names(up_only=True)) >= self.nodes * 0.97:
+                return time.time() - t0
+            time.sleep(0.5)
+        raise TimeoutError(f"the registry saw {len(reg.names(up_only=True))} of "
+                           f"{self.nodes} nodes in {timeout} s")
+
+    def detection(self, names: list[str], down_at: float, timeout: float) -> list[float]:
+        """Seconds from each node's going down until the registry holds it down."""
+        reg, found = Registry(self.r, down_after_s=1.0), {}
+        while len(found) < len(names) and time.time() - down_at < timeout:
+            now = time.time()
+            for n, st in reg.up_among([n for n in names if n not in found]).items():
+                if st is None:
+                    found[n] = now - down_at
+            time.sleep(0.1)
+        return [found.get(n, math.inf) for n in names]
+
+    def heartbeats(self, seconds: float, down: int = 5) -> dict:
+        gone = random.Random(1).sample(node_names(0, self.nodes), down)
+        at = self.set_down(gone, True)
+        res: dict = {}
+        t = threading.Thread(target=lambda: res.update(
+            d=self.detection(gone, at, max(seconds, self.ttl_s * 1.5 + 5))))
+        t.start()
+        w = self.window(seconds)
+        t.join()
+        self.set_down(gone, False)
+        det = res["d"]
+        hb = w["requests_per_s"].get("offer", 0.0)
+        return {**w, "heartbeat_requests_per_s": hb,
+                "heartbeat_requests_per_s_per_node": round(hb / self.nodes, 4),
+                "redis_ops_per_s_per_node": round(w["redis_ops_per_s"] / self.nodes, 4),
+                "period_s": self.period_s, "detection_bound_s": self.ttl_s,
+                "detection_s": [round(d, 2) for d in det],
+                "detected_within_bound": all(d <= self.ttl_s + 1.0 for d in det)}
+
+    def offloads(self, seconds: float, failover: bool = False) -> dict:
+        self.r.set(GO, 1)
+        killed: dict = {}
+
+        def kill() -> None:
+            time.sleep(seconds / 3)
+            t = time.time()
+            port, promoted = self.cluster.kill_master()
+            killed.update(port=port, at=t, promoted_after_s=round(promoted, 2))
+
+        t0 = time.time()
+        w = self.window(seconds, during=(lambda: threading.Thread(target=kill).start())
+                        if failover else None)
+        t1 = time.time()
+        self.r.delete(GO)
+        outs = self.collect()
+        done = [(at, s) for o in outs for at, s in o["offload_s"]]
+        inside = [s for at, s in done if t0 <= at <= t1]
+        placed = [m for o in outs for m in o["placement_ms"]]
+        total = [m["total"] / 1000 for m in placed]
+        decision = [(m["total"] - m.get("probes", 0.0)) / 1000 for m in placed]
+        out = {**w, "offloads": len(inside),
+               "offloads_per_s": round(len(inside) / (t1 - t0), 2),
+               "offload_ms_p50": _ms(pct(inside, 0.5)), "offload_ms_p99": _ms(pct(inside, 0.99)),
+               "placement_ms_p50": _ms(pct(total, 0.5)),
+               "placement_ms_p99": _ms(pct(total, 0.99)),
+               # without the probes of the shortlisted nodes (their round trips)
+               "placement_decision_ms_p50": _ms(pct(decision, 0.5)),
+               "placement_decision_ms_p99": _ms(pct(decision, 0.99)),
+               "failed": {k: sum(o["failed"].get(k, 0) for o in outs)
+                          for k in {k for o in outs for k in o["failed"]}},
+               "turns_won_per_process": [o["turns_won"] for o in outs],
+               "manager_rss_mb": [round(o["rss_mb"], 1) for o in outs]}
+        if failover:
+            after = sorted(at for at, _ in done if at > killed["at"])
+            out["failover"] = {**killed, "first_offload_after_s":
+                               round(after[0] - killed["at"], 2) if after else None}
+        return out
+
+    def collect(self) -> list[dict]:
+        """SIGTERM to the cloud-manager processes; what each wrote."""
+        for p, _ in self.managers:
+            p.send_signal(signal.SIGTERM)
+        outs = []
+        for i, (p, _) in enumerate(self.managers):
+            p.wait(60)
+            outs.append(json.loads((self.tmp / f"m{i}.json").read_text()))
+        return outs
+
+    def decision(self, rounds: int = 200) -> dict:
+        """The placement's decision alone, in this (otherwise idle) process: who is up
+        and their summaries from the registry, then the ranking of all of them."""
+        reg = Registry(self.r, down_after_s=1.0)
+        req = SetupRequest.model_construct(priority=5)
+        read, rank = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            sums = reg.summaries()
+            t1 = time.perf_counter()
+            order([summary_candidate(n, s, req) for n, s in sums.items()], "scored")
+            rank.append(time.perf_counter() - t1)
+            read.append(t1 - t)
+        both = [a + b for a, b in zip(read, rank, strict=True)]
+        return {"candidates": len(sums), "registry_read_ms_p50": _ms(pct(read, 0.5)),
+                "rank_ms_p50": _ms(pct(rank, 0.5)), "decision_ms_p50": _ms(pct(both, 0.5)),
+                "decision_ms_p99": _ms(pct(both, 0.99))}
+
+    def ledger_check(self) -> dict:
+        """The ledger against itself: each user named by one deployment at most, and
+        every deployment's users pointing at it unless they moved on."""
+        led = Ledger(self.r)
+        entries = led.all()
+        seen: dict[str, str] = {}
+        doubled = 0
+        for e in entries:
+            for u in e.user_ids:
+                doubled += u in seen
+                seen[u] = e.server_id
+        pointers = datasync.mget(self.r, [ledger_mod.user_key(u) for u in seen])
+        dangling = sum(p is None for p in pointers)
+        return {"deployments": len(entries), "users": len(seen),
+                "users_in_two_deployments": doubled, "users_without_pointer": dangling}
+
+    def memory_and_where(self, users: int, sample: int = 2000) -> dict:
+        """Fill the ledger to `users` users (groups of `group`), then time `where`."""
+        m0 = sum(self.cluster.memory().values())
+        led = Ledger(self.r)
+        groups = max(1, users // self.group)
+        t0 = time.time()
+
+        def fill(part: int) -> None:
+            r = datasync.connect(self.cluster.url, cluster=True)
+            lp = Ledger(r)
+            for g in range(part, groups, 4):
+                us = [User(id=f"w{g * self.group + i}", address="198.18.0.1")
+                      for i in range(self.group)]
+                lp.record(Entry(server_id=f"w{g:08x}", node=f"f{g % self.nodes:07d}",
+                                app="fleet", url="http://127.0.0.1:1", users=us))
+            r.close()
+
+        ts = [threading.Thread(target=fill, args=(i,)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        fill_s = time.time() - t0
+        m1 = sum(self.cluster.memory().values())
+        rng = random.Random(2)
+        lat, wrong = [], 0
+        for _ in range(sample):
+            u = f"w{rng.randrange(groups * self.group)}"
+            t = time.perf_counter()
+            e = led.where(u)
+            lat.append(time.perf_counter() - t)
+            wrong += e is None or u not in e.user_ids
+        reg_keys = [registry_mod.node_key(n) for n in node_names(0, min(self.nodes, 200))]
+        node_bytes = statistics.mean(int(self.r.memory_usage(k) or 0) for k in reg_keys)
+        index_bytes = sum(int(self.r.memory_usage(registry_mod.index_key(k)) or 0)
+                          for k in range(registry_mod.SHARDS))
+        return {"users": groups * self.group, "fill_s": round(fill_s, 1), "where_wrong": wrong,
+                "where_ms_p50": _ms(pct(lat, 0.5)), "where_ms_p99": _ms(pct(lat, 0.99)),
+                "cluster_bytes_per_user": round((m1 - m0) / (groups * self.group), 1),
+                "registry_bytes_per_node": round(node_bytes + index_bytes / self.nodes, 1)}
