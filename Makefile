@@ -47,7 +47,7 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.slo
 	$(LOCK) .venv/bin/python -m bench.handover
 	$(LOCK) .venv/bin/python -m bench.placement
-	$(LOCK) .venv/bin/python -m bench.fleet --failover
+	$(LOCK) .venv/bin/python -m bench.fleet --faults
 
 bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.autoscaling --rounds 1 --only 1x1 8x1  # prints, writes no file

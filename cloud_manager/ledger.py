@@ -24,9 +24,6 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import redis
-from redis.exceptions import ClusterDownError, TryAgainError
-
 from enorm import datasync
 from enorm.datasync.transport import Job, eval_command, run_jobs
 from enorm.protocol import User
@@ -121,17 +118,9 @@ class Ledger:
 
     def record(self, e: Entry, retry_s: float = 15.0) -> None:
         """The deployment, then its users' pointers (module docstring: the order); tried
-        again for `retry_s` while the cluster cannot answer (a master failing over: its
-        replica takes over within seconds), since writing it twice changes nothing."""
-        deadline = time.monotonic() + retry_s
-        while True:
-            try:
-                return self._record(e)
-            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError,
-                    TryAgainError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.25)
+        again for `retry_s` through a master's failover (writing it twice changes
+        nothing)."""
+        datasync.through_failover(lambda: self._record(e), retry_s)
 
     def _record(self, e: Entry) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -177,6 +166,29 @@ class Ledger:
         pipe.delete(deployment_key(server_id))
         pipe.srem(index_key(shard(server_id)), server_id)
         pipe.execute()
+
+    def repair(self) -> int:
+        """Finish what a process killed half-way through `record` left: a deployment
+        whose users' pointers are missing, or name a deployment that is gone or older,
+        gets them; how many pointers were written. It reads the whole ledger: run it
+        after a cloud-manager process died, not on every command."""
+        entries = self.all()
+        created = {e.server_id: e.created_at for e in entries}
+        fix: dict[str, str] = {}
+        for e in entries:
+            now = datasync.mget(self.r, [user_key(u) for u in e.user_ids])
+            for u, sid in zip(e.user_ids, now, strict=True):
+                held = None if sid is None else created.get(_text(sid))
+                if held is None or held < e.created_at:
+                    fix[u] = e.server_id
+        if fix:
+            def write() -> None:
+                pipe = self.r.pipeline(transaction=False)
+                for u, sid in fix.items():
+                    pipe.set(user_key(u), sid)
+                pipe.execute()
+            datasync.through_failover(write)
+        return len(fix)
 
     def adopt_legacy(self, prefix: str = LEGACY_PREFIX) -> int:
         """Move a ledger of the old shape (two hashes under one hash tag) into this one;

@@ -176,7 +176,13 @@ class Registry:
                     ) -> dict[str, NodeState]:
         """A heartbeat turn's answers, written in one pipeline: each node's state and
         its index entry (the nodes without an offer keep their last one: read first)."""
-        now = self.clock()
+        now = self.clock()  # the answers' time, however late they are written
+        # Through a master's failover (a node recorded late is not a node down).
+        return datasync.through_failover(lambda: self._write(answers, now, ttl_s),
+                                         ttl_s or self.down_after_s)
+
+    def _write(self, answers: Sequence[Answer], now: float, ttl_s: float
+               ) -> dict[str, NodeState]:
         failed = [a.name for a in answers if a.offer is None]
         old = dict(zip(failed, self.states_list(failed), strict=True))
         out, pipe = {}, self.r.pipeline(transaction=False)
@@ -326,30 +332,36 @@ class Heartbeats:
         """Ask every configured node now (one round, whatever the period)."""
         return self.poll(self.edges)
 
-    def turn(self, i: int, pool: ThreadPoolExecutor | None = None) -> bool:
+    def turn(self, i: int, asks: ThreadPoolExecutor | None = None,
+             writes: ThreadPoolExecutor | None = None) -> bool:
         """Turn number `i` (shard `i % SHARDS`): if this process wins its lease, ask the
-        shard's nodes (in `pool`, recorded when the last one answered; without a pool,
-        now) and say so. Lost: another process has it, or this one has no node there."""
+        shard's nodes and record their answers, and say so. With pools, the nodes are
+        asked in `asks` and the answers recorded in `writes` once the last came (a
+        failing-over cluster holds up the records, not the questions); without, now.
+        Lost: another process has it, or this one has no node there."""
         k = i % SHARDS
         edges = self.by_shard.get(k)
         if not edges or not self.registry.claim(k, i, self.period_s, self._owner):
             return False
         self.turns_won += 1
-        if pool is None:
+        if asks is None or writes is None:
             self.poll(edges)
             return True
-        futures = [pool.submit(self._ask, e) for e in edges]
+        futures = [asks.submit(self._ask, e) for e in edges]
         left, lock = [len(futures)], threading.Lock()
+
+        def write() -> None:
+            try:
+                self._record([f.result() for f in futures])
+            except Exception:  # the heartbeat outlives a Redis outage; the next turn runs
+                log.exception("heartbeat turn %d: recording failed", i)
 
         def answered(_: Any) -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
                     return
-            try:
-                self._record([f.result() for f in futures])
-            except Exception:  # the heartbeat outlives a Redis hiccup; the next turn runs
-                log.exception("heartbeat turn %d: recording failed", k)
+            writes.submit(write)
 
         for f in futures:
             f.add_done_callback(answered)
@@ -358,14 +370,15 @@ class Heartbeats:
     def _run(self) -> None:
         step = self.period_s / SHARDS
         done = math.floor(time.time() / step) - 1  # the last turn taken (by its number)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="enorm-heartbeat") as pool:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="enorm-heartbeat") as asks, \
+                ThreadPoolExecutor(4, thread_name_prefix="enorm-heartbeat-record") as writes:
             while not self._stop.is_set():
                 now = math.floor(time.time() / step)
                 # Every turn due since the last, so that a late wake-up skips no shard;
                 # the turn's number is the same in every process (the wall clock).
                 for i in range(max(done + 1, now - SHARDS + 1), now + 1):
                     try:
-                        self.turn(i, pool)
+                        self.turn(i, asks, writes)
                     except Exception:
                         log.exception("heartbeat turn failed")
                 done = now

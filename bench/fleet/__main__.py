@@ -2,8 +2,9 @@
 
 Per size: 4 cloud-manager processes on a 3-master cluster with replicas, heartbeats
 alone for a phase, then offloads; the largest size also fills the ledger to `--users`
-users and times `where`; with `--failover`, a master is killed during the offloads of
-every size. Results: bench/results/fleet.json and fleet.png (BENCHMARKS.md).
+users and times `where`; with `--faults`, during the offloads of every size a master is
+killed (kill -9, its replica promoted) and one cloud-manager process half-way (kill -9).
+Results: bench/results/fleet.json and fleet.png (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def one(n: int, a: argparse.Namespace, users: int) -> dict:
         warm = run.warm_up(timeout=run.period_s * 3 + 60)
         hb = run.heartbeats(max(a.seconds, run.ttl_s * 1.5 + 5))
         decision = run.decision()
-        off = run.offloads(a.seconds, failover=a.failover)
+        off = run.offloads(a.seconds, failover=a.faults, kill_process=a.faults)
         res = {"nodes": n, "processes": a.procs, "warm_up_s": round(warm, 1),
                "heartbeats": hb, "placement_alone": decision,
                "offloads": off, "ledger": run.ledger_check()}
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--max-rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--churn", type=float, default=0.0)
-    ap.add_argument("--failover", action="store_true")
+    ap.add_argument("--faults", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
     a = ap.parse_args()
     results = [one(n, a, a.users if n == max(a.sizes) else 0) for n in a.sizes]

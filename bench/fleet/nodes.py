@@ -161,6 +161,9 @@ class Fleet:
                 asyncio.get_running_loop().call_later(
                     self.rng.uniform(*down_s), setattr, self.nodes[name], "down", False)
 
+    async def servers(self, request: web.Request) -> web.Response:
+        return web.json_response([sid for n in self.nodes.values() for sid in n.servers])
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 << 20)
         app.add_routes([
@@ -170,6 +173,7 @@ class Fleet:
             web.delete("/n/{node}/v1/servers/{sid}", self.terminate),
             web.post("/ctl/{what:down|up}", self.ctl),
             web.get("/ctl/stats", self.stats),
+            web.get("/ctl/servers", self.servers),
         ])
         return app
 

@@ -198,21 +198,51 @@ class Run:
                 "detection_s": [round(d, 2) for d in det],
                 "detected_within_bound": all(d <= self.ttl_s + 1.0 for d in det)}
 
-    def offloads(self, seconds: float, failover: bool = False) -> dict:
+    def offloads(self, seconds: float, failover: bool = False,
+                 kill_process: bool = False) -> dict:
+        """Offloads from every process for `seconds`; with `failover` a master is killed
+        (kill -9) a third in, with `kill_process` the last cloud-manager process half-way.
+        Meanwhile, and for a TTL after, the registry's count of nodes up is sampled (a
+        dead process's heartbeat turns must go to the others)."""
         self.r.set(GO, 1)
-        killed: dict = {}
+        events: dict = {}
 
-        def kill() -> None:
-            time.sleep(seconds / 3)
-            t = time.time()
-            port, promoted = self.cluster.kill_master()
-            killed.update(port=port, at=t, promoted_after_s=round(promoted, 2))
+        def faults() -> None:
+            t0 = time.time()
+            if failover:
+                time.sleep(seconds / 3)
+                t = time.time()
+                port, promoted = self.cluster.kill_master()
+                events["failover"] = {"port": port, "at": t,
+                                      "promoted_after_s": round(promoted, 2)}
+            if kill_process:
+                time.sleep(max(0.0, t0 + seconds / 2 - time.time()))
+                p, _ = self.managers[-1]
+                events["killed_process"] = {"at": time.time()}
+                p.kill()  # SIGKILL: no goodbye, no JSON
+                p.wait()
 
+        up: list[int] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            reg = Registry(datasync.connect(self.cluster.url, cluster=True), down_after_s=1.0)
+            while not stop.wait(1.0):
+                try:
+                    up.append(len(reg.names(up_only=True)))
+                except Exception:  # a master failing over
+                    pass
+
+        threading.Thread(target=sample, daemon=True).start()
         t0 = time.time()
-        w = self.window(seconds, during=(lambda: threading.Thread(target=kill).start())
-                        if failover else None)
+        w = self.window(seconds, during=(lambda: threading.Thread(target=faults).start())
+                        if failover or kill_process else None)
         t1 = time.time()
         self.r.delete(GO)
+        # The heartbeats go on for a TTL: a node whose turn fell into the failover
+        # shows down until its next turn; then every node should be up again.
+        time.sleep(self.ttl_s + self.period_s)
+        stop.set()
         outs = self.collect()
         done = [(at, s) for o in outs for at, s in o["offload_s"]]
         inside = [s for at, s in done if t0 <= at <= t1]
@@ -230,22 +260,32 @@ class Run:
                "failed": {k: sum(o["failed"].get(k, 0) for o in outs)
                           for k in {k for o in outs for k in o["failed"]}},
                "turns_won_per_process": [o["turns_won"] for o in outs],
-               "manager_rss_mb": [round(o["rss_mb"], 1) for o in outs]}
-        if failover:
-            after = sorted(at for at, _ in done if at > killed["at"])
-            out["failover"] = {**killed, "first_offload_after_s":
-                               round(after[0] - killed["at"], 2) if after else None}
+               "manager_rss_mb": [round(o["rss_mb"], 1) for o in outs],
+               "nodes_up_min": min(up) if up else None,
+               "nodes_up_at_end": up[-1] if up else None}
+        for name, ev in events.items():
+            after = sorted(at for at, _ in done if at > ev["at"])
+            ev["first_offload_after_s"] = round(after[0] - ev["at"], 2) if after else None
+            ev["offloads_after"] = len(after)
+            out[name] = ev
         return out
 
     def collect(self) -> list[dict]:
-        """SIGTERM to the cloud-manager processes; what each wrote."""
-        for p, _ in self.managers:
+        """SIGTERM to the cloud-manager processes alive; what each wrote."""
+        alive = [(i, p) for i, (p, _) in enumerate(self.managers) if p.poll() is None]
+        for _, p in alive:
             p.send_signal(signal.SIGTERM)
         outs = []
-        for i, (p, _) in enumerate(self.managers):
+        for i, p in alive:
             p.wait(60)
             outs.append(json.loads((self.tmp / f"m{i}.json").read_text()))
         return outs
+
+    def servers_on_nodes(self) -> set[str]:
+        out: set[str] = set()
+        for port, _, _ in self.sims:
+            out |= set(requests.get(f"http://127.0.0.1:{port}/ctl/servers", timeout=30).json())
+        return out
 
     def decision(self, rounds: int = 200) -> dict:
         """The placement's decision alone, in this (otherwise idle) process: who is up
@@ -266,9 +306,11 @@ class Run:
                 "decision_ms_p99": _ms(pct(both, 0.99))}
 
     def ledger_check(self) -> dict:
-        """The ledger against itself: each user named by one deployment at most, and
-        every deployment's users pointing at it unless they moved on."""
+        """The ledger against itself, after the survivors' repair (`Ledger.repair`): each
+        user named by one deployment at most, and every deployment's users pointing at it
+        unless they moved on; and against the nodes' servers."""
         led = Ledger(self.r)
+        repaired = led.repair()
         entries = led.all()
         seen: dict[str, str] = {}
         doubled = 0
@@ -278,8 +320,14 @@ class Run:
                 seen[u] = e.server_id
         pointers = datasync.mget(self.r, [ledger_mod.user_key(u) for u in seen])
         dangling = sum(p is None for p in pointers)
-        return {"deployments": len(entries), "users": len(seen),
-                "users_in_two_deployments": doubled, "users_without_pointer": dangling}
+        on_nodes, recorded = self.servers_on_nodes(), {e.server_id for e in entries}
+        return {"deployments": len(entries), "users": len(seen), "pointers_repaired": repaired,
+                "users_in_two_deployments": doubled, "users_without_pointer": dangling,
+                # admitted by a node, not in the ledger: an offload cut off between the
+                # handshake and the record (a process killed), or a withdrawal's
+                # termination that did not reach its node
+                "servers_not_in_ledger": len(on_nodes - recorded),
+                "ledger_entries_without_server": len(recorded - on_nodes)}
 
     def memory_and_where(self, users: int, sample: int = 2000) -> dict:
         """Fill the ledger to `users` users (groups of `group`), then time `where`."""

@@ -63,7 +63,7 @@ from .report import (
     VerificationFailed,
 )
 from .rules import matches, merge_rule
-from .transport import Client, binary, connect, is_cluster, mget, ping
+from .transport import Client, binary, connect, is_cluster, mget, ping, through_failover
 
 __all__ = [
     "Client",
@@ -79,6 +79,7 @@ __all__ = [
     "connect",
     "is_cluster",
     "mget",
+    "through_failover",
     "copy_shared",
     "copy_users",
     "count_existing",

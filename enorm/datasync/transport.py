@@ -6,6 +6,7 @@ milliseconds)."""
 from __future__ import annotations
 
 import inspect
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.retry import Retry
 
 from .report import DestinationUnreachable, SourceUnreachable, SyncError
@@ -97,6 +99,19 @@ def binary(client: Client) -> Client:
 
 def is_cluster(client: Client) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def through_failover(call: Callable[[], Any], within_s: float = 15.0) -> Any:
+    """`call()`, tried again for `within_s` while the cluster cannot answer (a master
+    failing over: its replica takes over within seconds); for calls that may repeat."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
 
 
 def mget(client: Client, keys: Sequence[str | bytes]) -> list[Any]:

@@ -98,6 +98,18 @@ def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(c
     # reads as none.
     cloud.set(ledger_mod.user_key("u48"), "s04")
     assert led.where("u48") is None
+    # A process killed between a deployment and its pointers: the repair finishes it;
+    # a user in two deployments points at the newer, as `record` would have left it.
+    half = Entry(server_id="s50", node="n0", app="g", url="http://z",
+                 users=[users[1], users[48], User(id="new", address="10.1.0.2")],
+                 created_at=50.0)
+    cloud.set(ledger_mod.deployment_key("s50"), half.to_json())
+    cloud.sadd(ledger_mod.index_key(ledger_mod.shard("s50")), "s50")
+    assert led.where("new") is None
+    assert led.repair() == 3  # `new`, u48 (its pointer named s04, gone), u1 (s00 is older)
+    assert led.where("new").server_id == "s50" == led.where("u48").server_id
+    assert led.where("u1").server_id == "s50" and led.where("u42").server_id == "s99"
+    assert led.repair() == 0
     keys = [ledger_mod.user_key(u.id) for u in users]
     spread = masters_of(cloud, keys)
     assert len(spread) == (3 if datasync.is_cluster(cloud) else 1)
