@@ -79,12 +79,15 @@ def main() -> None:
     ap.add_argument("--faults", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
     a = ap.parse_args()
-    results = [one(n, a, a.users if n == max(a.sizes) else 0) for n in a.sizes]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                 "load": os.getloadavg(), "settings": vars(a) | {
-                                     "out": str(a.out)}, "runs": results}, indent=1) + "\n")
-    plot(results, a.out.with_suffix(".png"))
+    results: list[dict] = []
+    for n in a.sizes:  # the file is written after each size: a cut run keeps what it did
+        load = os.getloadavg()
+        results.append(one(n, a, a.users if n == max(a.sizes) else 0) | {"load_before": load})
+        a.out.write_text(json.dumps({
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "settings": vars(a) | {"out": str(a.out)}, "runs": results}, indent=1) + "\n")
+        plot(results, a.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

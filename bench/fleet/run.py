@@ -239,9 +239,11 @@ class Run:
                         if failover or kill_process else None)
         t1 = time.time()
         self.r.delete(GO)
-        # The heartbeats go on for a TTL: a node whose turn fell into the failover
-        # shows down until its next turn; then every node should be up again.
-        time.sleep(self.ttl_s + self.period_s)
+        # The heartbeats go on (for a TTL at most): a node whose turn fell into the
+        # failover shows down until its next turn; then every node should be up again.
+        n, deadline = len(up), time.time() + self.ttl_s + self.period_s
+        while time.time() < deadline and not (len(up) > n and up[-1] >= 0.97 * self.nodes):
+            time.sleep(0.5)
         stop.set()
         outs = self.collect()
         done = [(at, s) for o in outs for at, s in o["offload_s"]]
