@@ -4,16 +4,18 @@ It lives in the cloud Redis (standalone or a Redis Cluster), so that several
 cloud-manager processes share one view, and it spreads over the cluster's slots: each
 node's state is its own key under the node's hash tag (`enorm:node:{<name>}`), and the
 index that lists the nodes is cut into `SHARDS` sorted sets (`enorm:{registry:<k>}:nodes`,
-node -> the time it counts as down), so no slot holds the whole fleet and "who is up" is
-a range read per shard, not a read of every node.
+node -> the time it counts as down, and as many hashes of summaries, node -> what
+placement ranks by), so no slot holds the whole fleet and "who is up" is a range read
+per shard, not a read of every node. Writes are retried through a master's failover.
 
 Heartbeats come from the configured list: the cloud manager asks each node for its
 offer (`GET /v1/node`: free resources, unit, load, admission policy); the node needs no
 route to the cloud for it. The rate is bounded, as Nomad bounds its heartbeats: each
 node is asked once per period `T = max(interval_s, nodes / max_rate)`, so the fleet's
 total stays under `max_rate` requests/s however many nodes there are. The period is cut
-into one turn per shard; at each turn the processes sharing the registry race for that
-shard's lease (`enorm:{registry:<k>}:poll`) and the winner asks the shard's nodes, so the
+into one turn per shard, numbered on the wall clock; at each turn the processes sharing
+the registry race for the turn's lease (`enorm:{registry:<k>}:poll:<turn>`, taken once)
+and the winner asks the shard's nodes, so the
 polling is shared between them and the work of a process that died is taken by the
 others at its next turn. A node counts as down `ttl = max(down_after_s, 2 T + timeout)`
 after its last answer (one missed heartbeat is tolerated): that is the detection bound.
