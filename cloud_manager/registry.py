@@ -155,6 +155,7 @@ class Answer:
     offer: NodeOffer | None
     error: str | None = None
     status: int | None = None
+    at: float | None = None  # when it came (None: when it is recorded)
 
 
 class Registry:
@@ -178,7 +179,7 @@ class Registry:
                     ) -> dict[str, NodeState]:
         """A heartbeat turn's answers, written in one pipeline: each node's state and
         its index entry (the nodes without an offer keep their last one: read first)."""
-        now = self.clock()  # the answers' time, however late they are written
+        now = self.clock()  # the answers' time (if they carry none), however late written
         # Through a master's failover (a node recorded late is not a node down).
         return datasync.through_failover(lambda: self._write(answers, now, ttl_s),
                                          ttl_s or self.down_after_s)
@@ -189,12 +190,13 @@ class Registry:
         old = dict(zip(failed, self.states_list(failed), strict=True))
         out, pipe = {}, self.r.pipeline(transaction=False)
         for a in answers:
+            at = now if a.at is None else a.at
             if a.offer is not None:
-                st = NodeState(a.name, a.url, a.offer, now, now, ttl_s=ttl_s)
+                st = NodeState(a.name, a.url, a.offer, at, at, ttl_s=ttl_s)
             else:
                 o = old[a.name]
                 st = NodeState(a.name, a.url, o.offer if o else None,
-                               o.seen_at if o else None, now, a.error, a.status,
+                               o.seen_at if o else None, at, a.error, a.status,
                                o.ttl_s if o else ttl_s)
             pipe.set(node_key(a.name), json.dumps(st.as_dict()))
             if a.offer is not None:
@@ -307,10 +309,14 @@ class Heartbeats:
         self._was_up: dict[str, bool] = {}
 
     def _ask(self, edge: EdgeClient) -> Answer:
+        # Each answer keeps its own time: a turn is recorded when its slowest node
+        # answered, and the others' down bound must not start later than their answer.
         try:
-            return Answer(edge.name, edge.url, edge.offer(timeout=self.timeout_s))
+            offer = edge.offer(timeout=self.timeout_s)
+            return Answer(edge.name, edge.url, offer, at=self.registry.clock())
         except EdgeError as exc:
-            return Answer(edge.name, edge.url, None, str(exc), exc.status)
+            return Answer(edge.name, edge.url, None, str(exc), exc.status,
+                          self.registry.clock())
 
     def poll(self, edges: Sequence[EdgeClient]) -> dict[str, NodeState]:
         """Ask `edges` now (in parallel) and record the answers."""
