@@ -94,6 +94,7 @@ class Fleet:
         n = self.node(request)
         self.asked["offer"] += 1
         await self.delay()
+        self.node(request)  # a node that went down meanwhile does not answer either
         return web.json_response(n.offer().model_dump(mode="json"))
 
     async def probe(self, request: web.Request) -> web.Response:
