@@ -5,7 +5,8 @@ clone of the base container, start, and its sshd accepting TCP (then stop + dest
 Both are measured in the same run, on the same bridge, and enorm three times: with
 privileged containers, with unprivileged ones (the default; an idmapped base per
 container), and unprivileged without the sized writable layer (`disk_mb = 0`), which
-prices the disk quota.
+prices the disk quota; then bursts of 2, 4 and 8 handshakes at once, which empty the
+pool of layers made ahead (`layer_pool`, 2) and show what a handshake pays then.
 Also records the daemon's resident memory idle and with 32 servers.
 
     python -m bench.provisioning [--n 60]
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lxc
@@ -41,6 +43,8 @@ NODE = dict(
     autoscale_interval_s=86400, tokens={"bench-token": "bench"},
 )
 FLOOR_PREFIX = "enorm-bprov-floor"
+NODE_POOL = 2  # the default `layer_pool`
+BURSTS = (2, 4, 8)
 PAPER = {"handshake_s": 9.0, "terminate_s": 5.0}
 
 
@@ -83,8 +87,49 @@ def cleanup_floor() -> None:
             c.destroy()
 
 
-def enorm_runs(n: int, pub: str, tmp: str, label: str, **over) -> dict:
-    """n handshakes then n terminations on a fresh node; its RSS idle and at 32."""
+def pool_figures(url: str, op: dict) -> dict[str, float]:
+    """The node's writable-layer pool, from its /metrics: ready, hits, misses."""
+    text = requests.get(url + "/metrics", headers=op, timeout=10).text
+    series = dict(ln.rsplit(" ", 1) for ln in text.splitlines()
+                  if ln.startswith("enorm_layer_pool_"))
+    take = "enorm_layer_pool_takes_total{{result=\"{}\"}}"
+    return {"ready": float(series.get("enorm_layer_pool_ready", -1)),  # -1: no pool
+            "hit": float(series.get(take.format("hit"), 0)),
+            "miss": float(series.get(take.format("miss"), 0))}
+
+
+def burst(s: requests.Session, url: str, op: dict, body: dict, size: int,
+          pooled: bool) -> dict:
+    """`size` handshakes at once (after the pool has refilled), then their terminations:
+    each one's time, the wall time, and how many found a layer made ahead."""
+    deadline = time.monotonic() + 30
+    while 0 <= (before := pool_figures(url, op))["ready"] < NODE_POOL and pooled:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+
+    def one(_: int) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        r = s.post(url + "/v1/servers", json=body, timeout=120)
+        r.raise_for_status()
+        return time.perf_counter() - t0, r.json()["server_id"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(size) as ex:
+        done = list(ex.map(one, range(size)))
+    wall = time.perf_counter() - t0
+    after = pool_figures(url, op)
+    for _, sid in done:
+        s.delete(f"{url}/v1/servers/{sid}", timeout=60).raise_for_status()
+    return {"size": size, "wall_s": round(wall, 4), "handshake_s": summary([t for t, _ in done]),
+            "pool_ready_before": before["ready"], "hits": after["hit"] - before["hit"],
+            "misses": after["miss"] - before["miss"]}
+
+
+def enorm_runs(n: int, pub: str, tmp: str, label: str, bursts: tuple[int, ...] = (),
+               **over) -> dict:
+    """n handshakes then n terminations on a fresh node; its RSS idle and at 32; then
+    bursts of handshakes at once."""
     node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-{label}", **over)
     node.start()
     try:
@@ -112,9 +157,11 @@ def enorm_runs(n: int, pub: str, tmp: str, label: str, **over) -> dict:
             r = s.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
             term.append(time.perf_counter() - t0)
             r.raise_for_status()
+        op = {"Authorization": f"Bearer {node.operator_token()}"}
+        bursted = [burst(s, node.url, op, body, k, over.get("disk_mb") != 0) for k in bursts]
     finally:
         node.close()
-    return {"hs": hs, "term": term, "rss_idle": rss_idle, "rss_32": rss_32}
+    return {"hs": hs, "term": term, "rss_idle": rss_idle, "rss_32": rss_32, "bursts": bursted}
 
 
 def run(n: int) -> dict:
@@ -138,8 +185,8 @@ def run(n: int) -> dict:
         # The same run, both kinds of container: privileged (root inside is root on the
         # board) and unprivileged (the default: an id range per container).
         priv = enorm_runs(n, pub, tmp, "priv", unprivileged=False)
-        nodisk = enorm_runs(n, pub, tmp, "nodisk", unprivileged=True, disk_mb=0)
-        unpriv = enorm_runs(n, pub, tmp, "unpriv", unprivileged=True)
+        nodisk = enorm_runs(n, pub, tmp, "nodisk", BURSTS, unprivileged=True, disk_mb=0)
+        unpriv = enorm_runs(n, pub, tmp, "unpriv", BURSTS, unprivileged=True)
     hs, term = unpriv["hs"], unpriv["term"]
     return {
         "handshake_s": summary(hs),
@@ -156,6 +203,10 @@ def run(n: int) -> dict:
             "handshake_p50": round(statistics.median(hs) / statistics.median(priv["hs"]), 2),
             "terminate_p50": round(statistics.median(term) / statistics.median(priv["term"]),
                                    2)},
+        # Handshakes at once: with the pool of layers made ahead (hits, misses) and
+        # without a disk limit, each burst after the pool has refilled.
+        "bursts": {"unprivileged": unpriv["bursts"], "without_disk_quota": nodisk["bursts"],
+                   "layer_pool": NODE_POOL},
         "floor_s": summary(floor),
         "floor_destroy_s": summary(floor_down),
         "handshake_over_floor": round(statistics.median(hs) / statistics.median(floor), 2),

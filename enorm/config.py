@@ -141,6 +141,9 @@ class NodeConfig(BaseSettings):
     # Each container's writable layer is an ext4 image of this size (sparse: the disk
     # holds what was written); writes beyond it fail inside with ENOSPC. 0: no limit.
     disk_mb: int = Field(1024, ge=0)
+    # That many writable layers are kept made and mounted ahead of the handshakes (made
+    # in the background; a handshake that finds none makes its own). 0: none ahead.
+    layer_pool: int = Field(2, ge=0, le=64)
     # Fast protection of the basic service (enorm/pressure.py): every this many seconds
     # (0: off, only the auto-scaling round protects it) the node measures the basic
     # service's memory and evicts the lowest-priority tenants when less than

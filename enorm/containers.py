@@ -107,7 +107,8 @@ class Containers:
     """Containers of one edge node: names start with the node's prefix."""
 
     def __init__(self, lxc_path: Path, prefix: str, base: str, pids_max: int = 512,
-                 ids: idmap.IdRange | None = None, disk_mb: int = 0) -> None:
+                 ids: idmap.IdRange | None = None, disk_mb: int = 0,
+                 layer_pool: int = 0) -> None:
         self.lxc_path = str(lxc_path)
         self.prefix = prefix
         self.base = base
@@ -122,6 +123,9 @@ class Containers:
         self._real_path = os.path.realpath(lxc_path)
         # 0: the writable layer is a plain directory on the board's file system.
         self.disk_mb = disk_mb
+        # Writable layers made ahead of the handshakes (started by the daemon).
+        self.layers = disk.LayerPool(Path(lxc_path) / f"{prefix}layer-pool", disk_mb,
+                                     layer_pool)
         # The CPUs containers are placed on: those the daemon may use itself.
         self.host_cpus = sorted(os.sched_getaffinity(0))
 
@@ -167,13 +171,13 @@ class Containers:
         return Path(self.lxc_path) / name / "overlay"
 
     def _mount_layer(self, name: str) -> None:
-        """Make (once) and mount the container's sized writable layer, if the node
-        limits disk; again after a reboot or a stop."""
+        """Make (once: from the pool when it has one ready) and mount the container's
+        sized writable layer, if the node limits disk; again after a reboot or a stop."""
         if not self.disk_mb:
             return
         image = Path(self.lxc_path) / name / "overlay.img"
         try:
-            if not image.exists():
+            if not image.exists() and not self.layers.take(image, self._layer(name)):
                 disk.make_image(image, self.disk_mb)
             disk.mount_image(image, self._layer(name))
         except disk.DiskError as exc:

@@ -77,6 +77,9 @@ def _down(d: Daemon, force: bool, report: Report, progress: Callable[[str], None
     errors: dict[str, str] = {}
     owned = {s.container for s in node.store.servers()}
     report.leftovers += reconcile.sweep(node, owned, errors)
+    bound = node.containers.layers.clear()
+    if bound:
+        errors["layer pool"] = f"loop devices still bound: {' '.join(bound)}"
     node.firewall.teardown()
     left = node.store.servers()
     if left or errors:

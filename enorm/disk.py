@@ -4,19 +4,31 @@ What a tenant writes (its files, its Redis AOF, a `dd` gone wild) lands in the o
 upper layer. On the board's own file system that layer could fill the SD card for every
 tenant and for the node's store; inside a sized image the tenant gets ENOSPC at its
 limit and nobody else notices. Board file systems rarely have project quotas enabled
-(they need an unmounted `tune2fs`), loop devices exist everywhere, and the image costs
-~15 ms per handshake (sparse file, lazy-initialised ext4, `mount -o loop`). The image is
-sparse: the disk holds what was written, not the limit.
+(they need an unmounted `tune2fs`), loop devices exist everywhere. The image is sparse:
+the disk holds what was written, not the limit.
+
+Making one (sparse file, lazy-initialised ext4, `mount -o loop`, then the kernel zeroing
+its inode tables in the background) cost the handshake 30-90 ms, so a few are made and
+mounted ahead of time (`LayerPool`, refilled by a thread off the handshake's path); a
+handshake takes one (a bind mount, an unmount, a rename: about a millisecond) and
+makes its own only when the pool is empty (a burst).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import secrets
+import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from enorm import idmap
+
+log = logging.getLogger(__name__)
 
 # Lazy inode-table and journal init: mkfs writes a few hundred KB, not the whole journal.
 MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
@@ -90,3 +102,100 @@ def _autoclear(device: str) -> bool:
         return (Path("/sys/block") / Path(device).name / "loop/autoclear").read_text()[0] == "1"
     except (OSError, IndexError):  # detached meanwhile
         return True
+
+
+class LayerPool:
+    """Writable layers of one size made and mounted ahead of the handshakes that take
+    them. Each waits in `<directory>/<id>/` (`overlay.img`, mounted at `mnt`); the
+    directory carries the node's prefix, and `clear` (at each start and at `enorm down`)
+    removes whatever is in it, also what a crash left half made or half taken."""
+
+    def __init__(self, directory: Path, size_mb: int, depth: int) -> None:
+        self.directory, self.size_mb, self.depth = directory, size_mb, depth
+        self._ready: list[Path] = []
+        self._spent: list[Path] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._filler: threading.Thread | None = None
+        self.taken = 0  # handshakes served from the pool
+        self.missed = 0  # handshakes that found it empty and made their own
+
+    def take(self, image: Path, target: Path) -> bool:
+        """Give a ready layer the path `image`, mounted at `target`; False when none is
+        ready (the caller makes one)."""
+        with self._lock:
+            entry = self._ready.pop() if self._ready else None
+            if entry is not None:
+                self.taken += 1
+            elif self.depth:
+                self.missed += 1
+        self._wake.set()
+        if entry is None:
+            return False
+        try:
+            idmap.bind(entry / "mnt", target)
+            idmap.unmount(entry / "mnt")  # the loop device goes with the last unmount
+            os.rename(entry / "overlay.img", image)
+        except (OSError, idmap.IdmapError) as exc:
+            raise DiskError(f"layer from the pool ({entry}): {exc}") from None
+        finally:
+            with self._lock:
+                self._spent.append(entry)  # its empty directories: the filler's to remove
+        return True
+
+    def ready(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def start(self) -> None:
+        """Fill the pool, and again after each take, in a thread of its own."""
+        if self.depth <= 0 or self.size_mb <= 0 or self._filler is not None:
+            return
+        self._filler = threading.Thread(target=self._fill, daemon=True, name="enorm-layers")
+        self._wake.set()
+        self._filler.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._filler is not None:
+            self._filler.join(timeout=30)
+
+    def _fill(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                spent, self._spent = self._spent, []
+            for entry in spent:  # rmdir: never into a layer a failed take left mounted
+                for d in (entry / "mnt", entry):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            while not self._stopping.is_set() and self.ready() < self.depth:
+                entry = self.directory / secrets.token_hex(4)
+                try:
+                    entry.mkdir(parents=True, mode=0o700)
+                    make_image(entry / "overlay.img", self.size_mb)
+                    mount_image(entry / "overlay.img", entry / "mnt")
+                except (OSError, DiskError):
+                    log.exception("writable layer pool: %s not made; handshakes make "
+                                  "their own", entry)
+                    self._stopping.wait(5.0)
+                    break
+                with self._lock:
+                    self._ready.append(entry)
+
+    def clear(self) -> list[str]:
+        """Remove every layer of the pool (ready, half made, half taken): unmounted, its
+        loop device gone, its files deleted. Returns the loop devices still bound."""
+        with self._lock:
+            self._ready.clear()
+            self._spent.clear()
+        top = str(self.directory)
+        for point in reversed(idmap.mount_points()):
+            if point.startswith(top + "/"):
+                idmap.unmount(Path(point))
+        bound = release_loops(top)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return bound

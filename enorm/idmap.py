@@ -38,6 +38,7 @@ _OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
 _MNT_DETACH = 2
+_MS_BIND = 0x1000
 
 
 class IdmapError(RuntimeError):
@@ -226,6 +227,15 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", ctypes.c_ulong(0), opts) != 0:
         e = ctypes.get_errno()
         raise IdmapError(f"overlay mount at {target}: {os.strerror(e)}")
+
+
+def bind(src: Path, dst: Path) -> None:
+    """Mount what is mounted at `src` at `dst` too."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if _libc.mount(os.fsencode(src), os.fsencode(dst), None, ctypes.c_ulong(_MS_BIND),
+                   None) != 0:
+        e = ctypes.get_errno()
+        raise IdmapError(f"bind mount of {src} at {dst}: {os.strerror(e)}")
 
 
 def mount_points() -> list[str]:

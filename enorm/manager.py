@@ -126,7 +126,7 @@ class EdgeManager:
                 raise AdmissionRefused("ports_unavailable",
                                        f"fewer than {1 + len(req.ports)} bindable host ports "
                                        f"in {cfg.port_range}", shown)
-            address = network.pick_address(cfg.subnet, {s.address for s in servers})
+            address = network.pick_address(cfg.subnet, node.taken_addresses(servers))
             if address is None:
                 raise AdmissionRefused("insufficient_resources",
                                        f"no free address left in {cfg.subnet}", shown)

@@ -101,6 +101,21 @@ class _StateCollector(Collector):
                                     "Events waiting in the outbox for the cloud's callback")
         pending.add_metric([], self.m.outbox_size())
         yield pending
+        layers = node.containers.layers
+        ready = GaugeMetricFamily("enorm_layer_pool_ready",
+                                  "Writable layers made ahead, ready for a handshake")
+        ready.add_metric([], layers.ready())
+        yield ready
+        takes = CounterMetricFamily("enorm_layer_pool_takes", "Handshakes that found a "
+                                    "writable layer ready (hit) or made their own (miss)",
+                                    labels=["result"])
+        takes.add_metric(["hit"], layers.taken)
+        takes.add_metric(["miss"], layers.missed)
+        yield takes
+        held = GaugeMetricFamily("enorm_releases_pending", "Terminated servers whose "
+                                 "forwards, container and guard are still being removed")
+        held.add_metric([], len(node.releases.held()))
+        yield held
 
     def _servers(self, node: Node, servers: list) -> Iterator[Metric]:
         lbl = ["server", "app", "owner"]

@@ -21,6 +21,7 @@ from enorm.containers import Containers
 from enorm.events import Events
 from enorm.firewall import Firewall, Forward, Port, Redirect
 from enorm.protocol import NodeOffer, Resources, ServerInfo, User
+from enorm.release import Releases
 from enorm.store import ServerRecord, Store
 
 SSH_PORT = 22
@@ -46,6 +47,8 @@ class Node:
     events: Events
     # Guards admission and every change of allocations, ports and addresses.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Terminated servers whose plumbing is still being undone (their address and ports).
+    releases: Releases = field(default_factory=Releases)
 
     @cached_property
     def unit(self) -> Resources:
@@ -79,9 +82,14 @@ class Node:
     def taken_ports(self, servers: list[ServerRecord]) -> set[int]:
         """Host ports in use. A migration-pending server holds none: its forwards are gone
         and the retry reaches its Redis over the bridge, so a tenant whose sink is down
-        cannot exhaust the port range."""
+        cannot exhaust the port range. A terminated server's are held until its
+        forwards are gone (`releases`)."""
         return {p for s in servers if s.state != "migration_pending"
-                for p in (s.access_port, *s.ports.values())}
+                for p in (s.access_port, *s.ports.values())} | self.releases.ports()
+
+    def taken_addresses(self, servers: list[ServerRecord]) -> set[str]:
+        """Container addresses in use, a terminated server's until it is released."""
+        return {s.address for s in servers} | self.releases.addresses()
 
     def offer(self) -> NodeOffer:
         servers = self.store.servers()
@@ -110,7 +118,7 @@ def build(config: NodeConfig, store: Store) -> Node:
         store=store,
         containers=Containers(config.lxc_path, config.container_prefix, config.base_container,
                               pids_max=config.pids_max, ids=config.id_range,
-                              disk_mb=config.disk_mb),
+                              disk_mb=config.disk_mb, layer_pool=config.layer_pool),
         firewall=Firewall(config.name, config.subnet, config.bridge, config.container_egress),
         allocator=resources.Allocator(
             capacity=Resources(cores=config.cores, memory_mb=config.memory_mb),

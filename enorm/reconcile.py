@@ -39,6 +39,7 @@ def start(node: Node, ends: Terminator, sized: bool = True) -> dict:
         needs = known or measure_image(node)
         check_unit(cfg, needs)
         report["image_needs"] = needs.as_dict()
+        node.containers.layers.start()  # a node that serves: layers made ahead
     return report
 
 
@@ -50,7 +51,7 @@ def measure_image(node: Node) -> sizing.Needs:
     sid = secrets.token_hex(4)
     name = f"{cfg.container_prefix}{sid}"
     with node.lock:
-        address = network.pick_address(cfg.subnet, {s.address for s in node.store.servers()})
+        address = network.pick_address(cfg.subnet, node.taken_addresses(node.store.servers()))
     if address is None:
         raise ConfigError(f"subnet {cfg.subnet}: no address left to measure the image")
     port = Port(network.host_veth(sid), network.mac_address(sid), str(address))
@@ -104,6 +105,9 @@ def reconcile(node: Node, ends: Terminator) -> dict:
             report["errors"][rec.id] = f"{type(exc).__name__}: {exc}"
     report["orphans"] = sweep(node, {r.container for r in records.values()},
                               report["errors"])
+    bound = node.containers.layers.clear()  # made ahead by the last run: made afresh
+    if bound:
+        report["errors"]["layer pool"] = f"loop devices still bound: {' '.join(bound)}"
     running = [r for r in records.values() if r.state == "running"]
     report["rules"] = node.firewall.reconcile(
         {r.id: forwards(r) for r in running},
@@ -115,7 +119,9 @@ def reconcile(node: Node, ends: Terminator) -> dict:
 
 def sweep(node: Node, owned: set[str], errors: dict[str, str]) -> list[str]:
     """Remove everything left of the node's containers that no record owns; returns
-    their names (one that cannot be removed is named in `errors`, and the others go on)."""
+    their names (one that cannot be removed is named in `errors`, and the others go on).
+    Releases under way finish first: the sweep would race them."""
+    node.releases.drain()
     removed = []
     for name in node.containers.leftovers():
         if name in owned:

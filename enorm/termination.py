@@ -4,14 +4,17 @@ One server's end, in the order its steps are recorded and taken (`Terminator.end
 
     record `terminating` and why -> lift its transparent redirects -> fence its ports
     (TCP resets, then `merge_drain_s` for requests it already received) -> merge its
-    data into the sink (`migrate`) -> remove its forwards -> stop and destroy the
-    container, lift its bridge guard -> lift the fence -> forget the record and record
-    `server.terminated` in one transaction
+    data into the sink (`migrate`) -> stop the container (its CPU and memory free) ->
+    forget the record and record `server.terminated` in one transaction -> the answer;
+    then, off the answer's path (`release`, its address and ports held until done):
+    remove its forwards, destroy the container, lift its bridge guard and the fence
 
 A sink that does not answer stops there: the container is stopped and kept
 (`migration_pending`, no host ports held) and `retry_pending` tries again later; the
 operator's last resort is `discard_pending` (keys saved to a file). A restart finds a
-record still `terminating` and finishes it with the reason it began with. Per server a
+record still `terminating` and finishes it with the reason it began with (a stopped
+container is started again to merge; the merge is idempotent), and removes what a
+release a crash cut off left (no record owns it). Per server a
 lock (`busy`) is held while a handover or an import runs on it, so that a termination
 merges what is there once it is done.
 """
@@ -28,6 +31,7 @@ from enorm import migration
 from enorm.faults import crash_point
 from enorm.node import Node, NotFound, port_of
 from enorm.protocol import MergeReport, TerminateResult, TerminationReason
+from enorm.release import Held
 from enorm.store import ServerRecord
 
 log = logging.getLogger(__name__)
@@ -97,16 +101,15 @@ class Terminator:
             node.firewall.unredirect(rec.id)
         crash_point("terminate.started")
         if not node.containers.exists(rec.container):
-            # Destroyed by us after its merge (a crash came before the record went), or
-            # gone behind our back with its data: either way nothing is left to merge.
+            # Gone behind our back, with its data: nothing is left to merge.
             node.firewall.remove(rec.id, redirects=bool(rec.intercept))
             node.firewall.unguard(rec.id)
             node.containers.destroy(rec.container)  # its id range and mounts
             self.forget(rec, reason if resumed else TerminationReason.CONTAINER_LOST,
                         {**numbers, "keys_migrated": 0, "requested_by": reason})
             return MergeReport()
-        if was_pending:  # its Redis lives in the stopped container: bring it back first
-            node.containers.start(rec.container)
+        if was_pending or (resumed and not node.containers.running(rec.container)):
+            node.containers.start(rec.container)  # its Redis lives in the container
         merged, merge_s = MergeReport(), None
         if self.migrate is not None and rec.data_sink is not None:
             t0 = time.perf_counter()
@@ -118,12 +121,13 @@ class Terminator:
                 raise MigrationPending(str(exc)) from exc
             merge_s = round(time.perf_counter() - t0, 4)
         crash_point("terminate.merged")
-        node.firewall.remove(rec.id, redirects=bool(rec.intercept))
-        self._destroy(rec)
-        if rec.data_sink is not None or rec.handed_to is not None or resumed:
-            node.firewall.unfence(rec.id)  # else never fenced: spare the `iptables -S`
-        crash_point("terminate.destroyed")
+        node.containers.stop(rec.container)
+        crash_point("terminate.stopped")
+        ports = frozenset((rec.access_port, *rec.ports.values()))
+        node.releases.hold(rec.id, Held(rec.container, rec.address, ports))
         self.forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
+        self._release(rec, fenced=rec.data_sink is not None or rec.handed_to is not None
+                      or resumed)
         return merged
 
     def fence(self, rec: ServerRecord) -> None:
@@ -137,16 +141,25 @@ class Terminator:
         self.node.firewall.fence(rec.id, rec.address, sorted(rec.ports))
         time.sleep(self.node.config.merge_drain_s)
 
-    def _destroy(self, rec: ServerRecord) -> None:
-        """Stop the container, then delete its files and lift its bridge guard side by
-        side: once it is stopped its veth is gone, so the guard protects nothing, and
-        LXC's delete (in this process) and ebtables' rewrite (a child) overlap."""
-        self.node.containers.stop(rec.container)
-        unguarded = self.node.firewall.unguard_begin(rec.id, port_of(rec))
-        try:
-            self.node.containers.destroy(rec.container)
-        finally:
-            unguarded()
+    def _release(self, rec: ServerRecord, fenced: bool) -> None:
+        """Undo the stopped server's plumbing in the release worker (its address and
+        ports are held until then): forwards, then the container's files and its bridge
+        guard side by side (LXC's delete in this process, ebtables' rewrite in a child),
+        then the fence (`fenced`: else never made: spare the `iptables -S`)."""
+        node = self.node
+
+        def undo() -> None:
+            node.firewall.remove(rec.id, redirects=bool(rec.intercept))
+            unguarded = node.firewall.unguard_begin(rec.id, port_of(rec))
+            try:
+                node.containers.destroy(rec.container)
+            finally:
+                unguarded()
+            if fenced:
+                node.firewall.unfence(rec.id)
+            crash_point("terminate.released")
+
+        node.releases.submit(rec.id, undo)
 
     def forget(self, rec: ServerRecord, reason: TerminationReason, data: dict) -> None:
         """The record goes and its `server.terminated` event comes in one transaction:

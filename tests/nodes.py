@@ -100,6 +100,16 @@ def traces(name: str, settings: dict) -> dict[str, list[str]]:
     return {k: v for k, v in found.items() if v}
 
 
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """The first true value of `check()` within `timeout` s (what a node does after it
+    answered: a terminated server's release, the layer pool's refill); the last value
+    otherwise."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 import lxc
 import pytest
 import requests
+from nodes import eventually
 from test_edge_node import handshake, ssh
 
 from enorm.containers import cgroup_version, cpu_list, parse_cpu_list
@@ -123,9 +124,9 @@ def test_a_tenant_fills_its_own_disk_not_the_boards(edge_node, unprivileged):
         c.close()
     r = node.client("cloud-a").delete(f"{node.url}/v1/servers/{a['server_id']}", timeout=60)
     assert r.status_code == 200, r.text
-    assert not image.exists()
-    assert image.parent.name not in subprocess.run(["losetup", "-a"], capture_output=True,
-                                                  text=True).stdout
+    assert eventually(lambda: not image.exists())  # released after the answer
+    assert eventually(lambda: image.parent.name not in subprocess.run(
+        ["losetup", "-a"], capture_output=True, text=True).stdout)
 
 
 def test_limits_changed_behind_the_nodes_back_are_restored_by_the_next_round(edge_node):
