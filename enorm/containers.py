@@ -377,6 +377,26 @@ class Containers:
             time.sleep(0.002)
         self._wait_monitor_gone(name)
 
+    def kill(self, name: str, timeout: float = 10.0) -> None:
+        """SIGKILL to the container's init, and wait until it has died: the kernel kills
+        every other process of its PID namespace before init can, so then all of the
+        tenant's CPU and memory are free. What LXC does after (veth, STOPPED, the
+        post-stop hook) is `stop`'s, which a termination leaves to its release."""
+        pid = self._get(name).init_pid
+        if pid <= 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.002)
+        raise ContainerError(f"{name}: init {pid} alive {timeout}s after SIGKILL")
+
     def _monitor_pidfile(self, name: str) -> Path:
         return Path(self.lxc_path) / name / "enorm-monitor.pid"
 

@@ -10,13 +10,12 @@ the disk holds what was written, not the limit.
 Making one (sparse file, lazy-initialised ext4, `mount -o loop`, then the kernel zeroing
 its inode tables in the background) cost the handshake 30-90 ms, so a few are made and
 mounted ahead of time (`LayerPool`, refilled by a thread off the handshake's path); a
-handshake takes one (a bind mount, an unmount, a rename: about a millisecond) and
-makes its own only when the pool is empty (a burst).
+handshake takes one (a bind mount and a rename: under a millisecond) and makes its own
+only when the pool is empty (a burst).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -135,13 +134,12 @@ class LayerPool:
             return False
         try:
             idmap.bind(entry / "mnt", target)
-            idmap.unmount(entry / "mnt")  # the loop device goes with the last unmount
             os.rename(entry / "overlay.img", image)
         except (OSError, idmap.IdmapError) as exc:
             raise DiskError(f"layer from the pool ({entry}): {exc}") from None
         finally:
-            with self._lock:
-                self._spent.append(entry)  # its empty directories: the filler's to remove
+            with self._lock:  # its pool-side mount (an unmount waits for RCU: tens of
+                self._spent.append(entry)  # ms on a busy board) is the filler's to remove
         return True
 
     def ready(self) -> int:
@@ -168,10 +166,13 @@ class LayerPool:
             self._wake.clear()
             with self._lock:
                 spent, self._spent = self._spent, []
-            for entry in spent:  # rmdir: never into a layer a failed take left mounted
-                for d in (entry / "mnt", entry):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+            for entry in spent:  # the loop device goes with the layer's last unmount
+                try:
+                    idmap.unmount(entry / "mnt")
+                    (entry / "mnt").rmdir()
+                    entry.rmdir()
+                except (OSError, idmap.IdmapError) as exc:  # `clear` removes it later
+                    log.warning("writable layer pool: %s not removed: %s", entry, exc)
             while not self._stopping.is_set() and self.ready() < self.depth:
                 entry = self.directory / secrets.token_hex(4)
                 try:

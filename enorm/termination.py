@@ -4,7 +4,7 @@ One server's end, in the order its steps are recorded and taken (`Terminator.end
 
     record `terminating` and why -> lift its transparent redirects -> fence its ports
     (TCP resets, then `merge_drain_s` for requests it already received) -> merge its
-    data into the sink (`migrate`) -> stop the container (its CPU and memory free) ->
+    data into the sink (`migrate`) -> kill the container (its CPU and memory free) ->
     forget the record and record `server.terminated` in one transaction -> the answer;
     then, off the answer's path (`release`, its address and ports held until done):
     remove its forwards, destroy the container, lift its bridge guard and the fence
@@ -121,7 +121,7 @@ class Terminator:
                 raise MigrationPending(str(exc)) from exc
             merge_s = round(time.perf_counter() - t0, 4)
         crash_point("terminate.merged")
-        node.containers.stop(rec.container)
+        node.containers.kill(rec.container)  # the rest of its stop: in the release
         crash_point("terminate.stopped")
         ports = frozenset((rec.access_port, *rec.ports.values()))
         node.releases.hold(rec.id, Held(rec.container, rec.address, ports))
