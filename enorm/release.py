@@ -5,9 +5,9 @@ is left is plumbing: its forwards and fence, its container's files, mounts, loop
 and id claim, its bridge guard. Undoing it costs more than the stop (iptables and
 ebtables rewrites, LXC's delete) and nobody waits for it, so one worker thread does it
 after the answer. Until it is done the server's address and host ports stay `held`, and
-admission gives them to no one (`Node.taken_ports`, `Node.taken_addresses`); its
-container's name too, so that the sweep does not race the worker. A release that fails
-keeps them held (logged). A crash before it is done leaves a container and rules that no
+admission gives them to no one (`Node.taken_ports`, `Node.taken_addresses`); a sweep
+waits for the worker (`drain`) rather than race it. A release that fails keeps them held
+(logged). A crash before it is done leaves a container and rules that no
 record owns: the next start removes them (`reconcile`), as after any crash.
 """
 
@@ -81,6 +81,3 @@ class Releases:
 
     def ports(self) -> set[int]:
         return {p for h in self.held() for p in h.ports}
-
-    def containers(self) -> set[str]:
-        return {h.container for h in self.held()}
