@@ -110,6 +110,19 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
     return got
 
 
+def destroyed(container: str, timeout: float = 30.0) -> bool:
+    """The container is gone, or goes within `timeout` s (a termination's release runs
+    after its answer); one half destroyed (liblxc errs on its config) counts as gone."""
+    import lxc
+
+    def gone() -> bool:
+        try:
+            return not lxc.Container(container).defined
+        except RuntimeError:
+            return True
+    return eventually(gone, timeout)
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -193,6 +206,17 @@ class EdgeNode:
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {token}"
         return s
+
+    def released(self, timeout: float = 30.0) -> None:
+        """Wait until every terminated server's release (forwards, container, guard:
+        after the answer, enorm.release) is done."""
+        op = {"Authorization": f"Bearer {self.settings['operator_token']}"}
+
+        def pending() -> float:
+            text = requests.get(self.url + "/metrics", headers=op, timeout=10).text
+            return float(re.search(r"^enorm_releases_pending (\S+)$", text, re.M).group(1))
+
+        assert eventually(lambda: pending() == 0, timeout), "releases still pending"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(VENV_BIN / "enorm"), *args, "-c", str(self.config_path)],

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+from nodes import destroyed
 from world import (
     BERLIN,
     LONDON,
@@ -240,7 +241,7 @@ def test_unreachable_sink_keeps_the_container_and_the_retry_merges(edge_node, re
                 # The event gives the reason the termination began with.
                 assert any(e["type"] == "server.terminated" and e["reason"] == "cloud_withdrawal"
                            and e["data"]["keys_migrated"] > 0 for e in events)
-            assert not lxc.Container(dep.setup.container).defined
+            assert destroyed(dep.setup.container)
             assert op.get(f"{node.url}/v1/servers", timeout=5).json() == []
             after = snapshot(cloud.redis, None)
             for k, v in edge_users.items():

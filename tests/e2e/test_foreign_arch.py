@@ -22,7 +22,7 @@ from pathlib import Path
 import lxc
 import pytest
 import requests
-from nodes import VENV_BIN
+from nodes import VENV_BIN, destroyed
 from test_cycle import assert_merged, edge_values_before_end, offloaded_play
 from test_nearby import nearby_cycle
 from world import LONDON, as_users, cloud_world, make_users, play, shared, snapshot
@@ -162,7 +162,7 @@ def run_cycle(stage: Stages, edge_node, redis_server) -> None:
         assert dep.state == "withdrawn" and dep.confirmed
         assert dep.keys_migrated >= len(edge_users)
         assert_merged(cloud, edge_users, edge_shared, cloud_before_shared, cloud_before)
-        assert not box.defined
+        assert destroyed(box.name)
         assert op.get(f"{node.url}/v1/servers", timeout=5).json() == []
 
 

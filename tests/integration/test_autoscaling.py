@@ -25,7 +25,7 @@ import psutil
 import pytest
 import redis
 import requests
-from nodes import EdgeNode
+from nodes import EdgeNode, destroyed
 
 pytestmark = pytest.mark.system
 
@@ -287,7 +287,7 @@ def test_growing_basic_service_terminates_the_lowest_priority_tenant(
     # Gone from the node, its container destroyed; the higher tenants stay.
     left = {s["id"] for s in node.client().get(node.url + "/v1/servers", timeout=5).json()}
     assert left == {servers[9]["server_id"], servers[6]["server_id"]}
-    assert not lxc.Container(low["container"]).defined
+    assert destroyed(low["container"])
 
     # Its data is back in the cloud Redis.
     c = redis.Redis.from_url(cloud.url, decode_responses=True)
@@ -335,4 +335,4 @@ def test_dynamic_priorities_let_a_busy_server_evict_an_unused_one(edge_node):
         ("ScaleUp", slow["server_id"], "latency_above_objective")]
     assert all(x["ok"] for x in report["results"])
     assert cgroup_limits(slow["container"])[0] == 50_000
-    assert not lxc.Container(unused["container"]).defined
+    assert destroyed(unused["container"])

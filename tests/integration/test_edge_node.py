@@ -13,7 +13,7 @@ import lxc
 import paramiko
 import pytest
 import requests
-from nodes import EdgeNode, user_namespace
+from nodes import EdgeNode, destroyed, user_namespace
 
 from enorm import network, sizing
 from enorm.firewall import Firewall, Port
@@ -217,10 +217,12 @@ def test_termination_leaves_nothing_behind(edge_node):
     # Single termination of one, then the rest through the CLI.
     r = a.delete(f"{node.url}/v1/servers/{bodies[0]['server_id']}", timeout=30)
     assert r.status_code == 200 and r.json()["terminated"] == [bodies[0]["server_id"]]
+    node.released()  # its forwards, container and guard go after the answer
     assert not lxc.Container(bodies[0]["container"]).defined
     assert len(nat_rules(node)) == 4
     out = node.cli("terminate", *(b["server_id"] for b in bodies[1:]))
     assert out.returncode == 0, out.stderr
+    node.released()
 
     after = a.get(node.url + "/v1/node", timeout=5).json()
     assert after["ports_free"] == before["ports_free"]
@@ -263,6 +265,7 @@ def test_a_reused_address_reaches_its_new_container_at_once(edge_node):
     ssh(node, first["access"]["port"]).close()
     r = node.client().delete(f"{node.url}/v1/servers/{first['server_id']}", timeout=30)
     assert r.status_code == 200, r.text
+    node.released()  # until then its address is held
     # The state the host is in after recent traffic (the kernel does not always keep it).
     old = network.mac_address(first["server_id"])
     subprocess.run(["ip", "neigh", "replace", first["address"], "lladdr", old, "dev",
@@ -414,7 +417,7 @@ def test_preempt_policy_terminates_lower_priority_tenants(edge_node):
     a = node.client()
     ids = {s["id"] for s in a.get(node.url + "/v1/servers", timeout=5).json()}
     assert ids == {low[1]["server_id"], high.json()["server_id"]}
-    assert not lxc.Container(low[0]["container"]).defined
+    assert destroyed(low[0]["container"])
     events = a.get(node.url + "/v1/events", timeout=5).json()
     assert any(e["type"] == "server.terminated" and e["reason"] == "preempted"
                and e["server_id"] == low[0]["server_id"] for e in events)
