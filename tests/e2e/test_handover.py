@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+from nodes import eventually
 from world import LONDON, PARIS, as_users, cloud_world, make_users, play
 
 from cloud_manager import EdgeError, HandoverFailed
@@ -106,7 +107,7 @@ def test_a_terminating_server_takes_no_write_after_its_data_is_read(edge_node, r
         assert w.errors, "the writer was never refused"
         # the last confirmed write, or the one in flight when the fence came
         assert cloud_lat(cloud, user.user) in (w.acked, w.unsure)
-        assert fences(node) == []
+        assert eventually(lambda: fences(node) == [])  # lifted in the release
 
 
 @pytest.mark.parametrize("path", ["direct", "cloud"])
@@ -149,7 +150,7 @@ def test_handover_moves_playing_users_to_another_node_start_first(edge_node, red
             assert len(u.party()) == caught[u.user]  # what they caught on A, on B now
         cloud.manager.withdraw(new)
         assert new.confirmed and cloud_lat(cloud, users[0].user) == w.acked  # no error
-        assert fences(a) == [] and fences(b) == []
+        assert eventually(lambda: fences(a) == [] and fences(b) == [])  # lifted in the release
         with pytest.raises(ValueError, match="nothing to hand over"):
             cloud.manager.handover(new)  # ended
 
@@ -237,7 +238,7 @@ def test_direct_handover_data_goes_node_to_node_and_the_cloud_learns_it_once(edg
         assert cloud.redis.hget(made, "species") == b"25"
         assert not cloud.redis.exists(dropped)  # the old server's delete, via the manifest
         assert cloud.redis.smembers(foreign) == before_foreign
-        assert fences(a) == [] and fences(b) == []
+        assert eventually(lambda: fences(a) == [] and fences(b) == [])  # lifted in the release
 
 
 def test_handover_goes_through_the_cloud_where_the_old_node_may_not_reach_the_new_one(
@@ -324,4 +325,4 @@ def test_a_handover_the_old_node_does_not_answer_ends_both_servers_and_loses_not
         for u in users:
             assert u.refresh() == cloud.url
             assert len(u.party()) == caught[u.user]  # served by the cloud, nothing lost
-        assert fences(a) == [] and fences(b) == []
+        assert eventually(lambda: fences(a) == [] and fences(b) == [])  # lifted in the release
