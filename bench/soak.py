@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -59,17 +60,20 @@ def leftovers(node_ports_free: int, offer: dict) -> dict:
     veths = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE],
                            capture_output=True, text=True).stdout.splitlines()
     ours = f"enorm-{NAME}-"
+    pool = f"{ours}layer-pool"  # the serving node's own layers made ahead, not leftovers
     with open("/proc/self/mountinfo") as f:
-        mounts = [ln.split()[4] for ln in f if ours in ln.split()[4]]
+        mounts = [p for ln in f if ours in (p := ln.split()[4]) and pool not in p]
     loops = [ln for ln in subprocess.run(["losetup", "-a"], capture_output=True,
-                                          text=True).stdout.splitlines() if ours in ln]
+                                          text=True).stdout.splitlines()
+             if ours in ln and pool not in ln]
     claims_dir = Path("/var/lib/lxc/.enorm-idmap")
     claims = [p.name for p in claims_dir.iterdir()
               if p.is_file() and p.read_text().startswith(ours)] if claims_dir.is_dir() else []
     return {
         "containers": [c for c in lxc.list_containers() if c.startswith(f"enorm-{NAME}-")],
         # with a config or without (a destroy cut short)
-        "directories": sorted(p.name for p in Path("/var/lib/lxc").glob(ours + "*")),
+        "directories": sorted(p.name for p in Path("/var/lib/lxc").glob(ours + "*")
+                              if p.name != pool),
         "veths": veths,
         "forward_rules": rules,
         "records": offer["servers"],
@@ -180,6 +184,12 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
                 tenant.delete(f"{url}/v1/servers/{r.json()['server_id']}",
                               timeout=300).raise_for_status()
             big_rss.append(round(rss(), 1))
+    # The last terminations' releases (forwards, container, guard) run after their
+    # answers: what is left is judged once they are done.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and re.search(
+            r"^enorm_releases_pending [1-9]", op.get(url + "/metrics", timeout=10).text, re.M):
+        time.sleep(0.05)
     offer = op.get(url + "/v1/node", timeout=10).json()
     return {
         "cycles": cycles, "clients": clients, "wall_s": round(wall, 1),

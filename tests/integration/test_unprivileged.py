@@ -81,6 +81,7 @@ def test_root_inside_is_an_id_range_of_its_own(edge_node):
     # Terminated: its id range and its mounts go with it.
     r = node.client("cloud-a").delete(f"{node.url}/v1/servers/{a['server_id']}", timeout=60)
     assert r.status_code == 200, r.text
+    node.released()  # what the termination undoes after its answer
     assert not idmap.mounted(idmap.MOUNTS / a["container"])
     claims = {p.read_text() for p in (LXC / ".enorm-idmap").iterdir()
               if p.name.isdigit()}
