@@ -170,3 +170,11 @@ def test_the_pressure_step_makes_the_watcher_end_the_low_tenant_only(basic, nois
     assert _ended_by_the_watcher(offer, 700, 96, [low, high]) == ["low", "high"]
     with pytest.raises(lab.CheckFailed, match="reserve"):
         lab.hog_mb(_offer(512, 400, 100, 80), 80, 96)
+
+
+@pytest.mark.parametrize("now, more", [(0, "10"), (10, "0"), (15, "0")])
+def test_the_vm_runs_at_nice_10_not_10_more_than_make(monkeypatch, now, more) -> None:
+    import bench.boards as boards
+
+    monkeypatch.setattr(boards.os, "nice", lambda inc: now)
+    assert boards.at_nice() == ["nice", "-n", more]
