@@ -17,10 +17,10 @@ from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_j
 
 # Scripts move a whole batch as one bulk string each way: per key a header
 # (ttl: a double, length: 4 bytes, big-endian) and the DUMP payload. One reply per batch
-# instead of one per key keeps the client's parsing out of the hot path. The TTL is a
-# double, Lua's own number, exact to 2^53 ms: Redis's struct library packs an 8-byte
-# integer through the C long of its build, so a 32-bit Redis (armhf boards) sent the PTTL
-# -1 of a key without TTL as 4294967295, and the key came back expiring in 49.7 days.
+# instead of one per key keeps the client's parsing out of the hot path. A double is
+# Lua's own number, exact to 2^53 ms on every build; an 8-byte integer goes through the
+# C long of Redis's build, so a 32-bit Redis (armhf boards) sent the PTTL -1 of a key
+# without TTL as 4294967295, and the key came back expiring in 49.7 days.
 _HEADER = struct.Struct(">dI")
 
 # DUMP and PTTL of KEYS, packed; a key gone since the scan gets ttl -2 and no payload.
