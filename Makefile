@@ -12,7 +12,7 @@ demo: setup
 test:
 	@./scripts/setup.sh --foreign arm64
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests
+	.venv/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout=900 --durations=15 tests
 
 # Long versions of the hostile-input and crash-safety tests (figures in RELIABILITY.md).
 reliability: setup
