@@ -240,8 +240,9 @@ def get_server(sid: str) -> Response:
 @bp.delete("/servers/<sid>")
 @declare("Withdraw a server (data merged back first, Procedure 4)",
          {200: Answer("terminated", protocol.TerminateResult),
-          202: Answer("its sink did not answer: kept stopped, the merge retried",
-                      protocol.TerminateResult),
+          202: Answer("its sink did not answer: kept stopped, the merge retried "
+                      "(`pending`); or merged, but its container's removal failed and is "
+                      "retried (`retrying`)", protocol.TerminateResult),
           404: NOT_FOUND}, path=SID)
 def delete_server(sid: str) -> Response:
     """The cloud's override: withdraw a server (its data is merged back first)."""
@@ -249,7 +250,7 @@ def delete_server(sid: str) -> Response:
     result = _manager().terminate(sid, protocol.TerminationReason.CLOUD_WITHDRAWAL,
                                   owner=_owner_filter())
     _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
-    return _json(result, 202 if result.pending else 200)
+    return _json(result, 202 if result.pending or result.retrying else 200)
 
 
 @bp.post("/servers/<sid>/handover")

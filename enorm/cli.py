@@ -220,6 +220,9 @@ def terminate(config_path: str | None, server_ids: tuple[str, ...]) -> None:
         r = c.call("DELETE", f"/v1/servers/{sid}")
         output.line(f"{sid}: terminated {r['terminated']}, pending {r['pending']}, "
                     f"keys migrated {r['keys_migrated']}")
+        for other, why in r.get("errors", {}).items():
+            output.line(f"{other}: data merged back; removing its container is being "
+                        f"retried: {why}")
 
 
 @main.command()

@@ -92,6 +92,7 @@ class Daemon:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.shutdown()
+        self.manager.ends.close()
         self.node.events.stop()
 
     def serve(self) -> None:

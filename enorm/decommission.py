@@ -68,6 +68,9 @@ def _down(d: Daemon, force: bool, report: Report, progress: Callable[[str], None
         progress(f"terminating {n} servers (data merged back first) ...")
     r = ends.shutdown()
     report.terminated, report.pending = r.terminated, r.pending
+    for sid in r.retrying:  # a removal that failed: once more now, not in the background
+        if ends.retry_destroy(sid):
+            report.terminated.append(sid)
     if r.pending and force:
         assert d.config.state_dir is not None
         report.saved = ends.discard_pending(Path(d.config.state_dir) / "discarded")

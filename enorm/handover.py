@@ -39,7 +39,7 @@ from enorm.protocol import (
     TerminationReason,
 )
 from enorm.store import ServerRecord, key_digest
-from enorm.termination import MigrationPending, Terminator
+from enorm.termination import DestroyPending, MigrationPending, Terminator
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class Handovers:
         try:  # this server alone, whatever its termination mode: its siblings serve on
             self.ends.end(sid, TerminationReason.HANDOVER,
                           {"handed_to": result.to_server, "keys_handed": result.keys})
-        except (MigrationPending, NotFound):
-            pass  # kept for the merge's retry / ended by someone else meanwhile
+        except (MigrationPending, DestroyPending, NotFound):
+            pass  # kept for a retry / ended by someone else meanwhile
         except Exception:  # noqa: BLE001 (a thread of its own: log it)
             log.exception("ending %s after its handover", sid)
 

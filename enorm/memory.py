@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 from typing import Any
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
@@ -26,6 +27,8 @@ def bound_malloc_arenas(arenas: int = 2) -> None:
     own malloc arena and keeps what a big request freed in it, so a 7 MB setup request
     (100,000 users) grew RSS by ~30 MB per new thread (measured: 64 -> 320 MB over 6
     create+delete cycles; with 2 arenas it stays at ~165 MB)."""
+    if "MALLOC_ARENA_MAX" in os.environ:  # glibc's own setting: the operator's choice
+        return
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
     except (OSError, AttributeError):  # not glibc: nothing to bound

@@ -520,3 +520,8 @@ class HandoverResult(_Message):
 class TerminateResult(MergeReport):
     terminated: list[str]
     pending: list[str] = Field(default_factory=list, description="kept: migration pending")
+    retrying: list[str] = Field(default_factory=list, description="data merged back, but "
+                                "removing the container failed: retried in the background; "
+                                "`terminating`, holding its resources, until it is gone")
+    errors: dict[str, str] = Field(default_factory=dict,
+                                   description="what failed, per server in `retrying`")

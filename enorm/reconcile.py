@@ -19,7 +19,7 @@ from enorm.manager import undo_launch
 from enorm.node import Node, check_unit, forwards, port_of, redirects
 from enorm.protocol import Resources, TerminationReason
 from enorm.store import ServerRecord
-from enorm.termination import MigrationPending, Terminator
+from enorm.termination import DestroyPending, MigrationPending, Terminator
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def measure_image(node: Node) -> sizing.Needs:
 def reconcile(node: Node, ends: Terminator) -> dict:
     """Make containers and rules agree with the store, after a crash or a reboot.
 
-    launching -> undone (the cloud never got a 201); terminating -> finished;
+    launching -> undone (the cloud never got a 201); terminating -> finished (or its
+    container's removal retried in the background, `retrying`);
     running with a stopped container -> started again, limits re-applied; running
     with its container gone -> dropped, with an event; containers and rules that no
     record owns -> removed, and with them anything left of a container of the node's
@@ -92,8 +93,9 @@ def reconcile(node: Node, ends: Terminator) -> dict:
     loop device, an id claim).
     """
     report: dict = {"undone": [], "finished": [], "restarted": [], "lost": [],
-                    "orphans": [], "errors": {}}
+                    "retrying": [], "orphans": [], "errors": {}}
     records = {s.id: s for s in node.store.servers()}
+    every = dict(records)
     # Every container that may run gets its guard before anything starts it.
     node.firewall.reconcile_guards({r.id: port_of(r) for r in records.values()})
     for rec in list(records.values()):
@@ -102,7 +104,8 @@ def reconcile(node: Node, ends: Terminator) -> dict:
         except Exception as exc:  # one broken server must not stop the node
             log.exception("reconcile of %s", rec.id)
             report["errors"][rec.id] = f"{type(exc).__name__}: {exc}"
-    report["orphans"] = sweep(node, {r.container for r in records.values()},
+    report["orphans"] = sweep(node, {r.container for r in records.values()}
+                              | {every[i].container for i in report["retrying"]},
                               report["errors"])
     running = [r for r in records.values() if r.state == "running"]
     report["rules"] = node.firewall.reconcile(
@@ -143,6 +146,9 @@ def _reconcile_one(node: Node, ends: Terminator, rec: ServerRecord,
             del records[rec.id]
         except MigrationPending:
             pass
+        except DestroyPending:  # its removal is retried in the background: hands off
+            report["retrying"].append(rec.id)
+            del records[rec.id]
     elif rec.state == "running":
         if not containers.exists(rec.container):
             containers.destroy(rec.container)  # its id range and mounts

@@ -10,8 +10,12 @@ One server's end, in the order its steps are recorded and taken (`Terminator.end
 
 A sink that does not answer stops there: the container is stopped and kept
 (`migration_pending`, no host ports held) and `retry_pending` tries again later; the
-operator's last resort is `discard_pending` (keys saved to a file). A restart finds a
-record still `terminating` and finishes it with the reason it began with. Per server a
+operator's last resort is `discard_pending` (keys saved to a file). A container whose
+removal fails after the merge (a kernel or tool call that said no) keeps its record
+`terminating`, holding its resources, while the removal is tried again in the background
+(`DESTROY_RETRY_S`, then with each `retry_pending`); the rest of its end follows the
+first removal that succeeds. A restart finds a record still `terminating` and finishes
+it with the reason it began with. Per server a
 lock (`busy`) is held while a handover or an import runs on it, so that a termination
 merges what is there once it is done.
 """
@@ -36,8 +40,21 @@ log = logging.getLogger(__name__)
 Migrate = Callable[[ServerRecord, list[str]], MergeReport]
 
 
+# Waits before each background retry of a failed container removal; after the last,
+# `retry_pending` (every `migration_retry_s`) keeps trying.
+DESTROY_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
 class MigrationPending(RuntimeError):
     """The data could not be merged back; the container is stopped and kept."""
+
+
+class DestroyPending(RuntimeError):
+    """The data is merged back, but the container's removal failed: retried."""
+
+    def __init__(self, message: str, merged: MergeReport) -> None:
+        super().__init__(message)
+        self.merged = merged
 
 
 class Terminator:
@@ -49,6 +66,9 @@ class Terminator:
         # Per server: held while its users are handed over (old node) or its data comes
         # in (new node); a termination waits for it, so that it merges what is there.
         self._busy: dict[str, threading.Lock] = {}
+        # Servers whose container removal failed: id -> the rest of its end, retried.
+        self._undestroyed: dict[str, Callable[[], None]] = {}
+        self._closed = threading.Event()
 
     def busy(self, sid: str) -> threading.Lock:
         with self.node.lock:
@@ -69,6 +89,10 @@ class Terminator:
                 result.terminated.append(s.id)
             except MigrationPending:
                 result.pending.append(s.id)
+            except DestroyPending as exc:
+                result.add(exc.merged)
+                result.retrying.append(s.id)
+                result.errors[s.id] = str(exc)
             except NotFound:
                 pass  # terminated meanwhile by someone else
         return result
@@ -76,6 +100,9 @@ class Terminator:
     def end(self, sid: str, reason: TerminationReason, numbers: dict) -> MergeReport:
         """This one server, whatever its termination mode (the steps above)."""
         node = self.node
+        if sid in self._undestroyed:  # merged; its removal is being retried
+            raise DestroyPending(f"{sid}: its container's removal is being retried",
+                                 MergeReport())
         # A handover or an import under way finishes first: then the merge below sees
         # the users as handed (old node), or the keys that came in (new node).
         node.get(sid)  # an unknown id gets no lock
@@ -118,13 +145,67 @@ class Terminator:
                 raise MigrationPending(str(exc)) from exc
             merge_s = round(time.perf_counter() - t0, 4)
         crash_point("terminate.merged")
-        node.firewall.remove(rec.id, redirects=bool(rec.intercept))
-        self._destroy(rec)
-        if rec.data_sink is not None or rec.handed_to is not None or resumed:
-            node.firewall.unfence(rec.id)  # else never fenced: spare the `iptables -S`
-        crash_point("terminate.destroyed")
-        self.forget(rec, reason, {**numbers, **merged.model_dump(), "merge_s": merge_s})
+        fenced = rec.data_sink is not None or rec.handed_to is not None or resumed
+        data = {**numbers, **merged.model_dump(), "merge_s": merge_s}
+
+        def finish(retries: int = 0) -> None:  # each step idempotent: retried as a whole
+            node.firewall.remove(rec.id, redirects=bool(rec.intercept))
+            self._destroy(rec)
+            if fenced:  # else never fenced: spare the `iptables -S`
+                node.firewall.unfence(rec.id)
+            crash_point("terminate.destroyed")
+            self.forget(rec, reason, {**data, "destroy_retries": retries} if retries else data)
+
+        try:
+            finish()
+        except Exception as exc:  # the data is home: a 500 would say less than this
+            log.warning("removing the container of %s failed (%s); retrying", rec.id, exc)
+            self._retry_later(rec.id, finish)
+            raise DestroyPending(f"{rec.id}: removing its container failed ({exc}); its "
+                                 "data is merged back, the removal is being retried",
+                                 merged) from exc
         return merged
+
+    def _retry_later(self, sid: str, finish: Callable[[int], None]) -> None:
+        """Try the rest of a server's end again in the background, with growing waits,
+        until it succeeds; its record stays (`terminating`, holding its resources)."""
+        tries = [0]
+
+        def attempt() -> None:
+            tries[0] += 1
+            finish(tries[0])
+
+        with self.node.lock:
+            self._undestroyed[sid] = attempt
+
+        def backoff() -> None:
+            for wait in DESTROY_RETRY_S:
+                if self._closed.wait(wait) or self.retry_destroy(sid):
+                    return
+
+        threading.Thread(target=backoff, name=f"enorm-destroy-{sid}", daemon=True).start()
+
+    def retry_destroy(self, sid: str) -> bool:
+        """One more try at a failed removal (one at a time per server); True once done."""
+        if sid not in self._undestroyed:
+            return True  # done meanwhile (and no lock made for a forgotten id)
+        with self.busy(sid):
+            attempt = self._undestroyed.get(sid)
+            if attempt is None:
+                return True  # done meanwhile
+            try:
+                attempt()
+            except Exception as exc:
+                log.warning("removing the container of %s failed again: %s", sid, exc)
+                return False
+            with self.node.lock:
+                self._undestroyed.pop(sid, None)
+            log.info("container of %s removed on a retry", sid)
+            return True
+
+    def close(self) -> None:
+        """Stop the background retries (the records stay for the next start)."""
+        self._closed.set()
 
     def fence(self, rec: ServerRecord) -> None:
         """No request reaches the server once its data is being read: its application
@@ -173,8 +254,9 @@ class Terminator:
         node.events.emit("server.migration_failed", rec, reason, {"error": str(exc)})
 
     def retry_pending(self) -> list[str]:
-        """Try again to merge back and destroy servers whose migration failed before."""
-        done = []
+        """Try again to merge back and destroy servers whose migration failed before, and
+        to remove containers whose removal failed."""
+        done = [sid for sid in list(self._undestroyed) if self.retry_destroy(sid)]
         for rec in self.node.store.servers():
             if rec.state == "migration_pending":
                 try:
@@ -220,5 +302,7 @@ class Terminator:
                 continue
             result.terminated += r.terminated
             result.pending += r.pending
+            result.retrying += r.retrying
+            result.errors.update(r.errors)
             result.add(r)
         return result

@@ -11,6 +11,7 @@ import re
 import secrets
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import lxc
@@ -176,3 +177,51 @@ def test_a_loop_device_that_clears_itself_is_waited_for_not_detached(tmp_path, m
     finally:
         idmap.unmount(top / "a")
         disk.release_loops(str(top), wait_s=2)
+
+
+def test_a_failed_removal_is_retried_and_frees_the_unit_without_a_restart(
+        edge_node, redis_server, monkeypatch):
+    """A termination whose container removal raises (here three times, `ENORM_FAIL`, as a
+    refused unmount would) answers 202 naming it `retrying`, not 500; the server stays
+    `terminating` with its unit held while the daemon retries in the background, and a
+    second DELETE says the same; the first removal that succeeds ends it: record, unit,
+    container and its mounts gone, `server.terminated` with the retries, same process."""
+    sink = redis_server()
+    cloud = datasync.connect(sink.url)
+    fill_users(cloud, ["u1"])
+    node = edge_node(start=False)
+    monkeypatch.setenv("ENORM_FAIL", "destroy.unmounted*3")  # then waits 0.5 + 1 + 2 s
+    node.start()
+    monkeypatch.delenv("ENORM_FAIL")
+    pid = node.proc.pid
+    op = node.client("cloud-a")
+    body = handshake(node, users=[{"id": "u1", "address": "10.90.0.2"}],
+                     data_sink={"url": sink.url}).json()
+    sid, container = body["server_id"], f"enorm-{node.name}-{body['server_id']}"
+    edge = redis.Redis(host=body["address"], port=6379, password=body["redis_password"])
+    datasync.copy_users(cloud, edge, ["u1"], manifest=datasync.manifest_key(sid))
+    edge.hset(keys.user("u1"), "xp", 778)
+
+    r = op.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+    assert r.status_code == 202, r.text
+    res = r.json()
+    assert res["retrying"] == [sid] and res["terminated"] == [] and res["pending"] == []
+    assert "injected failure at destroy.unmounted" in res["errors"][sid]
+    assert res["keys_migrated"] >= 1 and cloud.hget(keys.user("u1"), "xp") == b"778"
+    assert op.get(f"{node.url}/v1/servers/{sid}", timeout=10).json()["state"] == "terminating"
+    assert op.get(f"{node.url}/v1/node", timeout=10).json()["allocated"]["cores"] > 0
+    again = op.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+    assert again.status_code == 202 and again.json()["retrying"] == [sid], again.text
+
+    deadline = time.monotonic() + 60
+    while op.get(f"{node.url}/v1/servers/{sid}", timeout=10).status_code != 404:
+        assert time.monotonic() < deadline, "the removal was not retried"
+        time.sleep(0.2)
+    assert op.get(f"{node.url}/v1/node", timeout=10).json()["allocated"]["cores"] == 0
+    left = traces(node.name, node.settings)
+    assert not any(container in x for k in OF_CONTAINERS for x in left.get(k, [])), left
+    ends = [e for e in op.get(f"{node.url}/v1/events", params={"server": sid},
+                              timeout=10).json() if e["type"] == "server.terminated"]
+    assert len(ends) == 1 and ends[0]["data"]["destroy_retries"] == 3, ends
+    assert node.proc.pid == pid and node.proc.poll() is None  # no restart
+    assert handshake(node).status_code == 201  # the node works on
