@@ -93,7 +93,10 @@ def leftovers(node_ports_free: int, offer: dict, name: str = NAME,
     }
 
 
-def run(cycles: int, clients: int, big: int, slot: int = 0) -> dict:
+def run(cycles: int, clients: int, big: int, slot: int = 0,
+        partial: Path | None = None) -> dict:
+    """The soak; `partial`: where the samples so far are written every minute (what a
+    long run cut short leaves)."""
     settings = slot_node(slot)
     with tempfile.TemporaryDirectory(prefix=f"enorm-{settings['name']}-") as tmp:
         key = Path(tmp) / "key"
@@ -103,12 +106,13 @@ def run(cycles: int, clients: int, big: int, slot: int = 0) -> dict:
         node = LocalEdgeNode(**settings, state_dir=f"{tmp}/state")
         node.start()
         try:
-            return _soak(node, pub, cycles, clients, big)
+            return _soak(node, pub, cycles, clients, big, partial)
         finally:
             node.close()
 
 
-def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) -> dict:
+def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int,
+          partial: Path | None) -> dict:
     url = node.url
     tenant = requests.Session()
     tenant.headers["Authorization"] = "Bearer soak-token"
@@ -160,6 +164,9 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
                             "cap_cores": o["capacity"]["cores"] - o["reserved"]["cores"],
                             "cap_memory_mb": o["capacity"]["memory_mb"]
                             - o["reserved"]["memory_mb"]})
+            if partial is not None and len(samples) % 240 == 0:
+                partial.write_text(json.dumps({"cycles": cycles, "counts": counts,
+                                               "samples": samples}))
             stop.wait(0.25)
 
     with ThreadPoolExecutor(clients) as pool:  # warm-up: every worker thread once
@@ -285,9 +292,10 @@ def main() -> None:
     ap.add_argument("--slot", type=int, default=0, choices=(0, 1, 2),
                     help="1, 2: another node's names and ports, to soak side by side")
     args = ap.parse_args()
-    res = run(args.cycles, args.clients, args.big, args.slot)
     args.out.mkdir(parents=True, exist_ok=True)
+    res = run(args.cycles, args.clients, args.big, args.slot, args.out / "soak-partial.json")
     (args.out / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "soak-partial.json").unlink(missing_ok=True)
     plot(res, args.out / "soak.png")
     print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=2))
     if failed := verdict(res):
