@@ -243,12 +243,13 @@ def get_server(sid: str) -> Response:
           202: Answer("its sink did not answer: kept stopped, the merge retried "
                       "(`pending`); or merged, but its container's removal failed and is "
                       "retried (`retrying`)", protocol.TerminateResult),
-          404: NOT_FOUND}, path=SID)
+          404: NOT_FOUND}, path=SID, query=protocol.TerminateQuery)
 def delete_server(sid: str) -> Response:
     """The cloud's override: withdraw a server (its data is merged back first)."""
+    q = protocol.TerminateQuery.model_validate(request.args.to_dict())
     t0 = time.perf_counter()
     result = _manager().terminate(sid, protocol.TerminationReason.CLOUD_WITHDRAWAL,
-                                  owner=_owner_filter())
+                                  owner=_owner_filter(), cloud_wins=q.conflicts == "cloud")
     _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
     return _json(result, 202 if result.pending or result.retrying else 200)
 

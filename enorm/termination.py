@@ -75,8 +75,10 @@ class Terminator:
             return self._busy.setdefault(sid, threading.Lock())
 
     def terminate(self, server_id: str, reason: TerminationReason, numbers: dict | None = None,
-                  owner: str | None = None) -> TerminateResult:
-        """Terminate a server (and, in `multiple` mode, its siblings of the same app)."""
+                  owner: str | None = None, cloud_wins: bool = False) -> TerminateResult:
+        """Terminate a server (and, in `multiple` mode, its siblings of the same app).
+        `cloud_wins`: the merge keeps the cloud's value of every key it changed since the
+        copy (kept in the record: a retried merge does the same)."""
         rec = self.node.get(server_id, owner)
         group = [rec]
         if rec.termination == "multiple":
@@ -85,7 +87,7 @@ class Terminator:
         result = TerminateResult(terminated=[])
         for s in group:
             try:
-                result.add(self.end(s.id, reason, numbers or {}))
+                result.add(self.end(s.id, reason, numbers or {}, cloud_wins))
                 result.terminated.append(s.id)
             except MigrationPending:
                 result.pending.append(s.id)
@@ -97,7 +99,8 @@ class Terminator:
                 pass  # terminated meanwhile by someone else
         return result
 
-    def end(self, sid: str, reason: TerminationReason, numbers: dict) -> MergeReport:
+    def end(self, sid: str, reason: TerminationReason, numbers: dict,
+            cloud_wins: bool = False) -> MergeReport:
         """This one server, whatever its termination mode (the steps above)."""
         node = self.node
         if sid in self._undestroyed:  # merged; its removal is being retried
@@ -115,6 +118,8 @@ class Terminator:
             if resumed or (was_pending and rec.end_reason):
                 reason = rec.end_reason or reason
             rec.state, rec.end_reason = "terminating", reason
+            if cloud_wins and rec.data_sink is not None:
+                rec.data_sink = rec.data_sink.model_copy(update={"cloud_wins_patterns": ["*"]})
             node.store.save(rec)
         if resumed:
             numbers = {**numbers, "resumed_after_restart": True}
