@@ -45,6 +45,7 @@ from .policy import (
     DeploymentView,
     GroupView,
     NodeView,
+    Reason,
     Settings,
     Snapshot,
     State,
@@ -313,7 +314,7 @@ class PolicyLoop:
             merge = dep.merge.model_dump() if dep.merge is not None else {}
             figures = {"state": dep.state, **{k: merge[k] for k in
                        ("keys_migrated", "conflicts", "conflicts_cloud_won") if k in merge}}
-            ev = PolicyEvent("withdraw", group, "node_back", dep.edge.name, None,
+            ev = PolicyEvent("withdraw", group, str(Reason.NODE_BACK), dep.edge.name, None,
                              sid, None, sorted(dep.user_ids), figures, error is None, error,
                              round(time.perf_counter() - t0, 4))
             out.append(self._record(ev, f"merge {sid} on {dep.edge.name} (its node is "
@@ -367,18 +368,15 @@ class PolicyLoop:
     def _record(self, ev: PolicyEvent, what: str) -> PolicyEvent:
         """One log line and one event, given to the listeners (one at a time)."""
         with self._recording:
-            return self._record_one(ev, what)
-
-    def _record_one(self, ev: PolicyEvent, what: str) -> PolicyEvent:
-        decisions.info("%s -> %s in %.2f s%s", what, "done" if ev.ok else "FAILED",
-                       ev.seconds, f": {ev.new_server_id}" if ev.new_server_id else
-                       (f": {ev.error}" if ev.error else ""))
-        self.events.append(ev)
-        for listener in self.listeners:
-            try:
-                listener(ev)
-            except Exception:
-                log.exception("policy listener %r", listener)
+            decisions.info("%s -> %s in %.2f s%s", what, "done" if ev.ok else "FAILED",
+                           ev.seconds, f": {ev.new_server_id}" if ev.new_server_id else
+                           (f": {ev.error}" if ev.error else ""))
+            self.events.append(ev)
+            for listener in self.listeners:
+                try:
+                    listener(ev)
+                except Exception:
+                    log.exception("policy listener %r", listener)
         return ev
 
     def _carry_out(self, d: Decision, group: Group | None) -> Deployment | None:
