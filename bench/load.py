@@ -45,10 +45,11 @@ class SourceAdapter(HTTPAdapter):
         super().init_poolmanager(*a, **kw)
 
 
-def _client(cloud: str, i: int, source: str) -> GameClient:
+def _client(cloud: str, i: int, source: str, prefix: str = "") -> GameClient:
     s = requests.Session()
     s.mount("http://", SourceAdapter(source))
-    c = GameClient(cloud, "bench", f"user{i}", name=f"user{i}", session=s, timeout=30)
+    c = GameClient(cloud, "bench", f"{prefix}user{i}", name=f"{prefix}user{i}", session=s,
+                   timeout=30)
     c.login()
     c.update(54.6 + i * 1e-3, -5.93)  # Belfast
     return c
@@ -83,8 +84,8 @@ def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
 
 
 def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
-          trace: str = "") -> None:  # fmt: skip
-    clients = [_client(cloud, i, src) for i, src in enumerate(sources)]
+          trace: str = "", prefix: str = "") -> None:  # fmt: skip
+    clients = [_client(cloud, i, src, prefix) for i, src in enumerate(sources)]
     print(json.dumps([c.user for c in clients]), flush=True)
     sys.stdin.readline()
     for c in clients:
@@ -118,15 +119,17 @@ class Load:
     ids; `run()` releases the load and returns the results."""
 
     def __init__(self, netns: str, cloud: str, sources: list[str], duration: float,
-                 behaviour: str, trace: bool | str = False):  # fmt: skip
+                 behaviour: str, trace: bool | str = False, prefix: str = ""):  # fmt: skip
         """`trace`: every request's (end time, ms or None); "who": with the user's index
-        (in `sources`) and the server that answered."""
+        (in `sources`) and the server that answered. `prefix`: of the users' identities
+        (user<i> by default: two runs at once need two prefixes, else they share users)."""
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour: one of {', '.join(BEHAVIOURS)}, not {behaviour!r}")
         mode = "who" if trace == "who" else "trace" if trace else ""
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.load", cloud,
-             ",".join(sources), str(duration), behaviour, *([mode] if mode else [])],
+             ",".join(sources), str(duration), behaviour, *([mode] if mode else []),
+             *(["--prefix", prefix] if prefix else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
         self.started: float | None = None
@@ -164,5 +167,6 @@ if __name__ == "__main__":
     ap.add_argument("duration", type=float)
     ap.add_argument("behaviour")
     ap.add_argument("trace", nargs="?", default="")
+    ap.add_argument("--prefix", default="", help="of the users' identities")
     a = ap.parse_args()
-    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour, a.trace)
+    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour, a.trace, a.prefix)

@@ -180,7 +180,7 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
     for g in NODES:
         addrs = bed.edges[g].users.addrs[: per_set * len(SETS)]
         loads[g] = Load(bed.edges[g].users.name, bed.cloud_url, addrs, span, "paced",
-                        trace="who")
+                        trace="who", prefix=f"{wan}-g{g}-")
     for g in NODES:
         uids = loads[g].start()
         addrs = bed.edges[g].users.addrs
