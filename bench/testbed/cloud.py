@@ -122,9 +122,15 @@ def main(argv: list[str] | None = None) -> None:
         if loop is not None:
             loop.stop()
             for dep in list(loop.owned.values()):
-                dep = manager.withdraw(dep)
-                ended.append({"server_id": dep.server_id, "state": dep.state,
+                try:
+                    manager.withdraw(dep)
+                    error = None
+                except Exception as exc:  # noqa: BLE001 (reported: the bench counts it)
+                    error = f"{type(exc).__name__}: {exc}"
+                ended.append({"server_id": dep.server_id, "state": dep.state, "error": error,
                               "merge": None if dep.merge is None else dep.merge.model_dump()})
+            ended += [{"server_id": sid, "state": "unreached", "error": "its node is down",
+                       "merge": None} for sid in loop.unreached]
         return jsonify(ended)
 
     # the game's players and the testbed's control calls (an offload holds a thread for
