@@ -129,10 +129,13 @@ def test_a_round_carries_out_the_plan_one_event_each(caplog):
     assert loop.owned == {}
 
 
+DOWN_AT_ONCE = Settings(cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0,
+                        locations={"a": LONDON, "b": PARIS})
+
+
 def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
     cm = FakeManager(Edge("a"), Edge("b"))
-    loop = loop_for(cm, [LONDON], settings=Settings(
-        cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0, locations={"a": LONDON, "b": PARIS}))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
     loop.round()
     cm.edges[0].up = False
     cm.fail.add("withdraw")
@@ -148,8 +151,7 @@ def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
 
 def test_a_node_down_past_the_bound_its_group_is_placed_again_and_merged_when_back():
     cm = FakeManager(Edge("a"), Edge("b"))
-    loop = loop_for(cm, [LONDON], settings=Settings(
-        cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0, locations={"a": LONDON, "b": PARIS}))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
     loop.round()
     cm.edges[0].up = False
     cm.fail.add("unreached")
