@@ -5,7 +5,9 @@ the game client itself, so that a test sees users follow the redirection.)
 Each virtual user is a thread with its own GameClient and its own source address, so the
 edge node sees one address per user. Behaviours (the paper's JMeter plans):
 - aggressive: data-intensive requests (location update + wild Pokemon) with no pauses;
-- mixed: the same, with pauses, alternating with regular requests (own profile).
+- mixed: the same, with pauses, alternating with regular requests (own profile);
+- paced: the aggressive request, one every `PACE_S` (users walking and playing: a steady
+  sample of their latency over time, bench.mobility).
 
 Run inside the users' namespace (`ip netns exec enbdu0 python -m bench.load ...`): it logs
 every user in at the cloud, prints their ids as one JSON line, waits for a line on stdin
@@ -29,6 +31,8 @@ from requests.adapters import HTTPAdapter
 from games.pokemon.client import GameClient
 
 PAUSE_S = 0.5  # mixed users' think time
+PACE_S = 0.5  # paced users: one request every so often
+BEHAVIOURS = ("aggressive", "mixed", "paced")
 
 
 class SourceAdapter(HTTPAdapter):
@@ -41,19 +45,23 @@ class SourceAdapter(HTTPAdapter):
         super().init_poolmanager(*a, **kw)
 
 
-def _client(cloud: str, i: int, source: str) -> GameClient:
+def _client(cloud: str, i: int, source: str, prefix: str = "") -> GameClient:
     s = requests.Session()
     s.mount("http://", SourceAdapter(source))
-    c = GameClient(cloud, "bench", f"user{i}", name=f"user{i}", session=s, timeout=30)
+    c = GameClient(cloud, "bench", f"{prefix}user{i}", name=f"{prefix}user{i}", session=s,
+                   timeout=30)
     c.login()
     c.update(54.6 + i * 1e-3, -5.93)  # Belfast
     return c
 
 
 def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
-         trace: list | None) -> None:  # fmt: skip
-    step = 0
+         trace: list | None, who: int | None = None) -> None:  # fmt: skip
+    step, due = 0, time.monotonic()
     while time.monotonic() < until:
+        if behaviour == "paced":  # on a schedule (a slow request delays only itself)
+            time.sleep(max(0.0, due - time.monotonic()))
+            due = max(due + PACE_S, time.monotonic())
         t = time.perf_counter()
         try:
             if behaviour == "mixed" and step % 2:
@@ -66,16 +74,18 @@ def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
         except Exception as exc:  # noqa: BLE001 (counted, the run goes on)
             ms = None
             errors.append(type(exc).__name__)
-        if trace is not None:  # (wall clock at the end, ms or None for an error)
-            trace.append((round(time.time(), 4), None if ms is None else round(ms, 2)))
+        if trace is not None:  # (wall clock at the end, ms or None for an error[, the
+            # user's index and the server that answered last])
+            trace.append((round(time.time(), 4), None if ms is None else round(ms, 2),
+                          *(() if who is None else (who, c.server))))
         step += 1
         if behaviour == "mixed":
             time.sleep(PAUSE_S)
 
 
 def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
-          trace: bool = False) -> None:  # fmt: skip
-    clients = [_client(cloud, i, src) for i, src in enumerate(sources)]
+          trace: str = "", prefix: str = "") -> None:  # fmt: skip
+    clients = [_client(cloud, i, src, prefix) for i, src in enumerate(sources)]
     print(json.dumps([c.user for c in clients]), flush=True)
     sys.stdin.readline()
     for c in clients:
@@ -85,8 +95,9 @@ def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
     errors: list[str] = []
     tr: list | None = [] if trace else None
     t0 = time.monotonic()
-    threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors, tr))
-               for c in clients]
+    threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors, tr,
+                                                   i if trace == "who" else None))
+               for i, c in enumerate(clients)]
     for th in threads:
         th.start()
     for th in threads:
@@ -108,12 +119,17 @@ class Load:
     ids; `run()` releases the load and returns the results."""
 
     def __init__(self, netns: str, cloud: str, sources: list[str], duration: float,
-                 behaviour: str, trace: bool = False):  # fmt: skip
-        if behaviour not in ("aggressive", "mixed"):
-            raise ValueError(f"behaviour: aggressive or mixed, not {behaviour!r}")
+                 behaviour: str, trace: bool | str = False, prefix: str = ""):  # fmt: skip
+        """`trace`: every request's (end time, ms or None); "who": with the user's index
+        (in `sources`) and the server that answered. `prefix`: of the users' identities
+        (user<i> by default: two runs at once need two prefixes, else they share users)."""
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour: one of {', '.join(BEHAVIOURS)}, not {behaviour!r}")
+        mode = "who" if trace == "who" else "trace" if trace else ""
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.load", cloud,
-             ",".join(sources), str(duration), behaviour, *(["trace"] if trace else [])],
+             ",".join(sources), str(duration), behaviour, *([mode] if mode else []),
+             *(["--prefix", prefix] if prefix else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
         self.started: float | None = None
@@ -151,5 +167,6 @@ if __name__ == "__main__":
     ap.add_argument("duration", type=float)
     ap.add_argument("behaviour")
     ap.add_argument("trace", nargs="?", default="")
+    ap.add_argument("--prefix", default="", help="of the users' identities")
     a = ap.parse_args()
-    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour, a.trace == "trace")
+    serve(a.cloud, a.sources.split(","), a.duration, a.behaviour, a.trace, a.prefix)

@@ -50,16 +50,29 @@ TREND_MAX_RISE_MB = 1.0
 FLAT_MB = 2.0
 
 
-def leftovers(node_ports_free: int, offer: dict) -> dict:
+def slot_node(slot: int) -> dict:
+    """The node of a slot: slot 0 is the soak's own; slot 1 has other names, subnet and
+    ports, so that two variants (e.g. of the daemon's malloc settings) soak side by side
+    on one machine, sharing its load."""
+    if not slot:
+        return NODE
+    return {**NODE, "name": f"bsoak{slot}", "bridge": f"enbsoak{slot}",
+            "subnet": f"10.81.{slot}.0/24", "port_range": [26000 + 1000 * slot,
+                                                         26999 + 1000 * slot],
+            "listen_port": 18680 + slot}
+
+
+def leftovers(node_ports_free: int, offer: dict, name: str = NAME,
+              bridge: str = BRIDGE) -> dict:
     """What a finished soak must not leave behind, by kind (empty lists when clean)."""
     rules = []
     for table in ("nat", "filter"):
         out = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True,
                              text=True, check=True).stdout
-        rules += [ln for ln in out.splitlines() if f"enorm:{NAME}:" in ln]  # per server
-    veths = subprocess.run(["ip", "-o", "link", "show", "master", BRIDGE],
+        rules += [ln for ln in out.splitlines() if f"enorm:{name}:" in ln]  # per server
+    veths = subprocess.run(["ip", "-o", "link", "show", "master", bridge],
                            capture_output=True, text=True).stdout.splitlines()
-    ours = f"enorm-{NAME}-"
+    ours = f"enorm-{name}-"
     pool = f"{ours}layer-pool"  # the serving node's own layers made ahead, not leftovers
     with open("/proc/self/mountinfo") as f:
         mounts = [p for ln in f if ours in (p := ln.split()[4]) and pool not in p]
@@ -70,7 +83,7 @@ def leftovers(node_ports_free: int, offer: dict) -> dict:
     claims = [p.name for p in claims_dir.iterdir()
               if p.is_file() and p.read_text().startswith(ours)] if claims_dir.is_dir() else []
     return {
-        "containers": [c for c in lxc.list_containers() if c.startswith(f"enorm-{NAME}-")],
+        "containers": [c for c in lxc.list_containers() if c.startswith(ours)],
         # with a config or without (a destroy cut short)
         "directories": sorted(p.name for p in Path("/var/lib/lxc").glob(ours + "*")
                               if p.name != pool),
@@ -84,21 +97,26 @@ def leftovers(node_ports_free: int, offer: dict) -> dict:
     }
 
 
-def run(cycles: int, clients: int, big: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="enorm-bsoak-") as tmp:
+def run(cycles: int, clients: int, big: int, slot: int = 0,
+        partial: Path | None = None) -> dict:
+    """The soak; `partial`: where the samples so far are written every minute (what a
+    long run cut short leaves)."""
+    settings = slot_node(slot)
+    with tempfile.TemporaryDirectory(prefix=f"enorm-{settings['name']}-") as tmp:
         key = Path(tmp) / "key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True)
         pub = key.with_suffix(".pub").read_text().strip()
-        node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state")
+        node = LocalEdgeNode(**settings, state_dir=f"{tmp}/state")
         node.start()
         try:
-            return _soak(node, pub, cycles, clients, big)
+            return _soak(node, pub, cycles, clients, big, partial)
         finally:
             node.close()
 
 
-def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) -> dict:
+def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int,
+          partial: Path | None) -> dict:
     url = node.url
     tenant = requests.Session()
     tenant.headers["Authorization"] = "Bearer soak-token"
@@ -150,6 +168,9 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
                             "cap_cores": o["capacity"]["cores"] - o["reserved"]["cores"],
                             "cap_memory_mb": o["capacity"]["memory_mb"]
                             - o["reserved"]["memory_mb"]})
+            if partial is not None and len(samples) % 240 == 0:
+                partial.write_text(json.dumps({"cycles": cycles, "counts": counts,
+                                               "samples": samples}))
             stop.wait(0.25)
 
     with ThreadPoolExecutor(clients) as pool:  # warm-up: every worker thread once
@@ -202,7 +223,7 @@ def _soak(node: LocalEdgeNode, pub: str, cycles: int, clients: int, big: int) ->
         "rss_trend": rss_trend(samples, cycles),
         "big_cycles_rss_mb": big_rss,
         "handshake_s": _quantiles(handshakes),
-        "leftovers": leftovers(ports_free, offer),
+        "leftovers": leftovers(ports_free, offer, node.config.name, node.config.bridge),
         "raw": {"samples": samples},
         "loadavg": {"start": [round(x, 2) for x in load_start],
                     "end": [round(x, 2) for x in load_end]},
@@ -278,10 +299,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--big", type=int, default=10, help="cycles with 100,000 users")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--slot", type=int, default=0, choices=(0, 1, 2),
+                    help="1, 2: another node's names and ports, to soak side by side")
     args = ap.parse_args()
-    res = run(args.cycles, args.clients, args.big)
     args.out.mkdir(parents=True, exist_ok=True)
+    res = run(args.cycles, args.clients, args.big, args.slot, args.out / "soak-partial.json")
     (args.out / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "soak-partial.json").unlink(missing_ok=True)
     plot(res, args.out / "soak.png")
     print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=2))
     if failed := verdict(res):

@@ -186,11 +186,13 @@ class EdgeClient:
             raise self._fail(r)
         return [ServerInfo.model_validate(s) for s in r.json()]
 
-    def terminate(self, server_id: str) -> TerminateResult:
+    def terminate(self, server_id: str, conflicts: str | None = None) -> TerminateResult:
         """DELETE /v1/servers/{id}: the cloud's withdrawal; the edge merges the data back
         before it destroys the container. `pending` names servers whose merge failed
-        (kept stopped on the node; it retries)."""
-        r = self._call("DELETE", f"/v1/servers/{server_id}", self.terminate_timeout)
+        (kept stopped on the node; it retries). `conflicts="cloud"`: every key the cloud
+        changed since the copy keeps the cloud's value (else the setup's rule)."""
+        r = self._call("DELETE", f"/v1/servers/{server_id}", self.terminate_timeout,
+                       **({"params": {"conflicts": conflicts}} if conflicts else {}))
         if r.status_code in (200, 202):
             return TerminateResult.model_validate(r.json())
         if r.status_code == 404:

@@ -376,13 +376,24 @@ class CloudManager:
         back and destroys the server; then the data is confirmed on the cloud. Returns the
         deployment with what the termination did in `merge` (keys migrated and deleted,
         conflicts, keys not owned or not merged, each with a sample) and `confirmed`; a
-        node whose merge failed leaves it `migration_pending` (the node retries)."""
+        node whose merge failed leaves it `migration_pending` (the node retries). A node
+        that does not answer raises `EdgeError` with the users already home: then
+        `merge_home(dep, cloud_wins=True)` later ends the server (the policy loop does)."""
         dep = self.deployments[dep] if isinstance(dep, str) else dep
         t0 = time.perf_counter()
         self.users_home(dep)  # before the edge server goes away
+        dep.timings["restore"] = time.perf_counter() - t0
+        self.merge_home(dep)
+        dep.timings["withdraw_total"] = time.perf_counter() - t0
+        return dep
+
+    def merge_home(self, dep: Deployment, cloud_wins: bool = False) -> Deployment:
+        """A withdrawal's second half, its users home: the node merges the server's data
+        back and destroys it. `cloud_wins`: a key the cloud changed since the copy keeps
+        the cloud's value (the users wrote it there after they came home, while the node
+        was out of reach: it is the newer one); counted as a conflict either way."""
         t = time.perf_counter()
-        dep.timings["restore"] = t - t0
-        result = dep.edge.terminate(dep.server_id)
+        result = dep.edge.terminate(dep.server_id, conflicts="cloud" if cloud_wins else None)
         dep.timings["terminate"] = time.perf_counter() - t
         with self.lock:
             if dep.server_id in result.pending:
@@ -392,7 +403,6 @@ class CloudManager:
                 include=set(MergeReport.model_fields)))
             self.finish(dep, "withdrawn", TerminationReason.CLOUD_WITHDRAWAL,
                         result.keys_migrated)
-        dep.timings["withdraw_total"] = time.perf_counter() - t0
         return dep
 
     # -- the other jobs, in their own modules --------------------------------------------

@@ -59,6 +59,9 @@ class Reason(StrEnum):
     OPT_OUT = "opt_out"
     NO_USERS = "no_users"
     GROUP_CHANGED = "group_changed"
+    # The loop's, not the plan's: a server withdrawn while its node was down (its users
+    # sent home), merged once the node is back.
+    NODE_BACK = "node_back"
 
 
 class Settings(BaseModel):

@@ -10,8 +10,15 @@ A round, in order of its steps:
   group's users) -> the deployments the loop made, and those a node ended for want of
   resources (re-placed elsewhere) -> `policy.plan` -> the decisions through
   `CloudManager.offload` (to that node only), `handover` (to that node, with the users'
-  addresses now) and `withdraw`, one after another; a decision that fails is recorded,
-  and the later ones of its group are skipped.
+  addresses now) and `withdraw`: the withdrawals first, then the rest, the groups side
+  by side and each group's decisions in order; a decision that fails is recorded, and
+  the later ones of its group are skipped.
+A withdrawal from a node that does not answer (down) has sent the users home all the
+same: the group is the policy's to place again at once, and the server waits in
+`unreached` until its node is up again; then the node merges it back with the cloud
+winning every conflict (`merge_home(cloud_wins=True)`): what the users wrote on the
+cloud, or on the node they went to, since they came home is newer than what the server
+holds.
 Each decision carried out is one log line (logger `cloud_manager.decisions`) and one
 `PolicyEvent` (kept in `events`, given to every listener) with its reason, its figures
 and the outcome.
@@ -38,6 +45,7 @@ from .policy import (
     DeploymentView,
     GroupView,
     NodeView,
+    Reason,
     Settings,
     Snapshot,
     State,
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("cloud_manager.decisions")
 PROBE_BATCH = 256  # addresses per probe request (protocol.ProbeRequest)
+MAX_PARALLEL = 8  # groups whose decisions are carried out at once
 
 
 @dataclass
@@ -115,12 +124,15 @@ class PolicyLoop:
         self.owned: dict[str, Deployment] = {}  # group -> its live deployment
         self._adopt: list[Deployment] = []
         self._preempted: dict[str, str] = {}  # group -> the node that ended its server
+        # servers withdrawn while their node did not answer (users home), not yet merged
+        self.unreached: dict[str, tuple[str, Deployment]] = {}  # server id -> group, it
         self._redis: dict[str, Any] = {}  # server id -> a client of its Redis (data_of)
         self._offers: dict[str, Any] = {}  # node -> its last offer (the unit's size)
         self.events: deque[PolicyEvent] = deque(maxlen=1000)
         self.listeners: list[Callable[[PolicyEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._recording = threading.Lock()
 
     # -- inputs --------------------------------------------------------------------------
     def adopt(self, dep: Deployment) -> None:
@@ -279,12 +291,61 @@ class PolicyLoop:
     # -- one round -----------------------------------------------------------------------
     def round(self) -> list[PolicyEvent]:
         snap, groups = self.snapshot()
+        merged = self._merge_unreached({n.name for n in snap.nodes if n.up})
         planned, self.state = plan(snap, self.state, self.settings)
-        return self.apply(planned, groups)
+        return merged + self.apply(planned, groups)
+
+    def _merge_unreached(self, up: set[str]) -> list[PolicyEvent]:
+        """The servers withdrawn while their node was down, merged home now that it is
+        up (the cloud's values win: the users wrote them since they came home)."""
+        out = []
+        for sid, (group, dep) in list(self.unreached.items()):
+            if dep.edge.name not in up:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.cm.merge_home(dep, cloud_wins=True)
+                error = None
+            except EdgeError as exc:
+                if exc.status is None:
+                    continue  # still out of reach: next round
+                error = f"{type(exc).__name__}: {exc}"
+            del self.unreached[sid]
+            merge = dep.merge.model_dump() if dep.merge is not None else {}
+            figures = {"state": dep.state, **{k: merge[k] for k in
+                       ("keys_migrated", "conflicts", "conflicts_cloud_won") if k in merge}}
+            ev = PolicyEvent("withdraw", group, str(Reason.NODE_BACK), dep.edge.name, None,
+                             sid, None, sorted(dep.user_ids), figures, error is None, error,
+                             round(time.perf_counter() - t0, 4))
+            out.append(self._record(ev, f"merge {sid} on {dep.edge.name} (its node is "
+                                        f"back; the cloud wins conflicts): {figures}"))
+        return out
 
     def apply(self, planned: Sequence[Decision], groups: dict[str, Group]) -> list[PolicyEvent]:
-        out, failed = [], set()
-        for d in planned:
+        """The withdrawals first (their room and budget serve the rest), then the other
+        decisions; within each, the groups side by side (a start-first move takes
+        seconds: a group crossing with others is not kept waiting for theirs), each
+        group's decisions in order. The events come back in the plan's order."""
+        failed: set[str] = set()
+        done: dict[int, PolicyEvent] = {}
+        workers = max(1, min(MAX_PARALLEL, len({d.group for d in planned})))
+        with ThreadPoolExecutor(workers) as pool:
+            for phase in (True, False):
+                per_group: dict[str, list[tuple[int, Decision]]] = {}
+                for i, d in enumerate(planned):
+                    if (d.kind == "withdraw") == phase:
+                        per_group.setdefault(d.group, []).append((i, d))
+                for evs in pool.map(lambda ds: self._carry_out_all(ds, groups, failed),
+                                    per_group.values()):
+                    done.update(evs)
+        return [done[i] for i in sorted(done)]
+
+    def _carry_out_all(self, ds: list[tuple[int, Decision]], groups: dict[str, Group],
+                       failed: set[str]) -> dict[int, PolicyEvent]:
+        """One group's decisions of a phase, in order; a failure skips the rest of the
+        group's decisions this round."""
+        out = {}
+        for i, d in ds:
             if d.group in failed:
                 continue
             t0 = time.perf_counter()
@@ -301,23 +362,35 @@ class PolicyLoop:
                              None if new is None else new.server_id, sorted(d.users),
                              dict(d.figures), error is None, error,
                              round(time.perf_counter() - t0, 4))
-            decisions.info("%s -> %s in %.2f s%s", d.describe(), "done" if ev.ok else "FAILED",
+            out[i] = self._record(ev, d.describe())
+        return out
+
+    def _record(self, ev: PolicyEvent, what: str) -> PolicyEvent:
+        """One log line and one event, given to the listeners (one at a time)."""
+        with self._recording:
+            decisions.info("%s -> %s in %.2f s%s", what, "done" if ev.ok else "FAILED",
                            ev.seconds, f": {ev.new_server_id}" if ev.new_server_id else
-                           (f": {error}" if error else ""))
+                           (f": {ev.error}" if ev.error else ""))
             self.events.append(ev)
             for listener in self.listeners:
                 try:
                     listener(ev)
                 except Exception:
                     log.exception("policy listener %r", listener)
-            out.append(ev)
-        return out
+        return ev
 
     def _carry_out(self, d: Decision, group: Group | None) -> Deployment | None:
         cm = self.cm
         if d.kind == "withdraw":
             dep = self.owned[d.group]
-            cm.withdraw(dep)
+            try:
+                cm.withdraw(dep)
+            except EdgeError as exc:
+                if exc.status is None and "restore" in dep.timings:
+                    # the node did not answer, the users are home: merged when it is up
+                    del self.owned[d.group]
+                    self.unreached[dep.server_id] = (d.group, dep)
+                raise
             del self.owned[d.group]
             return None
         assert group is not None

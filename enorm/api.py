@@ -240,14 +240,17 @@ def get_server(sid: str) -> Response:
 @bp.delete("/servers/<sid>")
 @declare("Withdraw a server (data merged back first, Procedure 4)",
          {200: Answer("terminated", protocol.TerminateResult),
-          202: Answer("its sink did not answer: kept stopped, the merge retried",
-                      protocol.TerminateResult),
-          404: NOT_FOUND}, path=SID)
+          202: Answer("its sink did not answer: kept stopped, the merge retried "
+                      "(`pending`). A 200 comes once the data is merged and the container "
+                      "killed; its removal follows (retried until it succeeds, its address "
+                      "and ports held until then)", protocol.TerminateResult),
+          404: NOT_FOUND}, path=SID, query=protocol.TerminateQuery)
 def delete_server(sid: str) -> Response:
     """The cloud's override: withdraw a server (its data is merged back first)."""
+    q = protocol.TerminateQuery.model_validate(request.args.to_dict())
     t0 = time.perf_counter()
     result = _manager().terminate(sid, protocol.TerminationReason.CLOUD_WITHDRAWAL,
-                                  owner=_owner_filter())
+                                  owner=_owner_filter(), cloud_wins=q.conflicts == "cloud")
     _metrics_of().termination_seconds.observe(time.perf_counter() - t0)
     return _json(result, 202 if result.pending else 200)
 

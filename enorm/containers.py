@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _lxc
 import lxc
 import psutil
 
@@ -75,6 +76,17 @@ def cpuset(cores: float, host: list[int], first: int) -> list[int]:
     neighbours spread over the board's CPUs; a resize keeps it."""
     n = min(len(host), max(1, math.ceil(round(cores, 3))))
     return [host[(first + i) % len(host)] for i in range(n)]
+
+
+class Container(lxc.Container):
+    """python3-lxc's Container without its `network` list, which enorm does not use: the
+    list points back at its container, so that each instance was a reference cycle that
+    only the collector freed, with liblxc's copy of the container's config (~26 KB of C
+    memory each). Dozens a termination (`stop` polls the state) piled up between the
+    collector's rounds and grew the heap (issue 28); these go with their last reference."""
+
+    def __init__(self, name: str, config_path: str) -> None:
+        _lxc.Container.__init__(self, name, config_path)
 
 
 class ContainerError(RuntimeError):
@@ -133,7 +145,17 @@ class Containers:
     def _get(self, name: str) -> lxc.Container:
         if not self._name.fullmatch(name) or name == self.base:
             raise ContainerError(f"{name}: not a container of this node ({self.prefix}*)")
-        return lxc.Container(name, self.lxc_path)
+        return Container(name, self.lxc_path)
+
+    def _claim_holds(self, owner: str) -> bool:
+        """Whether an old id claim's container (any node's) is still there: defined, or
+        with a config LXC cannot load (being written or removed, or a crash's leftover:
+        its files may still be owned by that range, so the claim stands). Raising here
+        failed an unrelated node's launch (a soak's, beside a test's container)."""
+        try:
+            return Container(owner, self.lxc_path).defined
+        except RuntimeError:
+            return True
 
     def _limit_items(self, limits: Resources, first: int) -> dict[str, str]:
         """The cgroup items of `limits`; `first`: the position of the container's first
@@ -238,16 +260,15 @@ class Containers:
         `veth` and `mac` fix the host-side interface name and the MAC, so that the node's
         bridge guard can name them before the container starts.
         """
-        base = lxc.Container(self.base, self.lxc_path)
+        base = Container(self.base, self.lxc_path)
         if not base.defined:
             raise ContainerError(
                 f"{self.base}: base container missing (run `enorm image build`)"
             )
-        c = base.clone(
-            name, config_path=self.lxc_path, flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay"
-        )
-        if not c:
+        if not _lxc.Container.clone(base, newname=name, config_path=self.lxc_path,
+                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay"):
             raise ContainerError(f"{name}: clone of {self.base} failed")
+        c = Container(name, self.lxc_path)
         crash_point("create.cloned")
         mac = mac or "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))
         items = {
@@ -264,7 +285,7 @@ class Containers:
             items["lxc.net.0.veth.pair"] = veth
         slot = None
         if self.ids is not None:
-            slot = self.slots.claim(name, lambda n: lxc.Container(n, self.lxc_path).defined)
+            slot = self.slots.claim(name, self._claim_holds)
             crash_point("create.claimed")
         key = "lxc.cgroup." if self.v == 1 else "lxc.cgroup2."
         limit_items = self._limit_items(limits, self._first_cpu(address))
@@ -369,7 +390,7 @@ class Containers:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while lxc.Container(name, self.lxc_path).state != "STOPPED":
+        while Container(name, self.lxc_path).state != "STOPPED":
             if time.monotonic() > deadline:
                 if not c.stop():
                     raise ContainerError(f"{name}: did not stop within {timeout}s")

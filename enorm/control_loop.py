@@ -210,16 +210,17 @@ def round_report(r: Round) -> dict[str, Any]:
 
 
 def basic_memory_mb(node: Node) -> int:
-    """The machine's memory use outside the node's containers (MB)."""
+    """The machine's memory use outside the node's containers (MB). Every container
+    there is counts, not only the running ones: one launching or being terminated holds
+    memory that its limits already count as allocated (counted twice, the watcher would
+    end a tenant for memory the node holds back already)."""
     vm = psutil.virtual_memory()
     used = (vm.total - vm.available) >> 20
     inside = 0
     for s in node.store.servers():
-        if s.state != "running":
-            continue
         try:
             inside += node.containers.usage(s.container).memory_bytes >> 20
-        except Exception:  # noqa: BLE001 (gone meanwhile: it uses nothing)
+        except Exception:  # noqa: BLE001 (not made yet, or gone: it uses nothing)
             continue
     return max(0, used - inside)
 

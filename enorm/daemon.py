@@ -92,6 +92,7 @@ class Daemon:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.shutdown()
+        self.node.releases.close()
         self.node.releases.drain()
         self.node.containers.layers.stop()
         self.node.events.stop()

@@ -194,7 +194,7 @@ class Handovers:
             self.ends.end(sid, TerminationReason.HANDOVER,
                           {"handed_to": result.to_server, "keys_handed": result.keys})
         except (MigrationPending, NotFound):
-            pass  # kept for the merge's retry / ended by someone else meanwhile
+            pass  # kept for a retry / ended by someone else meanwhile
         except Exception:  # noqa: BLE001 (a thread of its own: log it)
             log.exception("ending %s after its handover", sid)
 

@@ -201,9 +201,9 @@ class EdgeManager:
         return True
 
     def terminate(self, server_id: str, reason: TerminationReason, numbers: dict | None = None,
-                  owner: str | None = None) -> TerminateResult:
+                  owner: str | None = None, cloud_wins: bool = False) -> TerminateResult:
         """Procedure 4, by the Terminator: the one entry for the auto-scaler and the API."""
-        return self.ends.terminate(server_id, reason, numbers, owner)
+        return self.ends.terminate(server_id, reason, numbers, owner, cloud_wins)
 
     def enforce_limits(self) -> dict[str, dict[str, str]]:
         """Put back the limits of every running server whose kernel values differ from the

@@ -116,6 +116,10 @@ class _StateCollector(Collector):
                                  "forwards, container and guard are still being removed")
         held.add_metric([], len(node.releases.held()))
         yield held
+        retried = CounterMetricFamily("enorm_release_retries", "Releases tried again after "
+                                      "a failure (its address and ports held meanwhile)")
+        retried.add_metric([], node.releases.retries)
+        yield retried
 
     def _servers(self, node: Node, servers: list) -> Iterator[Metric]:
         lbl = ["server", "app", "owner"]

@@ -95,20 +95,27 @@ def mounted_v1(root: Path) -> set[str]:
     return out
 
 
-def asked_for(root: Path) -> set[str]:
-    """Controllers the kernel command line asks to enable (`cgroup_enable=a,b`)."""
+def on_cmdline(root: Path, param: str) -> set[str]:
+    """Controllers the kernel command line names with `param` (`cgroup_enable=a,b`)."""
     out: set[str] = set()
     for word in (_read(root, "/proc/cmdline") or "").split():
-        if word.startswith("cgroup_enable="):
+        if word.startswith(f"{param}="):
             out.update(filter(None, word.partition("=")[2].split(",")))
     return out
+
+
+def disabled_fix(c: str) -> str:
+    """The fix for a controller that the command line's `cgroup_disable=c` turns off."""
+    return (f"remove `cgroup_disable={c}` from the kernel command line (GRUB: "
+            "GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub) and reboot; where "
+            "the boot firmware puts it there (Raspberry Pi kernels), " + CMDLINE_FIX)
 
 
 def check_controllers(root: Path) -> list[Finding]:
     """Each controller enorm needs: enabled by the kernel and usable in the layout."""
     kind = layout(root)
     enabled = enabled_controllers(root)
-    asked = asked_for(root)
+    asked, off = on_cmdline(root, "cgroup_enable"), on_cmdline(root, "cgroup_disable")
     findings = [Finding("cgroup layout", True, kind)]
     if kind == "v2":
         avail = set((_read(root, "/sys/fs/cgroup/cgroup.controllers") or "").split())
@@ -123,6 +130,9 @@ def check_controllers(root: Path) -> list[Finding]:
             elif c in asked:
                 detail, fix = (f"disabled although the command line has cgroup_enable={c}",
                                IGNORED_FIX)
+            elif c in off:
+                detail, fix = f"disabled by cgroup_disable={c} on the kernel command line", \
+                    disabled_fix(c)
             else:
                 detail, fix = "disabled by the kernel command line", CMDLINE_FIX
             findings.append(Finding(f"cgroup {c}", False, detail, fix))

@@ -426,6 +426,17 @@ class Event(_Message):
         return self
 
 
+class TerminateQuery(BaseModel):
+    """`DELETE /v1/servers/{id}?conflicts=`: how the merge settles a served user's key
+    that the cloud changed since the copy (unknown parameters are ignored)."""
+
+    conflicts: Literal["setup", "cloud"] = Field(
+        "setup", description="setup: the edge's value wins except for the setup "
+        "request's cloud_wins_patterns; cloud: the cloud's value wins for every key (a "
+        "withdrawal whose users came home while this node was out of reach: what they "
+        "wrote on the cloud since is newer). Counted as conflicts either way")
+
+
 class EventsQuery(BaseModel):
     """`GET /v1/events?limit=&server=`: the newest events first (unknown parameters are
     ignored)."""

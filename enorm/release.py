@@ -6,9 +6,12 @@ and id claim, its bridge guard. Undoing it costs more than the stop (iptables an
 ebtables rewrites, LXC's delete) and nobody waits for it, so one worker thread does it
 after the answer. Until it is done the server's address and host ports stay `held`, and
 admission gives them to no one (`Node.taken_ports`, `Node.taken_addresses`); a sweep
-waits for the worker (`drain`) rather than race it. A release that fails keeps them held
-(logged). A crash before it is done leaves a container and rules that no
-record owns: the next start removes them (`reconcile`), as after any crash.
+waits for the worker (`drain`) rather than race it. A release that fails (a refused
+unmount, `losetup`, iptables: each step is idempotent) keeps them held and is tried
+again as a whole, after `RETRY_S`, then with each `retry_pending` (`retry`), until it
+succeeds; `retries` counts the tries again (a metric). A crash before it is done leaves
+a container and rules that no record owns: the next start removes them (`reconcile`),
+as after any crash.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+# Waits before each retry of a failed release; after the last, `retry` (called with each
+# `retry_pending`, every `migration_retry_s`) queues it again.
+RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,11 @@ class Releases:
     def __init__(self) -> None:
         self._held: dict[str, Held] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Callable[[], None], int]] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._failed: dict[str, tuple[Callable[[], None], int]] = {}  # sid -> undo, tries
+        self._closed = threading.Event()
+        self.retries = 0  # tries again of failed releases, all servers
 
     def hold(self, sid: str, held: Held) -> None:
         """Hold what the server has (before its record goes)."""
@@ -47,26 +57,61 @@ class Releases:
 
     def submit(self, sid: str, undo: Callable[[], None]) -> None:
         """Run `undo` in the worker, then let go of what `sid` held."""
+        self._put(sid, undo, 0)
+
+    def _put(self, sid: str, undo: Callable[[], None], tries: int) -> None:
         with self._lock:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, daemon=True,
                                                 name="enorm-release")
                 self._worker.start()
-        self._queue.put((sid, undo))
+        self._queue.put((sid, undo, tries))
 
     def _run(self) -> None:
         while True:
-            sid, undo = self._queue.get()
+            sid, undo, tries = self._queue.get()
             try:
                 undo()
-            except Exception:
-                log.exception("release of %s failed; its address and ports stay held "
-                              "until the next start", sid)
+            except Exception as exc:
+                self._fail(sid, undo, tries + 1, exc)
             else:
                 with self._lock:
                     self._held.pop(sid, None)
+                if tries:
+                    log.info("release of %s done on retry %d", sid, tries)
             finally:
                 self._queue.task_done()
+
+    def _fail(self, sid: str, undo: Callable[[], None], tries: int, exc: Exception) -> None:
+        """Keep what `sid` holds and try again: after the next wait, or with `retry`."""
+        with self._lock:
+            self._failed[sid] = (undo, tries)
+        log.warning("release of %s failed (%s, try %d); its address and ports stay held, "
+                    "retried", sid, exc, tries)
+        if tries <= len(RETRY_S):
+            threading.Thread(target=self._later, args=(sid, RETRY_S[tries - 1]), daemon=True,
+                             name=f"enorm-release-retry-{sid}").start()
+
+    def _later(self, sid: str, wait: float) -> None:
+        if not self._closed.wait(wait):
+            self._again(sid)
+
+    def _again(self, sid: str) -> None:
+        with self._lock:
+            failed = self._failed.pop(sid, None)  # queued once, whoever asks first
+            if failed is None:
+                return
+            self.retries += 1
+        self._put(sid, *failed)
+
+    def retry(self) -> None:
+        """Queue every failed release again (with each `retry_pending`)."""
+        for sid in list(self._failed):
+            self._again(sid)
+
+    def close(self) -> None:
+        """Stop the timed retries (what is still held is swept by the next start)."""
+        self._closed.set()
 
     def drain(self) -> None:
         """Wait until every release submitted so far has run (or failed)."""

@@ -14,7 +14,9 @@ A sink that does not answer stops there: the container is stopped and kept
 operator's last resort is `discard_pending` (keys saved to a file). A restart finds a
 record still `terminating` and finishes it with the reason it began with (a stopped
 container is started again to merge; the merge is idempotent), and removes what a
-release a crash cut off left (no record owns it). Per server a
+release a crash cut off left (no record owns it). A release that fails (a refused
+unmount, `losetup`, iptables) is retried by the release worker, its address and ports
+held until it succeeds: the answer does not wait for it. Per server a
 lock (`busy`) is held while a handover or an import runs on it, so that a termination
 merges what is there once it is done.
 """
@@ -59,8 +61,10 @@ class Terminator:
             return self._busy.setdefault(sid, threading.Lock())
 
     def terminate(self, server_id: str, reason: TerminationReason, numbers: dict | None = None,
-                  owner: str | None = None) -> TerminateResult:
-        """Terminate a server (and, in `multiple` mode, its siblings of the same app)."""
+                  owner: str | None = None, cloud_wins: bool = False) -> TerminateResult:
+        """Terminate a server (and, in `multiple` mode, its siblings of the same app).
+        `cloud_wins`: the merge keeps the cloud's value of every key it changed since the
+        copy (kept in the record: a retried merge does the same)."""
         rec = self.node.get(server_id, owner)
         group = [rec]
         if rec.termination == "multiple":
@@ -69,7 +73,7 @@ class Terminator:
         result = TerminateResult(terminated=[])
         for s in group:
             try:
-                result.add(self.end(s.id, reason, numbers or {}))
+                result.add(self.end(s.id, reason, numbers or {}, cloud_wins))
                 result.terminated.append(s.id)
             except MigrationPending:
                 result.pending.append(s.id)
@@ -77,7 +81,8 @@ class Terminator:
                 pass  # terminated meanwhile by someone else
         return result
 
-    def end(self, sid: str, reason: TerminationReason, numbers: dict) -> MergeReport:
+    def end(self, sid: str, reason: TerminationReason, numbers: dict,
+            cloud_wins: bool = False) -> MergeReport:
         """This one server, whatever its termination mode (the steps above)."""
         node = self.node
         # A handover or an import under way finishes first: then the merge below sees
@@ -92,6 +97,8 @@ class Terminator:
             if resumed or (was_pending and rec.end_reason):
                 reason = rec.end_reason or reason
             rec.state, rec.end_reason = "terminating", reason
+            if cloud_wins and rec.data_sink is not None:
+                rec.data_sink = rec.data_sink.model_copy(update={"cloud_wins_patterns": ["*"]})
             node.store.save(rec)
         if resumed:
             numbers = {**numbers, "resumed_after_restart": True}
@@ -186,7 +193,9 @@ class Terminator:
         node.events.emit("server.migration_failed", rec, reason, {"error": str(exc)})
 
     def retry_pending(self) -> list[str]:
-        """Try again to merge back and destroy servers whose migration failed before."""
+        """Try again to merge back and destroy servers whose migration failed before, and
+        the releases that failed."""
+        self.node.releases.retry()
         done = []
         for rec in self.node.store.servers():
             if rec.state == "migration_pending":

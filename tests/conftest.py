@@ -6,6 +6,7 @@ processes started here are stopped here.
 
 from __future__ import annotations
 
+import fcntl
 import random
 import shutil
 import socket
@@ -154,3 +155,11 @@ def free_tcp_port() -> Callable[[], int]:
 def wait_tcp_port() -> Callable[..., None]:
     """`wait_tcp_port(port, timeout=10)`: block until 127.0.0.1:port accepts."""
     return wait_port
+
+
+@pytest.fixture
+def bench_lock():
+    """The machine-wide bench lock: the testbed's names and ports are fixed."""
+    with open("/run/enorm-bench.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

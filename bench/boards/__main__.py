@@ -1,7 +1,10 @@
-"""`python -m bench.boards [--quick] [--arch arm64,amd64]`: the board lab (make boards).
+"""`python -m bench.boards [--quick] [--arch arm64,amd64] [--steps reboot,nomem]`: the
+board lab (make boards).
 
 Full run: both boards, every step, figures into bench/results/boards.json (+ .png).
 `--quick`: one board (arm64), the cycle alone, results to /tmp/enorm-boards-quick.json.
+`--steps`: the cycle and then only these of the later steps (lab.LATER_STEPS), e.g.
+`--arch arm64 --steps nomem` for the board booted without its memory controller.
 Exits 1 when a board failed a check (what failed is in the results and on stderr).
 """
 
@@ -63,8 +66,15 @@ def main() -> None:
     ap.add_argument("--image", choices=("host", "board"), default="host",
                     help="build the container image on the host and import it on the board "
                          "(default), or run debootstrap on the board")
+    ap.add_argument("--steps", help="the later steps to run after the cycle, comma-separated "
+                                    f"of {','.join(lab.LATER_STEPS)} (default: all; quick: none)")
     a = ap.parse_args()
     archs = (a.arch or ("arm64" if a.quick else "arm64,amd64")).split(",")
+    steps = (() if a.quick else lab.LATER_STEPS) if a.steps is None else tuple(
+        filter(None, a.steps.split(",")))
+    if unknown := set(steps) - set(lab.LATER_STEPS):
+        ap.error(f"--steps: no step {', '.join(sorted(unknown))} "
+                 f"(the steps: {', '.join(lab.LATER_STEPS)})")
     out = a.out or (Path("/tmp/enorm-boards-quick.json") if a.quick
                     else RESULTS / "boards.json")
     t0 = time.monotonic()
@@ -73,7 +83,8 @@ def main() -> None:
     pub = key.with_suffix(".pub").read_text()
     lines = sources.debian_lines(disk.SUITE)
     mirror = sources.debian_mirror(disk.SUITE)
-    results: dict = {"mode": "quick" if a.quick else "full", "archs": archs, "boards": {},
+    results: dict = {"mode": "quick" if a.quick else "full", "archs": archs,
+                     "steps_after_cycle": list(steps), "boards": {},
                      "image_built_on": a.image,
                      "prepare_s": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     # SIGTERM unwinds like ^C: every VM, forward and proxy of the run is removed.
@@ -90,7 +101,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="enorm-board-run-", dir="/var/tmp"))
     try:
         source = lab.snapshot_source(work / "src")
-        run_boards(archs, a.quick, a.image, source, key, mirror, lines, pub, results, save)
+        run_boards(archs, steps, a.image, source, key, mirror, lines, pub, results, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save(complete=True)
@@ -103,7 +114,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def run_boards(archs: list[str], quick: bool, image_on: str, source: Path, key: Path,
+def run_boards(archs: list[str], steps: tuple[str, ...], image_on: str, source: Path, key: Path,
                mirror: str, lines: str, pub: str, results: dict,
                save: Callable[[], None]) -> None:
     # apt-cacher-ng reads its port as a signed 16-bit number: one below 32768.
@@ -123,7 +134,7 @@ def run_boards(archs: list[str], quick: bool, image_on: str, source: Path, key: 
                 save()
 
             board = lab.run_board(arch, d, key, apt_port=proxy.port, source=source,
-                                  wheelhouse=w, image_tarball=tar, quick=quick, log=log,
+                                  wheelhouse=w, image_tarball=tar, steps=steps, log=log,
                                   on_step=step_done)
             results["boards"][arch] = board.as_dict()
             save()

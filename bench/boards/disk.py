@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.boards import at_nice
+
 CACHE = Path("/var/cache/enorm/boards")
 SUITE = "bookworm"
 # What a freshly flashed board image has: a kernel, systemd, sshd and Python (Ansible
@@ -89,7 +91,7 @@ def ensure_binfmt(arch: str) -> None:
 
 def _run(cmd: list[str], progress: Progress, env: dict | None = None, tail: int = 30) -> None:
     progress("$ " + " ".join(cmd[:6]) + (" ..." if len(cmd) > 6 else ""))
-    p = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True,
+    p = subprocess.run([*at_nice(), *cmd], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     if p.returncode != 0:
         out = (p.stdout + p.stderr).splitlines()[-tail:]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.boards import at_nice
 from enorm import images
 
 CACHE = Path("/var/cache/enorm/boards")
@@ -30,7 +31,7 @@ def tarball(arch: str, progress: Callable[[str], None], cache: Path = CACHE) -> 
     for old in cache.glob(f"image-debian-*-{arch}*.tar"):  # another package list's
         old.unlink()
     tmp = out.with_suffix(".tmp")
-    subprocess.run(["nice", "-n", "10", "tar", "--numeric-owner", "-C", str(rootfs), "-cf",
+    subprocess.run([*at_nice(), "tar", "--numeric-owner", "-C", str(rootfs), "-cf",
                     str(tmp), "."], check=True)
     tmp.rename(out)
     return out, round(time.monotonic() - t0, 1)

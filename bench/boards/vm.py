@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.boards import at_nice
 from bench.boards.disk import GUEST, Disk
 
 # The host as the guest sees it through the guestfwd entries.
@@ -109,7 +110,7 @@ class VM:
 
     def _launch(self) -> None:
         log = open(self.dir / "qemu.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(["nice", "-n", "10", *command(self.spec)],
+        self.proc = subprocess.Popen([*at_nice(), *command(self.spec)],
                                      stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()

@@ -38,6 +38,7 @@ PREFIX = "enbd"
 CLOUD_NET = "10.86.255.0/30"
 CLOUD_PORT = 8000
 API_PORT = 18700
+DISTANCE_QUEUES = 8700  # + 40 * users namespace + 2 * node (+1: the host's direction)
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 
@@ -50,6 +51,17 @@ class EdgeBed:
     @property
     def name(self) -> str:
         return f"bed{self.index}"
+
+
+@dataclass
+class Distance:
+    """One direction of one users namespace's path to node `node`: its delayer."""
+
+    node: int
+    queue: int
+    where: str | None  # the namespace whose PREROUTING holds the rule (None: the host)
+    rule: list[str]
+    proc: subprocess.Popen
 
 
 class Testbed:
@@ -71,7 +83,7 @@ class Testbed:
         self.cloud_proc = None
         self.cgroup = CGROUP_CPU / f"{PREFIX}-cloud"
         self._closed = False
-        self._distance: list[tuple[list[tuple[str | None, list[str]]], subprocess.Popen]] = []
+        self._distance: dict[int, list[Distance]] = {}  # users namespace -> its delayers
 
     # -- build / tear down -------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -136,6 +148,8 @@ class Testbed:
         self._closed = True
         errors = []
         self._undistance()
+        for bed in self.edges:
+            self.up(bed.index)
         # The nodes go first: `enorm down` merges what a run left deployed (one killed
         # half-way) back into the cloud's Redis, which must still be there.
         for bed in self.edges:
@@ -182,29 +196,60 @@ class Testbed:
     def distances(self, extra_ms: dict[int, float], users: int = 0) -> None:
         """Put node k `extra_ms[k]` further (one way, on top of the access link) from
         users namespace `users`: its traffic to and from node k's address (its servers'
-        and its probes') gets its own delayer each way. Call after `access`, which
-        resets the namespace's rules."""
-        self._undistance()
+        and its probes') gets its own delayer each way. Each namespace has its own
+        (another namespace's stay); `move` changes them while traffic flows. Call after
+        `access`, which resets the namespace's rules."""
+        self._undistance(users)
         ns = self.edges[users].users
         link = ns.link or profiles.Link("none", delay_ms=0.0, jitter_ms=0.0)
+        out = self._distance[users] = []
         for k, extra in sorted(extra_ms.items()):
             addr = self.edges[k].users.host_ip
             spec = f"{link.delay_ms + extra}:{link.jitter_ms}"
+            base = DISTANCE_QUEUES + 40 * users + 2 * k  # unique per host and namespace
             for where, rule, q in (
-                (ns.name, ["-i", ns.ns_if, "-s", addr], 8700 + 2 * k),
-                (None, ["-i", ns.host_if, "-d", addr], 8701 + 2 * k),
+                (ns.name, ["-i", ns.ns_if, "-s", addr], base),
+                (None, ["-i", ns.host_if, "-d", addr], base + 1),
             ):
                 rule = ["PREROUTING", *rule, "-j", "NFQUEUE", "--queue-num", str(q)]
-                self._distance.append(([(where, rule)], delayer.start([f"{q}:{spec}"], ns=where)))
+                out.append(Distance(k, q, where, rule,
+                                    delayer.start([f"{q}:{spec}"], ns=where, control=True)))
                 # before the access link's own rule: a packet is queued once
                 sh("iptables", "-t", "mangle", "-I", *rule, ns=where)
 
-    def _undistance(self) -> None:
-        for rules, proc in self._distance:
-            for where, rule in rules:
-                sh("iptables", "-t", "mangle", "-D", *rule, check=False, ns=where)
-            stop(proc)
-        self._distance.clear()
+    def move(self, extra_ms: dict[int, float], users: int = 0) -> None:
+        """New distances for the nodes `distances` placed from namespace `users` (users
+        walking), taken at once by the running delayers: no rule changes, no gap."""
+        link = self.edges[users].users.link or profiles.Link("none", 0.0, 0.0)
+        for d in self._distance.get(users, []):
+            if d.node in extra_ms:
+                delayer.set_delay(d.proc, d.queue, link.delay_ms + extra_ms[d.node],
+                                  link.jitter_ms)
+
+    def _undistance(self, users: int | None = None) -> None:
+        for ns in [users] if users is not None else list(self._distance):
+            for d in self._distance.pop(ns, []):
+                sh("iptables", "-t", "mangle", "-D", *d.rule, check=False, ns=d.where)
+                stop(d.proc)
+
+    def down(self, k: int) -> None:
+        """Node k goes down as seen from outside: its API (the cloud's calls, the
+        heartbeats) and everything to its users-facing address (its servers, their SSH)
+        is refused (TCP reset, as from a host that lost its service) until `up`."""
+        for rule in self._down_rules(k):
+            if sh("iptables", "-C", *rule, check=False).returncode != 0:
+                sh("iptables", "-I", *rule)
+
+    def up(self, k: int) -> None:
+        for rule in self._down_rules(k):
+            while sh("iptables", "-D", *rule, check=False).returncode == 0:
+                pass
+
+    def _down_rules(self, k: int) -> list[list[str]]:
+        addr, reset = self.edges[k].users.host_ip, ["-j", "REJECT", "--reject-with", "tcp-reset"]
+        return [["INPUT", "-p", "tcp", "--dport", str(API_PORT + k), *reset],
+                ["INPUT", "-p", "tcp", "-d", addr, *reset],
+                ["FORWARD", "-p", "tcp", "-m", "conntrack", "--ctorigdst", addr, *reset]]
 
     def players(self, n: int, prefix: str = "bed", node: int = 0,
                 timeout: float = 900) -> list[Player]:  # fmt: skip

@@ -12,7 +12,10 @@ prefix), `POST /bench/offload {"users": [[id, address], ...], "placement": "firs
 "scored"?, "exclude": [NODE, ...]?}` -> the deployment,
 `POST /bench/withdraw {"server_id": ...}` -> its end and timings, and `POST /bench/handover
 {"server_id": ..., "to": NODE?, "path": "direct"|"cloud"?}` -> the new deployment and the
-old one's end.
+old one's end, `POST /bench/policy {"settings": {...}, "groups": {NAME: [[id, address],
+...]}}` -> the manager's policy started over those groups (`start_policy`), and
+`GET /bench/policy` -> its decisions so far (`PolicyEvent`s), `POST /bench/policy/stop`
+-> the policy stopped and the servers it left withdrawn.
 """
 
 from __future__ import annotations
@@ -95,6 +98,40 @@ def main(argv: list[str] | None = None) -> None:
                        old={"server_id": old.server_id, "node": old.edge.name,
                             "state": old.state, "confirmed": old.confirmed,
                             "keys_migrated": old.keys_migrated, "timings": old.timings})
+
+    @app.post("/bench/policy")
+    def _policy():
+        from cloud_manager.policy import Settings
+        from cloud_manager.policy_loop import Group
+
+        body = request.get_json()
+        groups = [Group(name, [User(id=u[0], address=u[1]) for u in users])
+                  for name, users in body["groups"].items()]
+        manager.start_policy(lambda _data_of: groups, Settings(**body["settings"]))
+        return jsonify(groups=len(groups))
+
+    @app.get("/bench/policy")
+    def _policy_events():
+        loop = manager.policy
+        return jsonify([] if loop is None else [ev.as_dict() for ev in loop.events])
+
+    @app.post("/bench/policy/stop")
+    def _policy_stop():
+        """The policy stopped, then every server it left withdrawn: their merges."""
+        loop, ended = manager.policy, []
+        if loop is not None:
+            loop.stop()
+            for dep in list(loop.owned.values()):
+                try:
+                    manager.withdraw(dep)
+                    error = None
+                except Exception as exc:  # noqa: BLE001 (reported: the bench counts it)
+                    error = f"{type(exc).__name__}: {exc}"
+                ended.append({"server_id": dep.server_id, "state": dep.state, "error": error,
+                              "merge": None if dep.merge is None else dep.merge.model_dump()})
+            ended += [{"server_id": sid, "state": "unreached", "error": "its node is down",
+                       "merge": None} for sid in loop.unreached]
+        return jsonify(ended)
 
     # the game's players and the testbed's control calls (an offload holds a thread for
     # seconds while the node calls back into /edge-events): more threads than the game's

@@ -5,8 +5,11 @@
  * come are released with one batch verdict per queue (the kernel numbers a queue's packets
  * in order, and they leave in order, so "accept everything up to id N" is exact).
  *
- *     enorm-delayer NUM:DELAY_MS:JITTER_MS [NUM:DELAY_MS:JITTER_MS ...]
+ *     enorm-delayer [--control] NUM:DELAY_MS:JITTER_MS [NUM:DELAY_MS:JITTER_MS ...]
  *
+ * With --control, a line NUM:DELAY_MS:JITTER_MS on stdin sets that queue's delay from
+ * then on (a user walking away from a node: later packets wait longer; order is still
+ * kept, so a shorter delay makes no packet overtake one held before it).
  * Runs at the lowest real-time priority (SCHED_FIFO 1) where it may, so that a loaded
  * machine does not stretch the delay. Prints "ready" once every queue is bound; on
  * SIGTERM or SIGINT lets what it holds go (accepts it, never drops it), prints how late
@@ -27,6 +30,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 #include <libnetfilter_queue/libnetfilter_queue.h>
 
 #define MAX_QUEUES 16
@@ -133,10 +137,50 @@ static int parse(const char *spec, struct link *l) {
     return 0;
 }
 
+/* A control line: "NUM:DELAY_MS:JITTER_MS" for a queue this delayer holds. */
+static void control_line(const char *line) {
+    struct link parsed;
+    if (parse(line, &parsed) < 0) {
+        fprintf(stderr, "delayer: control line %s: expected NUM:DELAY_MS:JITTER_MS\n", line);
+        return;
+    }
+    for (int i = 0; i < nlinks; i++)
+        if (links[i].num == parsed.num) {
+            links[i].delay_ns = parsed.delay_ns;
+            links[i].jitter_ns = parsed.jitter_ns;
+            return;
+        }
+    fprintf(stderr, "delayer: control line %s: no such queue\n", line);
+}
+
+/* Read what stdin has; returns -1 at its end (no more control). */
+static int control_read(void) {
+    static char line[256];
+    static size_t len;
+    char chunk[1024];
+    ssize_t n = read(0, chunk, sizeof chunk);
+    if (n <= 0)
+        return n < 0 && errno == EINTR ? 0 : -1;
+    for (ssize_t i = 0; i < n; i++) {
+        if (chunk[i] == '\n') {
+            line[len] = 0;
+            if (len)
+                control_line(line);
+            len = 0;
+        } else if (len < sizeof line - 1) {
+            line[len++] = chunk[i];
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    int control = argc > 1 && strcmp(argv[1], "--control") == 0;
+    if (control)
+        argc--, argv++;
     if (argc < 2 || argc - 1 > MAX_QUEUES) {
-        fprintf(stderr, "usage: %s NUM:DELAY_MS:JITTER_MS ... (1 to %d queues)\n", argv[0],
-                MAX_QUEUES);
+        fprintf(stderr, "usage: %s [--control] NUM:DELAY_MS:JITTER_MS ... (1 to %d queues)\n",
+                argv[0], MAX_QUEUES);
         return 2;
     }
     struct nfq_handle *h = nfq_open();
@@ -179,7 +223,8 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     static char buf[65536] __attribute__((aligned));
-    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = control ? 0 : -1,
+                                                         .events = POLLIN}};
     while (!stopping) {
         int64_t now = now_ns();
         release(now);
@@ -192,8 +237,10 @@ int main(int argc, char **argv) {
             ts.tv_sec = wait / 1000000000;
             ts.tv_nsec = wait % 1000000000;
         }
-        if (ppoll(&pfd, 1, &ts, NULL) <= 0)
+        if (ppoll(pfd, 2, &ts, NULL) <= 0)
             continue; /* timeout, or a signal */
+        if (pfd[1].revents && control_read() < 0)
+            pfd[1].fd = -1; /* stdin closed: the delays stay as they are */
         for (;;) {
             ssize_t n = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
             if (n > 0) {

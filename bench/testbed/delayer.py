@@ -15,9 +15,11 @@ namespace; on OUTPUT a held packet would still count against its sending socket)
     python -m bench.testbed.delayer --queue 1:20:2 --queue 2:20:2
 (queue number : one-way delay ms : jitter ms). Packets of one queue leave in order (a
 packet never overtakes the one before it), like a single link; jitter is uniform in
-[-jitter, +jitter] around the delay. Both print `ready` once bound and, when stopped,
-how late the packets left against their due time (`late packets=N mean_us=.. p99_us=..
-max_us=..`, p99 as its power-of-two bucket's bound; `lateness` reads it).
+[-jitter, +jitter] around the delay. With `--control` (`start(..., control=True)`), a
+line NUM:DELAY_MS:JITTER_MS on stdin sets that queue's delay from then on (`set_delay`:
+the testbed's users walking between the nodes' areas). Both print `ready` once bound
+and, when stopped, how late the packets left against their due time (`late packets=N
+mean_us=.. p99_us=.. max_us=..`, p99 as its power-of-two bucket's bound; `lateness` reads it).
 """
 
 from __future__ import annotations
@@ -62,30 +64,39 @@ def binary() -> Path:
     return out
 
 
-def command(queues: list[str], impl: str = "c") -> list[str]:
+def command(queues: list[str], impl: str = "c", control: bool = False) -> list[str]:
     """The delayer's command line for `queues` (NUM:DELAY_MS:JITTER_MS each)."""
+    flag = ["--control"] if control else []
     if impl == "c":
-        return [str(binary()), *queues]
+        return [str(binary()), *flag, *queues]
     if impl == "python":
-        return [sys.executable, "-m", "bench.testbed.delayer",
+        return [sys.executable, "-m", "bench.testbed.delayer", *flag,
                 *(a for q in queues for a in ("--queue", q))]  # fmt: skip
     raise ValueError(f"delayer: impl {impl!r} is not one of {', '.join(IMPLS)}")
 
 
-def start(queues: list[str], *, ns: str | None = None, impl: str | None = None
-          ) -> subprocess.Popen:  # fmt: skip
+def start(queues: list[str], *, ns: str | None = None, impl: str | None = None,
+          control: bool = False) -> subprocess.Popen:  # fmt: skip
     """A delayer for `queues`, in network namespace `ns` (None: the host's), in the
-    testbed's `delayers` cost group; returns once it has bound its queues."""
+    testbed's `delayers` cost group; returns once it has bound its queues. `control`:
+    its delays can be changed while it runs (`set_delay`)."""
     impl = impl or os.environ.get("ENORM_DELAYER", "c")
     cmd = [*cost.DELAYERS.open().launcher(), *(["ip", "netns", "exec", ns] if ns else []),
-           *command(queues, impl)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
+           *command(queues, impl, control)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT,
+                            stdin=subprocess.PIPE if control else None)
     if proc.stdout.readline().strip() != b"ready":
         proc.kill()
         proc.wait()
         raise RuntimeError(f"the {impl} delayer for queues {queues} (namespace {ns}) did "
                            "not start")
     return proc
+
+
+def set_delay(proc: subprocess.Popen, queue: int, delay_ms: float, jitter_ms: float) -> None:
+    """A delayer started with `control=True`: `queue`'s delay from now on."""
+    proc.stdin.write(f"{queue}:{delay_ms}:{jitter_ms}\n".encode())
+    proc.stdin.flush()
 
 
 class Queue:
@@ -135,7 +146,7 @@ class Late:
                 f"max_us={self.max_s * 1e6:.1f}")
 
 
-def serve(specs: list[tuple[int, float, float]]) -> None:
+def serve(specs: list[tuple[int, float, float]], control: bool = False) -> None:
     from netfilterqueue import NetfilterQueue
 
     heap: list = []
@@ -146,12 +157,15 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
         seq += 1
         heapq.heappush(heap, (due, seq, pkt))
 
-    nfqs = []
+    nfqs, queues = [], {}
     for num, delay_ms, jitter_ms in specs:
         nfq = NetfilterQueue()
-        nfq.bind(num, Queue(delay_ms / 1000, jitter_ms / 1000, push), max_len=65536)
+        queues[num] = Queue(delay_ms / 1000, jitter_ms / 1000, push)
+        nfq.bind(num, queues[num], max_len=65536)
         nfqs.append(nfq)
     fds = {nfq.get_fd(): nfq for nfq in nfqs}
+    ctl = sys.stdin.fileno() if control else None
+    pending = b""
     stop = False
 
     def _stop(*_):
@@ -170,11 +184,22 @@ def serve(specs: list[tuple[int, float, float]]) -> None:
             late.add(now - due)
         timeout = max(0.0, heap[0][0] - now) if heap else 0.2
         try:
-            ready, _, _ = select.select(list(fds), [], [], timeout)
+            ready, _, _ = select.select([*fds, *([ctl] if ctl is not None else [])], [], [],
+                                        timeout)
         except InterruptedError:
             continue
         for fd in ready:
-            fds[fd].run(block=False)
+            if fd != ctl:
+                fds[fd].run(block=False)
+                continue
+            chunk = os.read(ctl, 4096)
+            if not chunk:  # stdin closed: the delays stay as they are
+                ctl = None
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in filter(None, (x.strip() for x in lines)):
+                num, delay_ms, jitter_ms = parse(line.decode())
+                queues[num].delay_s, queues[num].jitter_s = delay_ms / 1000, jitter_ms / 1000
     for _, _, pkt in heap:  # let what is held go, not drop it
         pkt.accept()
     print(late.line(), flush=True)
@@ -191,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queue", action="append", type=parse, required=True,
                     help="NUM:DELAY_MS:JITTER_MS (repeat per direction)")
-    serve(ap.parse_args(argv).queue)
+    ap.add_argument("--control", action="store_true",
+                    help="read NUM:DELAY_MS:JITTER_MS lines on stdin: new delays")
+    a = ap.parse_args(argv)
+    serve(a.queue, a.control)
 
 
 if __name__ == "__main__":

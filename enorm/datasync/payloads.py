@@ -16,9 +16,12 @@ from .report import VerificationFailed
 from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_jobs, run_script
 
 # Scripts move a whole batch as one bulk string each way: per key a header
-# (ttl: 8 bytes signed, length: 4 bytes, big-endian) and the DUMP payload. One reply
-# per batch instead of one per key keeps the client's parsing out of the hot path.
-_HEADER = struct.Struct(">qI")
+# (ttl: a double, length: 4 bytes, big-endian) and the DUMP payload. One reply per batch
+# instead of one per key keeps the client's parsing out of the hot path. A double is
+# Lua's own number, exact to 2^53 ms on every build; an 8-byte integer goes through the
+# C long of Redis's build, so a 32-bit Redis (armhf boards) sent the PTTL -1 of a key
+# without TTL as 4294967295, and the key came back expiring in 49.7 days.
+_HEADER = struct.Struct(">dI")
 
 # DUMP and PTTL of KEYS, packed; a key gone since the scan gets ttl -2 and no payload.
 _DUMP = """
@@ -26,31 +29,31 @@ local out = {}
 for i, k in ipairs(KEYS) do
   local p = redis.call('DUMP', k)
   if p then
-    out[#out + 1] = struct.pack('>i8I4', redis.call('PTTL', k), #p)
+    out[#out + 1] = struct.pack('>dI4', redis.call('PTTL', k), #p)
     out[#out + 1] = p
   else
-    out[#out + 1] = struct.pack('>i8I4', -2, 0)
+    out[#out + 1] = struct.pack('>dI4', -2, 0)
   end
 end
 return table.concat(out)
 """
 
 # One SCAN step that also dumps what it finds (standalone sources only: a cluster node
-# refuses a script touching keys of several slots): per key its length, PTTL, payload
-# length (big-endian, 4 + 8 + 4 bytes), the key and the payload.
+# refuses a script touching keys of several slots): per key its length, PTTL (a double),
+# payload length (big-endian, 4 + 8 + 4 bytes), the key and the payload.
 _SCAN_DUMP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local out = {}
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
-    out[#out + 1] = struct.pack('>I4i8I4', #k, redis.call('PTTL', k), #p) .. k
+    out[#out + 1] = struct.pack('>I4dI4', #k, redis.call('PTTL', k), #p) .. k
     out[#out + 1] = p
   end
 end
 return {r[1], table.concat(out)}
 """
-_SCAN_HEADER = struct.Struct(">IqI")
+_SCAN_HEADER = struct.Struct(">IdI")
 
 # A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
 # free for the copy, which dumps every key anyway. Values whose DUMP follows a hash
@@ -86,7 +89,7 @@ local replace, blob, want, same = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4]
 local pos = 1
 local out = {}
 for i, k in ipairs(KEYS) do
-  local ttl, n, nxt = struct.unpack('>i8I4', blob, pos)
+  local ttl, n, nxt = struct.unpack('>dI4', blob, pos)
   pos = nxt + n
   if want and digest(k) ~= string.sub(want, 16 * i - 15, 16 * i) then
     out[i] = 'c'
@@ -145,7 +148,7 @@ def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes,
             pttl, n = unpack(blob, pos)
             pos += width
             if pttl != -2:
-                dumped[key] = (blob[pos : pos + n], max(pttl, 0))
+                dumped[key] = (blob[pos : pos + n], max(int(pttl), 0))
             pos += n
     return dumped
 
@@ -167,7 +170,7 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
             pos += width
             key = blob[pos : pos + nk]
             pos += nk
-            part[key] = (blob[pos : pos + n], max(pttl, 0))
+            part[key] = (blob[pos : pos + n], max(int(pttl), 0))
             pos += n
         yield part
         if cursor in (b"0", 0):

@@ -13,7 +13,7 @@ import time
 import pytest
 from nodes import VENV_BIN
 from test_cloud_cli import cloud_cli, write_config
-from world import LONDON, PARIS, as_users, cloud_world, make_users, play
+from world import LONDON, PARIS, TcpProxy, as_users, cloud_world, make_users, play
 
 from cloud_manager.policy import Settings
 from games.pokemon import groups
@@ -88,6 +88,56 @@ def test_a_party_is_offloaded_followed_and_withdrawn_by_the_policy(edge_node, re
         time.sleep(1.5)
         assert [e.kind for e in loop.events] == ["offload", "handover", "withdraw"]
         assert loop.owned == {}
+
+
+def test_a_node_down_past_the_bound_its_party_comes_home_and_keeps_what_it_wrote_since(
+        edge_node, redis_server):  # fmt: skip
+    """The node's API goes out of reach (a proxy cut): after `down_bound_s` the party is
+    sent home although the node cannot merge; they play on the cloud; when the node is
+    back the loop has it merge, the cloud winning every conflict: their newer moves stay."""
+    london = edge_node()
+    with cloud_world(redis_server().url, [london]) as cloud:
+        proxy = TcpProxy(int(london.url.rsplit(":", 1)[1]))
+        cloud.manager.edges[0].url = f"http://127.0.0.1:{proxy.port}"
+        players = make_users(cloud, 2)
+        for p in players:
+            play(p, LONDON)
+        settings = Settings(interval_s=0.3, dwell_s=0.5, down_bound_s=1.0, cloud_ms=40.0,
+                            locations={london.name: LONDON})
+        loop = cloud.manager.start_policy(
+            groups.population(cloud.redis, {"party": as_users(players)}), settings)
+        (off,) = wait_for(loop, 1)
+        assert (off.kind, off.node, off.ok) == ("offload", london.name, True)
+        for p in players:
+            assert p.refresh() == cloud.manager.deployments[off.new_server_id].url
+            play(p, LONDON)  # on the edge server
+
+        proxy.down()
+        down = wait_for(loop, 2)[1]
+        assert (down.kind, down.reason, down.ok) == ("withdraw", "node_down", False)
+        assert down.figures["down_for_s"] >= 1.0 and "DELETE" in down.error
+        assert loop.owned == {} and list(loop.unreached) == [off.new_server_id]
+        for p in players:
+            assert p.refresh() == cloud.url  # home, although the node did not answer
+            play(p, PARIS, catches=1)  # newer than what the edge server holds
+        time.sleep(1.0)
+        assert len(loop.events) == 2  # no node to go to, no merge while it is down
+
+        proxy.up()
+        back, again = wait_for(loop, 4)[2:]
+        assert (back.kind, back.reason, back.server_id, back.ok) == (
+            "withdraw", "node_back", off.new_server_id, True)
+        assert back.figures["conflicts"] >= 2  # at least each player's location
+        assert back.figures["conflicts_cloud_won"] == back.figures["conflicts"]
+        assert cloud.manager.deployments[off.new_server_id].state == "withdrawn"
+        for p in players:  # the cloud kept their move to Paris, not the edge's London
+            assert float(cloud.redis.hget(f"loc:{{{p.user}}}", "lat")) == PARIS[0]
+        # back in the London node's area by where they are now (Paris is 344 km off)
+        assert (again.kind, again.reason, again.node) == ("offload", "edge_pays",
+                                                          london.name)
+        assert loop.unreached == {}
+        loop.stop()
+        cloud.manager.withdraw(loop.owned["party"])
 
 
 def test_enorm_cloud_policy_offloads_and_a_later_run_withdraws_what_the_ledger_holds(

@@ -184,6 +184,10 @@ def nearby_cycle(node: EdgeNode, redis_url: str, ready_timeout: float | None = N
         finally:
             edge.close()
         cloud_shared_before = state(world.manager.cloud, shared_keys_of(world.manager.cloud))
+        # ann's typing marker, deleted on the edge, lives 30 s on the cloud: where the
+        # offload took longer (an emulated 32-bit ARM container), it expired there by
+        # itself and the merge has nothing to delete.
+        typing_ms = world.manager.cloud.pttl(keys.typing("ann"))
         edge_read_at = time.perf_counter()
         assert final_users[keys.session("ann").encode()][2] > 0  # sessions kept their TTLs
 
@@ -196,7 +200,10 @@ def nearby_cycle(node: EdgeNode, redis_url: str, ready_timeout: float | None = N
         assert m is not None and m.conflicts == 0 and m.not_owned == 0 and m.not_merged == 0
         gone = {keys.typing("ann"), keys.draft("ann", d2), keys.follows("ann"),
                 keys.seen("ann"), keys.inbox("bob"), keys.trail("cat"), keys.session("cat")}
-        assert m.keys_deleted == len(gone)
+        lapsed = {len(gone) - 1} if typing_ms == -2 else {len(gone)}
+        if 0 <= typing_ms < 10_000:  # it may lapse during the withdrawal
+            lapsed |= {len(gone) - 1}
+        assert m.keys_deleted in lapsed, (m.keys_deleted, typing_ms)
         assert m.stream_renumbered == 1 and m.shared_merged > 0 and m.shared_ttls > 0
         assert world.redis.hgetall(keys.ROUTE) == {}
 

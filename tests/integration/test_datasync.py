@@ -58,8 +58,7 @@ def test_copy_16k_users_verified_and_merge_back(pair):
 
     report = datasync.copy_users(cloud, edge, ids)
     assert report.verified and report.keys == n == report.keys_verified
-    assert report.deleted == 0
-    assert report.seconds < 5
+    assert report.deleted == 0 and report.seconds > 0  # its speed: bench/datasync.py
     assert edge.dbsize() == n  # shared keys are not copied with the users
 
     # The edge plays: user data changes, region annotations appear on both sides.

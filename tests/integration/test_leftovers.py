@@ -181,3 +181,54 @@ def test_a_loop_device_that_clears_itself_is_waited_for_not_detached(tmp_path, m
     finally:
         idmap.unmount(top / "a")
         disk.release_loops(str(top), wait_s=2)
+
+
+def test_a_failed_removal_is_retried_and_frees_the_unit_without_a_restart(
+        edge_node, redis_server, monkeypatch):
+    """A termination whose container removal raises (here three times, `ENORM_FAIL`, as a
+    refused unmount would) still answers 200 once the data is merged and the container
+    killed: the removal is the release's, after the answer. The release keeps the
+    server's address and ports held while the worker retries it (0.5, 1, 2 s), and the
+    first try that succeeds frees them and leaves no trace, in the same process."""
+    sink = redis_server()
+    cloud = datasync.connect(sink.url)
+    fill_users(cloud, ["u1"])
+    node = edge_node(start=False)
+    monkeypatch.setenv("ENORM_FAIL", "destroy.unmounted*3")  # then waits 0.5 + 1 + 2 s
+    node.start()
+    monkeypatch.delenv("ENORM_FAIL")
+    pid = node.proc.pid
+    op = node.client("cloud-a")
+    admin = {"Authorization": f"Bearer {node.settings['operator_token']}"}
+
+    def metric(name: str) -> float:
+        text = op.get(f"{node.url}/metrics", headers=admin, timeout=10).text
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    free = op.get(f"{node.url}/v1/node", timeout=10).json()["ports_free"]
+    body = handshake(node, users=[{"id": "u1", "address": "10.90.0.2"}],
+                     data_sink={"url": sink.url}).json()
+    sid, container = body["server_id"], f"enorm-{node.name}-{body['server_id']}"
+    edge = redis.Redis(host=body["address"], port=6379, password=body["redis_password"])
+    datasync.copy_users(cloud, edge, ["u1"], manifest=datasync.manifest_key(sid))
+    edge.hset(keys.user("u1"), "xp", 778)
+
+    r = op.delete(f"{node.url}/v1/servers/{sid}", timeout=60)
+    assert r.status_code == 200 and r.json()["terminated"] == [sid], r.text
+    assert r.json()["keys_migrated"] >= 1 and cloud.hget(keys.user("u1"), "xp") == b"778"
+    assert op.get(f"{node.url}/v1/servers/{sid}", timeout=10).status_code == 404
+    offer = op.get(f"{node.url}/v1/node", timeout=10).json()
+    assert offer["allocated"]["cores"] == 0  # killed: its CPU and memory are free
+    # The release fails and is retried: until then its address and ports stay held.
+    assert metric("enorm_releases_pending") == 1 and offer["ports_free"] < free, offer
+
+    node.released(timeout=60)
+    assert op.get(f"{node.url}/v1/node", timeout=10).json()["ports_free"] == free
+    assert metric("enorm_release_retries_total") == 3
+    left = traces(node.name, node.settings)
+    assert not any(container in x for k in OF_CONTAINERS for x in left.get(k, [])), left
+    ends = [e for e in op.get(f"{node.url}/v1/events", params={"server": sid},
+                              timeout=10).json() if e["type"] == "server.terminated"]
+    assert len(ends) == 1, ends
+    assert node.proc.pid == pid and node.proc.poll() is None  # no restart
+    assert handshake(node).status_code == 201  # the node works on

@@ -4,14 +4,12 @@ nothing behind. Holds the machine-wide bench lock: the testbed's names are fixed
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 from bench.latency import measure
@@ -20,13 +18,6 @@ from bench.testbed import WAN, Testbed, probe
 from bench.testbed.netns import sh
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def bench_lock():
-    with open("/run/enorm-bench.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def leftovers() -> list[str]:

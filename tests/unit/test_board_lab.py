@@ -4,10 +4,13 @@ packages come from, the VMs' network, the wheelhouse's platforms, the inventory.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench.boards import disk, lab, sources, vm, wheelhouse
+from enorm import pressure, resources
+from enorm.protocol import Resources
 
 DEB822 = """\
 Types: deb
@@ -127,3 +130,51 @@ def test_the_disk_is_built_again_when_its_recipe_changes() -> None:
     assert disk.digest(a) != disk.digest(b)
     assert disk.digest(a) == disk.digest(dict(a))
     assert "linux-image-arm64" in a["packages"] and "systemd-sysv" in a["packages"]
+
+
+def _offer(capacity: int, reserved: int, basic: int, allocated: int) -> dict:
+    return {k: {"cores": 1.0, "memory_mb": v} for k, v in
+            (("capacity", capacity), ("reserved", reserved), ("basic_service", basic),
+             ("allocated", allocated))}
+
+
+def _ended_by_the_watcher(offer: dict, own_mb: int, headroom: int, tenants: list) -> list:
+    """What the node's pressure watcher ends, look after look, when the board's own
+    processes take `own_mb` more (its policy and arithmetic, as protect_basic_service)."""
+    m = {k: v["memory_mb"] for k, v in offer.items()}
+    basic = m["basic_service"] + own_mb
+    ended: list = []
+    for _ in range(3):
+        left = resources.free(Resources(cores=4, memory_mb=m["capacity"]),
+                              Resources(cores=0, memory_mb=m["reserved"]),
+                              Resources(cores=0, memory_mb=basic),
+                              resources.total(t.limits for t in tenants
+                                              if t.id not in ended)).memory_mb
+        ended += pressure.evictions([t for t in tenants if t.id not in ended], headroom - left)
+    return ended
+
+
+@pytest.mark.parametrize("basic, noise", [(250, 0), (250, 30), (250, -30), (330, 8)])
+def test_the_pressure_step_makes_the_watcher_end_the_low_tenant_only(basic, noise) -> None:
+    """The 1 GB board of the lab: two tenants of 80 MB, priority 1 and 9. The hog sized
+    from the node's offer (plus a growth step or noise) ends the low one and keeps the
+    high one, look after look; the hog of the run of 2026-12-07 (up to 700 MB) ended
+    both."""
+    low = SimpleNamespace(id="low", priority=1, created_at=1.0, state="running",
+                          limits=Resources(cores=0.25, memory_mb=80))
+    high = SimpleNamespace(id="high", priority=9, created_at=2.0, state="running",
+                           limits=Resources(cores=0.25, memory_mb=80))
+    offer = _offer(977, 192, basic, 160)
+    grow = lab.hog_mb(offer, 80, 96)
+    assert _ended_by_the_watcher(offer, grow + noise, 96, [low, high]) == ["low"]
+    assert _ended_by_the_watcher(offer, 700, 96, [low, high]) == ["low", "high"]
+    with pytest.raises(lab.CheckFailed, match="reserve"):
+        lab.hog_mb(_offer(512, 400, 100, 80), 80, 96)
+
+
+@pytest.mark.parametrize("now, more", [(0, "10"), (10, "0"), (15, "0")])
+def test_the_vm_runs_at_nice_10_not_10_more_than_make(monkeypatch, now, more) -> None:
+    import bench.boards as boards
+
+    monkeypatch.setattr(boards.os, "nice", lambda inc: now)
+    assert boards.at_nice() == ["nice", "-n", more]

@@ -134,3 +134,26 @@ def test_a_shared_stream_takes_the_entries_the_edge_added_since_the_copy():
     # nothing on the cloud: the edge's entries with their IDs
     above = merge_rule(b"stream", [[b"1-0", [b"f", b"a"]]], edge)
     assert [i for i, _ in above] == [b"1-0", b"2-0", b"4-0", b"7-0"]
+
+
+def test_no_script_packs_a_number_through_the_servers_c_long() -> None:
+    """Redis's Lua struct library packs integers of more than 4 bytes (`i8`, `l`)
+    through the C long of its build: on a 32-bit Redis (an armhf board's) the PTTL -1 of
+    a key without TTL went out as 4294967295 and the key came back on the cloud expiring
+    in 49.7 days. Every Lua script of the package packs wider numbers as doubles."""
+    import re
+    from importlib import import_module
+    from pkgutil import iter_modules
+
+    formats = []
+    for mod in iter_modules(datasync.__path__):
+        source = vars(import_module(f"enorm.datasync.{mod.name}"))
+        for name, text in source.items():
+            if isinstance(text, str) and "redis.call" in text:
+                formats += [(mod.name, name, f) for f in
+                            re.findall(r"struct\.(?:un)?pack\('([^']*)'", text)]
+    assert formats, "the scripts' struct formats were not found"
+    wide = [(m, n, f) for m, n, f in formats if re.search(r"[iIlL](?:[5-9]|$|[^0-9])", f)]
+    assert wide == []
+    # the batches' header: a double for the TTL, as the Python side reads it
+    assert payloads._HEADER.format == ">dI" and payloads._SCAN_HEADER.format == ">IdI"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import time
 
+import lxc
 import pytest
 
 from enorm import idmap, preflight
+from enorm.containers import Containers
 from enorm.idmap import RANGE, IdRange, Slots
 
 
@@ -60,3 +62,22 @@ def test_slots_are_distinct_released_and_taken_over_when_stale(tmp_path):
     os.utime(slots.dir / "0", (old, old))
     assert slots.claim("e", alive.__contains__) == 0
     assert slots.of("e") == 0 and slots.of("a") is None
+
+
+def test_an_old_claim_of_a_container_lxc_cannot_load_stands(tmp_path):
+    """Another node's container whose config LXC cannot load (being written or removed,
+    or left by a crash) keeps its id range; LXC's error did fail the claimer's launch."""
+    ids = IdRange(1_200_000_000, 2 * RANGE)
+    mine = Containers(tmp_path, "enorm-tx-", "enorm-base-x", ids=ids)
+    other = tmp_path / "enorm-ty-c1"
+    other.mkdir()
+    (other / "config").write_text("lxc.no.such.key = 1\n")
+    gone = "enorm-ty-c2"  # no directory at all: its claim is taken over
+    for owner in ("enorm-ty-c1", gone):
+        mine.slots.claim(owner, alive=lambda _: True)
+    old = time.time() - idmap.STALE_CLAIM_S - 1
+    for f in (tmp_path / ".enorm-idmap").glob("[0-9]"):
+        os.utime(f, (old, old))
+    with pytest.raises(RuntimeError):
+        lxc.Container("enorm-ty-c1", str(tmp_path))
+    assert mine.slots.claim("enorm-tx-a", mine._claim_holds) == 1  # c2's, not c1's

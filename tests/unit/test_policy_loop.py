@@ -13,7 +13,7 @@ import pytest
 from cloud_manager.edge_client import EdgeError
 from cloud_manager.policy import Settings
 from cloud_manager.policy_loop import Group, PolicyLoop
-from enorm.protocol import NodeOffer, Resources, TerminationReason, User
+from enorm.protocol import MergeReport, NodeOffer, Resources, TerminationReason, User
 
 LONDON, PARIS = (51.5072, -0.1276), (48.8566, 2.3522)
 
@@ -61,7 +61,7 @@ class FakeManager:
         return SimpleNamespace(server_id=f"s{self.n}", edge=edge,
                                users=list(users), user_ids=[u.id for u in users],
                                ended=threading.Event(), state="deployed", end_reason=None,
-                               session=None)
+                               session=None, timings={}, merge=None)
 
     def offload(self, users, exclude=(), **over):
         (node,) = [e.name for e in self.edges if e.name not in exclude]
@@ -78,6 +78,17 @@ class FakeManager:
         self.calls.append(("withdraw", dep.server_id))
         if "withdraw" in self.fail:
             raise EdgeError("node unreachable")
+        dep.timings["restore"] = 0.01  # the users are home
+        if "unreached" in self.fail:
+            raise EdgeError(f"{dep.edge.name}: DELETE: connection refused")
+        dep.state = "withdrawn"
+        dep.ended.set()
+
+    def merge_home(self, dep, cloud_wins=False):
+        self.calls.append(("merge_home", dep.server_id, cloud_wins))
+        if "unreached" in self.fail:
+            raise EdgeError(f"{dep.edge.name}: DELETE: connection refused")
+        dep.merge = MergeReport(keys_migrated=5, conflicts=2, conflicts_cloud_won=2)
         dep.state = "withdrawn"
         dep.ended.set()
 
@@ -118,10 +129,13 @@ def test_a_round_carries_out_the_plan_one_event_each(caplog):
     assert loop.owned == {}
 
 
+DOWN_AT_ONCE = Settings(cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0,
+                        locations={"a": LONDON, "b": PARIS})
+
+
 def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
     cm = FakeManager(Edge("a"), Edge("b"))
-    loop = loop_for(cm, [LONDON], settings=Settings(
-        cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0, locations={"a": LONDON, "b": PARIS}))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
     loop.round()
     cm.edges[0].up = False
     cm.fail.add("withdraw")
@@ -133,6 +147,31 @@ def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
     evs = loop.round()  # the node answers the withdrawal now: then b
     assert [(e.kind, e.node, e.ok) for e in evs] == [("withdraw", "a", True),
                                                      ("offload", "b", True)]
+
+
+def test_a_node_down_past_the_bound_its_group_is_placed_again_and_merged_when_back():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
+    loop.round()
+    cm.edges[0].up = False
+    cm.fail.add("unreached")
+    (ev,) = loop.round()  # the users are home, the node did not answer the DELETE
+    assert (ev.kind, ev.reason, ev.ok) == ("withdraw", "node_down", False)
+    assert loop.owned == {} and list(loop.unreached) == ["s1"]
+    (ev,) = loop.round()  # the group is the policy's again: to b, a still down
+    assert (ev.kind, ev.node, ev.ok) == ("offload", "b", True)
+    assert not any(c[0] == "merge_home" for c in cm.calls)  # not asked while down
+    cm.edges[0].up = True
+    cm.fail.clear()
+    # a is back: its server merged, the cloud winning conflicts; then the group back to a
+    ev, back = loop.round()
+    assert cm.calls[-2] == ("merge_home", "s1", True)
+    assert (back.kind, back.to) == ("handover", "a")
+    assert (ev.kind, ev.reason, ev.node, ev.server_id, ev.ok) == (
+        "withdraw", "node_back", "a", "s1", True)
+    assert ev.figures == {"state": "withdrawn", "keys_migrated": 5, "conflicts": 2,
+                          "conflicts_cloud_won": 2}
+    assert loop.unreached == {} and loop.owned["party"].edge.name == "a"
 
 
 def test_a_preempted_server_is_re_placed_on_another_node():
@@ -192,3 +231,24 @@ def test_an_app_without_groups_or_locations_gets_groups_from_the_probes():
         ("near-a", "a", ("u1",)), ("near-b", "b", ("u2",))]
     assert next(e for e in evs if e.node == "a").figures["node_ms"] == 3.0
     assert sorted(cm.edges[0].probed) == sorted([near_a, near_b, lost])
+
+
+def test_groups_are_moved_side_by_side_each_in_order():
+    """Two groups crossing at once: neither waits for the other's start-first move (the
+    barrier passes only with both offloads under way), the events in the plan's order."""
+    cm = FakeManager(Edge("a"), Edge("b"))
+    meet = threading.Barrier(2, timeout=10)
+    plain = cm.offload
+
+    def offload(users, exclude=(), **over):
+        meet.wait()
+        return plain(users, exclude, **over)
+
+    cm.offload = offload
+    users = [User(id=f"u{i}", address=f"203.0.113.{i}") for i in range(4)]
+    loop = PolicyLoop(cm, Settings(cloud_ms=40.0, locations={"a": LONDON, "b": PARIS}),
+                      lambda _: [Group("north", users[:2], LONDON),
+                                 Group("south", users[2:], PARIS)])
+    evs = loop.round()
+    assert [(e.kind, e.group, e.node, e.ok) for e in evs] == [
+        ("offload", "north", "a", True), ("offload", "south", "b", True)]

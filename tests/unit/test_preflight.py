@@ -52,8 +52,30 @@ def test_a_kernel_that_ignores_cgroup_enable_is_told_apart(tmp_path: Path) -> No
     # not asked yet: the usual fix, which also says where to look if it does not help
     (root / "proc/cmdline").write_text("console=tty1 root=/dev/mmcblk0p2 cgroup_disable=memory\n")
     bad = preflight.failures(preflight.run(root, live=False))
-    assert bad[0].detail == "disabled by the kernel command line"
+    assert bad[0].detail == "disabled by cgroup_disable=memory on the kernel command line"
     assert "cmdline.txt" in bad[0].fix and "6980" not in bad[0].fix
+
+
+def test_a_board_booted_with_cgroup_disable_memory_is_told_to_remove_it(tmp_path: Path) -> None:
+    """The lab's Debian board booted as the Pi kernels ship (cgroup v2, systemd, Debian's
+    kernel through GRUB or the boot loader's command line): the word is named, and so are
+    both fixes (remove it; where the firmware adds it, override it in cmdline.txt)."""
+    root = tmp_path / "m"
+    shutil.copytree(FIXTURES / "rpi-nomem", root)
+    (root / "proc/cmdline").write_text(
+        "BOOT_IMAGE=/vmlinuz-6.1.0-50-arm64 root=/dev/vda rw console=ttyAMA0 "
+        "cgroup_disable=memory\n")
+    findings = preflight.run(root, live=False)
+    bad = preflight.failures(findings)
+    assert [f.check for f in bad] == ["cgroup memory"]
+    assert bad[0].detail == "disabled by cgroup_disable=memory on the kernel command line"
+    assert bad[0].fix.startswith("remove `cgroup_disable=memory` from the kernel command line")
+    assert "/etc/default/grub" in bad[0].fix and "update-grub" in bad[0].fix
+    assert "cgroup_enable=memory" in bad[0].fix and "cmdline.txt" in bad[0].fix
+    # the other controllers the command line does not name stay enabled
+    assert {f.check for f in findings if f.ok} >= {"cgroup cpu", "cgroup cpuset", "cgroup pids"}
+    msg = preflight.message(findings)
+    assert "not starting" in msg and "cgroup_disable=memory" in msg
 
 
 def test_v1_controller_enabled_but_not_mounted(tmp_path: Path) -> None:

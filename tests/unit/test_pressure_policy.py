@@ -43,3 +43,42 @@ def test_psi_parsing(tmp_path: Path) -> None:
                  "full avg10=1.00 avg60=0.00 avg300=0.00 total=45\n")
     assert psi_some_avg10(p) == 12.5
     assert psi_some_avg10(tmp_path / "missing") is None
+
+
+def test_a_container_launching_or_ending_is_not_counted_as_the_basic_service(
+        monkeypatch) -> None:
+    """One look of the watcher on a node with a tenant being withdrawn: its container
+    still holds 150 MB that its limits count as allocated; counted as the board's own
+    use as well, the look saw a shortfall and ended the other tenant."""
+    from types import SimpleNamespace
+
+    from enorm import control_loop, resources
+
+    mb = 1 << 20
+    monkeypatch.setattr(control_loop.psutil, "virtual_memory", lambda: SimpleNamespace(
+        total=1000 * mb, available=(1000 - 650) * mb))  # 650 MB in use on the machine
+    servers = [srv("ending", 1, 1.0, 200, state="terminating"),
+               srv("kept", 5, 2.0, 200), srv("new", 5, 3.0, 200, state="launching"),
+               srv("parked", 1, 0.5, 200, state="migration_pending")]
+    for s in servers:
+        s.container = f"c-{s.id}"
+    use = {"c-ending": 150, "c-kept": 120, "c-new": 30}  # the parked one is stopped
+
+    def usage(name: str):
+        if name not in use:
+            raise RuntimeError(f"{name} is not running")
+        return SimpleNamespace(memory_bytes=use[name] * mb)
+
+    alloc = resources.Allocator(capacity=Resources(cores=4, memory_mb=1000),
+                                reserve=Resources(cores=0, memory_mb=100))
+    node = SimpleNamespace(
+        store=SimpleNamespace(servers=lambda: servers),
+        containers=SimpleNamespace(usage=usage), allocator=alloc,
+        free=lambda: alloc.free(resources.total(
+            s.limits for s in servers if s.state != "migration_pending")))
+    ended: list[str] = []
+    mgr = SimpleNamespace(node=node, terminate=lambda sid, **kw: ended.append(sid))
+    assert control_loop.basic_memory_mb(node) == 650 - 150 - 120 - 30
+    # 1000 - 350 - 600 allocated = 50 MB left, the headroom 40: nobody goes
+    assert control_loop.protect_basic_service(mgr, headroom_mb=40) == []
+    assert ended == [] and alloc.basic.memory_mb == 350

@@ -1,10 +1,14 @@
 """A terminated server's release (enorm.release): what it held stays held until its
-undo has run, a failed undo keeps it held, and admission sees it taken."""
+undo has run, a failed undo keeps it held and is retried until it succeeds, and
+admission sees it taken."""
 
 from __future__ import annotations
 
 import threading
 
+from nodes import eventually
+
+from enorm import release
 from enorm.node import Node
 from enorm.release import Held, Releases
 
@@ -22,6 +26,27 @@ def test_held_until_the_undo_has_run_and_kept_when_it_fails():
     r.drain()
     assert [h.container for h in r.held()] == ["enorm-x-b"]  # its undo failed: still held
     assert r.ports() == {30003}
+    r.close()
+
+
+def test_a_failed_release_is_retried_after_each_wait_then_with_each_retry(monkeypatch):
+    monkeypatch.setattr(release, "RETRY_S", (0.01, 0.02))
+    r = Releases()
+    r.hold("a", Held("enorm-x-a", "10.0.0.5", frozenset({30001})))
+    tries = []
+
+    def undo() -> None:
+        tries.append(1)
+        if len(tries) <= 3:  # the first and both timed retries fail
+            raise OSError("umount: target is busy")
+
+    r.submit("a", undo)
+    assert eventually(lambda: len(tries) == 3, 5)
+    r.drain()
+    assert r.ports() == {30001} and r.retries == 2  # no more waits: held until `retry`
+    r.retry()
+    r.drain()
+    assert len(tries) == 4 and r.held() == [] and r.retries == 3
 
 
 def test_admission_sees_a_releasing_servers_address_and_ports_taken():

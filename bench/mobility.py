@@ -1,0 +1,429 @@
+"""Users walking between three edge nodes' areas, served by the cloud manager's policy
+against the cloud alone and a static placement, side by side in one run (issue 31).
+
+The testbed's three nodes stand at x = 0, 1, 2 on a line; group g (users namespace
+`enbdu<g>`) walks a synthetic trace along it (`TRACE`, positions in areas over seconds).
+Its one-way distance to node k is `EDGE_MS + SLOPE_MS * |x - k|` on top of the Wi-Fi
+access link, set every `STEP_S` by the namespace's per-node delayers (`Testbed.move`),
+so the nodes' own probes and the users' requests see the same path. The cloud is at the
+WAN profile's distance whatever the users' position. Node 1 goes down (`Testbed.down`:
+its API and its servers refuse every connection) for `DOWN` and comes back.
+
+Each group is five sets of paced users (one game request, location update + wild
+Pokemon, every 0.5 s), all in the group's namespace, so that they walk the same trace at
+the same time on the same loaded machine:
+  cloud    (a) served by the cloud throughout;
+  pin<k>   served by node k throughout (one server per set, offloaded at the start);
+           `pin<start node>` is (b), the static placement made at the start, and the
+           pins together give the best node's latency at every moment (the lowest p50
+           of the pins on nodes that are up);
+  policy   (c) the cloud manager's policy (`start_policy`, in the cloud process) over
+           the group, probing the users from the nodes: no location given.
+
+Reported per mode: p50/p95 over time (plot, per group), the share of each user's
+requests served by the best node, handovers (server switches the users saw) per user
+and per crossing (the best node changing: a walk past a midpoint, the node going down
+or up), the reaction after each crossing against its bound, the p50 against the best
+node's outside the reaction windows, failed requests, keys lost (each user's keys on the
+cloud before and after, once every server is withdrawn), edge server-seconds. Writes
+bench/results/mobility.json + .png.
+
+    flock /run/enorm-bench.lock .venv/bin/python -m bench.mobility [--quick] [--wan far]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bench.latency import RESULTS
+from bench.load import Load
+from bench.testbed import WAN, Testbed
+from enorm import datasync
+
+NODES = (0, 1, 2)
+EDGE_MS, SLOPE_MS = 1.0, 8.0  # one way: at a node, and per area away from it
+STEP_S = 0.5  # the trace's resolution (delayers updated this often)
+BIN_S = 4.0  # the p50 / p95 over time
+ACCESS = "wifi"
+# (seconds, position) waypoints per group, linear in between; over `span` seconds. The
+# groups in node 1's area when it goes down stand off its middle, so that one other node
+# is the best then (not two at the same distance).
+TRACE = {
+    0: [(0, 0.0), (15, 0.0), (35, 1.0), (55, 1.0), (75, 2.0), (120, 2.0)],
+    1: [(0, 1.0), (20, 1.0), (40, 0.0), (70, 0.0), (90, 0.9), (120, 0.9)],
+    2: [(0, 2.0), (45, 2.0), (65, 1.2), (120, 1.2)],
+}
+SPAN_S = 120.0
+DOWN = (1, 95.0, 110.0)  # node, from, until (s)
+# The policy's settings (`[policy]`): quick rounds and a short dwell for walking users.
+POLICY = {"interval_s": 1.0, "dwell_s": 2.0, "offload_gain_ms": 5.0, "withdraw_gain_ms": 2.0,
+          "handover_gain_ms": 4.0, "down_bound_s": 3.0}
+SETS = ("cloud", "pin0", "pin1", "pin2", "policy")
+MOVE_S = 3.0  # a start-first handover or an offload on this testbed (bench.handover: < 2 s)
+
+
+def position(g: int, t: float, scale: float) -> float:
+    pts = [(s * scale, x) for s, x in TRACE[g]]
+    for (t0, x0), (t1, x1) in zip(pts, pts[1:], strict=False):
+        if t0 <= t <= t1:
+            return x0 + (x1 - x0) * (t - t0) / (t1 - t0) if t1 > t0 else x1
+    return pts[-1][1] if t > pts[-1][0] else pts[0][1]
+
+
+def extra_ms(x: float) -> dict[int, float]:
+    return {k: EDGE_MS + SLOPE_MS * abs(x - k) for k in NODES}
+
+
+def is_down(k: int, t: float, scale: float) -> bool:
+    node, t0, t1 = DOWN
+    return k == node and t0 * scale <= t < t1 * scale
+
+
+def best_node(g: int, t: float, scale: float) -> int:
+    ms = extra_ms(position(g, t, scale))
+    return min((k for k in NODES if not is_down(k, t, scale)), key=lambda k: (ms[k], k))
+
+
+def crossings(g: int, span: float, scale: float) -> list[dict]:
+    """When group g's best node changes (at a quarter of the trace's step), why (a walk
+    past a midpoint, a node down or up), and `lead_s`: how long until the new node leads
+    the old one by the policy's handover threshold (RTT), the part of the reaction the
+    walk's speed sets (0 for a node going down)."""
+    dt, out, prev, t = STEP_S / 4, [], best_node(g, 0.0, scale), 0.0
+    while t < span:
+        t = round(t + dt, 6)
+        b = best_node(g, t, scale)
+        if b == prev:
+            continue
+        why = "down" if is_down(prev, t, scale) else "up" if is_down(b, t - dt, scale) \
+            else "walk"
+        lead = t
+        while why != "down" and lead < span:
+            ms = extra_ms(position(g, lead, scale))
+            if 2 * (ms[prev] - ms[b]) >= POLICY["handover_gain_ms"]:
+                break
+            lead = round(lead + dt, 6)
+        out.append({"t": t, "from": prev, "to": b, "why": why, "lead_s": round(lead - t, 2)})
+        prev = b
+    return out
+
+
+def reaction_bound(c: dict) -> float:
+    """The policy's bound after crossing `c`: the lead + the dwell + two rounds + one
+    start-first move (`MOVE_S`); a node going down: `down_bound_s` + two rounds + the
+    move."""
+    p = POLICY
+    wait = p["down_bound_s"] if c["why"] == "down" else c["lead_s"] + p["dwell_s"]
+    return round(wait + 2 * p["interval_s"] + MOVE_S, 2)
+
+
+def reaction(per_user: dict[int, list], c: dict, until: float) -> float | None:
+    """Seconds from crossing `c` until every user of the set was served by the new best
+    node (before `until`, the next crossing); None: not all were."""
+    ts = []
+    for seq in per_user.values():
+        t = next((t for t, n in seq if c["t"] <= t < until and n == c["to"]), None)
+        if t is None:
+            return None
+        ts.append(t)
+    return round(max(ts) - c["t"], 2) if ts else None
+
+
+def node_of(server: str | None, bed: Testbed) -> int | None:
+    """The node whose users-facing address serves `server` (None: the cloud)."""
+    for e in bed.edges:
+        if server and f"//{e.users.host_ip}:" in server:
+            return e.index
+    return None
+
+
+def quantiles(ms: list[float]) -> dict:
+    if not ms:
+        return {"n": 0}
+    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else ms * 99
+    return {"n": len(ms), "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1)}
+
+
+def walk(bed: Testbed, t0: float, span: float, scale: float, stop: threading.Event) -> None:
+    """The trace: each namespace's distances every STEP_S, node 1 down and up."""
+    node, d0, d1 = DOWN
+    state = None
+    while not stop.is_set():
+        t = time.time() - t0
+        if t > span:
+            break
+        for g in NODES:
+            bed.move(extra_ms(position(g, t, scale)), users=g)
+        down = is_down(node, t, scale)
+        if down != state:
+            (bed.down if down else bed.up)(node)
+            state = down
+        stop.wait(STEP_S - (time.time() - t0 - t) % STEP_S)
+    bed.up(node)
+
+
+def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
+    span = SPAN_S * scale
+    bed.wan(wan)
+    cloud_ms = bed.edges[0].users.link.rtt_ms + WAN[wan].rtt_ms
+    for g in NODES:
+        bed.distances(extra_ms(position(g, 0.0, scale)), users=g)
+    loads, users = {}, {}  # g -> Load; (g, set) -> [(uid, addr)]
+    for g in NODES:
+        addrs = bed.edges[g].users.addrs[: per_set * len(SETS)]
+        loads[g] = Load(bed.edges[g].users.name, bed.cloud_url, addrs, span, "paced",
+                        trace="who", prefix=f"{wan}-g{g}-")
+    for g in NODES:
+        uids = loads[g].start()
+        addrs = bed.edges[g].users.addrs
+        for i, name in enumerate(SETS):
+            sl = slice(i * per_set, (i + 1) * per_set)
+            users[g, name] = list(zip(uids[sl], addrs[sl], strict=True))
+    cloud = datasync.connect(f"redis://{bed.cloud_ns.ip}:6379/0")
+    before = {g: {u: sorted(cloud.scan_iter(f"*{{{u}}}*")) for name in SETS
+                  for u, _ in users[g, name]} for g in NODES}
+    pins = {}
+    for g in NODES:
+        for k in NODES:
+            dep = bed.offload(users[g, f"pin{k}"],
+                              exclude=[f"bed{j}" for j in NODES if j != k])
+            pins[g, k] = dep["server_id"]
+    settings = {**POLICY, "cloud_ms": cloud_ms, "enabled": True}
+    r = requests.post(bed.cloud_url + "/bench/policy", timeout=60, json={
+        "settings": settings, "groups": {f"g{g}": users[g, "policy"] for g in NODES}})
+    r.raise_for_status()
+    outs: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda g=g: outs.update({g: loads[g].run()}))
+               for g in NODES]
+    t0 = time.time()
+    for th in threads:
+        th.start()
+    stop = threading.Event()
+    walker = threading.Thread(target=walk, args=(bed, t0, span, scale, stop))
+    walker.start()
+    for th in threads:
+        th.join()
+    stop.set()
+    walker.join()
+    events = requests.get(bed.cloud_url + "/bench/policy", timeout=60).json()
+    # the policy stops deciding once its groups stop playing: end it, then bring home
+    # every server left (the policy's and the pins) for the keys' count
+    stopped = requests.post(bed.cloud_url + "/bench/policy/stop", timeout=120)
+    stopped.raise_for_status()
+    for sid in pins.values():
+        bed.withdraw(sid)
+    time.sleep(1.0)
+    after = {g: {u: sorted(cloud.scan_iter(f"*{{{u}}}*")) for u in before[g]} for g in NODES}
+    cloud.close()
+    out = analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events,
+                  before, after)
+    out["policy_left"] = stopped.json()  # withdrawn at the end: their merges
+    return out
+
+
+def analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events, before,
+            after) -> dict:  # fmt: skip
+    index = {}  # (g, user index in the namespace's load) -> set name
+    for g in NODES:
+        for i, name in enumerate(SETS):
+            for j in range(per_set):
+                index[g, i * per_set + j] = name
+    bins = int(span // BIN_S) + 1
+    groups = []
+    for g in NODES:
+        trace = [(t - t0, ms, index[g, who], who, node_of(server, bed))
+                 for t, ms, who, server in outs[g]["trace"]]
+        static = f"pin{round(position(g, 0.0, scale))}"
+        per_bin: dict[str, list[dict]] = {}
+        for name in SETS:
+            per_bin[name] = [quantiles([ms for t, ms, s, _, _ in trace
+                                        if s == name and ms is not None
+                                        and b * BIN_S <= t < (b + 1) * BIN_S])
+                             for b in range(bins)]
+        # per bin: the best node's p50, that of the pin on the node the trace makes best
+        # at the bin's middle (a node down for part of the bin: no figure)
+        best = []
+        for b in range(bins):
+            k = best_node(g, (b + 0.5) * BIN_S, scale)
+            flips = {best_node(g, b * BIN_S + d, scale) for d in (0.0, BIN_S - 1e-3)}
+            best.append(per_bin[f"pin{k}"][b].get("p50_ms") if flips == {k} else None)
+        cross = crossings(g, span, scale)
+        modes = {"cloud": "cloud", "static": static, "policy": "policy"}
+        out_modes = {}
+        for mode, name in modes.items():
+            tr = [x for x in trace if x[2] == name]
+            ok = [ms for _, ms, _, _, _ in tr if ms is not None]
+            per_user: dict[int, list] = {}
+            for t, _ms, _, who, node in tr:
+                per_user.setdefault(who, []).append((t, node))
+            share = {who: round(sum(1 for t, n in seq if n == best_node(g, t, scale))
+                                / len(seq), 3) for who, seq in per_user.items()}
+            # moves after the user's first edge server (the first offload is none)
+            switches = {}
+            for who, seq in per_user.items():
+                first = next((i for i, (_, n) in enumerate(seq) if n is not None), len(seq))
+                switches[who] = sum(1 for a, b in zip(seq[first:], seq[first + 1:],
+                                                      strict=False) if a[1] != b[1])
+            ends = [c["t"] for c in cross[1:]] + [span]
+            reactions = [{**c, "reaction_s": reaction(per_user, c, end),
+                          "bound_s": reaction_bound(c)} for c, end in zip(cross, ends,
+                                                                          strict=True)]
+            # the reaction windows: from each crossing until the users are on the new
+            # best node (or for the bound, if they never got there)
+            windows = [(r["t"], r["t"] + (r["bound_s"] if r["reaction_s"] is None
+                                          else r["reaction_s"])) for r in reactions]
+            ratios = []
+            for b in range(bins):
+                lo, hi = b * BIN_S, (b + 1) * BIN_S
+                p50 = per_bin[name][b].get("p50_ms")
+                if p50 is None or best[b] is None or any(w0 < hi and lo < w1
+                                                         for w0, w1 in windows):
+                    continue
+                ratios.append(round(p50 / best[b], 3))
+            out_modes[mode] = {
+                "set": name, "requests": len(tr), "failed": len(tr) - len(ok), **quantiles(ok),
+                "share_best": share,
+                "share_best_mean": round(statistics.fmean(share.values()), 3) if share else None,
+                "switches_per_user": switches,
+                "switches_per_crossing": round(statistics.fmean(switches.values())
+                                               / max(1, len(cross)), 2) if switches else None,
+                "reactions": reactions,
+                "ratio_to_best_after_reaction": {
+                    "bins": len(ratios), "within_1_2": sum(1 for r in ratios if r <= 1.2),
+                    "p50": statistics.median(ratios) if ratios else None,
+                    "max": max(ratios) if ratios else None},
+                # where each user was served: (from second, node; None = the cloud)
+                "served": {who: [(round(t, 1), n) for i, (t, n) in enumerate(seq)
+                                 if i == 0 or seq[i - 1][1] != n]
+                           for who, seq in per_user.items()},
+                "keys_lost": sum(len(set(before[g][u]) - set(after[g][u]))
+                                 for u, _ in users[g, name]),
+                "p50_over_time": [x.get("p50_ms") for x in per_bin[name]],
+                "p95_over_time": [x.get("p95_ms") for x in per_bin[name]],
+            }
+        groups.append({"group": g, "static_node": int(static[-1]), "crossings": cross,
+                       "best_p50_over_time": best, "modes": out_modes})
+    evs = [{k: e[k] for k in ("kind", "group", "reason", "node", "to", "ok", "error",
+                              "seconds", "figures")} | {"t": round(e["at"] - t0, 2)}
+           for e in events]
+    return {"wan": wan, "wan_rtt_ms": WAN[wan].rtt_ms, "cloud_ms": cloud_ms,
+            "span_s": span, "groups": groups, "policy_events": evs,
+            "summary": summarise(groups, evs)}
+
+
+
+
+def summarise(groups: list[dict], events: list[dict]) -> dict:
+    out = {}
+    for mode in ("cloud", "static", "policy"):
+        ms = [g["modes"][mode] for g in groups]
+        out[mode] = {
+            "p50_ms": statistics.median(m["p50_ms"] for m in ms if "p50_ms" in m),
+            "p95_ms": statistics.median(m["p95_ms"] for m in ms if "p95_ms" in m),
+            "failed": sum(m["failed"] for m in ms),
+            "requests": sum(m["requests"] for m in ms),
+            "share_best_mean": round(statistics.fmean(m["share_best_mean"] for m in ms), 3),
+            "switches_per_crossing_max": max(m["switches_per_crossing"] or 0 for m in ms),
+            "bins_within_1_2": f"{sum(m['ratio_to_best_after_reaction']['within_1_2'] for m in ms)}"
+                               f"/{sum(m['ratio_to_best_after_reaction']['bins'] for m in ms)}",
+            "keys_lost": sum(m["keys_lost"] for m in ms),
+        }
+    pol = out["policy"]["p50_ms"]
+    out["gain"] = {"p50_cloud_over_policy": round(out["cloud"]["p50_ms"] / pol, 2),
+                   "p50_static_over_policy": round(out["static"]["p50_ms"] / pol, 2)}
+    out["decisions"] = {f"{e['kind']}:{e['reason']}": 0 for e in events}
+    for e in events:
+        out["decisions"][f"{e['kind']}:{e['reason']}"] += 1
+    out["decisions_failed"] = sum(1 for e in events if not e["ok"])
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r, g) for r in runs for g in r["groups"]]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 3.2 * len(rows)), squeeze=False)
+    colors = {"cloud": "tab:gray", "static": "tab:orange", "policy": "tab:blue"}
+    for ax, (r, g) in zip(axes[:, 0], rows, strict=True):
+        xs = [b * BIN_S for b in range(len(g["best_p50_over_time"]))]
+        for mode, m in g["modes"].items():
+            ax.plot(xs, m["p50_over_time"], color=colors[mode], label=f"{mode} p50")
+            ax.plot(xs, m["p95_over_time"], color=colors[mode], ls=":", lw=0.8,
+                    label=f"{mode} p95")
+        ax.plot(xs, g["best_p50_over_time"], color="k", lw=0.8, ls="--",
+                label="best node p50")
+        for c in g["crossings"]:
+            ax.axvline(c["t"], color="tab:green", alpha=0.4)
+        node, d0, d1 = DOWN
+        scale = r["span_s"] / SPAN_S
+        ax.axvspan(d0 * scale, d1 * scale, color="tab:red", alpha=0.08,
+                   label=f"bed{node} down")
+        ax.set_yscale("log")
+        ax.set_ylabel("request ms")
+        ax.set_title(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms RTT), group {g['group']} "
+                     f"(static on bed{g['static_node']}; green: best node changes)",
+                     fontsize=9)
+        ax.legend(fontsize=6, ncol=4, loc="upper left")
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="far cloud, the trace in 60 s, "
+                    "2 users a set, to /tmp/enorm-bench-quick")
+    ap.add_argument("--users", type=int, help="users per set (default 3; quick 2)")
+    ap.add_argument("--wan", nargs="*", choices=sorted(WAN), help="default: near far")
+    ap.add_argument("--scale", type=float, help="the trace's time scale (default 1; "
+                    "quick 0.5)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    per_set = a.users or (2 if a.quick else 3)
+    scale = a.scale or (0.5 if a.quick else 1.0)
+    wans = a.wan or (["far"] if a.quick else ["near", "far"])
+    out = a.out or (Path("/tmp/enorm-bench-quick") if a.quick else RESULTS)
+    wall0 = time.monotonic()
+    load0 = os.getloadavg()
+    with Testbed(nodes=3, users_per_node=per_set * len(SETS), node_cores=2.0,
+                 node_memory_mb=2048, unit_cores=0.25) as bed:  # fmt: skip
+        bed.access(ACCESS)
+        runs = [run(bed, wan, per_set, scale) for wan in wans]
+    data = {"experiment": "users walking between three edge nodes: cloud vs static vs the "
+                          "policy (issue 31)",
+            "trace": {str(g): TRACE[g] for g in NODES}, "trace_scale": scale,
+            "down": DOWN, "edge_ms": EDGE_MS, "slope_ms": SLOPE_MS, "access": ACCESS,
+            "users_per_set": per_set, "policy": POLICY, "runs": runs,
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
+            "wall_s": round(time.monotonic() - wall0, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mobility.json").write_text(json.dumps(data, indent=1))
+    plot(runs, out / "mobility.png")
+    for r in runs:
+        s = r["summary"]
+        print(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms):")
+        for mode in ("cloud", "static", "policy"):
+            m = s[mode]
+            print(f"  {mode:7s} p50 {m['p50_ms']} ms p95 {m['p95_ms']} ms, best node "
+                  f"{m['share_best_mean'] * 100:.0f}% of the time, switches/crossing "
+                  f"<= {m['switches_per_crossing_max']}, within 1.2x of best "
+                  f"{m['bins_within_1_2']} bins, failed {m['failed']}/{m['requests']}, "
+                  f"keys lost {m['keys_lost']}")
+        print(f"  gain: {s['gain']}; decisions {s['decisions']} "
+              f"({s['decisions_failed']} failed)")
+    print(f"wrote {out / 'mobility.json'} in {data['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
