@@ -129,8 +129,8 @@ class LayerPool:
                 self.taken += 1
             elif self.depth:
                 self.missed += 1
-        self._wake.set()
         if entry is None:
+            self._wake.set()
             return False
         try:
             idmap.bind(entry / "mnt", target)
@@ -140,6 +140,7 @@ class LayerPool:
         finally:
             with self._lock:  # its pool-side mount (an unmount waits for RCU: tens of
                 self._spent.append(entry)  # ms on a busy board) is the filler's to remove
+            self._wake.set()  # after the append: else a filler awake already misses it
         return True
 
     def ready(self) -> int:
