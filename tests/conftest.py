@@ -20,6 +20,19 @@ import pytest
 
 from enorm.network import wait_tcp
 
+# The longest files first: `make test` hands whole files to two workers in collection
+# order, so a long file collected last would run alone at the end.
+LONGEST_FIRST = ("integration/test_ansible.py", "integration/test_fuzz.py",
+                 "integration/test_soak.py", "integration/test_testbed.py",
+                 "e2e/test_nearby.py", "integration/test_leftovers.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, f in enumerate(LONGEST_FIRST) if path.endswith(f)),
+                    len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order
 
 def free_port(below: int | None = None) -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now (optionally < below)."""
