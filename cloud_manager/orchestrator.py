@@ -343,9 +343,12 @@ class CloudManager:
                 dep.edge.terminate(dep.server_id)
             except EdgeError:
                 log.exception("could not withdraw %s", dep.server_id)
-            dep.state = "withdrawn"
-            dep.end_reason = TerminationReason.DEPLOYMENT_FAILED
-            dep.ended.set()
+            # Under the lock: the node's `server.terminated` for it, handled meanwhile,
+            # must not leave it `terminated` (its own end) after this sets `withdrawn`.
+            with self.lock:
+                dep.state = "withdrawn"
+                dep.end_reason = TerminationReason.DEPLOYMENT_FAILED
+                dep.ended.set()
 
     def finish(self, dep: Deployment, state: str, reason: TerminationReason,
                keys_migrated: int) -> None:  # fmt: skip
