@@ -164,6 +164,22 @@ def free_tcp_port() -> Callable[[], int]:
     return free_port
 
 
+def free_port_span(n: int) -> list[int]:
+    """[first, last] of `n` consecutive free ports below the kernel's ephemeral range
+    (32768 up), where no other test's outgoing connection can take one meanwhile."""
+    for _ in range(200):
+        lo = random.randrange(25000, 32000)
+        if all(_is_free(p) for p in range(lo, lo + n)):
+            return [lo, lo + n - 1]
+    raise RuntimeError(f"no {n} consecutive free ports in 25000-32000")
+
+
+@pytest.fixture
+def free_tcp_span() -> Callable[[int], list[int]]:
+    """`free_tcp_span(n)`: a node's `port_range` of n free ports (`free_port_span`)."""
+    return free_port_span
+
+
 @pytest.fixture
 def wait_tcp_port() -> Callable[..., None]:
     """`wait_tcp_port(port, timeout=10)`: block until 127.0.0.1:port accepts."""

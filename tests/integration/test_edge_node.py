@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import socket
 import subprocess
 import time
@@ -183,27 +182,8 @@ def test_rejections_name_reason_and_field(edge_node):
     assert r.status_code == 401
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def three_free_ports() -> list[int]:
-    """Three consecutive free ports below the kernel's ephemeral range (32768 up), where
-    no other test's connection can take one while this test counts them."""
-    for _ in range(200):
-        lo = random.randrange(25000, 32000)
-        if all(port_is_free(p) for p in range(lo, lo + 3)):
-            return [lo, lo + 2]
-    raise RuntimeError("no three consecutive free ports in 25000-32000")
-
-
-def test_priority_and_ports_rejections(edge_node):
-    node = edge_node(min_priority=3, port_range=three_free_ports())
+def test_priority_and_ports_rejections(edge_node, free_tcp_span):
+    node = edge_node(min_priority=3, port_range=free_tcp_span(3))
     r = handshake(node, priority=1)
     assert r.status_code == 409 and r.json()["error"] == "priority"
     # Three host ports: the access port plus two user ports fit once, not twice.
