@@ -55,3 +55,24 @@ def test_admission_sees_a_releasing_servers_address_and_ports_taken():
     node.releases.hold("a", Held("enorm-x-a", "10.0.0.5", frozenset({30001})))
     assert node.taken_ports([]) == {30001}
     assert node.taken_addresses([]) == {"10.0.0.5"}
+
+
+def test_a_termination_waits_while_the_backlog_is_full(monkeypatch):
+    """Under churn faster than the worker, what is held stays bounded: the submit that
+    would queue more than BACKLOG waits until the worker has made room."""
+    monkeypatch.setattr(release, "BACKLOG", 2)
+    r = Releases()
+    go = threading.Event()
+    r.submit("first", go.wait)  # the worker runs it: the queue itself is empty
+    assert eventually(lambda: r._queue.qsize() == 0, 5)
+    r.submit("a", lambda: None)
+    r.submit("b", lambda: None)  # two wait behind the first: the backlog is full
+    third = threading.Thread(target=r.submit, args=("c", lambda: None))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive()  # it waits for room
+    go.set()
+    third.join(5)
+    assert not third.is_alive()
+    r.drain()
+    r.close()
