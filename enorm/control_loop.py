@@ -113,7 +113,10 @@ class Observer:
         servers = node.store.servers()
         running = [s for s in servers if s.state == "running"]
         known = set(self.prev)  # containers with a previous sample: their CPU use is known
-        used = self._usage([s.container for s in running])
+        # Every container there is, not only the running ones: one launching or being
+        # terminated holds memory its limits already count as allocated, and left in the
+        # board's own figure it would be counted twice (as basic_memory_mb does).
+        used = self._usage([s.container for s in servers])
         if node.config.basic_service == "measured":
             cores, mem = self.host.sample()
             node.allocator.basic = monitor.basic_service(cores, mem, used.values())

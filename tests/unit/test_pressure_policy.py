@@ -7,6 +7,7 @@ from pathlib import Path
 
 from enorm.pressure import evictions, psi_some_avg10
 from enorm.protocol import Resources
+from enorm.resources import Amount
 
 
 @dataclass
@@ -82,3 +83,43 @@ def test_a_container_launching_or_ending_is_not_counted_as_the_basic_service(
     # 1000 - 350 - 600 allocated = 50 MB left, the headroom 40: nobody goes
     assert control_loop.protect_basic_service(mgr, headroom_mb=40) == []
     assert ended == [] and alloc.basic.memory_mb == 350
+
+
+def test_the_rounds_basic_service_figure_subtracts_every_container(
+        monkeypatch, tmp_path: Path) -> None:
+    """The auto-scaling round's figure of the board's own use (basic_service = measured)
+    is the machine's use minus every container there is: a tenant launching or being
+    terminated holds memory its limits already count as allocated."""
+    from types import SimpleNamespace
+
+    from enorm import control_loop, resources
+
+    servers = [srv("ending", 1, 1.0, 200, state="terminating"),
+               srv("kept", 5, 2.0, 200), srv("new", 5, 3.0, 200, state="launching")]
+    for s in servers:
+        s.container = f"c-{s.id}"
+        s.latency_objective_ms, s.users, s.override, s.termination = 100.0, 0, None, None
+        s.owner, s.app = "cloud-1", "game"
+    use = {"c-ending": 150, "c-kept": 120, "c-new": 30}
+
+    def usage(name: str):
+        return SimpleNamespace(cpu_ns=0, memory_bytes=use[name] << 20)
+
+    alloc = resources.Allocator(capacity=Resources(cores=4, memory_mb=1000),
+                                reserve=Resources(cores=0, memory_mb=100))
+    cfg = SimpleNamespace(probe="none", probe_port=7, probe_timeout_s=0.2,
+                          loss_penalty_ms=800.0, probe_source="", statistic="p50",
+                          basic_service="measured")
+    node = SimpleNamespace(
+        config=cfg, allocator=alloc, unit=Resources(cores=1, memory_mb=200),
+        store=SimpleNamespace(servers=lambda: servers,
+                              user_addresses=lambda ids: {i: [] for i in ids}),
+        containers=SimpleNamespace(usage=usage, delta_dir=lambda name: tmp_path / name),
+        firewall=SimpleNamespace(counters=lambda: {}),
+        free=lambda ss=None: Amount(1.0, 100.0))
+    mgr = SimpleNamespace(node=node, enforce_limits=lambda: None)
+    obs = control_loop.Observer(mgr)
+    monkeypatch.setattr(obs.host, "sample", lambda: (1.0, 650.0))  # 650 MB in use
+    snap = obs.snapshot()
+    assert alloc.basic.memory_mb == 650 - 150 - 120 - 30
+    assert [s.id for s in snap.servers] == ["kept"]  # only running ones are scaled
