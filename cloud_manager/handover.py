@@ -17,6 +17,10 @@ the old server keeps serving. Then the switch, by one of two paths (`handover_pa
 
 `timings["interruption"]` is the switch: from the first call that touches the old
 server to the users' redirection.
+
+The two halves can be apart (`prepare`, then `Prepared.complete` or `Prepared.cancel`):
+the policy loop prepares the new server while it waits out its dwell time, so that the
+move, once decided, is the switch alone.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -60,8 +65,47 @@ def hand_over(cm: CloudManager, old: Deployment, to: str | None,
 
     If the old server's data cannot be merged (its node lost the cloud), the users stay
     on the cloud and the new server is withdrawn: HandoverFailed."""
+    return prepare(cm, old, to, users, over).complete()
+
+
+def _check(old: Deployment) -> None:
     if old.ended.is_set() or old.state != "deployed":
         raise ValueError(f"server {old.server_id} is {old.state}: nothing to hand over")
+
+
+@dataclass
+class Prepared:
+    """The first half of a handover: the new server started and answering, its Redis
+    reached; the old one still serves its users, nothing of theirs has moved."""
+
+    cm: Any  # CloudManager
+    old: Deployment
+    new: Deployment
+    edge: datasync.Client
+    key: str | None
+    seconds: float  # what preparing took
+
+    def complete(self) -> Deployment:
+        """The switch: the users and their data to the new server. The old server must
+        still serve them (else ValueError, and the new one is ended)."""
+        try:
+            _check(self.old)
+        except ValueError:
+            self.cancel()
+            raise
+        return _complete(self)
+
+    def cancel(self) -> None:
+        """Not needed after all (the users did not go there): the new server ended."""
+        self.edge.close()
+        self.cm.abandon(self.new, restore=False)
+
+
+def prepare(cm: CloudManager, old: Deployment, to: str | None,
+            users: Sequence[User] | None, over: dict) -> Prepared:
+    """A new server for `old`'s users on another node (`to`, or where the placement puts
+    them), started and answering; nothing moved yet."""
+    _check(old)
     moving = list(users) if users is not None else list(old.users)
     if sorted(u.id for u in moving) != sorted(old.user_ids):
         raise ValueError("users: a handover moves the deployment's own users")
@@ -75,14 +119,25 @@ def hand_over(cm: CloudManager, old: Deployment, to: str | None,
         cm.wait_ready(new)
         edge = datasync.connect(new.redis_forward(), timeout=30)  # ready for the copy
         edge.ping()
-        if key is not None:  # the shared keys the app names, as the cloud has them now
-            datasync.copy_shared(cm.cloud, edge, cm.app.shared_keys_for(new.user_ids),
-                                 datasync.SyncReport())
     except BaseException:
         log.exception("handover of %s: the new server %s on %s did not start",
                       old.server_id, new.server_id, new.edge.name)
         cm.abandon(new, restore=False)
         raise
+    return Prepared(cm, old, new, edge, key, time.perf_counter() - t0)
+
+
+def _complete(p: Prepared) -> Deployment:
+    cm, old, new, edge, key = p.cm, p.old, p.new, p.edge, p.key
+    t0 = time.perf_counter() - p.seconds  # `total`: preparing and switching, no wait between
+    if key is not None:
+        try:  # the shared keys the app names, as the cloud has them now
+            datasync.copy_shared(cm.cloud, edge, cm.app.shared_keys_for(new.user_ids),
+                                 datasync.SyncReport())
+        except BaseException:
+            log.exception("handover of %s: shared keys to %s", old.server_id, new.server_id)
+            p.cancel()
+            raise
     if key is not None:
         if _direct(cm, old, new, key):
             edge.close()

@@ -416,6 +416,13 @@ class CloudManager:
         old = self.deployments[dep] if isinstance(dep, str) else dep
         return handover.hand_over(self, old, to, users, over)
 
+    def prepare_handover(self, dep: Deployment | str, to: str | None = None,
+                         users: Sequence[User] | None = None, **over) -> handover.Prepared:
+        """A handover's first half: the new server started while the old one serves on;
+        `.complete()` is then the switch alone, `.cancel()` ends the new server."""
+        old = self.deployments[dep] if isinstance(dep, str) else dep
+        return handover.prepare(self, old, to, users, over)
+
     def handle_event(self, event: Event) -> str:
         """An event the edge node posted; returns what was done (`events.handle`)."""
         return events.handle(self, event)

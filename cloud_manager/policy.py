@@ -13,7 +13,8 @@ The rules, per round (the figures of each decision say which numbers made it):
      - its users changed (one opted out, left or joined: `group_changed`, `opt_out`), the
        group opted out or is gone (`opt_out`, `no_users`);
      - its users have been idle for `idle_after_s` (`idle`);
-     - its node has been down (no heartbeat) for `down_bound_s` (`node_down`);
+     - its node has been down (no heartbeat) for `down_bound_s` and no other node pays
+       (`node_down`; where one does, H below moves the group there instead);
      - its node's gain over the cloud has stayed under `withdraw_gain_ms` for `dwell_s`
        (`gain_gone`; under the offload threshold: a band, so that a group at the edge of
        paying is not offloaded and withdrawn in turn);
@@ -22,14 +23,21 @@ The rules, per round (the figures of each decision say which numbers made it):
   H  hand a deployed group over to another node when that node has beaten its current
      one by `handover_gain_ms` for `dwell_s` on end (`better_node`); the clock restarts
      when the best node changes or the lead drops, so a group walking along a border is
-     not moved back and forth (at most one handover per crossing).
+     not moved back and forth (at most one handover per crossing). A group whose node
+     has been down for `down_bound_s` goes straight to the best other node that beats
+     the cloud by `offload_gain_ms` (`node_down`: one move, its server made from the
+     cloud's copy of the data; the dead node's is merged when it is back).
   O  offload a group on the cloud to the node with the lowest expected latency when it
      beats the cloud by `offload_gain_ms` (`edge_pays`) -- or, for a group whose node
      ended its server for want of resources, to another node (`preempted`) -- highest
      priority first, then largest gain; within the budget, or by withdrawing
      strictly lower-priority groups (`budget_for_priority`).
 Only nodes that are up and whose last offer admits a server take groups. A latency the
-snapshot does not know (None) decides nothing: the group stays where it is.
+snapshot does not know (None) decides nothing: the group stays where it is. A group
+with a decision still under way (`Snapshot.busy`: the loop carries moves out in the
+background) gets no other: its server counts for the budget, its clocks are kept.
+`next_due(state)` is when the next clock comes due: the loop plans again then, so a move
+starts when its hysteresis is met, not at the round after.
 """
 
 from __future__ import annotations
@@ -93,6 +101,10 @@ class Settings(BaseModel):
     population: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
     population_options: dict[str, Any] = Field(default_factory=dict)
     probe_sample: int = Field(default=64, ge=1, le=256)
+    # The new server of a handover started while its dwell runs (a standby on the better
+    # node, within the budget; ended when that node has not led for `dwell_s`): the move
+    # is then the switch alone. Off: the server is started once the move is decided.
+    prepare_handover: bool = True
 
     @model_validator(mode="after")
     def _bands(self) -> Settings:
@@ -151,6 +163,9 @@ class Snapshot:
     nodes: tuple[NodeView, ...]
     deployments: tuple[DeploymentView, ...] = ()
     opted_out: frozenset[str] = frozenset()  # users who opted out, whatever their group
+    # groups with a decision under way: none other for them (their deployment, if they
+    # have one, is the server they will have: its node, server_id "" while it is made)
+    busy: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for what, names in (("group", [g.name for g in self.groups]),
@@ -234,6 +249,9 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
 
     # W: the deployments that no longer pay, or may not stay.
     for d in snap.deployments:
+        if d.group in snap.busy:
+            live[d.group] = d
+            continue
         g = groups.get(d.group)
         users = None if g is None else g.users - snap.opted_out
         if g is None or not users:
@@ -247,8 +265,18 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
         elif g.idle_for_s is not None and g.idle_for_s >= s.idle_after_s:
             withdraw(d, Reason.IDLE, idle_for_s=_r(g.idle_for_s), idle_after_s=s.idle_after_s)
         elif d.node in down and now - down[d.node] >= s.down_bound_s:
-            withdraw(d, Reason.NODE_DOWN, down_for_s=_r(now - down[d.node]),
-                     down_bound_s=s.down_bound_s)
+            figures = {"down_for_s": _r(now - down[d.node]), "down_bound_s": s.down_bound_s}
+            best = best_node(g, nodes, frozenset({d.node}))
+            if best is None or g.cloud_ms is None or g.cloud_ms - best[1] < s.offload_gain_ms:
+                withdraw(d, Reason.NODE_DOWN, **figures)
+                continue
+            node, ms = best  # one move: straight there, not home first
+            out.append(Decision("handover", g.name, Reason.NODE_DOWN, d.node, d.server_id,
+                                to=node, users=d.users, figures={
+                                    **figures, "cloud_ms": _r(g.cloud_ms), "to_ms": _r(ms),
+                                    "gain_ms": _r(g.cloud_ms - ms),
+                                    "threshold_ms": s.offload_gain_ms}))
+            live[d.group] = DeploymentView(d.group, "", node, d.users, d.units)
         else:
             cur = g.node_ms.get(d.node)
             if cur is not None and g.cloud_ms is not None \
@@ -277,7 +305,11 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
         return ((s.max_servers is not None and n + extra > s.max_servers)
                 or (s.max_units is not None and u + extra_units > s.max_units))
 
-    for d in sorted(live.values(), key=lambda d: (groups[d.group].priority, gain(d), d.group)):
+    def movable(d: DeploymentView) -> bool:
+        return d.group not in snap.busy and d.group in groups and bool(d.server_id)
+
+    for d in sorted(filter(movable, live.values()),
+                    key=lambda d: (groups[d.group].priority, gain(d), d.group)):
         if not over():
             break
         del live[d.group]
@@ -290,7 +322,8 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
     wanted = []
     for g in snap.groups:
         users = g.users - snap.opted_out
-        if g.name in live or g.name in hold or g.opt_out or not users or g.cloud_ms is None:
+        if g.name in live or g.name in hold or g.name in snap.busy or g.opt_out or not users \
+                or g.cloud_ms is None:
             continue
         if g.idle_for_s is not None and g.idle_for_s >= s.idle_after_s:
             continue
@@ -305,7 +338,8 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
                                    "gain_ms": _r(g.cloud_ms - ms),
                                    "threshold_ms": s.offload_gain_ms, "priority": g.priority}
         if over(1, 1.0):
-            lower = sorted((d for d in live.values() if groups[d.group].priority < g.priority),
+            lower = sorted((d for d in live.values()
+                            if movable(d) and groups[d.group].priority < g.priority),
                            key=lambda d: (groups[d.group].priority, gain(d), d.group))
             freed: list[DeploymentView] = []
             for d in lower:
@@ -326,7 +360,8 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
         live[g.name] = DeploymentView(g.name, "", node, users)
 
     # H: the live deployments a better node has beaten for the dwell time.
-    for d in [d for d in live.values() if d.server_id]:  # not the offloads just planned
+    # (not the moves just planned, nor those under way)
+    for d in [d for d in live.values() if d.server_id and d.group not in snap.busy]:
         g = groups[d.group]
         cur = g.node_ms.get(d.node)
         if d.node in down:  # its node cannot hand over now
@@ -347,9 +382,25 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
                                      "threshold_ms": s.handover_gain_ms,
                                      "for_s": _r(now - since)}))
 
+    for name in snap.busy:  # their clocks wait for them
+        if name in state.better:
+            better[name] = state.better[name]
+        if name in state.gone:
+            gone[name] = state.gone[name]
     # Withdrawals first (their room and their budget serve the rest), in decided order.
     out.sort(key=lambda x: x.kind != "withdraw")
     return out, replace(state, better=better, gone=gone, down=down)
+
+
+def next_due(state: State, settings: Settings, now: float) -> float | None:
+    """The earliest time after `now` a clock of `state` comes due (a better node's or a
+    gone gain's dwell, a node's down bound), None when none will: the loop plans again
+    then rather than at its next round."""
+    s = settings
+    due = [since + s.dwell_s for _, since in state.better.values()]
+    due += [since + s.dwell_s for since in state.gone.values()]
+    due += [since + s.down_bound_s for since in state.down.values()]
+    return min((t for t in due if t > now), default=None)
 
 
 # --------------------------------------------------------------------------- latency

@@ -10,15 +10,26 @@ A round, in order of its steps:
   group's users) -> the deployments the loop made, and those a node ended for want of
   resources (re-placed elsewhere) -> `policy.plan` -> the decisions through
   `CloudManager.offload` (to that node only), `handover` (to that node, with the users'
-  addresses now) and `withdraw`: the withdrawals first, then the rest, the groups side
-  by side and each group's decisions in order; a decision that fails is recorded, and
-  the later ones of its group are skipped.
+  addresses now) and `withdraw`: the withdrawals first, side by side, waited for (their
+  room serves the rest); then the offloads and handovers, each group's in the
+  background: the next round does not wait for a start-first move of seconds, it only
+  decides nothing more for that group until the move is done (`Snapshot.busy`). A
+  decision that fails is recorded, and the later ones of its group are skipped.
+Rounds come every `interval_s`, and also when a clock of the policy's hysteresis comes
+due (`policy.next_due`): a move starts when its dwell is met, not up to a round later.
+While a better node's dwell runs, the loop prepares the handover (`prepare_handover`:
+the new server started there, `CloudManager.prepare_handover`), so that the move, once
+decided, is the switch alone; a standby not taken is ended once its node has not led
+for `dwell_s` (or another node leads, or the group moved otherwise).
 A withdrawal from a node that does not answer (down) has sent the users home all the
 same: the group is the policy's to place again at once, and the server waits in
 `unreached` until its node is up again; then the node merges it back with the cloud
 winning every conflict (`merge_home(cloud_wins=True)`): what the users wrote on the
 cloud, or on the node they went to, since they came home is newer than what the server
-holds.
+holds. A group whose node is down past the bound and that another node serves better
+than the cloud is moved there in one step (`node_down` handover): a server offloaded
+from the cloud's copy of the data, the users redirected once, from the dead node's
+server to the new one; the dead node's server waits in `unreached` just the same.
 Each decision carried out is one log line (logger `cloud_manager.decisions`) and one
 `PolicyEvent` (kept in `events`, given to every listener) with its reason, its figures
 and the outcome.
@@ -26,6 +37,7 @@ and the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import statistics
@@ -33,7 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,16 +63,19 @@ from .policy import (
     State,
     expected_ms,
     groups_by_nearest,
+    next_due,
     plan,
 )
 
 if TYPE_CHECKING:
+    from .handover import Prepared
     from .orchestrator import CloudManager, Deployment
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("cloud_manager.decisions")
 PROBE_BATCH = 256  # addresses per probe request (protocol.ProbeRequest)
 MAX_PARALLEL = 8  # groups whose decisions are carried out at once
+DUE_SLACK_S = 0.01  # a round planned for a clock's due time comes this much after it
 
 
 @dataclass
@@ -74,6 +89,17 @@ class Group:
     priority: int | None = None  # None: the cloud manager's priority
     opt_out: bool = False
     idle_for_s: float | None = None  # since the group's last request; None: unknown
+
+
+@dataclass
+class Standby:
+    """A handover being prepared while its dwell runs: the group's server `server` to
+    `node`; `wanted_at`: the last round in which that node led."""
+
+    node: str
+    server: str
+    future: Future[Prepared]
+    wanted_at: float
 
 
 # The app's hook: called every round with `data_of` (user id -> the Redis that holds the
@@ -133,6 +159,14 @@ class PolicyLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recording = threading.Lock()
+        # `owned` and `unreached` change in the moves' threads too
+        self._lock = threading.RLock()
+        # group -> its move under way, and the server it will have (for the budget)
+        self._moving: dict[str, tuple[Future, DeploymentView]] = {}
+        self._movers: ThreadPoolExecutor | None = None
+        self.standby: dict[str, Standby] = {}  # group -> its handover being prepared
+        self._planned_at = 0.0  # the last round's `now`
+        self._up: set[str] = {e.name for e in cm.edges}  # the nodes up, as last seen
 
     # -- inputs --------------------------------------------------------------------------
     def adopt(self, dep: Deployment) -> None:
@@ -142,10 +176,14 @@ class PolicyLoop:
 
     def data_of(self, user: str) -> Any:
         """The Redis that holds `user`'s data now: their edge server's (reached through
-        its SSH session) while a deployment of the loop serves them, else the cloud's."""
+        its SSH session) while a deployment of the loop serves them, else the cloud's --
+        also while that server's node is down (the round must go on to move them: the
+        cloud's copy is older, but there)."""
         from enorm import datasync
 
-        dep = next((d for d in self.owned.values() if user in d.user_ids
+        with self._lock:
+            owned = list(self.owned.values())
+        dep = next((d for d in owned if user in d.user_ids and d.edge.name in self._up
                     and not d.ended.is_set() and d.session is not None), None)
         if dep is None:
             return self.cm.cloud
@@ -157,7 +195,8 @@ class PolicyLoop:
 
     def _drop_clients(self) -> None:
         """Clients of servers the loop no longer owns (withdrawn, handed over, ended)."""
-        live = {d.server_id for d in self.owned.values()}
+        with self._lock:
+            live = {d.server_id for d in self.owned.values()}
         for sid in [s for s in self._redis if s not in live]:
             self._redis.pop(sid).close()
 
@@ -196,19 +235,28 @@ class PolicyLoop:
     def _nodes(self) -> list[NodeView]:
         reg = self.cm.registry
         out = []
-        states = reg.states(e.name for e in self.cm.edges) if reg is not None else {}
-        for e in self.cm.edges:
-            if reg is not None:
-                st = states[e.name]
-                offer = st.offer if st is not None else None
-                up = st is not None and st.up(reg.clock(), reg.down_after_s)
-            else:
+        if reg is not None:
+            states = reg.states(e.name for e in self.cm.edges)
+            now = reg.clock()
+            seen = {n: (None if st is None else st.offer,
+                        st is not None and st.up(now, reg.down_after_s))
+                    for n, st in states.items()}
+        else:  # asked now, side by side (a node that does not answer takes its retries)
+            def ask(e: EdgeClient) -> tuple[str, tuple[Any, bool]]:
                 try:
-                    offer, up = e.offer(), True
+                    return e.name, (e.offer(), True)
                 except EdgeError:
-                    offer, up = None, False
+                    return e.name, (None, False)
+
+            with ThreadPoolExecutor(min(16, len(self.cm.edges)) or 1) as pool:
+                seen = dict(pool.map(ask, self.cm.edges))
+        # a node holding a standby of ours admitted it: the room it took there is not
+        # a reason to stop wanting that node
+        holding = {sb.node for sb in self.standby.values()}
+        for e in self.cm.edges:
+            offer, up = seen[e.name]
             admits = offer is not None and self.cm.priority >= offer.min_priority and (
-                offer.admission == "preempt"
+                offer.admission == "preempt" or e.name in holding
                 or min(offer.free.cores / (offer.unit.cores or 1),
                        offer.free.memory_mb / (offer.unit.memory_mb or 1)) >= 1.0)
             out.append(NodeView(e.name, up, admits))
@@ -218,7 +266,12 @@ class PolicyLoop:
 
     def snapshot(self) -> tuple[Snapshot, dict[str, Group]]:
         s = self.settings
+        with self._lock:  # the moves done since: their groups are the plan's again
+            for name in [n for n, (f, _) in self._moving.items() if f.done()]:
+                del self._moving[name]
         self._take_ended()
+        nodes = self._nodes()  # first: the app's hook reads no data on a node down
+        self._up = {n.name for n in nodes if n.up}
         groups, rtt = self._groups()
         self._drop_clients()
         self._take_adopted(groups)
@@ -247,30 +300,36 @@ class PolicyLoop:
                 self.cm.priority if g.priority is None else g.priority, g.opt_out, cloud,
                 node_ms, g.idle_for_s, self._preempted.pop(g.name, None)
                 if dep is None else None))
-        nodes = self._nodes()
+        with self._lock:
+            moving = {name: view for name, (_, view) in self._moving.items()}
+            owned = [(n, d) for n, d in self.owned.items() if n not in moving]
         deps = tuple(DeploymentView(name, d.server_id, d.edge.name,
                                     frozenset(d.user_ids), self._units(d))
-                     for name, d in self.owned.items())
+                     for name, d in owned) + tuple(moving.values())
         snap = Snapshot(self.clock(), tuple(views), tuple(nodes), deps,
-                        frozenset(self.opted_out()))
+                        frozenset(self.opted_out()), frozenset(moving))
         return snap, {g.name: g for g in groups}
 
     def _take_ended(self) -> None:
         """Deployments that ended without the loop (the node's events, reconcile): gone
         from `owned`; those ended for want of resources are re-placed elsewhere."""
-        for name, dep in list(self.owned.items()):
-            if dep.ended.is_set() or dep.state != "deployed":
-                del self.owned[name]
-                if dep.end_reason is not None and dep.end_reason.rehome:
-                    self._preempted[name] = dep.edge.name
+        with self._lock:
+            for name, dep in list(self.owned.items()):
+                if name in self._moving:  # the move ends it and puts the new one here
+                    continue
+                if dep.ended.is_set() or dep.state != "deployed":
+                    del self.owned[name]
+                    if dep.end_reason is not None and dep.end_reason.rehome:
+                        self._preempted[name] = dep.edge.name
 
     def _take_adopted(self, groups: list[Group]) -> None:
         by_users = {frozenset(u.id for u in g.users): g.name for g in groups}
-        for dep in self._adopt:
-            name = by_users.get(frozenset(dep.user_ids))
-            if name is not None and name not in self.owned and not dep.ended.is_set():
-                self.owned[name] = dep
-        self._adopt.clear()
+        with self._lock:
+            for dep in self._adopt:
+                name = by_users.get(frozenset(dep.user_ids))
+                if name is not None and name not in self.owned and not dep.ended.is_set():
+                    self.owned[name] = dep
+            self._adopt.clear()
 
     def _units(self, dep: Deployment) -> float:
         """The server's size in the node's units now (its auto-scaler may have grown
@@ -289,17 +348,85 @@ class PolicyLoop:
                    info.limits.memory_mb / (unit.memory_mb or 1))
 
     # -- one round -----------------------------------------------------------------------
-    def round(self) -> list[PolicyEvent]:
+    def round(self, wait: bool = True) -> list[PolicyEvent]:
+        """One round; `wait`: until its moves are done too (else they go on in the
+        background, and their events come as they end)."""
         snap, groups = self.snapshot()
         merged = self._merge_unreached({n.name for n in snap.nodes if n.up})
         planned, self.state = plan(snap, self.state, self.settings)
-        return merged + self.apply(planned, groups)
+        self._planned_at = snap.now
+        events = merged + self.apply(planned, groups, wait)
+        self._prepare(snap, groups)
+        return events
+
+    def _prepare(self, snap: Snapshot, groups: dict[str, Group]) -> None:
+        """The handovers whose dwell runs prepared; the standbys no longer wanted ended."""
+        s, now = self.settings, snap.now
+        with self._lock:
+            owned = dict(self.owned)
+            busy = set(self._moving)
+        for name, (node, _since) in self.state.better.items() if s.prepare_handover else ():
+            dep, sb, group = owned.get(name), self.standby.get(name), groups.get(name)
+            if dep is None or group is None or name in busy:
+                continue
+            if sb is not None and (sb.node, sb.server) == (node, dep.server_id):
+                sb.wanted_at = now
+                continue
+            if sb is not None:
+                self._end_standby(name)
+            n = len(snap.deployments) + len(self.standby) + 1
+            units = sum(d.units for d in snap.deployments) + len(self.standby) + 1
+            if (s.max_servers is not None and n > s.max_servers) or (
+                    s.max_units is not None and units > s.max_units):
+                continue  # no room in the budget for a standby: prepared when decided
+            users = [u for u in group.users if u.id in dep.user_ids]
+            log.info("policy: preparing %s's handover %s -> %s", name, dep.edge.name, node)
+            self.standby[name] = Standby(node, dep.server_id, self._mover().submit(
+                self.cm.prepare_handover, dep, node, users), now)
+        for name, sb in list(self.standby.items()):
+            dep = owned.get(name)
+            if dep is None or dep.server_id != sb.server or (
+                    name not in self.state.better and now - sb.wanted_at >= s.dwell_s):
+                self._end_standby(name)
+
+    def _end_standby(self, name: str) -> None:
+        sb = self.standby.pop(name)
+
+        def end() -> None:
+            try:
+                prepared = sb.future.result()
+            except Exception:  # noqa: BLE001 (it did not start: nothing to end)
+                return
+            log.info("policy: %s's standby on %s not needed: ended", name, sb.node)
+            prepared.cancel()
+
+        self._mover().submit(end)
+
+    def _claim_standby(self, d: Decision) -> Standby | None:
+        """The standby prepared for move `d` (that server to that node), taken out of
+        `standby`; another one of its group is ended. In the round's thread."""
+        sb = self.standby.get(d.group)
+        if sb is None:
+            return None
+        if d.kind == "handover" and d.reason == Reason.BETTER_NODE \
+                and (sb.node, sb.server) == (d.to, d.server_id):
+            return self.standby.pop(d.group)
+        self._end_standby(d.group)
+        return None
+
+    def _mover(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._movers is None:
+                self._movers = ThreadPoolExecutor(MAX_PARALLEL, "policy-move")
+            return self._movers
 
     def _merge_unreached(self, up: set[str]) -> list[PolicyEvent]:
         """The servers withdrawn while their node was down, merged home now that it is
         up (the cloud's values win: the users wrote them since they came home)."""
         out = []
-        for sid, (group, dep) in list(self.unreached.items()):
+        with self._lock:
+            waiting = list(self.unreached.items())
+        for sid, (group, dep) in waiting:
             if dep.edge.name not in up:
                 continue
             t0 = time.perf_counter()
@@ -310,7 +437,8 @@ class PolicyLoop:
                 if exc.status is None:
                     continue  # still out of reach: next round
                 error = f"{type(exc).__name__}: {exc}"
-            del self.unreached[sid]
+            with self._lock:
+                del self.unreached[sid]
             merge = dep.merge.model_dump() if dep.merge is not None else {}
             figures = {"state": dep.state, **{k: merge[k] for k in
                        ("keys_migrated", "conflicts", "conflicts_cloud_won") if k in merge}}
@@ -321,27 +449,49 @@ class PolicyLoop:
                                         f"back; the cloud wins conflicts): {figures}"))
         return out
 
-    def apply(self, planned: Sequence[Decision], groups: dict[str, Group]) -> list[PolicyEvent]:
-        """The withdrawals first (their room and budget serve the rest), then the other
-        decisions; within each, the groups side by side (a start-first move takes
-        seconds: a group crossing with others is not kept waiting for theirs), each
-        group's decisions in order. The events come back in the plan's order."""
+    def apply(self, planned: Sequence[Decision], groups: dict[str, Group],
+              wait: bool = True) -> list[PolicyEvent]:
+        """The withdrawals first, the groups side by side, waited for (their room and
+        budget serve the rest); then the moves, each group's in the background (a
+        start-first move takes seconds: neither a group crossing with others nor the
+        next round waits for it), waited for only if `wait`. The events of what is done
+        when this returns come back in the plan's order."""
         failed: set[str] = set()
         done: dict[int, PolicyEvent] = {}
-        workers = max(1, min(MAX_PARALLEL, len({d.group for d in planned})))
-        with ThreadPoolExecutor(workers) as pool:
-            for phase in (True, False):
-                per_group: dict[str, list[tuple[int, Decision]]] = {}
-                for i, d in enumerate(planned):
-                    if (d.kind == "withdraw") == phase:
-                        per_group.setdefault(d.group, []).append((i, d))
+        withdrawals: dict[str, list[tuple[int, Decision]]] = {}
+        moves: dict[str, list[tuple[int, Decision]]] = {}
+        for i, d in enumerate(planned):
+            (withdrawals if d.kind == "withdraw" else moves).setdefault(d.group, []).append(
+                (i, d))
+        if withdrawals:
+            with ThreadPoolExecutor(min(MAX_PARALLEL, len(withdrawals))) as pool:
                 for evs in pool.map(lambda ds: self._carry_out_all(ds, groups, failed),
-                                    per_group.values()):
+                                    withdrawals.values()):
                     done.update(evs)
+        started = []
+        movers = self._mover() if moves else None
+        with self._lock:
+            for name, ds in moves.items():
+                d = ds[-1][1]
+                view = DeploymentView(name, "", d.to if d.kind == "handover" else d.node or "",
+                                      d.users)
+                sb = self._claim_standby(d)
+                fut = movers.submit(self._carry_out_all, ds, groups, failed, sb)
+                self._moving[name] = (fut, view)
+                started.append(fut)
+        if wait:
+            for fut in started:
+                done.update(fut.result())
         return [done[i] for i in sorted(done)]
 
+    def next_round_in(self) -> float | None:
+        """Seconds until a clock of the policy comes due (None: none runs)."""
+        due = next_due(self.state, self.settings, self._planned_at)
+        return None if due is None else due + DUE_SLACK_S - self.clock()
+
     def _carry_out_all(self, ds: list[tuple[int, Decision]], groups: dict[str, Group],
-                       failed: set[str]) -> dict[int, PolicyEvent]:
+                       failed: set[str], sb: Standby | None = None
+                       ) -> dict[int, PolicyEvent]:
         """One group's decisions of a phase, in order; a failure skips the rest of the
         group's decisions this round."""
         out = {}
@@ -349,18 +499,22 @@ class PolicyLoop:
             if d.group in failed:
                 continue
             t0 = time.perf_counter()
-            old = self.owned.get(d.group)
+            with self._lock:
+                old = self.owned.get(d.group)
             new = None
             try:
-                new = self._carry_out(d, groups.get(d.group))
+                new = self._carry_out(d, groups.get(d.group), sb)
                 error = None
             except Exception as exc:  # noqa: BLE001 (recorded; the loop goes on)
                 error = f"{type(exc).__name__}: {exc}"
                 failed.add(d.group)
+            figures = dict(d.figures)
+            if new is not None and "prepared_ahead_s" in new.timings:
+                figures["prepared_ahead_s"] = round(new.timings["prepared_ahead_s"], 3)
             ev = PolicyEvent(d.kind, d.group, str(d.reason), d.node, d.to,
                              None if old is None or d.kind == "offload" else old.server_id,
                              None if new is None else new.server_id, sorted(d.users),
-                             dict(d.figures), error is None, error,
+                             figures, error is None, error,
                              round(time.perf_counter() - t0, 4))
             out[i] = self._record(ev, d.describe())
         return out
@@ -379,36 +533,84 @@ class PolicyLoop:
                     log.exception("policy listener %r", listener)
         return ev
 
-    def _carry_out(self, d: Decision, group: Group | None) -> Deployment | None:
+    def _carry_out(self, d: Decision, group: Group | None,
+                   sb: Standby | None = None) -> Deployment | None:
         cm = self.cm
         if d.kind == "withdraw":
-            dep = self.owned[d.group]
-            try:
-                cm.withdraw(dep)
-            except EdgeError as exc:
-                if exc.status is None and "restore" in dep.timings:
-                    # the node did not answer, the users are home: merged when it is up
-                    del self.owned[d.group]
-                    self.unreached[dep.server_id] = (d.group, dep)
-                raise
-            del self.owned[d.group]
+            self._withdraw(d.group)
             return None
         assert group is not None
         users = [u for u in group.users if u.id in d.users]
+        over = {} if group.priority is None else {"priority": group.priority}
         if d.kind == "offload":
-            over = {} if group.priority is None else {"priority": group.priority}
-            dep = cm.offload(users, exclude=[e.name for e in cm.edges if e.name != d.node],
-                             **over)
-            self.owned[d.group] = dep
+            dep = self._offload(users, d.node, over)
+            with self._lock:
+                self.owned[d.group] = dep
             return dep
-        old = self.owned[d.group]
+        with self._lock:
+            old = self.owned[d.group]
+        if d.reason == Reason.NODE_DOWN:
+            return self._away_from_down(d.group, old, users, d.to, over)
+        prepared = None
+        if sb is not None:
+            try:
+                prepared = sb.future.result()
+            except Exception as exc:  # noqa: BLE001 (then the whole handover now)
+                log.info("policy: %s's standby on %s failed (%s); handing over now",
+                         d.group, sb.node, exc)
         try:
-            new = cm.handover(old, to=d.to, users=users)
+            if prepared is not None:
+                new = prepared.complete()
+                new.timings["prepared_ahead_s"] = prepared.seconds
+            else:
+                new = cm.handover(old, to=d.to, users=users)
         except Exception:
             if old.ended.is_set():
-                del self.owned[d.group]
+                with self._lock:
+                    del self.owned[d.group]
             raise
-        self.owned[d.group] = new
+        with self._lock:
+            self.owned[d.group] = new
+        return new
+
+    def _offload(self, users: list[User], node: str | None, over: dict) -> Deployment:
+        return self.cm.offload(users, exclude=[e.name for e in self.cm.edges
+                                               if e.name != node], **over)
+
+    def _withdraw(self, group: str) -> None:
+        with self._lock:
+            dep = self.owned[group]
+        try:
+            self.cm.withdraw(dep)
+        except EdgeError as exc:
+            if exc.status is None and "restore" in dep.timings:
+                # the node did not answer, the users are home: merged when it is up
+                self._unreached(group, dep)
+            raise
+        with self._lock:
+            del self.owned[group]
+
+    def _unreached(self, group: str, dep: Deployment) -> None:
+        with self._lock:
+            del self.owned[group]
+            self.unreached[dep.server_id] = (group, dep)
+        self.cm.close_session(dep)
+
+    def _away_from_down(self, group: str, old: Deployment, users: list[User], to: str | None,
+                        over: dict) -> Deployment:
+        """A group whose node is down, in one move: a server on `to` from the cloud's
+        copy of its data, the users redirected from the dead one's straight there; the
+        dead server waits in `unreached` (merged, the cloud winning, when its node is
+        back). If that fails, the users go home (a `node_down` withdrawal)."""
+        try:
+            new = self._offload(users, to, over)
+        except Exception:
+            with contextlib.suppress(EdgeError):
+                self._withdraw(group)
+            raise
+        self._unreached(group, old)
+        with self._lock:
+            self.owned[group] = new
         return new
 
     # -- the thread ----------------------------------------------------------------------
@@ -424,16 +626,24 @@ class PolicyLoop:
         while not stop.is_set() and not self.cm.closing.is_set():
             t0 = time.monotonic()
             try:
-                self.round()
+                self.round(wait=False)
             except Exception:  # the loop outlives a bad round (a hook that raised, Redis)
                 log.exception("policy round failed")
-            stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - t0)))
+            wait = self.settings.interval_s - (time.monotonic() - t0)
+            due = self.next_round_in()
+            stop.wait(max(0.0, wait if due is None else min(wait, due)))
 
     def stop(self) -> None:
+        """The rounds end, and the moves under way are waited for."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        for name in list(self.standby):
+            self._end_standby(name)
+        if self._movers is not None:
+            self._movers.shutdown(wait=True)
+            self._movers = None
         for client in self._redis.values():
             client.close()
         self._redis.clear()
@@ -481,7 +691,8 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
                                 url=dep.url, users=dep.users))
 
     loop.listeners += [record, say]
-    if once:
+    if once:  # no dwell runs across two processes: nothing to prepare ahead
+        loop.settings = loop.settings.model_copy(update={"prepare_handover": False})
         loop.round()
         return
     stop = threading.Event()
@@ -492,6 +703,7 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     try:
         loop.run(stop)
     finally:
+        loop.stop()  # the moves under way finished, the standbys ended
         heartbeats.stop()
 
 

@@ -64,6 +64,8 @@ def test_a_party_is_offloaded_followed_and_withdrawn_by_the_policy(edge_node, re
         assert hand.server_id == first.server_id and hand.figures["for_s"] >= 1.5
         assert hand.figures["gain_ms"] == pytest.approx(0.02 * 344, abs=0.2)
         assert reaction < 1.5 + 2 * 0.3 + hand.seconds + 3  # dwell, two rounds, the moves
+        # the Paris server was started while the dwell ran: the move was the switch
+        assert hand.figures["prepared_ahead_s"] > 0
         second = cloud.manager.deployments[hand.new_server_id]
         assert first.state == "handed_over" and first.confirmed
         assert second.edge.name == paris.name
@@ -138,6 +140,75 @@ def test_a_node_down_past_the_bound_its_party_comes_home_and_keeps_what_it_wrote
         assert loop.unreached == {}
         loop.stop()
         cloud.manager.withdraw(loop.owned["party"])
+
+
+def test_a_node_down_past_the_bound_its_party_goes_to_the_other_node_in_one_move(
+        edge_node, redis_server):  # fmt: skip
+    """The London node's API goes out of reach: after `down_bound_s` the party goes
+    straight to the Paris node (a server from the cloud's copy of their data), redirected
+    once, never through the cloud; when London is back its server is merged (the cloud
+    winning conflicts), and the party, in London's area, handed back there."""
+    london, paris = edge_node(), edge_node()
+    with cloud_world(redis_server().url, [london, paris]) as cloud:
+        proxy = TcpProxy(int(london.url.rsplit(":", 1)[1]))
+        cloud.manager.edges[0].url = f"http://127.0.0.1:{proxy.port}"
+        players = make_users(cloud, 2)
+        for p in players:
+            play(p, LONDON, catches=1)
+        on_cloud = {p.user: len(p.party()) for p in players}
+        settings = Settings(interval_s=0.3, dwell_s=0.5, down_bound_s=1.0, cloud_ms=40.0,
+                            locations={london.name: LONDON, paris.name: PARIS})
+        loop = cloud.manager.start_policy(
+            groups.population(cloud.redis, {"party": as_users(players)}), settings)
+        (off,) = wait_for(loop, 1)
+        assert (off.kind, off.node, off.ok) == ("offload", london.name, True)
+        first = cloud.manager.deployments[off.new_server_id]
+        for p in players:
+            assert p.refresh() == first.url
+            play(p, LONDON, catches=0)  # on the London server
+
+        served = {p.user: [] for p in players}  # every URL each player was sent to
+        t_down = time.monotonic()
+        proxy.down()
+        while len(loop.events) < 2:
+            assert time.monotonic() - t_down < 60, list(loop.events)
+            for p in players:
+                served[p.user].append(p.refresh())
+            time.sleep(0.05)
+        move = loop.events[1]
+        assert (move.kind, move.reason, move.node, move.to, move.ok) == (
+            "handover", "node_down", london.name, paris.name, True), move
+        assert move.server_id == first.server_id and move.figures["down_for_s"] >= 1.0
+        second = cloud.manager.deployments[move.new_server_id]
+        for p in players:
+            assert p.refresh() == second.url
+            # one move: the London server, then the Paris one; never the cloud between
+            assert {u for u in served[p.user] if u not in (first.url, second.url)} == set()
+            assert len(p.party()) == on_cloud[p.user]  # the cloud's copy of their data
+            play(p, LONDON, catches=1)
+        caught = {p.user: len(p.party()) for p in players}  # on the Paris server
+        assert list(loop.unreached) == [first.server_id] and first.state == "deployed"
+        time.sleep(1.0)
+        assert len(loop.events) == 2  # London down: nothing more, nothing merged
+
+        proxy.up()
+        back, again = wait_for(loop, 4, timeout=90)[2:]
+        assert (back.kind, back.reason, back.server_id, back.ok) == (
+            "withdraw", "node_back", first.server_id, True)
+        assert back.figures["conflicts"] == back.figures["conflicts_cloud_won"]
+        assert first.state == "withdrawn" and first.confirmed
+        # still in London's area: handed back there, with what they caught in Paris's
+        assert (again.kind, again.reason, again.node, again.to) == (
+            "handover", "better_node", paris.name, london.name)
+        third = cloud.manager.deployments[again.new_server_id]
+        for p in players:
+            assert p.refresh() == third.url
+            assert len(p.party()) == caught[p.user]
+        assert loop.unreached == {}
+        loop.stop()
+        cloud.manager.withdraw(loop.owned["party"])
+        for p in players:
+            assert p.refresh() == cloud.url and len(p.party()) == caught[p.user]
 
 
 def test_enorm_cloud_policy_offloads_and_a_later_run_withdraws_what_the_ledger_holds(

@@ -16,6 +16,7 @@ from cloud_manager.policy import (
     distance_km,
     expected_ms,
     groups_by_nearest,
+    next_due,
     plan,
 )
 
@@ -29,7 +30,8 @@ def grp(name="g", users=("u1", "u2"), cloud=40.0, a=None, b=None, **kw) -> Group
 
 
 def dep(group="g", node="a", users=("u1", "u2"), sid=None, units=1.0) -> DeploymentView:
-    return DeploymentView(group, sid or f"s-{group}", node, frozenset(users), units)
+    return DeploymentView(group, f"s-{group}" if sid is None else sid, node, frozenset(users),
+                          units)
 
 
 def summary(decisions) -> list[tuple]:
@@ -37,8 +39,9 @@ def summary(decisions) -> list[tuple]:
             for d in decisions]
 
 
-def one(groups, deps=(), nodes=UP, state=None, now=100.0, settings=S, opted_out=()):
-    snap = Snapshot(now, tuple(groups), tuple(nodes), tuple(deps), frozenset(opted_out))
+def one(groups, deps=(), nodes=UP, state=None, now=100.0, settings=S, opted_out=(), busy=()):
+    snap = Snapshot(now, tuple(groups), tuple(nodes), tuple(deps), frozenset(opted_out),
+                    frozenset(busy))
     return plan(snap, state or State(), settings)
 
 
@@ -86,10 +89,26 @@ ROWS = {
     "a node down under the bound: kept":
         ([grp(a=5.0)], [dep()], {"nodes": (NodeView("a", False), NodeView("b", True)),
                                  "state": State(down={"a": 80.0})}, []),
-    "a node down past the bound: withdrawn, re-placed on a node up":
+    "a node down past the bound: straight to the best node up, one move":
         ([grp(a=5.0, b=8.0)], [dep()], {"nodes": (NodeView("a", False), NodeView("b", True)),
                                         "state": State(down={"a": 70.0})},
-         [("withdraw", "g", "a", "node_down"), ("offload", "g", "b", "edge_pays")]),
+         [("handover", "g", "b", "node_down")]),
+    "a node down past the bound, no other node pays: withdrawn":
+        ([grp(a=5.0, b=35.0)], [dep()], {"nodes": (NodeView("a", False), NodeView("b", True)),
+                                         "state": State(down={"a": 70.0})},
+         [("withdraw", "g", "a", "node_down")]),
+    "a node down past the bound, the other one admits nothing: withdrawn":
+        ([grp(a=5.0, b=8.0)], [dep()], {"nodes": (NodeView("a", False),
+                                                  NodeView("b", True, admits=False)),
+                                        "state": State(down={"a": 70.0})},
+         [("withdraw", "g", "a", "node_down")]),
+    "a node down past the bound, the move counts for the budget":
+        ([grp("x", ("u1",), a=5.0, b=8.0), grp("y", ("u2",), a=30.0, b=1.0, priority=8)],
+         [dep("x", users=("u1",))],
+         {"nodes": (NodeView("a", False), NodeView("b", True)),
+          "state": State(down={"a": 70.0}),
+          "settings": S.model_copy(update={"max_servers": 1})},
+         [("handover", "x", "b", "node_down")]),
     "gain gone, not yet for the dwell time: kept":
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 97.0})}, []),
     "gain gone for the dwell time: withdrawn, not offloaded again":
@@ -143,6 +162,19 @@ ROWS = {
          [("withdraw", "lo", "a", "budget_spent")]),
     "budget of zero: nothing goes to the edge":
         ([grp(a=5.0)], [], {"settings": S.model_copy(update={"max_servers": 0})}, []),
+    # a decision under way (the loop moves groups in the background)
+    "a group being moved: no other decision, though a better node is due":
+        ([grp(a=20.0, b=5.0)], [dep()], {"state": State(better={"g": ("b", 0.0)}),
+                                         "busy": ["g"]}, []),
+    "a group being moved whose users changed: withdrawn only once the move is done":
+        ([grp(users=("u1", "u2", "u3"), a=5.0)], [dep()], {"busy": ["g"]}, []),
+    "a group being moved off a down node: not withdrawn":
+        ([grp(a=5.0)], [dep()], {"nodes": (NodeView("a", False), NodeView("b", True)),
+                                 "state": State(down={"a": 70.0}), "busy": ["g"]}, []),
+    "a group being moved counts for the budget and is not displaced":
+        ([grp("lo", ("u1",), a=5.0, priority=2), grp("hi", ("u2",), a=5.0, priority=8)],
+         [dep("lo", users=("u1",), sid="")],
+         {"settings": S.model_copy(update={"max_servers": 1}), "busy": ["lo"]}, []),
 }
 
 
@@ -205,6 +237,30 @@ def test_the_dwell_clock_restarts_when_the_best_node_changes():
         decisions, state = one([g], [dep()], nodes=three, state=state, now=float(i))
         out += [(i, d.to) for d in decisions]
     assert out == [(7, "c")]  # c leads from round 3; 4 s later
+
+
+def test_a_node_down_move_carries_its_figures_and_the_server_it_leaves():
+    (h,), _ = one([grp(a=5.0, b=8.0)], [dep()], state=State(down={"a": 60.0}),
+                  nodes=(NodeView("a", False), NodeView("b", True)))
+    assert (h.kind, h.node, h.server_id, h.to) == ("handover", "a", "s-g", "b")
+    assert h.figures == {"down_for_s": 40.0, "down_bound_s": 30, "cloud_ms": 40.0,
+                         "to_ms": 8.0, "gain_ms": 32.0, "threshold_ms": 10}
+
+
+def test_a_busy_groups_clocks_wait_for_it():
+    st = State(better={"g": ("b", 90.0)}, gone={"h": 95.0})
+    _, out = one([grp(a=20.0, b=5.0), grp("h", ("u3",), cloud=8.0, a=5.0)],
+                 [dep(sid=""), dep("h", users=("u3",), sid="")], state=st, busy=["g", "h"])
+    assert (out.better, out.gone) == ({"g": ("b", 90.0)}, {"h": 95.0})
+
+
+def test_next_due_is_the_earliest_clock_still_to_come():
+    st = State(better={"g": ("b", 10.0)}, gone={"h": 12.0}, down={"a": 5.0})
+    assert next_due(st, S, now=0.0) == 14.0  # dwell 4 s after 10.0
+    assert next_due(st, S, now=14.0) == 16.0  # that one was planned for: the next
+    assert next_due(st, S, now=16.0) == 35.0  # the node's down bound (30 s)
+    assert next_due(st, S, now=35.0) is None
+    assert next_due(State(), S, now=0.0) is None
 
 
 def test_node_down_clock_is_kept_in_the_state():

@@ -1,6 +1,8 @@
 """The policy loop around the pure plan, with a fake cloud manager: what a round asks,
 what it carries out, one event per decision, failures recorded and the rest of the
-group's decisions skipped, servers a node pre-empted re-placed elsewhere."""
+group's decisions skipped, servers a node pre-empted re-placed elsewhere, a group whose
+node is down moved in one step, moves in the background while the rounds go on, a round
+when a clock comes due."""
 
 from __future__ import annotations
 
@@ -84,6 +86,24 @@ class FakeManager:
         dep.state = "withdrawn"
         dep.ended.set()
 
+    def prepare_handover(self, old, to=None, users=None):
+        self.calls.append(("prepare", old.server_id, to))
+        if "prepare" in self.fail:
+            raise RuntimeError("no room")
+        new = self._dep(to, users)
+
+        def complete():
+            self.calls.append(("complete", old.server_id, new.server_id))
+            return new
+
+        def cancel():
+            self.calls.append(("cancel", new.server_id))
+
+        return SimpleNamespace(complete=complete, cancel=cancel, seconds=2.5)
+
+    def close_session(self, dep):
+        dep.session = None
+
     def merge_home(self, dep, cloud_wins=False):
         self.calls.append(("merge_home", dep.server_id, cloud_wins))
         if "unreached" in self.fail:
@@ -135,22 +155,23 @@ DOWN_AT_ONCE = Settings(cloud_ms=40.0, dwell_s=0.0, down_bound_s=0.0,
 
 def test_a_failed_withdrawal_is_recorded_and_the_group_not_offloaded_again():
     cm = FakeManager(Edge("a"), Edge("b"))
-    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
+    users = [User(id="u1", address="203.0.113.1"), User(id="u2", address="203.0.113.2")]
+    loop = PolicyLoop(cm, DOWN_AT_ONCE, lambda _: [Group("party", users, LONDON)])
     loop.round()
-    cm.edges[0].up = False
+    users.append(User(id="u3", address="203.0.113.3"))  # the group changed: made anew
     cm.fail.add("withdraw")
-    (ev,) = loop.round()  # withdraw (node down) fails: no offload to b in that round
-    assert (ev.kind, ev.reason, ev.ok) == ("withdraw", "node_down", False)
+    (ev,) = loop.round()  # the withdrawal fails: no offload in that round
+    assert (ev.kind, ev.reason, ev.ok) == ("withdraw", "group_changed", False)
     assert "node unreachable" in ev.error
     assert cm.calls[-1] == ("withdraw", "s1") and "party" in loop.owned
     cm.fail.clear()
-    evs = loop.round()  # the node answers the withdrawal now: then b
+    evs = loop.round()  # the node answers the withdrawal now: then the offload
     assert [(e.kind, e.node, e.ok) for e in evs] == [("withdraw", "a", True),
-                                                     ("offload", "b", True)]
+                                                     ("offload", "a", True)]
 
 
-def test_a_node_down_past_the_bound_its_group_is_placed_again_and_merged_when_back():
-    cm = FakeManager(Edge("a"), Edge("b"))
+def test_a_node_down_with_no_other_node_that_pays_sends_its_users_home():
+    cm = FakeManager(Edge("a"), Edge("b", free=0.0))  # b admits nothing
     loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
     loop.round()
     cm.edges[0].up = False
@@ -158,15 +179,34 @@ def test_a_node_down_past_the_bound_its_group_is_placed_again_and_merged_when_ba
     (ev,) = loop.round()  # the users are home, the node did not answer the DELETE
     assert (ev.kind, ev.reason, ev.ok) == ("withdraw", "node_down", False)
     assert loop.owned == {} and list(loop.unreached) == ["s1"]
-    (ev,) = loop.round()  # the group is the policy's again: to b, a still down
-    assert (ev.kind, ev.node, ev.ok) == ("offload", "b", True)
-    assert not any(c[0] == "merge_home" for c in cm.calls)  # not asked while down
+    assert loop.round() == []  # nowhere to go: on the cloud, nothing merged while down
+    assert not any(c[0] == "merge_home" for c in cm.calls)
+
+
+def test_a_node_down_past_the_bound_its_group_goes_to_another_node_in_one_move():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
+    loop.round()
+    cm.edges[0].up = False
+    cm.fail.add("unreached")
+    # one move: a server on b from the cloud's copy, the users redirected there once
+    # (never withdrawn to the cloud first); the dead server waits to be merged
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.node, ev.to, ev.server_id, ev.new_server_id, ev.ok) == (
+        "handover", "node_down", "a", "b", "s1", "s2", True)
+    assert ev.figures["down_bound_s"] == 0.0 and ev.figures["to_ms"] < 40.0
+    assert cm.calls[-1] == ("offload", "b", ["u1", "u2"], {})
+    assert not any(c[0] == "withdraw" for c in cm.calls)
+    assert loop.owned["party"].server_id == "s2" and list(loop.unreached) == ["s1"]
+    assert loop.round() == []  # a still down: nothing more, nothing merged
+    assert not any(c[0] == "merge_home" for c in cm.calls)
     cm.edges[0].up = True
     cm.fail.clear()
     # a is back: its server merged, the cloud winning conflicts; then the group back to a
     ev, back = loop.round()
     assert cm.calls[-2] == ("merge_home", "s1", True)
-    assert (back.kind, back.to) == ("handover", "a")
+    assert (back.kind, back.reason, back.server_id, back.to) == (
+        "handover", "better_node", "s2", "a")
     assert (ev.kind, ev.reason, ev.node, ev.server_id, ev.ok) == (
         "withdraw", "node_back", "a", "s1", True)
     assert ev.figures == {"state": "withdrawn", "keys_migrated": 5, "conflicts": 2,
@@ -252,3 +292,155 @@ def test_groups_are_moved_side_by_side_each_in_order():
     evs = loop.round()
     assert [(e.kind, e.group, e.node, e.ok) for e in evs] == [
         ("offload", "north", "a", True), ("offload", "south", "b", True)]
+
+
+def test_a_failed_move_away_from_a_down_node_sends_the_users_home():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
+    loop.round()
+    cm.edges[0].up = False
+    cm.fail |= {"unreached", "offload"}
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.ok) == ("handover", "node_down", False)
+    assert cm.calls[-1] == ("withdraw", "s1")  # users home; the server waits
+    assert loop.owned == {} and list(loop.unreached) == ["s1"]
+    cm.fail.discard("offload")
+    (ev,) = loop.round()  # the group is the policy's again: offloaded to b
+    assert (ev.kind, ev.node, ev.ok) == ("offload", "b", True)
+
+
+def test_moves_go_on_in_the_background_and_the_group_gets_no_other_decision_meanwhile():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    gate = threading.Event()
+    plain = cm.offload
+
+    def offload(users, exclude=(), **over):
+        assert gate.wait(10)
+        return plain(users, exclude, **over)
+
+    cm.offload = offload
+    loop = loop_for(cm, [LONDON])
+    seen = []
+    loop.listeners.append(seen.append)
+    assert loop.round(wait=False) == []  # the offload is under way
+    snap, _ = loop.snapshot()
+    assert snap.busy == {"party"}
+    assert [(d.group, d.node, d.server_id) for d in snap.deployments] == [("party", "a", "")]
+    assert loop.round(wait=False) == []  # nothing more decided for it meanwhile
+    gate.set()
+    loop.stop()  # waits for the moves under way
+    assert [(e.kind, e.node, e.ok) for e in seen] == [("offload", "a", True)]
+    assert [c[0] for c in cm.calls] == ["offload"] and loop.owned["party"].server_id == "s1"
+    snap, _ = loop.snapshot()
+    assert snap.busy == frozenset() and snap.deployments[0].server_id == "s1"
+
+
+DWELL = Settings(cloud_ms=40.0, dwell_s=4.0, interval_s=10.0,
+                 locations={"a": LONDON, "b": PARIS})
+
+
+def walking(cm, settings=DWELL):
+    where, now = [LONDON], [0.0]
+    loop = PolicyLoop(cm, settings, party(where), clock=lambda: now[0])
+    loop.round()
+    assert loop.owned["party"].edge.name == "a"
+    return loop, where, now
+
+
+def test_the_next_round_comes_when_a_dwell_clock_comes_due():
+    loop, where, now = walking(FakeManager(Edge("a"), Edge("b")))
+    assert loop.next_round_in() is None  # no clock runs
+    where[0], now[0] = PARIS, 1.0
+    assert loop.round() == []  # b better since 1.0: due at 5.0
+    now[0] = 1.5
+    assert loop.next_round_in() == pytest.approx(3.51)
+    now[0] = 5.01
+    (ev,) = loop.round()
+    assert (ev.kind, ev.to, ev.figures["for_s"]) == ("handover", "b", 4.01)
+
+
+def test_a_handover_is_prepared_while_its_dwell_runs_then_only_switched():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop, where, now = walking(cm)
+    where[0], now[0] = PARIS, 1.0
+    assert loop.round() == []
+    loop.standby["party"].future.result()  # prepared in the background
+    assert cm.calls[-1] == ("prepare", "s1", "b") and list(loop.standby) == ["party"]
+    cm.edges[1].free = 0.0  # the standby took b's last unit: b is still wanted
+    now[0] = 3.0
+    assert loop.round() == [] and cm.calls[-1] == ("prepare", "s1", "b")  # once
+    now[0] = 5.0
+    (ev,) = loop.round()  # the switch alone, to the server made meanwhile
+    assert cm.calls[-1] == ("complete", "s1", "s2")
+    assert not any(c[0] in ("handover", "cancel") for c in cm.calls)
+    assert (ev.kind, ev.new_server_id, ev.figures["prepared_ahead_s"]) == (
+        "handover", "s2", 2.5)
+    assert loop.standby == {} and loop.owned["party"].server_id == "s2"
+
+
+def test_a_standby_not_needed_is_ended_once_its_node_has_not_led_for_the_dwell():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop, where, now = walking(cm)
+    where[0], now[0] = PARIS, 1.0
+    loop.round()
+    where[0], now[0] = LONDON, 2.0  # back before the dwell is out: no handover
+    assert loop.round() == [] and list(loop.standby) == ["party"]  # kept a while
+    where[0], now[0] = PARIS, 3.0  # b leads again: the same standby serves
+    loop.round()
+    where[0], now[0] = LONDON, 4.0
+    loop.round()
+    now[0] = 6.5
+    loop.round()
+    assert list(loop.standby) == ["party"]
+    now[0] = 7.0  # b has not led for 4 s (since 3.0): ended
+    loop.round()
+    loop.stop()
+    assert [c[0] for c in cm.calls] == ["offload", "prepare", "cancel"]
+    assert loop.standby == {} and loop.owned["party"].server_id == "s1"
+
+
+def test_no_standby_beyond_the_budget_nor_when_turned_off():
+    for s in (DWELL.model_copy(update={"max_servers": 1}),
+              DWELL.model_copy(update={"prepare_handover": False})):
+        cm = FakeManager(Edge("a"), Edge("b"))
+        loop, where, now = walking(cm, s)
+        where[0], now[0] = PARIS, 1.0
+        loop.round()
+        now[0] = 5.0
+        (ev,) = loop.round()
+        assert [c[0] for c in cm.calls] == ["offload", "handover"], s
+        assert "prepared_ahead_s" not in ev.figures
+
+
+def test_a_standby_that_failed_to_start_leaves_the_whole_handover_to_the_decision():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop, where, now = walking(cm)
+    cm.fail.add("prepare")
+    where[0], now[0] = PARIS, 1.0
+    loop.round()
+    now[0] = 5.0
+    (ev,) = loop.round()
+    assert [c[0] for c in cm.calls] == ["offload", "prepare", "handover"] and ev.ok
+
+
+def test_the_hook_reads_no_data_on_a_node_that_is_down():
+    """Else the round would fail on it every time, and never move the group away."""
+    cm = FakeManager(Edge("a"), Edge("b"))
+    cm.cloud = "cloud redis"
+    users = [User(id="u1", address="203.0.113.1")]
+    read = []
+
+    def hook(data_of):
+        read.append(data_of("u1"))
+        return [Group("party", users, LONDON)]
+
+    s = Settings(cloud_ms=40.0, down_bound_s=60.0, locations={"a": LONDON, "b": PARIS})
+    loop = PolicyLoop(cm, s, hook)
+    loop.round()
+    dep = loop.owned["party"]
+    dep.session = object()  # served on a, its Redis reached over SSH
+    loop._redis[dep.server_id] = "edge redis"
+    loop.round()
+    cm.edges[0].up = False
+    loop.round()
+    assert read == ["cloud redis", "edge redis", "cloud redis"]
