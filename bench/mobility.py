@@ -474,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or (Path("/tmp/enorm-bench-quick") if a.quick else RESULTS)
     wall0 = time.monotonic()
     load0 = os.getloadavg()
-    with Testbed(nodes=3, users_per_node=per_set * len(SETS), node_cores=2.0,
-                 node_memory_mb=2048, unit_cores=0.25) as bed:  # fmt: skip
+    # 3 pins + the policy's servers + its standbys: room for 12 0.25-core units a node
+    with Testbed(nodes=3, users_per_node=per_set * len(SETS), node_cores=3.0,
+                 node_memory_mb=2600, unit_cores=0.25) as bed:  # fmt: skip
         bed.access(ACCESS)
         runs = [run(bed, wan, per_set, scale) for wan in wans]
     data = {"experiment": "users walking between three edge nodes: cloud vs static vs the "

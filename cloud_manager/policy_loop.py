@@ -216,8 +216,9 @@ class PolicyLoop:
 
     def _probe(self, addresses: list[str]) -> dict[str, dict[str, float | None]]:
         """node -> address -> RTT ms, each node's own probe, 256 addresses a request (the
-        protocol's most); a node that fails answers nothing."""
-        if not addresses:
+        protocol's most); a node that fails, or is down, answers nothing."""
+        edges = [e for e in self.cm.edges if e.name in self._up]
+        if not addresses or not edges:
             return {}
 
         def ask(e: EdgeClient) -> tuple[str, dict[str, float | None]]:
@@ -229,8 +230,8 @@ class PolicyLoop:
                 log.info("policy: %s did not probe: %s", e.name, exc)
             return e.name, out
 
-        with ThreadPoolExecutor(min(16, len(self.cm.edges)) or 1) as pool:
-            return dict(pool.map(ask, self.cm.edges))
+        with ThreadPoolExecutor(min(16, len(edges))) as pool:
+            return dict(pool.map(ask, edges))
 
     def _nodes(self) -> list[NodeView]:
         reg = self.cm.registry
@@ -472,6 +473,8 @@ class PolicyLoop:
         movers = self._mover() if moves else None
         with self._lock:
             for name, ds in moves.items():
+                if name in failed:  # its withdrawal failed: its move waits a round
+                    continue
                 d = ds[-1][1]
                 view = DeploymentView(name, "", d.to if d.kind == "handover" else d.node or "",
                                       d.users)
@@ -683,7 +686,9 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
         if not ev.ok:
             return
         old = cm.deployments.get(ev.server_id or "")
-        if old is not None and old.state != "migration_pending":  # else kept, as `withdraw`
+        # kept while its merge is pending (as `withdraw`) or its node down (not merged)
+        if old is not None and old.state != "migration_pending" \
+                and old.server_id not in loop.unreached:
             ledger.forget(old.server_id)
         dep = loop.owned.get(ev.group)
         if ev.new_server_id and dep is not None:
