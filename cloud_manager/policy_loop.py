@@ -23,10 +23,10 @@ decided, is the switch alone; a standby not taken is ended once its node has not
 for `dwell_s` (or another node leads, or the group moved otherwise).
 A withdrawal from a node that does not answer (down) has sent the users home all the
 same: the group is the policy's to place again at once, and the server waits in
-`unreached` until its node is up again; then the node merges it back with the cloud
-winning every conflict (`merge_home(cloud_wins=True)`): what the users wrote on the
-cloud, or on the node they went to, since they came home is newer than what the server
-holds. A group whose node is down past the bound and that another node serves better
+`unreached` until its node is up again; then the node merges it back, in the background,
+with the cloud winning every conflict (`merge_home(cloud_wins=True)`): what the users
+wrote on the cloud, or on the node they went to, since they came home is newer than
+what the server holds. A group whose node is down past the bound and that another node serves better
 than the cloud is moved there in one step (`node_down` handover): a server offloaded
 from the cloud's copy of the data, the users redirected once, from the dead node's
 server to the new one; the dead node's server waits in `unreached` just the same.
@@ -165,6 +165,7 @@ class PolicyLoop:
         self._moving: dict[str, tuple[Future, DeploymentView]] = {}
         self._movers: ThreadPoolExecutor | None = None
         self.standby: dict[str, Standby] = {}  # group -> its handover being prepared
+        self._merging: set[str] = set()  # servers of `unreached` being merged now
         self._planned_at = 0.0  # the last round's `now`
         self._up: set[str] = {e.name for e in cm.edges}  # the nodes up, as last seen
 
@@ -353,7 +354,7 @@ class PolicyLoop:
         """One round; `wait`: until its moves are done too (else they go on in the
         background, and their events come as they end)."""
         snap, groups = self.snapshot()
-        merged = self._merge_unreached({n.name for n in snap.nodes if n.up})
+        merged = self._merge_unreached({n.name for n in snap.nodes if n.up}, wait)
         planned, self.state = plan(snap, self.state, self.settings)
         self._planned_at = snap.now
         events = merged + self.apply(planned, groups, wait)
@@ -421,22 +422,26 @@ class PolicyLoop:
                 self._movers = ThreadPoolExecutor(MAX_PARALLEL, "policy-move")
             return self._movers
 
-    def _merge_unreached(self, up: set[str]) -> list[PolicyEvent]:
+    def _merge_unreached(self, up: set[str], wait: bool = True) -> list[PolicyEvent]:
         """The servers withdrawn while their node was down, merged home now that it is
-        up (the cloud's values win: the users wrote them since they came home)."""
-        out = []
+        up (the cloud's values win: the users wrote them since they came home); in the
+        background (a large merge holds no round up), waited for only if `wait`."""
         with self._lock:
-            waiting = list(self.unreached.items())
-        for sid, (group, dep) in waiting:
-            if dep.edge.name not in up:
-                continue
+            waiting = [(sid, group, dep) for sid, (group, dep) in self.unreached.items()
+                       if dep.edge.name in up and sid not in self._merging]
+            self._merging.update(sid for sid, _, _ in waiting)
+        started = [self._mover().submit(self._merge_one, *w) for w in waiting]
+        return [ev for f in started if (ev := f.result()) is not None] if wait else []
+
+    def _merge_one(self, sid: str, group: str, dep: Deployment) -> PolicyEvent | None:
+        try:
             t0 = time.perf_counter()
             try:
                 self.cm.merge_home(dep, cloud_wins=True)
                 error = None
             except EdgeError as exc:
                 if exc.status is None:
-                    continue  # still out of reach: next round
+                    return None  # still out of reach: a later round
                 error = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 del self.unreached[sid]
@@ -446,9 +451,11 @@ class PolicyLoop:
             ev = PolicyEvent("withdraw", group, str(Reason.NODE_BACK), dep.edge.name, None,
                              sid, None, sorted(dep.user_ids), figures, error is None, error,
                              round(time.perf_counter() - t0, 4))
-            out.append(self._record(ev, f"merge {sid} on {dep.edge.name} (its node is "
-                                        f"back; the cloud wins conflicts): {figures}"))
-        return out
+            return self._record(ev, f"merge {sid} on {dep.edge.name} (its node is back; "
+                                    f"the cloud wins conflicts): {figures}")
+        finally:
+            with self._lock:
+                self._merging.discard(sid)
 
     def apply(self, planned: Sequence[Decision], groups: dict[str, Group],
               wait: bool = True) -> list[PolicyEvent]:

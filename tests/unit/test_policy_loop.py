@@ -444,3 +444,30 @@ def test_the_hook_reads_no_data_on_a_node_that_is_down():
     cm.edges[0].up = False
     loop.round()
     assert read == ["cloud redis", "edge redis", "cloud redis"]
+
+
+def test_a_merge_of_a_node_back_holds_no_round_up_and_is_asked_once():
+    cm = FakeManager(Edge("a"), Edge("b", free=0.0))
+    loop = loop_for(cm, [LONDON], settings=DOWN_AT_ONCE)
+    loop.round()
+    cm.edges[0].up = False
+    cm.fail.add("unreached")
+    loop.round()  # home; s1 waits in `unreached`
+    cm.edges[0].up = True
+    cm.fail.clear()
+    gate, plain = threading.Event(), cm.merge_home
+
+    def merge_home(dep, cloud_wins=False):
+        assert gate.wait(10)
+        return plain(dep, cloud_wins)
+
+    cm.merge_home = merge_home
+    seen = []
+    loop.listeners.append(seen.append)
+    loop.round(wait=False)  # the merge under way; the round went on: offloaded to a
+    loop.round(wait=False)
+    gate.set()
+    loop.stop()
+    assert [c for c in cm.calls if c[0] == "merge_home"] == [("merge_home", "s1", True)]
+    assert ("withdraw", "node_back", True) in [(e.kind, e.reason, e.ok) for e in seen]
+    assert loop.unreached == {} and loop.owned["party"].edge.name == "a"
