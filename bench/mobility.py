@@ -129,10 +129,11 @@ def reaction_bound(c: dict) -> float:
     """The policy's bound after crossing `c`: the lead + a round + the dwell or the new
     server's start, whichever is longer (it is prepared while the dwell runs) + the
     switch; a node going down: two rounds (seeing it: a node that refuses takes its
-    retries) + `down_bound_s` + an offload (the group's one move)."""
+    retries) + `down_bound_s` or the refuge's start (prepared while the bound runs) +
+    the switch."""
     p = POLICY
     if c["why"] == "down":
-        return round(2 * p["interval_s"] + p["down_bound_s"] + MOVE_S + SWITCH_S, 2)
+        return round(2 * p["interval_s"] + max(p["down_bound_s"], MOVE_S) + SWITCH_S, 2)
     return round(c["lead_s"] + p["interval_s"] + max(p["dwell_s"], MOVE_S) + SWITCH_S, 2)
 
 

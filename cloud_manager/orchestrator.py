@@ -122,6 +122,26 @@ class Deployment:
         return f"redis://:{pw}@127.0.0.1:{fw.local_port}/0"
 
 
+@dataclass
+class PreparedOffload:
+    """An offload's first half (`CloudManager.prepare_offload`)."""
+
+    cm: CloudManager
+    dep: Deployment
+    seconds: float  # what preparing took
+
+    def complete(self) -> Deployment:
+        """The users sent to the server."""
+        t = time.perf_counter()
+        self.cm.send_users(self.dep)
+        self.dep.timings["total"] = self.seconds + time.perf_counter() - t
+        return self.dep
+
+    def cancel(self) -> None:
+        """Not needed after all: the server ended (nobody was sent there)."""
+        self.cm.abandon(self.dep, restore=False)
+
+
 class CloudManager:
     """The library a cloud application server embeds to use edge nodes."""
 
@@ -221,6 +241,18 @@ class CloudManager:
     def offload(self, users: Sequence[User], exclude: Iterable[str] = (), **over) -> Deployment:
         """Move `users` to an edge server (on none of the nodes in `exclude`); returns
         once they are redirected there."""
+        return self._prepare_offload(users, exclude, over, restore=True).complete()
+
+    def prepare_offload(self, users: Sequence[User], exclude: Iterable[str] = (),
+                        **over) -> PreparedOffload:
+        """An offload's first half: the server started with the users' data (as the cloud
+        has it now) and answering, the users not sent there yet: `.complete()` sends
+        them, `.cancel()` ends the server (and a failure here leaves them where they
+        are). The policy loop prepares so the move of a group whose node is down."""
+        return self._prepare_offload(users, exclude, over, restore=False)
+
+    def _prepare_offload(self, users: Sequence[User], exclude: Iterable[str], over: dict,
+                         restore: bool) -> PreparedOffload:
         t0 = time.perf_counter()
         dep = self.admit(list(users), exclude, None, over)
         try:
@@ -230,11 +262,9 @@ class CloudManager:
         except BaseException:
             log.exception("deployment of %s on %s failed; withdrawing", dep.server_id,
                           dep.edge.name)
-            self.abandon(dep)
+            self.abandon(dep, restore=restore)
             raise
-        self.send_users(dep)
-        dep.timings["total"] = time.perf_counter() - t0
-        return dep
+        return PreparedOffload(self, dep, time.perf_counter() - t0)
 
     # -- the steps of a deployment (offload, handover and re-homing compose them) --------
     def admit(self, users: list[User], exclude: Iterable[str], only: str | None,

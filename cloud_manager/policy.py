@@ -101,10 +101,11 @@ class Settings(BaseModel):
     population: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
     population_options: dict[str, Any] = Field(default_factory=dict)
     probe_sample: int = Field(default=64, ge=1, le=256)
-    # The new server of a handover started while its dwell runs (a standby on the better
-    # node, within the budget; ended when that node has not led for `dwell_s`): the move
-    # is then the switch alone. Off: the server is started once the move is decided.
-    prepare_handover: bool = True
+    # The server a move would need started while its clock runs (a standby, within the
+    # budget; ended when not wanted for `dwell_s`): a handover's new one while the dwell
+    # runs, a down node's refuge while the bound runs; the move is then the switch
+    # alone. Off: the server is started once the move is decided.
+    prepare_moves: bool = True
 
     @model_validator(mode="after")
     def _bands(self) -> Settings:
@@ -226,6 +227,16 @@ def best_node(g: GroupView, nodes: Mapping[str, NodeView],
     return n, ms
 
 
+def refuge(g: GroupView, down: str, nodes: Mapping[str, NodeView],
+           s: Settings) -> tuple[str, float] | None:
+    """Where a group whose node is down goes in one move: the best other node, if it
+    beats the cloud by `offload_gain_ms`."""
+    best = best_node(g, nodes, frozenset({down}))
+    if best is None or g.cloud_ms is None or g.cloud_ms - best[1] < s.offload_gain_ms:
+        return None
+    return best
+
+
 def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decision], State]:
     """One round: the decisions in the order to carry them out (withdrawals first, so
     that their room serves the offloads), and the state for the next round."""
@@ -266,8 +277,8 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
             withdraw(d, Reason.IDLE, idle_for_s=_r(g.idle_for_s), idle_after_s=s.idle_after_s)
         elif d.node in down and now - down[d.node] >= s.down_bound_s:
             figures = {"down_for_s": _r(now - down[d.node]), "down_bound_s": s.down_bound_s}
-            best = best_node(g, nodes, frozenset({d.node}))
-            if best is None or g.cloud_ms is None or g.cloud_ms - best[1] < s.offload_gain_ms:
+            best = refuge(g, d.node, nodes, s)
+            if best is None:
                 withdraw(d, Reason.NODE_DOWN, **figures)
                 continue
             node, ms = best  # one move: straight there, not home first
@@ -390,6 +401,27 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
     # Withdrawals first (their room and their budget serve the rest), in decided order.
     out.sort(key=lambda x: x.kind != "withdraw")
     return out, replace(state, better=better, gone=gone, down=down)
+
+
+def upcoming(snap: Snapshot, state: State, settings: Settings) -> dict[str, tuple[Reason, str]]:
+    """The moves whose clock runs after a round (`state`: the one `plan` gave back):
+    group -> (why, the node it would go to): a better node leading for less than the
+    dwell so far, or the refuge of a group whose node has been down for less than the
+    bound. The loop prepares them, so that a move that comes due is the switch alone."""
+    s, now = settings, snap.now
+    nodes = {n.name: n for n in snap.nodes}
+    groups = {g.name: g for g in snap.groups}
+    out: dict[str, tuple[Reason, str]] = {}
+    for d in snap.deployments:
+        g = groups.get(d.group)
+        if g is None or d.group in snap.busy or not d.server_id:
+            continue
+        if d.group in state.better:
+            out[d.group] = (Reason.BETTER_NODE, state.better[d.group][0])
+        elif d.node in state.down and now - state.down[d.node] < s.down_bound_s \
+                and (best := refuge(g, d.node, nodes, s)) is not None:
+            out[d.group] = (Reason.NODE_DOWN, best[0])
+    return out
 
 
 def next_due(state: State, settings: Settings, now: float) -> float | None:

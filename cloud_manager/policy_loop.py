@@ -17,10 +17,12 @@ A round, in order of its steps:
   decision that fails is recorded, and the later ones of its group are skipped.
 Rounds come every `interval_s`, and also when a clock of the policy's hysteresis comes
 due (`policy.next_due`): a move starts when its dwell is met, not up to a round later.
-While a better node's dwell runs, the loop prepares the handover (`prepare_handover`:
-the new server started there, `CloudManager.prepare_handover`), so that the move, once
-decided, is the switch alone; a standby not taken is ended once its node has not led
-for `dwell_s` (or another node leads, or the group moved otherwise).
+While a clock runs the loop prepares the move it would bring (`prepare_moves`,
+`policy.upcoming`): while a better node's dwell runs, the new server started there
+(`CloudManager.prepare_handover`); while a group's node is down within the bound, a
+server on its refuge with the cloud's copy of the data (`CloudManager.prepare_offload`):
+the move, once decided, is the switch alone. A standby not taken is ended once it has
+not been wanted for `dwell_s` (or another node is wanted, or the group moved otherwise).
 A withdrawal from a node that does not answer (down) has sent the users home all the
 same: the group is the policy's to place again at once, and the server waits in
 `unreached` until its node is up again; then the node merges it back, in the background,
@@ -65,11 +67,12 @@ from .policy import (
     groups_by_nearest,
     next_due,
     plan,
+    upcoming,
 )
 
 if TYPE_CHECKING:
     from .handover import Prepared
-    from .orchestrator import CloudManager, Deployment
+    from .orchestrator import CloudManager, Deployment, PreparedOffload
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("cloud_manager.decisions")
@@ -93,12 +96,14 @@ class Group:
 
 @dataclass
 class Standby:
-    """A handover being prepared while its dwell runs: the group's server `server` to
-    `node`; `wanted_at`: the last round in which that node led."""
+    """A move being prepared while its clock runs (`reason`: better_node or node_down):
+    the group's server `server` to `node`; `wanted_at`: the last round that wanted it.
+    The future gives a `handover.Prepared` or an `orchestrator.PreparedOffload`."""
 
+    reason: Reason
     node: str
     server: str
-    future: Future[Prepared]
+    future: Future[Prepared | PreparedOffload]
     wanted_at: float
 
 
@@ -362,16 +367,18 @@ class PolicyLoop:
         return events
 
     def _prepare(self, snap: Snapshot, groups: dict[str, Group]) -> None:
-        """The handovers whose dwell runs prepared; the standbys no longer wanted ended."""
+        """The moves whose clock runs prepared; the standbys no longer wanted ended."""
         s, now = self.settings, snap.now
         with self._lock:
             owned = dict(self.owned)
             busy = set(self._moving)
-        for name, (node, _since) in self.state.better.items() if s.prepare_handover else ():
+        wanted = upcoming(snap, self.state, s) if s.prepare_moves else {}
+        for name, (reason, node) in wanted.items():
             dep, sb, group = owned.get(name), self.standby.get(name), groups.get(name)
             if dep is None or group is None or name in busy:
                 continue
-            if sb is not None and (sb.node, sb.server) == (node, dep.server_id):
+            if sb is not None and (sb.reason, sb.node, sb.server) == (reason, node,
+                                                                       dep.server_id):
                 sb.wanted_at = now
                 continue
             if sb is not None:
@@ -382,13 +389,19 @@ class PolicyLoop:
                     s.max_units is not None and units > s.max_units):
                 continue  # no room in the budget for a standby: prepared when decided
             users = [u for u in group.users if u.id in dep.user_ids]
-            log.info("policy: preparing %s's handover %s -> %s", name, dep.edge.name, node)
-            self.standby[name] = Standby(node, dep.server_id, self._mover().submit(
-                self.cm.prepare_handover, dep, node, users), now)
+            log.info("policy: preparing %s's move %s -> %s (%s)", name, dep.edge.name, node,
+                     reason)
+            if reason == Reason.NODE_DOWN:
+                over = {} if group.priority is None else {"priority": group.priority}
+                fut = self._mover().submit(self.cm.prepare_offload, users,
+                                           self._others(node), **over)
+            else:
+                fut = self._mover().submit(self.cm.prepare_handover, dep, node, users)
+            self.standby[name] = Standby(reason, node, dep.server_id, fut, now)
         for name, sb in list(self.standby.items()):
             dep = owned.get(name)
             if dep is None or dep.server_id != sb.server or (
-                    name not in self.state.better and now - sb.wanted_at >= s.dwell_s):
+                    name not in wanted and now - sb.wanted_at >= s.dwell_s):
                 self._end_standby(name)
 
     def _end_standby(self, name: str) -> None:
@@ -410,8 +423,8 @@ class PolicyLoop:
         sb = self.standby.get(d.group)
         if sb is None:
             return None
-        if d.kind == "handover" and d.reason == Reason.BETTER_NODE \
-                and (sb.node, sb.server) == (d.to, d.server_id):
+        if d.kind == "handover" and (sb.reason, sb.node, sb.server) == (d.reason, d.to,
+                                                                         d.server_id):
             return self.standby.pop(d.group)
         self._end_standby(d.group)
         return None
@@ -559,15 +572,9 @@ class PolicyLoop:
             return dep
         with self._lock:
             old = self.owned[d.group]
+        prepared = self._standby_made(d, sb)
         if d.reason == Reason.NODE_DOWN:
-            return self._away_from_down(d.group, old, users, d.to, over)
-        prepared = None
-        if sb is not None:
-            try:
-                prepared = sb.future.result()
-            except Exception as exc:  # noqa: BLE001 (then the whole handover now)
-                log.info("policy: %s's standby on %s failed (%s); handing over now",
-                         d.group, sb.node, exc)
+            return self._away_from_down(d.group, old, users, d.to, over, prepared)
         try:
             if prepared is not None:
                 new = prepared.complete()
@@ -583,9 +590,23 @@ class PolicyLoop:
             self.owned[d.group] = new
         return new
 
+    @staticmethod
+    def _standby_made(d: Decision, sb: Standby | None) -> Prepared | PreparedOffload | None:
+        """The standby's first half, if it was made (else the whole move now)."""
+        if sb is None:
+            return None
+        try:
+            return sb.future.result()
+        except Exception as exc:  # noqa: BLE001 (then the whole move now)
+            log.info("policy: %s's standby on %s failed (%s); the whole move now",
+                     d.group, sb.node, exc)
+            return None
+
+    def _others(self, node: str | None) -> list[str]:
+        return [e.name for e in self.cm.edges if e.name != node]
+
     def _offload(self, users: list[User], node: str | None, over: dict) -> Deployment:
-        return self.cm.offload(users, exclude=[e.name for e in self.cm.edges
-                                               if e.name != node], **over)
+        return self.cm.offload(users, exclude=self._others(node), **over)
 
     def _withdraw(self, group: str) -> None:
         with self._lock:
@@ -607,13 +628,18 @@ class PolicyLoop:
         self.cm.close_session(dep)
 
     def _away_from_down(self, group: str, old: Deployment, users: list[User], to: str | None,
-                        over: dict) -> Deployment:
+                        over: dict, prepared: PreparedOffload | None) -> Deployment:
         """A group whose node is down, in one move: a server on `to` from the cloud's
-        copy of its data, the users redirected from the dead one's straight there; the
-        dead server waits in `unreached` (merged, the cloud winning, when its node is
-        back). If that fails, the users go home (a `node_down` withdrawal)."""
+        copy of its data (`prepared` while the bound ran, or now), the users redirected
+        from the dead one's straight there; the dead server waits in `unreached`
+        (merged, the cloud winning, when its node is back). If that fails, the users go
+        home (a `node_down` withdrawal)."""
         try:
-            new = self._offload(users, to, over)
+            if prepared is not None:
+                new = prepared.complete()
+                new.timings["prepared_ahead_s"] = prepared.seconds
+            else:
+                new = self._offload(users, to, over)
         except Exception:
             with contextlib.suppress(EdgeError):
                 self._withdraw(group)
@@ -704,7 +730,7 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
 
     loop.listeners += [record, say]
     if once:  # no dwell runs across two processes: nothing to prepare ahead
-        loop.settings = loop.settings.model_copy(update={"prepare_handover": False})
+        loop.settings = loop.settings.model_copy(update={"prepare_moves": False})
         loop.round()
         return
     stop = threading.Event()

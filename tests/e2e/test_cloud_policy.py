@@ -179,6 +179,7 @@ def test_a_node_down_past_the_bound_its_party_goes_to_the_other_node_in_one_move
         assert (move.kind, move.reason, move.node, move.to, move.ok) == (
             "handover", "node_down", london.name, paris.name, True), move
         assert move.server_id == first.server_id and move.figures["down_for_s"] >= 1.0
+        assert move.figures["prepared_ahead_s"] > 0  # started while the bound ran
         second = cloud.manager.deployments[move.new_server_id]
         for p in players:
             assert p.refresh() == second.url

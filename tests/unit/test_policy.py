@@ -18,6 +18,7 @@ from cloud_manager.policy import (
     groups_by_nearest,
     next_due,
     plan,
+    upcoming,
 )
 
 S = Settings(offload_gain_ms=10, withdraw_gain_ms=5, handover_gain_ms=5, dwell_s=4,
@@ -261,6 +262,38 @@ def test_next_due_is_the_earliest_clock_still_to_come():
     assert next_due(st, S, now=16.0) == 35.0  # the node's down bound (30 s)
     assert next_due(st, S, now=35.0) is None
     assert next_due(State(), S, now=0.0) is None
+
+
+DOWN_A = (NodeView("a", False), NodeView("b", True))
+UPCOMING = {
+    "a better node whose dwell runs: the handover to it":
+        ([grp(a=20.0, b=5.0)], [dep()], {"state": State(better={"g": ("b", 99.0)})},
+         {"g": ("better_node", "b")}),
+    "nothing runs: nothing to prepare":
+        ([grp(a=5.0, b=20.0)], [dep()], {}, {}),
+    "a node down within the bound: the move to its refuge":
+        ([grp(a=5.0, b=8.0)], [dep()], {"nodes": DOWN_A, "state": State(down={"a": 90.0})},
+         {"g": ("node_down", "b")}),
+    "a node down within the bound, no refuge that pays: nothing":
+        ([grp(a=5.0, b=35.0)], [dep()], {"nodes": DOWN_A, "state": State(down={"a": 90.0})},
+         {}),
+    "a node down past the bound: decided already, nothing to prepare":
+        ([grp(a=5.0, b=8.0)], [dep()], {"nodes": DOWN_A, "state": State(down={"a": 60.0})},
+         {}),
+    "a group being moved: nothing":
+        ([grp(a=20.0, b=5.0)], [dep()], {"state": State(better={"g": ("b", 99.0)}),
+                                         "busy": ["g"]}, {}),
+    "a group on the cloud: nothing":
+        ([grp(a=20.0, b=5.0)], [], {"state": State(better={"g": ("b", 99.0)})}, {}),
+}
+
+
+@pytest.mark.parametrize("groups,deps,kw,expected", UPCOMING.values(), ids=UPCOMING.keys())
+def test_upcoming_moves(groups, deps, kw, expected):
+    snap = Snapshot(100.0, tuple(groups), kw.get("nodes", UP), tuple(deps),
+                    busy=frozenset(kw.get("busy", ())))
+    got = upcoming(snap, kw.get("state", State()), S)
+    assert {g: (str(r), n) for g, (r, n) in got.items()} == expected
 
 
 def test_node_down_clock_is_kept_in_the_state():

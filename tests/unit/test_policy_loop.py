@@ -101,6 +101,20 @@ class FakeManager:
 
         return SimpleNamespace(complete=complete, cancel=cancel, seconds=2.5)
 
+    def prepare_offload(self, users, exclude=(), **over):
+        (node,) = [e.name for e in self.edges if e.name not in exclude]
+        self.calls.append(("prepare_offload", node, sorted(u.id for u in users)))
+        new = self._dep(node, users)
+
+        def complete():
+            self.calls.append(("send_users", new.server_id))
+            return new
+
+        def cancel():
+            self.calls.append(("cancel", new.server_id))
+
+        return SimpleNamespace(complete=complete, cancel=cancel, seconds=2.0)
+
     def close_session(self, dep):
         dep.session = None
 
@@ -401,7 +415,7 @@ def test_a_standby_not_needed_is_ended_once_its_node_has_not_led_for_the_dwell()
 
 def test_no_standby_beyond_the_budget_nor_when_turned_off():
     for s in (DWELL.model_copy(update={"max_servers": 1}),
-              DWELL.model_copy(update={"prepare_handover": False})):
+              DWELL.model_copy(update={"prepare_moves": False})):
         cm = FakeManager(Edge("a"), Edge("b"))
         loop, where, now = walking(cm, s)
         where[0], now[0] = PARIS, 1.0
@@ -471,3 +485,39 @@ def test_a_merge_of_a_node_back_holds_no_round_up_and_is_asked_once():
     assert [c for c in cm.calls if c[0] == "merge_home"] == [("merge_home", "s1", True)]
     assert ("withdraw", "node_back", True) in [(e.kind, e.reason, e.ok) for e in seen]
     assert loop.unreached == {} and loop.owned["party"].edge.name == "a"
+
+
+def test_a_move_off_a_down_node_is_prepared_while_the_bound_runs():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    s = DWELL.model_copy(update={"down_bound_s": 3.0})
+    loop, where, now = walking(cm, s)
+    cm.edges[0].up = False
+    cm.fail.add("unreached")
+    now[0] = 1.0
+    assert loop.round() == []  # down since 1.0: a server on b prepared meanwhile
+    loop.standby["party"].future.result()
+    assert cm.calls[-1] == ("prepare_offload", "b", ["u1", "u2"])
+    now[0] = 4.0
+    (ev,) = loop.round()  # the bound: the users sent to the prepared server, once
+    assert (ev.kind, ev.reason, ev.to, ev.new_server_id, ev.figures["prepared_ahead_s"]) == (
+        "handover", "node_down", "b", "s2", 2.0)
+    assert [c[0] for c in cm.calls] == ["offload", "prepare_offload", "send_users"]
+    assert list(loop.unreached) == ["s1"] and loop.standby == {}
+
+
+def test_a_node_back_within_the_bound_its_standby_is_ended():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    s = DWELL.model_copy(update={"down_bound_s": 10.0})
+    loop, where, now = walking(cm, s)
+    cm.edges[0].up = False
+    now[0] = 1.0
+    loop.round()
+    cm.edges[0].up = True
+    now[0] = 2.0
+    loop.round()
+    assert list(loop.standby) == ["party"]  # kept a while (a node that blinks)
+    now[0] = 5.0  # not wanted for the dwell (4 s): ended
+    loop.round()
+    loop.stop()
+    assert [c[0] for c in cm.calls] == ["offload", "prepare_offload", "cancel"]
+    assert loop.owned["party"].server_id == "s1" and loop.unreached == {}
