@@ -138,7 +138,6 @@ def _complete(p: Prepared) -> Deployment:
             log.exception("handover of %s: shared keys to %s", old.server_id, new.server_id)
             p.cancel()
             raise
-    if key is not None:
         if _direct(cm, old, new, key):
             edge.close()
             new.timings["total"] = time.perf_counter() - t0
