@@ -509,6 +509,13 @@ class CloudManager:
         loop.start()
         return loop
 
+    def stop_policy(self) -> None:
+        """The policy's rounds ended, its moves under way finished, its standbys ended;
+        the deployments it made stay as they are (`start_policy` may start it again)."""
+        if self.policy is not None:
+            self.policy.stop()
+            self.policy = None
+
     def close(self) -> None:
         self.closing.set()
         if self.policy is not None:

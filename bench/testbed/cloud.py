@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         """The policy stopped, then every server it left withdrawn: their merges."""
         loop, ended = manager.policy, []
         if loop is not None:
-            loop.stop()
+            manager.stop_policy()  # (the next run of the bench starts it again)
             for dep in list(loop.owned.values()):
                 try:
                     manager.withdraw(dep)
