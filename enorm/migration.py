@@ -63,7 +63,8 @@ def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
         not_merged=report.not_merged, not_merged_sample=report.not_merged_sample,
         keys_deleted=report.deleted,
         conflicts=report.conflicts, conflicts_cloud_won=report.conflicts_cloud_won,
-        conflict_sample=report.conflict_sample, not_owned=report.not_owned,
+        conflict_sample=report.conflict_sample, cloud_kept=report.cloud_kept,
+        not_owned=report.not_owned,
         not_owned_sample=report.not_owned_sample)
 
 

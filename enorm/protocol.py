@@ -477,6 +477,9 @@ class MergeReport(_Message):
     conflicts_cloud_won: int = Field(0, description="conflicts resolved for the cloud "
                                      "(cloud_wins_patterns); the others went to the edge")
     conflict_sample: list[str] = Field(default_factory=list)
+    cloud_kept: int = Field(0, description="served users' keys that only the cloud "
+                            "changed during the offload (the edge still held what was "
+                            "copied out): the cloud's value kept, not a conflict")
     not_owned: int = Field(0, description="keys on the edge that are not the server's to "
                            "give back (another user's, the library's `enorm:` namespace, "
                            "neither a served user's nor shared): never merged")
@@ -485,7 +488,7 @@ class MergeReport(_Message):
     def add(self, other: MergeReport) -> None:
         for f in ("keys_migrated", "shared_merged", "shared_ttls", "stream_renumbered",
                   "not_merged", "keys_deleted", "conflicts", "conflicts_cloud_won",
-                  "not_owned"):
+                  "cloud_kept", "not_owned"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for f in ("conflict_sample", "not_owned_sample", "not_merged_sample"):
             setattr(self, f, (getattr(self, f) + getattr(other, f))[:10])

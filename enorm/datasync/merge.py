@@ -283,8 +283,11 @@ def merge_back(
             report.unchanged += len(same)
         if not held:
             return written
-        found = _conflicts(edge, cloud, m, held)
+        found, cloud_only = _changed(edge, cloud, m, held)
         with counting:
+            report.cloud_kept += len(cloud_only)
+            for k in cloud_only:  # the edge never touched it: the cloud's is the newer
+                del part[k]
             _count(report, found)
             for k in found:
                 if matches(k, wins):
@@ -311,7 +314,7 @@ def merge_back(
             and (tag := hash_tag(k)) is not None and not is_library(k)
             and (owned is None or tag in owned) and tag not in gone_users
         ]
-        kept = set(_conflicts(edge, cloud, m, gone))
+        kept = set(_changed(edge, cloud, m, gone)[0])
         _count(report, kept)
         doomed = [k for k in gone if not (k in kept and matches(k, wins))]
         report.conflicts_cloud_won += len(gone) - len(doomed)
@@ -330,21 +333,27 @@ def _count(report: SyncReport, conflicts: Iterable[bytes]) -> None:
         _sample(report.conflict_sample, k)
 
 
-def _conflicts(edge: Client, cloud: Client, m: dict[bytes, bytes],
-               keys: list[bytes]) -> list[bytes]:  # fmt: skip
-    """Of `keys`, those the cloud changed since the copy: its value is neither what was
-    copied out nor already the edge's (a retried merge wrote that itself)."""
+def _changed(edge: Client, cloud: Client, m: dict[bytes, bytes],
+             keys: list[bytes]) -> tuple[list[bytes], list[bytes]]:  # fmt: skip
+    """Of `keys`, those the cloud changed since the copy, as (conflicts, cloud only).
+    A conflict: the edge changed it too, so the cloud's value is neither what was copied
+    out nor already the edge's (a retried merge wrote that itself). Cloud only: the edge
+    still holds what was copied out (its digest is the manifest's), so the cloud's value
+    is the newer one and stays: written back, the edge's stale copy would undo it."""
     if not keys:
-        return []
+        return [], []
     now = digests(cloud, keys)
     changed = [k for k in keys if now[k] != m.get(k)]
     if not changed:
-        return []
+        return [], []
     at_edge = digests(edge, changed, "source")
-    out = [
+    cloud_only = [k for k in changed if k in m and at_edge[k] == m[k]]
+    stale = set(cloud_only)
+    conflicts = [
         k
         for k in changed
-        if (now[k] is not None and now[k] != at_edge[k])
-        or (now[k] is None and at_edge[k] is not None and k in m)
+        if k not in stale
+        and ((now[k] is not None and now[k] != at_edge[k])
+             or (now[k] is None and at_edge[k] is not None and k in m))
     ]
-    return out
+    return conflicts, cloud_only

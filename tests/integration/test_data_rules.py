@@ -30,13 +30,16 @@ def offload_and_play(cloud, edge, manifest: str) -> None:
     edge.delete(keys.pokedex("a2"))
     edge.sadd("new:{a1}:x", "born-on-edge")
     edge.hset(keys.location("a1"), "lat", 1.0)
+    edge.hset(keys.user("a2"), "xp", 7)
     # ... and, being hostile, writes keys of users it never served, shared-looking ones too.
     edge.hset(keys.user(VICTIM), mapping={"name": "pwned", "xp": 0})
     edge.set(f"zz:{{{OTHER}}}", "planted")
     edge.sadd(f"region:{{{VICTIM}}}", "forged")
-    # Meanwhile the cloud writes two served users' keys (conflicts).
+    # Meanwhile the cloud writes two served users' keys the edge changed too (conflicts),
+    # and one the edge left as it was copied (the cloud's is the newer: kept).
     cloud.hset(keys.location("a1"), "lat", 99.0)
     cloud.hset(keys.user("a2"), "name", "renamed-on-cloud")
+    cloud.hset(keys.location("a2"), "lat", 48.85)
 
 
 def check(cloud, edge, report, victim_before, other_before) -> None:
@@ -55,9 +58,13 @@ def check(cloud, edge, report, victim_before, other_before) -> None:
     assert report.conflicts_cloud_won == 1
     assert cloud.hget(keys.location("a1"), "lat") == b"1.0"  # edge won
     assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"  # cloud won (u:*)
+    # Changed on the cloud alone: not a conflict, and the edge's stale copy does not undo it.
+    assert report.cloud_kept == 1
+    assert cloud.hget(keys.location("a2"), "lat") == b"48.85"
     # Everything else of the served users equals the edge's final state, key set included.
     edge_state, cloud_state = state(edge, SERVED), state(cloud, SERVED)
-    del edge_state[b"u:{a2}"], cloud_state[b"u:{a2}"]
+    for k in (b"u:{a2}", b"loc:{a2}"):
+        del edge_state[k], cloud_state[k]
     assert cloud_state == edge_state
     assert not cloud.exists(datasync.manifest_key("s1"))
 
@@ -192,7 +199,9 @@ def test_a_handover_node_to_node_merges_as_the_first_edge_would_have(redis_serve
     assert report.conflicts == 2 and report.conflicts_cloud_won == 1
     assert cloud.hget(keys.location("a1"), "lat") == b"1.0"
     assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
+    assert report.cloud_kept == 1 and cloud.hget(keys.location("a2"), "lat") == b"48.85"
     b_state, cloud_state = state(b, SERVED), state(cloud, SERVED)
-    del b_state[b"u:{a2}"], cloud_state[b"u:{a2}"]
+    for k in (b"u:{a2}", b"loc:{a2}"):
+        del b_state[k], cloud_state[k]
     assert cloud_state == b_state
     assert not cloud.exists(second)
