@@ -8,7 +8,7 @@ not win over the cloud's newer value)."""
 from __future__ import annotations
 
 from .payloads import ABSENT, DIGEST_FN, payload_digest
-from .transport import FLUSH, Client, Guard, no_args, run_script
+from .transport import FLUSH, Client, Guard, by_node, no_args, roundtrip, run_script
 
 _DIGESTS = (
     DIGEST_FN
@@ -66,15 +66,14 @@ def write_manifest(client: Client, name: str, dumped: dict[bytes, bytes], *,
         else:
             found[k] = d
     found.update((k, d) for k, d in digests(client, ask, "source").items() if d is not None)
+    fields = [x for item in found.items() for x in item]
+    step = FLUSH // 5  # field-value pairs of FLUSH // 10 keys per HSET
+    commands = [["DEL", name]] if fresh else []
+    commands += [["HSET", name, *fields[i : i + step]] for i in range(0, len(fields), step)]
+    commands.append(["EXPIRE", name, MANIFEST_TTL_S])
     with Guard("source"):
-        pipe = client.pipeline(transaction=False)
-        if fresh:
-            pipe.delete(name)
-        items = list(found.items())
-        for i in range(0, len(items), FLUSH // 10):
-            pipe.hset(name, mapping=dict(items[i : i + FLUSH // 10]))
-        pipe.expire(name, MANIFEST_TTL_S)
-        pipe.execute()
+        ((node, _),) = by_node(client, [name.encode()]).items()
+        roundtrip(node, commands)
     return len(found)
 
 

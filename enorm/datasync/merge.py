@@ -19,7 +19,7 @@ from .manifest import SHARED_RECORD, digests, read_manifest, shared_unchanged
 from .payloads import dump, scan_dump
 from .redis_types import TYPES
 from .report import SyncReport, VerificationFailed
-from .rules import contains, matches
+from .rules import contains, matcher, matches
 from .transport import BATCH, Client, Guard, by_node, is_cluster, ping
 
 # Before a shared key is merged: a key of another type on the cloud is replaced by the
@@ -153,33 +153,37 @@ class _Sorter:
 
     def __init__(self, report: SyncReport, patterns: list[str], owned: set[bytes] | None,
                  handed: set[bytes]) -> None:  # fmt: skip
-        self.report, self.patterns, self.owned, self.handed = report, patterns, owned, handed
+        self.report, self.owned, self.handed = report, owned, handed
+        self.is_shared = matcher(tuple(patterns))
         self.shared: list[bytes] = []
         self.tags: set[bytes] = set()
 
-    def user(self, key: bytes) -> bool:
-        """True for a user key to merge; shared keys are set aside, the rest counted."""
-        if key == SHARED_RECORD:  # the library's own, read by the shared merge
-            return False
-        tag = hash_tag(key)
-        if is_library(key):
-            return self._refuse(key)
-        if tag in self.handed:
-            return False
-        if tag is not None and self.owned is not None and tag not in self.owned:
-            return self._refuse(key)
-        if matches(key, self.patterns):
-            self.shared.append(key)
-            return False
-        if tag is None:
-            return self._refuse(key)
-        self.tags.add(tag)
-        return True
+    def users(self, keys: Iterable[bytes]) -> list[bytes]:
+        """The user keys to merge among `keys`, a scan step's at a time; shared keys are
+        set aside, the rest counted."""
+        out: list[bytes] = []
+        owned, handed, is_shared, seen = self.owned, self.handed, self.is_shared, self.tags.add
+        for key in keys:
+            if is_library(key):
+                if key != SHARED_RECORD:  # the library's own, read by the shared merge
+                    self._refuse(key)
+                continue
+            tag = hash_tag(key)
+            if tag is not None and (tag in handed or (owned is not None and tag not in owned)):
+                if tag not in handed:
+                    self._refuse(key)
+            elif is_shared(key):
+                self.shared.append(key)
+            elif tag is None:
+                self._refuse(key)
+            else:
+                out.append(key)
+                seen(tag)
+        return out
 
-    def _refuse(self, key: bytes) -> bool:
+    def _refuse(self, key: bytes) -> None:
         self.report.not_owned += 1
         _sample(self.report.not_owned_sample, key)
-        return False
 
 
 def _dumps(edge: redis.Redis, sorter: _Sorter) -> Iterator[dict[bytes, tuple]]:
@@ -189,7 +193,7 @@ def _dumps(edge: redis.Redis, sorter: _Sorter) -> Iterator[dict[bytes, tuple]]:
     chunk: dict[bytes, tuple[bytes, int]] = {}
     size = FIRST_CHUNK
     for part in scan_dump(edge, "*"):
-        chunk.update((k, v) for k, v in part.items() if sorter.user(k))
+        chunk.update((k, part[k]) for k in sorter.users(part))
         if len(chunk) >= size:
             yield chunk
             chunk, size = {}, CHUNK
@@ -299,7 +303,7 @@ def merge_back(
         chunks: Iterable = _dumps(edge, sorter)
     else:
         with Guard("source"):
-            keys = [k for k in scan(edge, "*") if sorter.user(k)]
+            keys = sorter.users(scan(edge, "*"))
         chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
     copy_chunks(edge, cloud, remembered(chunks), True, report,
                 restore=None if m is None else restore_unchanged)

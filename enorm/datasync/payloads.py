@@ -1,10 +1,10 @@
 """Moving keys as DUMP payloads: scripts that dump a batch (or a SCAN step) into one
-packed reply, and restore a batch while reading each key back to verify it, byte for
+flat reply, and restore a batch while reading each key back to verify it, byte for
 byte, or by value where the bytes follow a hash table's order."""
 
 from __future__ import annotations
 
-import struct
+from binascii import unhexlify
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,90 +15,97 @@ from .redis_types import ELEMENTS_FN, SAME_FN, UNORDERED
 from .report import VerificationFailed
 from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_jobs, run_script
 
-# Scripts move a whole batch as one bulk string each way: per key a header
-# (ttl: a double, length: 4 bytes, big-endian) and the DUMP payload. One reply per batch
-# instead of one per key keeps the client's parsing out of the hot path. A double is
-# Lua's own number, exact to 2^53 ms on every build; an 8-byte integer goes through the
-# C long of Redis's build, so a 32-bit Redis (armhf boards) sent the PTTL -1 of a key
-# without TTL as 4294967295, and the key came back expiring in 49.7 days.
-_HEADER = struct.Struct(">dI")
+# Scripts move a batch as one flat array each way (per key its PTTL and payload), which
+# the hiredis parser reads in C; a packed string cost the script a struct.pack per key
+# and a copy of the whole batch (table.concat), and the restore a string.sub per key.
+# A PTTL travels as Redis's own integer (a reply, RESTORE's argument: 64 bits on every
+# build); an 8-byte integer of Lua's struct went through the C long of Redis's build, so
+# a 32-bit Redis (armhf boards) sent the PTTL -1 of a key without TTL as 4294967295, and
+# the key came back expiring in 49.7 days.
 
-# DUMP and PTTL of KEYS, packed; a key gone since the scan gets ttl -2 and no payload.
+# PTTL and DUMP of KEYS; a key gone since the scan gets ttl -2 and an empty payload.
 _DUMP = """
 local out = {}
 for i, k in ipairs(KEYS) do
-  local p = redis.call('DUMP', k)
-  if p then
-    out[#out + 1] = struct.pack('>dI4', redis.call('PTTL', k), #p)
-    out[#out + 1] = p
-  else
-    out[#out + 1] = struct.pack('>dI4', -2, 0)
-  end
+  out[2 * i - 1] = redis.call('PTTL', k)
+  out[2 * i] = redis.call('DUMP', k) or ''
 end
-return table.concat(out)
+return out
 """
 
 # One SCAN step that also dumps what it finds (standalone sources only: a cluster node
-# refuses a script touching keys of several slots): per key its length, PTTL (a double),
-# payload length (big-endian, 4 + 8 + 4 bytes), the key and the payload.
+# refuses a script touching keys of several slots): per key its name, PTTL and payload.
 _SCAN_DUMP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local out = {}
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
-    out[#out + 1] = struct.pack('>I4dI4', #k, redis.call('PTTL', k), #p) .. k
+    out[#out + 1] = k
+    out[#out + 1] = redis.call('PTTL', k)
     out[#out + 1] = p
   end
 end
-return {r[1], table.concat(out)}
+return {r[1], out}
 """
-_SCAN_HEADER = struct.Struct(">IdI")
 
-# A digest of each key's value: the CRC-64 that ends its DUMP payload (16 hex digits),
-# free for the copy, which dumps every key anyway. Values whose DUMP follows a hash
-# table's order (`redis_types`: sets and hashes of that encoding), which a rehash may
-# change without a write, get a SHA-1 of the RDB type and the sorted elements instead. A
-# key that does not exist gets 16 dots.
-DIGEST_FN = ELEMENTS_FN + """
-local function digest(k)
+# A digest of each key's value: the CRC-64 that ends its DUMP payload, free for the
+# copy, which dumps every key anyway. Values whose DUMP follows a hash table's order
+# (`redis_types`: sets and hashes of that encoding), which a rehash may change without a
+# write, get the first 8 bytes of a SHA-1 of the RDB type and the sorted elements
+# instead. `raw_digest` gives the 8 bytes (nil: no key), which the merge compares as
+# they are; `digest` 16 hex digits, 16 dots for a key that does not exist (manifests).
+DIGEST_FN = ELEMENTS_FN + f"""
+local unordered = {{{", ".join(f"[{t}] = true" for t in sorted(UNORDERED))}}}
+local function raw_digest(k)
   local p = redis.call('DUMP', k)
-  if not p then return '................' end
+  if not p then return nil end
   local t = string.byte(p, 1)
+  if not unordered[t] then return string.sub(p, -8) end
   local parts = elements(k, t)
-  if not parts then
-    return string.format(string.rep('%02x', 8), string.byte(p, #p - 7, #p))
-  end
   table.sort(parts)
-  return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
+  return (string.gsub(string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16), '..',
+                      function(h) return string.char(tonumber(h, 16)) end))
+end
+local function digest(k)
+  local d = raw_digest(k)
+  if not d then return '................' end
+  return string.format(string.rep('%02x', 8), string.byte(d, 1, 8))
 end
 """
 
-# ARGV: replace flag and the packed batch; at the merge, with the cloud's manifest of the
-# copy, also per key the digest it had when copied out (ARGV[3], 16 dots: not copied)
-# and '1' when the edge's value is still that one and has no TTL (ARGV[4]). Each key is
-# RESTOREd, then read back (DUMP) and compared byte for byte with the payload it was
-# given. Returns per key '1' (written, read back equal), 'x' (written, read back
-# different: compared by value afterwards), '0' (replace=0 and the destination had the
-# key: kept, not written), and with a manifest 'c' (the destination's value is no longer
-# the one copied out: changed there meanwhile, not written; the caller decides, a
-# conflict) or 's' (neither side changed it and neither has a TTL: already there, as its
-# digest just showed; not written again).
+# ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
+# digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
+# (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge's value is
+# still the one copied out and has no TTL, '0' otherwise; both empty without a manifest;
+# then per key its TTL for RESTORE and its payload (ARGV[2 + 2i], ARGV[3 + 2i]).
+# Each key is RESTOREd, then read back (DUMP) and compared byte for byte with the
+# payload it was given; a hash table's is not (its order is the table's: `restore`
+# compares it by value). Returns per key '1' (written, read back equal), 'x' (written,
+# read back different or a hash table's: compared by value afterwards), '0' (replace=0
+# and the destination had the key: kept, not written), and with a manifest 'c' (the
+# destination's value is no longer the one copied out: changed there meanwhile, not
+# written; the caller decides, a conflict) or 's' (neither side changed it and neither
+# has a TTL: already there, as its digest just showed; not written again).
 _RESTORE = DIGEST_FN + """
-local replace, blob, want, same = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4]
-local pos = 1
+local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
 for i, k in ipairs(KEYS) do
-  local ttl, n, nxt = struct.unpack('>dI4', blob, pos)
-  pos = nxt + n
-  if want and digest(k) ~= string.sub(want, 16 * i - 15, 16 * i) then
+  local changed, m = false, 0
+  if want ~= '' then
+    local d = raw_digest(k)
+    m = string.byte(mark, i)
+    if m == 110 then changed = d ~= nil else changed = d ~= string.sub(want, 8 * i - 7, 8 * i) end
+  end
+  if changed then
     out[i] = 'c'
-  elseif want and string.byte(same, i) == 49 and redis.call('PTTL', k) == -1 then
+  elseif m == 49 and redis.call('PTTL', k) == -1 then
     out[i] = 's'
   elseif replace or redis.call('EXISTS', k) == 0 then
-    local p = string.sub(blob, nxt, pos - 1)
-    redis.call('RESTORE', k, ttl, p, 'REPLACE')
-    if redis.call('DUMP', k) == p then out[i] = '1' else out[i] = 'x' end
+    local p = ARGV[2 * i + 3]
+    redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')
+    if unordered[string.byte(p, 1)] or redis.call('DUMP', k) ~= p then out[i] = 'x'
+    else out[i] = '1' end
   else
     out[i] = '0'
   end
@@ -126,6 +133,7 @@ return table.concat(bad, ',')
 """
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
+NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
 
 
 def payload_digest(payload: bytes) -> bytes | None:
@@ -140,16 +148,10 @@ def payload_digest(payload: bytes) -> bytes | None:
 def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes, tuple]:
     """key -> (payload, ttl for RESTORE) for the keys that still exist."""
     dumped: dict[bytes, tuple[bytes, int]] = {}
-    unpack = _HEADER.unpack_from
-    width = _HEADER.size
-    for batch, blob in run_script(client, keys, _DUMP, no_args, side):
-        pos = 0
-        for key in batch:
-            pttl, n = unpack(blob, pos)
-            pos += width
-            if pttl != -2:
-                dumped[key] = (blob[pos : pos + n], max(int(pttl), 0))
-            pos += n
+    for batch, flat in run_script(client, keys, _DUMP, no_args, side):
+        it = iter(flat)
+        dumped.update((key, (payload, max(pttl, 0)))
+                      for key, pttl, payload in zip(batch, it, it, strict=True) if payload)
     return dumped
 
 
@@ -158,21 +160,12 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
     """SCAN MATCH `pattern` and DUMP what it finds in the same script calls: key ->
     (payload, ttl) per SCAN step. One pass over a standalone server instead of a scan
     and then a dump."""
-    unpack, width = _SCAN_HEADER.unpack_from, _SCAN_HEADER.size
     cursor: bytes | int = b"0"
     while True:
         with Guard(side):
-            cursor, blob = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
-        part: dict[bytes, tuple[bytes, int]] = {}
-        pos, end = 0, len(blob)
-        while pos < end:
-            nk, pttl, n = unpack(blob, pos)
-            pos += width
-            key = blob[pos : pos + nk]
-            pos += nk
-            part[key] = (blob[pos : pos + n], max(int(pttl), 0))
-            pos += n
-        yield part
+            cursor, flat = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
+        it = iter(flat)
+        yield {key: (payload, max(pttl, 0)) for key, pttl, payload in zip(it, it, it, strict=True)}
         if cursor in (b"0", 0):
             return
 
@@ -194,23 +187,23 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     for another reason (another Redis version) are compared by value in one more pass.
     Raises VerificationFailed if a written key differs.
     """
-    pack = _HEADER.pack
-    flag = "1" if replace else "0"
+    flag = b"1" if replace else b"0"
     keys = list(dumped)
     unordered = [k for k in keys if dumped[k][0][0] in UNORDERED]
 
     def restore_args(batch: list[bytes]) -> list[Any]:
-        parts = []
+        if expect is None:
+            args: list[Any] = [flag, b"", b""]
+        else:
+            want = [expect.get(k) for k in batch]
+            marks = [b"n" if w is None else
+                     b"1" if dumped[k][1] == 0 and payload_digest(dumped[k][0]) == w else b"0"
+                     for k, w in zip(batch, want, strict=True)]  # fmt: skip
+            args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
         for k in batch:
             payload, ttl = dumped[k]
-            parts += [pack(ttl, len(payload)), payload]
-        if expect is None:
-            return [flag, b"".join(parts)]
-        want = [expect.get(k) or ABSENT for k in batch]
-        unchanged = [b"1" if dumped[k][1] == 0 and payload_digest(dumped[k][0]) == w else b"0"
-                     for k, w in zip(batch, want, strict=True)]  # fmt: skip
-        return [flag, b"".join(parts), b"".join(want), b"".join(unchanged)]
-
+            args += (ttl, payload)
+        return args
 
     restored, compared = run_jobs(client, [
         Job(keys, eval_command(_RESTORE, restore_args)),

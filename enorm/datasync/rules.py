@@ -5,6 +5,9 @@ in `redis_types`); the tests check against these."""
 from __future__ import annotations
 
 import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any
 
 from .redis_types import TYPES
@@ -34,6 +37,17 @@ def contains(typ: bytes, cloud: Any, edge: Any) -> bool:
     return cloud == edge if row is None else row.contains(cloud, edge)
 
 
-def matches(key: bytes, patterns: list[str]) -> bool:
-    name = key.decode("latin-1")
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def matches(key: bytes, patterns: Iterable[str]) -> bool:
+    return matcher(tuple(patterns))(key)
+
+
+@lru_cache(maxsize=64)
+def matcher(patterns: tuple[str, ...]) -> Callable[[bytes], bool]:
+    """One test for all of `patterns` (glob, as `fnmatch.fnmatchcase`), on key bytes (a
+    pattern's text as UTF-8, as Redis's own glob sees it): a merge asks it of every key
+    on the edge."""
+    if not patterns:
+        return lambda key: False
+    either = b"|".join(fnmatch.translate(p).encode() for p in patterns)
+    match = re.compile(b"(?:" + either + b")").match
+    return lambda key: match(key) is not None

@@ -1,7 +1,8 @@
 """Talking to Redis in bulk: clients with short timeouts, keys grouped per master (and per
 slot in a cluster), and scripts run over batches of keys, pipelined, a round trip per
 FLUSH keys rather than per batch (over an SSH port forward a round trip costs tens of
-milliseconds)."""
+milliseconds). A batch's command is packed in one call of hiredis (C), not argument by
+argument in Python: a chunk of keys is tens of thousands of arguments (names, payloads)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from redis.exceptions import ClusterDownError, TryAgainError
 from redis.retry import Retry
 
 from .report import DestinationUnreachable, SourceUnreachable, SyncError
+
+try:  # hiredis 2.1+; without it redis-py packs (the same bytes, more slowly)
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:
+    _hiredis_pack = None
 
 Client = Union[redis.Redis, RedisCluster]  # noqa: UP007 (kept readable in signatures)
 
@@ -210,6 +216,50 @@ def eval_command(
     return command
 
 
+def _pack(conn: redis.connection.AbstractConnection, args: list[Any]) -> bytes:
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(tuple(args))
+        except TypeError:  # a type hiredis does not take: redis-py's packer names it
+            pass
+    return b"".join(conn.pack_command(*args))
+
+
+def roundtrip(node: redis.Redis, commands: list[list[Any]]) -> list[Any]:
+    """A pipeline of `commands` on one of `node`'s connections: one write, then every
+    reply read (a command's error is raised once all are read, so the connection stays
+    in step); sent again once on a new connection after a connection error, as redis-py's
+    pipeline does."""
+    pool = node.connection_pool
+    try:
+        conn = pool.get_connection()
+    except TypeError:  # redis-py before 5.3 wants a command name
+        conn = pool.get_connection("EVAL")
+    try:
+        wire = b"".join(_pack(conn, c) for c in commands)
+
+        def send() -> list[Any]:
+            conn.send_packed_command([wire])
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        out = conn.retry.call_with_retry(send, lambda _exc: conn.disconnect())
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    for reply in out:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return out
+
+
 def run_jobs(client: Client, jobs: list[Job], side: str,
           flush: int = FLUSH) -> list[list[tuple[list[bytes], Any]]]:  # fmt: skip
     """Run the jobs' batches pipelined per master, in the jobs' order, a round trip per
@@ -222,20 +272,16 @@ def run_jobs(client: Client, jobs: list[Job], side: str,
             for node, batches in slot_batches(client, job.keys, job.size).items():
                 work[node] += [(j, b) for b in batches]
         for node, items in work.items():
-            pipe = node.pipeline(transaction=False)
             pending: list[tuple[int, list[bytes]]] = []
             queued = 0
-            for j, batch in items:
-                pipe.execute_command(*jobs[j].command(batch))
+            for i, (j, batch) in enumerate(items):
                 pending.append((j, batch))
                 queued += len(batch)
-                if queued >= flush:
-                    for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
+                if queued >= flush or i == len(items) - 1:
+                    replies = roundtrip(node, [jobs[jj].command(b) for jj, b in pending])
+                    for (jj, b), reply in zip(pending, replies, strict=True):
                         out[jj].append((b, reply))
                     pending, queued = [], 0
-            if pending:
-                for (jj, b), reply in zip(pending, pipe.execute(), strict=True):
-                    out[jj].append((b, reply))
     return out
 
 

@@ -154,19 +154,23 @@ def test_hash_table_encoded_values_are_verified_by_value(pair):
     assert cloud.smembers("caught:{1}") == edge.smembers("caught:{1}")
 
 
-@pytest.mark.parametrize("key", ["caught:{1}", "big:{1}", "u:{1}"])
-def test_a_value_that_differs_after_restore_fails_verification(pair, monkeypatch, key):
+@pytest.mark.parametrize(("key", "tamper"), [
+    ("caught:{1}", "redis.call('SADD', k, 'intruder')"),
+    # as many members, one of them another
+    ("caught:{1}", "redis.call('SREM', k, 'spawn-1-7'); redis.call('SADD', k, 'intruder')"),
+    ("big:{1}", "redis.call('HSET', k, 'f1', 'changed')"),
+    ("u:{1}", "redis.call('HSET', k, 'xp', '4')"),
+])  # fmt: skip
+def test_a_value_that_differs_after_restore_fails_verification(pair, monkeypatch, key, tamper):
     """The destination ends up with another value than the source's (here: a script that
     changes the key right after its RESTORE): the copy is not verified."""
     cloud, edge, *_ = pair
     unordered_values(cloud, "1")
     cloud.hset("u:{1}", mapping={"id": "1", "xp": 3})
-    tamper = {"caught:{1}": "redis.call('SADD', k, 'intruder')",
-              "big:{1}": "redis.call('HSET', k, 'f1', 'changed')",
-              "u:{1}": "redis.call('HSET', k, 'xp', '4')"}[key]  # fmt: skip
     script = payloads._RESTORE.replace(
-        "redis.call('RESTORE', k, ttl, p, 'REPLACE')",
-        f"redis.call('RESTORE', k, ttl, p, 'REPLACE')\n    if k == '{key}' then {tamper} end",
+        "redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')",
+        f"redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')\n"
+        f"    if k == '{key}' then {tamper} end",
     )
     assert script != payloads._RESTORE
     monkeypatch.setattr(payloads, "_RESTORE", script)

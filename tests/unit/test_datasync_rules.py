@@ -155,5 +155,6 @@ def test_no_script_packs_a_number_through_the_servers_c_long() -> None:
     assert formats, "the scripts' struct formats were not found"
     wide = [(m, n, f) for m, n, f in formats if re.search(r"[iIlL](?:[5-9]|$|[^0-9])", f)]
     assert wide == []
-    # the batches' header: a double for the TTL, as the Python side reads it
-    assert payloads._HEADER.format == ">dI" and payloads._SCAN_HEADER.format == ">IdI"
+    # the batches' TTLs go as Redis's own integers (a reply, RESTORE's argument), unpacked
+    for script in (payloads._DUMP, payloads._SCAN_DUMP, payloads._RESTORE):
+        assert "struct." not in script.replace(payloads.DIGEST_FN, "")
