@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import payloads
-from .keys import KeySchema, check_id, is_library, iter_user_keys, schema_keys, user_keys
+from .keys import KeySchema, check_id, is_library, iter_schema_keys, iter_user_keys, user_keys
 from .manifest import drop_manifest, record_shared, write_manifest
 from .report import SyncError, SyncReport
 from .transport import Client, Guard, Job, ping, run_jobs
@@ -74,7 +74,7 @@ def copy_users(
                        fresh=written_parts == 0)  # fmt: skip
         written_parts += 1
 
-    found = schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
+    found = iter_schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
     try:
         copy_chunks(src, dst, chunked(found), replace, report, copied=copied,
                     on_dump=record if streamed else None)  # fmt: skip

@@ -133,18 +133,12 @@ class KeySchema:
                 )
 
 
-# The members (or fields) of each index key in KEYS, whatever its type (`redis_types`),
-# packed: per key a count, then per member its length and bytes (big-endian 4-byte
-# lengths).
+# The members (or fields) of each index key in KEYS, whatever its type (`redis_types`):
+# an array per key, in one reply (the hiredis parser reads it in C).
 _INDEX_MEMBERS = MEMBERS_FN + """
 local out = {}
-for i, k in ipairs(KEYS) do
-  local m = members(k)
-  local parts = {struct.pack('>I4', #m)}
-  for j, x in ipairs(m) do parts[j + 1] = struct.pack('>I4', #x) .. x end
-  out[i] = table.concat(parts)
-end
-return table.concat(out)
+for i, k in ipairs(KEYS) do out[i] = members(k) end
+return out
 """
 
 
@@ -153,10 +147,20 @@ def schema_keys(client: Client, schema: KeySchema, user_ids: Iterable[str]) -> l
     indexes per call, pipelined (one round trip for up to FLUSH indexes), whatever the
     size of the keyspace. Names that do not exist are left in (the copy skips keys that
     are gone)."""
+    return list(iter_schema_keys(client, schema, user_ids))
+
+
+def iter_schema_keys(client: Client, schema: KeySchema,
+                     user_ids: Iterable[str]) -> Iterator[bytes]:  # fmt: skip
+    """`schema_keys` as they are known: the fixed names at once, without a round trip,
+    then the families' members once the indexes are read, so that a copy dumps the
+    first chunk meanwhile."""
     ids = [str(u) for u in user_ids]
     for u in ids:
         check_id(u)
-    keys = [t.replace("<user>", u).encode() for u in ids for t in schema.fixed]
+    fixed = list(dict.fromkeys(t.replace("<user>", u).encode()
+                               for u in ids for t in schema.fixed))  # fmt: skip
+    yield from (k for k in fixed if not is_library(k))
     # index key -> the member key templates it names, as (prefix, suffix) around <member>
     named: dict[bytes, list[tuple[bytes, bytes]]] = {}
     for u in ids:
@@ -164,18 +168,11 @@ def schema_keys(client: Client, schema: KeySchema, user_ids: Iterable[str]) -> l
             pre, _, post = member.replace("<user>", u).encode().partition(b"<member>")
             named.setdefault(idx.replace("<user>", u).encode(), []).append((pre, post))
     if not named:
-        return keys
-    unpack, width = _LEN.unpack_from, _LEN.size
-    for batch, blob in run_script(client, list(named), _INDEX_MEMBERS, no_args, "source"):
-        pos = 0
-        for idx in batch:
-            (count,) = unpack(blob, pos)
-            pos += width
-            members = []
-            for _ in range(count):
-                (n,) = unpack(blob, pos)
-                pos += width
-                members.append(blob[pos : pos + n])
-                pos += n
-            keys += [pre + m + post for pre, post in named[idx] for m in members]
-    return [k for k in dict.fromkeys(keys) if not is_library(k)]
+        return
+    seen = set(fixed)
+    for batch, reply in run_script(client, list(named), _INDEX_MEMBERS, no_args, "source"):
+        for idx, members in zip(batch, reply, strict=True):
+            for key in (pre + m + post for pre, post in named[idx] for m in members):
+                if key not in seen and not is_library(key):
+                    seen.add(key)
+                    yield key
