@@ -80,14 +80,24 @@ end
 # still the one copied out and has no TTL, '0' otherwise; both empty without a manifest;
 # then per key its TTL for RESTORE and its payload (ARGV[2 + 2i], ARGV[3 + 2i]).
 # Each key is RESTOREd, then read back (DUMP) and compared byte for byte with the
-# payload it was given; a hash table's is not (its order is the table's: `restore`
-# compares it by value). Returns per key '1' (written, read back equal), 'x' (written,
-# read back different or a hash table's: compared by value afterwards), '0' (replace=0
-# and the destination had the key: kept, not written), and with a manifest 'c' (the
-# destination's value is no longer the one copied out: changed there meanwhile, not
-# written; the caller decides, a conflict) or 's' (neither side changed it and neither
-# has a TTL: already there, as its digest just showed; not written again).
-_RESTORE = DIGEST_FN + """
+# payload it was given; a hash table's payload (its order is the table's) is restored
+# into a scratch key of the same slot as well and the two compared by value
+# (`redis_types.SAME_FN`), the scratch key deleted in the same script. Returns per key
+# '1' (written, equal), 'v' (written, differs by value), 'x' (written, read back
+# different: compared by value afterwards, `_SAME`), '0' (replace=0 and the destination
+# had the key: kept, not written), and with a manifest 'c' (the destination's value is
+# no longer the one copied out: changed there meanwhile, not written; the caller
+# decides, a conflict) or 's' (neither side changed it and neither has a TTL: already
+# there, as its digest just showed; not written again).
+_RESTORE = DIGEST_FN + SAME_FN + """
+local function scratch(k)
+  local tag, a = k, string.find(k, '{', 1, true)
+  if a then
+    local b = string.find(k, '}', a + 1, true)
+    if b and b > a + 1 then tag = string.sub(k, a + 1, b - 1) end
+  end
+  return 'enorm:verify:{' .. tag .. '}'
+end
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
 for i, k in ipairs(KEYS) do
@@ -104,8 +114,16 @@ for i, k in ipairs(KEYS) do
   elseif replace or redis.call('EXISTS', k) == 0 then
     local p = ARGV[2 * i + 3]
     redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')
-    if unordered[string.byte(p, 1)] or redis.call('DUMP', k) ~= p then out[i] = 'x'
-    else out[i] = '1' end
+    if unordered[string.byte(p, 1)] then
+      local s = scratch(k)
+      redis.call('RESTORE', s, 0, p, 'REPLACE')
+      if same(k, s) then out[i] = '1' else out[i] = 'v' end
+      redis.call('DEL', s)
+    elseif redis.call('DUMP', k) == p then
+      out[i] = '1'
+    else
+      out[i] = 'x'
+    end
   else
     out[i] = '0'
   end
@@ -181,15 +199,14 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     key that is the same on both sides (the digest, no TTL) is not written again but
     counted as written and added to `same`, in the same script call.
 
-    One pipelined pass per master: the RESTORE batches (each key read back and compared
-    with its payload in the same script), then the by-value check of the keys whose
-    payload bytes follow a hash table's order (sets, hashes); keys read back different
-    for another reason (another Redis version) are compared by value in one more pass.
+    One pipelined pass per master: the RESTORE batches, each key checked in the same
+    script (read back and compared with its payload; by value where the payload's bytes
+    follow a hash table's order: sets, hashes); keys read back different for another
+    reason (another Redis version) are compared by value in one more pass.
     Raises VerificationFailed if a written key differs.
     """
     flag = b"1" if replace else b"0"
     keys = list(dumped)
-    unordered = [k for k in keys if dumped[k][0][0] in UNORDERED]
 
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
@@ -205,12 +222,11 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             args += (ttl, payload)
         return args
 
-    restored, compared = run_jobs(client, [
-        Job(keys, eval_command(_RESTORE, restore_args)),
-        _same_job(dumped, unordered),
-    ], "destination")  # fmt: skip
+    (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
+                           "destination")  # fmt: skip
     written: list[bytes] = []
     differ: list[bytes] = []
+    bad: list[bytes] = []
     for batch, flags in restored:
         for k, f in zip(batch, flags, strict=True):
             if f == 99:  # b"c": changed on the destination, held back
@@ -222,18 +238,15 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                     same.append(k)
             elif f != 48:  # b"0": kept
                 written.append(k)
-                if f != 49:  # b"1": read back equal
+                if f == 120:  # b"x": read back different, to compare by value
                     differ.append(k)
+                elif f == 118:  # b"v": differs by value
+                    bad.append(k)
     if differ:
-        unequal = {k for b, r in compared for k in _positions(b, r)}
-        checked = set(unordered)
-        bad = [k for k in differ if k in unequal]
-        again = [k for k in differ if k not in checked]
-        if again:
-            (second,) = run_jobs(client, [_same_job(dumped, again)], "destination")
-            bad += [k for b, r in second for k in _positions(b, r)]
-        if bad:
-            raise _differ(bad)
+        (second,) = run_jobs(client, [_same_job(dumped, differ)], "destination")
+        bad += [k for b, r in second for k in _positions(b, r)]
+    if bad:
+        raise _differ(bad)
     return written
 
 

@@ -239,6 +239,9 @@ def test_cluster_copy_and_merge_back(redis_cluster, redis_server):
     single = datasync.connect(redis_server().url)
     ids = [str(u) for u in range(3000)]
     n = fill_users(cluster, ids)
+    for u in ids[:30]:  # verified by value in the restoring script, beside a scratch key
+        unordered_values(cluster, u)
+    n += 60
     masters = transport.masters(cluster)
     assert len(masters) == 3 and all(m.dbsize() > 0 for m in masters)
 
@@ -254,6 +257,9 @@ def test_cluster_copy_and_merge_back(redis_cluster, redis_server):
     assert back.verified and back.keys == n and back.merged == 1
     assert cluster.hget(keys.user("42"), "xp") == b"777"
     assert cluster.smembers("region:gcpvj0") == {b"user:1", b"user:42"}
+    assert cluster.object("encoding", "caught:{7}") == b"hashtable"
+    assert cluster.smembers("caught:{7}") == single.smembers("caught:{7}")
+    assert not [k for m in masters for k in m.keys("enorm:verify:*")]  # no scratch left
 
     # cluster -> cluster path through a few users and the per-user scan
     few = datasync.copy_users(cluster, cluster, ["1", "2"])
