@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
 import pytest
 import redis
@@ -177,6 +179,43 @@ def test_a_value_that_differs_after_restore_fails_verification(pair, monkeypatch
     with pytest.raises(datasync.VerificationFailed) as err:
         datasync.copy_users(cloud, edge, ["1"])
     assert err.value.keys == [key.encode()]
+
+
+def test_a_key_that_expires_before_the_copy_ends_fails_verification(pair):
+    """A key written with a TTL that runs out while later chunks are written is missing
+    at the end: the copy is not verified."""
+    from enorm.datasync.copy import copy_chunks
+
+    cloud, edge, *_ = pair
+    cloud.set("session:{1}", "x", px=400)
+    cloud.hset("u:{1}", mapping={"id": "1"})
+
+    def slow(dst, part, replace):
+        done = payloads.restore(dst, part, replace)
+        time.sleep(0.6)
+        return done
+
+    with pytest.raises(datasync.VerificationFailed) as err:
+        copy_chunks(cloud, edge, [[b"session:{1}"], [b"u:{1}"]], True, datasync.SyncReport(),
+                    restore=slow)  # fmt: skip
+    assert err.value.keys == [b"session:{1}"]
+
+
+def test_keys_evicted_during_the_copy_fail_verification(pair):
+    """The destination evicts (maxmemory, allkeys-random) keys the copy wrote: the
+    check after the last write finds them missing, and the copy is not verified."""
+    cloud, edge, *_ = pair
+    ids = [str(u) for u in range(3000)]  # 6 MB, 2 MB per script call
+    pipe = cloud.pipeline(transaction=False)
+    for u in ids:
+        pipe.set(f"avatar:{{{u}}}", os.urandom(2048))
+    pipe.execute()
+    edge.config_set("maxmemory-policy", "allkeys-random")
+    edge.config_set("maxmemory", edge.info("memory")["used_memory"] + 4_000_000)
+    with pytest.raises(datasync.VerificationFailed) as err:
+        datasync.copy_users(cloud, edge, ids)
+    assert edge.info("stats")["evicted_keys"] > 0
+    assert err.value.keys and not any(edge.exists(k) for k in err.value.keys)
 
 
 def test_unreachable_destination_raises_and_source_untouched(pair):
