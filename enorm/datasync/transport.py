@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from .report import DestinationUnreachable, SourceUnreachable, SyncError
 
-try:  # hiredis 2.1+; without it redis-py packs (the same bytes, more slowly)
+try:  # hiredis 2.1+ (setup.cfg); without it redis-py packs (the same bytes, more slowly)
     from hiredis import pack_command as _hiredis_pack
 except ImportError:
     _hiredis_pack = None
