@@ -158,3 +158,20 @@ def test_no_script_packs_a_number_through_the_servers_c_long() -> None:
     # the batches' TTLs go as Redis's own integers (a reply, RESTORE's argument), unpacked
     for script in (payloads._DUMP, payloads._SCAN_DUMP, payloads._RESTORE):
         assert "struct." not in script.replace(payloads.DIGEST_FN, "")
+
+
+def test_a_batch_is_packed_the_same_with_and_without_hiredis(monkeypatch):
+    """A batch's command goes out packed by hiredis in one call; without hiredis 2.1,
+    redis-py's packer sends the same bytes."""
+    import redis
+    from redis.connection import Encoder, PythonRespSerializer
+
+    from enorm.datasync import transport
+
+    args = ["EVAL", "return 1", 2, b"k:{1}", b"k:{2}", b"\x00\xff\r\n", b"", 0, -1,
+            2_592_000_000, "\u00e9"]  # fmt: skip
+    python = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    expected = b"".join(python.pack(*args))
+    assert transport._pack(redis.Connection(), args) == expected
+    monkeypatch.setattr(transport, "_hiredis_pack", None)
+    assert transport._pack(redis.Connection(), args) == expected
