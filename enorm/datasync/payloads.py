@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from .keys import SCAN_COUNT, hash_tag
+from .keys import SCAN_COUNT
 from .redis_types import ELEMENTS_FN, SAME_FN, UNORDERED
 from .report import VerificationFailed
 from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_jobs, run_script
@@ -49,6 +49,25 @@ end
 return {r[1], out}
 """
 
+# by_value(k, p): key `k` holds the value of payload `p`: `p` restored into a scratch key
+# in the slot of `k` (its hash tag, else the whole name as the tag) and the two compared
+# by value (`redis_types.SAME_FN`); the scratch key is deleted in the same script, so
+# nobody ever sees it.
+BY_VALUE_FN = SAME_FN + """
+local function by_value(k, p)
+  local tag, a = k, string.find(k, '{', 1, true)
+  if a then
+    local b = string.find(k, '}', a + 1, true)
+    if b and b > a + 1 then tag = string.sub(k, a + 1, b - 1) end
+  end
+  local s = 'enorm:verify:{' .. tag .. '}'
+  redis.call('RESTORE', s, 0, p, 'REPLACE')
+  local ok = same(k, s)
+  redis.call('DEL', s)
+  return ok
+end
+"""
+
 # A digest of each key's value: the CRC-64 that ends its DUMP payload, free for the
 # copy, which dumps every key anyway. Values whose DUMP follows a hash table's order
 # (`redis_types`: sets and hashes of that encoding), which a rehash may change without a
@@ -80,24 +99,15 @@ end
 # still the one copied out and has no TTL, '0' otherwise; both empty without a manifest;
 # then per key its TTL for RESTORE and its payload (ARGV[2 + 2i], ARGV[3 + 2i]).
 # Each key is RESTOREd, then read back (DUMP) and compared byte for byte with the
-# payload it was given; a hash table's payload (its order is the table's) is restored
-# into a scratch key of the same slot as well and the two compared by value
-# (`redis_types.SAME_FN`), the scratch key deleted in the same script. Returns per key
+# payload it was given; a hash table's (its order is the table's) is compared by value
+# (`by_value`). Returns per key
 # '1' (written, equal), 'v' (written, differs by value), 'x' (written, read back
 # different: compared by value afterwards, `_SAME`), '0' (replace=0 and the destination
 # had the key: kept, not written), and with a manifest 'c' (the destination's value is
 # no longer the one copied out: changed there meanwhile, not written; the caller
 # decides, a conflict) or 's' (neither side changed it and neither has a TTL: already
 # there, as its digest just showed; not written again).
-_RESTORE = DIGEST_FN + SAME_FN + """
-local function scratch(k)
-  local tag, a = k, string.find(k, '{', 1, true)
-  if a then
-    local b = string.find(k, '}', a + 1, true)
-    if b and b > a + 1 then tag = string.sub(k, a + 1, b - 1) end
-  end
-  return 'enorm:verify:{' .. tag .. '}'
-end
+_RESTORE = DIGEST_FN + BY_VALUE_FN + """
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
 for i, k in ipairs(KEYS) do
@@ -115,10 +125,7 @@ for i, k in ipairs(KEYS) do
     local p = ARGV[2 * i + 3]
     redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')
     if unordered[string.byte(p, 1)] then
-      local s = scratch(k)
-      redis.call('RESTORE', s, 0, p, 'REPLACE')
-      if same(k, s) then out[i] = '1' else out[i] = 'v' end
-      redis.call('DEL', s)
+      if by_value(k, p) then out[i] = '1' else out[i] = 'v' end
     elseif redis.call('DUMP', k) == p then
       out[i] = '1'
     else
@@ -131,21 +138,13 @@ end
 return table.concat(out)
 """
 
-# Verification by value, for payloads whose bytes depend on the server's memory layout
-# (hash-table sets and hashes: their DUMP order is the table's) or that differ after a
-# RESTORE (another Redis version, another encoding). KEYS: pairs (key, scratch key of the
-# same slot); ARGV: the source's payloads. Each payload is restored into the scratch key
-# and compared with the key by value (`redis_types.SAME_FN`, by type); the scratch key is
-# deleted in the same script, so nobody ever sees it. Returns the positions (0-based) of
-# the keys that differ.
-_SAME = SAME_FN + """
+# Verification by value, for payloads that read back different after a RESTORE
+# (another Redis version, another encoding). KEYS: the keys; ARGV: the source's payloads.
+# Returns the positions (0-based) of the keys that differ.
+_SAME = BY_VALUE_FN + """
 local bad = {}
-for i = 1, #ARGV do
-  local k, s = KEYS[2 * i - 1], KEYS[2 * i]
-  redis.call('RESTORE', s, 0, ARGV[i], 'REPLACE')
-  local ok = same(k, s)
-  redis.call('DEL', s)
-  if not ok then bad[#bad + 1] = i - 1 end
+for i, k in ipairs(KEYS) do
+  if not by_value(k, ARGV[i]) then bad[#bad + 1] = i - 1 end
 end
 return table.concat(bad, ',')
 """
@@ -262,16 +261,8 @@ def _positions(batch: list[bytes], reply: bytes) -> list[bytes]:
     return [batch[int(i)] for i in reply.split(b",") if i] if reply else []
 
 
-def _scratch(key: bytes) -> bytes:
-    """A scratch key in the slot of `key` (same hash tag)."""
-    return b"enorm:verify:{" + (hash_tag(key) or key) + b"}"
-
-
 def _same_job(dumped: dict[bytes, tuple], keys: list[bytes]) -> Job:
-    def keys_of(batch: list[bytes]) -> list[bytes]:
-        return [x for k in batch for x in (k, _scratch(k))]
-
-    return Job(keys, eval_command(_SAME, lambda b: [dumped[k][0] for k in b], keys_of), 200)
+    return Job(keys, eval_command(_SAME, lambda b: [dumped[k][0] for k in b]), 200)
 
 
 def verify_present(client: Client, keys: list[bytes]) -> int:
