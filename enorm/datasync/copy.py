@@ -121,20 +121,24 @@ def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
     others restore and check chunks i and i+1 on `dst`, each over its own connection,
     so the destination works on one chunk while the next is packed and sent. After the
     last chunk every written key is checked to be still there (eviction, expiry).
-    `on_dump(part)` runs in the dumper thread after each chunk is dumped; `restore(dst,
+    `on_dump(part)` runs in the dumper thread for each chunk dumped, once the chunk is
+    on its way to a restorer (before the next dump, or at the end); `restore(dst,
     part, replace)` (default `payloads.restore`) writes a chunk in a restorer thread and
     returns the keys written (it may drop keys from `part`: neither written nor skipped).
     """
     written: list[bytes] = []
     it = iter(chunks)
 
+    dumped: list[dict] = []  # the part just handed out: its on_dump runs next, first
+
     def next_dump() -> dict[bytes, tuple] | None:
         with Guard("source"):
+            if dumped and on_dump is not None:
+                on_dump(dumped.pop())
             for item in it:
                 part = item if isinstance(item, dict) else payloads.dump(src, item)
                 if part:
-                    if on_dump is not None:
-                        on_dump(part)
+                    dumped[:] = [part]
                     return part
         return None
 
