@@ -92,7 +92,13 @@ class Cloud:
     def registry(self):
         from .registry import Registry
 
-        return Registry(self.redis, down_after_s=self.cfg.down_after_s)
+        return Registry(self.redis, down_after_s=self.cfg.down_after_s,
+                        weights=self.weights())
+
+    def weights(self):
+        from .placement import Weights
+
+        return Weights(**self.cfg.placement_weights.model_dump())
 
     def heartbeat(self) -> dict:
         """One heartbeat round now (a one-shot command has no background thread)."""
@@ -105,8 +111,6 @@ class Cloud:
     def manager(self, only: str | None = None):
         from cloud_manager import CloudManager
         from enorm.protocol import DataSink
-
-        from .placement import Weights
 
         try:
             app = self.cfg.app_factory()(self.redis, **self.cfg.app_options)
@@ -122,7 +126,7 @@ class Cloud:
             callback_url=self.cfg.callback_url, priority=self.cfg.priority,
             latency_objective_ms=self.cfg.latency_objective_ms,
             registry=None if only else self.registry(), placement=self.cfg.placement,
-            weights=Weights(**self.cfg.placement_weights.model_dump()),
+            weights=self.weights(),
             handover_path=self.cfg.handover_path)
 
     def close(self) -> None:

@@ -206,10 +206,11 @@ class CloudManager:
             **over,
         )
 
-    def place(self, req: SetupRequest, exclude: Iterable[str] = (), only: str | None = None
-              ) -> tuple[list[EdgeClient], dict[str, str], dict]:
-        """The nodes to ask, in order (`Placer.place`)."""
-        return self.placer.place(self.edges, req, exclude, only)
+    def place(self, req: SetupRequest, exclude: Iterable[str] = (), only: str | None = None,
+              near: Iterable[str] = ()) -> tuple[list[EdgeClient], dict[str, str], dict]:
+        """The nodes to ask, in order (`Placer.place`; `near`: nodes the caller knows to
+        be near the users, probed even when a large fleet's shortlist leaves them out)."""
+        return self.placer.place(self.edges, req, exclude, only, near)
 
     def handshake(self, req: SetupRequest) -> tuple[EdgeClient, SetupResponse, dict[str, str]]:
         """The first node that admits, in the placement's order; 409s, dead nodes and
@@ -218,9 +219,9 @@ class CloudManager:
         return edge, setup, refused
 
     def _first_to_admit(self, req: SetupRequest, exclude: Iterable[str] = (),
-                        only: str | None = None
+                        only: str | None = None, near: Iterable[str] = ()
                         ) -> tuple[EdgeClient, SetupResponse, dict[str, str], dict]:
-        edges, refused, placed = self.place(req, exclude, only)
+        edges, refused, placed = self.place(req, exclude, only, near)
         wrong: list[EdgeError] = []  # nodes that refused the request itself
         for edge in edges:
             try:
@@ -238,10 +239,12 @@ class CloudManager:
             raise wrong[0]
         raise NoEdgeAvailable(refused)
 
-    def offload(self, users: Sequence[User], exclude: Iterable[str] = (), **over) -> Deployment:
-        """Move `users` to an edge server (on none of the nodes in `exclude`); returns
-        once they are redirected there."""
-        return self._prepare_offload(users, exclude, over, restore=True).complete()
+    def offload(self, users: Sequence[User], exclude: Iterable[str] = (),
+                near: Iterable[str] = (), **over) -> Deployment:
+        """Move `users` to an edge server (on none of the nodes in `exclude`; the nodes
+        `near` are probed in a large fleet, see `place`); returns once they are
+        redirected there."""
+        return self._prepare_offload(users, exclude, over, restore=True, near=near).complete()
 
     def prepare_offload(self, users: Sequence[User], exclude: Iterable[str] = (),
                         **over) -> PreparedOffload:
@@ -252,9 +255,9 @@ class CloudManager:
         return self._prepare_offload(users, exclude, over, restore=False)
 
     def _prepare_offload(self, users: Sequence[User], exclude: Iterable[str], over: dict,
-                         restore: bool) -> PreparedOffload:
+                         restore: bool, near: Iterable[str] = ()) -> PreparedOffload:
         t0 = time.perf_counter()
-        dep = self.admit(list(users), exclude, None, over)
+        dep = self.admit(list(users), exclude, None, over, near)
         try:
             self.connect(dep)
             self.over_ssh(dep, self.start_server, self.copy)
@@ -268,11 +271,11 @@ class CloudManager:
 
     # -- the steps of a deployment (offload, handover and re-homing compose them) --------
     def admit(self, users: list[User], exclude: Iterable[str], only: str | None,
-              over: dict) -> Deployment:
+              over: dict, near: Iterable[str] = ()) -> Deployment:
         """Handshake (placement, then the first node that admits): a new deployment."""
         t0 = time.perf_counter()
         req = self.request_for(users, **over)
-        edge, setup, refused, placed = self._first_to_admit(req, exclude, only)
+        edge, setup, refused, placed = self._first_to_admit(req, exclude, only, near)
         dep = Deployment(edge=edge, setup=setup, users=users, refused=refused,
                          placement=placed, intercepted=bool(req.intercept),
                          url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")

@@ -17,6 +17,17 @@ the priority below its minimum) goes last, not away: the offer may be stale. `co
 `order` are pure, so that each rule is tested from a table (tests/unit/test_placement.py);
 `Placer` asks the nodes for what they need: the registry's view (nodes down are passed
 over), each node's offer and its own probe of a sample of the users.
+
+Of a large fleet only a shortlist is probed. All but the latency term of the cost is
+known before a request comes (`base_cost` of a node's `Summary`), so the registry keeps
+its nodes sorted by it as the heartbeats come (`Registry.ranked`) and a decision reads the
+best few of each shard, O(shortlist), not the fleet: the shortlist is the `probe_nodes`
+nodes up with the lowest `base_cost` that admit the request (exactly those a ranking of
+the whole fleet by its summaries would pick). What it cannot see is the latency: a node
+near the users but busier than the shortlist is not probed unless the caller names it
+(`near`: the nodes it knows to be near the users, e.g. from their locations, are probed
+besides the shortlist). A fleet where few nodes admit at all is read only so far (a few
+pages per shard); its nodes that admit past that are not asked.
 """
 
 from __future__ import annotations
@@ -30,10 +41,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .edge_client import EdgeClient, EdgeError
-from .registry import Registry, Summary
 
 if TYPE_CHECKING:
     from enorm.protocol import NodeOffer, SetupRequest
+
+    from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +81,54 @@ class Candidate:
     needs_preemption: bool = False
 
 
+@dataclass(frozen=True)
+class Summary:
+    """What placement ranks a node by before a request comes, from its last offer: units
+    it could still give, load per core, the lowest priority it admits, whether it
+    pre-empts (the registry keeps one per node up)."""
+
+    free_units: float
+    load: float
+    min_priority: int
+    preempt: bool
+
+    @classmethod
+    def of(cls, offer: NodeOffer) -> Summary:
+        u = offer.unit
+        units = min(offer.free.cores / u.cores if u.cores else 0.0,
+                    offer.free.memory_mb / u.memory_mb if u.memory_mb else 0.0)
+        return cls(units, offer.load, offer.min_priority, offer.admission == "preempt")
+
+    def encode(self) -> str:
+        return f"{self.free_units:.3f} {self.load:.3f} {self.min_priority} {int(self.preempt)}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Summary:
+        f, load, prio, pre = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        return cls(float(f), float(load), int(prio), pre == "1")
+
+
+# What `base_cost` adds for a node that admits no server at all (no free unit and no
+# pre-emption): after every node that might, whatever their figures.
+UNFIT = 1e6
+
+
 def cost(c: Candidate, w: Weights) -> float:
     lat = w.unknown_latency_ms if c.latency_ms is None else c.latency_ms
-    return (w.latency * lat + w.load * 100.0 * max(0.0, c.load)
+    return w.latency * lat + _static(c, w)
+
+
+def _static(c: Candidate, w: Weights) -> float:
+    return (w.load * 100.0 * max(0.0, c.load)
             + w.free * 100.0 / (1.0 + max(0.0, c.free_units))
             + (w.priority * 100.0 if c.needs_preemption else 0.0))
+
+
+def base_cost(s: Summary, w: Weights) -> float:
+    """The part of a node's `cost` that no request changes (all but the latency), what
+    the registry sorts its nodes by; `UNFIT` more if it admits no server at all."""
+    c = summary_candidate("", s, s.min_priority)
+    return _static(c, w) + (0.0 if c.admits else UNFIT)
 
 
 def order(candidates: Sequence[Candidate], policy: Policy = "first",
@@ -92,10 +147,11 @@ def order(candidates: Sequence[Candidate], policy: Policy = "first",
 
 class Placer:
     """Asks the nodes what `order` needs: the nodes the registry holds down are passed
-    over; with `scored` each node's offer (the registry's, else asked now) and its own
-    probe of a sample of the users, side by side. Of a large fleet only the
-    `probe_nodes` best by their offers are probed (a probe is a request to the node):
-    the others follow them in the order of their offers."""
+    over; with `scored` each node's figures (the registry's summary, else its offer
+    asked now) and its own probe of a sample of the users, side by side. Of a fleet
+    larger than `probe_nodes`, only the shortlist (module docstring) and the nodes named
+    `near` are probed; the rest of the shortlist's reading follows them in the order of
+    their summaries."""
 
     def __init__(self, registry: Registry | None = None, policy: Policy = "first",
                  weights: Weights | None = None, probe_sample: int = 64,
@@ -109,20 +165,29 @@ class Placer:
         self.probe_sample, self.probe_nodes = probe_sample, probe_nodes
 
     def place(self, nodes: Iterable[EdgeClient], req: SetupRequest,
-              exclude: Iterable[str] = (), only: str | None = None
-              ) -> tuple[list[EdgeClient], dict[str, str], dict]:
+              exclude: Iterable[str] = (), only: str | None = None,
+              near: Iterable[str] = ()) -> tuple[list[EdgeClient], dict[str, str], dict]:
         """Of `nodes`, the ones to ask, in order, the ones passed over (down) and, for the
         record, the figures the order came from; never the nodes in `exclude`, only
-        `only` if given."""
+        `only` if given; the nodes `near` (names) probed whether shortlisted or not. Of
+        a large fleet the nodes down are not named one by one (that would read it all)."""
         t0 = time.perf_counter()
         refused: dict[str, str] = {}
         skip = set(exclude)
         edges = [e for e in nodes if e.name not in skip and only in (None, e.name)]
         if only is not None and not edges:
             raise ValueError(f"no edge node named {only!r} besides the excluded ones")
-        offers: dict[str, NodeOffer | None] = {}
         summaries: dict[str, Summary] = {}
-        if self.registry is not None:  # who is up, and the figures to rank them by
+        ranked: list[str] = []
+        if (self.registry is not None and self.policy == "scored"
+                and len(edges) > self.probe_nodes and self.registry.weights == self.weights):
+            # the best few by the registry's rank (sorted by this cost: with other
+            # weights the whole fleet is read below)
+            summaries = self._ranked(edges, req, near)
+            ranked = order([summary_candidate(n, s, req.priority)
+                            for n, s in summaries.items()], "scored", self.weights)
+            edges = [e for e in edges if e.name in summaries]
+        if not ranked and self.registry is not None:  # who is up, and their figures
             summaries = self.registry.summaries()
             edges, candidates = [], edges
             for e in candidates:
@@ -130,23 +195,24 @@ class Placer:
                     edges.append(e)
                 else:
                     refused[e.name] = "down (no heartbeat)"
+            if self.policy == "scored" and len(edges) > self.probe_nodes:
+                ranked = order([summary_candidate(e.name, summaries[e.name], req.priority)
+                                for e in edges], "scored", self.weights)
         if self.policy == "first" or len(edges) < 2:
             return edges, refused, {"policy": self.policy, "order": [e.name for e in edges],
                                     "ms": {"total": _ms(t0)}}
         by_name = {e.name: e for e in edges}
         rest: list[str] = []
-        if len(edges) > self.probe_nodes and summaries:  # shortlist by the summaries
-            ranked = order([summary_candidate(e.name, summaries[e.name], req) for e in edges],
-                           "scored", self.weights)
-            edges, rest = [by_name[n] for n in ranked[:self.probe_nodes]], ranked[self.probe_nodes:]
-        if self.registry is not None:  # the offers of the nodes to probe
-            offers = {n: st.offer if st else None
-                      for n, st in self.registry.states(e.name for e in edges).items()}
+        if ranked:  # the shortlist, and the nodes near the users, are probed
+            close = set(near)
+            rest = [n for n in ranked[self.probe_nodes:] if n not in close]
+            edges = [by_name[n] for n in ranked[:self.probe_nodes]
+                     + [n for n in ranked[self.probe_nodes:] if n in close]]
         sample = [str(u.address) for u in req.users[: self.probe_sample]]
         t1 = time.perf_counter()
         with ThreadPoolExecutor(min(16, len(edges))) as pool:
             cands = list(pool.map(
-                lambda e: self.candidate(e, req, sample, offers.get(e.name)), edges))
+                lambda e: self.candidate(e, req, sample, summaries.get(e.name)), edges))
         probes = _ms(t1)
         names = order(cands, "scored", self.weights) + rest
         return [by_name[n] for n in names], refused, {
@@ -158,12 +224,32 @@ class Placer:
                                "cost": round(cost(c, self.weights), 3)}
                       for c in cands}}
 
+    def _ranked(self, edges: Sequence[EdgeClient], req: SetupRequest,
+                near: Iterable[str]) -> dict[str, Summary]:
+        """The summaries the registry's rank gives (at least the `2 probe_nodes` best of
+        `edges` that admit the request, if there are as many), and those of the nodes
+        `near` that are up; empty if none of them admits (a fleet nearly full, or a rank
+        not written yet): then the caller reads the whole fleet."""
+        assert self.registry is not None
+        names = {e.name for e in edges}
+        out = {n: s for n, s in self.registry.ranked(
+            2 * self.probe_nodes,
+            lambda n, s: n in names and summary_candidate(n, s, req.priority).admits)
+            if n in names}
+        extra = [n for n in near if n in names and n not in out]
+        for n, st in (self.registry.up_among(extra) if extra else {}).items():
+            if st is not None and st.offer is not None:
+                out[n] = Summary.of(st.offer)
+        if not any(summary_candidate(n, s, req.priority).admits for n, s in out.items()):
+            return {}
+        return out
+
     def candidate(self, edge: EdgeClient, req: SetupRequest, sample: list[str],
-                  offer: NodeOffer | None = None) -> Candidate:
-        """One node's figures: its offer (the registry's, else asked now) and its probe of
-        a sample of the users; what it cannot answer counts as unknown."""
+                  summary: Summary | None = None) -> Candidate:
+        """One node's figures: its summary (the registry's, else its offer asked now) and
+        its probe of a sample of the users; what it cannot answer counts as unknown."""
         try:
-            offer = offer or edge.offer()
+            summary = summary or Summary.of(edge.offer())
         except EdgeError:
             return Candidate(edge.name, admits=False)
         try:
@@ -171,25 +257,18 @@ class Placer:
         except EdgeError as exc:
             log.info("edge %s: probe failed: %s", edge.name, exc)
             latency = None
-        return offer_candidate(edge.name, offer, req, latency)
+        return summary_candidate(edge.name, summary, req.priority, latency)
 
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
-def offer_candidate(name: str, offer: NodeOffer | None, req: SetupRequest,
-                    latency_ms: float | None = None) -> Candidate:
-    """A node's figures from its offer (None: unknown, it goes last) and a latency."""
-    if offer is None:
-        return Candidate(name, latency_ms=latency_ms, admits=False)
-    return summary_candidate(name, Summary.of(offer), req, latency_ms)
-
-
-def summary_candidate(name: str, s: Summary, req: SetupRequest,
+def summary_candidate(name: str, s: Summary, priority: int,
                       latency_ms: float | None = None) -> Candidate:
+    """A node's figures for a request of `priority`: its summary and a latency."""
     room = s.free_units >= 1.0
     preempt = not room and s.preempt
     return Candidate(name, latency_ms=latency_ms, free_units=s.free_units, load=s.load,
-                     admits=req.priority >= s.min_priority and (room or preempt),
+                     admits=priority >= s.min_priority and (room or preempt),
                      needs_preemption=preempt)

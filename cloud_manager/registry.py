@@ -25,6 +25,7 @@ cloud cannot see its node.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,10 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from enorm import datasync
+from enorm.datasync.transport import masters
 from enorm.protocol import NodeOffer
 
 from .edge_client import EdgeClient, EdgeError
+from .placement import Summary, Weights, base_cost
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,38 @@ log = logging.getLogger(__name__)
 SHARDS = 64
 # A node that was never seen sits in the index with this score (never up).
 NEVER = 0.0
+
+
+# KEYS: a shard's rank, index and summaries; ARGV: now, an offset into the rank, how many.
+# The next ARGV[3] nodes of the rank from the offset that are up (their index time not
+# past), as {the offset after them (-1: the rank ended), node, score, summary, ...}; the
+# nodes down that it passes leave the rank (their next answer puts them back).
+RANKED = """
+local now, at, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, found = {0}, 0
+while found < want do
+  local page = redis.call('ZRANGE', KEYS[1], at, at + want - 1, 'WITHSCORES')
+  local names = {}
+  for i = 1, #page, 2 do names[#names + 1] = page[i] end
+  if #names == 0 then out[1] = -1; return out end
+  local downs = redis.call('ZMSCORE', KEYS[2], unpack(names))
+  local sums = redis.call('HMGET', KEYS[3], unpack(names))
+  local gone = {}
+  for j, n in ipairs(names) do
+    if not (downs[j] and tonumber(downs[j]) >= now and sums[j]) then
+      gone[#gone + 1] = n
+    elseif found < want then
+      out[#out + 1] = n; out[#out + 1] = page[2 * j]; out[#out + 1] = sums[j]
+      found, at = found + 1, at + 1
+    end
+  end
+  if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+  if #names < want and found < want then out[1] = -1; return out end
+end
+out[1] = at
+return out
+"""
+RANKED_SHA = hashlib.sha1(RANKED.encode()).hexdigest()
 
 
 def shard(name: str) -> int:
@@ -74,6 +111,12 @@ def summary_key(k: int) -> str:
     return f"enorm:{{registry:{k}}}:summaries"
 
 
+def rank_key(k: int) -> str:
+    """Shard `k`'s rank: node -> its `placement.base_cost` (the cost but the latency), so
+    that a placement reads the best few of each shard (`Registry.ranked`), not all."""
+    return f"enorm:{{registry:{k}}}:rank"
+
+
 def poll_key(k: int, turn: int) -> str:
     """The lease of shard `k`'s heartbeat turn number `turn` (counted on the wall clock,
     the same in every process): taken once, by the process that polls it."""
@@ -90,32 +133,6 @@ def ttl(down_after_s: float, period_s: float, timeout_s: float) -> float:
     """How long after its last answer a node counts as up: one missed heartbeat is
     tolerated, so the bound for detecting a down node is `2 period + timeout`."""
     return max(down_after_s, 2 * period_s + timeout_s)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """What placement ranks a node by, from its last offer: units it could still give,
-    load per core, the lowest priority it admits, whether it pre-empts."""
-
-    free_units: float
-    load: float
-    min_priority: int
-    preempt: bool
-
-    @classmethod
-    def of(cls, offer: NodeOffer) -> Summary:
-        u = offer.unit
-        units = min(offer.free.cores / u.cores if u.cores else 0.0,
-                    offer.free.memory_mb / u.memory_mb if u.memory_mb else 0.0)
-        return cls(units, offer.load, offer.min_priority, offer.admission == "preempt")
-
-    def encode(self) -> str:
-        return f"{self.free_units:.3f} {self.load:.3f} {self.min_priority} {int(self.preempt)}"
-
-    @classmethod
-    def decode(cls, raw: bytes | str) -> Summary:
-        f, load, prio, pre = (raw.decode() if isinstance(raw, bytes) else raw).split()
-        return cls(float(f), float(load), int(prio), pre == "1")
 
 
 @dataclass(frozen=True)
@@ -158,14 +175,21 @@ class Answer:
     at: float | None = None  # when it came (None: when it is recorded)
 
 
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 class Registry:
     """The shared view (reads and writes only the cloud Redis)."""
 
     def __init__(self, client: Any, down_after_s: float = 15.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 weights: Weights | None = None) -> None:
         if not down_after_s > 0:
             raise ValueError("down_after_s must be > 0")
         self.r, self.down_after_s, self.clock = client, down_after_s, clock
+        # The rank's cost (`rank_key`): the processes sharing a registry share them.
+        self.weights = weights or Weights()
 
     def record(self, name: str, url: str, offer: NodeOffer | None,
                error: str | None = None, status: int | None = None,
@@ -200,8 +224,10 @@ class Registry:
                                o.ttl_s if o else ttl_s)
             pipe.set(node_key(a.name), json.dumps(st.as_dict()))
             if a.offer is not None:
-                pipe.zadd(index_key(shard(a.name)), {a.name: st.down_at(self.down_after_s)})
-                pipe.hset(summary_key(shard(a.name)), a.name, Summary.of(a.offer).encode())
+                k, summary = shard(a.name), Summary.of(a.offer)
+                pipe.zadd(index_key(k), {a.name: st.down_at(self.down_after_s)})
+                pipe.hset(summary_key(k), a.name, summary.encode())
+                pipe.zadd(rank_key(k), {a.name: base_cost(summary, self.weights)})
             else:  # listed, with the bound it had
                 pipe.zadd(index_key(shard(a.name)), {a.name: st.down_at(self.down_after_s)},
                           nx=True)
@@ -260,6 +286,7 @@ class Registry:
         pipe.delete(node_key(name))
         pipe.zrem(index_key(shard(name)), name)
         pipe.hdel(summary_key(shard(name)), name)
+        pipe.zrem(rank_key(shard(name)), name)
         pipe.execute()
 
     def summaries(self) -> dict[str, Summary]:
@@ -276,6 +303,52 @@ class Registry:
                 if (raw := sums.get(n)) is not None:
                     out[n.decode() if isinstance(n, bytes) else n] = Summary.decode(raw)
         return out
+
+    def ranked(self, want: int, keep: Callable[[str, Summary], bool],
+               rounds: int = 3) -> list[tuple[str, Summary]]:
+        """Nodes up with their summaries, lowest `base_cost` first: at least the `want`
+        best of those `keep` accepts, read from the rank a few per shard, not the whole
+        fleet. Each round reads the next page of every shard that may still hold one of
+        them (its last node read is below the `want`-th best kept so far), pages twice
+        as long each round, one round trip each; after `rounds` (a fleet where `keep`
+        refuses nearly all) what was read is all there is."""
+        now, page = self.clock(), 2 * math.ceil(want / SHARDS) + 2
+        at = dict.fromkeys(range(SHARDS), 0)  # the next offset into each shard's rank
+        last: dict[int, float] = {}
+        read: list[tuple[float, str, Summary]] = []
+        shards = list(range(SHARDS))
+        for _ in range(rounds):
+            replies = self._pages(shards, now, at, page)
+            for k, reply in zip(shards, replies, strict=True):
+                at[k] = int(reply[0])
+                for i in range(1, len(reply), 3):
+                    last[k] = float(reply[i + 1])
+                    read.append((last[k], _text(reply[i]), Summary.decode(reply[i + 2])))
+            kept = sorted(score for score, n, s in read if keep(n, s))
+            bar = kept[want - 1] if len(kept) >= want else math.inf
+            shards = [k for k in shards if at[k] >= 0 and last.get(k, -math.inf) < bar]
+            if not shards:
+                break
+            page *= 2
+        return [(n, s) for _, n, s in sorted(read)]
+
+    def _pages(self, shards: list[int], now: float, at: dict[int, int], page: int
+               ) -> list[Any]:
+        """One page of each shard's rank (`RANKED`), pipelined: by its SHA (the script
+        is not sent 64 times a decision), loaded on every master when one lacks it."""
+        for attempt in (1, 2):
+            pipe = self.r.pipeline(transaction=False)
+            for k in shards:
+                pipe.execute_command("EVALSHA", RANKED_SHA, 3, rank_key(k), index_key(k),
+                                     summary_key(k), repr(now), at[k], page)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for m in masters(self.r):
+                    m.script_load(RANKED)
+        raise AssertionError("unreachable")
 
     def claim(self, k: int, turn: int, lease_s: float, owner: str) -> bool:
         """True for the one process that polls shard `k` in turn number `turn`."""

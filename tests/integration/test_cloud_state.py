@@ -4,6 +4,7 @@ the ledger, on a plain Redis and on a 3-master cluster, as several processes see
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from redis.crc import key_slot
@@ -11,6 +12,7 @@ from redis.crc import key_slot
 from cloud_manager import ledger as ledger_mod
 from cloud_manager import registry as registry_mod
 from cloud_manager.ledger import Entry, Ledger
+from cloud_manager.placement import order, summary_candidate
 from cloud_manager.registry import Registry
 from enorm import datasync
 from enorm.protocol import NodeOffer, Resources, User
@@ -78,6 +80,40 @@ def test_the_registry_spreads_and_answers_who_is_up_in_one_read(cloud):
     assert max(spread.values()) < 0.5 * len(keys + index) or len(spread) == 1
     with pytest.raises(ValueError, match="braces"):
         reg.get("a{b}")
+
+
+def test_the_rank_gives_the_shortlist_a_whole_fleet_read_would_without_reading_it(cloud):
+    """Registry.ranked (issue 32): the 16 best nodes up that admit a request, by the cost
+    but the latency, as ranking every node's summary would pick them; down nodes left out
+    (and out of the rank once passed), a node above the request's priority skipped."""
+    rng, now = random.Random(7), 1000.0
+    reg = Registry(cloud, down_after_s=10.0, clock=lambda: now)
+    answers, down = [], set()
+    for i in range(600):
+        n = f"r{i}"
+        o = offer(n, free_cores=rng.choice([0.0, 1.0, 2.0, 4.0])).model_copy(
+            update={"load": rng.uniform(0, 2), "min_priority": rng.choice([0, 0, 0, 8])})
+        at = now if i % 7 else now - 100  # every 7th went down long ago
+        if not i % 7:
+            down.add(n)
+        answers.append(registry_mod.Answer(n, f"http://10.0.0.1/{n}", o, at=at))
+    reg.record_many(answers, ttl_s=30.0)
+    fits = lambda n, s: summary_candidate(n, s, 5).admits  # noqa: E731
+    sums = reg.summaries()
+    assert not down & set(sums)
+    whole = [n for n in order([summary_candidate(n, s, 5) for n, s in sums.items()],
+                              "scored") if fits(n, sums[n])][:16]
+    read = reg.ranked(16, fits)
+    best = [n for n, s in read if fits(n, s)][:16]
+    assert best == whole
+    assert len(read) < 300 and not down & {n for n, _ in read}  # a few per shard, up only
+    # the down nodes passed left the rank; one that answers again is back in it
+    ranks = [registry_mod.rank_key(k) for k in range(registry_mod.SHARDS)]
+    assert sum(cloud.zcard(k) for k in ranks) < 600
+    reg.forget(best[0])
+    assert best[0] not in dict(reg.ranked(16, fits))
+    assert all(cloud.zscore(registry_mod.rank_key(registry_mod.shard(best[0])), best[0])
+               is None for _ in [0])
 
 
 def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(cloud):

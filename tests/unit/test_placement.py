@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_manager.placement import Candidate, Weights, cost, order
+from cloud_manager.placement import (
+    Candidate,
+    Summary,
+    Weights,
+    base_cost,
+    cost,
+    order,
+    summary_candidate,
+)
 
 W = Weights()
 
@@ -45,3 +53,26 @@ def test_weights_are_checked_and_steer_the_choice():
     cands = [Candidate("near-busy", 10.0, 4, load=2.0), Candidate("far-idle", 60.0, 4)]
     assert order(cands, "scored", Weights(load=0.0))[0] == "near-busy"
     assert order(cands, "scored", Weights(load=1.0))[0] == "far-idle"
+
+
+@pytest.mark.parametrize("s", [
+    Summary(free_units=3.0, load=0.5, min_priority=0, preempt=False),
+    Summary(free_units=0.0, load=1.2, min_priority=0, preempt=True),  # pre-empts to admit
+    Summary(free_units=8.0, load=0.0, min_priority=7, preempt=False),
+])
+def test_base_cost_is_the_cost_but_the_latency(s):
+    # the registry's rank and the final order are one cost: the rank's part plus latency
+    for w in (W, Weights(load=1.0, free=0.0, priority=2.0, latency=3.0)):
+        c = summary_candidate("n", s, priority=9, latency_ms=12.0)
+        assert cost(c, w) == pytest.approx(base_cost(s, w) + w.latency * 12.0)
+
+
+def test_base_cost_puts_a_node_that_admits_nothing_after_every_other():
+    full = Summary(free_units=0.2, load=0.0, min_priority=0, preempt=False)
+    worst = Summary(free_units=1.0, load=50.0, min_priority=0, preempt=True)
+    assert not summary_candidate("full", full, 9).admits
+    assert base_cost(full, W) > base_cost(worst, W) + 1000
+    # the priority is the request's: a node above it does not admit this one
+    picky = Summary(free_units=4.0, load=0.0, min_priority=6, preempt=False)
+    assert summary_candidate("p", picky, 5).admits is False
+    assert summary_candidate("p", picky, 6).admits is True
