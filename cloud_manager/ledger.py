@@ -8,12 +8,19 @@ under the user's own tag (`enorm:{<user>}:served-by`, beside the user's data: th
 library's prefix keeps it out of every copy and merge), and the list of deployments is
 cut into `SHARDS` sets (`enorm:{ledger:<k>}:deployments`).
 
+A user's pointer holds what `where` answers (the server id, its node and URL, `Served`),
+so that `where` is one read, however large the ledger; the deployment's record (its users,
+app, time) is read by `get`. A pointer of the older shape (the server id alone) is read
+through the deployment, two reads.
+
 A cluster has no transaction across slots, so the writes go in an order a reader
 tolerates when a process dies half-way: `record` writes the deployment, then its users'
 pointers; `forget` takes the pointers that still name it (compare-and-delete, so a user
-who moved on keeps the newer one), then the deployment. A pointer to a deployment that
-is gone reads as no deployment. A ledger written before (two hashes under
-`enorm:{cloud}`) is moved into this shape by `adopt_legacy`.
+who moved on keeps the newer one), then the deployment. So a pointer never outlives its
+deployment, but for a `forget` run while the same deployment is still being recorded
+(its pointers written after the forget took them): nothing withdraws a server before its
+record is done (the orphans' reconcile fences one it ends, `fence`). A ledger written
+before (two hashes under `enorm:{cloud}`) is moved into this shape by `adopt_legacy`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ class Entry:
     @property
     def user_ids(self) -> list[str]:
         return [u.id for u in self.users]
+
+    @property
+    def served(self) -> Served:
+        if "\t" in self.node or "\t" in self.url or "\t" in self.server_id:
+            raise ValueError("a server id, node or URL with a tab in it")
+        return Served(self.server_id, self.node, self.url)
 
     def deployment(self, edge: Any) -> Any:
         """This entry as a `Deployment` on `edge` (its `EdgeClient`), enough to withdraw
@@ -76,12 +89,32 @@ SHARDS = 64
 # KEYS: users' pointers (one slot); ARGV[1]: a server id. Deletes the pointers that still
 # name it (a user who moved on keeps the newer one); returns how many.
 DELETE_IF = """
-local n = 0
+local n, sid = 0, ARGV[1]
 for _, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[1] then n = n + redis.call('DEL', k) end
+  local v = redis.call('GET', k)
+  if v == sid or (v and string.sub(v, 1, #sid + 1) == sid .. '\t') then
+    n = n + redis.call('DEL', k)
+  end
 end
 return n
 """
+
+
+@dataclass(frozen=True)
+class Served:
+    """Which edge server serves a user, as the user's pointer holds it (`Ledger.where`)."""
+
+    server_id: str
+    node: str
+    url: str
+
+    def encode(self) -> str:
+        return f"{self.server_id}\t{self.node}\t{self.url}"
+
+    @staticmethod
+    def server_of(raw: bytes | str) -> str:
+        """The server id a pointer names (either shape)."""
+        return _text(raw).split("\t", 1)[0]
 
 
 def deployment_key(server_id: str) -> str:
@@ -123,6 +156,7 @@ class Ledger:
         datasync.through_failover(lambda: self._record(e), retry_s)
 
     def _record(self, e: Entry) -> None:
+        pointer = e.served.encode()
         pipe = self.r.pipeline(transaction=False)
         pipe.set(deployment_key(e.server_id), e.to_json())
         pipe.sadd(index_key(shard(e.server_id)), e.server_id)
@@ -130,7 +164,7 @@ class Ledger:
         if e.users:
             pipe = self.r.pipeline(transaction=False)
             for u in e.user_ids:
-                pipe.set(user_key(u), e.server_id)
+                pipe.set(user_key(u), pointer)
             pipe.execute()
 
     def get(self, server_id: str) -> Entry | None:
@@ -151,9 +185,16 @@ class Ledger:
         return sorted((Entry.from_json(v) for v in raws if v is not None),
                       key=lambda e: e.created_at)
 
-    def where(self, user: str) -> Entry | None:
-        sid = self.r.get(user_key(user))
-        return None if sid is None else self.get(_text(sid))
+    def where(self, user: str) -> Served | None:
+        """The server that serves `user` (None: the cloud), in one read."""
+        raw = self.r.get(user_key(user))
+        if raw is None:
+            return None
+        parts = _text(raw).split("\t", 2)
+        if len(parts) == 3:
+            return Served(*parts)
+        e = self.get(parts[0])  # a pointer of the older shape: the server id alone
+        return None if e is None else e.served
 
     def forget(self, server_id: str) -> None:
         """Drop a deployment, and its users' pointers unless they moved on meanwhile."""
@@ -177,15 +218,15 @@ class Ledger:
         fix: dict[str, str] = {}
         for e in entries:
             now = datasync.mget(self.r, [user_key(u) for u in e.user_ids])
-            for u, sid in zip(e.user_ids, now, strict=True):
-                held = None if sid is None else created.get(_text(sid))
+            for u, raw in zip(e.user_ids, now, strict=True):
+                held = None if raw is None else created.get(Served.server_of(raw))
                 if held is None or held < e.created_at:
-                    fix[u] = e.server_id
+                    fix[u] = e.served.encode()
         if fix:
             def write() -> None:
                 pipe = self.r.pipeline(transaction=False)
-                for u, sid in fix.items():
-                    pipe.set(user_key(u), sid)
+                for u, pointer in fix.items():
+                    pipe.set(user_key(u), pointer)
                 pipe.execute()
             datasync.through_failover(write)
         return len(fix)

@@ -364,18 +364,26 @@ class Run:
         fill_s = time.time() - t0
         m1 = sum(self.cluster.memory().values())
         rng = random.Random(2)
-        lat, wrong = [], 0
+        lat, two, wrong = [], [], 0
         for _ in range(sample):
-            u = f"w{rng.randrange(groups * self.group)}"
+            i = rng.randrange(groups * self.group)
+            u = f"w{i}"
             t = time.perf_counter()
             e = led.where(u)
             lat.append(time.perf_counter() - t)
-            wrong += e is None or u not in e.user_ids
+            wrong += e is None or e.server_id != f"w{i // self.group:08x}"
+            # side by side, main's `where` before issue 32's pointers held the answer:
+            # the pointer, then the deployment's record
+            t = time.perf_counter()
+            led.get(ledger_mod.Served.server_of(self.r.get(ledger_mod.user_key(u))))
+            two.append(time.perf_counter() - t)
         reg_keys = [registry_mod.node_key(n) for n in node_names(0, min(self.nodes, 200))]
         node_bytes = statistics.mean(int(self.r.memory_usage(k) or 0) for k in reg_keys)
         index_bytes = sum(int(self.r.memory_usage(registry_mod.index_key(k)) or 0)
                           for k in range(registry_mod.SHARDS))
         return {"users": groups * self.group, "fill_s": round(fill_s, 1), "where_wrong": wrong,
                 "where_ms_p50": _ms(pct(lat, 0.5)), "where_ms_p99": _ms(pct(lat, 0.99)),
+                "where_two_reads_ms_p50": _ms(pct(two, 0.5)),
+                "where_two_reads_ms_p99": _ms(pct(two, 0.99)),
                 "cluster_bytes_per_user": round((m1 - m0) / (groups * self.group), 1),
                 "registry_bytes_per_node": round(node_bytes + index_bytes / self.nodes, 1)}

@@ -130,10 +130,17 @@ def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(c
     led.forget("s04")
     assert led.get("s04") is None
     assert led.where("u42").server_id == "s99" and led.where("u47") is None
-    # A pointer to a deployment that is gone (a process died before it took the pointers)
-    # reads as none.
+    # `where` is one read: the pointer holds the server, its node and URL.
+    assert led.where("u43") == ledger_mod.Served("s99", "n1", "http://y")
+    cloud.rename(ledger_mod.deployment_key("s99"), "moved:{s99}")
+    assert led.where("u43") == ledger_mod.Served("s99", "n1", "http://y")
+    cloud.rename("moved:{s99}", ledger_mod.deployment_key("s99"))
+    # A pointer of the older shape (the server id alone) is read through its deployment:
+    # one that is gone reads as none.
     cloud.set(ledger_mod.user_key("u48"), "s04")
     assert led.where("u48") is None
+    cloud.set(ledger_mod.user_key("u49"), "s03")
+    assert led.where("u49") == ledger_mod.Served("s03", "n0", "http://x")
     # A process killed between a deployment and its pointers: the repair finishes it;
     # a user in two deployments points at the newer, as `record` would have left it.
     half = Entry(server_id="s50", node="n0", app="g", url="http://z",
