@@ -230,7 +230,7 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
     """Offload USERS (ID or ID=ADDRESS) of the app to an edge server."""
     from cloud_manager import DeployError, EdgeError, NoEdgeAvailable
 
-    from .ledger import Entry
+    from .ledger import Ended, Entry
 
     parsed = _parse_users(users)
     with cloud(config_path) as c:
@@ -243,8 +243,15 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
             c.heartbeat()  # the registry as of now: down nodes are passed over
         mgr = c.manager(only=node)
         output.progress(f"offloading {len(parsed)} users of {mgr.app.name} ...")
+
+        def record(dep) -> None:  # before the users are sent: no redirected orphan
+            c.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
+                                  app=mgr.app.name, url=dep.url, users=dep.users))
+
         try:
-            dep = mgr.offload(parsed)
+            dep = mgr.offload(parsed, before_redirect=record)
+        except Ended as exc:
+            fail(f"{exc} (it took longer than the orphans' grace; server withdrawn)")
         except NoEdgeAvailable as exc:
             gone = all(r.startswith("unreachable") for r in exc.refusals.values())
             fail(str(exc), EXIT_UNREACHABLE if gone else 1)
@@ -254,8 +261,6 @@ def offload(config_path: Path | None, as_json: bool, node: str | None,
             fail(f"deployment failed (server withdrawn): {exc}")
         finally:
             mgr.close()
-        c.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=mgr.app.name,
-                              url=dep.url, users=dep.users))
     result = {"server_id": dep.server_id, "node": dep.edge.name, "url": dep.url,
               "users": dep.user_ids, "refused": dep.refused, "placement": dep.placement,
               "keys_copied": dep.keys_copied,

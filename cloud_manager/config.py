@@ -102,6 +102,13 @@ class CloudConfig(BaseModel):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_max_rate: float = Field(default=200.0, gt=0)
     down_after_s: float = Field(default=15.0, gt=0)
+    # `enorm-cloud policy` ends the app's servers no deployment in the ledger names once
+    # they are orphans_grace_s old (a process killed between a handshake and its
+    # record), each node asked for its servers every orphans_interval_s (stretched to
+    # orphans_max_rate requests/s across the processes; cloud_manager/orphans.py).
+    orphans_interval_s: float = Field(default=60.0, gt=0)
+    orphans_grace_s: float = Field(default=300.0, ge=0)
+    orphans_max_rate: float = Field(default=50.0, gt=0)
     # The cloud manager deciding by itself (`enorm-cloud policy`; cloud_manager/policy.py).
     policy: PolicySettings = Field(default_factory=PolicySettings)
 

@@ -100,6 +100,38 @@ return n
 """
 
 
+# KEYS: a deployment, its ended mark; ARGV[1]: the deployment's record. Writes it unless
+# the server was marked ended (withdrawn, or ended as an orphan): 1 written, 0 not.
+RECORD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: a deployment, its ended mark; ARGV: the mark's TTL (s), why. Marks a server the
+# ledger does not know as ended: 1 marked, 0 it is recorded (known, not marked).
+FENCE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+return 1
+"""
+
+# How long `record` is tried again through a master's failover.
+RETRY_S = 15.0
+
+# How long a server's ended mark is kept: longer than any record can come late.
+ENDED_TTL_S = 86400
+
+
+class Ended(Exception):
+    """The server was withdrawn, or ended as an orphan (`Ledger.fence`), before its record
+    was done: it is not recorded, and no user points at it."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(f"server {server_id} was ended before its record was done")
+        self.server_id = server_id
+
+
 @dataclass(frozen=True)
 class Served:
     """Which edge server serves a user, as the user's pointer holds it (`Ledger.where`)."""
@@ -126,6 +158,11 @@ def user_key(user: str) -> str:
     return f"enorm:{{{_tag(user, 'user id')}}}:served-by"
 
 
+def ended_key(server_id: str) -> str:
+    """The mark of a server that ended (withdrawn, or an orphan): no record may follow."""
+    return f"enorm:deployment:{{{_tag(server_id, 'server id')}}}:ended"
+
+
 def index_key(k: int) -> str:
     return f"enorm:{{ledger:{k}}}:deployments"
 
@@ -149,23 +186,60 @@ class Ledger:
     def __init__(self, redis: datasync.Client) -> None:
         self.r = redis
 
-    def record(self, e: Entry, retry_s: float = 15.0) -> None:
+    def record(self, e: Entry, retry_s: float = RETRY_S) -> None:
         """The deployment, then its users' pointers (module docstring: the order); tried
         again for `retry_s` through a master's failover (writing it twice changes
         nothing)."""
         datasync.through_failover(lambda: self._record(e), retry_s)
 
     def _record(self, e: Entry) -> None:
-        pointer = e.served.encode()
+        sid = e.server_id
+        if not self.r.eval(RECORD, 2, deployment_key(sid), ended_key(sid), e.to_json()):
+            raise Ended(sid)
+        self.r.sadd(index_key(shard(sid)), sid)
+        self._point({u: e for u in e.user_ids})
+
+    def _point(self, pointers: dict[str, Entry]) -> None:
+        """Point the users at their entries, then check that none of those ended
+        meanwhile: a `forget` or `fence` that came between takes back what was written
+        here (a pointer never outlives its deployment), and `Ended` names the first."""
+        if not pointers:
+            return
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(deployment_key(e.server_id), e.to_json())
-        pipe.sadd(index_key(shard(e.server_id)), e.server_id)
+        for u, e in pointers.items():
+            pipe.set(user_key(u), e.served.encode())
         pipe.execute()
-        if e.users:
-            pipe = self.r.pipeline(transaction=False)
-            for u in e.user_ids:
-                pipe.set(user_key(u), pointer)
-            pipe.execute()
+        sids = sorted({e.server_id for e in pointers.values()})
+        pipe = self.r.pipeline(transaction=False)
+        for sid in sids:
+            pipe.exists(ended_key(sid))
+            pipe.exists(deployment_key(sid))
+        replies = pipe.execute()
+        gone = [sid for sid, ended, there in zip(sids, replies[::2], replies[1::2], strict=True)
+                if ended or not there]
+        for sid in gone:
+            self._unpoint(sid, [u for u, e in pointers.items() if e.server_id == sid])
+        if gone:
+            raise Ended(gone[0])
+
+    def _unpoint(self, server_id: str, users: list[str]) -> None:
+        """The users' pointers that still name `server_id` deleted."""
+        keys = [user_key(u).encode() for u in users]
+        run_jobs(self.r, [Job(keys, eval_command(DELETE_IF, lambda _: [server_id]))],
+                 "source")
+
+    def fence(self, server_id: str, ttl_s: float = ENDED_TTL_S) -> bool:
+        """Mark a server the ledger does not know as ended, so that no record of it can
+        follow (`record` raises `Ended`): True, unless it was recorded first (then it is
+        known, and nothing was marked)."""
+        return bool(self.r.eval(FENCE, 2, deployment_key(server_id), ended_key(server_id),
+                                int(ttl_s), "orphan"))
+
+    def finish(self, e: Entry) -> int:
+        """What a `record` cut half-way left undone, done: the deployment listed, its
+        users' pointers written where they are missing or name an older deployment."""
+        self.r.sadd(index_key(shard(e.server_id)), e.server_id)
+        return self.repair([e])
 
     def get(self, server_id: str) -> Entry | None:
         raw = self.r.get(deployment_key(server_id))
@@ -197,37 +271,43 @@ class Ledger:
         return None if e is None else e.served
 
     def forget(self, server_id: str) -> None:
-        """Drop a deployment, and its users' pointers unless they moved on meanwhile."""
+        """Drop a deployment, and its users' pointers unless they moved on meanwhile;
+        marked ended first, so that a record or repair running meanwhile takes back the
+        pointers it writes (`_point`)."""
+        self.r.set(ended_key(server_id), "withdrawn", ex=ENDED_TTL_S)
         e = self.get(server_id)
         if e is not None and e.users:
-            keys = [user_key(u).encode() for u in e.user_ids]
-            run_jobs(self.r, [Job(keys, eval_command(DELETE_IF, lambda _: [server_id]))],
-                     "source")
+            self._unpoint(server_id, e.user_ids)
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(deployment_key(server_id))
         pipe.srem(index_key(shard(server_id)), server_id)
         pipe.execute()
 
-    def repair(self) -> int:
+    def repair(self, entries: list[Entry] | None = None) -> int:
         """Finish what a process killed half-way through `record` left: a deployment
         whose users' pointers are missing, or name a deployment that is gone or older,
-        gets them; how many pointers were written. It reads the whole ledger: run it
-        after a cloud-manager process died, not on every command."""
-        entries = self.all()
-        created = {e.server_id: e.created_at for e in entries}
-        fix: dict[str, str] = {}
+        gets them; how many pointers were written. Of `entries`, else the whole ledger
+        (run that after a cloud-manager process died, not on every command; the orphans'
+        reconcile repairs the young deployments it finds on the nodes)."""
+        entries = self.all() if entries is None else entries
+        created: dict[str, float | None] = {e.server_id: e.created_at for e in entries}
+        fix: dict[str, Entry] = {}
         for e in entries:
             now = datasync.mget(self.r, [user_key(u) for u in e.user_ids])
             for u, raw in zip(e.user_ids, now, strict=True):
-                held = None if raw is None else created.get(Served.server_of(raw))
+                sid = None if raw is None else Served.server_of(raw)
+                if sid is not None and sid not in created:  # a deployment not read yet
+                    other = self.get(sid)
+                    created[sid] = None if other is None else other.created_at
+                held = None if sid is None else created[sid]
                 if held is None or held < e.created_at:
-                    fix[u] = e.served.encode()
+                    fix[u] = e
         if fix:
             def write() -> None:
-                pipe = self.r.pipeline(transaction=False)
-                for u, pointer in fix.items():
-                    pipe.set(user_key(u), pointer)
-                pipe.execute()
+                try:
+                    self._point(fix)
+                except Ended:  # withdrawn meanwhile: its pointers were taken back
+                    pass
             datasync.through_failover(write)
         return len(fix)
 

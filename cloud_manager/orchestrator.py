@@ -48,6 +48,8 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
+from .ledger import Ledger
+from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
 from .policy_loop import PolicyLoop, Population
@@ -164,6 +166,7 @@ class CloudManager:
         self.rehome = rehome
         self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
+        self._orphans: Orphans | None = None
         self.policy: PolicyLoop | None = None  # `start_policy`
         self.app = app
         self.sink = sink_for(app, sink)
@@ -240,11 +243,15 @@ class CloudManager:
         raise NoEdgeAvailable(refused)
 
     def offload(self, users: Sequence[User], exclude: Iterable[str] = (),
-                near: Iterable[str] = (), **over) -> Deployment:
+                near: Iterable[str] = (),
+                before_redirect: Callable[[Deployment], None] | None = None,
+                **over) -> Deployment:
         """Move `users` to an edge server (on none of the nodes in `exclude`; the nodes
         `near` are probed in a large fleet, see `place`); returns once they are
-        redirected there."""
-        return self._prepare_offload(users, exclude, over, restore=True, near=near).complete()
+        redirected there. `before_redirect(dep)` runs once the server is ready, before
+        a user is sent there (where the ledger records it: a failure withdraws it)."""
+        return self._prepare_offload(users, exclude, over, restore=True, near=near,
+                                     before_redirect=before_redirect).complete()
 
     def prepare_offload(self, users: Sequence[User], exclude: Iterable[str] = (),
                         **over) -> PreparedOffload:
@@ -255,13 +262,17 @@ class CloudManager:
         return self._prepare_offload(users, exclude, over, restore=False)
 
     def _prepare_offload(self, users: Sequence[User], exclude: Iterable[str], over: dict,
-                         restore: bool, near: Iterable[str] = ()) -> PreparedOffload:
+                         restore: bool, near: Iterable[str] = (),
+                         before_redirect: Callable[[Deployment], None] | None = None
+                         ) -> PreparedOffload:
         t0 = time.perf_counter()
         dep = self.admit(list(users), exclude, None, over, near)
         try:
             self.connect(dep)
             self.over_ssh(dep, self.start_server, self.copy)
             self.wait_ready(dep)
+            if before_redirect is not None:
+                before_redirect(dep)
         except BaseException:
             log.exception("deployment of %s on %s failed; withdrawing", dep.server_id,
                           dep.edge.name)
@@ -497,6 +508,15 @@ class CloudManager:
         self._heartbeats.start()
         return self._heartbeats
 
+    def start_orphans(self, ledger: Ledger, interval_s: float = 60.0, grace_s: float = 300.0,
+                      max_rate: float = 50.0) -> Orphans:
+        """End the servers of this app that the ledger does not know (a process killed
+        between a handshake and its record) and finish records cut half-way, the work
+        shared with the other processes (orphans.py), until `close`."""
+        self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate)
+        self._orphans.start()
+        return self._orphans
+
     def start_policy(self, population: Population, settings: PolicySettings | None = None,
                      opted_out: Callable[[], Iterable[str]] | None = None) -> PolicyLoop:
         """Let the cloud manager decide by itself where the app's groups are served
@@ -525,6 +545,8 @@ class CloudManager:
             self.policy.stop()
         if self._heartbeats is not None:
             self._heartbeats.stop()
+        if self._orphans is not None:
+            self._orphans.stop()
         with self.lock:
             for dep in self.deployments.values():
                 self.close_session(dep)

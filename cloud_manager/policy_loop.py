@@ -708,7 +708,7 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     (adopted), recording what it does there, until SIGINT/SIGTERM (or one round)."""
     import signal
 
-    from .ledger import Entry
+    from .ledger import Ended, Entry
 
     loop = PolicyLoop(cm, cfg.policy, population_from(cfg.policy.population, cm.cloud,
                                                      cfg.policy.population_options))
@@ -726,8 +726,11 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
             ledger.forget(old.server_id)
         dep = loop.owned.get(ev.group)
         if ev.new_server_id and dep is not None:
-            ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=cm.app.name,
-                                url=dep.url, users=dep.users))
+            try:
+                ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
+                                    app=cm.app.name, url=dep.url, users=dep.users))
+            except Ended as exc:  # another process's reconcile ended it as an orphan:
+                log.warning("%s", exc)  # its node's event sends the users home
 
     loop.listeners += [record, say]
     if once:  # no dwell runs across two processes: nothing to prepare ahead
@@ -739,10 +742,13 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
         signal.signal(sig, lambda *_: stop.set())
     heartbeats = cm.start_heartbeats(cfg.heartbeat_interval_s,
                                      max_rate=cfg.heartbeat_max_rate)
+    orphans = cm.start_orphans(ledger, cfg.orphans_interval_s, cfg.orphans_grace_s,
+                               cfg.orphans_max_rate)
     try:
         loop.run(stop)
     finally:
         loop.stop()  # the moves under way finished, the standbys ended
+        orphans.stop()
         heartbeats.stop()
 
 

@@ -117,10 +117,11 @@ def rank_key(k: int) -> str:
     return f"enorm:{{registry:{k}}}:rank"
 
 
-def poll_key(k: int, turn: int) -> str:
-    """The lease of shard `k`'s heartbeat turn number `turn` (counted on the wall clock,
-    the same in every process): taken once, by the process that polls it."""
-    return f"enorm:{{registry:{k}}}:poll:{turn}"
+def poll_key(k: int, turn: int, job: str = "poll") -> str:
+    """The lease of shard `k`'s turn number `turn` of a job shared between the processes
+    (`poll`: the heartbeats; `orphans`: their reconcile), counted on the wall clock, the
+    same in every process: taken once, by the process that does it."""
+    return f"enorm:{{registry:{k}}}:{job}:{turn}"
 
 
 def period(nodes: int, interval_s: float, max_rate: float) -> float:
@@ -350,10 +351,32 @@ class Registry:
                     m.script_load(RANKED)
         raise AssertionError("unreachable")
 
-    def claim(self, k: int, turn: int, lease_s: float, owner: str) -> bool:
-        """True for the one process that polls shard `k` in turn number `turn`."""
-        return bool(self.r.set(poll_key(k, turn), owner, nx=True,
+    def claim(self, k: int, turn: int, lease_s: float, owner: str, job: str = "poll"
+              ) -> bool:
+        """True for the one process that does `job` for shard `k` in turn number `turn`."""
+        return bool(self.r.set(poll_key(k, turn, job), owner, nx=True,
                                px=max(1, int(lease_s * 1000))))
+
+
+def run_turns(period_s: float, stop: threading.Event, turn: Callable[[int], Any],
+              job: str) -> None:
+    """Call `turn(i)` for each turn number `i` as the wall clock reaches it (`SHARDS`
+    turns a period, numbered alike in every process), until `stop`; the turns a late
+    wake-up passed are taken then (up to a period of them), so that no shard is skipped."""
+    step = period_s / SHARDS
+    done = math.floor(time.time() / step) - 1  # the last turn taken (by its number)
+    while not stop.is_set():
+        now = math.floor(time.time() / step)
+        for i in range(max(done + 1, now - SHARDS + 1), now + 1):
+            if stop.is_set():
+                return
+            try:
+                turn(i)
+            except Exception:
+                log.exception("%s turn failed", job)
+        done = now
+        # Sleep to the next turn, plus a jitter so that no process always wins.
+        stop.wait(max(0.0, (now + 1) * step - time.time()) + random.uniform(0, step / 4))
 
 
 class Heartbeats:
@@ -449,23 +472,10 @@ class Heartbeats:
         return True
 
     def _run(self) -> None:
-        step = self.period_s / SHARDS
-        done = math.floor(time.time() / step) - 1  # the last turn taken (by its number)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="enorm-heartbeat") as asks, \
                 ThreadPoolExecutor(4, thread_name_prefix="enorm-heartbeat-record") as writes:
-            while not self._stop.is_set():
-                now = math.floor(time.time() / step)
-                # Every turn due since the last, so that a late wake-up skips no shard;
-                # the turn's number is the same in every process (the wall clock).
-                for i in range(max(done + 1, now - SHARDS + 1), now + 1):
-                    try:
-                        self.turn(i, asks, writes)
-                    except Exception:
-                        log.exception("heartbeat turn failed")
-                done = now
-                # Sleep to the next turn, plus a jitter so that no process always wins.
-                self._stop.wait(max(0.0, (now + 1) * step - time.time())
-                                + random.uniform(0, step / 4))
+            run_turns(self.period_s, self._stop, lambda i: self.turn(i, asks, writes),
+                      "heartbeat")
 
     def start(self) -> None:
         if self._thread is None:

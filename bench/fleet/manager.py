@@ -2,8 +2,9 @@
 simulated node, sharing the registry and the ledger in the cluster with the other
 processes. It runs the heartbeats (its share of the turns) and offloads: groups of users
 taken from a counter the processes share, placed among all the nodes (scored: the
-registry's offers, then the probes of the best few), admitted by a node (the real
-handshake against the simulated node), recorded in the ledger. No container is behind a
+registry's rank, then the probes of the best few), admitted by a node (the real
+handshake against the simulated node), recorded in the ledger; with `--orphans-interval`
+it runs its share of the orphans' reconcile too (cloud_manager/orphans.py). No container is behind a
 simulated node, so an offload stops after the handshake and the ledger: the SSH deploy
 and the data copy are measured elsewhere (bench.deployment, bench.datasync). Each worker
 withdraws its oldest deployment once it holds `keep`, so the fleet does not fill up.
@@ -30,7 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from bench.fleet.nodes import names as node_names
 from cloud_manager import App, CloudManager, EdgeClient, EdgeError, NoEdgeAvailable
-from cloud_manager.ledger import Entry, Ledger
+from cloud_manager.ledger import Ended, Entry, Ledger
 from cloud_manager.registry import Registry
 from enorm import datasync
 from enorm.protocol import DataSink, User
@@ -99,8 +100,9 @@ class Worker:
             try:
                 self.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
                                          app="fleet", url=dep.url, users=users))
-            except redis.RedisError:  # not recorded after its retries: not kept either
-                self.count("record_failed")
+            except (redis.RedisError, Ended) as exc:  # not recorded: not kept either
+                # (Ended: a failover held the record past the orphans' grace)
+                self.count("record_ended" if isinstance(exc, Ended) else "record_failed")
                 self.cm.abandon(dep, restore=False)
                 continue
             self.offload_s.append((time.time(), time.perf_counter() - t0))
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=100)
     ap.add_argument("--keep", type=int, default=10)
     ap.add_argument("--duration", type=float, default=3600.0)
+    ap.add_argument("--orphans-interval", type=float, default=0.0, help="0: no reconcile")
+    ap.add_argument("--orphans-grace", type=float, default=300.0)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     sims = [tuple(int(x) for x in s.split(":")) for s in a.sims.split(",")]
@@ -143,6 +147,8 @@ def main() -> None:
     print(f"ready {a.name} {len(fleet)} period {beats.period_s:g} ttl {beats.ttl_s:g}",
           flush=True)
     ledger = Ledger(cloud)
+    orphans = (cm.start_orphans(ledger, a.orphans_interval, a.orphans_grace, a.max_rate)
+               if a.orphans_interval > 0 else None)
     workers = [Worker(cm, ledger, a.group, a.keep, stop) for _ in range(a.workers)]
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
     t0 = time.time()
@@ -154,6 +160,8 @@ def main() -> None:
         t.join(30)
     elapsed = time.time() - t0
     beats.stop()
+    if orphans is not None:
+        orphans.stop()
     failed: dict[str, int] = {}
     for w in workers:
         for k, v in w.failed.items():
@@ -163,6 +171,7 @@ def main() -> None:
         "period_s": beats.period_s, "ttl_s": beats.ttl_s, "turns_won": beats.turns_won,
         "offload_s": [s for w in workers for s in w.offload_s],
         "placement_ms": [m for w in workers for m in w.placement_ms], "failed": failed,
+        "orphans": dict(orphans.counts) if orphans else None,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     os._exit(0)  # the daemon threads (heartbeat pools) need not be joined
 

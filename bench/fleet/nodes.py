@@ -1,7 +1,7 @@
 """Simulated edge nodes: many per process, on one loopback port, one path prefix each
 (`http://127.0.0.1:<port>/n/<name>`), speaking the node's protocol with its own models
-(`enorm.protocol`: offer, probe, setup request and answer, rejection, termination), no
-container behind them.
+(`enorm.protocol`: offer, probe, setup request and answer, rejection, termination, the
+list of servers), no container behind them.
 
 Timings and failures: every answer after 5-100 ms (uniform), 1% of them slow (1-3 s);
 a node that is down resets every connection (its host port closed) until it comes back.
@@ -31,6 +31,7 @@ from enorm.protocol import (
     ProbeResult,
     Rejection,
     Resources,
+    ServerInfo,
     SetupResponse,
     TerminateResult,
     parse_setup,
@@ -46,7 +47,7 @@ class SimNode:
     """One simulated node: its resources and servers, as a board of 4 cores would have."""
 
     name: str
-    servers: dict[str, int] = field(default_factory=dict)  # server id -> users
+    servers: dict[str, ServerInfo] = field(default_factory=dict)
     down: bool = False
 
     def free_units(self) -> int:
@@ -123,12 +124,24 @@ class Fleet:
                 error="insufficient_resources", detail="no free unit",
                 free=n.offer().free).model_dump(mode="json"), status=409)
         sid = secrets.token_hex(4)
-        n.servers[sid] = len(req.users)
-        port = 20000 + len(n.servers)
+        port = 20001 + len(n.servers)
+        ports = {p: port + 1 for p in req.ports}
+        n.servers[sid] = ServerInfo(
+            id=sid, app=req.app, owner="fleet", priority=req.priority, state="running",
+            container=f"sim-{sid}", address="10.0.3.2", access_port=port, ports=ports,
+            limits=UNIT, users=len(req.users), latency_objective_ms=req.latency_objective_ms,
+            override=req.override, termination="single", created_at=time.time())
         return web.json_response(SetupResponse(
             server_id=sid, container=f"sim-{sid}", address="10.0.3.2",
-            access=Access(host="127.0.0.1", port=port), ports={p: port + 1 for p in req.ports},
+            access=Access(host="127.0.0.1", port=port), ports=ports,
             limits=UNIT, redis_password="x").model_dump(mode="json"), status=201)
+
+    async def list_servers(self, request: web.Request) -> web.Response:
+        n = self.node(request)
+        self.asked["servers"] += 1
+        await self.delay()
+        self.node(request)
+        return web.json_response([s.model_dump(mode="json") for s in n.servers.values()])
 
     async def terminate(self, request: web.Request) -> web.Response:
         n = self.node(request)
@@ -171,6 +184,7 @@ class Fleet:
             web.get("/n/{node}/v1/node", self.get_offer),
             web.post("/n/{node}/v1/probe", self.probe),
             web.post("/n/{node}/v1/servers", self.setup),
+            web.get("/n/{node}/v1/servers", self.list_servers),
             web.delete("/n/{node}/v1/servers/{sid}", self.terminate),
             web.post("/ctl/{what:down|up}", self.ctl),
             web.get("/ctl/stats", self.stats),

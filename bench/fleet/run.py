@@ -62,8 +62,10 @@ def _ms(x: float | None) -> float | None:
 class Run:
     def __init__(self, nodes: int, procs: int = 4, interval_s: float = 5.0,
                  max_rate: float = 200.0, workers: int = 2, group: int = 100,
-                 churn: float = 0.0) -> None:
+                 churn: float = 0.0, orphans_interval_s: float = 0.0,
+                 orphans_grace_s: float = 300.0) -> None:
         self.nodes, self.procs, self.interval_s = nodes, procs, interval_s
+        self.orphans_interval_s, self.orphans_grace_s = orphans_interval_s, orphans_grace_s
         self.max_rate, self.workers, self.group, self.churn = max_rate, workers, group, churn
         self.cluster = Cluster()
         self.tmp = Path(tempfile.mkdtemp(prefix="enorm-fleet-run-"))
@@ -105,11 +107,17 @@ class Run:
                              "--interval", str(self.interval_s),
                              "--max-rate", str(self.max_rate), "--down-after", "1",
                              "--workers", str(self.workers), "--group", str(self.group),
+                             "--orphans-interval", str(self.orphans_interval_s),
+                             "--orphans-grace", str(self.orphans_grace_s),
                              "--keep", str(max(1, 2 * self.nodes // (self.procs * self.workers)))],
                             self.tmp / f"m{i}.log")
             self.managers.append((p, out))
         self.period_s = registry_mod.period(self.nodes, self.interval_s, self.max_rate)
         self.ttl_s = registry_mod.ttl(1.0, self.period_s, 2.0)
+        # an orphan is ended this long after its handshake at most (orphans.py)
+        self.orphans_bound_s = (self.orphans_grace_s + 2 * registry_mod.period(
+            self.nodes, self.orphans_interval_s, self.max_rate) + 2.0
+            if self.orphans_interval_s > 0 else None)
         return self
 
     def stop(self) -> None:
@@ -245,6 +253,10 @@ class Run:
         while time.time() < deadline and not (len(up) > n and up[-1] >= 0.97 * self.nodes):
             time.sleep(0.5)
         stop.set()
+        if "killed_process" in events and self.orphans_bound_s is not None:
+            # the survivors go on until the killed process's orphans are past their bound
+            time.sleep(max(0.0, events["killed_process"]["at"] + self.orphans_bound_s
+                           - time.time()))
         outs = self.collect()
         done = [(at, s) for o in outs for at, s in o["offload_s"]]
         inside = [s for at, s in done if t0 <= at <= t1]
@@ -262,6 +274,9 @@ class Run:
                "failed": {k: sum(o["failed"].get(k, 0) for o in outs)
                           for k in {k for o in outs for k in o["failed"]}},
                "turns_won_per_process": [o["turns_won"] for o in outs],
+               "orphans_reconcile": {k: sum((o["orphans"] or {}).get(k, 0) for o in outs)
+                                     for k in {k for o in outs for k in o["orphans"] or {}}},
+               "orphans_bound_s": self.orphans_bound_s,
                "manager_rss_mb": [round(o["rss_mb"], 1) for o in outs],
                "nodes_up_min": min(up) if up else None,
                "nodes_up_at_end": up[-1] if up else None}

@@ -161,6 +161,34 @@ def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(c
     assert not [k for k in datasync.user_keys(cloud, ["u1"]) if b"served-by" in k]
 
 
+def test_a_server_ended_before_its_record_is_never_recorded_nor_pointed_at(cloud):
+    """The ended mark (issue 32): the orphans' reconcile fences a server the ledger does
+    not know before it ends it, and a withdrawal marks its deployment, so that a record
+    or a repair that comes late writes nothing that lasts."""
+    led = Ledger(cloud)
+    users = [User(id=f"f{i}", address="10.1.0.1") for i in range(5)]
+    late = Entry(server_id="o1", node="n0", app="g", url="http://o", users=users[:2])
+    assert led.fence("o1")
+    with pytest.raises(ledger_mod.Ended, match="o1"):
+        led.record(late)
+    assert led.get("o1") is None and led.where("f0") is None and "o1" not in led.ids()
+    # a recorded server is known: not fenced
+    kept = Entry(server_id="k1", node="n0", app="g", url="http://k", users=users[2:4])
+    led.record(kept)
+    assert not led.fence("k1") and led.where("f2").server_id == "k1"
+    # a repair of a deployment withdrawn meanwhile takes back what it wrote
+    led.forget("k1")
+    assert led.repair([kept]) == 2 and led.where("f2") is None
+    with pytest.raises(ledger_mod.Ended):
+        led.record(kept)
+    # a record cut between the deployment and the rest is finished
+    half = Entry(server_id="h1", node="n1", app="g", url="http://h", users=users[4:])
+    cloud.set(ledger_mod.deployment_key("h1"), half.to_json())
+    assert "h1" not in led.ids() and led.where("f4") is None
+    assert led.finish(half) == 1
+    assert "h1" in led.ids() and led.where("f4").server_id == "h1" and led.finish(half) == 0
+
+
 def test_a_ledger_of_the_old_shape_is_adopted(cloud):
     old = Entry(server_id="s1", node="n0", app="g", url="http://x",
                 users=[User(id="cloud", address="10.0.0.1")])

@@ -1,0 +1,178 @@
+"""Orphans: servers on the nodes that the ledger does not know, found and ended.
+
+An offload is recorded in the ledger once its node admitted the server; a process killed
+in between leaves a server nobody will withdraw (an orphan), and a record cut half-way
+leaves a deployment unlisted or users not pointing at it. This reconcile finds both from
+the nodes' side, so that its cost follows the servers, not the ledger: its turns are
+shared between the cloud-manager processes as the heartbeats' are (a lease per shard and
+turn, `registry.run_turns`), each node is asked for its servers (`GET /v1/servers`, the
+cloud's own token sees its own) once a period, stretched so that the fleet's requests
+stay under `max_rate` a second, and each server of this app is judged (`judge`, pure):
+
+    recorded, created within `window_s`  FINISH     its record may have been cut: the
+                                                    deployment listed and its users'
+                                                    pointers repaired (`Ledger.finish`)
+    recorded                             KNOWN
+    not recorded, younger than `grace_s` IN_FLIGHT  an offload between its handshake and
+                                                    its record: left alone
+    not recorded, older                  ORPHAN     fenced (`Ledger.fence`: a record that
+                                                    comes late fails, `Ended`), then
+                                                    terminated on its node, which merges
+                                                    its data back to the cloud first
+
+So an orphan is ended within `grace_s + 2 period + timeout` of its handshake (its node's
+next turn after the grace, one missed turn tolerated), and never while its record can
+still land; a deployment is young (`window_s`) for the grace, two periods and the time
+a record is retried through a failover (`ledger.RETRY_S`). Only for a cloud whose offloads are recorded in the ledger (enorm-cloud, the
+policy loop, processes that record as they do): a server this process holds in memory is
+known, and the servers of other apps are not looked at, but a server of this app that a
+process offloaded without recording it is an orphan to this reconcile. The grace is
+counted on the node's clock (the server's `created_at`): a skew moves it by as much.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from .edge_client import EdgeClient, EdgeError
+from .ledger import RETRY_S, Ledger, deployment_key
+from .registry import SHARDS, period, run_turns, shard
+
+if TYPE_CHECKING:
+    from enorm.protocol import ServerInfo
+
+    from .orchestrator import CloudManager
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(StrEnum):
+    KNOWN = "known"
+    FINISH = "finish"
+    IN_FLIGHT = "in_flight"
+    ORPHAN = "orphan"
+
+
+def judge(recorded: bool, age_s: float, grace_s: float, window_s: float) -> Verdict:
+    """What a server of this app found on its node is (module docstring's table)."""
+    if recorded:
+        return Verdict.FINISH if age_s < window_s else Verdict.KNOWN
+    return Verdict.IN_FLIGHT if age_s < grace_s else Verdict.ORPHAN
+
+
+class Orphans:
+    """The reconcile of the nodes' servers against the ledger (module docstring)."""
+
+    def __init__(self, cm: CloudManager, ledger: Ledger, interval_s: float = 60.0,
+                 grace_s: float = 300.0, max_rate: float = 50.0, workers: int = 8) -> None:
+        if cm.registry is None:
+            raise ValueError("the orphans' reconcile needs a registry (its turn leases)")
+        if not (interval_s > 0 and grace_s >= 0 and max_rate > 0):
+            raise ValueError("interval_s and max_rate must be > 0, grace_s >= 0")
+        self.cm, self.ledger, self.registry = cm, ledger, cm.registry
+        self.grace_s, self.workers = grace_s, workers
+        self.period_s = period(len(cm.edges), interval_s, max_rate)
+        # A record cut half-way (retried through a failover until it was) is found at
+        # its node's first turn after it: young is what may not have been seen since.
+        self.window_s = grace_s + 2 * self.period_s + RETRY_S
+        self.by_shard: dict[int, list[EdgeClient]] = {}
+        for e in cm.edges:
+            self.by_shard.setdefault(shard(e.name), []).append(e)
+        self.counts: Counter[str] = Counter()  # what was done, by verdict (bench, tests)
+        self._owner = f"{id(self):x}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def turn(self, i: int, pool: ThreadPoolExecutor | None = None) -> bool:
+        """Turn number `i` (shard `i % SHARDS`): if this process wins its lease, check
+        the shard's nodes (in `pool` if given, so that a slow node holds up no other
+        turn), and say so."""
+        k = i % SHARDS
+        edges = self.by_shard.get(k)
+        if not edges or not self.registry.claim(k, i, self.period_s, self._owner, "orphans"):
+            return False
+        if pool is None:
+            self.check(edges)
+        else:
+            pool.submit(self._check, i, edges)
+        return True
+
+    def _check(self, i: int, edges: Sequence[EdgeClient]) -> None:
+        try:
+            self.check(edges)
+        except Exception:  # a Redis outage: the shard's next turn runs
+            log.exception("orphans turn %d failed", i)
+
+    def check(self, edges: Sequence[EdgeClient]) -> dict[str, Verdict]:
+        """Each server of this app on `edges`, judged and dealt with; server id ->
+        verdict. A node that does not answer is passed over until its next turn."""
+        with ThreadPoolExecutor(max(1, min(self.workers, len(edges)))) as pool:
+            listed = list(pool.map(self._servers, edges))
+        with self.cm.lock:
+            live = set(self.cm.deployments)
+        found = [(e, s) for e, servers in zip(edges, listed, strict=True) for s in servers
+                 if s.app == self.cm.app.name and s.id not in live
+                 and s.state in ("launching", "running")]
+        if not found:
+            return {}
+        pipe = self.ledger.r.pipeline(transaction=False)
+        for _, s in found:
+            pipe.exists(deployment_key(s.id))
+        recorded = pipe.execute()
+        now, out = time.time(), {}
+        for (edge, s), rec in zip(found, recorded, strict=True):
+            v = judge(bool(rec), now - s.created_at, self.grace_s, self.window_s)
+            if v is Verdict.FINISH:
+                if (e := self.ledger.get(s.id)) is not None:
+                    self.ledger.finish(e)
+            elif v is Verdict.ORPHAN:
+                v = self._end(edge, s)
+            out[s.id] = v
+            self.counts[v] += 1
+        return out
+
+    def _servers(self, edge: EdgeClient) -> list[ServerInfo]:
+        try:
+            return edge.servers()
+        except EdgeError as exc:
+            log.info("orphans: %s did not list its servers: %s", edge.name, exc)
+            return []
+
+    def _end(self, edge: EdgeClient, s: ServerInfo) -> Verdict:
+        if not self.ledger.fence(s.id):  # recorded since it was read: known
+            return Verdict.KNOWN
+        log.warning("server %s on %s is not in the ledger %.0f s after its handshake: "
+                    "ending it (its data merged back)", s.id, edge.name,
+                    time.time() - s.created_at)
+        try:
+            edge.terminate(s.id)
+        except EdgeError as exc:  # fenced: ended at its node's next turn
+            log.warning("orphan %s on %s: %s", s.id, edge.name, exc)
+        return Verdict.ORPHAN
+
+    def _run(self) -> None:
+        pool = ThreadPoolExecutor(4, thread_name_prefix="enorm-orphans")
+        try:
+            run_turns(self.period_s, self._stop, lambda i: self.turn(i, pool), "orphans")
+        finally:  # a check in flight is not waited for: its node's next turn redoes it
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="enorm-orphans")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
