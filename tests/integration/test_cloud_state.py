@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 from redis.crc import key_slot
 
+from cloud_manager import EdgeClient
 from cloud_manager import ledger as ledger_mod
 from cloud_manager import registry as registry_mod
 from cloud_manager.ledger import Entry, Ledger
-from cloud_manager.placement import order, summary_candidate
+from cloud_manager.placement import Placer, Weights, order, summary_candidate
 from cloud_manager.registry import Registry
 from enorm import datasync
-from enorm.protocol import NodeOffer, Resources, User
+from enorm.protocol import NodeOffer, Resources, SetupRequest, User
 
 
 def offer(name: str, free_cores: float = 2.0) -> NodeOffer:
@@ -114,6 +116,31 @@ def test_the_rank_gives_the_shortlist_a_whole_fleet_read_would_without_reading_i
     assert best[0] not in dict(reg.ranked(16, fits))
     assert all(cloud.zscore(registry_mod.rank_key(registry_mod.shard(best[0])), best[0])
                is None for _ in [0])
+
+
+def test_a_placement_among_a_large_fleet_probes_the_rank_s_shortlist_and_the_near(cloud):
+    """Placer (issue 32): of 600 nodes, the 16 of the rank's shortlist and the node named
+    near are probed (here they do not answer: latency unknown, so the summaries decide),
+    in the order a ranking of every summary gives; with weights other than the
+    registry's the whole fleet is read instead, and names the nodes down."""
+    reg = Registry(cloud, down_after_s=10.0)
+    rng = random.Random(3)
+    reg.record_many([registry_mod.Answer(
+        f"p{i}", "http://127.0.0.1:1", offer(f"p{i}", free_cores=rng.choice([1.0, 4.0])
+                                              ).model_copy(update={"load": rng.uniform(0, 2)}),
+        at=time.time() - (100 if i < 30 else 0)) for i in range(600)], ttl_s=30.0)
+    edges = [EdgeClient("http://127.0.0.1:1", "t", name=f"p{i}", retries=0, timeout=0.5)
+             for i in range(600)]
+    req = SetupRequest.model_construct(priority=5, users=[])
+    sums = reg.summaries()
+    whole = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
+    near = next(n for n in whole[100:] if n in sums)
+    order_, refused, placed = Placer(reg, "scored").place(edges, req, near=[near])
+    names = [e.name for e in order_]
+    assert names[:16] == whole[:16] and near in placed["nodes"] and len(placed["nodes"]) == 17
+    assert len(names) <= 4 * 64 and not refused  # the rank's first page, not the fleet
+    order_, refused, _ = Placer(reg, "scored", Weights(load=0.5)).place(edges, req)
+    assert len(order_) == 570 and len(refused) == 30
 
 
 def test_the_ledger_spreads_and_a_user_who_moved_on_keeps_the_newer_deployment(cloud):
