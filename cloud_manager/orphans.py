@@ -23,10 +23,12 @@ stay under `max_rate` a second, and each server of this app is judged (`judge`, 
 So an orphan is ended within `grace_s + 2 period + timeout` of its handshake (its node's
 next turn after the grace, one missed turn tolerated), and never while its record can
 still land; a deployment is young (`window_s`) for the grace, two periods and the time
-a record is retried through a failover (`ledger.RETRY_S`). Only for a cloud whose offloads are recorded in the ledger (enorm-cloud, the
-policy loop, processes that record as they do): a server this process holds in memory is
-known, and the servers of other apps are not looked at, but a server of this app that a
-process offloaded without recording it is an orphan to this reconcile. The grace is
+a record is retried through a failover (`ledger.RETRY_S`).
+
+Only for a cloud whose offloads are recorded in the ledger (enorm-cloud, the policy loop,
+processes that record as they do): a server this process holds in memory is known, and
+the servers of other apps are not looked at, but a server of this app that a process
+offloaded without recording it is an orphan to this reconcile. The grace is
 counted on the node's clock (the server's `created_at`): a skew moves it by as much.
 """
 

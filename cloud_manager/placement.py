@@ -97,7 +97,9 @@ class Summary:
         u = offer.unit
         units = min(offer.free.cores / u.cores if u.cores else 0.0,
                     offer.free.memory_mb / u.memory_mb if u.memory_mb else 0.0)
-        return cls(units, offer.load, offer.min_priority, offer.admission == "preempt")
+        # rounded as `encode` writes it: the registry's rank and its readers agree
+        return cls(round(units, 3), round(offer.load, 3), offer.min_priority,
+                   offer.admission == "preempt")
 
     def encode(self) -> str:
         return f"{self.free_units:.3f} {self.load:.3f} {self.min_priority} {int(self.preempt)}"

@@ -4,9 +4,12 @@ It lives in the cloud Redis (standalone or a Redis Cluster), so that several
 cloud-manager processes share one view, and it spreads over the cluster's slots: each
 node's state is its own key under the node's hash tag (`enorm:node:{<name>}`), and the
 index that lists the nodes is cut into `SHARDS` sorted sets (`enorm:{registry:<k>}:nodes`,
-node -> the time it counts as down, and as many hashes of summaries, node -> what
-placement ranks by), so no slot holds the whole fleet and "who is up" is a range read
-per shard, not a read of every node. Writes are retried through a master's failover.
+node -> the time it counts as down), so no slot holds the whole fleet and "who is up" is
+a range read per shard, not a read of every node. What placement reads is cut into
+`RANK_SHARDS` larger pieces, each a hash of summaries (node -> when it counts as down,
+what placement ranks it by) and a rank (node -> its cost but the latency), so that a
+placement reads the best few of each piece in a few commands. Writes are retried through
+a master's failover.
 
 Heartbeats come from the configured list: the cloud manager asks each node for its
 offer (`GET /v1/node`: free resources, unit, load, admission policy); the node needs no
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from enorm import datasync
 from enorm.datasync.transport import masters
@@ -56,10 +60,27 @@ SHARDS = 64
 NEVER = 0.0
 
 
-# KEYS: a shard's rank, index and summaries; ARGV: now, an offset into the rank, how many.
-# The next ARGV[3] nodes of the rank from the offset that are up (their index time not
-# past), as {the offset after them (-1: the rank ended), node, score, summary, ...}; the
-# nodes down that it passes leave the rank (their next answer puts them back).
+# How many pieces the placement's view is cut into (`rank_key`, `summary_key`): fewer than
+# the index, so that a placement's reading is a few commands (one per piece and round).
+RANK_SHARDS = 16
+
+
+def _rank_tag(j: int) -> str:
+    """The hash tag of rank shard `j`: the first `rank:<j>.<n>` whose slot is in the j-th
+    sixteenth of the slot space, so that the pieces spread evenly over any masters that
+    hold contiguous ranges of slots (as a cluster is created)."""
+    n = 0
+    while key_slot(f"rank:{j}.{n}".encode()) * RANK_SHARDS // 16384 != j:
+        n += 1
+    return f"rank:{j}.{n}"
+
+
+RANK_TAGS = tuple(_rank_tag(j) for j in range(RANK_SHARDS))
+
+# KEYS: a rank shard's rank and its summaries; ARGV: now, an offset into the rank, how
+# many. The next ARGV[3] nodes of the rank from the offset that are up (the time in their
+# summary not past), as {the offset after them (-1: the rank ended), node, score, summary,
+# ...}; the nodes down that it passes leave the rank (their next answer puts them back).
 RANKED = """
 local now, at, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, found = {0}, 0
@@ -68,14 +89,14 @@ while found < want do
   local names = {}
   for i = 1, #page, 2 do names[#names + 1] = page[i] end
   if #names == 0 then out[1] = -1; return out end
-  local downs = redis.call('ZMSCORE', KEYS[2], unpack(names))
-  local sums = redis.call('HMGET', KEYS[3], unpack(names))
+  local sums = redis.call('HMGET', KEYS[2], unpack(names))
   local gone = {}
   for j, n in ipairs(names) do
-    if not (downs[j] and tonumber(downs[j]) >= now and sums[j]) then
+    local down, summary = string.match(sums[j] or '', '^(%S+) (.*)$')
+    if not (down and tonumber(down) >= now) then
       gone[#gone + 1] = n
     elseif found < want then
-      out[#out + 1] = n; out[#out + 1] = page[2 * j]; out[#out + 1] = sums[j]
+      out[#out + 1] = n; out[#out + 1] = page[2 * j]; out[#out + 1] = summary
       found, at = found + 1, at + 1
     end
   end
@@ -105,16 +126,21 @@ def index_key(k: int) -> str:
     return f"enorm:{{registry:{k}}}:nodes"
 
 
-def summary_key(k: int) -> str:
-    """Shard `k`'s summaries: node -> what placement ranks by (`Summary`), so that the
-    placement among the whole fleet reads a few hashes, not every node's offer."""
-    return f"enorm:{{registry:{k}}}:summaries"
+def rank_shard(name: str) -> int:
+    """A node's piece of the placement's view."""
+    return shard(name) % RANK_SHARDS
 
 
-def rank_key(k: int) -> str:
-    """Shard `k`'s rank: node -> its `placement.base_cost` (the cost but the latency), so
-    that a placement reads the best few of each shard (`Registry.ranked`), not all."""
-    return f"enorm:{{registry:{k}}}:rank"
+def summary_key(j: int) -> str:
+    """Rank shard `j`'s summaries: node -> when it counts as down and what placement ranks
+    it by (`Summary`), so that the placement reads a few hashes, not every node's offer."""
+    return f"enorm:{{{RANK_TAGS[j]}}}:summaries"
+
+
+def rank_key(j: int) -> str:
+    """Rank shard `j`'s rank: node -> its `placement.base_cost` (the cost but the
+    latency), so that a placement reads the best few of each (`Registry.ranked`)."""
+    return f"enorm:{{{RANK_TAGS[j]}}}:rank"
 
 
 def poll_key(k: int, turn: int, job: str = "poll") -> str:
@@ -225,10 +251,11 @@ class Registry:
                                o.ttl_s if o else ttl_s)
             pipe.set(node_key(a.name), json.dumps(st.as_dict()))
             if a.offer is not None:
-                k, summary = shard(a.name), Summary.of(a.offer)
-                pipe.zadd(index_key(k), {a.name: st.down_at(self.down_after_s)})
-                pipe.hset(summary_key(k), a.name, summary.encode())
-                pipe.zadd(rank_key(k), {a.name: base_cost(summary, self.weights)})
+                j, summary, down = rank_shard(a.name), Summary.of(a.offer), st.down_at(
+                    self.down_after_s)
+                pipe.zadd(index_key(shard(a.name)), {a.name: down})
+                pipe.hset(summary_key(j), a.name, f"{down!r} {summary.encode()}")
+                pipe.zadd(rank_key(j), {a.name: base_cost(summary, self.weights)})
             else:  # listed, with the bound it had
                 pipe.zadd(index_key(shard(a.name)), {a.name: st.down_at(self.down_after_s)},
                           nx=True)
@@ -286,23 +313,22 @@ class Registry:
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(node_key(name))
         pipe.zrem(index_key(shard(name)), name)
-        pipe.hdel(summary_key(shard(name)), name)
-        pipe.zrem(rank_key(shard(name)), name)
+        pipe.hdel(summary_key(rank_shard(name)), name)
+        pipe.zrem(rank_key(rank_shard(name)), name)
         pipe.execute()
 
     def summaries(self) -> dict[str, Summary]:
-        """The nodes up now, each with its `Summary`: two reads per shard, pipelined."""
+        """The nodes up now, each with its `Summary`: a read per rank shard, pipelined."""
         pipe = self.r.pipeline(transaction=False)
         now = self.clock()
-        for k in range(SHARDS):
-            pipe.zrangebyscore(index_key(k), now, "+inf")
-            pipe.hgetall(summary_key(k))
-        replies = pipe.execute()
+        for j in range(RANK_SHARDS):
+            pipe.hgetall(summary_key(j))
         out = {}
-        for up, sums in zip(replies[::2], replies[1::2], strict=True):
-            for n in up:
-                if (raw := sums.get(n)) is not None:
-                    out[n.decode() if isinstance(n, bytes) else n] = Summary.decode(raw)
+        for sums in pipe.execute():
+            for n, raw in sums.items():
+                down, summary = _text(raw).split(" ", 1)
+                if float(down) >= now:
+                    out[_text(n)] = Summary.decode(summary)
         return out
 
     def ranked(self, want: int, keep: Callable[[str, Summary], bool],
@@ -313,11 +339,11 @@ class Registry:
         them (its last node read is below the `want`-th best kept so far), pages twice
         as long each round, one round trip each; after `rounds` (a fleet where `keep`
         refuses nearly all) what was read is all there is."""
-        now, page = self.clock(), 2 * math.ceil(want / SHARDS) + 2
-        at = dict.fromkeys(range(SHARDS), 0)  # the next offset into each shard's rank
+        now, page = self.clock(), 2 * math.ceil(want / RANK_SHARDS) + 2
+        at = dict.fromkeys(range(RANK_SHARDS), 0)  # the next offset into each shard's rank
         last: dict[int, float] = {}
         read: list[tuple[float, str, Summary]] = []
-        shards = list(range(SHARDS))
+        shards = list(range(RANK_SHARDS))
         for _ in range(rounds):
             replies = self._pages(shards, now, at, page)
             for k, reply in zip(shards, replies, strict=True):
@@ -340,8 +366,8 @@ class Registry:
         for attempt in (1, 2):
             pipe = self.r.pipeline(transaction=False)
             for k in shards:
-                pipe.execute_command("EVALSHA", RANKED_SHA, 3, rank_key(k), index_key(k),
-                                     summary_key(k), repr(now), at[k], page)
+                pipe.execute_command("EVALSHA", RANKED_SHA, 2, rank_key(k), summary_key(k),
+                                     repr(now), at[k], page)
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:

@@ -394,8 +394,12 @@ class Run:
             two.append(time.perf_counter() - t)
         reg_keys = [registry_mod.node_key(n) for n in node_names(0, min(self.nodes, 200))]
         node_bytes = statistics.mean(int(self.r.memory_usage(k) or 0) for k in reg_keys)
-        index_bytes = sum(int(self.r.memory_usage(registry_mod.index_key(k)) or 0)
-                          for k in range(registry_mod.SHARDS))
+        # the index, and the placement's summaries and rank (not counted before issue 32's
+        # rank: the index alone)
+        index_bytes = sum(int(self.r.memory_usage(key) or 0) for key in [
+            *map(registry_mod.index_key, range(registry_mod.SHARDS)),
+            *map(registry_mod.summary_key, range(registry_mod.RANK_SHARDS)),
+            *map(registry_mod.rank_key, range(registry_mod.RANK_SHARDS))])
         return {"users": groups * self.group, "fill_s": round(fill_s, 1), "where_wrong": wrong,
                 "where_ms_p50": _ms(pct(lat, 0.5)), "where_ms_p99": _ms(pct(lat, 0.99)),
                 "where_two_reads_ms_p50": _ms(pct(two, 0.5)),
