@@ -3,7 +3,9 @@
 Per size: 4 cloud-manager processes on a 3-master cluster with replicas, heartbeats
 alone for a phase, then offloads; the largest size also fills the ledger to `--users`
 users and times `where`; with `--faults`, during the offloads of every size a master is
-killed (kill -9, its replica promoted) and one cloud-manager process half-way (kill -9).
+killed (kill -9, its replica promoted) and one cloud-manager process half-way (kill -9),
+whose orphans the others' reconcile ends (`--orphans-*`; the survivors run until they
+are past their bound).
 Results: bench/results/fleet.json and fleet.png (BENCHMARKS.md).
 """
 
@@ -23,11 +25,12 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def one(n: int, a: argparse.Namespace, users: int) -> dict:
     run = Run(n, procs=a.procs, interval_s=a.interval, max_rate=a.max_rate,
-              workers=a.workers, churn=a.churn).start()
+              workers=a.workers, churn=a.churn, orphans_interval_s=a.orphans_interval,
+              orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate).start()
     try:
         warm = run.warm_up(timeout=run.period_s * 3 + 60)
         hb = run.heartbeats(max(a.seconds, run.ttl_s * 1.5 + 5))
-        decision = run.decision()
+        decision = run.decision(rounds=a.decisions)
         off = run.offloads(a.seconds, failover=a.faults, kill_process=a.faults)
         res = {"nodes": n, "processes": a.procs, "warm_up_s": round(warm, 1),
                "heartbeats": hb, "placement_alone": decision,
@@ -61,7 +64,10 @@ def plot(results: list[dict], path: Path) -> None:
     ax[1].set_title("busiest master's share of ops"), ax[1].legend()
     for q in ("p50", "p99"):
         ax[2].plot(ns, [r["placement_alone"][f"decision_ms_{q}"] for r in results], "o-",
-                   label=f"decision alone, {q}")
+                   label=f"decision alone (rank), {q}")
+        if all("whole_fleet_ms_p50" in r["placement_alone"] for r in results):
+            ax[2].plot(ns, [r["placement_alone"][f"whole_fleet_ms_{q}"] for r in results],
+                       "x:", label=f"decision alone (whole fleet), {q}")
     ax[2].plot(ns, [r["offloads"]["placement_ms_p50"] for r in results], "s--",
                label="with the probes of 16 nodes, p50")
     ax[2].set_xscale("log"), ax[2].set_yscale("log"), ax[2].set_xlabel("candidates (nodes)")
@@ -82,6 +88,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--churn", type=float, default=0.0)
     ap.add_argument("--faults", action="store_true")
+    ap.add_argument("--orphans-interval", type=float, default=5.0,
+                    help="the orphans' reconcile in every process (0: none)")
+    ap.add_argument("--orphans-grace", type=float, default=5.0)
+    ap.add_argument("--orphans-rate", type=float, default=400.0)
+    ap.add_argument("--decisions", type=int, default=100,
+                    help="placement decisions timed alone, each way")
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3600.0)
     ap.add_argument("--orphans-interval", type=float, default=0.0, help="0: no reconcile")
     ap.add_argument("--orphans-grace", type=float, default=300.0)
+    ap.add_argument("--orphans-rate", type=float, default=200.0)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     sims = [tuple(int(x) for x in s.split(":")) for s in a.sims.split(",")]
@@ -147,7 +148,7 @@ def main() -> None:
     print(f"ready {a.name} {len(fleet)} period {beats.period_s:g} ttl {beats.ttl_s:g}",
           flush=True)
     ledger = Ledger(cloud)
-    orphans = (cm.start_orphans(ledger, a.orphans_interval, a.orphans_grace, a.max_rate)
+    orphans = (cm.start_orphans(ledger, a.orphans_interval, a.orphans_grace, a.orphans_rate)
                if a.orphans_interval > 0 else None)
     workers = [Worker(cm, ledger, a.group, a.keep, stop) for _ in range(a.workers)]
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]

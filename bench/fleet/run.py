@@ -63,9 +63,10 @@ class Run:
     def __init__(self, nodes: int, procs: int = 4, interval_s: float = 5.0,
                  max_rate: float = 200.0, workers: int = 2, group: int = 100,
                  churn: float = 0.0, orphans_interval_s: float = 0.0,
-                 orphans_grace_s: float = 300.0) -> None:
+                 orphans_grace_s: float = 300.0, orphans_max_rate: float = 200.0) -> None:
         self.nodes, self.procs, self.interval_s = nodes, procs, interval_s
         self.orphans_interval_s, self.orphans_grace_s = orphans_interval_s, orphans_grace_s
+        self.orphans_max_rate = orphans_max_rate
         self.max_rate, self.workers, self.group, self.churn = max_rate, workers, group, churn
         self.cluster = Cluster()
         self.tmp = Path(tempfile.mkdtemp(prefix="enorm-fleet-run-"))
@@ -109,6 +110,7 @@ class Run:
                              "--workers", str(self.workers), "--group", str(self.group),
                              "--orphans-interval", str(self.orphans_interval_s),
                              "--orphans-grace", str(self.orphans_grace_s),
+                             "--orphans-rate", str(self.orphans_max_rate),
                              "--keep", str(max(1, 2 * self.nodes // (self.procs * self.workers)))],
                             self.tmp / f"m{i}.log")
             self.managers.append((p, out))
@@ -116,7 +118,7 @@ class Run:
         self.ttl_s = registry_mod.ttl(1.0, self.period_s, 2.0)
         # an orphan is ended this long after its handshake at most (orphans.py)
         self.orphans_bound_s = (self.orphans_grace_s + 2 * registry_mod.period(
-            self.nodes, self.orphans_interval_s, self.max_rate) + 2.0
+            self.nodes, self.orphans_interval_s, self.orphans_max_rate) + 2.0
             if self.orphans_interval_s > 0 else None)
         return self
 
