@@ -15,12 +15,13 @@ through the deployment, two reads.
 
 A cluster has no transaction across slots, so the writes go in an order a reader
 tolerates when a process dies half-way: `record` writes the deployment, then its users'
-pointers; `forget` takes the pointers that still name it (compare-and-delete, so a user
-who moved on keeps the newer one), then the deployment. So a pointer never outlives its
-deployment, but for a `forget` run while the same deployment is still being recorded
-(its pointers written after the forget took them): nothing withdraws a server before its
-record is done (the orphans' reconcile fences one it ends, `fence`). A ledger written
-before (two hashes under `enorm:{cloud}`) is moved into this shape by `adopt_legacy`.
+pointers; `forget` marks the server ended (`enorm:deployment:{<server id>}:ended`), takes
+the pointers that still name it (compare-and-delete, so a user who moved on keeps the
+newer one), then the deployment. A record of a server marked ended fails (`Ended`), and
+whatever writes pointers (`record`, `repair`) looks for the mark after it wrote them and
+takes them back if it is there, so a pointer never outlives its deployment, even when a
+withdrawal, or the orphans' reconcile (`fence`), races a record. A ledger written before
+(two hashes under `enorm:{cloud}`) is moved into this shape by `adopt_legacy`.
 """
 
 from __future__ import annotations

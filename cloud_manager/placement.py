@@ -21,13 +21,13 @@ over), each node's offer and its own probe of a sample of the users.
 Of a large fleet only a shortlist is probed. All but the latency term of the cost is
 known before a request comes (`base_cost` of a node's `Summary`), so the registry keeps
 its nodes sorted by it as the heartbeats come (`Registry.ranked`) and a decision reads the
-best few of each shard, O(shortlist), not the fleet: the shortlist is the `probe_nodes`
+best few of each of its pieces, O(shortlist), not the fleet: the shortlist is the `probe_nodes`
 nodes up with the lowest `base_cost` that admit the request (exactly those a ranking of
 the whole fleet by its summaries would pick). What it cannot see is the latency: a node
 near the users but busier than the shortlist is not probed unless the caller names it
 (`near`: the nodes it knows to be near the users, e.g. from their locations, are probed
-besides the shortlist). A fleet where few nodes admit at all is read only so far (a few
-pages per shard); its nodes that admit past that are not asked.
+besides the shortlist). A fleet where few nodes admit at all is read only so far (three
+rounds of pages); if none of what was read admits, the whole fleet is read.
 """
 
 from __future__ import annotations
