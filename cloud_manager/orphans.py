@@ -35,7 +35,6 @@ counted on the node's clock (the server's `created_at`): a skew moves it by as m
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from .edge_client import EdgeClient, EdgeError
 from .ledger import RETRY_S, Ledger, deployment_key
-from .registry import SHARDS, period, run_turns, shard
+from .registry import SHARDS, TurnJob, period, run_turns, shard
 
 if TYPE_CHECKING:
     from enorm.protocol import ServerInfo
@@ -69,8 +68,10 @@ def judge(recorded: bool, age_s: float, grace_s: float, window_s: float) -> Verd
     return Verdict.IN_FLIGHT if age_s < grace_s else Verdict.ORPHAN
 
 
-class Orphans:
+class Orphans(TurnJob):
     """The reconcile of the nodes' servers against the ledger (module docstring)."""
+
+    thread_name = "enorm-orphans"
 
     def __init__(self, cm: CloudManager, ledger: Ledger, interval_s: float = 60.0,
                  grace_s: float = 300.0, max_rate: float = 50.0, workers: int = 8) -> None:
@@ -78,6 +79,7 @@ class Orphans:
             raise ValueError("the orphans' reconcile needs a registry (its turn leases)")
         if not (interval_s > 0 and grace_s >= 0 and max_rate > 0):
             raise ValueError("interval_s and max_rate must be > 0, grace_s >= 0")
+        super().__init__()
         self.cm, self.ledger, self.registry = cm, ledger, cm.registry
         self.grace_s, self.workers = grace_s, workers
         self.period_s = period(len(cm.edges), interval_s, max_rate)
@@ -89,8 +91,6 @@ class Orphans:
             self.by_shard.setdefault(shard(e.name), []).append(e)
         self.counts: Counter[str] = Counter()  # what was done, by verdict (bench, tests)
         self._owner = f"{id(self):x}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def turn(self, i: int, pool: ThreadPoolExecutor | None = None) -> bool:
         """Turn number `i` (shard `i % SHARDS`): if this process wins its lease, check
@@ -159,22 +159,10 @@ class Orphans:
             log.warning("orphan %s on %s: %s", s.id, edge.name, exc)
         return Verdict.ORPHAN
 
-    def _run(self) -> None:
+    def _run(self) -> None:  # (TurnJob)
         pool = ThreadPoolExecutor(4, thread_name_prefix="enorm-orphans")
         try:
             run_turns(self.period_s, self._stop, lambda i: self.turn(i, pool), "orphans")
         finally:  # a check in flight is not waited for: its node's next turn redoes it
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name="enorm-orphans")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None

@@ -405,9 +405,38 @@ def run_turns(period_s: float, stop: threading.Event, turn: Callable[[int], Any]
         stop.wait(max(0.0, (now + 1) * step - time.time()) + random.uniform(0, step / 4))
 
 
-class Heartbeats:
+class TurnJob:
+    """A job done in turns shared between the processes (`run_turns`), on a thread of
+    its own between `start` and `stop`; `_run` is the job's loop."""
+
+    thread_name = "enorm-turns"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=self.thread_name)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
+class Heartbeats(TurnJob):
     """Asks the configured nodes for their offers, at most `max_rate` requests/s across
     the processes sharing the registry, and records the answers (module docstring)."""
+
+    thread_name = "enorm-heartbeats"
 
     def __init__(self, registry: Registry, edges: Sequence[EdgeClient],
                  interval_s: float = 5.0, timeout_s: float = 2.0,
@@ -416,6 +445,7 @@ class Heartbeats:
             raise ValueError("interval_s must be > 0")
         if not max_rate > 0:
             raise ValueError("max_rate must be > 0")
+        super().__init__()
         self.registry, self.edges = registry, list(edges)
         self.interval_s, self.timeout_s, self.max_rate = interval_s, timeout_s, max_rate
         self.period_s = period(len(self.edges), interval_s, max_rate)
@@ -425,8 +455,6 @@ class Heartbeats:
             self.by_shard.setdefault(shard(e.name), []).append(e)
         self.workers = workers
         self.turns_won = 0  # shards this process polled (the bench reads it)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._owner = f"{id(self):x}"
         self._was_up: dict[str, bool] = {}
 
@@ -503,16 +531,4 @@ class Heartbeats:
             run_turns(self.period_s, self._stop, lambda i: self.turn(i, asks, writes),
                       "heartbeat")
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name="enorm-heartbeats")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
 
