@@ -35,6 +35,7 @@ counted on the node's clock (the server's `created_at`): a skew moves it by as m
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -91,6 +92,9 @@ class Orphans(TurnJob):
             self.by_shard.setdefault(shard(e.name), []).append(e)
         self.counts: Counter[str] = Counter()  # what was done, by verdict (bench, tests)
         self._owner = f"{id(self):x}"
+        self._lock = threading.Lock()
+        self._pending: set[int] = set()  # shards whose check is queued or running
+        self._finished: dict[str, float] = {}  # young deployments finished: id -> when
 
     def turn(self, i: int, pool: ThreadPoolExecutor | None = None) -> bool:
         """Turn number `i` (shard `i % SHARDS`): if this process wins its lease, check
@@ -102,8 +106,12 @@ class Orphans(TurnJob):
             return False
         if pool is None:
             self.check(edges)
-        else:
-            pool.submit(self._check, i, edges)
+            return True
+        with self._lock:  # a shard still being checked is not queued twice
+            if k in self._pending:
+                return True
+            self._pending.add(k)
+        pool.submit(self._check, i, edges)
         return True
 
     def _check(self, i: int, edges: Sequence[EdgeClient]) -> None:
@@ -111,6 +119,9 @@ class Orphans(TurnJob):
             self.check(edges)
         except Exception:  # a Redis outage: the shard's next turn runs
             log.exception("orphans turn %d failed", i)
+        finally:
+            with self._lock:
+                self._pending.discard(i % SHARDS)
 
     def check(self, edges: Sequence[EdgeClient]) -> dict[str, Verdict]:
         """Each server of this app on `edges`, judged and dealt with; server id ->
@@ -129,11 +140,18 @@ class Orphans(TurnJob):
             pipe.exists(deployment_key(s.id))
         recorded = pipe.execute()
         now, out = time.time(), {}
+        with self._lock:  # forget what is no longer young
+            self._finished = {k: t for k, t in self._finished.items()
+                              if now - t < self.window_s}
         for (edge, s), rec in zip(found, recorded, strict=True):
             v = judge(bool(rec), now - s.created_at, self.grace_s, self.window_s)
             if v is Verdict.FINISH:
-                if (e := self.ledger.get(s.id)) is not None:
+                if s.id in self._finished:  # once a process is enough: its record is done
+                    v = Verdict.KNOWN
+                elif (e := self.ledger.get(s.id)) is not None:
                     self.ledger.finish(e)
+                    with self._lock:
+                        self._finished[s.id] = now
             elif v is Verdict.ORPHAN:
                 v = self._end(edge, s)
             out[s.id] = v
