@@ -48,6 +48,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = sorted(results, key=lambda r: r["nodes"])
     ns = [r["nodes"] for r in results]
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     ax[0].plot(ns, [r["heartbeats"]["heartbeat_requests_per_s"] for r in results], "o-",
