@@ -165,6 +165,7 @@ class Placer:
         self.registry = registry
         self.policy, self.weights = policy, weights or Weights()
         self.probe_sample, self.probe_nodes = probe_sample, probe_nodes
+        self._names: tuple[Sequence[EdgeClient], int, dict[str, EdgeClient]] | None = None
 
     def place(self, nodes: Iterable[EdgeClient], req: SetupRequest,
               exclude: Iterable[str] = (), only: str | None = None,
@@ -176,19 +177,23 @@ class Placer:
         t0 = time.perf_counter()
         refused: dict[str, str] = {}
         skip = set(exclude)
-        edges = [e for e in nodes if e.name not in skip and only in (None, e.name)]
-        if only is not None and not edges:
-            raise ValueError(f"no edge node named {only!r} besides the excluded ones")
+        nodes = nodes if isinstance(nodes, Sequence) else list(nodes)
         summaries: dict[str, Summary] = {}
         ranked: list[str] = []
-        if (self.registry is not None and self.policy == "scored"
-                and len(edges) > self.probe_nodes and self.registry.weights == self.weights):
+        if (self.registry is not None and self.policy == "scored" and only is None
+                and len(nodes) - len(skip) > self.probe_nodes
+                and self.registry.weights == self.weights):
             # the best few by the registry's rank (sorted by this cost: with other
-            # weights the whole fleet is read below)
-            summaries = self._ranked(edges, req, near)
+            # weights the whole fleet is read below), nothing of the fleet walked
+            named = self._named(nodes)
+            summaries = self._ranked(named, skip, req, near)
             ranked = order([summary_candidate(n, s, req.priority)
                             for n, s in summaries.items()], "scored", self.weights)
-            edges = [e for e in edges if e.name in summaries]
+            edges = [named[n] for n in ranked]
+        if not ranked:
+            edges = [e for e in nodes if e.name not in skip and only in (None, e.name)]
+            if only is not None and not edges:
+                raise ValueError(f"no edge node named {only!r} besides the excluded ones")
         if not ranked and self.registry is not None:  # who is up, and their figures
             summaries = self.registry.summaries()
             edges, candidates = [], edges
@@ -226,19 +231,30 @@ class Placer:
                                "cost": round(cost(c, self.weights), 3)}
                       for c in cands}}
 
-    def _ranked(self, edges: Sequence[EdgeClient], req: SetupRequest,
+    def _named(self, nodes: Sequence[EdgeClient]) -> dict[str, EdgeClient]:
+        """`nodes` by name, kept while the same list is passed (a manager's edges), so
+        that a decision among a large fleet does not walk it."""
+        named = self._names
+        if named is None or named[0] is not nodes or named[1] != len(nodes):
+            named = self._names = (nodes, len(nodes), {e.name: e for e in nodes})
+        return named[2]
+
+    def _ranked(self, named: dict[str, EdgeClient], skip: set[str], req: SetupRequest,
                 near: Iterable[str]) -> dict[str, Summary]:
         """The summaries the registry's rank gives (at least the `2 probe_nodes` best of
-        `edges` that admit the request, if there are as many), and those of the nodes
-        `near` that are up; empty if none of them admits (a fleet nearly full, or a rank
-        not written yet): then the caller reads the whole fleet."""
+        the nodes `named`, not in `skip`, that admit the request, if there are as many),
+        and those of the nodes `near` that are up; empty if none of them admits (a fleet
+        nearly full, or a rank not written yet): then the caller reads the whole fleet."""
         assert self.registry is not None
-        names = {e.name for e in edges}
+
+        def mine(n: str) -> bool:
+            return n in named and n not in skip
+
         out = {n: s for n, s in self.registry.ranked(
             2 * self.probe_nodes,
-            lambda n, s: n in names and summary_candidate(n, s, req.priority).admits)
-            if n in names}
-        extra = [n for n in near if n in names and n not in out]
+            lambda n, s: mine(n) and summary_candidate(n, s, req.priority).admits)
+            if mine(n)}
+        extra = [n for n in near if mine(n) and n not in out]
         for n, st in (self.registry.up_among(extra) if extra else {}).items():
             if st is not None and st.offer is not None:
                 out[n] = Summary.of(st.offer)

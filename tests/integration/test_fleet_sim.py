@@ -61,8 +61,8 @@ def test_a_fleet_of_200_nodes_on_2_processes_through_a_failover_and_a_kill():
         assert check["deployments"] > 0, check
         assert check["users_in_two_deployments"] == 0 == check["users_without_pointer"], check
         # the orphans, this test's and what the kill left (the offloads it had in flight,
-        # admitted, not recorded), ended by the survivor's reconcile within their bound
-        assert off["orphans_reconcile"].get("orphan", 0) >= 1, off["orphans_reconcile"]
+        # admitted, not recorded), ended within their bound (this test's by whichever
+        # process's turn came: the killed one's counts are gone with it)
         assert orphan not in run.servers_on_nodes()
         assert check["servers_not_in_ledger"] == 0, check
         assert check["ledger_entries_without_server"] == 0, check
