@@ -114,6 +114,15 @@ def cleanup_floor(lxc_path: str) -> None:
             c.destroy()
 
 
+def setup_body(public_key_file_text: str) -> dict:
+    """The setup request of each server. The key is one line without its newline: the
+    API takes one authorized_keys line and refuses a trailing newline (a .pub file has
+    one)."""
+    return {"app": "board-figures", "priority": 5, "ports": [8080],
+            "users": [{"id": "1", "address": "127.0.0.2"}], "latency_objective_ms": 50,
+            "ssh_public_key": public_key_file_text.strip()}
+
+
 def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int,
             unit_name: str) -> dict:
     s = requests.Session()
@@ -123,17 +132,15 @@ def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int
     pid = daemon_pid(unit_name)
     time.sleep(2)
     idle = memory(pid)
-    pub = Path("/etc/ssh/ssh_host_ed25519_key.pub").read_text()
-    body = {"app": "board-figures", "priority": 5, "ports": [8080],
-            "users": [{"id": "1", "address": "127.0.0.2"}], "latency_objective_ms": 50,
-            "ssh_public_key": pub}
+    body = setup_body(Path("/etc/ssh/ssh_host_ed25519_key.pub").read_text())
     hs, ids, resize, term = [], [], [], []
     try:
         for _ in range(servers):
             t0 = time.perf_counter()
             r = s.post(base + "/v1/servers", json=body, timeout=300)
             hs.append(time.perf_counter() - t0)
-            r.raise_for_status()
+            if not r.ok:
+                raise RuntimeError(f"setup request: {r.status_code} {r.text[:500]}")
             ids.append(r.json()["server_id"])
         time.sleep(2)
         loaded = memory(pid)

@@ -3,6 +3,7 @@ packages come from, the VMs' network, the wheelhouse's platforms, the inventory.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +179,17 @@ def test_the_vm_runs_at_nice_10_not_10_more_than_make(monkeypatch, now, more) ->
 
     monkeypatch.setattr(boards.os, "nice", lambda inc: now)
     assert boards.at_nice() == ["nice", "-n", more]
+
+
+def test_the_onboard_figures_send_a_setup_request_the_node_takes(tmp_path: Path) -> None:
+    """The figures step on the amd64 board got 400 for every server: the key was read
+    from the host's .pub file, newline included, and the API takes one line without it."""
+    from bench.boards.onboard import setup_body
+    from enorm.protocol import SetupRequest
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    text = (tmp_path / "k.pub").read_text()
+    assert text.endswith("\n")
+    req = SetupRequest.model_validate(setup_body(text))
+    assert req.ssh_public_key == text.strip() and req.ports == [8080]
