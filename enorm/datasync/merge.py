@@ -242,9 +242,12 @@ def merge_back(
     cloud.
 
     With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
-    keys that the edge deleted are deleted on the cloud, and a key the cloud changed
-    during the offload is a conflict: counted, sampled, and resolved by policy: the edge
-    wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's value.
+    keys that the edge deleted are deleted on the cloud; a key the cloud changed during
+    the offload keeps the cloud's value when the edge still holds what was copied out
+    (`cloud_kept`; the digest leaves out the TTL, so a change of TTL alone on the edge is
+    not seen there), and is a conflict when the edge changed it too: counted, sampled,
+    and resolved by policy: the edge wins, except for keys matching a `cloud_wins`
+    pattern, which keep the cloud's value.
     The manifest is removed once the merge is verified. Without a manifest nothing is
     deleted and conflicts cannot be told.
 
