@@ -211,11 +211,32 @@ def test_keys_evicted_during_the_copy_fail_verification(pair):
         pipe.set(f"avatar:{{{u}}}", os.urandom(2048))
     pipe.execute()
     edge.config_set("maxmemory-policy", "allkeys-random")
+    # Evict until under the limit however long it takes: Redis's default gives up after
+    # a time limit, and on a loaded machine the next script would then meet the case of
+    # the test below (a write refused) instead of keys evicted behind the copy's back.
+    edge.config_set("maxmemory-eviction-tenacity", 100)
     edge.config_set("maxmemory", edge.info("memory")["used_memory"] + 4_000_000)
     with pytest.raises(datasync.VerificationFailed) as err:
         datasync.copy_users(cloud, edge, ids)
     assert edge.info("stats")["evicted_keys"] > 0
     assert err.value.keys and not any(edge.exists(k) for k in err.value.keys)
+
+
+def test_a_destination_out_of_memory_fails_the_copy_by_name(pair):
+    """A destination that refuses writes (maxmemory reached, noeviction) fails the copy
+    with a SyncError that says so; the source is untouched."""
+    cloud, edge, *_ = pair
+    ids = [str(u) for u in range(3000)]
+    pipe = cloud.pipeline(transaction=False)
+    for u in ids:
+        pipe.set(f"avatar:{{{u}}}", os.urandom(2048))
+    pipe.execute()
+    before = snapshot(cloud, all_user_keys(cloud))
+    edge.config_set("maxmemory-policy", "noeviction")
+    edge.config_set("maxmemory", edge.info("memory")["used_memory"] + 1_000_000)
+    with pytest.raises(datasync.SyncError, match="destination Redis refused.*maxmemory"):
+        datasync.copy_users(cloud, edge, ids)
+    assert snapshot(cloud, all_user_keys(cloud)) == before
 
 
 def test_unreachable_destination_raises_and_source_untouched(pair):
