@@ -124,13 +124,16 @@ def setup_body(public_key_file_text: str) -> dict:
 
 
 def resize_each(base: str, ids: list[str], unit: node_config.Unit,
-                headers: dict) -> tuple[list[float], list[str]]:
+                headers: dict) -> tuple[list[float], list[str], list[str]]:
     """Each server one unit up and back down, one at a time, so that a full board (8
     servers of one unit on 1 GB) still has the room for one more unit. A refusal (409,
-    no room) is counted and said, not fatal; anything else is."""
+    no room) and a server the node has ended meanwhile (404: its pressure watcher may end
+    one on a full board) are counted and said, not fatal; anything else is."""
     one = {"cores": unit.cores, "memory_mb": unit.memory_mb}
     two = {"cores": unit.cores * 2, "memory_mb": unit.memory_mb * 2}
-    times, refused = [], []
+    times: list[float] = []
+    refused: list[str] = []
+    gone: list[str] = []
     for sid in ids:
         for limits in (two, one):
             t0 = time.perf_counter()
@@ -140,12 +143,25 @@ def resize_each(base: str, ids: list[str], unit: node_config.Unit,
             if r.status_code == 409 and limits is two:
                 refused.append(f"{sid}: {r.text[:200]}")
                 break
+            if r.status_code == 404:
+                gone.append(sid)
+                break
             if not r.ok:
                 raise RuntimeError(f"resize of {sid}: {r.status_code} {r.text[:500]}")
             times.append(took)
     if not times:
-        raise RuntimeError(f"every resize was refused: {refused}")
-    return times, refused
+        raise RuntimeError(f"no resize done: refused {refused}, gone {gone}")
+    return times, refused, gone
+
+
+def ended_by_node(base: str, ids: list[str], headers: dict) -> dict[str, list[str]]:
+    """Why the node ended each of `ids` on its own: the reasons of its events."""
+    out = {}
+    for sid in ids:
+        r = requests.get(f"{base}/v1/events", params={"server": sid}, headers=headers,
+                         timeout=30)
+        out[sid] = [f"{e['type']}: {e['reason']}" for e in r.json()] if r.ok else [r.text]
+    return out
 
 
 def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int,
@@ -169,12 +185,17 @@ def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int
             ids.append(r.json()["server_id"])
         time.sleep(2)
         loaded = memory(pid)
-        resize, refused = resize_each(base, ids, cfg.unit, op)
+        node = requests.get(base + "/v1/node", headers=op, timeout=30).json()
+        loaded_node = {"servers": node["servers"], "free": node["free"],
+                       "basic_service": node["basic_service"]}
+        resize, refused, gone = resize_each(base, ids, cfg.unit, op)
     finally:
         for sid in ids:
             t0 = time.perf_counter()
             r = s.delete(f"{base}/v1/servers/{sid}", timeout=300)
-            term.append(time.perf_counter() - t0)
+            if r.ok:  # not one the node had ended already
+                term.append(time.perf_counter() - t0)
+    ended = ended_by_node(base, gone, op)
     floor_up, floor_resize, floor_down = [], [], []
     try:
         for i in range(servers):
@@ -191,7 +212,8 @@ def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int
         "handshake_over_floor": round(p50(hs) / p50(floor_up), 2),
         "resize_s": p50(resize), "resize_floor_s": p50(floor_resize),
         "resize_over_floor": round(p50(resize) / p50(floor_resize), 1),
-        "resize_refused_no_room": refused,
+        "resize_refused_no_room": refused, "ended_by_node": ended,
+        "node_loaded": loaded_node,
         "terminate_s": p50(term), "terminate_floor_s": p50(floor_down),
         "terminate_over_floor": round(p50(term) / p50(floor_down), 2),
         "daemon_idle": idle, "daemon_loaded": loaded, "bare_interpreter": bare,
