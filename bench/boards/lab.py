@@ -522,7 +522,9 @@ class BoardRun:
         with self.board.step("figures on the board (onboard)", self.log):
             p = self.vm.run(f"cd /opt/enorm/src && /opt/enorm/venv/bin/python -m "
                             f"bench.boards.onboard --token {TOKEN} --servers 8", timeout=3600)
-            self.board.figures["onboard"] = json.loads(p.stdout.strip().splitlines()[-1])
+            f = json.loads(p.stdout.strip().splitlines()[-1])
+            self.board.figures["onboard"] = f  # kept, whatever the check below says
+            check(f["floor_error"] is None, f"the bare floor: {f['floor_error']}")
 
     def no_memory_controller(self) -> None:
         """The same board booted as Raspberry Pi kernels ship: without a memory

@@ -91,8 +91,12 @@ def floor_once(i: int, cfg: node_config.NodeConfig) -> tuple[float, float, float
                  ("lxc.net.0.ipv4.gateway", str(cfg.gateway))):
         c.set_config_item(k, v)
     c.save_config()
-    c.start()
-    wait_tcp(addr, 22, timeout=120, interval=0.002)
+    if not c.start():
+        raise RuntimeError(f"{name}: python3-lxc's start failed")
+    try:
+        wait_tcp(addr, 22, timeout=60, interval=0.002)
+    except TimeoutError:
+        raise RuntimeError(f"{name} at {addr}: sshd not up after 60 s ({seen(c)})") from None
     up = time.perf_counter() - t0
     mem = cgroup_dir(name) / "memory.max"
     t1 = time.perf_counter()
@@ -104,6 +108,24 @@ def floor_once(i: int, cfg: node_config.NodeConfig) -> tuple[float, float, float
         time.sleep(0.002)
     lxc.Container(name, str(cfg.lxc_path)).destroy()
     return up, resize, time.perf_counter() - t2
+
+
+def seen(c: lxc.Container) -> str:
+    """What a floor container whose sshd never answered looked like, from the host."""
+    if not c.running:
+        return f"state {c.state}"
+    pid = c.init_pid
+    procs = [f"{q.name()}({q.uids().real})" for q in
+             [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]]
+    netns = ["nsenter", "-t", str(pid), "-n"]
+    out = [f"processes {' '.join(procs)}"]
+    for cmd in (netns + ["ip", "-br", "addr"], netns + ["ss", "-ltn"],
+                ["ls", "-ldn", f"/proc/{pid}/root/run/sshd",
+                 f"/proc/{pid}/root/etc/ssh/ssh_host_ed25519_key"],
+                ["ip", "neigh", "show", "dev", c.get_config_item("lxc.net.0.link")]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        out.append(f"{' '.join(cmd[-3:])}: {(r.stdout + r.stderr).strip()}")
+    return "; ".join(out)
 
 
 def cleanup_floor(lxc_path: str) -> None:
@@ -197,25 +219,32 @@ def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int
                 term.append(time.perf_counter() - t0)
     ended = ended_by_node(base, gone, op)
     floor_up, floor_resize, floor_down = [], [], []
+    floor_error = None
     try:
         for i in range(servers):
             up, rs, down = floor_once(i, cfg)
             floor_up.append(up)
             floor_resize.append(rs)
             floor_down.append(down)
+    except RuntimeError as exc:  # the node's figures stand without it: said, not lost
+        floor_error = str(exc)
     finally:
         cleanup_floor(str(cfg.lxc_path))
     bare = bare_interpreter()
+
+    def over(a: list[float], b: list[float], digits: int) -> float | None:
+        return round(p50(a) / p50(b), digits) if a and b else None
+
     return {
-        "n": servers,
-        "handshake_s": p50(hs), "handshake_floor_s": p50(floor_up),
-        "handshake_over_floor": round(p50(hs) / p50(floor_up), 2),
-        "resize_s": p50(resize), "resize_floor_s": p50(floor_resize),
-        "resize_over_floor": round(p50(resize) / p50(floor_resize), 1),
+        "n": servers, "floor_error": floor_error,
+        "handshake_s": p50(hs), "handshake_floor_s": floor_up and p50(floor_up),
+        "handshake_over_floor": over(hs, floor_up, 2),
+        "resize_s": p50(resize), "resize_floor_s": floor_resize and p50(floor_resize),
+        "resize_over_floor": over(resize, floor_resize, 1),
         "resize_refused_no_room": refused, "ended_by_node": ended,
         "node_loaded": loaded_node,
-        "terminate_s": p50(term), "terminate_floor_s": p50(floor_down),
-        "terminate_over_floor": round(p50(term) / p50(floor_down), 2),
+        "terminate_s": p50(term), "terminate_floor_s": floor_down and p50(floor_down),
+        "terminate_over_floor": over(term, floor_down, 2),
         "daemon_idle": idle, "daemon_loaded": loaded, "bare_interpreter": bare,
         "raw": {"handshake_s": hs, "handshake_floor_s": floor_up, "resize_s": resize,
                 "resize_floor_s": floor_resize, "terminate_s": term,

@@ -11,7 +11,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    boards = {a: b for a, b in results["boards"].items() if b["figures"].get("onboard")}
+    boards = {a: b for a, b in results["boards"].items()
+              if b["figures"].get("onboard") and not b["figures"]["onboard"].get("floor_error")}
     if not boards:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
