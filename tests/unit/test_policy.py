@@ -18,6 +18,7 @@ from cloud_manager.policy import (
     groups_by_nearest,
     next_due,
     plan,
+    request_ms,
     upcoming,
 )
 
@@ -323,6 +324,30 @@ def test_location_model():
     assert distance_km(london, london) == 0.0
     s = Settings(base_ms=2.0, ms_per_km=0.02)
     assert expected_ms(london, paris, s) == pytest.approx(2.0 + 0.02 * 344, abs=0.1)
+
+
+@pytest.mark.parametrize(("rtt", "rtts", "edge", "cloud_service", "cloud", "want"), [
+    (14.0, 1.0, 0.0, 0.0, False, 14.0),  # the defaults: an RTT is the figure
+    (14.0, 2.0, 0.0, 0.0, False, 28.0),  # two round trips a request
+    (14.0, 2.0, 20.0, 5.0, False, 48.0),  # and an edge server's time
+    (15.0, 2.0, 20.0, 5.0, True, 35.0),  # the cloud's own server time
+])
+def test_request_ms(rtt, rtts, edge, cloud_service, cloud, want):
+    s = Settings(request_rtts=rtts, edge_service_ms=edge, cloud_service_ms=cloud_service)
+    assert request_ms(rtt, s, cloud=cloud) == want
+
+
+def test_a_request_cost_on_the_cloud_keeps_a_group_that_the_rtt_would_send_home():
+    """The near cloud: 15 ms of RTT against a node 14 ms away at a midpoint. Compared as
+    RTTs the node no longer pays (a 1 ms gain: home, then out to the next node); compared
+    as what a request costs (two round trips and an edge server's 20 ms, against the 84 ms
+    a request costs on the cloud) it pays by 36 ms and the group stays."""
+    rtt = Settings(cloud_ms=15.0, dwell_s=0.0, withdraw_gain_ms=2.0, offload_gain_ms=5.0)
+    req = rtt.model_copy(update={"cloud_ms": 84.0, "request_rtts": 2.0,
+                                 "edge_service_ms": 20.0})
+    for s, kinds in ((rtt, ["withdraw"]), (req, [])):
+        out, _ = one([grp(cloud=s.cloud_ms, a=request_ms(14.0, s))], [dep()], settings=s)
+        assert [d.kind for d in out] == kinds
 
 
 def test_groups_by_nearest_node():
