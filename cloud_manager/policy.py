@@ -16,9 +16,11 @@ The rules, per round (the figures of each decision say which numbers made it):
      - its users have been idle for `idle_after_s` (`idle`);
      - its node has been down (no heartbeat) for `down_bound_s` and no other node pays
        (`node_down`; where one does, H below moves the group there instead);
-     - its node's gain over the cloud has stayed under `withdraw_gain_ms` for `dwell_s`
-       (`gain_gone`; under the offload threshold: a band, so that a group at the edge of
-       paying is not offloaded and withdrawn in turn);
+     - the edge's gain over the cloud (its node's, or another's that may take it: the
+       best of them) has stayed under `withdraw_gain_ms` for `dwell_s` (`gain_gone`;
+       under the offload threshold: a band, so that a group at the edge of paying is
+       not offloaded and withdrawn in turn; a group between two nodes that both pay
+       little is handed over by H, not sent home and out again);
      - the budget is over (servers or units; it was lowered, or servers grew): the
        lowest-priority groups first (`budget_spent`).
   H  hand a deployed group over to another node when that node has beaten its current
@@ -298,15 +300,20 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
                                     "threshold_ms": s.offload_gain_ms}))
             live[d.group] = DeploymentView(d.group, "", node, d.users, d.units)
         else:
+            # The edge's gain: its own node's, or another's that could take the group.
+            # A group crossing from one node's area to the next is handed over, not
+            # sent home and out again, while either pays.
             cur = g.node_ms.get(d.node)
-            if cur is not None and g.cloud_ms is not None \
-                    and g.cloud_ms - cur < s.withdraw_gain_ms:
+            other = best_node(g, nodes, frozenset({d.node}))
+            edge = cur if other is None or cur is None else min(cur, other[1])
+            if edge is not None and g.cloud_ms is not None \
+                    and g.cloud_ms - edge < s.withdraw_gain_ms:
                 since = state.gone.get(g.name, now)
                 gone[g.name] = since
                 if now - since >= s.dwell_s:
                     withdraw(d, Reason.GAIN_GONE, cloud_ms=_r(g.cloud_ms), node_ms=_r(cur),
-                             gain_ms=_r(g.cloud_ms - cur), threshold_ms=s.withdraw_gain_ms,
-                             for_s=_r(now - since))
+                             best_ms=_r(edge), gain_ms=_r(g.cloud_ms - edge),
+                             threshold_ms=s.withdraw_gain_ms, for_s=_r(now - since))
                     gone.pop(g.name)
                     continue
             live[d.group] = d

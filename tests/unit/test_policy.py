@@ -116,6 +116,16 @@ ROWS = {
     "gain gone for the dwell time: withdrawn, not offloaded again":
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 96.0})},
          [("withdraw", "g", "a", "gain_gone")]),
+    "gain gone on its node, another node pays: kept (handed over by H, not home)":
+        ([grp(cloud=8.0, a=7.0, b=3.0)], [dep()], {"state": State(gone={"g": 0.0})}, []),
+    "gain gone on every node for the dwell time: withdrawn":
+        ([grp(cloud=8.0, a=7.0, b=5.0)], [dep()], {"state": State(gone={"g": 96.0})},
+         [("withdraw", "g", "a", "gain_gone")]),
+    "gain gone on its node, the other pays but does not admit: withdrawn":
+        ([grp(cloud=8.0, a=7.0, b=3.0)], [dep()],
+         {"state": State(gone={"g": 96.0}),
+          "nodes": (NodeView("a", True), NodeView("b", True, admits=False))},
+         [("withdraw", "g", "a", "gain_gone")]),
     "gain in the band (under offload, over withdraw): kept":
         ([grp(cloud=12.0, a=5.0)], [dep()], {"state": State(gone={"g": 0.0})}, []),
     # H
@@ -219,6 +229,19 @@ def test_handover_after_the_dwell_time_once_per_crossing():
     # and back, once, when the group walks back
     assert rounds(series + [(5.0, 20.0)] * 10) == [(6, "handover", "better_node"),
                                                   (26, "handover", "better_node")]
+
+
+def test_a_crossing_near_the_cloud_is_one_handover_not_home_and_out():
+    """A near cloud (12 ms): walking from a to b, a's gain falls under the withdraw
+    threshold (5) before b leads a by the handover threshold (5). b pays all along: the
+    group is handed over once, never sent home."""
+    state, out, d = State(), [], dep()
+    for i in range(16):  # a: 3 -> 18 ms, b: 15 -> 0 ms, a round a second
+        g = grp(cloud=12.0, a=3.0 + i, b=max(0.0, 15.0 - i))
+        decisions, state = one([g], [d], state=state, now=float(i))
+        out += [(i, x.kind, x.to) for x in decisions]
+        d = dep(node=decisions[0].to) if decisions else d
+    assert out == [(13, "handover", "b")]  # b leads by 5 from round 9; 4 s later
 
 
 def test_no_flapping_along_a_border():
