@@ -55,9 +55,17 @@ def _client(cloud: str, i: int, source: str, prefix: str = "") -> GameClient:
     return c
 
 
+def phase(i: int) -> float:
+    """Where in the pace's period paced user i starts (0..1): spread by the golden ratio,
+    so that any run of consecutive users (a set of them) is spread over the period. All
+    users on one tick made each request queue behind the others' in this one process, and
+    which came first decided its latency more than the server it went to."""
+    return (i * 0.6180339887498949) % 1.0
+
+
 def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
-         trace: list | None, who: int | None = None) -> None:  # fmt: skip
-    step, due = 0, time.monotonic()
+         trace: list | None, i: int, who: bool = False) -> None:  # fmt: skip
+    step, due = 0, time.monotonic() + (PACE_S * phase(i) if behaviour == "paced" else 0.0)
     while time.monotonic() < until:
         if behaviour == "paced":  # on a schedule (a slow request delays only itself)
             time.sleep(max(0.0, due - time.monotonic()))
@@ -77,7 +85,7 @@ def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
         if trace is not None:  # (wall clock at the end, ms or None for an error[, the
             # user's index and the server that answered last])
             trace.append((round(time.time(), 4), None if ms is None else round(ms, 2),
-                          *(() if who is None else (who, c.server))))
+                          *((i, c.server) if who else ())))
         step += 1
         if behaviour == "mixed":
             time.sleep(PAUSE_S)
@@ -96,7 +104,7 @@ def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
     tr: list | None = [] if trace else None
     t0 = time.monotonic()
     threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors, tr,
-                                                   i if trace == "who" else None))
+                                                   i, trace == "who"))
                for i, c in enumerate(clients)]
     for th in threads:
         th.start()

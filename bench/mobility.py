@@ -30,10 +30,13 @@ or up; the most any user saw in one crossing's window), the reaction after each
 crossing against the issue's goal (`GOAL_S`) and the bench's own bound, and for the
 policy where its time went (the decision's delay after the crossing, the dwell, the
 move, until the users' next requests), the p50 against the best node's outside the
-reaction windows, failed requests, keys lost (each user's keys on the cloud before and
-after, once every server is withdrawn), edge server-seconds (the policy's from its
-decisions; standbys it prepared and ended unused are not counted). Writes
-bench/results/mobility.json + .png.
+reaction windows -- as served (the set's p50 over the best node's pin's) and by place
+(the pin's where the set was served over the best node's pin's: two servers made alike;
+on this shared 2-CPU machine two servers on one node differ by more than 1.2x in many
+bins, which the set's p50 over its own node's pin's shows) --, failed requests, keys
+lost (each user's keys on the cloud before and after, once every server is withdrawn),
+edge server-seconds (the policy's from its decisions; standbys it prepared and ended
+unused are not counted). Writes bench/results/mobility.json + .png.
 
     flock /run/enorm-bench.lock .venv/bin/python -m bench.mobility [--quick] [--wan far]
 """
@@ -53,6 +56,7 @@ import requests
 from bench.latency import RESULTS
 from bench.load import Load
 from bench.testbed import WAN, Testbed
+from cloud_manager.edge_client import EdgeClient
 from enorm import datasync
 
 NODES = (0, 1, 2)
@@ -71,8 +75,15 @@ TRACE = {
 SPAN_S = 120.0
 DOWN = (1, 95.0, 110.0)  # node, from, until (s)
 # The policy's settings (`[policy]`): quick rounds and a short dwell for walking users.
-POLICY = {"interval_s": 1.0, "dwell_s": 2.0, "offload_gain_ms": 5.0, "withdraw_gain_ms": 2.0,
-          "handover_gain_ms": 4.0, "down_bound_s": 3.0}
+# Its figures are what a request costs (`policy.request_ms`): the game's request is two
+# calls (location update, wild Pokemon) on one connection, so two round trips, and the
+# thresholds, in a request's ms, are twice the RTT margins they stand for (5 / 2 / 4 ms
+# of RTT, as before).
+REQUEST_RTTS = 2.0
+POLICY = {"interval_s": 1.0, "dwell_s": 2.0, "offload_gain_ms": 10.0,
+          "withdraw_gain_ms": 4.0, "handover_gain_ms": 8.0, "down_bound_s": 3.0,
+          "request_rtts": REQUEST_RTTS}
+CALIBRATE_S = 8.0  # the requests that measure a request's cost on the cloud and a node
 SETS = ("cloud", "pin0", "pin1", "pin2", "policy")
 MOVE_S = 3.0  # starting a server (an offload, or a handover's new one) on this testbed
 SWITCH_S = 1.0  # a prepared handover's switch (bench.handover: 0.2 s) + a request's period
@@ -116,8 +127,8 @@ def crossings(g: int, span: float, scale: float) -> list[dict]:
             else "walk"
         lead = t
         while why != "down" and lead < span:
-            ms = extra_ms(position(g, lead, scale))
-            if 2 * (ms[prev] - ms[b]) >= POLICY["handover_gain_ms"]:
+            ms = extra_ms(position(g, lead, scale))  # one way: x 2 for the RTT
+            if REQUEST_RTTS * 2 * (ms[prev] - ms[b]) >= POLICY["handover_gain_ms"]:
                 break
             lead = round(lead + dt, 6)
         out.append({"t": t, "from": prev, "to": b, "why": why, "lead_s": round(lead - t, 2)})
@@ -228,12 +239,46 @@ def walk(bed: Testbed, t0: float, span: float, scale: float, stop: threading.Eve
     bed.up(node)
 
 
+def calibrate(bed: Testbed, wan: str, n: int) -> dict:
+    """What a request costs on the cloud and on an edge server, measured the same way:
+    2n users of group 0's namespace at its start play paced game requests for
+    `CALIBRATE_S`, n on the cloud and n on a server of node 0, node 0's own probe of
+    the latter beside. The policy's figure for the cloud is the first p50
+    (`cloud_ms`); its figure for a node is its probe's RTT in round trips plus the
+    server's time, which the second gives (`edge_service_ms` = the p50 less
+    `REQUEST_RTTS` x the probe's RTT). Before this, the bench gave the cloud's RTT as
+    its figure: 15 ms for the near cloud, where a request cost 84 ms."""
+    ns = bed.edges[0].users
+    addrs = ns.addrs[: 2 * n]
+    load = Load(ns.name, bed.cloud_url, addrs, CALIBRATE_S, "paced", trace="who",
+                prefix=f"{wan}-cal-")
+    users = list(zip(load.start(), addrs, strict=True))
+    dep = bed.offload(users[n:], exclude=[f"bed{k}" for k in NODES if k != 0])
+    try:
+        probe = EdgeClient(bed.edges[0].node.url, bed.token).probe(addrs[n:])
+        trace = load.run()["trace"]
+    finally:
+        bed.withdraw(dep["server_id"])
+    cloud = [ms for _, ms, i, _ in trace if ms is not None and i < n]
+    edge = [ms for _, ms, i, server in trace if ms is not None and i >= n
+            and node_of(server, bed) == 0]
+    rtt = statistics.median(v for v in probe.rtt_ms.values() if v is not None)
+    cloud_rtt = ns.link.rtt_ms + WAN[wan].rtt_ms
+    c, e = statistics.median(cloud), statistics.median(edge)
+    return {"requests": [len(cloud), len(edge)], "cloud_request_ms": round(c, 1),
+            "cloud_rtt_ms": cloud_rtt, "node_request_ms": round(e, 1),
+            "node_probe_rtt_ms": round(rtt, 2),
+            "edge_service_ms": round(max(0.0, e - REQUEST_RTTS * rtt), 1),
+            "cloud_service_ms": round(max(0.0, c - REQUEST_RTTS * cloud_rtt), 1)}
+
+
 def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
     span = SPAN_S * scale
     bed.wan(wan)
-    cloud_ms = bed.edges[0].users.link.rtt_ms + WAN[wan].rtt_ms
     for g in NODES:
         bed.distances(extra_ms(position(g, 0.0, scale)), users=g)
+    cal = calibrate(bed, wan, per_set)
+    cloud_ms = cal["cloud_request_ms"]
     loads, users = {}, {}  # g -> Load; (g, set) -> [(uid, addr)]
     for g in NODES:
         addrs = bed.edges[g].users.addrs[: per_set * len(SETS)]
@@ -254,7 +299,8 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
             dep = bed.offload(users[g, f"pin{k}"],
                               exclude=[f"bed{j}" for j in NODES if j != k])
             pins[g, k] = dep["server_id"]
-    settings = {**POLICY, "cloud_ms": cloud_ms, "enabled": True}
+    settings = {**POLICY, "cloud_ms": cloud_ms, "edge_service_ms": cal["edge_service_ms"],
+                "enabled": True}
     r = requests.post(bed.cloud_url + "/bench/policy", timeout=60, json={
         "settings": settings, "groups": {f"g{g}": users[g, "policy"] for g in NODES}})
     r.raise_for_status()
@@ -290,6 +336,7 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
     out = analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events,
                   before, after)
     out["policy_left"] = stopped.json()  # withdrawn at the end: their merges
+    out["calibration"] = cal
     return out
 
 
@@ -352,7 +399,13 @@ def analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events, b
             # best node (or for the bound, if they never got there)
             windows = [(r["t"], r["t"] + (r["bound_s"] if r["reaction_s"] is None
                                           else r["reaction_s"])) for r in reactions]
-            ratios = []
+            # per bin after the reactions: the set's p50 over the best node's (`ratios`);
+            # the place it was served from over the best node, each measured by its pin
+            # (the cloud by the cloud set), so that both sides are a server of the same
+            # age on the same terms (`placed`: 1 on the best node); and the set's p50
+            # over that pin's (`same_place`: two servers on one node, on this shared
+            # 2-CPU machine)
+            ratios, placed, same_place = [], [], []
             for b in range(bins):
                 lo, hi = b * BIN_S, (b + 1) * BIN_S
                 p50 = per_bin[name][b].get("p50_ms")
@@ -360,6 +413,12 @@ def analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events, b
                                                          for w0, w1 in windows):
                     continue
                 ratios.append(round(p50 / best[b], 3))
+                where = {n for t, _, _, _, n in tr if lo <= t < hi}
+                ref = per_bin["cloud" if where == {None} else f"pin{min(where)}"][b].get(
+                    "p50_ms") if len(where) == 1 else None
+                if ref is not None:
+                    placed.append(round(ref / best[b], 3))
+                    same_place.append(round(p50 / ref, 3))
             out_modes[mode] = {
                 "set": name, "requests": len(tr), "failed": len(tr) - len(ok), **quantiles(ok),
                 "share_best": share,
@@ -374,6 +433,15 @@ def analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events, b
                     "bins": len(ratios), "within_1_2": sum(1 for r in ratios if r <= 1.2),
                     "p50": statistics.median(ratios) if ratios else None,
                     "max": max(ratios) if ratios else None},
+                "placement_to_best_after_reaction": {
+                    "bins": len(placed), "within_1_2": sum(1 for r in placed if r <= 1.2),
+                    "on_best": sum(1 for r in placed if r == 1.0),
+                    "max": max(placed) if placed else None},
+                "to_same_place_pin": {
+                    "bins": len(same_place), "p50": statistics.median(same_place)
+                    if same_place else None,
+                    "over_1_2": sum(1 for r in same_place if r > 1.2),
+                    "under_1_2": sum(1 for r in same_place if r < 1 / 1.2)},
                 # where each user was served: (from second, node; None = the cloud)
                 "served": {who: [(round(t, 1), n) for i, (t, n) in enumerate(seq)
                                  if i == 0 or seq[i - 1][1] != n]
@@ -405,6 +473,13 @@ def summarise(groups: list[dict], events: list[dict]) -> dict:
             "switches_per_crossing_max": max(m["switches_per_crossing"] or 0 for m in ms),
             "bins_within_1_2": f"{sum(m['ratio_to_best_after_reaction']['within_1_2'] for m in ms)}"
                                f"/{sum(m['ratio_to_best_after_reaction']['bins'] for m in ms)}",
+            "placement_within_1_2":
+                f"{sum(m['placement_to_best_after_reaction']['within_1_2'] for m in ms)}"
+                f"/{sum(m['placement_to_best_after_reaction']['bins'] for m in ms)}",
+            "to_same_place_pin_over_under_1_2":
+                f"{sum(m['to_same_place_pin']['over_1_2'] for m in ms)}"
+                f"/{sum(m['to_same_place_pin']['under_1_2'] for m in ms)}"
+                f" of {sum(m['to_same_place_pin']['bins'] for m in ms)}",
             "keys_lost": sum(m["keys_lost"] for m in ms),
             "edge_server_s": round(sum(m["edge_server_s"] for m in ms), 1),
         }
@@ -450,7 +525,7 @@ def plot(runs: list[dict], path: Path) -> None:
                    label=f"bed{node} down")
         ax.set_yscale("log")
         ax.set_ylabel("request ms")
-        ax.set_title(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms RTT), group {g['group']} "
+        ax.set_title(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms a request), group {g['group']} "
                      f"(static on bed{g['static_node']}; green: best node changes)",
                      fontsize=9)
         ax.legend(fontsize=6, ncol=4, loc="upper left")
@@ -492,12 +567,15 @@ def main(argv: list[str] | None = None) -> None:
     plot(runs, out / "mobility.png")
     for r in runs:
         s = r["summary"]
-        print(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms):")
+        print(f"{r['wan']} cloud ({r['cloud_ms']:.0f} ms a request; calibration "
+              f"{r['calibration']}):")
         for mode in ("cloud", "static", "policy"):
             m = s[mode]
             print(f"  {mode:7s} p50 {m['p50_ms']} ms p95 {m['p95_ms']} ms, best node "
                   f"{m['share_best_mean'] * 100:.0f}% of the time, within 1.2x of best "
-                  f"{m['bins_within_1_2']} bins, failed {m['failed']}/{m['requests']}, "
+                  f"{m['bins_within_1_2']} bins (its place {m['placement_within_1_2']}; "
+                  f"over/under 1.2x the pin where it is {m['to_same_place_pin_over_under_1_2']}"
+                  f"), failed {m['failed']}/{m['requests']}, "
                   f"keys lost {m['keys_lost']}, edge server-s {m['edge_server_s']}")
             if mode != "cloud":
                 print(f"          reactions < {GOAL_S:.0f} s {m['reactions_within_goal']} "

@@ -1,12 +1,13 @@
 """The cloud manager's policy: where each group of users is served, decided by itself.
 
 Every interval the policy loop (`policy_loop.py`) takes a `Snapshot` (the app's groups of
-users with their expected latency to the cloud and to each node, the nodes as the
-registry sees them, the deployments the policy made, the app's budget), `plan()` decides,
-purely, and the loop carries the decisions out through `CloudManager.offload`,
-`handover` and `withdraw`. As in the node's auto-scaler (`enorm/autoscaler.py`), `plan`
-has no clock and no I/O: the time comes in the snapshot and the hysteresis state comes in
-and goes out (`State`), so that every rule is a row of a table (tests/unit/test_policy.py).
+users with what a request is expected to cost them on the cloud and on each node
+(`request_ms`), the nodes as the registry sees them, the deployments the policy made, the
+app's budget), `plan()` decides, purely, and the loop carries the decisions out through
+`CloudManager.offload`, `handover` and `withdraw`. As in the node's auto-scaler
+(`enorm/autoscaler.py`), `plan` has no clock and no I/O: the time comes in the snapshot
+and the hysteresis state comes in and goes out (`State`), so that every rule is a row of
+a table (tests/unit/test_policy.py).
 
 The rules, per round (the figures of each decision say which numbers made it):
   W  withdraw a deployed group when
@@ -15,9 +16,11 @@ The rules, per round (the figures of each decision say which numbers made it):
      - its users have been idle for `idle_after_s` (`idle`);
      - its node has been down (no heartbeat) for `down_bound_s` and no other node pays
        (`node_down`; where one does, H below moves the group there instead);
-     - its node's gain over the cloud has stayed under `withdraw_gain_ms` for `dwell_s`
-       (`gain_gone`; under the offload threshold: a band, so that a group at the edge of
-       paying is not offloaded and withdrawn in turn);
+     - the edge's gain over the cloud (its node's, or another's that may take it: the
+       best of them) has stayed under `withdraw_gain_ms` for `dwell_s` (`gain_gone`;
+       under the offload threshold: a band, so that a group at the edge of paying is
+       not offloaded and withdrawn in turn; a group between two nodes that both pay
+       little is handed over by H, not sent home and out again);
      - the budget is over (servers or units; it was lowered, or servers grew): the
        lowest-priority groups first (`budget_spent`).
   H  hand a deployed group over to another node when that node has beaten its current
@@ -93,7 +96,15 @@ class Settings(BaseModel):
     base_ms: float = Field(default=2.0, ge=0)
     ms_per_km: float = Field(default=0.02, ge=0)
     locations: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    # The cloud: a fixed figure, or a location (then by the same model).
+    # The figures compared are what one of the app's requests costs its users there
+    # (`request_ms`): `request_rtts` round trips of the RTT (a probe's, or the model's)
+    # plus the time the request spends in the server, `edge_service_ms` on an edge
+    # server, `cloud_service_ms` on the cloud. The defaults (1, 0, 0) compare RTTs.
+    request_rtts: float = Field(default=1.0, ge=1)
+    edge_service_ms: float = Field(default=0.0, ge=0)
+    cloud_service_ms: float = Field(default=0.0, ge=0)
+    # The cloud: a request's cost there as the app's users see it (measured), or a
+    # location (then by the same model, with `cloud_service_ms`).
     cloud_ms: float | None = Field(default=None, ge=0)
     cloud_location: tuple[float, float] | None = None
     # `enorm-cloud policy`: module:function(cloud_redis, **population_options) -> the
@@ -289,15 +300,20 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
                                     "threshold_ms": s.offload_gain_ms}))
             live[d.group] = DeploymentView(d.group, "", node, d.users, d.units)
         else:
+            # The edge's gain: its own node's, or another's that could take the group.
+            # A group crossing from one node's area to the next is handed over, not
+            # sent home and out again, while either pays.
             cur = g.node_ms.get(d.node)
-            if cur is not None and g.cloud_ms is not None \
-                    and g.cloud_ms - cur < s.withdraw_gain_ms:
+            other = best_node(g, nodes, frozenset({d.node}))
+            edge = cur if other is None or cur is None else min(cur, other[1])
+            if edge is not None and g.cloud_ms is not None \
+                    and g.cloud_ms - edge < s.withdraw_gain_ms:
                 since = state.gone.get(g.name, now)
                 gone[g.name] = since
                 if now - since >= s.dwell_s:
                     withdraw(d, Reason.GAIN_GONE, cloud_ms=_r(g.cloud_ms), node_ms=_r(cur),
-                             gain_ms=_r(g.cloud_ms - cur), threshold_ms=s.withdraw_gain_ms,
-                             for_s=_r(now - since))
+                             best_ms=_r(edge), gain_ms=_r(g.cloud_ms - edge),
+                             threshold_ms=s.withdraw_gain_ms, for_s=_r(now - since))
                     gone.pop(g.name)
                     continue
             live[d.group] = d
@@ -450,6 +466,14 @@ def expected_ms(where: tuple[float, float], to: tuple[float, float], s: Settings
     """The RTT a location model expects: a fixed part (access link, server) plus the
     distance (fibre: ~0.01 ms of round trip per km, doubled for the route's detours)."""
     return s.base_ms + s.ms_per_km * distance_km(where, to)
+
+
+def request_ms(rtt_ms: float, s: Settings, cloud: bool = False) -> float:
+    """What one request costs the users at a place `rtt_ms` away: `request_rtts` round
+    trips and the server's time there. An RTT alone is not a request's cost: a place with
+    a slower server, or an app whose request takes two round trips, would be ranked
+    wrongly against the cloud's figure, which the app measures on served requests."""
+    return s.request_rtts * rtt_ms + (s.cloud_service_ms if cloud else s.edge_service_ms)
 
 
 def centroid(points: list[tuple[float, float]]) -> tuple[float, float] | None:

@@ -5,16 +5,17 @@ A round, in order of its steps:
   the app's groups (its `population` hook: `Group`s, or bare `User`s that the nodes'
   probes group by their nearest node) and the users who opted out -> the nodes as the
   registry sees them (up, and whether their last offer admits a server), else as they
-  answer now -> each group's expected latency to the cloud and to each node (the
-  location model where both locations are known, else the node's own probe of the
-  group's users) -> the deployments the loop made, and those a node ended for want of
-  resources (re-placed elsewhere) -> `policy.plan` -> the decisions through
-  `CloudManager.offload` (to that node only), `handover` (to that node, with the users'
-  addresses now) and `withdraw`: the withdrawals first, side by side, waited for (their
-  room serves the rest); then the offloads and handovers, each group's in the
-  background: the next round does not wait for a start-first move of seconds, it only
-  decides nothing more for that group until the move is done (`Snapshot.busy`). A
-  decision that fails is recorded, and the later ones of its group are skipped.
+  answer now -> what a request of each group is expected to cost on the cloud and on
+  each node (`policy.request_ms` of the RTT: the location model's where both locations
+  are known, else the node's own probe of the group's users) -> the deployments the loop
+  made, and those a node ended for want of resources (re-placed elsewhere) ->
+  `policy.plan` -> the decisions through `CloudManager.offload` (to that node only),
+  `handover` (to that node, with the users' addresses now) and `withdraw`: the
+  withdrawals first, side by side, waited for (their room serves the rest); then the
+  offloads and handovers, each group's in the background: the next round does not wait
+  for a start-first move of seconds, it only decides nothing more for that group until
+  the move is done (`Snapshot.busy`). A decision that fails is recorded, and the later
+  ones of its group are skipped.
 Rounds come every `interval_s`, and also when a clock of the policy's hysteresis comes
 due (`policy.next_due`): a move starts when its dwell is met, not up to a round later.
 While a clock runs the loop prepares the move it would bring (`prepare_moves`,
@@ -67,6 +68,7 @@ from .policy import (
     groups_by_nearest,
     next_due,
     plan,
+    request_ms,
     upcoming,
 )
 
@@ -143,8 +145,8 @@ class PolicyLoop:
                  opted_out: Callable[[], Iterable[str]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if settings.cloud_ms is None and settings.cloud_location is None:
-            raise ValueError("policy: give cloud_ms or cloud_location (the users' "
-                             "latency to the cloud, against which a node must pay)")
+            raise ValueError("policy: give cloud_ms or cloud_location (what a request "
+                             "costs on the cloud, against which a node must pay)")
         unknown = set(settings.locations) - {e.name for e in cm.edges}
         if unknown:
             raise ValueError(f"policy.locations: no edge node named {sorted(unknown)[0]!r}")
@@ -293,13 +295,15 @@ class PolicyLoop:
             node_ms: dict[str, float | None] = {}
             for e in self.cm.edges:
                 if g.location is not None and e.name in s.locations:
-                    node_ms[e.name] = expected_ms(g.location, s.locations[e.name], s)
+                    node_ms[e.name] = request_ms(
+                        expected_ms(g.location, s.locations[e.name], s), s)
                 else:
                     known = [ms for u in g.users
                              if (ms := rtt.get(e.name, {}).get(str(u.address))) is not None]
-                    node_ms[e.name] = statistics.median(known) if known else None
+                    node_ms[e.name] = (request_ms(statistics.median(known), s) if known
+                                       else None)
             cloud = (s.cloud_ms if s.cloud_ms is not None else
-                     expected_ms(g.location, s.cloud_location, s)
+                     request_ms(expected_ms(g.location, s.cloud_location, s), s, cloud=True)
                      if g.location is not None and s.cloud_location is not None else None)
             dep = self.owned.get(g.name)
             views.append(GroupView(

@@ -18,6 +18,7 @@ from cloud_manager.policy import (
     groups_by_nearest,
     next_due,
     plan,
+    request_ms,
     upcoming,
 )
 
@@ -114,6 +115,16 @@ ROWS = {
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 97.0})}, []),
     "gain gone for the dwell time: withdrawn, not offloaded again":
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 96.0})},
+         [("withdraw", "g", "a", "gain_gone")]),
+    "gain gone on its node, another node pays: kept (handed over by H, not home)":
+        ([grp(cloud=8.0, a=7.0, b=3.0)], [dep()], {"state": State(gone={"g": 0.0})}, []),
+    "gain gone on every node for the dwell time: withdrawn":
+        ([grp(cloud=8.0, a=7.0, b=5.0)], [dep()], {"state": State(gone={"g": 96.0})},
+         [("withdraw", "g", "a", "gain_gone")]),
+    "gain gone on its node, the other pays but does not admit: withdrawn":
+        ([grp(cloud=8.0, a=7.0, b=3.0)], [dep()],
+         {"state": State(gone={"g": 96.0}),
+          "nodes": (NodeView("a", True), NodeView("b", True, admits=False))},
          [("withdraw", "g", "a", "gain_gone")]),
     "gain in the band (under offload, over withdraw): kept":
         ([grp(cloud=12.0, a=5.0)], [dep()], {"state": State(gone={"g": 0.0})}, []),
@@ -220,6 +231,19 @@ def test_handover_after_the_dwell_time_once_per_crossing():
                                                   (26, "handover", "better_node")]
 
 
+def test_a_crossing_near_the_cloud_is_one_handover_not_home_and_out():
+    """A near cloud (12 ms): walking from a to b, a's gain falls under the withdraw
+    threshold (5) before b leads a by the handover threshold (5). b pays all along: the
+    group is handed over once, never sent home."""
+    state, out, d = State(), [], dep()
+    for i in range(16):  # a: 3 -> 18 ms, b: 15 -> 0 ms, a round a second
+        g = grp(cloud=12.0, a=3.0 + i, b=max(0.0, 15.0 - i))
+        decisions, state = one([g], [d], state=state, now=float(i))
+        out += [(i, x.kind, x.to) for x in decisions]
+        d = dep(node=decisions[0].to) if decisions else d
+    assert out == [(13, "handover", "b")]  # b leads by 5 from round 9; 4 s later
+
+
 def test_no_flapping_along_a_border():
     # the lead changes sides every 2 s: never 4 s on end, so never a handover
     series = [(5.0, 20.0), (5.0, 20.0), (20.0, 5.0), (20.0, 5.0)] * 5
@@ -323,6 +347,30 @@ def test_location_model():
     assert distance_km(london, london) == 0.0
     s = Settings(base_ms=2.0, ms_per_km=0.02)
     assert expected_ms(london, paris, s) == pytest.approx(2.0 + 0.02 * 344, abs=0.1)
+
+
+@pytest.mark.parametrize(("rtt", "rtts", "edge", "cloud_service", "cloud", "want"), [
+    (14.0, 1.0, 0.0, 0.0, False, 14.0),  # the defaults: an RTT is the figure
+    (14.0, 2.0, 0.0, 0.0, False, 28.0),  # two round trips a request
+    (14.0, 2.0, 20.0, 5.0, False, 48.0),  # and an edge server's time
+    (15.0, 2.0, 20.0, 5.0, True, 35.0),  # the cloud's own server time
+])
+def test_request_ms(rtt, rtts, edge, cloud_service, cloud, want):
+    s = Settings(request_rtts=rtts, edge_service_ms=edge, cloud_service_ms=cloud_service)
+    assert request_ms(rtt, s, cloud=cloud) == want
+
+
+def test_a_request_cost_on_the_cloud_keeps_a_group_that_the_rtt_would_send_home():
+    """The near cloud: 15 ms of RTT against a node 14 ms away at a midpoint. Compared as
+    RTTs the node no longer pays (a 1 ms gain: home, then out to the next node); compared
+    as what a request costs (two round trips and an edge server's 20 ms, against the 84 ms
+    a request costs on the cloud) it pays by 36 ms and the group stays."""
+    rtt = Settings(cloud_ms=15.0, dwell_s=0.0, withdraw_gain_ms=2.0, offload_gain_ms=5.0)
+    req = rtt.model_copy(update={"cloud_ms": 84.0, "request_rtts": 2.0,
+                                 "edge_service_ms": 20.0})
+    for s, kinds in ((rtt, ["withdraw"]), (req, [])):
+        out, _ = one([grp(cloud=s.cloud_ms, a=request_ms(14.0, s))], [dep()], settings=s)
+        assert [d.kind for d in out] == kinds
 
 
 def test_groups_by_nearest_node():

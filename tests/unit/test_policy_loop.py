@@ -287,6 +287,27 @@ def test_an_app_without_groups_or_locations_gets_groups_from_the_probes():
     assert sorted(cm.edges[0].probed) == sorted([near_a, near_b, lost])
 
 
+def test_a_probe_rtt_becomes_what_a_request_costs():
+    """The figures the plan compares: two round trips of the node's probe and an edge
+    server's time, against the cloud's measured request cost; with a location, the
+    cloud's by the same model and its own server time."""
+    addr = "203.0.113.1"
+    cm = FakeManager(Edge("a", rtt={addr: 14.0}))
+    s = Settings(cloud_ms=84.0, request_rtts=2.0, edge_service_ms=20.0)
+    loop = PolicyLoop(cm, s, lambda data_of: [Group("g", [User(id="u1", address=addr)])])
+    (ev,) = loop.round()
+    assert (ev.kind, ev.figures["node_ms"], ev.figures["gain_ms"]) == ("offload", 48.0, 36.0)
+    located = Settings(cloud_location=PARIS, locations={"a": LONDON}, request_rtts=2.0,
+                       edge_service_ms=20.0, cloud_service_ms=5.0, base_ms=2.0,
+                       ms_per_km=0.02)
+    loop = PolicyLoop(FakeManager(Edge("a")), located,
+                      lambda data_of: [Group("g", [User(id="u1", address=addr)], LONDON)])
+    snap, _ = loop.snapshot()
+    (g,) = snap.groups
+    assert g.node_ms["a"] == 2 * 2.0 + 20.0
+    assert g.cloud_ms == pytest.approx(2 * (2.0 + 0.02 * 344) + 5.0, abs=0.2)
+
+
 def test_groups_are_moved_side_by_side_each_in_order():
     """Two groups crossing at once: neither waits for the other's start-first move (the
     barrier passes only with both offloads under way), the events in the plan's order."""
