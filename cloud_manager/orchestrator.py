@@ -132,9 +132,17 @@ class PreparedOffload:
     dep: Deployment
     seconds: float  # what preparing took
 
-    def complete(self) -> Deployment:
-        """The users sent to the server."""
+    def complete(self, before_redirect: Callable[[Deployment], None] | None = None
+                 ) -> Deployment:
+        """The users sent to the server; `before_redirect(dep)` first (where the ledger
+        records it: if it fails, the server ends and nobody was sent there)."""
         t = time.perf_counter()
+        if before_redirect is not None:
+            try:
+                before_redirect(self.dep)
+            except BaseException:
+                self.cancel()
+                raise
         self.cm.send_users(self.dep)
         self.dep.timings["total"] = self.seconds + time.perf_counter() - t
         return self.dep
@@ -454,11 +462,14 @@ class CloudManager:
 
     # -- the other jobs, in their own modules --------------------------------------------
     def handover(self, dep: Deployment | str, to: str | None = None,
-                 users: Sequence[User] | None = None, **over) -> Deployment:
+                 users: Sequence[User] | None = None,
+                 before_redirect: Callable[[Deployment], None] | None = None,
+                 **over) -> Deployment:
         """A deployment's users to a new server on another node, start-first
-        (`handover.hand_over`)."""
+        (`handover.hand_over`); `before_redirect(new)` runs once the new server holds
+        their data, before they are sent there (as `offload`'s)."""
         old = self.deployments[dep] if isinstance(dep, str) else dep
-        return handover.hand_over(self, old, to, users, over)
+        return handover.hand_over(self, old, to, users, over, before_redirect)
 
     def prepare_handover(self, dep: Deployment | str, to: str | None = None,
                          users: Sequence[User] | None = None, **over) -> handover.Prepared:
