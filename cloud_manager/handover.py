@@ -117,8 +117,8 @@ def prepare(cm: CloudManager, old: Deployment, to: str | None,
         raise ValueError("users: a handover moves the deployment's own users")
     t0 = time.perf_counter()
     key = secrets.token_urlsafe(32) if cm.handover_path != "cloud" else None
-    new = cm.admit(moving, [old.edge.name], to, {**over, "handover_key": key} if key else over)
-    new.handed_over_from = old.server_id
+    new = cm.admit(moving, [old.edge.name], to, {**over, "handover_key": key} if key else over,
+                   handed_over_from=old.server_id)
     try:  # start-first: the old server serves until the new one answers
         cm.connect(new)
         cm.over_ssh(new, cm.start_server)

@@ -48,7 +48,7 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .ledger import Ledger
+from .ledger import Entry, Intent, Intents, Ledger
 from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
@@ -175,6 +175,7 @@ class CloudManager:
         self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
         self._orphans: Orphans | None = None
+        self.intents: Intents | None = None  # `start_intents`
         self.policy: PolicyLoop | None = None  # `start_policy`
         self.app = app
         self.sink = sink_for(app, sink)
@@ -290,17 +291,29 @@ class CloudManager:
 
     # -- the steps of a deployment (offload, handover and re-homing compose them) --------
     def admit(self, users: list[User], exclude: Iterable[str], only: str | None,
-              over: dict, near: Iterable[str] = ()) -> Deployment:
-        """Handshake (placement, then the first node that admits): a new deployment."""
+              over: dict, near: Iterable[str] = (),
+              handed_over_from: str | None = None) -> Deployment:
+        """Handshake (placement, then the first node that admits): a new deployment,
+        in flight (`start_intents`: its intent recorded, leased until its users are sent
+        there or it is abandoned)."""
         t0 = time.perf_counter()
         req = self.request_for(users, **over)
         edge, setup, refused, placed = self._first_to_admit(req, exclude, only, near)
         dep = Deployment(edge=edge, setup=setup, users=users, refused=refused,
                          placement=placed, intercepted=bool(req.intercept),
-                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")
+                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}",
+                         handed_over_from=handed_over_from)
         dep.timings["handshake"] = time.perf_counter() - t0
         with self.lock:
             self.deployments[setup.server_id] = dep
+        if self.intents is not None:
+            try:
+                self.intents.begin(Intent(
+                    Entry(server_id=dep.server_id, node=edge.name, app=req.app, url=dep.url,
+                          users=users), handed_over_from, dep.intercepted))
+            except BaseException:
+                self.abandon(dep, restore=False)
+                raise
         return dep
 
     def connect(self, dep: Deployment) -> None:
@@ -368,12 +381,18 @@ class CloudManager:
         dep.timings["ready"] = time.perf_counter() - t
 
     def send_users(self, dep: Deployment) -> None:
+        """The users redirected to the server (raises `ledger.Lapsed`, nobody sent, if
+        its offload was taken over by another process meanwhile)."""
+        if self.intents is not None:
+            self.intents.keep(dep.server_id)
         t = time.perf_counter()
         if dep.intercepted:
             dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
         else:
             self.app.redirect(dep.user_ids, dep.url)
         dep.timings["redirect"] = time.perf_counter() - t
+        if self.intents is not None:  # no longer in flight
+            self.intents.end(dep.server_id)
 
     def users_home(self, dep: Deployment) -> None:
         """The users back to the cloud (the node's rules first, where it redirects them),
@@ -395,6 +414,8 @@ class CloudManager:
                 dep.edge.terminate(dep.server_id)
             except EdgeError:
                 log.exception("could not withdraw %s", dep.server_id)
+            if self.intents is not None:  # (not withdrawn: an orphan to the reconcile)
+                self.intents.end(dep.server_id)
             # Under the lock: the node's `server.terminated` for it, handled meanwhile,
             # must not leave it `terminated` (its own end) after this sets `withdrawn`.
             with self.lock:
@@ -519,12 +540,22 @@ class CloudManager:
         self._heartbeats.start()
         return self._heartbeats
 
+    def start_intents(self, ledger: Ledger, lease_s: float = 30.0) -> Intents:
+        """Record each offload in flight in the ledger, from its node's admission to its
+        users' redirection, under a lease this process renews until `close`, so that if
+        it dies another process's orphans' reconcile completes or ends it (ledger.py)."""
+        if self.intents is None:
+            self.intents = Intents(ledger, lease_s).start()
+        return self.intents
+
     def start_orphans(self, ledger: Ledger, interval_s: float = 60.0, grace_s: float = 300.0,
                       max_rate: float = 50.0) -> Orphans:
         """End the servers of this app that the ledger does not know (a process killed
-        between a handshake and its record) and finish records cut half-way, the work
+        between a handshake and its record), finish records cut half-way, and complete
+        or end the offloads whose owner died (their intents' leases lapsed), the work
         shared with the other processes (orphans.py), until `close`."""
-        self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate)
+        self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate,
+                                lease_s=30.0 if self.intents is None else self.intents.lease_s)
         self._orphans.start()
         return self._orphans
 
@@ -558,6 +589,8 @@ class CloudManager:
             self._heartbeats.stop()
         if self._orphans is not None:
             self._orphans.stop()
+        if self.intents is not None:
+            self.intents.stop()
         with self.lock:
             for dep in self.deployments.values():
                 self.close_session(dep)

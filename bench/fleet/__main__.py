@@ -26,7 +26,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def one(n: int, a: argparse.Namespace, users: int) -> dict:
     run = Run(n, procs=a.procs, interval_s=a.interval, max_rate=a.max_rate,
               workers=a.workers, churn=a.churn, orphans_interval_s=a.orphans_interval,
-              orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate).start()
+              orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate,
+              lease_s=a.lease).start()
     try:
         warm = run.warm_up(timeout=run.period_s * 3 + 60)
         hb = run.heartbeats(max(a.seconds, run.ttl_s * 1.5 + 5))
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--orphans-interval", type=float, default=5.0,
                     help="the orphans' reconcile in every process (0: none)")
     ap.add_argument("--orphans-grace", type=float, default=5.0)
+    ap.add_argument("--lease", type=float, default=5.0,
+                    help="an offload in flight's lease (its process renews it)")
     ap.add_argument("--orphans-rate", type=float, default=400.0)
     ap.add_argument("--decisions", type=int, default=100,
                     help="placement decisions timed alone, each way")

@@ -219,6 +219,33 @@ def test_a_server_ended_before_its_record_is_never_recorded_nor_pointed_at(cloud
     assert "h1" in led.ids() and led.where("f4").server_id == "h1" and led.finish(half) == 0
 
 
+def test_an_offload_in_flight_is_leased_and_taken_by_one_process_once_it_lapses(cloud):
+    """Intents (issue 32): an offload in flight is its owner's while it renews its lease;
+    lapsed, it is listed for the others, one of them takes it, and it is gone once
+    released. The owner, stalled past its lease, takes it back if nobody did, and learns
+    it was taken over if somebody did."""
+    led = Ledger(cloud)
+    e = Entry(server_id="i1", node="n0", app="g", url="http://i",
+              users=[User(id="iu1", address="10.2.0.1")])
+    k = ledger_mod.shard("i1")
+    led.intend(ledger_mod.Intent(e, handed_over_from="i0"), "alive", lease_s=0.3)
+    assert led.leased(["i1"]) == [True] and led.lapsed(k) == []
+    assert not led.take("i1", "other", 5.0)  # its owner's while it lives
+    assert led.renew(["i1"], "alive", 0.3) == []
+    time.sleep(0.4)  # the owner stalled a lease: nobody took it, so it takes it back
+    assert led.renew(["i1"], "alive", 0.3) == [] and led.leased(["i1"]) == [True]
+    time.sleep(0.4)
+    (lapsed,) = led.lapsed(k)
+    assert lapsed == ledger_mod.Intent(e, handed_over_from="i0")
+    assert led.take("i1", "b", 5.0) and not led.take("i1", "c", 5.0)  # one taker
+    assert led.renew(["i1"], "alive", 0.3) == ["i1"]  # the owner learns it was taken
+    assert led.where("iu1") is None  # an intent is not a record
+    led.release("i1")
+    assert led.lapsed(k) == [] and led.leased(["i1"]) == [False]
+    assert cloud.get(ledger_mod.intent_key("i1")) is None
+    assert "i1" not in {x.decode() for x in cloud.smembers(ledger_mod.intents_key(k))}
+
+
 def test_a_ledger_of_the_old_shape_is_adopted(cloud):
     old = Entry(server_id="s1", node="n0", app="g", url="http://x",
                 users=[User(id="cloud", address="10.0.0.1")])
