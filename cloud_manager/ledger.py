@@ -500,6 +500,12 @@ class Intents:
                 self.lost.add(server_id)
             raise Lapsed(server_id)
 
+    def drop(self, server_id: str) -> None:
+        """No longer renewed (its redirect failed here): its lease lapses, and another
+        process's reconcile carries it on."""
+        with self._lock:
+            self.held.discard(server_id)
+
     def end(self, server_id: str) -> None:
         with self._lock:
             if server_id not in self.held:

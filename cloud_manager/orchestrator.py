@@ -48,7 +48,7 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .ledger import Entry, Intent, Intents, Ledger
+from .ledger import Entry, Intent, Intents, Lapsed, Ledger
 from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
@@ -382,14 +382,22 @@ class CloudManager:
 
     def send_users(self, dep: Deployment) -> None:
         """The users redirected to the server (raises `ledger.Lapsed`, nobody sent, if
-        its offload was taken over by another process meanwhile)."""
-        if self.intents is not None:
-            self.intents.keep(dep.server_id)
+        its offload was taken over by another process meanwhile; if the redirect fails,
+        its offload is left to lapse: another process's reconcile tries again)."""
         t = time.perf_counter()
-        if dep.intercepted:
-            dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
-        else:
-            self.app.redirect(dep.user_ids, dep.url)
+        try:
+            if self.intents is not None:
+                self.intents.keep(dep.server_id)
+            if dep.intercepted:
+                dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
+            else:
+                self.app.redirect(dep.user_ids, dep.url)
+        except Lapsed:
+            raise
+        except BaseException:
+            if self.intents is not None:  # another process's reconcile tries it again
+                self.intents.drop(dep.server_id)
+            raise
         dep.timings["redirect"] = time.perf_counter() - t
         if self.intents is not None:  # no longer in flight
             self.intents.end(dep.server_id)

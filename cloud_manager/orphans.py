@@ -141,7 +141,8 @@ class Orphans(TurnJob):
             return False
         if pool is None:
             self.take_over(k)
-            self.check(edges)
+            if edges:
+                self.check(edges)
             return True
         with self._lock:  # a shard still being checked is not queued twice
             if k in self._pending:
@@ -153,7 +154,8 @@ class Orphans(TurnJob):
     def _check(self, i: int, edges: Sequence[EdgeClient]) -> None:
         try:
             self.take_over(i % SHARDS)
-            self.check(edges)
+            if edges:
+                self.check(edges)
         except Exception:  # a Redis outage: the shard's next turn runs
             log.exception("orphans turn %d failed", i)
         finally:

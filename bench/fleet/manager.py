@@ -121,7 +121,7 @@ class Worker:
             except Lapsed:  # another process completes it
                 self.count("lapsed")
                 continue
-            except redis.RedisError:  # its lease lapses: another process completes it
+            except redis.RedisError:  # left to lapse: another process completes it
                 self.count("redirect_failed")
                 continue
             self.offload_s.append((time.time(), time.perf_counter() - t0))
