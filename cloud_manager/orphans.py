@@ -27,7 +27,7 @@ stay under `max_rate` a second, and each server of this app is judged (`judge`, 
 
 At the same turns the offloads whose owner died are taken over: the intents of the
 ledger's shard of the turn whose lease expired (`Ledger.lapsed`), each taken by one
-process (`Ledger.take`) and carried on (`take_over`, pure):
+process (`Ledger.take`) and carried on (`carry_on`, pure):
 
     recorded      COMPLETED  its record finished (`Ledger.finish`), its users sent there
                              (the app's redirect, as the owner would have; a handover's
@@ -46,7 +46,8 @@ users wrote on the cloud since (a lease at most) counts as conflicts at its merg
 
 So an orphan is ended within `grace_s + 2 period + timeout` of its handshake (its node's
 next turn after the grace, one missed turn tolerated), and never while its record can
-still land; a deployment is young (`window_s`) for the grace, two periods and the time
+still land; an offload whose owner died is carried on within `lease + 2 period` of the
+owner's last renewal; a deployment is young (`window_s`) for the grace, two periods and the time
 a record is retried through a failover (`ledger.RETRY_S`).
 
 Only for a cloud whose offloads are recorded in the ledger (enorm-cloud, the policy loop,
@@ -96,7 +97,7 @@ def judge(recorded: bool, age_s: float, grace_s: float, window_s: float,
     return Verdict.IN_FLIGHT if leased or age_s < grace_s else Verdict.ORPHAN
 
 
-def take_over(recorded: bool) -> Verdict:
+def carry_on(recorded: bool) -> Verdict:
     """What becomes of an offload whose owner died (module docstring's second table)."""
     return Verdict.COMPLETED if recorded else Verdict.ENDED
 
@@ -212,14 +213,14 @@ class Orphans(TurnJob):
             if edge is None or e.app != self.cm.app.name or e.server_id in mine or \
                     not self.ledger.take(e.server_id, self._owner, self.lease_s):
                 continue
-            out[e.server_id] = v = self._carry_on(intent, edge)
+            out[e.server_id] = v = self._lapsed(intent, edge)
             self.counts[v] += 1
         return out
 
-    def _carry_on(self, intent: Intent, edge: EdgeClient) -> Verdict:
+    def _lapsed(self, intent: Intent, edge: EdgeClient) -> Verdict:
         e = intent.entry
         # not recorded: fenced first, so that the owner's record, late, fails (`Ended`)
-        v = take_over(self.ledger.get(e.server_id) is not None
+        v = carry_on(self.ledger.get(e.server_id) is not None
                       or not self.ledger.fence(e.server_id))
         if v is Verdict.ENDED:
             log.warning("offload of %s to %s lapsed before its record: ending it (its "

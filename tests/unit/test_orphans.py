@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cloud_manager.ledger import Entry, Intent, Intents, Lapsed
-from cloud_manager.orphans import Verdict, judge, take_over
+from cloud_manager.orphans import Verdict, carry_on, judge
 from enorm.protocol import User
 
 
@@ -26,8 +26,8 @@ def test_judge(recorded, age_s, leased, expected):
 
 
 def test_an_offload_whose_owner_died_is_completed_if_recorded_else_ended():
-    assert take_over(recorded=True) is Verdict.COMPLETED
-    assert take_over(recorded=False) is Verdict.ENDED
+    assert carry_on(recorded=True) is Verdict.COMPLETED
+    assert carry_on(recorded=False) is Verdict.ENDED
 
 
 def test_an_intent_keeps_what_the_record_and_the_redirect_need():
