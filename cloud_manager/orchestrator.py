@@ -201,7 +201,9 @@ class CloudManager:
     @placement.setter
     def placement(self, policy: Policy) -> None:
         p = self.placer
-        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample, p.probe_nodes)
+        p.close()
+        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample, p.probe_nodes,
+                             p.head_s)
 
     # -- Procedures 1-3: handshake and deployment ----------------------------------------
     def request_for(self, users: Sequence[User], **over) -> SetupRequest:
@@ -599,6 +601,7 @@ class CloudManager:
             self._orphans.stop()
         if self.intents is not None:
             self.intents.stop()
+        self.placer.close()
         with self.lock:
             for dep in self.deployments.values():
                 self.close_session(dep)

@@ -66,7 +66,10 @@ def plot(results: list[dict], path: Path) -> None:
     ax[1].set_title("busiest master's share of ops"), ax[1].legend()
     for q in ("p50", "p99"):
         ax[2].plot(ns, [r["placement_alone"][f"decision_ms_{q}"] for r in results], "o-",
-                   label=f"decision alone (rank), {q}")
+                   label=f"decision alone (rank, head in memory), {q}")
+        if all("rank_read_ms_p50" in r["placement_alone"] for r in results):
+            ax[2].plot(ns, [r["placement_alone"][f"rank_read_ms_{q}"] for r in results],
+                       "^--", label=f"decision alone (rank read from the cluster), {q}")
         if all("whole_fleet_ms_p50" in r["placement_alone"] for r in results):
             ax[2].plot(ns, [r["placement_alone"][f"whole_fleet_ms_{q}"] for r in results],
                        "x:", label=f"decision alone (whole fleet), {q}")

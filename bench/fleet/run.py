@@ -315,28 +315,43 @@ class Run:
         return out
 
     def decision(self, rounds: int = 200) -> dict:
-        """The placement's decision alone, in this (otherwise idle) process, two ways in
-        turn: main's before issue 32's index (who is up and every summary from the
-        registry, all ranked) and the rank's (`Registry.ranked`: the best few per shard,
-        then those ranked), each to a shortlist of 16 of the nodes that admit."""
+        """The placement's decision alone, in this (otherwise idle) process, three ways
+        in turn: main's before issue 32's index (who is up and every summary from the
+        registry, all ranked), the rank's read from the cluster (`Registry.ranked`: the
+        best few per shard, then those ranked; session 4) and the rank's with its first
+        round from the head in memory (`RankHead`, read again every 0.5 s, as `Placer`
+        does), each to a shortlist of 16 of the nodes that admit."""
         reg = Registry(self.r, down_after_s=1.0)
         fits = lambda n, s: summary_candidate(n, s, 5).admits  # noqa: E731
-        whole, index = [], []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            sums = reg.summaries()
-            full = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
-            t1 = time.perf_counter()
-            read = reg.ranked(32, fits)
-            short = order([summary_candidate(n, s, 5) for n, s in read], "scored")
-            index.append(time.perf_counter() - t1)
-            whole.append(t1 - t)
+        # the library's way (Placer): the rank's first round from the head in memory
+        head = registry_mod.RankHead(reg, reg.first_page(32), 0.5)
+        head.start()
+        whole, index, fresh = [], [], []
+        try:
+            for _ in range(rounds):
+                t = time.perf_counter()
+                sums = reg.summaries()
+                full = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
+                t1 = time.perf_counter()
+                read = reg.ranked(32, fits)
+                order([summary_candidate(n, s, 5) for n, s in read], "scored")
+                t2 = time.perf_counter()
+                read = reg.ranked(32, fits, head=head)
+                short = order([summary_candidate(n, s, 5) for n, s in read], "scored")
+                index.append(time.perf_counter() - t2)
+                fresh.append(t2 - t1)
+                whole.append(t1 - t)
+        finally:
+            head.stop()
         # the same shortlist either way (ties aside: compared by cost)
         w = Weights()
         same = ([round(base_cost(sums[n], w), 3) for n in full[:16]]
                 == [round(base_cost(dict(read)[n], w), 3) for n in short[:16]])
         return {"candidates": len(sums), "read_by_rank": len(read), "same_shortlist": same,
                 "decision_ms_p50": _ms(pct(index, 0.5)), "decision_ms_p99": _ms(pct(index, 0.99)),
+                # session 4's way: each decision reads the rank's head from the cluster
+                "rank_read_ms_p50": _ms(pct(fresh, 0.5)),
+                "rank_read_ms_p99": _ms(pct(fresh, 0.99)),
                 "whole_fleet_ms_p50": _ms(pct(whole, 0.5)),
                 "whole_fleet_ms_p99": _ms(pct(whole, 0.99))}
 

@@ -119,6 +119,33 @@ def test_the_rank_gives_the_shortlist_a_whole_fleet_read_would_without_reading_i
                         best[0]) is None
 
 
+def test_the_rank_s_head_in_memory_gives_what_the_cluster_would(cloud):
+    """RankHead (issue 32): the first round read from a copy of each shard's head gives
+    the rank's own answer on a fleet that did not move, leaves out a node gone down since
+    its reading, and is not used once it is stale."""
+    rng, now = random.Random(3), [1000.0]
+    reg = Registry(cloud, down_after_s=10.0, clock=lambda: now[0])
+    reg.record_many([registry_mod.Answer(
+        f"h{i}", "http://10.0.0.1", offer(f"h{i}", rng.choice([1.0, 2.0, 4.0])).model_copy(
+            update={"load": rng.uniform(0, 2)}), at=now[0] - rng.uniform(0, 20))
+        for i in range(400)], ttl_s=30.0)
+    fits = lambda n, s: summary_candidate(n, s, 5).admits  # noqa: E731
+    head = registry_mod.RankHead(reg, reg.first_page(32), every_s=60.0)
+    head.refresh()
+    fresh = reg.ranked(32, fits)
+    assert reg.ranked(32, fits, head=head) == fresh
+    # 15 s on: the nodes last seen over 15 s before their bound are down; the head read
+    # before holds them, the answer does not
+    now[0] += 15.0
+    down = {n for n, _ in fresh} - {n for n, _ in reg.ranked(32, fits)}
+    assert down and not down & {n for n, _ in reg.ranked(32, fits, head=head)}
+    assert head.pages(reg.first_page(32)) is not None
+    assert head.pages(reg.first_page(32) + 1) is None  # holds too few of each shard
+    head.every_s = 0.01
+    time.sleep(0.05)
+    assert head.pages(reg.first_page(32)) is None  # stale: the cluster is read
+
+
 def test_a_placement_among_a_large_fleet_probes_the_rank_s_shortlist_and_the_near(cloud):
     """Placer (issue 32): of 600 nodes, the 16 of the rank's shortlist and the node named
     near are probed (here they do not answer: latency unknown, so the summaries decide),
