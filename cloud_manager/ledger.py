@@ -133,12 +133,13 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
 return 1
 """
 
-# KEYS: a lease; ARGV: its owner, the lease (ms). Extends it if it is still the owner's,
-# or takes it again if it lapsed and nobody took it: 1; else 0 (another process has it).
+# KEYS: a lease, its intent; ARGV: its owner, the lease (ms). Extends it if it is still
+# the owner's, or takes it again if it lapsed and nobody took it (the intent is still
+# there: a taker that carried it on released it): 1; else 0 (another process had it).
 RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not holder then
+if not holder and redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
@@ -403,12 +404,14 @@ class Ledger:
 
     def renew(self, server_ids: list[str], owner: str, lease_s: float) -> list[str]:
         """The leases of `server_ids` extended by `lease_s` (taken again if they lapsed
-        and nobody took them); those another process took over are returned."""
+        and nobody took them); those another process took over (or carried on already)
+        are returned."""
         if not server_ids:
             return []
         pipe = self.r.pipeline(transaction=False)
         for sid in server_ids:
-            pipe.execute_command("EVAL", RENEW, 1, lease_key(sid), owner, _ms(lease_s))
+            pipe.execute_command("EVAL", RENEW, 2, lease_key(sid), intent_key(sid), owner,
+                                 _ms(lease_s))
         return [sid for sid, ok in zip(server_ids, pipe.execute(), strict=True) if not ok]
 
     def release(self, server_id: str) -> None:

@@ -269,6 +269,8 @@ def test_an_offload_in_flight_is_leased_and_taken_by_one_process_once_it_lapses(
     assert led.where("iu1") is None  # an intent is not a record
     led.release("i1")
     assert led.lapsed(k) == [] and led.leased(["i1"]) == [False]
+    assert led.renew(["i1"], "alive", 0.3) == ["i1"]  # carried on: not the owner's again
+    assert led.leased(["i1"]) == [False]
     assert cloud.get(ledger_mod.intent_key("i1")) is None
     assert "i1" not in {x.decode() for x in cloud.smembers(ledger_mod.intents_key(k))}
 
