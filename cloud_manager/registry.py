@@ -485,11 +485,17 @@ class RankHead(TurnJob):
         return copy[1]
 
     def _run(self) -> None:
+        failing = False
         while True:
             try:
                 self.refresh()
+                if failing:
+                    log.info("the rank's head is read again")
+                failing = False
             except Exception:  # a master failing over: decisions read the cluster
-                log.exception("reading the rank's head")
+                if not failing:  # once an outage, not every `every_s`
+                    log.exception("reading the rank's head (decisions read the cluster)")
+                failing = True
             if self._stop.wait(self.every_s):
                 return
 

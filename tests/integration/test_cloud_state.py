@@ -163,7 +163,11 @@ def test_a_placement_among_a_large_fleet_probes_the_rank_s_shortlist_and_the_nea
     sums = reg.summaries()
     whole = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
     near = next(n for n in whole[100:] if n in sums)
-    order_, refused, placed = Placer(reg, "scored").place(edges, req, near=[near])
+    placer = Placer(reg, "scored")
+    try:
+        order_, refused, placed = placer.place(edges, req, near=[near])
+    finally:
+        placer.close()  # (its rank's head, started by the decision)
     names = [e.name for e in order_]
     costs = [base_cost(sums[n], Weights()) for n in whole[:16]]  # (ties in either order)
     assert [base_cost(sums[n], Weights()) for n in names[:16]] == costs
