@@ -713,9 +713,10 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     """`enorm-cloud policy`: the loop in the foreground over the ledger's deployments
     (adopted), recording what it does there, until SIGINT/SIGTERM (or one round). A new
     server is recorded before its users are sent there (`before_redirect`), so that no
-    reconcile takes it for an orphan and a crash in between leaves a recorded server
-    (found by the next start, `_ledger_deployments`), never users on an unrecorded one;
-    a server ended as an orphan meanwhile (`Ended`) fails its move, nobody sent there.
+    reconcile takes it for an orphan and a crash in between leaves a recorded server in
+    flight, never users on an unrecorded one: once its lease lapsed, a reconcile (this
+    command's next start, or another process's) sends its users there (orphans.py); a
+    server ended as an orphan meanwhile (`Ended`) fails its move, nobody sent there.
     The servers a move ended are forgotten after it."""
     import signal
 
