@@ -119,7 +119,7 @@ class Cloud:
         except TypeError as exc:
             fail(f"app_options: {exc}", EXIT_USAGE)
         edges = [self.edges[only]] if only else list(self.edges.values())
-        return CloudManager(
+        mgr = CloudManager(
             edges, app, cloud_redis=self.redis,
             sink=DataSink(url=self.cfg.sink_url or self.cfg.cloud_redis,
                           cluster=self.cfg.cluster, shared_patterns=app.shared_patterns),
@@ -128,6 +128,9 @@ class Cloud:
             registry=None if only else self.registry(), placement=self.cfg.placement,
             weights=self.weights(),
             handover_path=self.cfg.handover_path)
+        # its offloads in flight leased: another process carries them on if it dies
+        mgr.start_intents(self.ledger, self.cfg.offload_lease_s)
+        return mgr
 
     def close(self) -> None:
         for e in self.edges.values():
@@ -368,8 +371,13 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
         c.heartbeat()
         mgr = c.manager()
         output.progress(f"handing {server_id}'s {len(e.users)} users over from {e.node} ...")
+
+        def record(new) -> None:  # before the users are sent (as `offload`)
+            c.ledger.record(Entry(server_id=new.server_id, node=new.edge.name, app=e.app,
+                                  url=new.url, users=new.users))
+
         try:
-            new = mgr.handover(dep, to=node, users=parsed)
+            new = mgr.handover(dep, to=node, users=parsed, before_redirect=record)
         except ValueError as exc:
             fail(f"users: {exc}", EXIT_USAGE)
         except NoEdgeAvailable as exc:
@@ -386,8 +394,6 @@ def handover(config_path: Path | None, as_json: bool, node: str | None, server_i
         finally:
             mgr.close()
         c.ledger.forget(server_id)
-        c.ledger.record(Entry(server_id=new.server_id, node=new.edge.name, app=e.app,
-                              url=new.url, users=new.users))
     data = {"server_id": new.server_id, "node": new.edge.name, "url": new.url,
             "from": {"server_id": server_id, "node": e.node, "state": dep.state,
                      "keys_migrated": dep.keys_migrated, "confirmed": dep.confirmed},

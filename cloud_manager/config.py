@@ -109,6 +109,10 @@ class CloudConfig(BaseModel):
     orphans_interval_s: float = Field(default=60.0, gt=0)
     orphans_grace_s: float = Field(default=300.0, ge=0)
     orphans_max_rate: float = Field(default=50.0, gt=0)
+    # An offload in flight is leased to its process for offload_lease_s (renewed every
+    # third of it): if the process dies, the orphans' reconcile of another completes or
+    # ends it once the lease lapsed (cloud_manager/ledger.py, orphans.py).
+    offload_lease_s: float = Field(default=30.0, gt=0)
     # The cloud manager deciding by itself (`enorm-cloud policy`; cloud_manager/policy.py).
     policy: PolicySettings = Field(default_factory=PolicySettings)
 

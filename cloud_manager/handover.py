@@ -29,9 +29,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
@@ -58,14 +58,16 @@ class HandoverFailed(DeployError):
 
 
 def hand_over(cm: CloudManager, old: Deployment, to: str | None,
-              users: Sequence[User] | None, over: dict) -> Deployment:
+              users: Sequence[User] | None, over: dict,
+              before_redirect: Callable[[Deployment], None] | None = None) -> Deployment:
     """Move `old`'s users to a new server on another node, start-first. `users` gives
     their addresses now (they moved into another node's area); same ids. Returns the
-    new deployment.
+    new deployment. `before_redirect(new)`: once the new server holds the users' data,
+    before they are sent there (`Prepared.complete`).
 
     If the old server's data cannot be merged (its node lost the cloud), the users stay
     on the cloud and the new server is withdrawn: HandoverFailed."""
-    return prepare(cm, old, to, users, over).complete()
+    return prepare(cm, old, to, users, over).complete(before_redirect)
 
 
 def _check(old: Deployment) -> None:
@@ -85,15 +87,19 @@ class Prepared:
     key: str | None
     seconds: float  # what preparing took
 
-    def complete(self) -> Deployment:
+    def complete(self, before_redirect: Callable[[Deployment], None] | None = None
+                 ) -> Deployment:
         """The switch: the users and their data to the new server. The old server must
-        still serve them (else ValueError, and the new one is ended)."""
+        still serve them (else ValueError, and the new one is ended). `before_redirect
+        (new)` runs once the new server holds the data, before the users are sent there
+        (where the ledger records it); if it fails, the users go to the cloud with
+        their data merged there from both servers (HandoverFailed)."""
         try:
             _check(self.old)
         except ValueError:
             self.cancel()
             raise
-        return _complete(self)
+        return _complete(self, before_redirect)
 
     def cancel(self) -> None:
         """Not needed after all (the users did not go there): the new server ended."""
@@ -111,8 +117,8 @@ def prepare(cm: CloudManager, old: Deployment, to: str | None,
         raise ValueError("users: a handover moves the deployment's own users")
     t0 = time.perf_counter()
     key = secrets.token_urlsafe(32) if cm.handover_path != "cloud" else None
-    new = cm.admit(moving, [old.edge.name], to, {**over, "handover_key": key} if key else over)
-    new.handed_over_from = old.server_id
+    new = cm.admit(moving, [old.edge.name], to, {**over, "handover_key": key} if key else over,
+                   handed_over_from=old.server_id)
     try:  # start-first: the old server serves until the new one answers
         cm.connect(new)
         cm.over_ssh(new, cm.start_server)
@@ -127,7 +133,8 @@ def prepare(cm: CloudManager, old: Deployment, to: str | None,
     return Prepared(cm, old, new, edge, key, time.perf_counter() - t0)
 
 
-def _complete(p: Prepared) -> Deployment:
+def _complete(p: Prepared, before_redirect: Callable[[Deployment], None] | None
+              ) -> Deployment:
     cm, old, new, edge, key = p.cm, p.old, p.new, p.edge, p.key
     t0 = time.perf_counter() - p.seconds  # `total`: preparing and switching, no wait between
     if key is not None:
@@ -138,7 +145,7 @@ def _complete(p: Prepared) -> Deployment:
             log.exception("handover of %s: shared keys to %s", old.server_id, new.server_id)
             p.cancel()
             raise
-        if _direct(cm, old, new, key):
+        if _direct(cm, old, new, key, before_redirect):
             edge.close()
             new.timings["total"] = time.perf_counter() - t0
             return new
@@ -154,10 +161,12 @@ def _complete(p: Prepared) -> Deployment:
         raise
     try:
         cm.copy(new, edge)
-    except BaseException:
+        if before_redirect is not None:
+            before_redirect(new)
+    except BaseException as exc:
         cm.abandon(new, restore=False)
-        raise HandoverFailed(f"copy to {new.server_id} failed", "users on the cloud, "
-                             "their data merged") from None
+        raise HandoverFailed(f"{new.server_id}: {exc}", "users on the cloud, their data "
+                             "merged") from None
     cm.send_users(new)
     now = time.perf_counter()
     new.timings["interruption"] = now - t_switch
@@ -165,7 +174,8 @@ def _complete(p: Prepared) -> Deployment:
     return new
 
 
-def _direct(cm: CloudManager, old: Deployment, new: Deployment, key: str) -> bool:
+def _direct(cm: CloudManager, old: Deployment, new: Deployment, key: str,
+            before_redirect: Callable[[Deployment], None] | None = None) -> bool:
     """The users' data edge -> edge: the old node fences its server and gives the keys
     to the new one, then the users go there; they are never served by the cloud
     meanwhile (its copy of their data is stale until the new server's merge, which
@@ -181,25 +191,18 @@ def _direct(cm: CloudManager, old: Deployment, new: Deployment, key: str) -> boo
             log.info("handover of %s: no direct path (%s); through the cloud",
                      old.server_id, exc)
             return False
-        # No answer: the old node may or may not have given the keys. Both servers
-        # end, each merging what it holds (the new one with the inherited manifest).
-        log.warning("handover of %s: %s did not answer (%s); ending both servers",
-                    old.server_id, old.edge.name, exc)
-        try:
-            _end_old(cm, old, new)
-        finally:
-            cm.abandon(new, restore=False)
-        # Both merged what they held; a handed-over old server leaves its manifest.
-        with contextlib.suppress(redis.RedisError):
-            cm.cloud.delete(datasync.manifest_key(old.server_id))
-        raise HandoverFailed(f"{old.edge.name} did not answer the handover: {exc}",
-                             "users on the cloud, their data merged from both "
-                             "servers") from None
+        # No answer: the old node may or may not have given the keys.
+        _end_both(cm, old, new, f"{old.edge.name} did not answer the handover: {exc}")
     old.timings["handover"] = time.perf_counter() - t_switch
     # Only now, with the keys on the new server: its merge tells deletes from the
     # manifest, and a manifest without the keys would delete them all on the cloud.
     datasync.move_manifest(cm.cloud, datasync.manifest_key(old.server_id),
                            datasync.manifest_key(new.server_id))
+    if before_redirect is not None:
+        try:
+            before_redirect(new)
+        except BaseException as exc:  # the keys moved, the users not sent: as above
+            _end_both(cm, old, new, f"{new.server_id}: {exc}")
     cm.send_users(new)
     now = time.perf_counter()
     new.timings["interruption"] = now - t_switch
@@ -213,6 +216,22 @@ def _direct(cm: CloudManager, old: Deployment, new: Deployment, key: str) -> boo
         old.ended.set()
     cm.close_session(old)
     return True
+
+
+def _end_both(cm: CloudManager, old: Deployment, new: Deployment, why: str) -> NoReturn:
+    """A direct switch that cannot go on, the keys maybe given to the new server: both
+    servers end, each merging what it holds (the new one with the inherited manifest),
+    and the users stay on the cloud (HandoverFailed)."""
+    log.warning("handover of %s: %s; ending both servers", old.server_id, why)
+    try:
+        _end_old(cm, old, new)
+    finally:
+        cm.abandon(new, restore=False)
+    # Both merged what they held; a handed-over old server leaves its manifest.
+    with contextlib.suppress(redis.RedisError):
+        cm.cloud.delete(datasync.manifest_key(old.server_id))
+    raise HandoverFailed(why, "users on the cloud, their data merged from both servers"
+                         ) from None
 
 
 def _end_old(cm: CloudManager, old: Deployment, new: Deployment) -> None:

@@ -13,6 +13,17 @@ so that `where` is one read, however large the ledger; the deployment's record (
 app, time) is read by `get`. A pointer of the older shape (the server id alone) is read
 through the deployment, two reads.
 
+An offload in flight is recorded too, so that another process can take it over when
+its own dies: from the node's admission to the users' redirection, its server has an
+intent (`enorm:deployment:{<server id>}:intent`: the record it will have, and the server
+a handover comes from) and a lease (`...:lease`, the owner's, kept by Redis's own
+expiry and renewed by the owner while the offload runs, `Intents`), listed in 64 sets
+(`enorm:{ledger:<k>}:intents`). An intent whose lease expired is its owner's no more:
+the orphans' reconcile takes it (`take`) and either completes it (recorded: its users
+pointed at it and sent there) or ends it (not recorded: fenced, its data merged back,
+its users left on the cloud to be offered again), orphans.py. `where` and the records
+are not touched by it.
+
 A cluster has no transaction across slots, so the writes go in an order a reader
 tolerates when a process dies half-way: `record` writes the deployment, then its users'
 pointers; `forget` marks the server ended (`enorm:deployment:{<server id>}:ended`), takes
@@ -27,6 +38,9 @@ withdrawal, or the orphans' reconcile (`fence`), races a record. A ledger writte
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -35,6 +49,8 @@ from typing import Any
 from enorm import datasync
 from enorm.datasync.transport import Job, eval_command, run_jobs
 from enorm.protocol import User
+
+log = logging.getLogger(__name__)
 
 # Where the ledger was before it spread over the slots (`Ledger.adopt_legacy`).
 LEGACY_PREFIX = "enorm:{cloud}"
@@ -117,6 +133,19 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
 return 1
 """
 
+# KEYS: a lease, its intent; ARGV: its owner, the lease (ms). Extends it if it is still
+# the owner's, or takes it again if it lapsed and nobody took it (the intent is still
+# there: a taker that carried it on released it): 1; else 0 (another process had it).
+RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # How long `record` is tried again through a master's failover.
 RETRY_S = 15.0
 
@@ -130,6 +159,16 @@ class Ended(Exception):
 
     def __init__(self, server_id: str) -> None:
         super().__init__(f"server {server_id} was ended before its record was done")
+        self.server_id = server_id
+
+
+class Lapsed(Exception):
+    """The offload's lease lapsed while its process stalled, and another process took it
+    over (orphans.py): that one completes or ends it; this one must do neither."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(f"offload of {server_id}: its lease lapsed; another process "
+                         "took it over")
         self.server_id = server_id
 
 
@@ -168,6 +207,41 @@ def index_key(k: int) -> str:
     return f"enorm:{{ledger:{k}}}:deployments"
 
 
+def intent_key(server_id: str) -> str:
+    """An offload in flight: what its record will be (`Intent`), beside its deployment."""
+    return f"enorm:deployment:{{{_tag(server_id, 'server id')}}}:intent"
+
+
+def lease_key(server_id: str) -> str:
+    """Who carries an offload in flight, while the key lives (Redis's own expiry)."""
+    return f"enorm:deployment:{{{_tag(server_id, 'server id')}}}:lease"
+
+
+def intents_key(k: int) -> str:
+    return f"enorm:{{ledger:{k}}}:intents"
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An offload in flight: the record it will have, the server a handover moves its
+    users from (None: from the cloud), and whether its node redirects them."""
+
+    entry: Entry
+    handed_over_from: str | None = None
+    intercepted: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"entry": json.loads(self.entry.to_json()),
+                           "handed_over_from": self.handed_over_from,
+                           "intercepted": self.intercepted})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Intent:
+        d = json.loads(raw)
+        return cls(Entry.from_json(json.dumps(d["entry"])), d["handed_over_from"],
+                   d["intercepted"])
+
+
 def shard(server_id: str) -> int:
     return zlib.crc32(server_id.encode()) % SHARDS
 
@@ -181,6 +255,10 @@ def _tag(value: str, what: str) -> str:
 
 def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 class Ledger:
@@ -312,6 +390,71 @@ class Ledger:
             datasync.through_failover(write)
         return len(fix)
 
+    # -- offloads in flight --------------------------------------------------------------
+    def intend(self, intent: Intent, owner: str, lease_s: float) -> None:
+        """An offload in flight, its lease `owner`'s for `lease_s`: the intent and the
+        lease (one slot), then its listing (an intent cut before it is listed is never
+        taken; its server, not leased, is left to the orphans' grace)."""
+        sid = intent.entry.server_id
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(intent_key(sid), intent.to_json(), ex=ENDED_TTL_S)
+        pipe.set(lease_key(sid), owner, px=_ms(lease_s))
+        pipe.execute()
+        self.r.sadd(intents_key(shard(sid)), sid)
+
+    def renew(self, server_ids: list[str], owner: str, lease_s: float) -> list[str]:
+        """The leases of `server_ids` extended by `lease_s` (taken again if they lapsed
+        and nobody took them); those another process took over (or carried on already)
+        are returned."""
+        if not server_ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for sid in server_ids:
+            pipe.execute_command("EVAL", RENEW, 2, lease_key(sid), intent_key(sid), owner,
+                                 _ms(lease_s))
+        return [sid for sid, ok in zip(server_ids, pipe.execute(), strict=True) if not ok]
+
+    def release(self, server_id: str) -> None:
+        """The offload is done (its users sent) or its server ended: no intent left."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(intent_key(server_id))
+        pipe.delete(lease_key(server_id))
+        pipe.srem(intents_key(shard(server_id)), server_id)
+        pipe.execute()
+
+    def leased(self, server_ids: list[str]) -> list[bool]:
+        """Whether each server's offload is in flight, its owner alive."""
+        pipe = self.r.pipeline(transaction=False)
+        for sid in server_ids:
+            pipe.exists(lease_key(sid))
+        return [bool(x) for x in pipe.execute()] if server_ids else []
+
+    def lapsed(self, k: int) -> list[Intent]:
+        """The intents of shard `k` whose lease expired: offloads whose owner died (or
+        stalled for a whole lease). Listed ids without an intent are unlisted."""
+        sids = sorted(_text(s) for s in self.r.smembers(intents_key(k)))
+        if not sids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for sid in sids:
+            pipe.get(intent_key(sid))
+            pipe.exists(lease_key(sid))
+        replies = pipe.execute()
+        out, gone = [], []
+        for sid, raw, live in zip(sids, replies[::2], replies[1::2], strict=True):
+            if raw is None:
+                gone.append(sid)
+            elif not live:
+                out.append(Intent.from_json(raw))
+        if gone:
+            self.r.srem(intents_key(k), *gone)
+        return out
+
+    def take(self, server_id: str, owner: str, lease_s: float) -> bool:
+        """The lapsed offload `server_id` taken by `owner` for `lease_s` (one process
+        does): True if it is now `owner`'s."""
+        return bool(self.r.set(lease_key(server_id), owner, nx=True, px=_ms(lease_s)))
+
     def adopt_legacy(self, prefix: str = LEGACY_PREFIX) -> int:
         """Move a ledger of the old shape (two hashes under one hash tag) into this one;
         how many deployments moved. Each is recorded before the old hashes go, so a
@@ -322,3 +465,84 @@ class Ledger:
         if old:
             self.r.delete(f"{prefix}:deployments", f"{prefix}:users")
         return len(old)
+
+
+class Intents:
+    """This process's offloads in flight (`Ledger.intend`), their leases renewed on a
+    thread of their own every third of a lease, until `stop`; an offload whose lease
+    was lost (this process stalled a whole lease, and another took it) is dropped from
+    `held` and named in `lost`: its taker carries it on."""
+
+    def __init__(self, ledger: Ledger, lease_s: float = 30.0) -> None:
+        if not lease_s > 0:
+            raise ValueError("lease_s must be > 0")
+        self.ledger, self.lease_s = ledger, lease_s
+        self.owner = secrets.token_hex(8)
+        self.held: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, intent: Intent) -> None:
+        self.ledger.intend(intent, self.owner, self.lease_s)
+        with self._lock:
+            self.held.add(intent.entry.server_id)
+
+    def keep(self, server_id: str) -> None:
+        """Right before the users are sent: the lease renewed, so that nobody takes the
+        offload over for a lease (a redirect is sent once); `Lapsed` if it was taken."""
+        with self._lock:
+            if server_id not in self.held:
+                if server_id in self.lost:
+                    raise Lapsed(server_id)
+                return  # not in flight here (a taker's own completion)
+        if self.ledger.renew([server_id], self.owner, self.lease_s):
+            with self._lock:
+                self.held.discard(server_id)
+                self.lost.add(server_id)
+            raise Lapsed(server_id)
+
+    def drop(self, server_id: str) -> None:
+        """No longer renewed (its redirect failed here): its lease lapses, and another
+        process's reconcile carries it on."""
+        with self._lock:
+            self.held.discard(server_id)
+
+    def end(self, server_id: str) -> None:
+        with self._lock:
+            if server_id not in self.held:
+                return
+            self.held.discard(server_id)
+        self.ledger.release(server_id)
+
+    def renew(self) -> None:
+        with self._lock:
+            held = sorted(self.held)
+        lost = self.ledger.renew(held, self.owner, self.lease_s)
+        if lost:
+            log.warning("offloads %s: their leases were lost (taken over)", lost)
+            with self._lock:
+                self.held.difference_update(lost)
+                self.lost.update(lost)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew()
+            except Exception:  # a master failing over: the next renewal, within a lease
+                log.exception("renewing the offloads' leases")
+
+    def start(self) -> Intents:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="enorm-intents")
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

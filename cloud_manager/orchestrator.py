@@ -48,7 +48,7 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .ledger import Ledger
+from .ledger import Entry, Intent, Intents, Lapsed, Ledger
 from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
@@ -132,9 +132,17 @@ class PreparedOffload:
     dep: Deployment
     seconds: float  # what preparing took
 
-    def complete(self) -> Deployment:
-        """The users sent to the server."""
+    def complete(self, before_redirect: Callable[[Deployment], None] | None = None
+                 ) -> Deployment:
+        """The users sent to the server; `before_redirect(dep)` first (where the ledger
+        records it: if it fails, the server ends and nobody was sent there)."""
         t = time.perf_counter()
+        if before_redirect is not None:
+            try:
+                before_redirect(self.dep)
+            except BaseException:
+                self.cancel()
+                raise
         self.cm.send_users(self.dep)
         self.dep.timings["total"] = self.seconds + time.perf_counter() - t
         return self.dep
@@ -167,6 +175,7 @@ class CloudManager:
         self.rehomed: dict[str, Deployment | Exception] = {}  # ended server -> what followed
         self._heartbeats: Heartbeats | None = None
         self._orphans: Orphans | None = None
+        self.intents: Intents | None = None  # `start_intents`
         self.policy: PolicyLoop | None = None  # `start_policy`
         self.app = app
         self.sink = sink_for(app, sink)
@@ -192,7 +201,9 @@ class CloudManager:
     @placement.setter
     def placement(self, policy: Policy) -> None:
         p = self.placer
-        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample, p.probe_nodes)
+        p.close()
+        self.placer = Placer(p.registry, policy, p.weights, p.probe_sample, p.probe_nodes,
+                             p.head_s)
 
     # -- Procedures 1-3: handshake and deployment ----------------------------------------
     def request_for(self, users: Sequence[User], **over) -> SetupRequest:
@@ -282,17 +293,29 @@ class CloudManager:
 
     # -- the steps of a deployment (offload, handover and re-homing compose them) --------
     def admit(self, users: list[User], exclude: Iterable[str], only: str | None,
-              over: dict, near: Iterable[str] = ()) -> Deployment:
-        """Handshake (placement, then the first node that admits): a new deployment."""
+              over: dict, near: Iterable[str] = (),
+              handed_over_from: str | None = None) -> Deployment:
+        """Handshake (placement, then the first node that admits): a new deployment,
+        in flight (`start_intents`: its intent recorded, leased until its users are sent
+        there or it is abandoned)."""
         t0 = time.perf_counter()
         req = self.request_for(users, **over)
         edge, setup, refused, placed = self._first_to_admit(req, exclude, only, near)
         dep = Deployment(edge=edge, setup=setup, users=users, refused=refused,
                          placement=placed, intercepted=bool(req.intercept),
-                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}")
+                         url=f"http://{setup.access.host}:{setup.ports[self.app.port]}",
+                         handed_over_from=handed_over_from)
         dep.timings["handshake"] = time.perf_counter() - t0
         with self.lock:
             self.deployments[setup.server_id] = dep
+        if self.intents is not None:
+            try:
+                self.intents.begin(Intent(
+                    Entry(server_id=dep.server_id, node=edge.name, app=req.app, url=dep.url,
+                          users=users), handed_over_from, dep.intercepted))
+            except BaseException:
+                self.abandon(dep, restore=False)
+                raise
         return dep
 
     def connect(self, dep: Deployment) -> None:
@@ -360,12 +383,26 @@ class CloudManager:
         dep.timings["ready"] = time.perf_counter() - t
 
     def send_users(self, dep: Deployment) -> None:
+        """The users redirected to the server (raises `ledger.Lapsed`, nobody sent, if
+        its offload was taken over by another process meanwhile; if the redirect fails,
+        its offload is left to lapse: another process's reconcile tries again)."""
         t = time.perf_counter()
-        if dep.intercepted:
-            dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
-        else:
-            self.app.redirect(dep.user_ids, dep.url)
+        try:
+            if self.intents is not None:
+                self.intents.keep(dep.server_id)
+            if dep.intercepted:
+                dep.edge.redirect(dep.server_id, True)  # the node routes the users' traffic
+            else:
+                self.app.redirect(dep.user_ids, dep.url)
+        except Lapsed:
+            raise
+        except BaseException:
+            if self.intents is not None:  # another process's reconcile tries it again
+                self.intents.drop(dep.server_id)
+            raise
         dep.timings["redirect"] = time.perf_counter() - t
+        if self.intents is not None:  # no longer in flight
+            self.intents.end(dep.server_id)
 
     def users_home(self, dep: Deployment) -> None:
         """The users back to the cloud (the node's rules first, where it redirects them),
@@ -387,6 +424,8 @@ class CloudManager:
                 dep.edge.terminate(dep.server_id)
             except EdgeError:
                 log.exception("could not withdraw %s", dep.server_id)
+            if self.intents is not None:  # (not withdrawn: an orphan to the reconcile)
+                self.intents.end(dep.server_id)
             # Under the lock: the node's `server.terminated` for it, handled meanwhile,
             # must not leave it `terminated` (its own end) after this sets `withdrawn`.
             with self.lock:
@@ -454,11 +493,14 @@ class CloudManager:
 
     # -- the other jobs, in their own modules --------------------------------------------
     def handover(self, dep: Deployment | str, to: str | None = None,
-                 users: Sequence[User] | None = None, **over) -> Deployment:
+                 users: Sequence[User] | None = None,
+                 before_redirect: Callable[[Deployment], None] | None = None,
+                 **over) -> Deployment:
         """A deployment's users to a new server on another node, start-first
-        (`handover.hand_over`)."""
+        (`handover.hand_over`); `before_redirect(new)` runs once the new server holds
+        their data, before they are sent there (as `offload`'s)."""
         old = self.deployments[dep] if isinstance(dep, str) else dep
-        return handover.hand_over(self, old, to, users, over)
+        return handover.hand_over(self, old, to, users, over, before_redirect)
 
     def prepare_handover(self, dep: Deployment | str, to: str | None = None,
                          users: Sequence[User] | None = None, **over) -> handover.Prepared:
@@ -508,12 +550,22 @@ class CloudManager:
         self._heartbeats.start()
         return self._heartbeats
 
+    def start_intents(self, ledger: Ledger, lease_s: float = 30.0) -> Intents:
+        """Record each offload in flight in the ledger, from its node's admission to its
+        users' redirection, under a lease this process renews until `close`, so that if
+        it dies another process's orphans' reconcile completes or ends it (ledger.py)."""
+        if self.intents is None:
+            self.intents = Intents(ledger, lease_s).start()
+        return self.intents
+
     def start_orphans(self, ledger: Ledger, interval_s: float = 60.0, grace_s: float = 300.0,
                       max_rate: float = 50.0) -> Orphans:
         """End the servers of this app that the ledger does not know (a process killed
-        between a handshake and its record) and finish records cut half-way, the work
+        between a handshake and its record), finish records cut half-way, and complete
+        or end the offloads whose owner died (their intents' leases lapsed), the work
         shared with the other processes (orphans.py), until `close`."""
-        self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate)
+        self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate,
+                                lease_s=30.0 if self.intents is None else self.intents.lease_s)
         self._orphans.start()
         return self._orphans
 
@@ -547,6 +599,9 @@ class CloudManager:
             self._heartbeats.stop()
         if self._orphans is not None:
             self._orphans.stop()
+        if self.intents is not None:
+            self.intents.stop()
+        self.placer.close()
         with self.lock:
             for dep in self.deployments.values():
                 self.close_session(dep)

@@ -27,13 +27,17 @@ the whole fleet by its summaries would pick). What it cannot see is the latency:
 near the users but busier than the shortlist is not probed unless the caller names it
 (`near`: the nodes it knows to be near the users, e.g. from their locations, are probed
 besides the shortlist). A fleet where few nodes admit at all is read only so far (three
-rounds of pages); if none of what was read admits, the whole fleet is read.
+rounds of pages); if none of what was read admits, the whole fleet is read. The first
+round comes from memory: each process keeps the head of the rank (`RankHead`), read
+again every `head_s` (0.5 s), so that a decision waits for no master (the summaries it
+holds move only at each node's heartbeat, once a period).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +49,7 @@ from .edge_client import EdgeClient, EdgeError
 if TYPE_CHECKING:
     from enorm.protocol import NodeOffer, SetupRequest
 
-    from .registry import Registry
+    from .registry import RankHead, Registry
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ class Placer:
 
     def __init__(self, registry: Registry | None = None, policy: Policy = "first",
                  weights: Weights | None = None, probe_sample: int = 64,
-                 probe_nodes: int = 16) -> None:
+                 probe_nodes: int = 16, head_s: float = 0.5) -> None:
         if policy not in ("first", "scored"):
             raise ValueError(f"placement must be 'first' or 'scored', not {policy!r}")
         if probe_nodes < 1:
@@ -166,6 +170,11 @@ class Placer:
         self.policy, self.weights = policy, weights or Weights()
         self.probe_sample, self.probe_nodes = probe_sample, probe_nodes
         self._names: tuple[Sequence[EdgeClient], int, dict[str, EdgeClient]] | None = None
+        # The rank's head kept in memory, read again every `head_s` (0: none), from the
+        # first decision that reads the rank until `close` (`registry.RankHead`).
+        self.head_s = head_s
+        self._head: RankHead | None = None
+        self._head_lock = threading.Lock()
 
     def place(self, nodes: Iterable[EdgeClient], req: SetupRequest,
               exclude: Iterable[str] = (), only: str | None = None,
@@ -252,8 +261,8 @@ class Placer:
 
         out = {n: s for n, s in self.registry.ranked(
             2 * self.probe_nodes,
-            lambda n, s: mine(n) and summary_candidate(n, s, req.priority).admits)
-            if mine(n)}
+            lambda n, s: mine(n) and summary_candidate(n, s, req.priority).admits,
+            head=self.head()) if mine(n)}
         extra = [n for n in near if mine(n) and n not in out]
         for n, st in (self.registry.up_among(extra) if extra else {}).items():
             if st is not None and st.offer is not None:
@@ -261,6 +270,26 @@ class Placer:
         if not any(summary_candidate(n, s, req.priority).admits for n, s in out.items()):
             return {}
         return out
+
+    def head(self) -> RankHead | None:
+        """The rank's head, started at the first call (None: `head_s` 0)."""
+        if self.head_s <= 0 or self.registry is None:
+            return None
+        with self._head_lock:
+            if self._head is None:
+                from .registry import RankHead
+
+                self._head = RankHead(self.registry,
+                                      self.registry.first_page(2 * self.probe_nodes),
+                                      self.head_s)
+                self._head.start()
+            return self._head
+
+    def close(self) -> None:
+        with self._head_lock:
+            if self._head is not None:
+                self._head.stop()
+                self._head = None
 
     def candidate(self, edge: EdgeClient, req: SetupRequest, sample: list[str],
                   summary: Summary | None = None) -> Candidate:

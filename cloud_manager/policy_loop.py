@@ -163,6 +163,10 @@ class PolicyLoop:
         self._offers: dict[str, Any] = {}  # node -> its last offer (the unit's size)
         self.events: deque[PolicyEvent] = deque(maxlen=1000)
         self.listeners: list[Callable[[PolicyEvent], None]] = []
+        # Called with each new server once it holds its users' data, before they are sent
+        # there (`enorm-cloud policy` records it in the ledger): if it raises, the move
+        # fails, the server ends and nobody was sent there.
+        self.before_redirect: Callable[[Deployment], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recording = threading.Lock()
@@ -582,10 +586,11 @@ class PolicyLoop:
             return self._away_from_down(d.group, old, users, d.to, over, prepared)
         try:
             if prepared is not None:
-                new = prepared.complete()
+                new = prepared.complete(self.before_redirect)
                 new.timings["prepared_ahead_s"] = prepared.seconds
             else:
-                new = cm.handover(old, to=d.to, users=users)
+                new = cm.handover(old, to=d.to, users=users,
+                                  before_redirect=self.before_redirect)
         except Exception:
             if old.ended.is_set():
                 with self._lock:
@@ -611,7 +616,8 @@ class PolicyLoop:
         return [e.name for e in self.cm.edges if e.name != node]
 
     def _offload(self, users: list[User], node: str | None, over: dict) -> Deployment:
-        return self.cm.offload(users, exclude=self._others(node), **over)
+        return self.cm.offload(users, exclude=self._others(node),
+                               before_redirect=self.before_redirect, **over)
 
     def _withdraw(self, group: str) -> None:
         with self._lock:
@@ -641,7 +647,7 @@ class PolicyLoop:
         home (a `node_down` withdrawal)."""
         try:
             if prepared is not None:
-                new = prepared.complete()
+                new = prepared.complete(self.before_redirect)
                 new.timings["prepared_ahead_s"] = prepared.seconds
             else:
                 new = self._offload(users, to, over)
@@ -709,10 +715,16 @@ def population_from(spec: str, cloud_redis: Any, options: dict[str, Any]) -> Pop
 def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
             say: Callable[[PolicyEvent], None]) -> None:
     """`enorm-cloud policy`: the loop in the foreground over the ledger's deployments
-    (adopted), recording what it does there, until SIGINT/SIGTERM (or one round)."""
+    (adopted), recording what it does there, until SIGINT/SIGTERM (or one round). A new
+    server is recorded before its users are sent there (`before_redirect`), so that no
+    reconcile takes it for an orphan and a crash in between leaves a recorded server in
+    flight, never users on an unrecorded one: once its lease lapsed, a reconcile (this
+    command's next start, or another process's) sends its users there (orphans.py); a
+    server ended as an orphan meanwhile (`Ended`) fails its move, nobody sent there.
+    The servers a move ended are forgotten after it."""
     import signal
 
-    from .ledger import Ended, Entry
+    from .ledger import Entry
 
     loop = PolicyLoop(cm, cfg.policy, population_from(cfg.policy.population, cm.cloud,
                                                      cfg.policy.population_options))
@@ -720,7 +732,11 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
     for dep in _ledger_deployments(cm, ledger):
         loop.adopt(dep)
 
-    def record(ev: PolicyEvent) -> None:
+    def record(dep: Deployment) -> None:
+        ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name, app=cm.app.name,
+                            url=dep.url, users=dep.users))
+
+    def forget(ev: PolicyEvent) -> None:
         if not ev.ok:
             return
         old = cm.deployments.get(ev.server_id or "")
@@ -728,15 +744,9 @@ def run_cli(cm: CloudManager, ledger: Any, cfg: Any, once: bool,
         if old is not None and old.state != "migration_pending" \
                 and old.server_id not in loop.unreached:
             ledger.forget(old.server_id)
-        dep = loop.owned.get(ev.group)
-        if ev.new_server_id and dep is not None:
-            try:
-                ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
-                                    app=cm.app.name, url=dep.url, users=dep.users))
-            except Ended as exc:  # another process's reconcile ended it as an orphan:
-                log.warning("%s", exc)  # its node's event sends the users home
 
-    loop.listeners += [record, say]
+    loop.before_redirect = record
+    loop.listeners += [forget, say]
     if once:  # no dwell runs across two processes: nothing to prepare ahead
         loop.settings = loop.settings.model_copy(update={"prepare_moves": False})
         loop.round()

@@ -79,8 +79,9 @@ RANK_TAGS = tuple(_rank_tag(j) for j in range(RANK_SHARDS))
 
 # KEYS: a rank shard's rank and its summaries; ARGV: now, an offset into the rank, how
 # many. The next ARGV[3] nodes of the rank from the offset that are up (the time in their
-# summary not past), as {the offset after them (-1: the rank ended), node, score, summary,
-# ...}; the nodes down that it passes leave the rank (their next answer puts them back).
+# summary not past), as {the offset after them (-1: the rank ended), node, score, "down
+# summary", ...}; the nodes down that it passes leave the rank (their next answer puts
+# them back).
 RANKED = """
 local now, at, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, found = {0}, 0
@@ -96,7 +97,7 @@ while found < want do
     if not (down and tonumber(down) >= now) then
       gone[#gone + 1] = n
     elseif found < want then
-      out[#out + 1] = n; out[#out + 1] = page[2 * j]; out[#out + 1] = summary
+      out[#out + 1] = n; out[#out + 1] = page[2 * j]; out[#out + 1] = sums[j]
       found, at = found + 1, at + 1
     end
   end
@@ -331,51 +332,70 @@ class Registry:
                     out[_text(n)] = Summary.decode(summary)
         return out
 
+    @staticmethod
+    def first_page(want: int) -> int:
+        """How many nodes of each rank shard the first round of `ranked(want)` reads."""
+        return 2 * math.ceil(want / RANK_SHARDS) + 2
+
     def ranked(self, want: int, keep: Callable[[str, Summary], bool],
-               rounds: int = 3) -> list[tuple[str, Summary]]:
+               rounds: int = 3, head: RankHead | None = None) -> list[tuple[str, Summary]]:
         """Nodes up with their summaries, lowest `base_cost` first: at least the `want`
         best of those `keep` accepts, read from the rank a few per shard, not the whole
         fleet. Each round reads the next page of every shard that may still hold one of
         them (its last node read is below the `want`-th best kept so far), pages twice
         as long each round, one round trip each; after `rounds` (a fleet where `keep`
-        refuses nearly all) what was read is all there is."""
-        now, page = self.clock(), 2 * math.ceil(want / RANK_SHARDS) + 2
+        refuses nearly all) what was read is all there is. With a `head` that is fresh,
+        the first round is its copy (`RankHead`), read from memory: the answer is then as
+        of its reading (nodes gone down since are left out)."""
+        now, page = self.clock(), self.first_page(want)
         at = dict.fromkeys(range(RANK_SHARDS), 0)  # the next offset into each shard's rank
         last: dict[int, float] = {}
-        read: list[tuple[float, str, Summary]] = []
+        read: dict[str, tuple[float, Summary]] = {}
         shards = list(range(RANK_SHARDS))
-        for _ in range(rounds):
-            replies = self._pages(shards, now, at, page)
-            for k, reply in zip(shards, replies, strict=True):
-                at[k] = int(reply[0])
-                for i in range(1, len(reply), 3):
-                    last[k] = float(reply[i + 1])
-                    read.append((last[k], _text(reply[i]), Summary.decode(reply[i + 2])))
-            kept = sorted(score for score, n, s in read if keep(n, s))
+        copy = None if head is None else head.pages(page)
+        for r in range(rounds):
+            pages = copy if r == 0 and copy is not None else self._pages(shards, now, at, page)
+            for k, (offset, rows) in zip(shards, pages, strict=True):
+                at[k] = offset
+                for score, n, down, s in rows:
+                    last[k] = score
+                    if down >= now:  # (a head's copy may hold a node gone down since)
+                        read.setdefault(n, (score, s))
+            kept = sorted(score for n, (score, s) in read.items() if keep(n, s))
             bar = kept[want - 1] if len(kept) >= want else math.inf
             shards = [k for k in shards if at[k] >= 0 and last.get(k, -math.inf) < bar]
             if not shards:
                 break
             page *= 2
-        return [(n, s) for _, n, s in sorted(read)]
+        return [(n, s) for n, (_, s) in sorted(read.items(), key=lambda x: x[1][0])]
 
     def _pages(self, shards: list[int], now: float, at: dict[int, int], page: int
-               ) -> list[Any]:
+               ) -> list[tuple[int, list[tuple[float, str, float, Summary]]]]:
         """One page of each shard's rank (`RANKED`), pipelined: by its SHA (the script
-        is not sent 64 times a decision), loaded on every master when one lacks it."""
+        is not sent 64 times a decision), loaded on every master when one lacks it; per
+        shard, the offset after it and its nodes (score, name, when down, summary)."""
         for attempt in (1, 2):
             pipe = self.r.pipeline(transaction=False)
             for k in shards:
                 pipe.execute_command("EVALSHA", RANKED_SHA, 2, rank_key(k), summary_key(k),
                                      repr(now), at[k], page)
             try:
-                return pipe.execute()
+                replies = pipe.execute()
+                break
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
                 for m in masters(self.r):
                     m.script_load(RANKED)
-        raise AssertionError("unreachable")
+        out = []
+        for reply in replies:
+            rows = []
+            for i in range(1, len(reply), 3):
+                down, summary = _text(reply[i + 2]).split(" ", 1)
+                rows.append((float(reply[i + 1]), _text(reply[i]), float(down),
+                             Summary.decode(summary)))
+            out.append((int(reply[0]), rows))
+        return out
 
     def claim(self, k: int, turn: int, lease_s: float, owner: str, job: str = "poll"
               ) -> bool:
@@ -430,6 +450,54 @@ class TurnJob:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+class RankHead(TurnJob):
+    """The first page of every rank shard (`Registry.ranked`'s first round), read again
+    every `every_s` on a thread of its own, so that a placement reads its first round
+    from memory, not from the cluster: a decision then waits for no master, and costs
+    what ranking a hundred summaries costs. It is as of its reading, at most a few
+    `every_s` old (older, it is not used): the summaries it holds change only at each
+    node's heartbeat, once a period, and nodes that went down since are left out."""
+
+    thread_name = "enorm-rank-head"
+
+    def __init__(self, registry: Registry, page: int, every_s: float = 0.5) -> None:
+        if not every_s > 0:
+            raise ValueError("every_s must be > 0")
+        super().__init__()
+        self.registry, self.page, self.every_s = registry, page, every_s
+        # when it was read (monotonic), and what
+        self._copy: tuple[float, list[tuple[int, list[Any]]]] | None = None
+
+    def refresh(self) -> None:
+        shards = list(range(RANK_SHARDS))
+        pages = self.registry._pages(shards, self.registry.clock(), dict.fromkeys(shards, 0),
+                                     self.page)
+        self._copy = (time.monotonic(), pages)
+
+    def pages(self, page: int) -> list[tuple[int, list[Any]]] | None:
+        """The copy, if it is fresh (read within 3 `every_s`) and holds `page` nodes of
+        each shard; else None (read from the cluster)."""
+        copy = self._copy
+        if copy is None or page > self.page or time.monotonic() - copy[0] > 3 * self.every_s:
+            return None
+        return copy[1]
+
+    def _run(self) -> None:
+        failing = False
+        while True:
+            try:
+                self.refresh()
+                if failing:
+                    log.info("the rank's head is read again")
+                failing = False
+            except Exception:  # a master failing over: decisions read the cluster
+                if not failing:  # once an outage, not every `every_s`
+                    log.exception("reading the rank's head (decisions read the cluster)")
+                failing = True
+            if self._stop.wait(self.every_s):
+                return
 
 
 class Heartbeats(TurnJob):

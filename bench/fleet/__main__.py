@@ -26,7 +26,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def one(n: int, a: argparse.Namespace, users: int) -> dict:
     run = Run(n, procs=a.procs, interval_s=a.interval, max_rate=a.max_rate,
               workers=a.workers, churn=a.churn, orphans_interval_s=a.orphans_interval,
-              orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate).start()
+              orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate,
+              lease_s=a.lease).start()
     try:
         warm = run.warm_up(timeout=run.period_s * 3 + 60)
         hb = run.heartbeats(max(a.seconds, run.ttl_s * 1.5 + 5))
@@ -65,7 +66,10 @@ def plot(results: list[dict], path: Path) -> None:
     ax[1].set_title("busiest master's share of ops"), ax[1].legend()
     for q in ("p50", "p99"):
         ax[2].plot(ns, [r["placement_alone"][f"decision_ms_{q}"] for r in results], "o-",
-                   label=f"decision alone (rank), {q}")
+                   label=f"decision alone (rank, head in memory), {q}")
+        if all("rank_read_ms_p50" in r["placement_alone"] for r in results):
+            ax[2].plot(ns, [r["placement_alone"][f"rank_read_ms_{q}"] for r in results],
+                       "^--", label=f"decision alone (rank read from the cluster), {q}")
         if all("whole_fleet_ms_p50" in r["placement_alone"] for r in results):
             ax[2].plot(ns, [r["placement_alone"][f"whole_fleet_ms_{q}"] for r in results],
                        "x:", label=f"decision alone (whole fleet), {q}")
@@ -92,6 +96,8 @@ def main() -> None:
     ap.add_argument("--orphans-interval", type=float, default=5.0,
                     help="the orphans' reconcile in every process (0: none)")
     ap.add_argument("--orphans-grace", type=float, default=5.0)
+    ap.add_argument("--lease", type=float, default=5.0,
+                    help="an offload in flight's lease (its process renews it)")
     ap.add_argument("--orphans-rate", type=float, default=400.0)
     ap.add_argument("--decisions", type=int, default=100,
                     help="placement decisions timed alone, each way")

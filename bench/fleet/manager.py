@@ -3,11 +3,14 @@ simulated node, sharing the registry and the ledger in the cluster with the othe
 processes. It runs the heartbeats (its share of the turns) and offloads: groups of users
 taken from a counter the processes share, placed among all the nodes (scored: the
 registry's rank, then the probes of the best few), admitted by a node (the real
-handshake against the simulated node), recorded in the ledger; with `--orphans-interval`
-it runs its share of the orphans' reconcile too (cloud_manager/orphans.py). No container is behind a
-simulated node, so an offload stops after the handshake and the ledger: the SSH deploy
-and the data copy are measured elsewhere (bench.deployment, bench.datasync). Each worker
-withdraws its oldest deployment once it holds `keep`, so the fleet does not fill up.
+handshake against the simulated node), in flight under a lease (`start_intents`),
+recorded in the ledger, redirected (the bench's app counts each group's redirects);
+with `--orphans-interval` it runs its share of the orphans' reconcile too, which also
+takes over the offloads of a process that died (cloud_manager/orphans.py). No container
+is behind a simulated node, so an offload is the handshake, the ledger and the redirect:
+the SSH deploy and the data copy are measured elsewhere (bench.deployment,
+bench.datasync). Each worker withdraws its oldest deployment once it holds `keep`, so
+the fleet does not fill up.
 
 The offloads start when the bench sets `fleet:go`; at SIGTERM (or after `--duration` s)
 the process writes what it measured as JSON.
@@ -31,7 +34,7 @@ from requests.adapters import HTTPAdapter
 
 from bench.fleet.nodes import names as node_names
 from cloud_manager import App, CloudManager, EdgeClient, EdgeError, NoEdgeAvailable
-from cloud_manager.ledger import Ended, Entry, Ledger
+from cloud_manager.ledger import Ended, Entry, Lapsed, Ledger
 from cloud_manager.registry import Registry
 from enorm import datasync
 from enorm.protocol import DataSink, User
@@ -60,9 +63,16 @@ def edges(sims: list[tuple[int, int, int]]) -> list[EdgeClient]:
     return out
 
 
-def app() -> App:
+def redirected_key(first_user: str) -> str:
+    """How many times a group (named by its first user) was redirected: exactly once."""
+    return f"fleet:redirected:{{{first_user}}}"
+
+
+def app(cloud: redis.RedisCluster) -> App:
+    """The bench's app: no server behind it; its redirect counts, per group."""
     return App(name="fleet", port=8000, files={}, command=["true"], env=lambda ctx: {},
-               redirect=lambda users, url: None, restore=lambda users: None)
+               redirect=lambda users, url: cloud.incr(redirected_key(users[0])),
+               restore=lambda users: None)
 
 
 class Worker:
@@ -91,7 +101,7 @@ class Worker:
             users = [User(id=f"u{g * self.group + i}", address=f"198.18.{(g >> 8) & 255}."
                           f"{g & 255}") for i in range(self.group)]
             t0 = time.perf_counter()
-            try:
+            try:  # admitted, and in flight (its intent leased) until its users are sent
                 dep = self.cm.admit(users, (), None, {})
             except (NoEdgeAvailable, EdgeError, datasync.SyncError, redis.RedisError,
                     OSError) as exc:
@@ -101,9 +111,18 @@ class Worker:
                 self.ledger.record(Entry(server_id=dep.server_id, node=dep.edge.name,
                                          app="fleet", url=dep.url, users=users))
             except (redis.RedisError, Ended) as exc:  # not recorded: not kept either
-                # (Ended: a failover held the record past the orphans' grace)
+                # (Ended: a failover held the record past its lease, and another process
+                # ended it)
                 self.count("record_ended" if isinstance(exc, Ended) else "record_failed")
                 self.cm.abandon(dep, restore=False)
+                continue
+            try:
+                self.cm.send_users(dep)  # the redirect (counted), the intent released
+            except Lapsed:  # another process completes it
+                self.count("lapsed")
+                continue
+            except redis.RedisError:  # left to lapse: another process completes it
+                self.count("redirect_failed")
                 continue
             self.offload_s.append((time.time(), time.perf_counter() - t0))
             self.placement_ms.append(dep.placement["ms"])
@@ -134,20 +153,23 @@ def main() -> None:
     ap.add_argument("--orphans-interval", type=float, default=0.0, help="0: no reconcile")
     ap.add_argument("--orphans-grace", type=float, default=300.0)
     ap.add_argument("--orphans-rate", type=float, default=200.0)
+    ap.add_argument("--lease", type=float, default=5.0, help="an offload in flight's lease")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     sims = [tuple(int(x) for x in s.split(":")) for s in a.sims.split(",")]
     cloud = datasync.connect(a.redis, cluster=True)
     registry = Registry(cloud, down_after_s=a.down_after)
     fleet = edges(sims)
-    cm = CloudManager(fleet, app(), cloud_redis=cloud, sink=DataSink(url=a.redis, cluster=True),
-                      registry=registry, placement="scored", probe_sample=8)
+    cm = CloudManager(fleet, app(cloud), cloud_redis=cloud,
+                      sink=DataSink(url=a.redis, cluster=True), registry=registry,
+                      placement="scored", probe_sample=8)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     beats = cm.start_heartbeats(a.interval, timeout_s=2.0, max_rate=a.max_rate)
     print(f"ready {a.name} {len(fleet)} period {beats.period_s:g} ttl {beats.ttl_s:g}",
           flush=True)
     ledger = Ledger(cloud)
+    cm.start_intents(ledger, a.lease)
     orphans = (cm.start_orphans(ledger, a.orphans_interval, a.orphans_grace, a.orphans_rate)
                if a.orphans_interval > 0 else None)
     workers = [Worker(cm, ledger, a.group, a.keep, stop) for _ in range(a.workers)]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import requests
 
+from bench.fleet import manager
 from bench.fleet.cluster import Cluster
 from bench.fleet.manager import GO
 from bench.fleet.nodes import names as node_names
@@ -55,6 +56,10 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)]
 
 
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 2)
 
@@ -63,10 +68,11 @@ class Run:
     def __init__(self, nodes: int, procs: int = 4, interval_s: float = 5.0,
                  max_rate: float = 200.0, workers: int = 2, group: int = 100,
                  churn: float = 0.0, orphans_interval_s: float = 0.0,
-                 orphans_grace_s: float = 300.0, orphans_max_rate: float = 200.0) -> None:
+                 orphans_grace_s: float = 300.0, orphans_max_rate: float = 200.0,
+                 lease_s: float = 5.0) -> None:
         self.nodes, self.procs, self.interval_s = nodes, procs, interval_s
         self.orphans_interval_s, self.orphans_grace_s = orphans_interval_s, orphans_grace_s
-        self.orphans_max_rate = orphans_max_rate
+        self.orphans_max_rate, self.lease_s = orphans_max_rate, lease_s
         self.max_rate, self.workers, self.group, self.churn = max_rate, workers, group, churn
         self.cluster = Cluster()
         self.tmp = Path(tempfile.mkdtemp(prefix="enorm-fleet-run-"))
@@ -111,13 +117,15 @@ class Run:
                              "--orphans-interval", str(self.orphans_interval_s),
                              "--orphans-grace", str(self.orphans_grace_s),
                              "--orphans-rate", str(self.orphans_max_rate),
+                             "--lease", str(self.lease_s),
                              "--keep", str(max(1, 2 * self.nodes // (self.procs * self.workers)))],
                             self.tmp / f"m{i}.log")
             self.managers.append((p, out))
         self.period_s = registry_mod.period(self.nodes, self.interval_s, self.max_rate)
         self.ttl_s = registry_mod.ttl(1.0, self.period_s, 2.0)
-        # an orphan is ended this long after its handshake at most (orphans.py)
-        self.orphans_bound_s = (self.orphans_grace_s + 2 * registry_mod.period(
+        # an orphan is ended, and an offload in flight whose process died taken over,
+        # this long after its handshake (or its last renewal) at most (orphans.py)
+        self.orphans_bound_s = (max(self.orphans_grace_s, self.lease_s) + 2 * registry_mod.period(
             self.nodes, self.orphans_interval_s, self.orphans_max_rate) + 2.0
             if self.orphans_interval_s > 0 else None)
         return self
@@ -307,28 +315,43 @@ class Run:
         return out
 
     def decision(self, rounds: int = 200) -> dict:
-        """The placement's decision alone, in this (otherwise idle) process, two ways in
-        turn: main's before issue 32's index (who is up and every summary from the
-        registry, all ranked) and the rank's (`Registry.ranked`: the best few per shard,
-        then those ranked), each to a shortlist of 16 of the nodes that admit."""
+        """The placement's decision alone, in this (otherwise idle) process, three ways
+        in turn: main's before issue 32's index (who is up and every summary from the
+        registry, all ranked), the rank's read from the cluster (`Registry.ranked`: the
+        best few per shard, then those ranked; session 4) and the rank's with its first
+        round from the head in memory (`RankHead`, read again every 0.5 s, as `Placer`
+        does), each to a shortlist of 16 of the nodes that admit."""
         reg = Registry(self.r, down_after_s=1.0)
         fits = lambda n, s: summary_candidate(n, s, 5).admits  # noqa: E731
-        whole, index = [], []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            sums = reg.summaries()
-            full = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
-            t1 = time.perf_counter()
-            read = reg.ranked(32, fits)
-            short = order([summary_candidate(n, s, 5) for n, s in read], "scored")
-            index.append(time.perf_counter() - t1)
-            whole.append(t1 - t)
+        # the library's way (Placer): the rank's first round from the head in memory
+        head = registry_mod.RankHead(reg, reg.first_page(32), 0.5)
+        head.start()
+        whole, index, fresh = [], [], []
+        try:
+            for _ in range(rounds):
+                t = time.perf_counter()
+                sums = reg.summaries()
+                full = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
+                t1 = time.perf_counter()
+                read = reg.ranked(32, fits)
+                order([summary_candidate(n, s, 5) for n, s in read], "scored")
+                t2 = time.perf_counter()
+                read = reg.ranked(32, fits, head=head)
+                short = order([summary_candidate(n, s, 5) for n, s in read], "scored")
+                index.append(time.perf_counter() - t2)
+                fresh.append(t2 - t1)
+                whole.append(t1 - t)
+        finally:
+            head.stop()
         # the same shortlist either way (ties aside: compared by cost)
         w = Weights()
         same = ([round(base_cost(sums[n], w), 3) for n in full[:16]]
                 == [round(base_cost(dict(read)[n], w), 3) for n in short[:16]])
         return {"candidates": len(sums), "read_by_rank": len(read), "same_shortlist": same,
                 "decision_ms_p50": _ms(pct(index, 0.5)), "decision_ms_p99": _ms(pct(index, 0.99)),
+                # session 4's way: each decision reads the rank's head from the cluster
+                "rank_read_ms_p50": _ms(pct(fresh, 0.5)),
+                "rank_read_ms_p99": _ms(pct(fresh, 0.99)),
                 "whole_fleet_ms_p50": _ms(pct(whole, 0.5)),
                 "whole_fleet_ms_p99": _ms(pct(whole, 0.99))}
 
@@ -348,13 +371,26 @@ class Run:
         pointers = datasync.mget(self.r, [ledger_mod.user_key(u) for u in seen])
         dangling = sum(p is None for p in pointers)
         on_nodes, recorded = self.servers_on_nodes(), {e.server_id for e in entries}
+        # each group offloaded redirected once (the bench's app counts), those withdrawn
+        # since too; a group in the ledger never redirected is an offload not completed
+        counts = {_text(k): int(v) for k, v in zip(*self._redirects(), strict=True)}
+        never = sum(counts.get(manager.redirected_key(e.user_ids[0]), 0) == 0
+                    for e in entries if e.users)
+        intents = sum(len(led.lapsed(k)) for k in range(ledger_mod.SHARDS))
         return {"deployments": len(entries), "users": len(seen), "pointers_repaired": repaired,
                 "users_in_two_deployments": doubled, "users_without_pointer": dangling,
+                "groups_redirected": len(counts),
+                "groups_redirected_twice": sum(c > 1 for c in counts.values()),
+                "deployments_never_redirected": never, "intents_lapsed_left": intents,
                 # admitted by a node, not in the ledger: an offload cut off between the
                 # handshake and the record (a process killed), or a withdrawal's
                 # termination that did not reach its node
                 "servers_not_in_ledger": len(on_nodes - recorded),
                 "ledger_entries_without_server": len(recorded - on_nodes)}
+
+    def _redirects(self) -> tuple[list, list]:
+        keys = list(self.r.scan_iter(match="fleet:redirected:*", count=1000))
+        return keys, datasync.mget(self.r, keys) if keys else []
 
     def memory_and_where(self, users: int, sample: int = 2000) -> dict:
         """Fill the ledger to `users` users (groups of `group`), then time `where`."""

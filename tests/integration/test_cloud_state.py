@@ -119,6 +119,33 @@ def test_the_rank_gives_the_shortlist_a_whole_fleet_read_would_without_reading_i
                         best[0]) is None
 
 
+def test_the_rank_s_head_in_memory_gives_what_the_cluster_would(cloud):
+    """RankHead (issue 32): the first round read from a copy of each shard's head gives
+    the rank's own answer on a fleet that did not move, leaves out a node gone down since
+    its reading, and is not used once it is stale."""
+    rng, now = random.Random(3), [1000.0]
+    reg = Registry(cloud, down_after_s=10.0, clock=lambda: now[0])
+    reg.record_many([registry_mod.Answer(
+        f"h{i}", "http://10.0.0.1", offer(f"h{i}", rng.choice([1.0, 2.0, 4.0])).model_copy(
+            update={"load": rng.uniform(0, 2)}), at=now[0] - rng.uniform(0, 20))
+        for i in range(400)], ttl_s=30.0)
+    fits = lambda n, s: summary_candidate(n, s, 5).admits  # noqa: E731
+    head = registry_mod.RankHead(reg, reg.first_page(32), every_s=60.0)
+    head.refresh()
+    fresh = reg.ranked(32, fits)
+    assert reg.ranked(32, fits, head=head) == fresh
+    # 15 s on: the nodes last seen over 15 s before their bound are down; the head read
+    # before holds them, the answer does not
+    now[0] += 15.0
+    down = {n for n, _ in fresh} - {n for n, _ in reg.ranked(32, fits)}
+    assert down and not down & {n for n, _ in reg.ranked(32, fits, head=head)}
+    assert head.pages(reg.first_page(32)) is not None
+    assert head.pages(reg.first_page(32) + 1) is None  # holds too few of each shard
+    head.every_s = 0.01
+    time.sleep(0.05)
+    assert head.pages(reg.first_page(32)) is None  # stale: the cluster is read
+
+
 def test_a_placement_among_a_large_fleet_probes_the_rank_s_shortlist_and_the_near(cloud):
     """Placer (issue 32): of 600 nodes, the 16 of the rank's shortlist and the node named
     near are probed (here they do not answer: latency unknown, so the summaries decide),
@@ -136,7 +163,11 @@ def test_a_placement_among_a_large_fleet_probes_the_rank_s_shortlist_and_the_nea
     sums = reg.summaries()
     whole = order([summary_candidate(n, s, 5) for n, s in sums.items()], "scored")
     near = next(n for n in whole[100:] if n in sums)
-    order_, refused, placed = Placer(reg, "scored").place(edges, req, near=[near])
+    placer = Placer(reg, "scored")
+    try:
+        order_, refused, placed = placer.place(edges, req, near=[near])
+    finally:
+        placer.close()  # (its rank's head, started by the decision)
     names = [e.name for e in order_]
     costs = [base_cost(sums[n], Weights()) for n in whole[:16]]  # (ties in either order)
     assert [base_cost(sums[n], Weights()) for n in names[:16]] == costs
@@ -217,6 +248,35 @@ def test_a_server_ended_before_its_record_is_never_recorded_nor_pointed_at(cloud
     assert "h1" not in led.ids() and led.where("f4") is None
     assert led.finish(half) == 1
     assert "h1" in led.ids() and led.where("f4").server_id == "h1" and led.finish(half) == 0
+
+
+def test_an_offload_in_flight_is_leased_and_taken_by_one_process_once_it_lapses(cloud):
+    """Intents (issue 32): an offload in flight is its owner's while it renews its lease;
+    lapsed, it is listed for the others, one of them takes it, and it is gone once
+    released. The owner, stalled past its lease, takes it back if nobody did, and learns
+    it was taken over if somebody did."""
+    led = Ledger(cloud)
+    e = Entry(server_id="i1", node="n0", app="g", url="http://i",
+              users=[User(id="iu1", address="10.2.0.1")])
+    k = ledger_mod.shard("i1")
+    led.intend(ledger_mod.Intent(e, handed_over_from="i0"), "alive", lease_s=0.3)
+    assert led.leased(["i1"]) == [True] and led.lapsed(k) == []
+    assert not led.take("i1", "other", 5.0)  # its owner's while it lives
+    assert led.renew(["i1"], "alive", 0.3) == []
+    time.sleep(0.4)  # the owner stalled a lease: nobody took it, so it takes it back
+    assert led.renew(["i1"], "alive", 0.3) == [] and led.leased(["i1"]) == [True]
+    time.sleep(0.4)
+    (lapsed,) = led.lapsed(k)
+    assert lapsed == ledger_mod.Intent(e, handed_over_from="i0")
+    assert led.take("i1", "b", 5.0) and not led.take("i1", "c", 5.0)  # one taker
+    assert led.renew(["i1"], "alive", 0.3) == ["i1"]  # the owner learns it was taken
+    assert led.where("iu1") is None  # an intent is not a record
+    led.release("i1")
+    assert led.lapsed(k) == [] and led.leased(["i1"]) == [False]
+    assert led.renew(["i1"], "alive", 0.3) == ["i1"]  # carried on: not the owner's again
+    assert led.leased(["i1"]) == [False]
+    assert cloud.get(ledger_mod.intent_key("i1")) is None
+    assert "i1" not in {x.decode() for x in cloud.smembers(ledger_mod.intents_key(k))}
 
 
 def test_a_ledger_of_the_old_shape_is_adopted(cloud):

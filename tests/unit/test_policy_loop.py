@@ -65,16 +65,30 @@ class FakeManager:
                                ended=threading.Event(), state="deployed", end_reason=None,
                                session=None, timings={}, merge=None)
 
-    def offload(self, users, exclude=(), **over):
+    def _before(self, hook, dep) -> None:
+        """The loop's `before_redirect`, where the real one runs: once the server holds
+        the data, before the users are sent; if it raises, the server ends."""
+        if hook is not None:
+            try:
+                hook(dep)
+            except Exception:
+                self.calls.append(("abandon", dep.server_id))
+                raise
+
+    def offload(self, users, exclude=(), before_redirect=None, **over):
         (node,) = [e.name for e in self.edges if e.name not in exclude]
         self.calls.append(("offload", node, sorted(u.id for u in users), over))
         if "offload" in self.fail:
             raise RuntimeError("no room")
-        return self._dep(node, users)
+        dep = self._dep(node, users)
+        self._before(before_redirect, dep)
+        return dep
 
-    def handover(self, old, to=None, users=None):
+    def handover(self, old, to=None, users=None, before_redirect=None):
         self.calls.append(("handover", old.server_id, to))
-        return self._dep(to, users)
+        dep = self._dep(to, users)
+        self._before(before_redirect, dep)
+        return dep
 
     def withdraw(self, dep):
         self.calls.append(("withdraw", dep.server_id))
@@ -92,7 +106,8 @@ class FakeManager:
             raise RuntimeError("no room")
         new = self._dep(to, users)
 
-        def complete():
+        def complete(before_redirect=None):
+            self._before(before_redirect, new)
             self.calls.append(("complete", old.server_id, new.server_id))
             return new
 
@@ -106,7 +121,8 @@ class FakeManager:
         self.calls.append(("prepare_offload", node, sorted(u.id for u in users)))
         new = self._dep(node, users)
 
-        def complete():
+        def complete(before_redirect=None):
+            self._before(before_redirect, new)
             self.calls.append(("send_users", new.server_id))
             return new
 
@@ -542,3 +558,50 @@ def test_a_node_back_within_the_bound_its_standby_is_ended():
     loop.stop()
     assert [c[0] for c in cm.calls] == ["offload", "prepare_offload", "cancel"]
     assert loop.owned["party"].server_id == "s1" and loop.unreached == {}
+
+
+def test_each_new_server_is_recorded_before_its_users_are_sent_there():
+    # `enorm-cloud policy` records in the ledger here: a server its users are sent to is
+    # never one another process's reconcile could take for an orphan
+    cm = FakeManager(Edge("a"), Edge("b"))
+    where = [LONDON]
+    loop = loop_for(cm, where, settings=DOWN_AT_ONCE)
+    loop.before_redirect = lambda dep: cm.calls.append(("record", dep.server_id))
+    loop.round()  # offload
+    where[0] = PARIS
+    loop.round()  # handover, not prepared
+    cm.edges[1].up = False
+    cm.fail.add("unreached")
+    loop.round()  # b down: to a in one move
+    assert [c[:2] for c in cm.calls if c[0] != "withdraw"] == [
+        ("offload", "a"), ("record", "s1"), ("handover", "s1"), ("record", "s2"),
+        ("offload", "a"), ("record", "s3")]
+
+
+def test_a_prepared_move_is_recorded_before_its_switch():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop, where, now = walking(cm)
+    loop.before_redirect = lambda dep: cm.calls.append(("record", dep.server_id))
+    where[0], now[0] = PARIS, 1.0
+    loop.round()
+    loop.standby["party"].future.result()
+    now[0] = 5.0
+    (ev,) = loop.round()
+    assert ev.ok and cm.calls[-2:] == [("record", "s2"), ("complete", "s1", "s2")]
+
+
+def test_a_server_that_cannot_be_recorded_gets_no_user():
+    # e.g. another process's reconcile ended it as an orphan (ledger.Ended) meanwhile
+    cm = FakeManager(Edge("a"), Edge("b"))
+    loop = loop_for(cm, [LONDON])
+
+    def refuse(dep):
+        raise RuntimeError(f"server {dep.server_id} was ended before its record was done")
+
+    loop.before_redirect = refuse
+    (ev,) = loop.round()
+    assert (ev.kind, ev.ok) == ("offload", False) and "ended before" in ev.error
+    assert cm.calls[-1] == ("abandon", "s1") and loop.owned == {}
+    loop.before_redirect = None
+    (ev,) = loop.round()  # the next round offers the group again
+    assert (ev.kind, ev.ok, ev.new_server_id) == ("offload", True, "s2")
