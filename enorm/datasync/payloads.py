@@ -95,9 +95,12 @@ local out = {}
 for i, k in ipairs(KEYS) do
   local changed, m = false, 0
   if want ~= '' then
-    local d = raw_digest(k)
     m = string.byte(mark, i)
-    if m == 110 then changed = d ~= nil else changed = d ~= string.sub(want, 8 * i - 7, 8 * i) end
+    if m == 110 then
+      changed = redis.call('EXISTS', k) == 1
+    else
+      changed = raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i)
+    end
   end
   if changed then
     out[i] = 'c'
