@@ -77,18 +77,21 @@ end
 # ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
 # (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge's value is
-# still the one copied out and has no TTL, '0' otherwise; both empty without a manifest;
-# then per key its TTL for RESTORE and its payload (ARGV[2 + 2i], ARGV[3 + 2i]).
+# still the one copied out (its payload's digest is the manifest's), '0' otherwise; both
+# empty without a manifest; then per key its TTL (ms, 0: none) and its payload (ARGV[2 +
+# 2i], ARGV[3 + 2i]; empty for a key marked '1': its value is already there or not
+# wanted, whichever the digest says).
 # RESTORE is the check of what it writes: it refuses a payload whose RDB version or
 # CRC-64 is wrong, or that does not decode, and otherwise writes the whole value, within
 # this atomic script, so nobody changes the key between the two. A DUMP of it right
 # after would only test Redis's own encoder against its decoder. Returns per key
 # '1' (written), '0' (replace=0 and the destination had the key: kept, not written), and
 # with a manifest 'c' (the destination's value is no longer the one copied out: changed
-# there meanwhile, not written; the caller decides, a conflict) or 's' (neither side
-# changed it and neither has a TTL: already there, as its digest just showed; not
-# written again). A payload RESTORE refuses fails the script: a SyncError with Redis's
-# reason.
+# there meanwhile, not written; the caller decides, a conflict), and for a key marked
+# '1' whose value the cloud still holds as copied, that value being the edge's too, only
+# the edge's TTL is written: '1' (set or removed) or 's' (neither side changed it, nor
+# has a TTL: nothing written). A payload RESTORE refuses fails the script: a SyncError
+# with Redis's reason.
 _RESTORE = DIGEST_FN + """
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
@@ -104,8 +107,16 @@ for i, k in ipairs(KEYS) do
   end
   if changed then
     out[i] = 'c'
-  elseif m == 49 and redis.call('PTTL', k) == -1 then
-    out[i] = 's'
+  elseif m == 49 then
+    local ttl = tonumber(ARGV[2 * i + 2])
+    if ttl > 0 then
+      redis.call('PEXPIRE', k, ttl)
+      out[i] = '1'
+    elseif redis.call('PERSIST', k) == 1 then
+      out[i] = '1'
+    else
+      out[i] = 's'
+    end
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
     out[i] = '1'
@@ -161,9 +172,10 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     """RESTORE the dumped keys on the destination; the keys written (or found the same).
 
     With `expect` (key -> the digest the destination's value should still have, None:
-    absent), a key whose value changed there is not written but added to `held`, and a
-    key that is the same on both sides (the digest, no TTL) is not written again but
-    counted as written and added to `same`, in the same script call.
+    absent), a key whose value changed there is not written but added to `held`; a key
+    whose value is the same on both sides (both digests) is not sent nor written again,
+    only its TTL is set as the source has it, and if neither has one it is counted as
+    written and added to `same`; all in the same script call.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
@@ -175,15 +187,17 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
             args: list[Any] = [flag, b"", b""]
-        else:
-            want = [expect.get(k) for k in batch]
-            marks = [b"n" if w is None else
-                     b"1" if dumped[k][1] == 0 and payload_digest(dumped[k][0]) == w else b"0"
-                     for k, w in zip(batch, want, strict=True)]  # fmt: skip
-            args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
-        for k in batch:
+            for k in batch:
+                payload, ttl = dumped[k]
+                args += (ttl, payload)
+            return args
+        want = [expect.get(k) for k in batch]
+        marks = [b"n" if w is None else b"1" if payload_digest(dumped[k][0]) == w else b"0"
+                 for k, w in zip(batch, want, strict=True)]  # fmt: skip
+        args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
+        for k, m in zip(batch, marks, strict=True):
             payload, ttl = dumped[k]
-            args += (ttl, payload)
+            args += (ttl, b"" if m == b"1" else payload)  # '1': the cloud has the value
         return args
 
     (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
