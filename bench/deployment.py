@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import redis
+import requests
 
 from bench import heavy_data
 from cloud_manager import CloudManager, EdgeClient
@@ -130,8 +132,11 @@ def cloud_size_runs(manager: CloudManager, cloud: redis.Redis, big: int, runs: i
 
 
 def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users: list[str],
-               runs: int) -> dict:
-    """The cycle on the heavy data set, each run beside the bare floor on the same paths."""
+               runs: int, node: LocalEdgeNode) -> dict:
+    """The cycle on the heavy data set, each run beside the bare floor on the same paths.
+    The floor to the cloud and the termination are metered (`heavy_data.Meter`: CPU of
+    each Redis by command, of the node and the bench, of the container and its
+    throttling) beside the node's own merge time (its metrics), under `trace`."""
     heavy_data.add(cloud, users)
     keys_of = datasync.user_keys(cloud, users)
     schema, manager.app.key_schema = manager.app.key_schema, heavy_data.schema(
@@ -147,13 +152,27 @@ def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users:
             to_edge = heavy_data.bare_copy(cloud_url, dep.redis_forward(), keys_of)
             pw = dep.setup.redis_password
             direct = f"redis://:{pw}@{dep.setup.address}:6379/0"
+            watched = datasync.connect(direct, timeout=1)
+            meter = heavy_data.Meter(cloud, watched, f"{node.config.container_prefix}*",
+                                     {"node": node.proc.pid, "bench": os.getpid()})
+            meter.start()
             to_cloud = heavy_data.bare_copy(direct, cloud_url, keys_of)
+            floor_trace = meter.stop()
             edge = datasync.connect(direct, timeout=30)
             played = heavy_data.play(edge, users)
             # What the cloud must hold afterwards: the edge's final state, every type.
             final = datasync.digests(edge, keys_of, "source")
             edge.close()
-            manager.withdraw(dep)
+            merge_s = _merge_seconds(node)
+            t = time.perf_counter()
+            manager.users_home(dep)  # `withdraw` in its two steps; the node's is metered
+            dep.timings["restore"] = time.perf_counter() - t
+            meter.start()
+            manager.merge_home(dep)
+            trace = meter.stop()
+            dep.timings["withdraw_total"] = dep.timings["restore"] + dep.timings["terminate"]
+            trace["node_merge_s"] = round(_merge_seconds(node) - merge_s, 4)
+            watched.close()
             if dep.state != "withdrawn" or not dep.confirmed:
                 raise RuntimeError(f"heavy run {run}: {dep.state}")
             r = {k: round(v, 4) for k, v in dep.timings.items()} | {
@@ -161,7 +180,8 @@ def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users:
                 "keys_migrated": dep.keys_migrated,
                 "keys_changed_on_edge": played,
                 "floor_to_edge_s": round(to_edge["seconds"], 4),
-                "floor_to_cloud_s": round(to_cloud["seconds"], 4)}  # fmt: skip
+                "floor_to_cloud_s": round(to_cloud["seconds"], 4),
+                "trace": {"merge": trace, "floor_to_cloud": floor_trace}}  # fmt: skip
             after = datasync.digests(cloud, keys_of)
             r["keys_lost"] = sum(1 for k in keys_of if after[k] != final[k])
             out["runs"].append(r)
@@ -185,6 +205,18 @@ def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users:
         "data": round(med(lambda r: r["data"]) / med(lambda r: r["floor_to_edge_s"]), 2),
         "merge": round(med(lambda r: r["terminate"]) / med(lambda r: r["floor_to_cloud_s"]), 2)}
     return out
+
+
+def _merge_seconds(node: LocalEdgeNode) -> float:
+    """The node's merges so far, in seconds (its `enorm_merge_duration_seconds` sum: the
+    fence, the drain and the merge of each termination)."""
+    r = requests.get(node.url + "/metrics", timeout=10,
+                     headers={"Authorization": f"Bearer {node.operator_token()}"})
+    r.raise_for_status()
+    for line in r.text.splitlines():
+        if line.startswith("enorm_merge_duration_seconds_sum"):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _stats(xs: list[float]) -> dict:
@@ -258,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             after = datasync.read_typed(cloud, list(before), "destination")
             lost = sum(1 for k, v in before.items() if after.get(k) != v)
             if a.heavy and users:
-                heavy = heavy_runs(manager, cloud, store.url, users, a.runs)
+                heavy = heavy_runs(manager, cloud, store.url, users, a.runs, node)
                 lost += heavy["keys_lost"]
             if a.cloud_keys:
                 by_cloud_size = cloud_size_runs(manager, cloud, a.cloud_keys, a.runs)

@@ -14,11 +14,14 @@ hiredis parser, so the client costs as little as a Python client can.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import socket
+import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import hiredis
@@ -128,3 +131,92 @@ def bare_copy(src_url: str, dst_url: str, keys: list[bytes], chunk: int = 10_000
         dst.close()
     return {"seconds": seconds, "keys": len(dumped),
             "bytes": sum(len(p) for _, p, _ in dumped)}  # fmt: skip
+
+
+# -- where a data move's time goes ------------------------------------------------------
+def _redis_cpu(client: redis.Redis) -> tuple[float, dict[str, int]]:
+    """A Redis's CPU seconds (all its threads) and microseconds per command (calls from
+    scripts counted under their own command, and inside the EVAL's too)."""
+    info = client.info("cpu", "commandstats")
+    by_cmd = {k[len("cmdstat_"):]: v["usec"] for k, v in info.items() if k.startswith("cmdstat_")}
+    return info["used_cpu_sys"] + info["used_cpu_user"], by_cmd
+
+
+def _proc_cpu(pid: int) -> float:
+    """A process's CPU seconds, all its threads (/proc/<pid>/stat: utime, stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cgroup_cpu(name_glob: str) -> dict[str, float] | None:
+    """A container's CPU seconds and CFS throttling (cgroup v1), None if it has none."""
+    usage = glob.glob(f"/sys/fs/cgroup/cpuacct/lxc.payload.{name_glob}/cpuacct.usage")
+    stat = glob.glob(f"/sys/fs/cgroup/cpu/lxc.payload.{name_glob}/cpu.stat")
+    if len(usage) != 1 or len(stat) != 1:
+        return None
+    try:
+        st = dict(line.split() for line in Path(stat[0]).read_text().splitlines())
+        return {"cpu_s": int(Path(usage[0]).read_text()) / 1e9,
+                "throttled_s": int(st["throttled_time"]) / 1e9,
+                "nr_throttled": int(st["nr_throttled"])}
+    except OSError:
+        return None
+
+
+class Meter:
+    """The CPU each part of a data move spends, from `start()` to `stop()`: the two Redis
+    servers (process CPU, and per command after CONFIG RESETSTAT), the client processes
+    (/proc) and the container's cgroup (CPU, CFS throttling). A part that goes away
+    before the end (a terminated container: its Redis and cgroup) is sampled every
+    `every` s and counted until its last sample."""
+
+    def __init__(self, cloud: redis.Redis, edge: redis.Redis, container_glob: str,
+                 pids: dict[str, int], every: float = 0.05):
+        self.cloud, self.edge, self.glob, self.pids, self.every = (
+            cloud, edge, container_glob, pids, every)
+
+    def _edge_sample(self) -> None:
+        try:
+            self.edge_last = _redis_cpu(self.edge)
+            self.cg_last = _cgroup_cpu(self.glob) or self.cg_last
+        except (redis.RedisError, OSError):
+            self.done.set()  # gone (the container was killed): its last sample stands
+
+    def start(self) -> Meter:
+        self.cloud.config_resetstat()
+        self.edge.config_resetstat()
+        self.cloud0 = _redis_cpu(self.cloud)[0]
+        self.edge0 = _redis_cpu(self.edge)[0]
+        self.cg0 = self.cg_last = _cgroup_cpu(self.glob)
+        self.procs0 = {n: _proc_cpu(p) for n, p in self.pids.items()}
+        self.done = threading.Event()
+        self.t0 = time.perf_counter()
+
+        def poll() -> None:
+            while not self.done.wait(self.every):
+                self._edge_sample()
+
+        self.edge_last = _redis_cpu(self.edge)
+        self.poller = threading.Thread(target=poll, daemon=True)
+        self.poller.start()
+        return self
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        if not self.done.is_set():
+            self._edge_sample()
+        self.done.set()
+        self.poller.join()
+        cloud_cpu, cloud_cmd = _redis_cpu(self.cloud)
+        edge_cpu, edge_cmd = self.edge_last
+        out: dict = {
+            "wall_s": round(wall, 4),
+            "cloud_redis_cpu_s": round(cloud_cpu - self.cloud0, 4),
+            "edge_redis_cpu_s": round(edge_cpu - self.edge0, 4),
+            "cloud_cmd_ms": {k: round(v / 1000, 1) for k, v in sorted(cloud_cmd.items())},
+            "edge_cmd_ms": {k: round(v / 1000, 1) for k, v in sorted(edge_cmd.items())},
+        } | {f"{n}_cpu_s": round(_proc_cpu(p) - self.procs0[n], 4)
+             for n, p in self.pids.items()}  # fmt: skip
+        if self.cg0 and self.cg_last:
+            out["container"] = {k: round(self.cg_last[k] - self.cg0[k], 4) for k in self.cg0}
+        return out

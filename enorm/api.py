@@ -287,7 +287,7 @@ def _handover_error(exc: handover.HandoverError, field: str) -> Response:
 @bp.post("/servers/<sid>/import")
 @declare("A handover's data from the old server's node (bearer: the key of this server's "
          "setup request)",
-         {200: Answer("restored and read back", protocol.ImportResult),
+         {200: Answer("restored, each payload checked by RESTORE", protocol.ImportResult),
           404: NOT_FOUND, 409: REFUSED,
           503: _err("the server's Redis did not answer")},
          body=protocol.HandoverData, path=SID, security="handover_key")

@@ -341,6 +341,11 @@ class Containers:
             os.chown(cdir, 0, host_root)
             cdir.chmod(0o750)
 
+    def started(self, name: str) -> None:
+        """The handshake of `name` is over (its sshd answers, or the launch failed): its
+        writable layer, if it took one from the pool, lets the pool refill."""
+        self.layers.started(Path(self.lxc_path) / name / "overlay.img")
+
     def start(self, name: str) -> None:
         """Start through `lxc-start` rather than `Container.start()`: liblxc forks the
         caller to make each container's monitor, and a fork of this daemon kept ~8 MB

@@ -103,6 +103,9 @@ def _autoclear(device: str) -> bool:
         return True
 
 
+QUIET_S = 10.0  # the longest the pool's refill waits for a handshake's container start
+
+
 class LayerPool:
     """Writable layers of one size made and mounted ahead of the handshakes that take
     them. Each waits in `<directory>/<id>/` (`overlay.img`, mounted at `mnt`); the
@@ -119,6 +122,14 @@ class LayerPool:
         self._filler: threading.Thread | None = None
         self.taken = 0  # handshakes served from the pool
         self.missed = 0  # handshakes that found it empty and made their own
+        # Images given to handshakes still starting their container, and set while there
+        # is none: the filler waits for it (at most QUIET_S). Making a layer (mkfs, a loop
+        # mount) and unmounting the spent one beside a container's start slowed that
+        # start by a third (contending with lxc-start's own mounts); a burst that empties
+        # the pool sets it at once, so that the next handshakes of the burst find layers.
+        self._starting: set[Path] = set()
+        self._quiet = threading.Event()
+        self._quiet.set()
 
     def take(self, image: Path, target: Path) -> bool:
         """Give a ready layer the path `image`, mounted at `target`; False when none is
@@ -127,9 +138,12 @@ class LayerPool:
             entry = self._ready.pop() if self._ready else None
             if entry is not None:
                 self.taken += 1
+                self._starting.add(image)
+                self._quiet.clear()
             elif self.depth:
                 self.missed += 1
         if entry is None:
+            self._quiet.set()  # a burst: refill now
             self._wake.set()
             return False
         try:
@@ -142,6 +156,14 @@ class LayerPool:
                 self._spent.append(entry)  # ms on a busy board) is the filler's to remove
             self._wake.set()  # after the append: else a filler awake already misses it
         return True
+
+    def started(self, image: Path) -> None:
+        """The handshake that took `image` has its container up (or gave up): the pool
+        refills once no other such handshake is under way."""
+        with self._lock:
+            self._starting.discard(image)
+            if not self._starting:
+                self._quiet.set()
 
     def ready(self) -> int:
         with self._lock:
@@ -165,6 +187,9 @@ class LayerPool:
         while not self._stopping.is_set():
             self._wake.wait()
             self._wake.clear()
+            if not self._quiet.wait(QUIET_S):
+                with self._lock:  # a handshake that never said: not waited for again
+                    self._starting.clear()
             with self._lock:
                 spent, self._spent = self._spent, []
             for entry in spent:  # the loop device goes with the layer's last unmount

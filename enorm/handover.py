@@ -116,7 +116,7 @@ def send(rec: ServerRecord, users: list[str], shared_patterns: list[str], to_url
 
 def receive(rec: ServerRecord, users: list[str], data: HandoverData) -> ImportResult:
     """Restore what the old node sent into this server's Redis: only keys tagged with one
-    of its users, each read back and compared (payloads.restore verifies)."""
+    of its users (RESTORE checks each payload: a refused one is a 400)."""
     owned = {u.encode() for u in users}
     keep: dict[bytes, tuple[bytes, int]] = {}
     refused = 0

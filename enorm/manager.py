@@ -143,21 +143,25 @@ class EdgeManager:
         port = port_of(rec)
         node.firewall.guard(rec.id, port)
         network.pin_neighbour(rec.address, port.mac, cfg.bridge)
-        node.containers.create(
-            rec.container,
-            address=rec.address,
-            prefixlen=cfg.subnet.prefixlen,
-            gateway=str(cfg.gateway),
-            bridge=cfg.bridge,
-            limits=rec.limits,
-            authorized_key=rec.ssh_public_key,
-            redis_password=rec.redis_password,
-            veth=port.veth,
-            mac=port.mac,
-        )
-        node.containers.start(rec.container)
-        node.firewall.add(rec.id, forwards(rec))
-        node.containers.wait_ssh(rec.address, timeout=cfg.launch_timeout_s, name=rec.container)
+        try:
+            node.containers.create(
+                rec.container,
+                address=rec.address,
+                prefixlen=cfg.subnet.prefixlen,
+                gateway=str(cfg.gateway),
+                bridge=cfg.bridge,
+                limits=rec.limits,
+                authorized_key=rec.ssh_public_key,
+                redis_password=rec.redis_password,
+                veth=port.veth,
+                mac=port.mac,
+            )
+            node.containers.start(rec.container)
+            node.firewall.add(rec.id, forwards(rec))
+            node.containers.wait_ssh(rec.address, timeout=cfg.launch_timeout_s,
+                                     name=rec.container)
+        finally:
+            node.containers.started(rec.container)  # the layer pool refills after it
 
     # -- what a running server has: its limits and its redirection -----------------------
     def scale(self, server_id: str, limits: Resources, reason: ScaleReason,

@@ -518,7 +518,7 @@ class HandoverData(_Message):
 
 
 class ImportResult(_Message):
-    keys: int = Field(description="keys restored and read back equal")
+    keys: int = Field(description="keys restored (RESTORE checked each payload)")
     refused: int = Field(0, description="keys not of this server's users: not written")
 
 

@@ -12,26 +12,30 @@ terminates one. The rules (docs/architecture.md, "Data rules"):
   the copy was verified. If the destination cannot be reached, `SyncError` is raised and
   the source is untouched, so the caller can keep the data and retry.
 
-Verification: every key written is read back on the destination (DUMP, in the same
-script as its RESTORE) and compared byte for byte with the source's payload; keys whose
-payload bytes follow a hash table's order (sets and hashes of the hash-table encoding)
-or differ for another reason (another Redis version) are compared by value there. After
-the last write every key is checked to be still there. Only then is a copy "verified".
+Verification: the payload is the source's DUMP, whose last 8 bytes are the CRC-64 of the
+rest; RESTORE checks it and the RDB version, decodes the whole value and writes it, or
+refuses and writes nothing, in the same atomic script that decides to write the key. So
+a payload damaged on the way (an SSH forward, a proxy, a bug here) fails the copy (a
+SyncError with Redis's reason), and a key written holds the source's value. A DUMP of
+it right after would test only Redis's decoder against its own encoder: none is made.
+What can still go wrong is later, behind the copy's back (the destination evicts,
+expires or deletes a key while other chunks are written): after the last write every
+key is checked to be still there (a multi-key EXISTS). Only then is a copy "verified".
 
 Speed: keys move in batches through small Lua scripts (one EVAL per batch dumps, one
-restores and reads back), so a batch costs one reply, not one per key; a whole chunk of
-batches is one pipelined round trip (what an SSH port forward makes expensive). A thread
-dumps the next chunk while two others restore the previous ones, each on its own
-connection. In a cluster the batches are cut per slot and pipelined per master. On
-termination the edge's keys are found and dumped in the same script calls (SCAN+DUMP).
+restores), so a batch costs one reply, not one per key; a whole chunk of batches is one
+pipelined round trip (what an SSH port forward makes expensive). A thread dumps the next
+chunk while two others restore the previous ones, each on its own connection. In a
+cluster the batches are cut per slot and pipelined per master. On termination the
+edge's keys are found and dumped in the same script calls (SCAN+DUMP).
 
 The package, by seam: `redis_types` (the table of Redis types: per type how a value is
-read, written by the merge, merged and sized, compared by value in a script, what an
-index of it names; the Lua the others run is built from it), `transport` (clients,
+read, written by the merge, merged and sized, what an index of it names, what a digest
+of it sorts; the Lua the others run is built from it), `transport` (clients,
 batching per master and slot, pipelined scripts), `keys` (finding a user's keys:
-hash-tag scan or the app's `KeySchema`), `payloads` (DUMP/RESTORE scripts and
-verification), `copy` (the staged copy, delete on the source), `manifest` (digests of
-what went out), `rules` (the merge policy, pure), `merge` (termination: merge back,
+hash-tag scan or the app's `KeySchema`), `payloads` (DUMP/RESTORE scripts, the check
+after the last write), `copy` (the staged copy, delete on the source), `manifest`
+(digests of what went out), `rules` (the merge policy, pure), `merge` (termination: merge back,
 deletes, conflicts, ownership).
 """
 

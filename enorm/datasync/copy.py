@@ -53,7 +53,8 @@ def copy_users(
     their TTLs); `dst` records them as copied (`manifest.SHARED_RECORD`), so that the
     merge at termination tells what the edge changed of them.
     Raises DestinationUnreachable before touching anything if `dst` does not answer,
-    VerificationFailed if `dst` does not hold what was read from `src`.
+    SyncError if `dst` refuses a payload (RESTORE's check), VerificationFailed if a key
+    written is no longer on `dst` after the last write.
     """
     started = time.perf_counter()
     ids = list(dict.fromkeys(str(u) for u in user_ids))

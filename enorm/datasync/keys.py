@@ -11,8 +11,8 @@ from .redis_types import MEMBERS_FN
 from .transport import Client, masters, no_args, run_script
 
 SCAN_COUNT = 2000
-# The library's own keys (the cloud manager's ledger and registry, the copy's manifest, a
-# scratch key of the verification, the edge's record of the shared keys it was given)
+# The library's own keys (the cloud manager's ledger and registry, the copy's manifest,
+# the edge's record of the shared keys it was given)
 # start with this, whatever hash tag follows: no such key is ever a user's or shared, so
 # none is found, copied, exported or merged as data, whatever the app declares or a user
 # is called (`enorm:{cloud}:users` is not user `cloud`'s).

@@ -1,6 +1,6 @@
 """Moving keys as DUMP payloads: scripts that dump a batch (or a SCAN step) into one
-flat reply, and restore a batch while reading each key back to verify it, byte for
-byte, or by value where the bytes follow a hash table's order."""
+flat reply, and restore a batch (RESTORE checks each payload); the check after the last
+write that every key is still there."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from .keys import SCAN_COUNT
-from .redis_types import ELEMENTS_FN, SAME_FN, UNORDERED
+from .redis_types import ELEMENTS_FN, UNORDERED
 from .report import VerificationFailed
 from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_jobs, run_script
 
@@ -49,25 +49,6 @@ end
 return {r[1], out}
 """
 
-# by_value(k, p): key `k` holds the value of payload `p`: `p` restored into a scratch key
-# in the slot of `k` (its hash tag, else the whole name as the tag) and the two compared
-# by value (`redis_types.SAME_FN`); the scratch key is deleted in the same script, so
-# nobody ever sees it.
-BY_VALUE_FN = SAME_FN + """
-local function by_value(k, p)
-  local tag, a = k, string.find(k, '{', 1, true)
-  if a then
-    local b = string.find(k, '}', a + 1, true)
-    if b and b > a + 1 then tag = string.sub(k, a + 1, b - 1) end
-  end
-  local s = 'enorm:verify:{' .. tag .. '}'
-  redis.call('RESTORE', s, 0, p, 'REPLACE')
-  local ok = same(k, s)
-  redis.call('DEL', s)
-  return ok
-end
-"""
-
 # A digest of each key's value: the CRC-64 that ends its DUMP payload, free for the
 # copy, which dumps every key anyway. Values whose DUMP follows a hash table's order
 # (`redis_types`: sets and hashes of that encoding), which a rehash may change without a
@@ -96,57 +77,54 @@ end
 # ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
 # (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge's value is
-# still the one copied out and has no TTL, '0' otherwise; both empty without a manifest;
-# then per key its TTL for RESTORE and its payload (ARGV[2 + 2i], ARGV[3 + 2i]).
-# Each key is RESTOREd, then read back (DUMP) and compared byte for byte with the
-# payload it was given; a hash table's (its order is the table's) is compared by value
-# (`by_value`). Returns per key
-# '1' (written, equal), 'v' (written, differs by value), 'x' (written, read back
-# different: compared by value afterwards, `_SAME`), '0' (replace=0 and the destination
-# had the key: kept, not written), and with a manifest 'c' (the destination's value is
-# no longer the one copied out: changed there meanwhile, not written; the caller
-# decides, a conflict) or 's' (neither side changed it and neither has a TTL: already
-# there, as its digest just showed; not written again).
-_RESTORE = DIGEST_FN + BY_VALUE_FN + """
+# still the one copied out (its payload's digest is the manifest's), '0' otherwise; both
+# empty without a manifest; then per key its TTL (ms, 0: none) and its payload (ARGV[2 +
+# 2i], ARGV[3 + 2i]; empty for a key marked '1': its value is already there or not
+# wanted, whichever the digest says).
+# RESTORE is the check of what it writes: it refuses a payload whose RDB version or
+# CRC-64 is wrong, or that does not decode, and otherwise writes the whole value, within
+# this atomic script, so nobody changes the key between the two. A DUMP of it right
+# after would only test Redis's own encoder against its decoder. Returns per key
+# '1' (written), '0' (replace=0 and the destination had the key: kept, not written), and
+# with a manifest 'c' (the destination's value is no longer the one copied out: changed
+# there meanwhile, not written; the caller decides, a conflict), and for a key marked
+# '1' whose value the cloud still holds as copied, that value being the edge's too, only
+# the edge's TTL is written: '1' (set or removed) or 's' (neither side changed it, nor
+# has a TTL: nothing written). A payload RESTORE refuses fails the script: a SyncError
+# with Redis's reason.
+_RESTORE = DIGEST_FN + """
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
 for i, k in ipairs(KEYS) do
   local changed, m = false, 0
   if want ~= '' then
-    local d = raw_digest(k)
     m = string.byte(mark, i)
-    if m == 110 then changed = d ~= nil else changed = d ~= string.sub(want, 8 * i - 7, 8 * i) end
+    if m == 110 then
+      changed = redis.call('EXISTS', k) == 1
+    else
+      changed = raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i)
+    end
   end
   if changed then
     out[i] = 'c'
-  elseif m == 49 and redis.call('PTTL', k) == -1 then
-    out[i] = 's'
-  elseif replace or redis.call('EXISTS', k) == 0 then
-    local p = ARGV[2 * i + 3]
-    redis.call('RESTORE', k, ARGV[2 * i + 2], p, 'REPLACE')
-    if unordered[string.byte(p, 1)] then
-      if by_value(k, p) then out[i] = '1' else out[i] = 'v' end
-    elseif redis.call('DUMP', k) == p then
+  elseif m == 49 then
+    local ttl = tonumber(ARGV[2 * i + 2])
+    if ttl > 0 then
+      redis.call('PEXPIRE', k, ttl)
+      out[i] = '1'
+    elseif redis.call('PERSIST', k) == 1 then
       out[i] = '1'
     else
-      out[i] = 'x'
+      out[i] = 's'
     end
+  elseif replace or redis.call('EXISTS', k) == 0 then
+    redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
+    out[i] = '1'
   else
     out[i] = '0'
   end
 end
 return table.concat(out)
-"""
-
-# Verification by value, for payloads that read back different after a RESTORE
-# (another Redis version, another encoding). KEYS: the keys; ARGV: the source's payloads.
-# Returns the positions (0-based) of the keys that differ.
-_SAME = BY_VALUE_FN + """
-local bad = {}
-for i, k in ipairs(KEYS) do
-  if not by_value(k, ARGV[i]) then bad[#bad + 1] = i - 1 end
-end
-return table.concat(bad, ',')
 """
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
@@ -191,18 +169,17 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             expect: dict[bytes, bytes | None] | None = None,
             held: list[bytes] | None = None,
             same: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
-    """RESTORE the dumped keys and verify them on the destination; the keys written.
+    """RESTORE the dumped keys on the destination; the keys written (or found the same).
 
     With `expect` (key -> the digest the destination's value should still have, None:
-    absent), a key whose value changed there is not written but added to `held`, and a
-    key that is the same on both sides (the digest, no TTL) is not written again but
-    counted as written and added to `same`, in the same script call.
+    absent), a key whose value changed there is not written but added to `held`; a key
+    whose value is the same on both sides (both digests) is not sent nor written again,
+    only its TTL is set as the source has it, and if neither has one it is counted as
+    written and added to `same`; all in the same script call.
 
-    One pipelined pass per master: the RESTORE batches, each key checked in the same
-    script (read back and compared with its payload; by value where the payload's bytes
-    follow a hash table's order: sets, hashes); keys read back different for another
-    reason (another Redis version) are compared by value in one more pass.
-    Raises VerificationFailed if a written key differs.
+    One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
+    and writes the whole value or refuses it: a refusal raises SyncError with Redis's
+    reason. That the keys are still there after the last write is `verify_present`'s.
     """
     flag = b"1" if replace else b"0"
     keys = list(dumped)
@@ -210,22 +187,22 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
             args: list[Any] = [flag, b"", b""]
-        else:
-            want = [expect.get(k) for k in batch]
-            marks = [b"n" if w is None else
-                     b"1" if dumped[k][1] == 0 and payload_digest(dumped[k][0]) == w else b"0"
-                     for k, w in zip(batch, want, strict=True)]  # fmt: skip
-            args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
-        for k in batch:
+            for k in batch:
+                payload, ttl = dumped[k]
+                args += (ttl, payload)
+            return args
+        want = [expect.get(k) for k in batch]
+        marks = [b"n" if w is None else b"1" if payload_digest(dumped[k][0]) == w else b"0"
+                 for k, w in zip(batch, want, strict=True)]  # fmt: skip
+        args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
+        for k, m in zip(batch, marks, strict=True):
             payload, ttl = dumped[k]
-            args += (ttl, payload)
+            args += (ttl, b"" if m == b"1" else payload)  # '1': the cloud has the value
         return args
 
     (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
                            "destination")  # fmt: skip
     written: list[bytes] = []
-    differ: list[bytes] = []
-    bad: list[bytes] = []
     for batch, flags in restored:
         for k, f in zip(batch, flags, strict=True):
             if f == 99:  # b"c": changed on the destination, held back
@@ -235,34 +212,9 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                 written.append(k)
                 if same is not None:
                     same.append(k)
-            elif f != 48:  # b"0": kept
+            elif f == 49:  # b"1": written (b"0": kept)
                 written.append(k)
-                if f == 120:  # b"x": read back different, to compare by value
-                    differ.append(k)
-                elif f == 118:  # b"v": differs by value
-                    bad.append(k)
-    if differ:
-        (second,) = run_jobs(client, [_same_job(dumped, differ)], "destination")
-        bad += [k for b, r in second for k in _positions(b, r)]
-    if bad:
-        raise _differ(bad)
     return written
-
-
-def _differ(bad: list[bytes]) -> VerificationFailed:
-    shown = ", ".join(k.decode(errors="replace") for k in bad[:5])
-    return VerificationFailed(
-        f"{len(bad)} keys differ on the destination after the copy: {shown}", bad
-    )
-
-
-def _positions(batch: list[bytes], reply: bytes) -> list[bytes]:
-    """The keys of `batch` at the comma-separated positions of a check's reply."""
-    return [batch[int(i)] for i in reply.split(b",") if i] if reply else []
-
-
-def _same_job(dumped: dict[bytes, tuple], keys: list[bytes]) -> Job:
-    return Job(keys, eval_command(_SAME, lambda b: [dumped[k][0] for k in b]), 200)
 
 
 def verify_present(client: Client, keys: list[bytes]) -> int:

@@ -3,16 +3,15 @@
 A row says, for one type: how a whole value is read (redis-py, queued on a pipeline),
 how the merge writes the edge's value into the cloud's (the union, as commands), the
 merge rule itself and its check (pure: what the cloud holds after a merge), the bytes a
-value counts for, how a script compares two keys of the type by value, what an index key
-of the type names (its members or fields: `KeySchema` families), and, for the types whose
-DUMP follows a hash table's order, the elements a digest sorts. `rules`, `merge`,
-`payloads` (the by-value check and the digest) and `keys` (the index members) take all
-of it from here, so a new type is one row (and its tests).
+value counts for, what an index key of the type names (its members or fields:
+`KeySchema` families), and, for the types whose DUMP follows a hash table's order, the
+elements a digest sorts. `rules`, `merge`, `payloads` (the digest) and `keys` (the index
+members) take all of it from here, so a new type is one row (and its tests).
 
 A type without a row (a module's) still moves as a user's key: DUMP/RESTORE copy any
-value as bytes, verified byte for byte. The table says what else can be done with it:
-merged as a shared key (a shared key of a type without a row is not merged: counted and
-sampled as `not_merged`), compared by value, used as an index.
+value as bytes, RESTORE checking the payload. The table says what else can be done with
+it: merged as a shared key (a shared key of a type without a row is not merged: counted
+and sampled as `not_merged`), used as an index.
 
 A shared key's TTL after the merge (`ttl`): a value the edge's wins whole (a string)
 keeps the edge's TTL, or none; a union (every other type) lives as long as the
@@ -56,8 +55,6 @@ class RedisType:
     contains: Callable[[Any, Any], bool]
     # The bytes a value counts for in a report.
     size: Callable[[Any], int]
-    # Lua: true when keys `k` and `s` (of this type both) hold the same value.
-    same: str
     # Lua: the members an index key of this type names (None: not an index type).
     members: str | None = None
     # The RDB type of the encoding whose DUMP follows a hash table's order, and the Lua
@@ -217,10 +214,6 @@ def _stream_args(v: Any) -> list[bytes | int]:
     return out
 
 
-def _lua_equal_counts(count: str) -> str:
-    return f"if redis.call('{count}', k) ~= redis.call('{count}', s) then return false end"
-
-
 TYPES: dict[bytes, RedisType] = {t.name: t for t in (
     RedisType(
         name=b"string",
@@ -229,7 +222,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=lambda cloud, edge: edge,  # the edge wins
         contains=lambda cloud, edge: cloud == edge,
         size=len,
-        same="return redis.call('GET', k) == redis.call('GET', s)",
         ttl="edge",
     ),
     RedisType(
@@ -239,9 +231,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=lambda cloud, edge: set(cloud) | set(edge),  # union of members
         contains=lambda cloud, edge: set(edge) <= set(cloud),
         size=lambda v: sum(len(m) for m in v),
-        # as many members, none of s missing from k (one command, not one per member)
-        same=_lua_equal_counts("SCARD") + """
-    return #redis.call('SDIFF', s, k) == 0""",
         members="redis.call('SMEMBERS', k)",
         hashtable=(2, """
     for _, m in ipairs(redis.call('SMEMBERS', k)) do parts[#parts + 1] = lp(m) end"""),
@@ -254,12 +243,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=lambda cloud, edge: {**cloud, **edge},
         contains=lambda cloud, edge: all(cloud.get(f) == v for f, v in edge.items()),
         size=lambda v: sum(len(f) + len(x) for f, x in v.items()),
-        same=_lua_equal_counts("HLEN") + """
-    local kv = redis.call('HGETALL', s)
-    for j = 1, #kv, 2 do
-      if redis.call('HGET', k, kv[j]) ~= kv[j + 1] then return false end
-    end
-    return true""",
         members="redis.call('HKEYS', k)",
         hashtable=(4, """
     local kv = redis.call('HGETALL', k)
@@ -272,12 +255,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=_zset_merge,  # union of members; one on both sides keeps the higher score
         contains=_zset_contains,
         size=lambda v: sum(len(m) + 8 for m, _ in v),
-        same=_lua_equal_counts("ZCARD") + """
-    local ms = redis.call('ZRANGE', s, 0, -1, 'WITHSCORES')
-    for j = 1, #ms, 2 do
-      if redis.call('ZSCORE', k, ms[j]) ~= ms[j + 1] then return false end
-    end
-    return true""",
         members="redis.call('ZRANGE', k, 0, -1)",
     ),
     RedisType(
@@ -288,10 +265,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=_list_merge,
         contains=lambda cloud, edge: not (Counter(edge) - Counter(cloud)),
         size=lambda v: sum(len(x) for x in v),
-        same="""local a, b = redis.call('LRANGE', k, 0, -1), redis.call('LRANGE', s, 0, -1)
-    if #a ~= #b then return false end
-    for j = 1, #a do if a[j] ~= b[j] then return false end end
-    return true""",
         members="redis.call('LRANGE', k, 0, -1)",
     ),
     RedisType(
@@ -302,13 +275,6 @@ TYPES: dict[bytes, RedisType] = {t.name: t for t in (
         merge=_stream_merge,
         contains=_stream_contains,
         size=lambda v: sum(len(i) + sum(len(x) for x in f) for i, f in _entries(v)),
-        same=_lua_equal_counts("XLEN") + """
-    local a, b = redis.call('XRANGE', k, '-', '+'), redis.call('XRANGE', s, '-', '+')
-    for j = 1, #a do
-      if a[j][1] ~= b[j][1] or #a[j][2] ~= #b[j][2] then return false end
-      for x = 1, #a[j][2] do if a[j][2][x] ~= b[j][2][x] then return false end end
-    end
-    return true""",
         tally=lambda reply: {"renumbered": int(reply[1])},
     ),
 )}
@@ -323,17 +289,6 @@ def _chain(var: str, arms: dict[str, str], otherwise: str | None = None) -> str:
         parts.append(f"else\n    {otherwise}")
     return "\n  ".join(parts) + "\n  end"
 
-
-# same(k, s): keys `k` and `s` hold the same value (by type; DUMP bytes for a type the
-# table does not know).
-SAME_FN = f"""
-local function same(k, s)
-  local t = redis.call('TYPE', k)['ok']
-  if t ~= redis.call('TYPE', s)['ok'] then return false end
-  {_chain("t", {f"'{t.name.decode()}'": t.same for t in TYPES.values()})}
-  return redis.call('DUMP', k) == redis.call('DUMP', s)
-end
-"""
 
 # members(k): what index key `k` names (its members or fields), whatever its type.
 MEMBERS_FN = f"""
