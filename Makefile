@@ -58,8 +58,12 @@ bench-quick: setup
 	$(LOCK) .venv/bin/python -m bench.pressure --runs 1 --out /tmp/enorm-bench-quick/pressure.json
 
 # The board lab (bench/boards): Debian 12 arm64 and amd64 VMs under QEMU TCG, provisioned
-# by the playbook, the whole cycle on each; results in bench/results/boards.json.
-# `boards-quick`: the arm64 board and the cycle alone (/tmp/enorm-boards-quick.json).
+# from zero by the playbook, the whole cycle on each; results in bench/results/boards.json.
+# `boards-quick`: the amd64 board and the cycle alone (/tmp/enorm-boards-quick.json),
+# started from its provisioned disk saved by an earlier run (/var/cache/enorm/boards/
+# amd64/provisioned-<key>.qcow2) with the playbook run once to converge it; without one it
+# provisions from zero and saves it. amd64, not arm64: the arm64 board's converging run
+# alone takes 5-9 min under TCG here (amd64's about 2-3), too close to the 10 min target.
 # Its own lock (not the benches'): its ports are free ones, its caches shared.
 boards: setup
 	flock /run/enorm-boards.lock nice -n 10 .venv/bin/python -m bench.boards

@@ -15,6 +15,8 @@ Pieces, one per concept:
 - `wheelhouse`: the project's Python dependencies for the VM's platform (pip download);
 - `disk`: the VM disk (debootstrap, kernel, one initramfs), cached under
   /var/cache/enorm/boards; every run boots a copy-on-write overlay of it;
+- `provisioned`: the board's disk as the playbook left it, cached for the quick runs
+  (keyed by the base disk, the roles' packages and the Python pins);
 - `vm`: one QEMU VM: user-mode network restricted to the forwards a run names, SSH;
 - `cloud`: the cloud tier on the host (Redis, game server, cloud manager);
 - `lab`: the scenario and its figures (`python -m bench.boards`, `make boards`).

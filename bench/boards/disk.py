@@ -59,6 +59,7 @@ class Disk:
     kernel: Path
     initrd: Path
     build_s: float  # how long it took to build (0 when it was found in the cache)
+    digest: str = ""  # of its recipe (what a provisioned disk made from it is keyed by)
 
 
 def recipe(arch: str, mirror_lines: str, pubkey: str) -> dict:
@@ -148,7 +149,7 @@ def build(arch: str, *, mirror: str, sources_lines: str, pubkey: str, proxy: str
     image, kernel, initrd, stamp = d / "root.img", d / "vmlinuz", d / "initrd.img", d / "stamp"
     if stamp.exists() and stamp.read_text().strip() == digest(r) and image.exists():
         progress(f"disk {arch}: reusing {image}")
-        return Disk(arch, image, kernel, initrd, 0.0)
+        return Disk(arch, image, kernel, initrd, 0.0, digest(r))
     t0 = time.monotonic()
     d.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
@@ -179,7 +180,7 @@ def build(arch: str, *, mirror: str, sources_lines: str, pubkey: str, proxy: str
     _remove_tree(root)
     stamp.write_text(digest(r) + "\n")
     (d / "recipe.json").write_text(json.dumps(r, indent=1) + "\n")
-    return Disk(arch, image, kernel, initrd, round(time.monotonic() - t0, 1))
+    return Disk(arch, image, kernel, initrd, round(time.monotonic() - t0, 1), digest(r))
 
 
 def _remove_tree(root: Path) -> None:

@@ -5,7 +5,11 @@ board's run (its figures so far are kept):
 
 1. boot a fresh overlay of the cached disk: systemd, cgroup v2, 4 vCPUs, 1 GB;
 2. the project's playbook from zero over SSH (apt through the host's apt-cacher-ng, pip
-   from a wheelhouse), then again: changed=0; the systemd units it made;
+   from a wheelhouse), then again: changed=0; the systemd units it made; where the cache
+   has no provisioned disk for these inputs (`provisioned`), the board is powered off
+   cleanly, its disk saved there, and powered on again. A quick run instead boots an
+   overlay of the provisioned disk and runs the playbook once (converging the current
+   source and config), then checks the units;
 3. `enorm doctor`;
 4. the cycle with the host's cloud manager: handshake, deployment over SSH, data copy,
    users playing on the board, the limits seen from inside the container (memory.max,
@@ -44,6 +48,7 @@ from pathlib import Path
 import requests
 
 from bench.boards import cloud as cloud_tier
+from bench.boards import provisioned
 from bench.boards.disk import Disk
 from bench.boards.vm import HOST_ALIAS, VM
 
@@ -59,6 +64,9 @@ NODE_PORTS = 16
 PIDS_MAX = 512
 RECAP = re.compile(r"^\S+\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
                    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)", re.M)
+# A playbook log line as the lab writes it: seconds since the start, then ansible's line.
+TIMED = re.compile(r"^\s*(?P<t>\d+\.\d)\s(?P<line>.*)$")
+HEADER = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?P<task>.*?)\]|^PLAY RECAP")
 
 
 class CheckFailed(AssertionError):
@@ -195,6 +203,39 @@ def playbook(inv: dict, workdir: Path, label: str) -> tuple[dict, float, str]:
     return counts, took, out
 
 
+def task_seconds(timed_log: str) -> dict[str, float]:
+    """Seconds per task (and handler) of a playbook log of the lab's, summed where a name
+    comes back (a role's task in a loop, a handler run twice): from each task's header to
+    the next header. Where a run goes, without a callback plugin on the controller."""
+    spent: dict[str, float] = {}
+    name, since = None, 0.0
+    for raw in timed_log.splitlines():
+        m = TIMED.match(raw)
+        h = m and HEADER.match(m["line"])
+        if not h:
+            continue
+        t = float(m["t"])
+        if name is not None:
+            spent[name] = round(spent.get(name, 0.0) + t - since, 1)
+        name, since = h["task"], t
+    return spent
+
+
+def slowest(spent: dict[str, float], n: int = 12) -> dict[str, float]:
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1])[:n])
+
+
+def changed_tasks(out: str) -> list[str]:
+    """The tasks and handlers of a playbook's output that reported a change, in order."""
+    found, task = [], None
+    for line in out.splitlines():
+        if h := HEADER.match(line):
+            task = h["task"]
+        elif line.startswith("changed: ") and task and task not in found:
+            found.append(task)
+    return found
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -234,14 +275,16 @@ class BoardRun:
     def __init__(self, arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
                  wheelhouse: Path, image_tarball: Path | None,
                  log: Callable[[str], None],
-                 on_step: Callable[[Board], None] | None = None) -> None:
+                 on_step: Callable[[Board], None] | None = None,
+                 provisioned_disk: Path | None = None) -> None:
         self.arch, self.key, self.log = arch, key, log
         self.board = Board(arch, on_step=on_step)
         self.ports = Ports.pick(apt_port)
         p = self.ports
         self.vm = VM(arch, disk, key, ssh_port=p.ssh,
                      hostfwd={p.api: 8470, **{n: n for n in p.node}},
-                     guestfwd={p.apt: p.apt, p.redis: p.redis, p.http: p.http})
+                     guestfwd={p.apt: p.apt, p.redis: p.redis, p.http: p.http},
+                     backing=provisioned_disk)
         self.inv = inventory(arch, p, source=source, wheelhouse=wheelhouse,
                              image_tarball=image_tarball, key=key)
         self.cloud: cloud_tier.Cloud | None = None
@@ -282,29 +325,67 @@ class BoardRun:
             "uname -m; uname -r; stat -fc %T /sys/fs/cgroup; cat /proc/1/comm; nproc; "
             "awk '/MemTotal/ {print $2}' /proc/meminfo; . /etc/os-release; echo $PRETTY_NAME"
         ).stdout.split("\n")
-        b.facts = {"machine": facts[0], "kernel": facts[1], "cgroup_fs": facts[2],
-                   "init": facts[3], "cpus": int(facts[4]), "mem_total_mb": int(facts[5]) >> 10,
-                   "os": facts[6]}
+        b.facts.update({"machine": facts[0], "kernel": facts[1], "cgroup_fs": facts[2],
+                        "init": facts[3], "cpus": int(facts[4]),
+                        "mem_total_mb": int(facts[5]) >> 10, "os": facts[6]})
         check(b.facts["cgroup_fs"] == "cgroup2fs", f"cgroup v2 expected: {b.facts}")
         check(b.facts["init"] == "systemd", f"systemd expected as PID 1: {b.facts}")
 
+    def _playbook(self, label: str) -> tuple[dict, float, str]:
+        """A playbook run whose time per task (the slowest) goes into the figures."""
+        counts, took, out = playbook(self.inv, self.vm.dir, label)
+        spent = task_seconds((self.vm.dir / f"playbook-{label}.log").read_text())
+        self.board.figures[f"playbook_{label}_slowest_tasks_s"] = slowest(spent)
+        return counts, took, out
+
     def provision(self) -> None:
         b = self.board
-        work = self.vm.dir
         with b.step("playbook from zero", self.log):
-            counts, took, out = playbook(self.inv, work, "zero")
+            counts, took, out = self._playbook("zero")
             check(counts.get("rc") == 0 and counts.get("failed") == 0,
                   f"the playbook failed: {counts}\n{out[-5000:]}")
         b.figures["playbook_zero_s"] = round(took, 1)
         b.figures["playbook_zero_changed"] = counts["changed"]
         with b.step("playbook again: changed=0", self.log):
-            counts, took, out = playbook(self.inv, work, "again")
+            counts, took, out = self._playbook("again")
             check(counts.get("rc") == 0, f"the second run failed: {counts}\n{out[-5000:]}")
-            changed = re.findall(r"^changed: \[.*?\].*$|^TASK \[(.*?)\]", out, re.M)
             check(counts.get("changed") == 0,
                   f"the second run changed {counts.get('changed')} things: "
-                  f"{[t for t in changed if t][-20:]}\n{out[-4000:]}")
+                  f"{changed_tasks(out)}\n{out[-4000:]}")
         b.figures["playbook_again_s"] = round(took, 1)
+
+    def converge(self) -> None:
+        """The playbook once on a board provisioned earlier (the cached disk): it brings
+        the project's current source and config over, as an operator's upgrade does."""
+        b = self.board
+        with b.step("playbook converges the provisioned board", self.log):
+            counts, took, out = self._playbook("converge")
+            check(counts.get("rc") == 0 and counts.get("failed") == 0,
+                  f"the converging run failed: {counts}\n{out[-5000:]}")
+        b.figures["playbook_converge_s"] = round(took, 1)
+        b.figures["playbook_converge_changed"] = counts["changed"]
+        b.figures["playbook_converge_changed_tasks"] = changed_tasks(out)
+
+    def save_provisioned(self, built_from: dict) -> None:
+        """Keep the provisioned board for the quick runs: a clean power-off (so the file
+        system and the overlay are closed and complete), the disk flattened into the
+        cache, then the same board powered on again for the rest of the run."""
+        b = self.board
+        with b.step("provisioned disk saved (clean power-off, flattened)", self.log):
+            b.figures["poweroff_s"] = round(self.vm.poweroff(), 1)
+            t0 = time.monotonic()
+            saved = provisioned.save(self.vm.spec.overlay, built_from,
+                                     source=_describe(REPO))
+            b.figures["provisioned_save_s"] = round(time.monotonic() - t0, 1)
+            b.figures["provisioned_disk_mb"] = round(saved.stat().st_size / 2**20)
+            b.facts["provisioned_disk"] = str(saved)
+            self.vm.boot_again()
+            b.figures["boot_after_save_s"] = round(self.vm.wait_ssh(), 1)
+            cloud_tier.wait_until(lambda: _ok(self.node_url + "/healthz"), 300,
+                                  "the node's API after the power-on")
+
+    def units(self) -> None:
+        b = self.board
         with b.step("systemd units", self.log):
             units = ["enorm.service", "enorm-redis.service", "enorm-net-enorm0.service"]
             show = self.vm.run("systemctl show -p Id,UnitFileState,ActiveState,Restart,KillMode "
@@ -537,7 +618,7 @@ class BoardRun:
             self.vm.restart(cmdline_extra="cgroup_disable=memory")
             self.vm.wait_ssh()
             b.facts["nomem_cmdline"] = self.vm.run("cat /proc/cmdline").stdout.strip()
-            counts, took, out = playbook(self.inv, self.vm.dir, "nomem")
+            counts, took, out = self._playbook("nomem")
             b.figures["playbook_without_memory_s"] = round(took, 1)
             check(counts.get("rc") != 0 and "cgroup_disable=memory" in out
                   and "cgroup_enable=memory" in out and "cmdline.txt" in out,
@@ -595,6 +676,13 @@ def hog_mb(offer: dict, victim_mb: int, headroom_mb: int) -> int:
     return max(0, basic - max(mem["reserved"], mem["basic_service"]))
 
 
+def _describe(repo: Path) -> str:
+    """The commit the run's source came from (with `-dirty` for edits), for the record."""
+    p = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo,
+                       capture_output=True, text=True)
+    return p.stdout.strip()
+
+
 def _ok(url: str) -> bool:
     try:
         return requests.get(url, timeout=5).ok
@@ -618,15 +706,29 @@ LATER_STEPS = ("reboot", "figures", "pressure", "nomem")
 
 def run_board(arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
               wheelhouse: Path, image_tarball: Path | None, steps: tuple[str, ...],
-              log: Callable[[str], None],
+              log: Callable[[str], None], cache: provisioned.Lookup,
+              from_cache: bool = False,
               on_step: Callable[[Board], None] | None = None) -> Board:
+    """One board's run. It starts from the provisioned disk of `cache` where `from_cache`
+    and there is one (then the playbook runs once, converging); else from the fresh disk
+    (the playbook from zero, then again), and then saves the provisioned disk where the
+    cache has none for these inputs."""
+    start = cache.disk if from_cache else None
     run = BoardRun(arch, disk, key, apt_port=apt_port, source=source, wheelhouse=wheelhouse,
-                   image_tarball=image_tarball, log=log, on_step=on_step)
+                   image_tarball=image_tarball, log=log, on_step=on_step,
+                   provisioned_disk=start)
+    run.board.facts["started_from"] = start.name if start else "the fresh disk"
     later = {"reboot": run.reboot, "figures": run.figures, "pressure": run.pressure,
              "nomem": run.no_memory_controller}
     try:
         run.boot()
-        run.provision()
+        if start is not None:
+            run.converge()
+        else:
+            run.provision()
+        run.units()
+        if start is None and cache.disk is None:
+            run.save_provisioned(cache.built_from)
         run.doctor()
         got = run.cycle()
         run.terminate(got["dep"], got["moved"])

@@ -11,6 +11,7 @@ out hold on the host too).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -47,6 +48,14 @@ class Spec:
     cmdline_extra: str = ""
     hostfwd: dict[int, int] = field(default_factory=dict)
     guestfwd: dict[int, int] = field(default_factory=dict)
+    # What the overlay is made on: the fresh disk (raw), or a provisioned one (qcow2).
+    backing: Path | None = None
+
+    @property
+    def backing_disk(self) -> tuple[Path, str]:
+        if self.backing is None:
+            return self.disk.image, "raw"
+        return self.backing, "qcow2"
 
 
 def netdev(spec: Spec) -> str:
@@ -85,20 +94,45 @@ class VM:
 
     def __init__(self, arch: str, disk: Disk, key: Path, *, ssh_port: int,
                  hostfwd: dict[int, int], guestfwd: dict[int, int],
-                 cmdline_extra: str = "", memory_mb: int = 1024, cpus: int = 4) -> None:
+                 cmdline_extra: str = "", memory_mb: int = 1024, cpus: int = 4,
+                 backing: Path | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{arch}-", dir="/var/tmp"))
         self.key = key
         self.ssh_port = ssh_port
         self.spec = Spec(arch, disk, self.dir / "overlay.qcow2", self.dir / "console.log",
                          self.dir / "qemu.pid", cpus, memory_mb, cmdline_extra,
-                         {ssh_port: 22, **hostfwd}, dict(guestfwd))
+                         {ssh_port: 22, **hostfwd}, dict(guestfwd), backing)
         self.proc: subprocess.Popen | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Boot a fresh copy-on-write overlay of the cached disk (which stays pristine)."""
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(self.spec.disk.image), str(self.spec.overlay)], check=True)
+        """Boot a fresh copy-on-write overlay of the cached disk, fresh or provisioned
+        (which stays pristine)."""
+        image, fmt = self.spec.backing_disk
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
+                        str(image), str(self.spec.overlay)], check=True)
+        self._launch()
+
+    def poweroff(self, timeout: float = 300) -> float:
+        """Shut the guest down cleanly (systemd stops the services and unmounts the file
+        system; QEMU then exits and closes the overlay): seconds it took. Raises if QEMU
+        is still running after `timeout` (then it is killed: the disk is not clean)."""
+        t0 = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the session dies with it
+            self.run("systemctl poweroff", check=False, timeout=30)
+        p = self.proc
+        assert p is not None
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise TimeoutError(f"the {self.spec.arch} VM did not power off in {timeout:.0f} s; "
+                               f"console:\n{self.console_tail()}") from None
+        self.proc = None
+        return time.monotonic() - t0
+
+    def boot_again(self) -> None:
+        """Power on the same overlay again (after `poweroff`)."""
         self._launch()
 
     def restart(self, cmdline_extra: str = "") -> None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.boards import disk, lab, sources, vm, wheelhouse
+from bench.boards import disk, lab, provisioned, sources, vm, wheelhouse
 from enorm import pressure, resources
 from enorm.protocol import Resources
 
@@ -193,3 +193,129 @@ def test_the_onboard_figures_send_a_setup_request_the_node_takes(tmp_path: Path)
     assert text.endswith("\n")
     req = SetupRequest.model_validate(setup_body(text))
     assert req.ssh_public_key == text.strip() and req.ports == [8080]
+
+
+ROLES = {
+    "lxc/defaults/main.yml": "lxc_packages: [lxc, lxcfs]\nlxc_bridge: enorm0\n",
+    "lxc/tasks/main.yml": """
+- name: Install LXC
+  ansible.builtin.apt:
+    name: "{{ lxc_packages }}"
+    install_recommends: false
+- name: Foreign architectures
+  when: true
+  block:
+    - name: Install qemu-user-static
+      ansible.builtin.apt:
+        name: [qemu-user-static, binfmt-support]
+- name: A template
+  ansible.builtin.template: {src: a.j2, dest: /etc/a}
+""",
+    "redis/tasks/main.yml": "- name: Install Redis\n  apt:\n    name: redis-server\n",
+}
+
+
+def _roles(root: Path, **changed: str) -> Path:
+    for rel, text in {**ROLES, **changed}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_the_provisioned_disk_is_keyed_by_the_roles_packages(tmp_path: Path) -> None:
+    """What apt installs, from a task's list, a role default it names, a block; a change
+    of the list (a package added, or one dropped: apt would leave it installed) is
+    another key, a change the converging run applies (a template) is not."""
+    roles = _roles(tmp_path / "a")
+    pkgs = provisioned.role_packages(roles)
+    assert pkgs == ["binfmt-support", "lxc", "lxcfs", "qemu-user-static", "redis-server"]
+    built = provisioned.inputs("amd64", "d1", pkgs, Path("/w/amd64-pins1"))
+    same = _roles(tmp_path / "b", **{"lxc/tasks/main.yml": ROLES["lxc/tasks/main.yml"]
+                                     .replace("/etc/a", "/etc/b")})
+    assert provisioned.key(provisioned.inputs(
+        "amd64", "d1", provisioned.role_packages(same), Path("/w/amd64-pins1"))) == \
+        provisioned.key(built)
+    for other in ({"lxc/defaults/main.yml": "lxc_packages: [lxc]\n"},
+                  {"redis/tasks/main.yml": ROLES["redis/tasks/main.yml"] + "    state: latest\n"
+                   "- name: More\n  ansible.builtin.apt:\n    name: [gcc]\n"}):
+        changed = provisioned.role_packages(_roles(tmp_path / str(len(other)) / "r", **other))
+        assert changed != pkgs
+        assert provisioned.key(provisioned.inputs("amd64", "d1", changed,
+                                                  Path("/w/amd64-pins1"))) != provisioned.key(built)
+    # the project's own roles: what the board lab's boards get
+    real = provisioned.role_packages(lab.ANSIBLE_DIR / "roles")
+    assert {"lxc", "lxcfs", "redis-server", "python3-venv"} <= set(real)
+    assert not any("{{" in p for p in real)
+
+
+def test_a_provisioned_disk_is_used_only_under_its_inputs(tmp_path: Path, monkeypatch) -> None:
+    """None saved: from zero. Saved (written under a temporary name, then renamed): found.
+    Another base disk, other packages or other Python pins: not found, with the reason
+    in words, and the next save replaces the stale one. A save that fails leaves
+    nothing that could be taken for a disk."""
+    flattened: list[tuple[Path, Path]] = []
+
+    def fake_flatten(overlay: Path, dest: Path) -> None:
+        flattened.append((overlay, dest))
+        dest.write_bytes(b"QFI\xfb disk of " + overlay.name.encode())
+
+    monkeypatch.setattr(provisioned, "flatten", fake_flatten)
+    built = provisioned.inputs("amd64", "disk1", ["lxc", "redis-server"], Path("/w/amd64-p1"))
+    first = provisioned.find(built, tmp_path)
+    assert first.disk is None and first.why_not == "none saved yet"
+
+    saved = provisioned.save(tmp_path / "overlay.qcow2", built, tmp_path, source="abc123")
+    assert saved == provisioned.path(built, tmp_path) and saved.parent == tmp_path / "amd64"
+    assert provisioned.find(built, tmp_path).disk == saved
+    assert flattened[0][1].name.startswith(".provisioned-") and not flattened[0][1].exists()
+
+    for change, words in (({"base_disk": "disk2"}, "the base disk"),
+                          ({"python_pins": "amd64-p2"}, "the Python pins"),
+                          ({"packages": ["lxc", "gcc"]}, "packages (+gcc -redis-server)")):
+        other = {**built, **change}
+        found = provisioned.find(other, tmp_path)
+        assert found.disk is None and words in found.why_not, found.why_not
+    assert provisioned.find({**built, "arch": "arm64"}, tmp_path).why_not == "none saved yet"
+
+    newer = {**built, "base_disk": "disk2"}
+    provisioned.save(tmp_path / "overlay.qcow2", newer, tmp_path)
+    assert provisioned.find(built, tmp_path).disk is None  # the stale one is gone
+    assert sorted(p.name for p in (tmp_path / "amd64").iterdir()) == sorted(
+        [provisioned.path(newer, tmp_path).name, provisioned.path(newer, tmp_path)
+         .with_suffix(".json").name])
+
+    def failing(overlay: Path, dest: Path) -> None:
+        dest.write_bytes(b"half")
+        raise subprocess.CalledProcessError(1, "qemu-img")
+
+    monkeypatch.setattr(provisioned, "flatten", failing)
+    third = {**built, "base_disk": "disk3"}
+    with pytest.raises(subprocess.CalledProcessError):
+        provisioned.save(tmp_path / "overlay.qcow2", third, tmp_path)
+    assert provisioned.find(third, tmp_path).disk is None
+    assert not list((tmp_path / "amd64").glob(".provisioned-*"))
+    assert provisioned.find(newer, tmp_path).disk is not None  # the last good one stays
+
+
+def test_where_a_playbook_run_goes_per_task() -> None:
+    log = "\n".join([
+        "    0.3 PLAY [Provision enorm edge nodes] ****",
+        "    0.6 TASK [Gathering Facts] ****",
+        "    6.0 ok: [b]",
+        "    6.0 TASK [redis : Create the directories of the state store] ****",
+        "    8.3 ok: [b] => (item=/etc/enorm)",
+        "   20.0 ok: [b] => (item=/run/enorm)",
+        "   20.0 RUNNING HANDLER [enorm : Restart the daemon (systemd)] ****",
+        "   25.5 changed: [b]",
+        "   25.5 TASK [redis : Create the directories of the state store] ****",
+        "   26.0 ok: [b]",
+        "   26.5 PLAY RECAP ****",
+        "   26.5 b : ok=3 changed=1 unreachable=0 failed=0"])
+    spent = lab.task_seconds(log)
+    assert spent == {"Gathering Facts": 5.4,
+                     "redis : Create the directories of the state store": 15.0,
+                     "enorm : Restart the daemon (systemd)": 5.5}
+    assert list(lab.slowest(spent, 2)) == ["redis : Create the directories of the state store",
+                                           "enorm : Restart the daemon (systemd)"]
+    out = "\n".join(lab.TIMED.match(line)["line"] for line in log.splitlines())
+    assert lab.changed_tasks(out) == ["enorm : Restart the daemon (systemd)"]
