@@ -94,6 +94,10 @@ def test_the_board_is_a_1_gb_4_cpu_cortex_a72_on_tcg(tmp_path: Path) -> None:
     assert cmd[cmd.index("-append") + 1] == \
         "console=ttyAMA0 root=/dev/vda rw cgroup_disable=memory"
     assert vm.command(spec(tmp_path, "amd64"))[0] == "qemu-system-x86_64"
+    # the overlay is made on the fresh disk (raw), or on a provisioned one (qcow2)
+    assert s.backing_disk == (tmp_path / "root.img", "raw")
+    s.backing = tmp_path / "provisioned-k.qcow2"
+    assert s.backing_disk == (tmp_path / "provisioned-k.qcow2", "qcow2")
 
 
 def test_wheels_for_the_boards_platform() -> None:
