@@ -338,14 +338,21 @@ class BoardRun:
         self.board.figures[f"playbook_{label}_slowest_tasks_s"] = slowest(spent)
         return counts, took, out
 
+    def _passing_playbook(self, step: str, label: str) -> str:
+        """A playbook run as a step that passes where the playbook did; its time and its
+        number of changes go into the figures. Its output."""
+        b = self.board
+        with b.step(step, self.log):
+            counts, took, out = self._playbook(label)
+            check(counts.get("rc") == 0 and counts.get("failed") == 0,
+                  f"the playbook ({label}) failed: {counts}\n{out[-5000:]}")
+        b.figures[f"playbook_{label}_s"] = round(took, 1)
+        b.figures[f"playbook_{label}_changed"] = counts["changed"]
+        return out
+
     def provision(self) -> None:
         b = self.board
-        with b.step("playbook from zero", self.log):
-            counts, took, out = self._playbook("zero")
-            check(counts.get("rc") == 0 and counts.get("failed") == 0,
-                  f"the playbook failed: {counts}\n{out[-5000:]}")
-        b.figures["playbook_zero_s"] = round(took, 1)
-        b.figures["playbook_zero_changed"] = counts["changed"]
+        self._passing_playbook("playbook from zero", "zero")
         with b.step("playbook again: changed=0", self.log):
             counts, took, out = self._playbook("again")
             check(counts.get("rc") == 0, f"the second run failed: {counts}\n{out[-5000:]}")
@@ -357,14 +364,8 @@ class BoardRun:
     def converge(self) -> None:
         """The playbook once on a board provisioned earlier (the cached disk): it brings
         the project's current source and config over, as an operator's upgrade does."""
-        b = self.board
-        with b.step("playbook converges the provisioned board", self.log):
-            counts, took, out = self._playbook("converge")
-            check(counts.get("rc") == 0 and counts.get("failed") == 0,
-                  f"the converging run failed: {counts}\n{out[-5000:]}")
-        b.figures["playbook_converge_s"] = round(took, 1)
-        b.figures["playbook_converge_changed"] = counts["changed"]
-        b.figures["playbook_converge_changed_tasks"] = changed_tasks(out)
+        out = self._passing_playbook("playbook converges the provisioned board", "converge")
+        self.board.figures["playbook_converge_changed_tasks"] = changed_tasks(out)
 
     def save_provisioned(self, built_from: dict) -> None:
         """Keep the provisioned board for the quick runs: a clean power-off (so the file
