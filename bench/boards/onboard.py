@@ -85,7 +85,12 @@ def floor_once(i: int, cfg: node_config.NodeConfig) -> tuple[float, float, float
     c = lxc.Container(cfg.base_container, str(cfg.lxc_path)).clone(
         name, config_path=str(cfg.lxc_path), flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay")
     c.clear_config_item("lxc.net.0.type")
+    # The host side named as the node names its own (en...): the board's networkd takes
+    # any other veth off the bridge (its `Type=ether` match), and the role keeps it off
+    # `en*` only. LXC's default name (veth...) left the first floor unreachable on the
+    # amd64 board.
     for k, v in (("lxc.net.0.type", "veth"), ("lxc.net.0.link", cfg.bridge),
+                 ("lxc.net.0.veth.pair", f"enfloor{i:02d}"),
                  ("lxc.net.0.flags", "up"), ("lxc.net.0.name", "eth0"),
                  ("lxc.net.0.ipv4.address", f"{addr}/{cfg.subnet.prefixlen}"),
                  ("lxc.net.0.ipv4.gateway", str(cfg.gateway))):
