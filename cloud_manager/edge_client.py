@@ -2,7 +2,9 @@
 
 Procedure 1 (offer), 2 (setup request) and the cloud's side of 4 (withdrawal), with
 short timeouts and retries: connection failures are retried for every call (nothing
-reached the node), answers 502/503/504 only for the idempotent GET and DELETE.
+reached the node), answers 502/503/504 only for the idempotent GET and DELETE, and so is a
+kept-alive connection that is reset when it is used again (the node restarted behind a
+proxy that held the connection open: the testbed's delayers, a board's reverse proxy).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from enorm.protocol import (
@@ -70,6 +73,16 @@ class Rejected(EdgeError):
         self.rejection = rejection
 
 
+IDEMPOTENT = frozenset({"GET", "DELETE"})
+
+
+def _reset(exc: requests.ConnectionError) -> bool:
+    """The connection was reset or closed under the request (not refused, not timed
+    out)."""
+    reason = exc.args[0].reason if exc.args and isinstance(exc.args[0], MaxRetryError) else None
+    return isinstance(reason, ProtocolError)
+
+
 class EdgeClient:
     """One edge node, as seen by one cloud manager (its bearer token names the owner)."""
 
@@ -84,7 +97,7 @@ class EdgeClient:
         self.http.headers["Authorization"] = f"Bearer {token}"
         retry = Retry(total=retries, connect=retries, read=0, status=retries,
                       backoff_factor=0.1, status_forcelist=(502, 503, 504),
-                      allowed_methods=frozenset({"GET", "DELETE"}),
+                      allowed_methods=IDEMPOTENT,
                       raise_on_status=False)  # fmt: skip
         self.http.mount("http://", HTTPAdapter(max_retries=retry))
         self.http.mount("https://", HTTPAdapter(max_retries=retry))
@@ -94,7 +107,16 @@ class EdgeClient:
 
     def _call(self, method: str, path: str, timeout: float, **kw: Any) -> requests.Response:
         try:
-            return self.http.request(method, self.url + path, timeout=timeout, **kw)
+            try:
+                return self.http.request(method, self.url + path, timeout=timeout, **kw)
+            except requests.ConnectionError as exc:
+                if method not in IDEMPOTENT or not _reset(exc):
+                    raise
+                # urllib3 counts a reset as a read error, and reads are not retried (a
+                # read timeout on a long DELETE must not send it twice); a reset is not a
+                # timeout, and GET and DELETE may be sent again (a DELETE the node had
+                # already done answers 404: nothing to end).
+                return self.http.request(method, self.url + path, timeout=timeout, **kw)
         except requests.RequestException as exc:
             raise EdgeError(f"{self.name}: {method} {path}: {exc}", node=self.name) from exc
 
