@@ -237,18 +237,21 @@ def measure(cfg: node_config.NodeConfig, token: str, operator: str, servers: int
         cleanup_floor(str(cfg.lxc_path))
     bare = bare_interpreter()
 
+    def median(xs: list[float]) -> float | None:
+        return p50(xs) if xs else None
+
     def over(a: list[float], b: list[float], digits: int) -> float | None:
         return round(p50(a) / p50(b), digits) if a and b else None
 
     return {
         "n": servers, "floor_error": floor_error,
-        "handshake_s": p50(hs), "handshake_floor_s": floor_up and p50(floor_up),
+        "handshake_s": p50(hs), "handshake_floor_s": median(floor_up),
         "handshake_over_floor": over(hs, floor_up, 2),
-        "resize_s": p50(resize), "resize_floor_s": floor_resize and p50(floor_resize),
+        "resize_s": p50(resize), "resize_floor_s": median(floor_resize),
         "resize_over_floor": over(resize, floor_resize, 1),
         "resize_refused_no_room": refused, "ended_by_node": ended,
         "node_loaded": loaded_node,
-        "terminate_s": p50(term), "terminate_floor_s": floor_down and p50(floor_down),
+        "terminate_s": p50(term), "terminate_floor_s": median(floor_down),
         "terminate_over_floor": over(term, floor_down, 2),
         "daemon_idle": idle, "daemon_loaded": loaded, "bare_interpreter": bare,
         "raw": {"handshake_s": hs, "handshake_floor_s": floor_up, "resize_s": resize,
