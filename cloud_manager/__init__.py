@@ -21,12 +21,14 @@ from .edge_client import (
     Unauthorized,
 )
 from .handover import HandoverFailed
+from .ledger import CloudUnreachable
 from .orchestrator import CloudManager, Deployment, NoEdgeAvailable
 
 __all__ = [
     "APP_DIR",
     "App",
     "CloudManager",
+    "CloudUnreachable",
     "DeployError",
     "Deployer",
     "Deployment",

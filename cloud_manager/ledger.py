@@ -46,6 +46,8 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
+
 from enorm import datasync
 from enorm.datasync.transport import Job, eval_command, run_jobs
 from enorm.protocol import User
@@ -149,6 +151,18 @@ return 0
 # How long `record` is tried again through a master's failover.
 RETRY_S = 15.0
 
+# How soon a renewal of the leases that failed (a master failing over, the cluster out of
+# reach) is tried again: within the lease, not a third of one later, so that a failover
+# shorter than two thirds of a lease (less this) costs no lease (`Intents`).
+RENEW_RETRY_S = 0.25
+
+# What the cloud Redis raises when it does not answer: a master failing over, or this
+# process cut off from the cluster (a cluster client that reaches no node raises an error
+# that is not a RedisError).
+UNREACHABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError, redis.exceptions.RedisClusterUnreachableError)
+
 # How long a server's ended mark is kept: longer than any record can come late.
 ENDED_TTL_S = 86400
 
@@ -170,6 +184,18 @@ class Lapsed(Exception):
         super().__init__(f"offload of {server_id}: its lease lapsed; another process "
                          "took it over")
         self.server_id = server_id
+
+
+class CloudUnreachable(redis.ConnectionError):
+    """The cloud Redis (the registry, the ledger) did not answer, within the client's
+    timeouts: this process is cut off from the cluster, or a master is failing over. No
+    user was sent to a new server; an offload whose record may have landed meanwhile is
+    left to its lease (this process renews it no more): once it lapses, another
+    process's reconcile completes it if it was recorded, or ends it (orphans.py)."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"the cloud Redis did not answer ({what}): "
+                         f"{type(cause).__name__}: {cause}")
 
 
 @dataclass(frozen=True)
@@ -471,7 +497,16 @@ class Intents:
     """This process's offloads in flight (`Ledger.intend`), their leases renewed on a
     thread of their own every third of a lease, until `stop`; an offload whose lease
     was lost (this process stalled a whole lease, and another took it) is dropped from
-    `held` and named in `lost`: its taker carries it on."""
+    `held` and named in `lost`: its taker carries it on.
+
+    A renewal that fails is tried again every `RENEW_RETRY_S`, within the lease, so that
+    a live owner keeps its leases through an outage shorter than two thirds of a lease
+    (less a retry): a master's failover, if the lease (`offload_lease_s`) is longer than
+    1.5 times the cluster's failover time (its `cluster-node-timeout` plus an election:
+    about 4 s for 2 s, about 17 s for Redis's default 15 s; 3 times, to hold also when
+    the master died before its replica had the last renewal). A process cut off from
+    the cluster for longer loses them: the others carry its offloads on, and what it
+    writes late is refused (`Ended`, `Lapsed`)."""
 
     def __init__(self, ledger: Ledger, lease_s: float = 30.0) -> None:
         if not lease_s > 0:
@@ -480,6 +515,9 @@ class Intents:
         self.owner = secrets.token_hex(8)
         self.held: set[str] = set()
         self.lost: set[str] = set()
+        # held, over (users sent, or server ended), their release not answered: renewed
+        # until it is, so that nobody takes over (and redirects again) a finished offload
+        self.over: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -489,49 +527,94 @@ class Intents:
         with self._lock:
             self.held.add(intent.entry.server_id)
 
+    def holds(self, server_id: str) -> bool:
+        with self._lock:
+            return server_id in self.held
+
     def keep(self, server_id: str) -> None:
         """Right before the users are sent: the lease renewed, so that nobody takes the
-        offload over for a lease (a redirect is sent once); `Lapsed` if it was taken."""
+        offload over for a lease (a redirect is sent once); `Lapsed` if it was taken,
+        or if the renewal's answer came so late (a failover, a partition healing) that
+        less than two thirds of the lease may be left for the redirect: the lease runs
+        from when the renewal was sent at the earliest, so it is then left to lapse, and
+        the taker redirects (`CloudUnreachable` if the cloud Redis did not answer: left
+        to lapse too)."""
         with self._lock:
             if server_id not in self.held:
                 if server_id in self.lost:
                     raise Lapsed(server_id)
                 return  # not in flight here (a taker's own completion)
-        if self.ledger.renew([server_id], self.owner, self.lease_s):
+        sent = time.monotonic()
+        try:
+            lost = self.ledger.renew([server_id], self.owner, self.lease_s)
+        except UNREACHABLE as exc:
+            self.drop(server_id)
+            raise CloudUnreachable(f"renewing the lease of {server_id}", exc) from exc
+        if lost or time.monotonic() - sent > self.lease_s / 3:
             with self._lock:
                 self.held.discard(server_id)
                 self.lost.add(server_id)
             raise Lapsed(server_id)
 
     def drop(self, server_id: str) -> None:
-        """No longer renewed (its redirect failed here): its lease lapses, and another
-        process's reconcile carries it on."""
+        """No longer renewed (its redirect failed here, or its record's outcome is not
+        known): its lease lapses, and another process's reconcile carries it on."""
         with self._lock:
             self.held.discard(server_id)
 
     def end(self, server_id: str) -> None:
+        """Its offload is over (its users sent, or its server ended here): the intent
+        released. If the cloud Redis does not answer, the release is tried again at each
+        renewal, its lease renewed meanwhile; an outage longer than the lease lets it
+        lapse, and the process that takes it over completes it again (its users sent
+        again: the app's redirect must be idempotent) or finds its server ended."""
         with self._lock:
             if server_id not in self.held:
                 return
             self.held.discard(server_id)
-        self.ledger.release(server_id)
+        try:
+            self.ledger.release(server_id)
+        except UNREACHABLE as exc:
+            log.warning("offload of %s: its intent was not released (%s); released at "
+                        "the next renewal", server_id, exc)
+            with self._lock:
+                self.held.add(server_id)
+                self.over.add(server_id)
 
     def renew(self) -> None:
+        """The leases held renewed (those another process took are named in `lost`),
+        then the releases that were not answered (`end`) tried again."""
         with self._lock:
             held = sorted(self.held)
         lost = self.ledger.renew(held, self.owner, self.lease_s)
-        if lost:
-            log.warning("offloads %s: their leases were lost (taken over)", lost)
-            with self._lock:
+        with self._lock:
+            if lost:
+                log.warning("offloads %s: their leases were lost (taken over)", lost)
                 self.held.difference_update(lost)
                 self.lost.update(lost)
+                self.over.difference_update(lost)
+            over = sorted(self.over)
+        for sid in over:
+            self.ledger.release(sid)
+            with self._lock:
+                self.over.discard(sid)
+                self.held.discard(sid)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        every, failing = self.lease_s / 3, False
+        wait = every
+        while not self._stop.wait(wait):
             try:
                 self.renew()
-            except Exception:  # a master failing over: the next renewal, within a lease
-                log.exception("renewing the offloads' leases")
+            except Exception as exc:  # a failover, a partition: again soon, within a lease
+                if not failing:  # once an outage, not every retry
+                    log.warning("renewing the offloads' leases failed (%s: %s); trying "
+                                "again every %g s", type(exc).__name__, exc, RENEW_RETRY_S)
+                failing, wait = True, min(RENEW_RETRY_S, every)
+                continue
+            if failing:
+                log.info("the offloads' leases are renewed again")
+            failing, wait = False, every
 
     def start(self) -> Intents:
         if self._thread is None:

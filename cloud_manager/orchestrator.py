@@ -48,7 +48,7 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .ledger import Entry, Intent, Intents, Lapsed, Ledger
+from .ledger import UNREACHABLE, CloudUnreachable, Entry, Intent, Intents, Lapsed, Ledger
 from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
@@ -84,6 +84,7 @@ class Deployment:
     session: Session | None = None
     state: str = "deployed"  # deployed | withdrawn | terminated | migration_pending |
     # handing_over (its node is ending it for a handover through the cloud) | handed_over
+    # | left_to_lease (its record's outcome unknown: another process completes or ends it)
     timings: dict[str, float] = field(default_factory=dict)
     copy: datasync.SyncReport | None = None
     refused: dict[str, str] = field(default_factory=dict)  # edges that said no first
@@ -138,11 +139,7 @@ class PreparedOffload:
         records it: if it fails, the server ends and nobody was sent there)."""
         t = time.perf_counter()
         if before_redirect is not None:
-            try:
-                before_redirect(self.dep)
-            except BaseException:
-                self.cancel()
-                raise
+            self.cm.record(self.dep, before_redirect, restore=False)
         self.cm.send_users(self.dep)
         self.dep.timings["total"] = self.seconds + time.perf_counter() - t
         return self.dep
@@ -282,13 +279,13 @@ class CloudManager:
             self.connect(dep)
             self.over_ssh(dep, self.start_server, self.copy)
             self.wait_ready(dep)
-            if before_redirect is not None:
-                before_redirect(dep)
         except BaseException:
             log.exception("deployment of %s on %s failed; withdrawing", dep.server_id,
                           dep.edge.name)
             self.abandon(dep, restore=restore)
             raise
+        if before_redirect is not None:
+            self.record(dep, before_redirect, restore)
         return PreparedOffload(self, dep, time.perf_counter() - t0)
 
     # -- the steps of a deployment (offload, handover and re-homing compose them) --------
@@ -300,7 +297,10 @@ class CloudManager:
         there or it is abandoned)."""
         t0 = time.perf_counter()
         req = self.request_for(users, **over)
-        edge, setup, refused, placed = self._first_to_admit(req, exclude, only, near)
+        try:
+            edge, setup, refused, placed = self._first_to_admit(req, exclude, only, near)
+        except UNREACHABLE as exc:  # the registry's reading (placement)
+            raise CloudUnreachable("placing the server", exc) from exc
         dep = Deployment(edge=edge, setup=setup, users=users, refused=refused,
                          placement=placed, intercepted=bool(req.intercept),
                          url=f"http://{setup.access.host}:{setup.ports[self.app.port]}",
@@ -313,10 +313,38 @@ class CloudManager:
                 self.intents.begin(Intent(
                     Entry(server_id=dep.server_id, node=edge.name, app=req.app, url=dep.url,
                           users=users), handed_over_from, dep.intercepted))
-            except BaseException:
+            except BaseException as exc:  # (an intent that landed lapses: then ended)
                 self.abandon(dep, restore=False)
+                if isinstance(exc, UNREACHABLE):
+                    raise CloudUnreachable("recording the offload in flight", exc) from exc
                 raise
         return dep
+
+    def record(self, dep: Deployment, hook: Callable[[Deployment], None],
+               restore: bool = True) -> None:
+        """`hook(dep)`, where the ledger records the server, before any user is sent
+        there; if it fails, the server ends and nobody was sent there (`abandon`), unless
+        the cloud Redis did not answer while the offload is leased: the record may have
+        landed, so ending the server here could leave a record of a server gone; it is
+        left to its lease instead (`CloudUnreachable`), and the process that takes it over
+        once it lapsed completes it if it was recorded, or ends it (orphans.py)."""
+        try:
+            hook(dep)
+        except UNREACHABLE as exc:
+            if self.intents is None or not self.intents.holds(dep.server_id):
+                self.abandon(dep, restore=restore)  # (no lease: the orphans' grace)
+                raise CloudUnreachable(f"recording {dep.server_id}", exc) from exc
+            self.intents.drop(dep.server_id)
+            self.close_session(dep)
+            with self.lock:
+                self.deployments.pop(dep.server_id, None)
+                dep.state = "left_to_lease"
+            log.warning("the record of %s on %s did not answer (%s): left to its lease",
+                        dep.server_id, dep.edge.name, exc)
+            raise CloudUnreachable(f"recording {dep.server_id}", exc) from exc
+        except BaseException:
+            self.abandon(dep, restore=restore)
+            raise
 
     def connect(self, dep: Deployment) -> None:
         t = time.perf_counter()

@@ -408,9 +408,12 @@ def run_turns(period_s: float, stop: threading.Event, turn: Callable[[int], Any]
               job: str) -> None:
     """Call `turn(i)` for each turn number `i` as the wall clock reaches it (`SHARDS`
     turns a period, numbered alike in every process), until `stop`; the turns a late
-    wake-up passed are taken then (up to a period of them), so that no shard is skipped."""
+    wake-up passed are taken then (up to a period of them), so that no shard is skipped.
+    A turn that fails (the cloud Redis out of reach: the others' turns go on) is logged
+    once an outage, not once a turn."""
     step = period_s / SHARDS
     done = math.floor(time.time() / step) - 1  # the last turn taken (by its number)
+    failing = False
     while not stop.is_set():
         now = math.floor(time.time() / step)
         for i in range(max(done + 1, now - SHARDS + 1), now + 1):
@@ -419,7 +422,13 @@ def run_turns(period_s: float, stop: threading.Event, turn: Callable[[int], Any]
             try:
                 turn(i)
             except Exception:
-                log.exception("%s turn failed", job)
+                if not failing:
+                    log.exception("%s turn failed (logged again once one has run)", job)
+                failing = True
+                continue
+            if failing:
+                log.info("%s turns run again", job)
+            failing = False
         done = now
         # Sleep to the next turn, plus a jitter so that no process always wins.
         stop.wait(max(0.0, (now + 1) * step - time.time()) + random.uniform(0, step / 4))

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from flask import Flask, jsonify
+from redis.exceptions import RedisClusterUnreachableError
 from werkzeug.serving import make_server
 
 from cloud_manager import App, CloudManager, EdgeClient, NoEdgeAvailable, Rejected
 from cloud_manager.deployer import Deployer, files_of, new_key
+from cloud_manager.ledger import CloudUnreachable, Ended, Entry, Intent, Intents
 from cloud_manager.orchestrator import Deployment
 from enorm.protocol import (
     Access,
@@ -198,3 +200,52 @@ def test_the_app_declares_its_data_once():
     m = CloudManager([], app, cloud_redis=None, sink=DataSink(url="redis://127.0.0.1:1/0"),
                      deployer=Deployer(*new_key()))
     assert m.request_for([]).data_sink.shared_patterns == ["region:*"]
+
+
+def test_a_record_the_cloud_redis_did_not_answer_is_left_to_its_lease():
+    """The record may have landed: ending the server could leave a record of a server gone,
+    so it is left to its lease (the process that takes it over completes or ends it); a
+    record refused (`Ended`) ends it, nobody sent there, as before."""
+    released, log = [], []
+
+    class Ledger:  # what `Intents` asks of it
+        def intend(self, intent, owner, lease_s):
+            pass
+
+        def release(self, sid):
+            released.append(sid)
+
+    class Edge:
+        name = "n1"
+
+        def __init__(self):
+            self.terminated = []
+
+        def terminate(self, sid, conflicts=None):
+            self.terminated.append(sid)
+
+    m, edge = manager(log=log), Edge()
+    m.intents = Intents(Ledger(), lease_s=30.0)
+    deps = {}
+    for sid in ("s1", "s2"):
+        deps[sid] = m.deployments[sid] = Deployment(
+            edge=edge, setup=setup_response(sid), users=users("1"), url="http://e")
+        m.intents.begin(Intent(Entry(server_id=sid, node="n1", app="game", url="http://e",
+                                     users=users("1"))))
+
+    def cut_off(dep):
+        raise RedisClusterUnreachableError("Redis Cluster cannot be connected")
+
+    with pytest.raises(CloudUnreachable, match="did not answer"):
+        m.record(deps["s1"], cut_off, restore=False)
+    assert edge.terminated == [] and released == [] and log == []
+    assert not m.intents.holds("s1") and "s1" not in m.deployments
+    assert deps["s1"].state == "left_to_lease"
+
+    def refused(dep):
+        raise Ended(dep.server_id)
+
+    with pytest.raises(Ended):
+        m.record(deps["s2"], refused, restore=False)
+    assert edge.terminated == ["s2"] and released == ["s2"] and log == []
+    assert deps["s2"].state == "withdrawn"

@@ -3,9 +3,12 @@ servers found on the nodes, and the offloads whose owner died."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from cloud_manager.ledger import Entry, Intent, Intents, Lapsed
+import pytest
+import redis
+
+from cloud_manager.ledger import CloudUnreachable, Entry, Intent, Intents, Lapsed
 from cloud_manager.orphans import Verdict, carry_on, judge
 from enorm.protocol import User
 
@@ -82,3 +85,73 @@ def test_an_offload_in_flight_is_renewed_until_it_ends_and_never_sent_once_taken
     intents.drop("s3")  # its redirect failed here: left to lapse, for another process
     intents.renew()
     assert led.calls[-1] == ("renew", ()) and ("release", "s3") not in led.calls
+
+
+class Outage(FakeLedger):
+    """A ledger whose cloud Redis does not answer `down` more calls of a kind, or answers
+    after `slow_s` (a partition healing)."""
+
+    def __init__(self, down: dict[str, int] | None = None, slow_s: float = 0.0):
+        super().__init__()
+        self.down, self.slow_s = down or {}, slow_s
+        self.at: list[float] = []  # when each renewal was asked
+
+    def _maybe_fail(self, kind: str) -> None:
+        if self.down.get(kind, 0) > 0:
+            self.down[kind] -= 1
+            raise redis.ConnectionError("Timeout connecting to server")
+
+    def renew(self, sids, owner, lease_s):
+        self.at.append(time.monotonic())
+        time.sleep(self.slow_s)
+        self._maybe_fail("renew")
+        return super().renew(sids, owner, lease_s)
+
+    def release(self, sid):
+        self._maybe_fail("release")
+        super().release(sid)
+
+
+def test_a_renewal_that_failed_is_tried_again_within_the_lease_not_a_third_later():
+    led = Outage(down={"renew": 2})
+    intents = Intents(led, lease_s=3.0)  # renewed every 1 s
+    intents.begin(Intent(entry("s1")))
+    t0 = time.monotonic()
+    intents.start()
+    try:
+        deadline = t0 + 4.0
+        while len(led.at) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        intents.stop()
+    # two failures (a failover), tried again RENEW_RETRY_S apart: the third renewal
+    # (the first that is answered) comes well within the lease, not at 2 lease/3
+    assert len(led.at) >= 3, led.at
+    assert led.at[2] - led.at[0] < 0.9 and led.at[2] - t0 < 2.5, (t0, led.at)
+    assert "s1" in intents.held
+
+
+def test_a_renewal_answered_late_is_not_trusted_for_the_redirect():
+    led = Outage(slow_s=0.2)
+    intents = Intents(led, lease_s=0.3)  # less than 2/3 of it may be left: not trusted
+    intents.begin(Intent(entry("s1")))
+    with pytest.raises(Lapsed):
+        intents.keep("s1")
+    assert "s1" not in intents.held and "s1" in intents.lost  # left to lapse: the taker's
+    led = Outage(down={"renew": 1})
+    intents = Intents(led, lease_s=3.0)
+    intents.begin(Intent(entry("s2")))
+    with pytest.raises(CloudUnreachable, match="did not answer"):
+        intents.keep("s2")  # cut off: not sent from here, left to lapse
+    assert "s2" not in intents.held
+
+
+def test_a_release_not_answered_is_renewed_until_it_is():
+    led = Outage(down={"release": 1})
+    intents = Intents(led, lease_s=3.0)
+    intents.begin(Intent(entry("s1")))
+    intents.end("s1")  # its users sent; the release not answered: still held, renewed
+    assert "s1" in intents.held and "s1" in intents.over
+    intents.renew()
+    assert led.calls[-2:] == [("renew", ("s1",)), ("release", "s1")]
+    assert "s1" not in intents.held and not intents.over
