@@ -1,6 +1,9 @@
 """A Redis Cluster of 3 masters, each with a replica, on loopback ports, for the fleet
 bench and its test: started in a directory of its own (`enorm-fleet-*`), stopped and
-removed with it. `kill_master` kills a master (kill -9) for its replica to take over."""
+removed with it. `kill_master` kills a master (kill -9) for its replica to take over.
+With `host` (an address of this machine's, e.g. the host end of a network namespace's
+veth), the nodes listen there too and announce it, so that a client in that namespace
+follows the cluster's redirections (a cluster tells its clients its nodes' addresses)."""
 
 from __future__ import annotations
 
@@ -44,10 +47,11 @@ class Cluster:
     replicas: int = 1
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="enorm-fleet-")))
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # the address the nodes announce
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.alive()[0]}/0"
+        return f"redis://{self.host}:{self.alive()[0]}/0"
 
     def start(self) -> Cluster:
         try:
@@ -62,7 +66,8 @@ class Cluster:
             d = self.base / str(p)
             d.mkdir()
             self.procs[p] = subprocess.Popen(
-                ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "",
+                ["redis-server", "--port", str(p), "--bind", *sorted({"127.0.0.1", self.host}),
+                 "--cluster-announce-ip", self.host, "--save", "",
                  "--appendonly", "no", "--dir", str(d), "--protected-mode", "no",
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", str(NODE_TIMEOUT_MS)],
@@ -70,7 +75,7 @@ class Cluster:
         for p in ports:
             self._wait(lambda p=p: redis.Redis(port=p).ping(), f"redis {p}")
         subprocess.run(["redis-cli", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports],
+                        *[f"{self.host}:{p}" for p in ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self._wait(self.ok, "cluster_state:ok")

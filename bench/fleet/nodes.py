@@ -75,6 +75,8 @@ class Fleet:
         self.nodes = {n: SimNode(n) for n in names}
         self.asked: Counter[str] = Counter()
         self.rng = random.Random(seed)
+        # the bench's app's redirects, as its users would see them: (group, by, when)
+        self.redirects: list[tuple[str, str, float]] = []
 
     async def delay(self) -> None:
         slow = self.rng.random() < SLOW_SHARE
@@ -178,6 +180,16 @@ class Fleet:
     async def servers(self, request: web.Request) -> web.Response:
         return web.json_response([sid for n in self.nodes.values() for sid in n.servers])
 
+    async def redirect(self, request: web.Request) -> web.Response:
+        """A group's users sent to their edge server (by a cloud-manager process): kept
+        outside the cluster, so that a process cut off from it could still redirect."""
+        body = await request.json()
+        self.redirects.append((body["group"], body["by"], time.time()))
+        return web.json_response({})
+
+    async def redirected(self, request: web.Request) -> web.Response:
+        return web.json_response(self.redirects)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 << 20)
         app.add_routes([
@@ -189,15 +201,19 @@ class Fleet:
             web.post("/ctl/{what:down|up}", self.ctl),
             web.get("/ctl/stats", self.stats),
             web.get("/ctl/servers", self.servers),
+            web.post("/ctl/redirect", self.redirect),
+            web.get("/ctl/redirect", self.redirected),
         ])
         return app
 
 
-async def serve(port: int, names: list[str], churn: float, seed: int) -> None:
+async def serve(port: int, names: list[str], churn: float, seed: int,
+                host: str = "127.0.0.1") -> None:
     fleet = Fleet(names, seed)
     runner = web.AppRunner(fleet.app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    for h in sorted({"127.0.0.1", host}):  # (`host`: for a process in a namespace)
+        await web.TCPSite(runner, h, port, backlog=1024).start()
     print(f"ready {port} {len(names)}", flush=True)
     if churn > 0:
         await fleet.churn(churn, (5.0, 30.0))
@@ -211,8 +227,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--churn", type=float, default=0.0, help="share of nodes down per minute")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="an address to listen on as well")
     a = ap.parse_args()
-    asyncio.run(serve(a.port, names(a.first, a.count), a.churn, a.seed))
+    asyncio.run(serve(a.port, names(a.first, a.count), a.churn, a.seed, a.host))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ bound is the registry's TTL, `2 period + timeout`). Phase 2, offloads: every pro
 offloads groups of users (placement among all nodes, handshake, ledger), optionally with
 a master killed half-way (`failover`). Then the ledger is filled to `users` users and
 `where` is timed, and the memory per node and per user read from the masters.
+
+With `netns` (a network namespace the caller made, whose host end has the address
+`host`), the last cloud-manager process runs in it, and `partition` cuts it off from the
+cluster and heals it: its packets to and from the cluster's ports are dropped in its
+namespace, as a network that loses them would (its calls time out; they do not fail at
+once), while the simulated nodes stay in its reach (the cluster and the simulators listen
+on `host` too; the cluster announces it).
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import requests
 
-from bench.fleet import manager
 from bench.fleet.cluster import Cluster
 from bench.fleet.manager import GO
 from bench.fleet.nodes import names as node_names
@@ -41,6 +48,7 @@ from enorm import datasync
 from enorm.protocol import User
 
 PER_SIM = 2500  # simulated nodes per asyncio process
+FAILOVER_AT = 1 / 3  # how far into the offloads a master is killed (`failover`)
 
 
 def _port() -> int:
@@ -56,10 +64,6 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)]
 
 
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 2)
 
@@ -69,25 +73,34 @@ class Run:
                  max_rate: float = 200.0, workers: int = 2, group: int = 100,
                  churn: float = 0.0, orphans_interval_s: float = 0.0,
                  orphans_grace_s: float = 300.0, orphans_max_rate: float = 200.0,
-                 lease_s: float = 5.0) -> None:
+                 lease_s: float = 8.0, deploy_s: float = 0.0, host: str = "127.0.0.1",
+                 netns: str | None = None, redis_timeout_s: float = 5.0) -> None:
         self.nodes, self.procs, self.interval_s = nodes, procs, interval_s
+        self.deploy_s, self.host, self.netns = deploy_s, host, netns
+        self.redis_timeout_s = redis_timeout_s
         self.orphans_interval_s, self.orphans_grace_s = orphans_interval_s, orphans_grace_s
         self.orphans_max_rate, self.lease_s = orphans_max_rate, lease_s
         self.max_rate, self.workers, self.group, self.churn = max_rate, workers, group, churn
-        self.cluster = Cluster()
+        self.cluster = Cluster(host=host)
         self.tmp = Path(tempfile.mkdtemp(prefix="enorm-fleet-run-"))
         self.sims: list[tuple[int, int, int]] = []
         self.children: list[subprocess.Popen] = []
         self.managers: list[tuple[subprocess.Popen, Path]] = []
+        self.owners: list[str] = []  # each manager's owner of its leases (`Intents`)
+        self._ready: dict[subprocess.Popen, str] = {}
 
     # -- starting and stopping ------------------------------------------------------------
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+    def _spawn(self, args: list[str], log: Path, netns: str | None = None
+               ) -> subprocess.Popen:
+        # (`ip netns exec` execs the command: the process is the command's own)
+        inside = ["ip", "netns", "exec", netns] if netns else []
+        p = subprocess.Popen([*inside, sys.executable, "-m", *args], stdout=subprocess.PIPE,
                              stderr=log.open("wb"), text=True)
         self.children.append(p)
         line = p.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"{args[0]} did not start: {line!r} {log.read_text()[-2000:]}")
+        self._ready[p] = line
         return p
 
     def start(self) -> Run:
@@ -103,7 +116,8 @@ class Run:
         for i, first in enumerate(range(0, self.nodes, PER_SIM)):
             port, count = _port(), min(PER_SIM, self.nodes - first)
             self._spawn(["bench.fleet.nodes", "--port", str(port), "--first", str(first),
-                         "--count", str(count), "--churn", str(self.churn), "--seed", str(i)],
+                         "--count", str(count), "--churn", str(self.churn), "--seed", str(i),
+                         "--host", self.host],
                         self.tmp / f"sim{i}.log")
             self.sims.append((port, first, count))
         sims = ",".join(f"{p}:{f}:{c}" for p, f, c in self.sims)
@@ -117,9 +131,13 @@ class Run:
                              "--orphans-interval", str(self.orphans_interval_s),
                              "--orphans-grace", str(self.orphans_grace_s),
                              "--orphans-rate", str(self.orphans_max_rate),
-                             "--lease", str(self.lease_s),
+                             "--lease", str(self.lease_s), "--deploy", str(self.deploy_s),
+                             "--sim-host", self.host,
+                             "--redis-timeout", str(self.redis_timeout_s),
                              "--keep", str(max(1, 2 * self.nodes // (self.procs * self.workers)))],
-                            self.tmp / f"m{i}.log")
+                            self.tmp / f"m{i}.log",
+                            self.netns if i == self.procs - 1 else None)
+            self.owners.append(self._ready[p].split(" owner ")[1].strip())
             self.managers.append((p, out))
         self.period_s = registry_mod.period(self.nodes, self.interval_s, self.max_rate)
         self.ttl_s = registry_mod.ttl(1.0, self.period_s, 2.0)
@@ -219,16 +237,16 @@ class Run:
     def offloads(self, seconds: float, failover: bool = False,
                  kill_process: bool = False) -> dict:
         """Offloads from every process for `seconds`; with `failover` a master is killed
-        (kill -9) a third in, with `kill_process` the last cloud-manager process half-way.
-        Meanwhile, and for a TTL after, the registry's count of nodes up is sampled (a
-        dead process's heartbeat turns must go to the others)."""
+        (kill -9) a third in (`FAILOVER_AT`), with `kill_process` the last cloud-manager
+        process half-way. Meanwhile, and for a TTL after, the registry's count of nodes up
+        is sampled (a dead process's heartbeat turns must go to the others)."""
         self.r.set(GO, 1)
         events: dict = {}
 
         def faults() -> None:
             t0 = time.time()
             if failover:
-                time.sleep(seconds / 3)
+                time.sleep(seconds * FAILOVER_AT)
                 t = time.time()
                 port, promoted = self.cluster.kill_master()
                 events["failover"] = {"port": port, "at": t,
@@ -296,6 +314,61 @@ class Run:
             ev["offloads_after"] = len(after)
             out[name] = ev
         return out
+
+    def partitioned(self, before_s: float, cut_s: float, after_s: float) -> dict:
+        """Offloads from every process; `before_s` in, the last one (in `netns`) cut off
+        from the cluster for `cut_s`, then healed for `after_s`. What it had in flight at
+        the cut (the offloads leased to it, read right before: each one's server, group
+        and what became of it), the others' take-overs, its failed offloads and its
+        redirects while cut off, and its offloads after."""
+        self.r.set(GO, 1)
+        time.sleep(before_s)
+        owner, deadline = self.owners[-1], time.time() + 2.0
+        while not (held := self._leased_to(owner)) and time.time() < deadline:
+            time.sleep(0.02)  # (until it has one in flight, for 2 s at most)
+        intents = {sid: raw for sid, raw in zip(held, datasync.mget(
+            self.r, [ledger_mod.intent_key(sid) for sid in held]), strict=True) if raw}
+        cut_at = self.partition(True)
+        time.sleep(cut_s)
+        heal_at = self.partition(False)
+        time.sleep(after_s)
+        self.r.delete(GO)
+        outs = self.collect()
+        cut, others = outs[-1], outs[:-1]
+        led, on_nodes, redirects = Ledger(self.r), self.servers_on_nodes(), self.redirects()
+        count = Counter(g for g, _, _ in redirects)
+        in_flight = {}
+        for sid, raw in intents.items():
+            group = ledger_mod.Intent.from_json(raw).entry.user_ids[0]
+            where = led.where(group)
+            in_flight[sid] = {"recorded": led.get(sid) is not None,
+                              "on_node": sid in on_nodes, "redirects": count[group],
+                              "user_points_at_it": where is not None and where.server_id == sid}
+        after = sorted(at for at, _ in cut["offload_s"] if at > heal_at)
+        # the offloads that failed once it was cut off (begun before the cut, or during it)
+        failures = [f for f in cut["failures"] if f[1] + f[2] >= cut_at and f[1] <= heal_at]
+        return {"cut_at": cut_at, "heal_at": heal_at, "in_flight_at_cut": in_flight,
+                "taken_over": {k: sum((o["orphans"] or {}).get(k, 0) for o in others)
+                               for k in ("completed", "ended")},
+                "cut_failed_while_cut": Counter(f[0] for f in failures),
+                "cut_longest_failure_s": max((f[2] for f in failures), default=None),
+                "cut_redirects_while_cut": sum(
+                    by == cut["name"] and cut_at + self.lease_s < at < heal_at
+                    for _, by, at in redirects),
+                "cut_offloads_before": sum(at < cut_at for at, _ in cut["offload_s"]),
+                "cut_offloads_after_heal": len(after),
+                "cut_first_offload_after_heal_s": round(after[0] - heal_at, 2) if after
+                else None,
+                "cut_workers_unfinished": cut["workers_unfinished_at_stop"],
+                "others_offloads_while_cut": sum(cut_at < at < heal_at for o in others
+                                                 for at, _ in o["offload_s"])}
+
+    def _leased_to(self, owner: str) -> list[str]:
+        """The offloads in flight whose lease `owner` holds now."""
+        keys = list(self.r.scan_iter(match="enorm:deployment:*:lease", count=1000))
+        return [k.decode().split("{", 1)[1].split("}", 1)[0]  # the server id: the key's tag
+                for k, v in zip(keys, datasync.mget(self.r, keys), strict=True)
+                if v == owner.encode()]
 
     def collect(self) -> list[dict]:
         """SIGTERM to the cloud-manager processes alive; what each wrote."""
@@ -373,9 +446,8 @@ class Run:
         on_nodes, recorded = self.servers_on_nodes(), {e.server_id for e in entries}
         # each group offloaded redirected once (the bench's app counts), those withdrawn
         # since too; a group in the ledger never redirected is an offload not completed
-        counts = {_text(k): int(v) for k, v in zip(*self._redirects(), strict=True)}
-        never = sum(counts.get(manager.redirected_key(e.user_ids[0]), 0) == 0
-                    for e in entries if e.users)
+        counts = self.redirect_counts()
+        never = sum(counts.get(e.user_ids[0], 0) == 0 for e in entries if e.users)
         intents = sum(len(led.lapsed(k)) for k in range(ledger_mod.SHARDS))
         return {"deployments": len(entries), "users": len(seen), "pointers_repaired": repaired,
                 "users_in_two_deployments": doubled, "users_without_pointer": dangling,
@@ -388,9 +460,28 @@ class Run:
                 "servers_not_in_ledger": len(on_nodes - recorded),
                 "ledger_entries_without_server": len(recorded - on_nodes)}
 
-    def _redirects(self) -> tuple[list, list]:
-        keys = list(self.r.scan_iter(match="fleet:redirected:*", count=1000))
-        return keys, datasync.mget(self.r, keys) if keys else []
+    def redirects(self) -> list[tuple[str, str, float]]:
+        """Every redirect of the bench's app: (the group's first user, the process, when),
+        as the first simulator was told them."""
+        port = self.sims[0][0]
+        return [tuple(x) for x in requests.get(f"http://127.0.0.1:{port}/ctl/redirect",
+                                               timeout=30).json()]
+
+    def redirect_counts(self) -> Counter[str]:
+        return Counter(group for group, _, _ in self.redirects())
+
+    def partition(self, cut: bool) -> float:
+        """The last cloud-manager process (in `netns`) cut off from the cluster, or back
+        (module docstring); when."""
+        assert self.netns is not None, "a partition needs the process in a namespace"
+        ports = ",".join(map(str, sorted(self.cluster.procs)))
+        for chain, addr, way in (("OUTPUT", "-d", "--dports"), ("INPUT", "-s", "--sports")):
+            subprocess.run(["ip", "netns", "exec", self.netns, "iptables",
+                            "-I" if cut else "-D", chain, addr, self.host, "-p", "tcp",
+                            "-m", "multiport", way, ports,
+                            "-m", "comment", "--comment", "enorm-fleet-partition",
+                            "-j", "DROP"], check=True, capture_output=True)
+        return time.time()
 
     def memory_and_where(self, users: int, sample: int = 2000) -> dict:
         """Fill the ledger to `users` users (groups of `group`), then time `where`."""
