@@ -22,7 +22,9 @@ expiry and renewed by the owner while the offload runs, `Intents`), listed in 64
 the orphans' reconcile takes it (`take`) and either completes it (recorded: its users
 pointed at it and sent there) or ends it (not recorded: fenced, its data merged back,
 its users left on the cloud to be offered again), orphans.py. `where` and the records
-are not touched by it.
+are not touched by it. So a process cut off from the cluster loses its offloads in
+flight to the others once their leases lapse, and what it writes late is refused
+(`Ended`, `Lapsed`); a failover shorter than two thirds of a lease costs none (`Intents`).
 
 A cluster has no transaction across slots, so the writes go in an order a reader
 tolerates when a process dies half-way: `record` writes the deployment, then its users'

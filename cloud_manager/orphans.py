@@ -40,8 +40,9 @@ process (`Ledger.take`) and carried on (`carry_on`, pure):
                              offered again (the policy's next round)
 
 A redirect is sent again only if the owner died between sending it and releasing the
-intent (one Redis command): the app's redirect must be idempotent (the same users to
-the same URL). A completed offload's data is the copy made before its record: what its
+intent (one Redis command), or was cut off from the cluster there for most of a lease
+(`ledger.Intents.end`): the app's redirect must be idempotent (the same users to the
+same URL). A completed offload's data is the copy made before its record: what its
 users wrote on the cloud since (a lease at most) counts as conflicts at its merge.
 
 So an orphan is ended within `grace_s + 2 period + timeout` of its handshake (its node's

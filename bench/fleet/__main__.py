@@ -27,7 +27,7 @@ def one(n: int, a: argparse.Namespace, users: int) -> dict:
     run = Run(n, procs=a.procs, interval_s=a.interval, max_rate=a.max_rate,
               workers=a.workers, churn=a.churn, orphans_interval_s=a.orphans_interval,
               orphans_grace_s=a.orphans_grace, orphans_max_rate=a.orphans_rate,
-              lease_s=a.lease).start()
+              lease_s=a.lease, deploy_s=a.deploy).start()
     try:
         warm = run.warm_up(timeout=run.period_s * 3 + 60)
         hb = run.heartbeats(max(a.seconds, run.ttl_s * 1.5 + 5))
@@ -96,8 +96,12 @@ def main() -> None:
     ap.add_argument("--orphans-interval", type=float, default=5.0,
                     help="the orphans' reconcile in every process (0: none)")
     ap.add_argument("--orphans-grace", type=float, default=5.0)
-    ap.add_argument("--lease", type=float, default=5.0,
-                    help="an offload in flight's lease (its process renews it)")
+    ap.add_argument("--lease", type=float, default=8.0,
+                    help="an offload in flight's lease (its process renews it): 1.5 times "
+                    "the cluster's failover (about 4 s here) at least, to hold through it")
+    ap.add_argument("--deploy", type=float, default=0.0,
+                    help="seconds each offload is held between its admission and its record "
+                    "(the SSH deploy and the data copy's place)")
     ap.add_argument("--orphans-rate", type=float, default=400.0)
     ap.add_argument("--decisions", type=int, default=100,
                     help="placement decisions timed alone, each way")
