@@ -136,7 +136,8 @@ class PreparedOffload:
     def complete(self, before_redirect: Callable[[Deployment], None] | None = None
                  ) -> Deployment:
         """The users sent to the server; `before_redirect(dep)` first (where the ledger
-        records it: if it fails, the server ends and nobody was sent there)."""
+        records it: if it fails, the server ends and nobody was sent there, unless the
+        cloud Redis did not answer: `CloudManager.record`)."""
         t = time.perf_counter()
         if before_redirect is not None:
             self.cm.record(self.dep, before_redirect, restore=False)

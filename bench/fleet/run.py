@@ -317,7 +317,8 @@ class Run:
 
     def partitioned(self, before_s: float, cut_s: float, after_s: float) -> dict:
         """Offloads from every process; `before_s` in, the last one (in `netns`) cut off
-        from the cluster for `cut_s`, then healed for `after_s`. What it had in flight at
+        from the cluster for `cut_s`, then healed until it redirected a group again (for
+        `after_s` at most). What it had in flight at
         the cut (the offloads leased to it, read right before: each one's server, group
         and what became of it), the others' take-overs, its failed offloads and its
         redirects while cut off, and its offloads after."""
@@ -331,7 +332,10 @@ class Run:
         cut_at = self.partition(True)
         time.sleep(cut_s)
         heal_at = self.partition(False)
-        time.sleep(after_s)
+        name = f"m{self.procs - 1}"
+        while time.time() < heal_at + after_s and not any(
+                by == name and at > heal_at for _, by, at in self.redirects()):
+            time.sleep(0.2)
         self.r.delete(GO)
         outs = self.collect()
         cut, others = outs[-1], outs[:-1]

@@ -165,13 +165,13 @@ def test_a_process_cut_off_from_the_cluster_hands_its_offloads_over_and_comes_ba
                       deploy_s=0.5, host=host, netns=ns, redis_timeout_s=1.0).start()
             try:
                 run.warm_up(timeout=20)
-                p = run.partitioned(before_s=1.5, cut_s=9.0, after_s=4.0)
+                p = run.partitioned(before_s=1.5, cut_s=9.0, after_s=10.0)
                 check = run.ledger_check()
             finally:
                 run.stop()
     finally:
         release_index(n)
-    assert p["cut_offloads_before"] > 0 and p["others_offloads_while_cut"] > 0, p
+    assert p["others_offloads_while_cut"] > 0, p
     # what it had in flight at the cut was taken over: completed where recorded (its users
     # pointed at it, redirected once), else ended (gone from its node, nobody sent there)
     assert p["in_flight_at_cut"] and sum(p["taken_over"].values()) >= 1, p
