@@ -356,6 +356,8 @@ class Run:
                                for k in ("completed", "ended")},
                 "cut_failed_while_cut": Counter(f[0] for f in failures),
                 "cut_longest_failure_s": max((f[2] for f in failures), default=None),
+                "cut_failure_s": {k: sorted(f[2] for f in failures if f[0] == k)
+                                  for k in {f[0] for f in failures}},
                 "cut_redirects_while_cut": sum(
                     by == cut["name"] and cut_at + self.lease_s < at < heal_at
                     for _, by, at in redirects),
