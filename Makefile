@@ -26,7 +26,7 @@ reliability: setup
 # Every bench holds the machine-wide lock: their names and ports are fixed.
 # `bench`: about two hours (bench.latency ~27 min: 3 access x 7 user counts x 3 targets
 # x 20 s; bench.mixed ~26; bench.peers ~15; bench.slo ~12; bench.mobility ~10; bench.handover ~6;
-# bench.placement ~3; bench.fleet ~10; bench.delayers ~2);
+# bench.placement ~3; bench.fleet ~10, its partition ~2; bench.delayers ~2);
 # `bench-quick`: under 5 minutes (it uses the calibration in bench/results and writes to
 # /tmp/enorm-bench-quick).
 LOCK = flock /run/enorm-bench.lock
@@ -47,6 +47,7 @@ bench: setup
 	$(LOCK) .venv/bin/python -m bench.handover
 	$(LOCK) .venv/bin/python -m bench.placement
 	$(LOCK) .venv/bin/python -m bench.fleet --faults
+	$(LOCK) .venv/bin/python -m bench.fleet.partition
 	$(LOCK) .venv/bin/python -m bench.mobility
 
 bench-quick: setup
