@@ -20,6 +20,7 @@ the process writes what it measured as JSON.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import resource
@@ -197,6 +198,7 @@ def main() -> None:
                       placement="scored", probe_sample=8)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1)  # every thread's stack to the log, on demand
     beats = cm.start_heartbeats(a.interval, timeout_s=2.0, max_rate=a.max_rate)
     ledger = Ledger(cloud)
     intents = cm.start_intents(ledger, a.lease)
