@@ -681,8 +681,8 @@ def plot(runs: list[dict], path: Path) -> None:
                 label="best node p50")
         if "by_place" in r:
             place = next(p for p in r["by_place"]["groups"] if p["group"] == g["group"])
-            ax.plot(xs, place["best_p50_over_time"], color="tab:purple", lw=1.2, ls=":",
-                    label="best place p50")
+            ax.plot(xs, place["best_p50_over_time"], color="tab:purple", lw=3, alpha=0.4,
+                    label="best place p50 (cloud included)")
         for c in g["crossings"]:
             ax.axvline(c["t"], color="tab:green", alpha=0.4)
         node, d0, d1 = DOWN
