@@ -304,7 +304,7 @@ def calibrate(bed: Testbed, wan: str, n: int) -> dict:
             "cloud_service_ms": round(max(0.0, c - REQUEST_RTTS * cloud_rtt), 1)}
 
 
-def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
+def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0) -> dict:
     span = SPAN_S * scale
     bed.wan(wan)
     for g in NODES:
@@ -342,6 +342,7 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float) -> dict:
         if time.time() > deadline:
             raise RuntimeError("the policy did not place its groups in 120 s")
         time.sleep(0.2)
+    time.sleep(settle)  # (the servers, the policy's last made, older when the users start)
     outs: dict[int, dict] = {}
     threads = [threading.Thread(target=lambda g=g: outs.update({g: loads[g].run()}))
                for g in NODES]
@@ -709,6 +710,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, help="the trace's time scale (default 1; "
                     "quick 0.5)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--settle", type=float, default=0.0, help="seconds between the "
+                    "placements and the users' start (default 0): a new server's first "
+                    "seconds told from the policy's")
     ap.add_argument("--reanalyse", type=Path, metavar="JSON", help="no run: measure a "
                     "results file again by the best place (`by_place`), written to --out "
                     "(default: beside it)")
@@ -728,12 +732,12 @@ def main(argv: list[str] | None = None) -> None:
     with Testbed(nodes=3, users_per_node=per_set * len(SETS), node_cores=3.0,
                  node_memory_mb=2600, unit_cores=0.25) as bed:  # fmt: skip
         bed.access(ACCESS)
-        runs = [run(bed, wan, per_set, scale) for wan in wans]
+        runs = [run(bed, wan, per_set, scale, a.settle) for wan in wans]
     data = {"experiment": "users walking between three edge nodes: cloud vs static vs the "
                           "policy (issue 31)",
             "trace": {str(g): TRACE[g] for g in NODES}, "trace_scale": scale,
             "down": DOWN, "edge_ms": EDGE_MS, "slope_ms": SLOPE_MS, "access": ACCESS,
-            "users_per_set": per_set, "policy": POLICY, "runs": runs,
+            "users_per_set": per_set, "policy": POLICY, "settle_s": a.settle, "runs": runs,
             "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
             "wall_s": round(time.monotonic() - wall0, 1)}
     write(data, out)
