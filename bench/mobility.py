@@ -774,8 +774,7 @@ def write(data: dict, out: Path) -> None:
                   f" s), moves per crossing <= {q['moves_per_crossing_max']}; goal {q['goal']}")
         print(f"  gain: {s['gain']}; decisions {s['decisions']} "
               f"({s['decisions_failed']} failed)")
-    print(f"wrote {out / 'mobility.json'}" + (f" in {data['wall_s']:.0f} s"
-                                             if "wall_s" in data else ""))
+    print(f"wrote {out / 'mobility.json'} (the run took {data['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
