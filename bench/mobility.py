@@ -85,9 +85,9 @@ DOWN = (1, 95.0, 110.0)  # node, from, until (s)
 # thresholds, in a request's ms, are twice the RTT margins they stand for (5 / 2 / 4 ms
 # of RTT, as before).
 REQUEST_RTTS = 2.0
-POLICY = {"interval_s": 1.0, "dwell_s": 2.0, "offload_gain_ms": 10.0,
-          "withdraw_gain_ms": 4.0, "handover_gain_ms": 8.0, "down_bound_s": 3.0,
-          "request_rtts": REQUEST_RTTS}
+POLICY = {"interval_s": 1.0, "dwell_s": 2.0, "withdraw_dwell_s": 5.0,
+          "offload_gain_ms": 10.0, "withdraw_gain_ms": 4.0, "handover_gain_ms": 8.0,
+          "down_bound_s": 3.0, "request_rtts": REQUEST_RTTS}
 CALIBRATE_S = 8.0  # the requests that measure a request's cost on the cloud and a node
 SETS = ("cloud", "pin0", "pin1", "pin2", "policy")
 MOVE_S = 3.0  # starting a server (an offload, or a handover's new one) on this testbed
@@ -172,7 +172,8 @@ def reaction_bound(c: dict) -> float:
     p = POLICY
     if c["why"] == "down":
         return round(2 * p["interval_s"] + max(p["down_bound_s"], MOVE_S) + SWITCH_S, 2)
-    return round(c["lead_s"] + p["interval_s"] + max(p["dwell_s"], MOVE_S) + SWITCH_S, 2)
+    dwell = p["withdraw_dwell_s"] if c["to"] is None else p["dwell_s"]  # home: gain_gone
+    return round(c["lead_s"] + p["interval_s"] + max(dwell, MOVE_S) + SWITCH_S, 2)
 
 
 def moves_in(per_user: dict[int, list], since: float, until: float) -> int:

@@ -77,7 +77,7 @@ def test_a_group_whose_offload_another_process_completes_is_not_offered_again(
 
     owner = Owner(ledger, edges, stalled)
     where = [LONDON]
-    loop = PolicyLoop(owner, Settings(cloud_ms=40.0, dwell_s=0.0,
+    loop = PolicyLoop(owner, Settings(cloud_ms=40.0, dwell_s=0.0, withdraw_dwell_s=0.0,
                                       locations={"ta": LONDON, "tb": PARIS}),
                       lambda _: [Group("party", USERS, where[0])])
     loop.before_redirect = lambda dep: ledger.record(Entry(
