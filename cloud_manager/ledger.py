@@ -457,6 +457,14 @@ class Ledger:
             pipe.exists(lease_key(sid))
         return [bool(x) for x in pipe.execute()] if server_ids else []
 
+    def in_flight(self, server_ids: list[str]) -> list[bool]:
+        """Whether each server's offload is still in flight: its intent not released yet
+        (by its owner, or by the process that took it over, once it is done)."""
+        pipe = self.r.pipeline(transaction=False)
+        for sid in server_ids:
+            pipe.exists(intent_key(sid))
+        return [bool(x) for x in pipe.execute()] if server_ids else []
+
     def lapsed(self, k: int) -> list[Intent]:
         """The intents of shard `k` whose lease expired: offloads whose owner died (or
         stalled for a whole lease). Listed ids without an intent are unlisted."""

@@ -17,10 +17,11 @@ The rules, per round (the figures of each decision say which numbers made it):
      - its node has been down (no heartbeat) for `down_bound_s` and no other node pays
        (`node_down`; where one does, H below moves the group there instead);
      - the edge's gain over the cloud (its node's, or another's that may take it: the
-       best of them) has stayed under `withdraw_gain_ms` for `dwell_s` (`gain_gone`;
-       under the offload threshold: a band, so that a group at the edge of paying is
-       not offloaded and withdrawn in turn; a group between two nodes that both pay
-       little is handed over by H, not sent home and out again);
+       best of them) has stayed under `withdraw_gain_ms` for `withdraw_dwell_s`
+       (`gain_gone`; under the offload threshold: a band, so that a group at the edge of
+       paying is not offloaded and withdrawn in turn; a group between two nodes that
+       both pay little is handed over by H, not sent home and out again; a longer wait
+       than a handover's, since going home costs a merge and coming back a new server);
      - the budget is over (servers or units; it was lowered, or servers grew): the
        lowest-priority groups first (`budget_spent`).
   H  hand a deployed group over to another node when that node has beaten its current
@@ -87,6 +88,9 @@ class Settings(BaseModel):
     withdraw_gain_ms: float = Field(default=5.0, ge=0)
     handover_gain_ms: float = Field(default=5.0, ge=0)
     dwell_s: float = Field(default=4.0, ge=0)
+    # The gain-gone wait: a wrong withdrawal costs a merge and, when the edge pays again
+    # a few seconds on (a group at the midpoint between two nodes), a new server.
+    withdraw_dwell_s: float = Field(default=10.0, ge=0)
     down_bound_s: float = Field(default=30.0, ge=0)
     idle_after_s: float = Field(default=600.0, gt=0)
     max_servers: int | None = Field(default=None, ge=0)
@@ -310,7 +314,7 @@ def plan(snap: Snapshot, state: State, settings: Settings) -> tuple[list[Decisio
                     and g.cloud_ms - edge < s.withdraw_gain_ms:
                 since = state.gone.get(g.name, now)
                 gone[g.name] = since
-                if now - since >= s.dwell_s:
+                if now - since >= s.withdraw_dwell_s:
                     withdraw(d, Reason.GAIN_GONE, cloud_ms=_r(g.cloud_ms), node_ms=_r(cur),
                              best_ms=_r(edge), gain_ms=_r(g.cloud_ms - edge),
                              threshold_ms=s.withdraw_gain_ms, for_s=_r(now - since))
@@ -446,7 +450,7 @@ def next_due(state: State, settings: Settings, now: float) -> float | None:
     then rather than at its next round."""
     s = settings
     due = [since + s.dwell_s for _, since in state.better.values()]
-    due += [since + s.dwell_s for since in state.gone.values()]
+    due += [since + s.withdraw_dwell_s for since in state.gone.values()]
     due += [since + s.down_bound_s for since in state.down.values()]
     return min((t for t in due if t > now), default=None)
 

@@ -15,7 +15,10 @@ A round, in order of its steps:
   offloads and handovers, each group's in the background: the next round does not wait
   for a start-first move of seconds, it only decides nothing more for that group until
   the move is done (`Snapshot.busy`). A decision that fails is recorded, and the later
-  ones of its group are skipped.
+  ones of its group are skipped; but a move that failed once its new server was recorded
+  in the ledger (its lease lost to another process, or its redirect failed) is completed
+  by the process that takes its lease: the group is placed there, busy until the ledger
+  says it is done (`_taken_over`).
 Rounds come every `interval_s`, and also when a clock of the policy's hysteresis comes
 due (`policy.next_due`): a move starts when its dwell is met, not up to a round later.
 While a clock runs the loop prepares the move it would bring (`prepare_moves`,
@@ -176,6 +179,8 @@ class PolicyLoop:
         self._moving: dict[str, tuple[Future, DeploymentView]] = {}
         self._movers: ThreadPoolExecutor | None = None
         self.standby: dict[str, Standby] = {}  # group -> its handover being prepared
+        # group -> the server another process is completing its move to (`_taken_over`)
+        self.carried: dict[str, str] = {}
         self._merging: set[str] = set()  # servers of `unreached` being merged now
         self._planned_at = 0.0  # the last round's `now`
         self._up: set[str] = {e.name for e in cm.edges}  # the nodes up, as last seen
@@ -283,6 +288,7 @@ class PolicyLoop:
             for name in [n for n, (f, _) in self._moving.items() if f.done()]:
                 del self._moving[name]
         self._take_ended()
+        self._take_carried()
         nodes = self._nodes()  # first: the app's hook reads no data on a node down
         self._up = {n.name for n in nodes if n.up}
         groups, rtt = self._groups()
@@ -318,11 +324,12 @@ class PolicyLoop:
         with self._lock:
             moving = {name: view for name, (_, view) in self._moving.items()}
             owned = [(n, d) for n, d in self.owned.items() if n not in moving]
+            busy = frozenset(moving) | frozenset(self.carried)
         deps = tuple(DeploymentView(name, d.server_id, d.edge.name,
                                     frozenset(d.user_ids), self._units(d))
                      for name, d in owned) + tuple(moving.values())
         snap = Snapshot(self.clock(), tuple(views), tuple(nodes), deps,
-                        frozenset(self.opted_out()), frozenset(moving))
+                        frozenset(self.opted_out()), busy)
         return snap, {g.name: g for g in groups}
 
     def _take_ended(self) -> None:
@@ -336,6 +343,25 @@ class PolicyLoop:
                     del self.owned[name]
                     if dep.end_reason is not None and dep.end_reason.rehome:
                         self._preempted[name] = dep.edge.name
+
+    def _take_carried(self) -> None:
+        """The groups whose move another process was completing are the plan's again
+        once it is done: their servers' intents released (`Ledger.in_flight`); kept
+        busy while the ledger cannot be read."""
+        with self._lock:
+            carried = list(self.carried.items())
+        if not carried:
+            return
+        try:
+            flying = self.cm.intents.ledger.in_flight([sid for _, sid in carried])
+        except Exception:  # noqa: BLE001 (Redis: the next round asks again)
+            log.exception("policy: reading the ledger's intents")
+            return
+        for (name, sid), still in zip(carried, flying, strict=True):
+            if not still:
+                log.info("policy: %s's move to %s completed by another process", name, sid)
+                with self._lock:
+                    del self.carried[name]
 
     def _take_adopted(self, groups: list[Group]) -> None:
         by_users = {frozenset(u.id for u in g.users): g.name for g in groups}
@@ -379,7 +405,7 @@ class PolicyLoop:
         s, now = self.settings, snap.now
         with self._lock:
             owned = dict(self.owned)
-            busy = set(self._moving)
+            busy = set(self._moving) | set(self.carried)
         wanted = upcoming(snap, self.state, s) if s.prepare_moves else {}
         for name, (reason, node) in wanted.items():
             dep, sb, group = owned.get(name), self.standby.get(name), groups.get(name)
@@ -543,6 +569,8 @@ class PolicyLoop:
             figures = dict(d.figures)
             if new is not None and "prepared_ahead_s" in new.timings:
                 figures["prepared_ahead_s"] = round(new.timings["prepared_ahead_s"], 3)
+            if new is not None and self.carried.get(d.group) == new.server_id:
+                figures["taken_over"] = True  # completed by the process that took it
             ev = PolicyEvent(d.kind, d.group, str(d.reason), d.node, d.to,
                              None if old is None or d.kind == "offload" else old.server_id,
                              None if new is None else new.server_id, sorted(d.users),
@@ -567,15 +595,36 @@ class PolicyLoop:
 
     def _carry_out(self, d: Decision, group: Group | None,
                    sb: Standby | None = None) -> Deployment | None:
-        cm = self.cm
         if d.kind == "withdraw":
             self._withdraw(d.group)
             return None
         assert group is not None
         users = [u for u in group.users if u.id in d.users]
         over = {} if group.priority is None else {"priority": group.priority}
+        made: list[Deployment] = []  # the new server, once recorded
+
+        def before_redirect(dep: Deployment) -> None:
+            if self.before_redirect is not None:
+                self.before_redirect(dep)
+            made.append(dep)
+
+        try:
+            return self._move(d, users, over, sb, before_redirect)
+        except Exception as exc:
+            new = self._taken_over(d, made, exc)
+            if new is not None:
+                return new
+            if d.reason == Reason.NODE_DOWN:  # the users home (the old node is down)
+                with contextlib.suppress(EdgeError):
+                    self._withdraw(d.group)
+            raise
+
+    def _move(self, d: Decision, users: list[User], over: dict, sb: Standby | None,
+              before_redirect: Callable[[Deployment], None]) -> Deployment:
+        """An offload or a handover (`before_redirect` once its new server holds the
+        data, before the users are sent there)."""
         if d.kind == "offload":
-            dep = self._offload(users, d.node, over)
+            dep = self._offload(users, d.node, over, before_redirect)
             with self._lock:
                 self.owned[d.group] = dep
             return dep
@@ -583,14 +632,15 @@ class PolicyLoop:
             old = self.owned[d.group]
         prepared = self._standby_made(d, sb)
         if d.reason == Reason.NODE_DOWN:
-            return self._away_from_down(d.group, old, users, d.to, over, prepared)
+            return self._away_from_down(d.group, old, users, d.to, over, prepared,
+                                        before_redirect)
         try:
             if prepared is not None:
-                new = prepared.complete(self.before_redirect)
+                new = prepared.complete(before_redirect)
                 new.timings["prepared_ahead_s"] = prepared.seconds
             else:
-                new = cm.handover(old, to=d.to, users=users,
-                                  before_redirect=self.before_redirect)
+                new = self.cm.handover(old, to=d.to, users=users,
+                                       before_redirect=before_redirect)
         except Exception:
             if old.ended.is_set():
                 with self._lock:
@@ -598,6 +648,31 @@ class PolicyLoop:
             raise
         with self._lock:
             self.owned[d.group] = new
+        return new
+
+    def _taken_over(self, d: Decision, made: list[Deployment], exc: Exception
+                    ) -> Deployment | None:
+        """A move that failed after its new server was recorded in the ledger: its lease
+        was lost to another process (`ledger.Lapsed`), or its redirect failed and its
+        lease is left to lapse. Whoever takes it sends the users there (orphans.py), so
+        the group is placed there, and busy (no decision) until that is done (`carried`,
+        `_take_carried`): offered again meanwhile, its users would be redirected twice,
+        the second time away from the server the loop chose. None: not recorded (no
+        ledger, or the record failed), the move failed."""
+        intents = self.cm.intents if made else None
+        if intents is None or intents.ledger.get(made[-1].server_id) is None:
+            return None
+        new = made[-1]
+        with self._lock:
+            old = self.owned.get(d.group)
+        if d.reason == Reason.NODE_DOWN and old is not None:
+            self._unreached(d.group, old)  # merged when its node is back, as below
+        with self._lock:
+            self.owned[d.group] = new
+            self.carried[d.group] = new.server_id
+        log.warning("policy: %s's move to %s on %s failed once recorded (%s: %s): "
+                    "another process completes it; the group is placed there", d.group,
+                    new.server_id, new.edge.name, type(exc).__name__, exc)
         return new
 
     @staticmethod
@@ -615,9 +690,10 @@ class PolicyLoop:
     def _others(self, node: str | None) -> list[str]:
         return [e.name for e in self.cm.edges if e.name != node]
 
-    def _offload(self, users: list[User], node: str | None, over: dict) -> Deployment:
+    def _offload(self, users: list[User], node: str | None, over: dict,
+                 before_redirect: Callable[[Deployment], None] | None) -> Deployment:
         return self.cm.offload(users, exclude=self._others(node),
-                               before_redirect=self.before_redirect, **over)
+                               before_redirect=before_redirect, **over)
 
     def _withdraw(self, group: str) -> None:
         with self._lock:
@@ -639,22 +715,18 @@ class PolicyLoop:
         self.cm.close_session(dep)
 
     def _away_from_down(self, group: str, old: Deployment, users: list[User], to: str | None,
-                        over: dict, prepared: PreparedOffload | None) -> Deployment:
+                        over: dict, prepared: PreparedOffload | None,
+                        before_redirect: Callable[[Deployment], None]) -> Deployment:
         """A group whose node is down, in one move: a server on `to` from the cloud's
         copy of its data (`prepared` while the bound ran, or now), the users redirected
         from the dead one's straight there; the dead server waits in `unreached`
         (merged, the cloud winning, when its node is back). If that fails, the users go
-        home (a `node_down` withdrawal)."""
-        try:
-            if prepared is not None:
-                new = prepared.complete(self.before_redirect)
-                new.timings["prepared_ahead_s"] = prepared.seconds
-            else:
-                new = self._offload(users, to, over)
-        except Exception:
-            with contextlib.suppress(EdgeError):
-                self._withdraw(group)
-            raise
+        home (a `node_down` withdrawal, `_carry_out`)."""
+        if prepared is not None:
+            new = prepared.complete(before_redirect)
+            new.timings["prepared_ahead_s"] = prepared.seconds
+        else:
+            new = self._offload(users, to, over, before_redirect)
         self._unreached(group, old)
         with self._lock:
             self.owned[group] = new

@@ -37,7 +37,7 @@ def test_a_party_is_offloaded_followed_and_withdrawn_by_the_policy(edge_node, re
         players = make_users(cloud, 3)
         for p in players:
             play(p, LONDON)
-        settings = Settings(interval_s=0.3, dwell_s=1.5, cloud_ms=40.0,
+        settings = Settings(interval_s=0.3, dwell_s=1.5, withdraw_dwell_s=1.5, cloud_ms=40.0,
                             locations={london.name: LONDON, paris.name: PARIS})
         hook = groups.population(cloud.redis, {"party": as_users(players)})
         loop = cloud.manager.start_policy(hook, settings)
@@ -104,7 +104,8 @@ def test_a_node_down_past_the_bound_its_party_comes_home_and_keeps_what_it_wrote
         players = make_users(cloud, 2)
         for p in players:
             play(p, LONDON)
-        settings = Settings(interval_s=0.3, dwell_s=0.5, down_bound_s=1.0, cloud_ms=40.0,
+        settings = Settings(interval_s=0.3, dwell_s=0.5, withdraw_dwell_s=0.5, down_bound_s=1.0,
+                            cloud_ms=40.0,
                             locations={london.name: LONDON})
         loop = cloud.manager.start_policy(
             groups.population(cloud.redis, {"party": as_users(players)}), settings)
@@ -156,7 +157,8 @@ def test_a_node_down_past_the_bound_its_party_goes_to_the_other_node_in_one_move
         for p in players:
             play(p, LONDON, catches=1)
         on_cloud = {p.user: len(p.party()) for p in players}
-        settings = Settings(interval_s=0.3, dwell_s=0.5, down_bound_s=1.0, cloud_ms=40.0,
+        settings = Settings(interval_s=0.3, dwell_s=0.5, withdraw_dwell_s=0.5, down_bound_s=1.0,
+                            cloud_ms=40.0,
                             locations={london.name: LONDON, paris.name: PARIS})
         loop = cloud.manager.start_policy(
             groups.population(cloud.redis, {"party": as_users(players)}), settings)

@@ -17,8 +17,8 @@ from enorm import datasync
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
 NEAR, FAR = 1.0, 17.0  # one way, on top of the Wi-Fi access link
-POLICY = {"interval_s": 0.5, "dwell_s": 1.0, "offload_gain_ms": 5.0, "withdraw_gain_ms": 2.0,
-          "handover_gain_ms": 4.0, "enabled": True}
+POLICY = {"interval_s": 0.5, "dwell_s": 1.0, "withdraw_dwell_s": 1.0, "offload_gain_ms": 5.0,
+          "withdraw_gain_ms": 2.0, "handover_gain_ms": 4.0, "enabled": True}
 
 
 def events_until(bed: Testbed, n: int, timeout: float = 60) -> list[dict]:

@@ -23,7 +23,7 @@ from cloud_manager.policy import (
 )
 
 S = Settings(offload_gain_ms=10, withdraw_gain_ms=5, handover_gain_ms=5, dwell_s=4,
-             down_bound_s=30, idle_after_s=600)
+             withdraw_dwell_s=4, down_bound_s=30, idle_after_s=600)
 UP = (NodeView("a", True), NodeView("b", True))
 
 
@@ -115,6 +115,15 @@ ROWS = {
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 97.0})}, []),
     "gain gone for the dwell time: withdrawn, not offloaded again":
         ([grp(cloud=8.0, a=5.0)], [dep()], {"state": State(gone={"g": 96.0})},
+         [("withdraw", "g", "a", "gain_gone")]),
+    "gain gone for the handover's dwell, not the withdrawal's longer one: kept":
+        ([grp(cloud=8.0, a=5.0)], [dep()],
+         {"state": State(gone={"g": 96.0}),
+          "settings": S.model_copy(update={"withdraw_dwell_s": 10})}, []),
+    "gain gone for the withdrawal's longer dwell: withdrawn":
+        ([grp(cloud=8.0, a=5.0)], [dep()],
+         {"state": State(gone={"g": 90.0}),
+          "settings": S.model_copy(update={"withdraw_dwell_s": 10})},
          [("withdraw", "g", "a", "gain_gone")]),
     "gain gone on its node, another node pays: kept (handed over by H, not home)":
         ([grp(cloud=8.0, a=7.0, b=3.0)], [dep()], {"state": State(gone={"g": 0.0})}, []),
@@ -286,6 +295,8 @@ def test_next_due_is_the_earliest_clock_still_to_come():
     assert next_due(st, S, now=16.0) == 35.0  # the node's down bound (30 s)
     assert next_due(st, S, now=35.0) is None
     assert next_due(State(), S, now=0.0) is None
+    longer = S.model_copy(update={"withdraw_dwell_s": 10})
+    assert next_due(State(gone={"h": 12.0}), longer, now=16.0) == 22.0  # its own wait
 
 
 DOWN_A = (NodeView("a", False), NodeView("b", True))
@@ -365,7 +376,8 @@ def test_a_request_cost_on_the_cloud_keeps_a_group_that_the_rtt_would_send_home(
     RTTs the node no longer pays (a 1 ms gain: home, then out to the next node); compared
     as what a request costs (two round trips and an edge server's 20 ms, against the 84 ms
     a request costs on the cloud) it pays by 36 ms and the group stays."""
-    rtt = Settings(cloud_ms=15.0, dwell_s=0.0, withdraw_gain_ms=2.0, offload_gain_ms=5.0)
+    rtt = Settings(cloud_ms=15.0, dwell_s=0.0, withdraw_dwell_s=0.0, withdraw_gain_ms=2.0,
+                   offload_gain_ms=5.0)
     req = rtt.model_copy(update={"cloud_ms": 84.0, "request_rtts": 2.0,
                                  "edge_service_ms": 20.0})
     for s, kinds in ((rtt, ["withdraw"]), (req, [])):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from cloud_manager.edge_client import EdgeError
+from cloud_manager.ledger import Lapsed
 from cloud_manager.policy import Settings
 from cloud_manager.policy_loop import Group, PolicyLoop
 from enorm.protocol import MergeReport, NodeOffer, Resources, TerminationReason, User
@@ -56,6 +57,7 @@ class FakeManager:
         self.cloud, self.closing, self.calls = None, threading.Event(), []
         self.fail: set[str] = set()
         self.n = 0
+        self.intents = None  # `start_intents`: offloads in flight in the ledger
 
     def _dep(self, node: str, users) -> SimpleNamespace:
         self.n += 1
@@ -67,13 +69,19 @@ class FakeManager:
 
     def _before(self, hook, dep) -> None:
         """The loop's `before_redirect`, where the real one runs: once the server holds
-        the data, before the users are sent; if it raises, the server ends."""
+        the data, before the users are sent; if it raises, the server ends. Then the
+        redirect, which fails with `lapsed` (another process took the offload over) or
+        `redirect` (the app's redirect failed: its lease left to lapse)."""
         if hook is not None:
             try:
                 hook(dep)
             except Exception:
                 self.calls.append(("abandon", dep.server_id))
                 raise
+        if "lapsed" in self.fail:
+            raise Lapsed(dep.server_id)
+        if "redirect" in self.fail:
+            raise RuntimeError("redirect: 503")
 
     def offload(self, users, exclude=(), before_redirect=None, **over):
         (node,) = [e.name for e in self.edges if e.name not in exclude]
@@ -605,3 +613,92 @@ def test_a_server_that_cannot_be_recorded_gets_no_user():
     loop.before_redirect = None
     (ev,) = loop.round()  # the next round offers the group again
     assert (ev.kind, ev.ok, ev.new_server_id) == ("offload", True, "s2")
+
+
+class Ledger:
+    """What the loop reads of the ledger: the records, the intents still in flight."""
+
+    def __init__(self):
+        self.entries: dict[str, list[str]] = {}
+        self.flying: set[str] = set()
+
+    def record(self, dep) -> None:  # the loop's `before_redirect` in `enorm-cloud policy`
+        self.entries[dep.server_id] = dep.user_ids
+
+    def get(self, server_id):
+        return self.entries.get(server_id)
+
+    def in_flight(self, server_ids):
+        return [s in self.flying for s in server_ids]
+
+
+def with_ledger(cm):
+    ledger = Ledger()
+    cm.intents = SimpleNamespace(ledger=ledger)
+    return ledger
+
+
+@pytest.mark.parametrize("failure", ["lapsed", "redirect"])
+def test_a_move_another_process_completes_counts_as_placed_and_is_not_offered_again(
+        failure):
+    # the offload's lease was lost to another process (ledger.Lapsed), or its redirect
+    # failed and its lease is left to lapse: once recorded, whoever takes it sends the
+    # users there (orphans.py); offered again, they would be sent twice
+    cm = FakeManager(Edge("a"), Edge("b"))
+    ledger = with_ledger(cm)
+    where = [LONDON]
+    loop = loop_for(cm, where)
+    loop.before_redirect = ledger.record
+    cm.fail.add(failure)
+    ledger.flying.add("s1")  # its intent: until the taker has sent the users
+    (ev,) = loop.round()
+    assert (ev.kind, ev.ok, ev.new_server_id, ev.figures["taken_over"]) == (
+        "offload", True, "s1", True)
+    assert loop.owned["party"].server_id == "s1" and loop.carried == {"party": "s1"}
+    cm.fail.clear()
+    where[0] = PARIS  # a better node: no decision while another process completes it
+    assert loop.round() == [] and loop.round() == []
+    assert [c[0] for c in cm.calls] == ["offload"]
+    ledger.flying.clear()  # the users sent there, the intent released
+    (ev,) = loop.round()  # the group is the loop's again, on that server
+    assert (ev.kind, ev.server_id, ev.to, ev.ok) == ("handover", "s1", "b", True)
+    assert loop.carried == {} and "taken_over" not in ev.figures
+
+
+def test_a_move_that_failed_before_its_record_or_with_no_ledger_is_offered_again():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    ledger = with_ledger(cm)
+    loop = loop_for(cm, [LONDON])
+    cm.fail.add("lapsed")  # taken over before its record: the taker ended it
+    (ev,) = loop.round()  # (no `before_redirect`: nothing recorded)
+    assert (ev.kind, ev.ok) == ("offload", False) and "lapsed" in ev.error
+    assert loop.owned == {} and loop.carried == {} and ledger.entries == {}
+    cm.fail.clear()
+    (ev,) = loop.round()
+    assert (ev.kind, ev.ok, ev.new_server_id) == ("offload", True, "s2")
+
+
+def test_a_handover_or_a_move_off_a_down_node_another_process_completes():
+    cm = FakeManager(Edge("a"), Edge("b"))
+    ledger = with_ledger(cm)
+    where = [LONDON]
+    loop = loop_for(cm, where, settings=DOWN_AT_ONCE)
+    loop.before_redirect = ledger.record
+    loop.round()
+    where[0] = PARIS
+    cm.fail.add("lapsed")
+    ledger.flying.add("s2")
+    (ev,) = loop.round()  # the handover's switch taken over: the group on s2
+    assert (ev.kind, ev.server_id, ev.new_server_id, ev.ok) == ("handover", "s1", "s2", True)
+    assert loop.owned["party"].server_id == "s2" and loop.carried == {"party": "s2"}
+    ledger.flying.clear()
+    assert loop.round() == [] and loop.carried == {}
+    cm.edges[1].up = False  # b down: to a in one move, which is taken over too
+    cm.fail.add("unreached")
+    ledger.flying.add("s3")
+    (ev,) = loop.round()
+    assert (ev.kind, ev.reason, ev.new_server_id, ev.ok) == ("handover", "node_down", "s3",
+                                                             True)
+    # the users are not sent home (the taker sends them to s3); s2 waits to be merged
+    assert not any(c[0] == "withdraw" for c in cm.calls)
+    assert loop.owned["party"].server_id == "s3" and list(loop.unreached) == ["s2"]
