@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 BUFFER = 1 << 17
 
+# What a channel raises once its SSH connection is gone (the container ended, the node
+# restarted): a pump ends quietly then, and so does closing the channel.
+GONE = (OSError, EOFError, paramiko.SSHException)
+
 
 class Forward:
     """127.0.0.1:<local_port> -> (remote_host, remote_port) as seen from the SSH server."""
@@ -56,7 +60,8 @@ class Forward:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.add((sock, chan))
-            threading.Thread(target=self._pump, args=(sock, chan), daemon=True).start()
+            threading.Thread(target=self._pump, args=(sock, chan), daemon=True,
+                             name=f"forward-{self.local_port}-pump").start()
 
     def _open(self, peer: tuple) -> paramiko.Channel | None:
         for i in range(5):
@@ -83,12 +88,13 @@ class Forward:
                     if not data:
                         break
                     sock.sendall(data)
-        except OSError:
+        except GONE:
             pass
         finally:
             with self._lock:
                 self._conns.discard((sock, chan))
-            chan.close()
+            with contextlib.suppress(*GONE):
+                chan.close()
             sock.close()
 
     def close(self) -> None:
@@ -99,7 +105,8 @@ class Forward:
         with self._lock:
             conns = list(self._conns)
         for sock, chan in conns:
-            chan.close()
+            with contextlib.suppress(*GONE):
+                chan.close()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
