@@ -383,7 +383,15 @@ class Run:
             p.send_signal(signal.SIGTERM)
         outs = []
         for i, p in alive:
-            p.wait(60)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                # Its threads' stacks (faulthandler on SIGUSR1) into the error, to say why.
+                p.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                tail = (self.tmp / f"m{i}.log").read_text(errors="replace")[-12000:]
+                raise RuntimeError(f"cloud-manager process m{i} did not end within 60 s of "
+                                   f"SIGTERM; the end of its log:\n{tail}") from None
             outs.append(json.loads((self.tmp / f"m{i}.json").read_text()))
         return outs
 
