@@ -76,47 +76,44 @@ end
 
 # ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
-# (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge's value is
-# still the one copied out (its payload's digest is the manifest's), '0' otherwise; both
+# (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge left the
+# value as copied out (its payload's digest is the manifest's), '0' otherwise; both
 # empty without a manifest; then per key its TTL (ms, 0: none) and its payload (ARGV[2 +
-# 2i], ARGV[3 + 2i]; empty for a key marked '1': its value is already there or not
-# wanted, whichever the digest says).
+# 2i], ARGV[3 + 2i]; empty for a key marked '1': never written).
 # RESTORE is the check of what it writes: it refuses a payload whose RDB version or
 # CRC-64 is wrong, or that does not decode, and otherwise writes the whole value, within
 # this atomic script, so nobody changes the key between the two. A DUMP of it right
 # after would only test Redis's own encoder against its decoder. Returns per key
-# '1' (written), '0' (replace=0 and the destination had the key: kept, not written), and
-# with a manifest 'c' (the destination's value is no longer the one copied out: changed
-# there meanwhile, not written; the caller decides, a conflict), and for a key marked
-# '1' whose value the cloud still holds as copied, that value being the edge's too, only
-# the edge's TTL is written: '1' (set or removed) or 's' (neither side changed it, nor
-# has a TTL: nothing written). A payload RESTORE refuses fails the script: a SyncError
-# with Redis's reason.
+# '1' (written), '0' (replace=0 and the destination had the key: kept, not written),
+# and with a manifest:
+# - for a key marked '1': 'u' (untouched: the cloud's value stands, whatever the cloud
+#   did meanwhile), or '1' when the cloud still holds the value copied out and only the
+#   edge's TTL is written (set or removed). One without a TTL on either side, or that
+#   the cloud deleted, is untouched unlooked at: nothing would be written either way;
+#   one with a TTL on either side is digested: only an unchanged value takes the edge's.
+# - for the others, 'c' when the cloud's value is no longer the one copied out, or the
+#   cloud has a key that was not copied out: not written, the caller decides (a conflict
+#   if the edge changed it too).
+# A payload RESTORE refuses fails the script: a SyncError with Redis's reason.
 _RESTORE = DIGEST_FN + """
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
+local function changed(k, i) return raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i) end
 for i, k in ipairs(KEYS) do
-  local changed, m = false, 0
-  if want ~= '' then
-    m = string.byte(mark, i)
-    if m == 110 then
-      changed = redis.call('EXISTS', k) == 1
-    else
-      changed = raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i)
-    end
-  end
-  if changed then
-    out[i] = 'c'
-  elseif m == 49 then
-    local ttl = tonumber(ARGV[2 * i + 2])
-    if ttl > 0 then
+  local m = want ~= '' and string.byte(mark, i) or 0
+  if m == 49 then
+    local ttl, c = tonumber(ARGV[2 * i + 2]), redis.call('PTTL', k)
+    if c == -2 or (c == -1 and ttl == 0) or changed(k, i) then
+      out[i] = 'u'
+    elseif ttl > 0 then
       redis.call('PEXPIRE', k, ttl)
       out[i] = '1'
-    elseif redis.call('PERSIST', k) == 1 then
-      out[i] = '1'
     else
-      out[i] = 's'
+      redis.call('PERSIST', k)
+      out[i] = '1'
     end
+  elseif (m == 110 and redis.call('EXISTS', k) == 1) or (m == 48 and changed(k, i)) then
+    out[i] = 'c'
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
     out[i] = '1'
@@ -168,14 +165,15 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             expect: dict[bytes, bytes | None] | None = None,
             held: list[bytes] | None = None,
-            same: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
-    """RESTORE the dumped keys on the destination; the keys written (or found the same).
+            untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
+    """RESTORE the dumped keys on the destination; the keys written.
 
-    With `expect` (key -> the digest the destination's value should still have, None:
-    absent), a key whose value changed there is not written but added to `held`; a key
-    whose value is the same on both sides (both digests) is not sent nor written again,
-    only its TTL is set as the source has it, and if neither has one it is counted as
-    written and added to `same`; all in the same script call.
+    With `expect` (key -> the digest the destination's value had when copied out, None:
+    not copied), a key the source left as copied out is not sent: the destination
+    takes only the source's TTL, if its value is still the one copied out, else the key
+    goes to `untouched` (as does one without a TTL on either side, unlooked at: its
+    value stands either way); another key whose value the destination changed since
+    the copy is not written but added to `held`; all in the same script call.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
@@ -197,7 +195,7 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
         args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
         for k, m in zip(batch, marks, strict=True):
             payload, ttl = dumped[k]
-            args += (ttl, b"" if m == b"1" else payload)  # '1': the cloud has the value
+            args += (ttl, b"" if m == b"1" else payload)  # '1': never written
         return args
 
     (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
@@ -205,15 +203,13 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     written: list[bytes] = []
     for batch, flags in restored:
         for k, f in zip(batch, flags, strict=True):
-            if f == 99:  # b"c": changed on the destination, held back
+            if f == 49:  # b"1": written (b"0": kept)
+                written.append(k)
+            elif f == 99:  # b"c": changed on both sides, held back
                 if held is not None:
                     held.append(k)
-            elif f == 115:  # b"s": the same on both sides already
-                written.append(k)
-                if same is not None:
-                    same.append(k)
-            elif f == 49:  # b"1": written (b"0": kept)
-                written.append(k)
+            elif f == 117 and untouched is not None:  # b"u": the destination's stands
+                untouched.append(k)
     return written
 
 
