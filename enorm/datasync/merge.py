@@ -286,7 +286,7 @@ def merge_back(
         assert m is not None
         held: list[bytes] = []
         untouched: list[bytes] = []
-        written = payloads.restore(dst, part, replace, expect={k: m.get(k) for k in part},
+        written = payloads.restore(dst, part, replace, expect=m,
                                    held=held, untouched=untouched)  # fmt: skip
         found: list[bytes] = []
         if held:

@@ -5,7 +5,7 @@ write that every key is still there."""
 from __future__ import annotations
 
 from binascii import unhexlify
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -23,26 +23,30 @@ from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_j
 # a 32-bit Redis (armhf boards) sent the PTTL -1 of a key without TTL as 4294967295, and
 # the key came back expiring in 49.7 days.
 
-# PTTL and DUMP of KEYS; a key gone since the scan gets ttl -2 and an empty payload.
+# TTL (RESTORE's: ms, 0 for none) and DUMP of KEYS; a key gone since the scan gets an
+# empty payload.
 _DUMP = """
 local out = {}
 for i, k in ipairs(KEYS) do
-  out[2 * i - 1] = redis.call('PTTL', k)
+  local t = redis.call('PTTL', k)
+  out[2 * i - 1] = t > 0 and t or 0
   out[2 * i] = redis.call('DUMP', k) or ''
 end
 return out
 """
 
 # One SCAN step that also dumps what it finds (standalone sources only: a cluster node
-# refuses a script touching keys of several slots): per key its name, PTTL and payload.
+# refuses a script touching keys of several slots): per key its name, TTL (as _DUMP's)
+# and payload.
 _SCAN_DUMP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local out = {}
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
+    local t = redis.call('PTTL', k)
     out[#out + 1] = k
-    out[#out + 1] = redis.call('PTTL', k)
+    out[#out + 1] = t > 0 and t or 0
     out[#out + 1] = p
   end
 end
@@ -142,8 +146,8 @@ def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes,
     dumped: dict[bytes, tuple[bytes, int]] = {}
     for batch, flat in run_script(client, keys, _DUMP, no_args, side):
         it = iter(flat)
-        dumped.update((key, (payload, max(pttl, 0)))
-                      for key, pttl, payload in zip(batch, it, it, strict=True) if payload)
+        dumped.update((key, (payload, ttl))
+                      for key, ttl, payload in zip(batch, it, it, strict=True) if payload)
     return dumped
 
 
@@ -156,24 +160,24 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
     while True:
         with Guard(side):
             cursor, flat = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
-        it = iter(flat)
-        yield {key: (payload, max(pttl, 0)) for key, pttl, payload in zip(it, it, it, strict=True)}
+        yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
         if cursor in (b"0", 0):
             return
 
 
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
-            expect: dict[bytes, bytes | None] | None = None,
+            expect: Mapping[bytes, bytes] | None = None,
             held: list[bytes] | None = None,
             untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
     """RESTORE the dumped keys on the destination; the keys written.
 
-    With `expect` (key -> the digest the destination's value had when copied out, None:
-    not copied), a key the source left as copied out is not sent: the destination
-    takes only the source's TTL, if its value is still the one copied out, else the key
-    goes to `untouched` (as does one without a TTL on either side, unlooked at: its
-    value stands either way); another key whose value the destination changed since
-    the copy is not written but added to `held`; all in the same script call.
+    With `expect` (key -> the digest the destination's value had when copied out, as
+    `payload_digest`; a key it lacks was not copied out), a key the source left as
+    copied out is not sent: the destination takes only the source's TTL, if its value
+    is still the one copied out, else the key goes to `untouched` (as does one without
+    a TTL on either side, unlooked at: its value stands either way); another key whose
+    value the destination changed since the copy is not written but added to `held`;
+    all in the same script call.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
@@ -190,12 +194,20 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                 args += (ttl, payload)
             return args
         want = [expect.get(k) for k in batch]
-        marks = [b"n" if w is None else b"1" if payload_digest(dumped[k][0]) == w else b"0"
-                 for k, w in zip(batch, want, strict=True)]  # fmt: skip
-        args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
-        for k, m in zip(batch, marks, strict=True):
+        raw = unhexlify(b"".join(w or NOT_COPIED for w in want))
+        args = [flag, raw, b""]
+        marks = bytearray(len(batch))
+        for i, (k, w) in enumerate(zip(batch, want, strict=True)):
             payload, ttl = dumped[k]
-            args += (ttl, b"" if m == b"1" else payload)  # '1': never written
+            if w is None:
+                marks[i] = 110  # 'n'
+            elif payload[0] not in UNORDERED and payload[-8:] == raw[8 * i : 8 * i + 8]:
+                marks[i] = 49  # '1': left as copied out, never written
+                payload = b""
+            else:
+                marks[i] = 48  # '0'
+            args += (ttl, payload)
+        args[2] = bytes(marks)
         return args
 
     (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
