@@ -40,14 +40,13 @@ return out
 # and payload.
 _SCAN_DUMP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local out = {}
+local out, n = {}, 0
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
     local t = redis.call('PTTL', k)
-    out[#out + 1] = k
-    out[#out + 1] = t > 0 and t or 0
-    out[#out + 1] = p
+    out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
+    n = n + 3
   end
 end
 return {r[1], out}
