@@ -92,8 +92,9 @@ end
 # - for a key marked '1': 'u' (untouched: the cloud's value stands, whatever the cloud
 #   did meanwhile), or '1' when the cloud still holds the value copied out and only the
 #   edge's TTL is written (set or removed). One without a TTL on either side, or that
-#   the cloud deleted, is untouched unlooked at: nothing would be written either way;
-#   one with a TTL on either side is digested: only an unchanged value takes the edge's.
+#   the cloud deleted, is untouched unlooked at (one PTTL): nothing would be written
+#   either way; one with a TTL on either side is digested (no digest: the cloud deleted
+#   it): only an unchanged value takes the edge's.
 # - for the others, 'c' when the cloud's value is no longer the one copied out, or the
 #   cloud has a key that was not copied out: not written, the caller decides (a conflict
 #   if the edge changed it too).
@@ -105,8 +106,8 @@ local function changed(k, i) return raw_digest(k) ~= string.sub(want, 8 * i - 7,
 for i, k in ipairs(KEYS) do
   local m = want ~= '' and string.byte(mark, i) or 0
   if m == 49 then
-    local ttl, c = tonumber(ARGV[2 * i + 2]), redis.call('PTTL', k)
-    if c == -2 or (c == -1 and ttl == 0) or changed(k, i) then
+    local ttl = tonumber(ARGV[2 * i + 2])
+    if (ttl == 0 and redis.call('PTTL', k) < 0) or changed(k, i) then
       out[i] = 'u'
     elseif ttl > 0 then
       redis.call('PEXPIRE', k, ttl)

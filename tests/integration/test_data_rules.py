@@ -135,9 +135,9 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
     assert report.verified and report.keys == 4 and report.untouched == copied.keys - 4
     assert report.conflicts == report.deleted == 0
     assert calls("restore") == 1 and calls("pexpire") == 1 and calls("persist") == 2
-    # Digested: only the edge's changed key and those with a TTL on either side that the
-    # cloud still has (q1, q2, q3, q7); the 190-odd others not.
-    assert calls("dump") == 5
+    # Digested: only the edge's changed key and those with a TTL on either side (q1, q2,
+    # q3, q7, and q6, which the cloud deleted: nothing to digest); the 190-odd others not.
+    assert calls("dump") == 6
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
     assert cloud.ttl("persist:{q2}") == -1 and cloud.ttl(keys.user("q7")) == -1
