@@ -20,8 +20,8 @@ moved by the bare floor (a DUMP/RESTORE pipeline, no script, no verification) be
 the same two Redis servers on the same paths: cloud -> container through the cloud
 manager's SSH forward (the deploy's path), container -> cloud directly (the node's merge
 path). Then a quarter of the users play on the edge (their user hash, location and inbox
-change) before the termination, so that the merge has real changes to write (a key that
-neither side changed and has no TTL is not rewritten). MB/s of enorm's data stages are
+change) before the termination, so that the merge has real changes to write (a key the
+edge left as copied is not rewritten: `untouched`). MB/s of enorm's data stages are
 reported beside the floor's; the floor moves every key.
 """
 
@@ -178,6 +178,7 @@ def heavy_runs(manager: CloudManager, cloud: redis.Redis, cloud_url: str, users:
             r = {k: round(v, 4) for k, v in dep.timings.items()} | {
                 "keys": dep.copy.keys, "bytes": dep.copy.bytes,
                 "keys_migrated": dep.keys_migrated,
+                "untouched": dep.merge.untouched if dep.merge is not None else None,
                 "keys_changed_on_edge": played,
                 "floor_to_edge_s": round(to_edge["seconds"], 4),
                 "floor_to_cloud_s": round(to_cloud["seconds"], 4),

@@ -436,7 +436,9 @@ def withdraw(config_path: Path | None, as_json: bool, server_id: str) -> None:
     else:
         output.line(f"{server_id}: {dep.state}, {dep.keys_migrated} keys merged back, "
                     f"data on the cloud: {'confirmed' if dep.confirmed else 'NOT confirmed'}")
-        for what, n, sample in (("deleted on the cloud", merge.get("keys_deleted"), None),
+        for what, n, sample in (("untouched (left as copied on the edge: the cloud's value "
+                                 "stands)", merge.get("untouched"), None),
+                                ("deleted on the cloud", merge.get("keys_deleted"), None),
                                 ("conflicts", merge.get("conflicts"),
                                  merge.get("conflict_sample")),
                                 ("not owned (dropped)", merge.get("not_owned"),

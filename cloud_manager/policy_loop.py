@@ -494,7 +494,7 @@ class PolicyLoop:
                 del self.unreached[sid]
             merge = dep.merge.model_dump() if dep.merge is not None else {}
             figures = {"state": dep.state, **{k: merge[k] for k in
-                       ("keys_migrated", "conflicts", "conflicts_cloud_won", "cloud_kept")
+                       ("keys_migrated", "conflicts", "conflicts_cloud_won", "untouched")
                        if k in merge}}
             ev = PolicyEvent("withdraw", group, str(Reason.NODE_BACK), dep.edge.name, None,
                              sid, None, sorted(dep.user_ids), figures, error is None, error,

@@ -219,7 +219,7 @@ def terminate(config_path: str | None, server_ids: tuple[str, ...]) -> None:
             output.progress(f"terminating {sid} ...")
         r = c.call("DELETE", f"/v1/servers/{sid}")
         output.line(f"{sid}: terminated {r['terminated']}, pending {r['pending']}, "
-                    f"keys migrated {r['keys_migrated']}")
+                    f"keys migrated {r['keys_migrated']} ({r.get('untouched', 0)} untouched)")
 
 
 @main.command()

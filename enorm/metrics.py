@@ -197,8 +197,11 @@ class NodeMetrics:
                                           "kept, migration pending)", registry=r)
         self.scaling = Counter("enorm_scaling_actions", "Limits changed, by kind (up, "
                                "down, restore) and reason", ["kind", "reason"], registry=r)
-        self.keys = Counter("enorm_migrated_keys", "Keys merged back to the cloud",
-                            registry=r)
+        self.keys = Counter("enorm_migrated_keys", "Keys merged back to the cloud (written, "
+                            "or untouched), shared keys included", registry=r)
+        self.untouched = Counter("enorm_untouched_keys", "Of the keys merged back, those "
+                                 "the edge left as copied: not written, the cloud's value "
+                                 "stands", registry=r)
         self.merge_seconds = Histogram("enorm_merge_duration_seconds",
                                        "Duration of merging a server's data back",
                                        registry=r, buckets=DURATION_BUCKETS)
@@ -231,6 +234,7 @@ class NodeMetrics:
         elif ev.type == "server.terminated":
             self.terminations.labels(ev.reason).inc()
             self.keys.inc(int(d.get("keys_migrated") or 0))
+            self.untouched.inc(int(d.get("untouched") or 0))
             if d.get("merge_s") is not None:
                 self.merge_seconds.observe(float(d["merge_s"]))
             self.last_measured.pop(ev.server_id, None)

@@ -58,12 +58,13 @@ def merge_back_to_sink(rec: ServerRecord, user_ids: list[str]) -> MergeReport:
     if not report.verified:
         raise datasync.VerificationFailed("merge back not verified on the cloud", [])
     return MergeReport(
-        keys_migrated=report.keys + report.merged, shared_merged=report.merged,
+        keys_migrated=report.keys + report.untouched + report.merged,
+        shared_merged=report.merged,
         shared_ttls=report.ttls, stream_renumbered=report.renumbered,
         not_merged=report.not_merged, not_merged_sample=report.not_merged_sample,
         keys_deleted=report.deleted,
         conflicts=report.conflicts, conflicts_cloud_won=report.conflicts_cloud_won,
-        conflict_sample=report.conflict_sample, cloud_kept=report.cloud_kept,
+        conflict_sample=report.conflict_sample, untouched=report.untouched,
         not_owned=report.not_owned,
         not_owned_sample=report.not_owned_sample)
 

@@ -459,8 +459,9 @@ class EventsQuery(BaseModel):
 class MergeReport(_Message):
     """What merging one or more servers' data back did (termination result and event)."""
 
-    keys_migrated: int = Field(0, description="user keys written to the cloud, and shared "
-                               "keys merged there (`shared_merged`)")
+    keys_migrated: int = Field(0, description="served users' keys brought home (written "
+                               "to the cloud, or `untouched`: the cloud's value stands), "
+                               "and shared keys merged there (`shared_merged`)")
     shared_merged: int = Field(0, description="shared keys merged by their type's rule")
     shared_ttls: int = Field(0, description="shared keys whose expiry the merge set or "
                              "removed on the cloud (the type's TTL rule)")
@@ -477,9 +478,11 @@ class MergeReport(_Message):
     conflicts_cloud_won: int = Field(0, description="conflicts resolved for the cloud "
                                      "(cloud_wins_patterns); the others went to the edge")
     conflict_sample: list[str] = Field(default_factory=list)
-    cloud_kept: int = Field(0, description="served users' keys that only the cloud "
-                            "changed during the offload (the edge still held what was "
-                            "copied out): the cloud's value kept, not a conflict")
+    untouched: int = Field(0, description="served users' keys the edge left as they "
+                           "were copied out (needs the manifest): not written, the "
+                           "cloud's value stands whatever the cloud did meanwhile "
+                           "(changed, deleted, nothing); the edge's TTL set where the "
+                           "cloud's value is still the one copied out")
     not_owned: int = Field(0, description="keys on the edge that are not the server's to "
                            "give back (another user's, the library's `enorm:` namespace, "
                            "neither a served user's nor shared): never merged")
@@ -488,7 +491,7 @@ class MergeReport(_Message):
     def add(self, other: MergeReport) -> None:
         for f in ("keys_migrated", "shared_merged", "shared_ttls", "stream_renumbered",
                   "not_merged", "keys_deleted", "conflicts", "conflicts_cloud_won",
-                  "cloud_kept", "not_owned"):
+                  "untouched", "not_owned"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for f in ("conflict_sample", "not_owned_sample", "not_merged_sample"):
             setattr(self, f, (getattr(self, f) + getattr(other, f))[:10])

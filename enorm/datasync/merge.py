@@ -242,12 +242,13 @@ def merge_back(
     cloud.
 
     With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
-    keys that the edge deleted are deleted on the cloud; a key the cloud changed during
-    the offload keeps the cloud's value when the edge still holds what was copied out
-    (`cloud_kept`; the digest leaves out the TTL, so a change of TTL alone on the edge is
-    not seen there), and is a conflict when the edge changed it too: counted, sampled,
-    and resolved by policy: the edge wins, except for keys matching a `cloud_wins`
-    pattern, which keep the cloud's value.
+    keys that the edge deleted are deleted on the cloud; a key the edge left as it was
+    copied out is `untouched`: the cloud's value stands, whatever the cloud did meanwhile
+    (changed, deleted, nothing); only the edge's TTL is set, where either side has one
+    and the cloud's value is still the one copied out (the digest leaves out the TTL). A
+    key both sides changed is a conflict: counted, sampled, and resolved by policy: the
+    edge wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's
+    value.
     The manifest is removed once the merge is verified. Without a manifest nothing is
     deleted and conflicts cannot be told.
 
@@ -276,30 +277,30 @@ def merge_back(
 
     counting = threading.Lock()  # two restorer threads report conflicts
 
-    def restore_unchanged(dst: Client, part: dict, replace: bool) -> list[bytes]:
-        """A chunk written where the cloud still holds what was copied out; a key the
-        cloud changed meanwhile is held back by the same script, and if it is a conflict
-        (not the edge's value already) it is counted, and kept as the cloud has it when
-        the cloud wins that key. A key neither side changed (no TTL) is not rewritten."""
+    def restore_tracked(dst: Client, part: dict, replace: bool) -> list[bytes]:
+        """A chunk written against the manifest: a key the edge left as copied out is
+        untouched (its TTL aside), the cloud's value stands; a key the cloud changed
+        meanwhile is held back by the same script, and if the edge changed it too it is
+        a conflict (not the edge's value already): counted, and kept as the cloud has it
+        when the cloud wins that key. Those two leave `part`: neither written nor skipped."""
         assert m is not None
         held: list[bytes] = []
-        same: list[bytes] = []
-        written = payloads.restore(dst, part, replace, expect={k: m.get(k) for k in part},
-                                   held=held, same=same)  # fmt: skip
+        untouched: list[bytes] = []
+        written = payloads.restore(dst, part, replace, expect=m,
+                                   held=held, untouched=untouched)  # fmt: skip
+        found: list[bytes] = []
+        if held:
+            found, cloud_only = _changed(edge, cloud, m, held)
+            untouched += cloud_only
+        won = [k for k in found if matches(k, wins)]
+        for k in untouched + won:
+            del part[k]
         with counting:
-            report.unchanged += len(same)
+            report.untouched += len(untouched)
+            report.conflicts_cloud_won += len(won)
+            _count(report, found)
         if not held:
             return written
-        found, cloud_only = _changed(edge, cloud, m, held)
-        with counting:
-            report.cloud_kept += len(cloud_only)
-            for k in cloud_only:  # the edge never touched it: the cloud's is the newer
-                del part[k]
-            _count(report, found)
-            for k in found:
-                if matches(k, wins):
-                    report.conflicts_cloud_won += 1
-                    del part[k]
         return written + payloads.restore(dst, {k: part[k] for k in held if k in part}, replace)
 
     if not is_cluster(edge):
@@ -309,7 +310,7 @@ def merge_back(
             keys = sorter.users(scan(edge, "*"))
         chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
     copy_chunks(edge, cloud, remembered(chunks), True, report,
-                restore=None if m is None else restore_unchanged)
+                restore=None if m is None else restore_tracked)
     report.users = len(sorter.tags) if owned is None else len(owned)
     _merge_shared(edge, cloud, sorter.shared, report)
     if m is not None:

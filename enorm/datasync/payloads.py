@@ -5,7 +5,7 @@ write that every key is still there."""
 from __future__ import annotations
 
 from binascii import unhexlify
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -23,27 +23,30 @@ from .transport import Client, Guard, Job, by_node, eval_command, no_args, run_j
 # a 32-bit Redis (armhf boards) sent the PTTL -1 of a key without TTL as 4294967295, and
 # the key came back expiring in 49.7 days.
 
-# PTTL and DUMP of KEYS; a key gone since the scan gets ttl -2 and an empty payload.
+# TTL (RESTORE's: ms, 0 for none) and DUMP of KEYS; a key gone since the scan gets an
+# empty payload.
 _DUMP = """
 local out = {}
 for i, k in ipairs(KEYS) do
-  out[2 * i - 1] = redis.call('PTTL', k)
+  local t = redis.call('PTTL', k)
+  out[2 * i - 1] = t > 0 and t or 0
   out[2 * i] = redis.call('DUMP', k) or ''
 end
 return out
 """
 
 # One SCAN step that also dumps what it finds (standalone sources only: a cluster node
-# refuses a script touching keys of several slots): per key its name, PTTL and payload.
+# refuses a script touching keys of several slots): per key its name, TTL (as _DUMP's)
+# and payload.
 _SCAN_DUMP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local out = {}
+local out, n = {}, 0
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
-    out[#out + 1] = k
-    out[#out + 1] = redis.call('PTTL', k)
-    out[#out + 1] = p
+    local t = redis.call('PTTL', k)
+    out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
+    n = n + 3
   end
 end
 return {r[1], out}
@@ -76,47 +79,45 @@ end
 
 # ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
-# (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge's value is
-# still the one copied out (its payload's digest is the manifest's), '0' otherwise; both
+# (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge left the
+# value as copied out (its payload's digest is the manifest's), '0' otherwise; both
 # empty without a manifest; then per key its TTL (ms, 0: none) and its payload (ARGV[2 +
-# 2i], ARGV[3 + 2i]; empty for a key marked '1': its value is already there or not
-# wanted, whichever the digest says).
+# 2i], ARGV[3 + 2i]; empty for a key marked '1': never written).
 # RESTORE is the check of what it writes: it refuses a payload whose RDB version or
 # CRC-64 is wrong, or that does not decode, and otherwise writes the whole value, within
 # this atomic script, so nobody changes the key between the two. A DUMP of it right
 # after would only test Redis's own encoder against its decoder. Returns per key
-# '1' (written), '0' (replace=0 and the destination had the key: kept, not written), and
-# with a manifest 'c' (the destination's value is no longer the one copied out: changed
-# there meanwhile, not written; the caller decides, a conflict), and for a key marked
-# '1' whose value the cloud still holds as copied, that value being the edge's too, only
-# the edge's TTL is written: '1' (set or removed) or 's' (neither side changed it, nor
-# has a TTL: nothing written). A payload RESTORE refuses fails the script: a SyncError
-# with Redis's reason.
+# '1' (written), '0' (replace=0 and the destination had the key: kept, not written),
+# and with a manifest:
+# - for a key marked '1': 'u' (untouched: the cloud's value stands, whatever the cloud
+#   did meanwhile), or '1' when the cloud still holds the value copied out and only the
+#   edge's TTL is written (set or removed). One without a TTL on either side, or that
+#   the cloud deleted, is untouched unlooked at (one PTTL): nothing would be written
+#   either way; one with a TTL on either side is digested (no digest: the cloud deleted
+#   it): only an unchanged value takes the edge's.
+# - for the others, 'c' when the cloud's value is no longer the one copied out, or the
+#   cloud has a key that was not copied out: not written, the caller decides (a conflict
+#   if the edge changed it too).
+# A payload RESTORE refuses fails the script: a SyncError with Redis's reason.
 _RESTORE = DIGEST_FN + """
 local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
 local out = {}
+local function changed(k, i) return raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i) end
 for i, k in ipairs(KEYS) do
-  local changed, m = false, 0
-  if want ~= '' then
-    m = string.byte(mark, i)
-    if m == 110 then
-      changed = redis.call('EXISTS', k) == 1
-    else
-      changed = raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i)
-    end
-  end
-  if changed then
-    out[i] = 'c'
-  elseif m == 49 then
+  local m = want ~= '' and string.byte(mark, i) or 0
+  if m == 49 then
     local ttl = tonumber(ARGV[2 * i + 2])
-    if ttl > 0 then
+    if (ttl == 0 and redis.call('PTTL', k) < 0) or changed(k, i) then
+      out[i] = 'u'
+    elseif ttl > 0 then
       redis.call('PEXPIRE', k, ttl)
       out[i] = '1'
-    elseif redis.call('PERSIST', k) == 1 then
-      out[i] = '1'
     else
-      out[i] = 's'
+      redis.call('PERSIST', k)
+      out[i] = '1'
     end
+  elseif (m == 110 and redis.call('EXISTS', k) == 1) or (m == 48 and changed(k, i)) then
+    out[i] = 'c'
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
     out[i] = '1'
@@ -145,8 +146,8 @@ def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes,
     dumped: dict[bytes, tuple[bytes, int]] = {}
     for batch, flat in run_script(client, keys, _DUMP, no_args, side):
         it = iter(flat)
-        dumped.update((key, (payload, max(pttl, 0)))
-                      for key, pttl, payload in zip(batch, it, it, strict=True) if payload)
+        dumped.update((key, (payload, ttl))
+                      for key, ttl, payload in zip(batch, it, it, strict=True) if payload)
     return dumped
 
 
@@ -159,23 +160,24 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
     while True:
         with Guard(side):
             cursor, flat = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
-        it = iter(flat)
-        yield {key: (payload, max(pttl, 0)) for key, pttl, payload in zip(it, it, it, strict=True)}
+        yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
         if cursor in (b"0", 0):
             return
 
 
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
-            expect: dict[bytes, bytes | None] | None = None,
+            expect: Mapping[bytes, bytes] | None = None,
             held: list[bytes] | None = None,
-            same: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
-    """RESTORE the dumped keys on the destination; the keys written (or found the same).
+            untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
+    """RESTORE the dumped keys on the destination; the keys written.
 
-    With `expect` (key -> the digest the destination's value should still have, None:
-    absent), a key whose value changed there is not written but added to `held`; a key
-    whose value is the same on both sides (both digests) is not sent nor written again,
-    only its TTL is set as the source has it, and if neither has one it is counted as
-    written and added to `same`; all in the same script call.
+    With `expect` (key -> the digest the destination's value had when copied out, as
+    `payload_digest`; a key it lacks was not copied out), a key the source left as
+    copied out is not sent: the destination takes only the source's TTL, if its value
+    is still the one copied out, else the key goes to `untouched` (as does one without
+    a TTL on either side, unlooked at: its value stands either way); another key whose
+    value the destination changed since the copy is not written but added to `held`;
+    all in the same script call.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
@@ -192,12 +194,20 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                 args += (ttl, payload)
             return args
         want = [expect.get(k) for k in batch]
-        marks = [b"n" if w is None else b"1" if payload_digest(dumped[k][0]) == w else b"0"
-                 for k, w in zip(batch, want, strict=True)]  # fmt: skip
-        args = [flag, unhexlify(b"".join(w or NOT_COPIED for w in want)), b"".join(marks)]
-        for k, m in zip(batch, marks, strict=True):
+        raw = unhexlify(b"".join(w or NOT_COPIED for w in want))
+        args = [flag, raw, b""]
+        marks = bytearray(len(batch))
+        for i, (k, w) in enumerate(zip(batch, want, strict=True)):
             payload, ttl = dumped[k]
-            args += (ttl, b"" if m == b"1" else payload)  # '1': the cloud has the value
+            if w is None:
+                marks[i] = 110  # 'n'
+            elif payload[0] not in UNORDERED and payload[-8:] == raw[8 * i : 8 * i + 8]:
+                marks[i] = 49  # '1': left as copied out, never written
+                payload = b""
+            else:
+                marks[i] = 48  # '0'
+            args += (ttl, payload)
+        args[2] = bytes(marks)
         return args
 
     (restored,) = run_jobs(client, [Job(keys, eval_command(_RESTORE, restore_args))],
@@ -205,15 +215,13 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     written: list[bytes] = []
     for batch, flags in restored:
         for k, f in zip(batch, flags, strict=True):
-            if f == 99:  # b"c": changed on the destination, held back
+            if f == 49:  # b"1": written (b"0": kept)
+                written.append(k)
+            elif f == 99:  # b"c": changed on both sides, held back
                 if held is not None:
                     held.append(k)
-            elif f == 115:  # b"s": the same on both sides already
-                written.append(k)
-                if same is not None:
-                    same.append(k)
-            elif f == 49:  # b"1": written (b"0": kept)
-                written.append(k)
+            elif f == 117 and untouched is not None:  # b"u": the destination's stands
+                untouched.append(k)
     return written
 
 

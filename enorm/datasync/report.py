@@ -58,12 +58,9 @@ class SyncReport:
     conflicts: int = 0
     conflict_sample: list[str] = field(default_factory=list)
     conflicts_cloud_won: int = 0  # of those, kept as the cloud had them (cloud_wins)
-    # merge_back with a manifest: served users' keys only the cloud changed during the
-    # offload (the edge's is what was copied out): the cloud's value kept, not a conflict
-    cloud_kept: int = 0
-    # merge_back with a manifest: keys neither side changed (and without a TTL), found
-    # equal on the cloud by their digest and not written again (counted in `keys`)
-    unchanged: int = 0
+    # merge_back with a manifest: served users' keys the edge left as copied out, not
+    # written: the cloud's value stands, whatever the cloud did meanwhile (not in `keys`)
+    untouched: int = 0
     manifest: bool = False  # a manifest of the copy was found (deletes and conflicts known)
 
     def as_dict(self) -> dict[str, Any]:

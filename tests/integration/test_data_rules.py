@@ -21,7 +21,9 @@ def state(client, users) -> dict[bytes, tuple]:
     return datasync.read_typed(client, datasync.user_keys(client, users), "source")
 
 
-def offload_and_play(cloud, edge, manifest: str) -> None:
+def offload_and_play(cloud, edge, manifest: str) -> int:
+    """The served users copied out and played on the edge; returns how many keys were
+    copied out, of which the edge changes 3 and deletes 1."""
     fill_users(cloud, [*SERVED, OTHER, VICTIM])
     report = datasync.copy_users(cloud, edge, SERVED, manifest=manifest)
     assert report.manifest and cloud.hlen(manifest) == report.keys
@@ -40,9 +42,10 @@ def offload_and_play(cloud, edge, manifest: str) -> None:
     cloud.hset(keys.location("a1"), "lat", 99.0)
     cloud.hset(keys.user("a2"), "name", "renamed-on-cloud")
     cloud.hset(keys.location("a2"), "lat", 48.85)
+    return report.keys
 
 
-def check(cloud, edge, report, victim_before, other_before) -> None:
+def check(cloud, edge, report, copied, victim_before, other_before) -> None:
     assert report.verified and report.manifest
     # Ownership: nothing of a user the server did not serve reached the cloud.
     assert report.not_owned == 3
@@ -58,8 +61,9 @@ def check(cloud, edge, report, victim_before, other_before) -> None:
     assert report.conflicts_cloud_won == 1
     assert cloud.hget(keys.location("a1"), "lat") == b"1.0"  # edge won
     assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"  # cloud won (u:*)
-    # Changed on the cloud alone: not a conflict, and the edge's stale copy does not undo it.
-    assert report.cloud_kept == 1
+    # Left as copied on the edge (changed on the cloud alone, or on neither side):
+    # untouched, and the edge's stale copy of the cloud's change does not undo it.
+    assert report.untouched == copied - 4
     assert cloud.hget(keys.location("a2"), "lat") == b"48.85"
     # Everything else of the served users equals the edge's final state, key set included.
     edge_state, cloud_state = state(edge, SERVED), state(cloud, SERVED)
@@ -73,12 +77,12 @@ def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
     cloud = datasync.connect(redis_server().url)
     edge = datasync.connect(redis_server().url)
     name = datasync.manifest_key("s1")
-    offload_and_play(cloud, edge, name)
+    copied = offload_and_play(cloud, edge, name)
     victim, other = state(cloud, [VICTIM]), state(cloud, [OTHER])
     manifest = cloud.hgetall(name)
     report = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS,
                                  user_ids=SERVED, manifest=name, cloud_wins=["u:*"])
-    check(cloud, edge, report, victim, other)
+    check(cloud, edge, report, copied, victim, other)
     # A merge retried after one that wrote everything but died before dropping the
     # manifest: what it wrote itself is no conflict; the cloud-won key still is.
     cloud.hset(name, mapping=manifest)
@@ -89,10 +93,13 @@ def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
 
 
 @pytest.mark.parametrize("kind", ["standalone", "cluster"])
-def test_a_key_neither_side_changed_is_not_written_again(kind, redis_server, request):
-    """With a manifest, a key whose value neither the edge nor the cloud changed is found
-    equal by its digest and not rewritten (nor sent): only its TTL is set as the edge has
-    it (the TTL is not in the digest); a change of value is restored."""
+def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request):
+    """With a manifest, a key the edge left as copied is not sent nor written: the
+    cloud's value stands, whatever the cloud did meanwhile. Without a TTL on either side
+    it is not even digested (nothing would be written either way); with a TTL on either
+    side an unchanged value takes the edge's TTL (the TTL is not in the digest), a value
+    the cloud changed keeps the cloud's. A value the edge changed is restored. Nothing
+    else is lost."""
     if kind == "cluster":
         cloud = datasync.connect(request.getfixturevalue("redis_cluster").url, cluster=True)
     else:
@@ -102,11 +109,18 @@ def test_a_key_neither_side_changed_is_not_written_again(kind, redis_server, req
     fill_users(cloud, users)
     cloud.set("ttl:{q1}", "v", ex=3600)
     cloud.set("persist:{q2}", "v", ex=3600)
+    cloud.set("gone:{q6}", "v", ex=3600)
     name = datasync.manifest_key("same")
     copied = datasync.copy_users(cloud, edge, users, manifest=name)
     edge.hset(keys.user("q0"), "xp", 7)  # the edge changed a value
     edge.expire(keys.user("q3"), 600)  # ... a TTL only
     edge.persist("persist:{q2}")  # ... dropped a TTL
+    # Meanwhile the cloud changes keys the edge left as copied: values (no TTL, and one
+    # with its TTL kept), a delete (no TTL, and one with a TTL), a TTL given.
+    cloud.hset(keys.location("q4"), "lat", 9.5)
+    cloud.set("ttl:{q1}", "cloud", keepttl=True)
+    cloud.delete(keys.pokedex("q5"), "gone:{q6}")
+    cloud.expire(keys.user("q7"), 900)
     nodes = cloud.get_primaries() if kind == "cluster" else [cloud]
     conns = [n.redis_connection if kind == "cluster" else n for n in nodes]
     for c in conns:
@@ -116,25 +130,37 @@ def test_a_key_neither_side_changed_is_not_written_again(kind, redis_server, req
         return sum(c.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0)
                    for c in conns)  # fmt: skip
 
-    # Written: the changed value (restored); the TTL of the key the edge gave one and of
-    # the key that kept its own (set), the TTL the edge dropped (removed).
-    assert report.keys == copied.keys and report.unchanged == copied.keys - 4
-    assert calls("restore") == 1 and calls("pexpire") == 2
+    # Written: the changed value (restored); the TTL of the key the edge gave one (set),
+    # the TTL the edge dropped and the one only the cloud gave (removed: the edge's rule).
+    assert report.verified and report.keys == 4 and report.untouched == copied.keys - 4
+    assert report.conflicts == report.deleted == 0
+    assert calls("restore") == 1 and calls("pexpire") == 1 and calls("persist") == 2
+    # Digested: only the edge's changed key and those with a TTL on either side (q1, q2,
+    # q3, q7, and q6, which the cloud deleted: nothing to digest); the 190-odd others not.
+    assert calls("dump") == 6
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
-    assert cloud.ttl("persist:{q2}") == -1 and 0 < cloud.ttl("ttl:{q1}") <= 3600
-    assert state(cloud, users) == state(edge, users)
+    assert cloud.ttl("persist:{q2}") == -1 and cloud.ttl(keys.user("q7")) == -1
+    # The cloud's changes stand: its value and TTL, its deletes.
+    assert cloud.hget(keys.location("q4"), "lat") == b"9.5"
+    assert cloud.get("ttl:{q1}") == b"cloud" and 600 < cloud.ttl("ttl:{q1}") <= 3600
+    assert not cloud.exists(keys.pokedex("q5")) and not cloud.exists("gone:{q6}")
+    # Everything else is the edge's: 0 keys lost.
+    edge_state, cloud_state = state(edge, users), state(cloud, users)
+    for k in (keys.location("q4"), "ttl:{q1}", keys.pokedex("q5"), "gone:{q6}"):
+        edge_state.pop(k.encode()), cloud_state.pop(k.encode(), None)
+    assert cloud_state == edge_state and len(cloud_state) == copied.keys - 4
 
 
 def test_merge_back_into_a_cluster(redis_cluster, redis_server):
     cloud = datasync.connect(redis_cluster.url, cluster=True)
     edge = datasync.connect(redis_server().url)
-    offload_and_play(cloud, edge, datasync.manifest_key("s1"))
+    copied = offload_and_play(cloud, edge, datasync.manifest_key("s1"))
     victim, other = state(cloud, [VICTIM]), state(cloud, [OTHER])
     report = datasync.merge_back(edge, cloud, shared_patterns=keys.SHARED_PATTERNS,
                                  user_ids=SERVED, manifest=datasync.manifest_key("s1"),
                                  cloud_wins=["u:*"])
-    check(cloud, edge, report, victim, other)
+    check(cloud, edge, report, copied, victim, other)
 
 
 @pytest.mark.system
@@ -175,7 +201,7 @@ def test_a_handover_node_to_node_merges_as_the_first_edge_would_have(redis_serve
     have done: deletes, creations, conflicts. Nothing of users A did not serve travels."""
     cloud, a, b = (datasync.connect(redis_server().url) for _ in range(3))
     first, second = datasync.manifest_key("s1"), datasync.manifest_key("s2")
-    offload_and_play(cloud, a, first)
+    copied = offload_and_play(cloud, a, first)
     a.sadd("region:gcpvj0", "user:a1")  # a shared key written on A
     victim_before, other_before = state(cloud, [VICTIM]), state(cloud, [OTHER])
     served_before = state(cloud, SERVED)
@@ -201,7 +227,8 @@ def test_a_handover_node_to_node_merges_as_the_first_edge_would_have(redis_serve
     assert report.conflicts == 2 and report.conflicts_cloud_won == 1
     assert cloud.hget(keys.location("a1"), "lat") == b"1.0"
     assert cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
-    assert report.cloud_kept == 1 and cloud.hget(keys.location("a2"), "lat") == b"48.85"
+    assert report.untouched == copied - 4
+    assert cloud.hget(keys.location("a2"), "lat") == b"48.85"
     b_state, cloud_state = state(b, SERVED), state(cloud, SERVED)
     for k in (b"u:{a2}", b"loc:{a2}"):
         del b_state[k], cloud_state[k]

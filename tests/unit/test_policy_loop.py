@@ -248,7 +248,7 @@ def test_a_node_down_past_the_bound_its_group_goes_to_another_node_in_one_move()
     assert (ev.kind, ev.reason, ev.node, ev.server_id, ev.ok) == (
         "withdraw", "node_back", "a", "s1", True)
     assert ev.figures == {"state": "withdrawn", "keys_migrated": 5, "conflicts": 2,
-                          "conflicts_cloud_won": 2, "cloud_kept": 0}
+                          "conflicts_cloud_won": 2, "untouched": 0}
     assert loop.unreached == {} and loop.owned["party"].edge.name == "a"
 
 
