@@ -109,10 +109,13 @@ class Cluster:
     def master_ports(self) -> list[int]:
         return sorted(p for p, r in self.roles().items() if r == "master")
 
-    def ops(self) -> dict[int, int]:
-        """port -> commands processed so far, of each master alive."""
+    def ops(self, replicas: bool = False) -> dict[int, int]:
+        """port -> commands processed so far, of each master alive (and each replica:
+        the count a phase starts from, so that a replica promoted during it is counted
+        from there, not from its start)."""
+        ports = self.alive() if replicas else self.master_ports()
         return {p: int(redis.Redis(port=p).info("stats")["total_commands_processed"])
-                for p in self.master_ports()}
+                for p in ports}
 
     def memory(self) -> dict[int, int]:
         return {p: int(redis.Redis(port=p).info("memory")["used_memory"])

@@ -178,13 +178,14 @@ class Run:
 
     def window(self, seconds: float, during=None) -> dict:
         """Counts over `seconds`: simulator requests, each master's ops."""
-        s0, o0, t0 = self.sim_stats(), self.cluster.ops(), time.time()
+        s0, o0, t0 = self.sim_stats(), self.cluster.ops(replicas=True), time.time()
         if during is not None:
             during()
         time.sleep(max(0.0, seconds - (time.time() - t0)))
         s1, o1, t1 = self.sim_stats(), self.cluster.ops(), time.time()
         dt = t1 - t0
-        # a master that failed over: its replica's count restarts from its own
+        # a master that failed over: its promoted replica counted from the phase's start
+        # (what it applied from its master's stream until then, and served after)
         ops = {p: o1[p] - o0.get(p, 0) for p in o1}
         total = sum(ops.values()) or 1
         return {"seconds": round(dt, 2),
