@@ -105,7 +105,10 @@ def main(verbose: bool, log_json: bool) -> None:
               help="schedule neither the auto-scaler nor migration retries")
 def serve(config_path: str | None, no_autoscale: bool) -> None:
     """Run the edge node daemon (foreground) with the production WSGI server."""
+    from enorm import memory
     from enorm.daemon import Daemon
+
+    memory.bound_malloc_arenas()  # before the daemon's first thread
 
     cfg = load_config(config_path)
     findings = _preflight(cfg)

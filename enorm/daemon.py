@@ -98,9 +98,10 @@ class Daemon:
         self.node.events.stop()
 
     def serve(self) -> None:
+        """Serve under waitress (after `memory.bound_malloc_arenas`, called before
+        `open` starts any thread: see there)."""
         from waitress import serve
 
-        memory.bound_malloc_arenas()
         memory.collect_small_and_often()
         log.info("enorm %s listening on %s", self.config.name, self.config.url)
         serve(self.app, host=self.config.listen_host, port=self.config.listen_port,
