@@ -228,20 +228,22 @@ def basic_memory_mb(node: Node) -> int:
     return max(0, used - inside)
 
 
-def protect_basic_service(mgr: EdgeManager, headroom_mb: int) -> list[str]:
+def protect_basic_service(mgr: EdgeManager) -> list[str]:
     """One look at the basic service's memory: update the allocator's figure and, when
-    less than `headroom_mb` is left for it, terminate the lowest-priority tenants (data
-    merged back) until the shortfall is covered. Returns the servers terminated."""
+    less than the headroom is left for it (the node's free figure, which holds the
+    headroom back, is < 0), terminate the lowest-priority tenants (data merged back)
+    until the shortfall is covered. Returns the servers terminated."""
     node = mgr.node
     alloc = node.allocator
     basic = basic_memory_mb(node)
     alloc.basic = Resources(cores=alloc.basic.cores, memory_mb=basic)
-    left = int(node.free().memory_mb)  # signed: a shortfall shows as < 0
-    if left >= headroom_mb:
+    free = int(node.free().memory_mb)  # signed: a shortfall shows as < 0
+    if free >= 0:
         return []
-    victims = evictions(node.store.servers(), headroom_mb - left)
-    numbers = {"basic_service_mb": basic, "left_mb": left,
-               "headroom_mb": headroom_mb, "psi_some_avg10": psi_some_avg10()}
+    victims = evictions(node.store.servers(), -free)
+    headroom = alloc.headroom.memory_mb
+    numbers = {"basic_service_mb": basic, "left_mb": free + headroom,
+               "headroom_mb": headroom, "psi_some_avg10": psi_some_avg10()}
     done = []
     for sid in victims:
         try:
@@ -425,7 +427,7 @@ def node_loop(mgr: EdgeManager, on_round: Callable[[dict[str, Any]], None] | Non
 
         def look() -> None:
             with lock:
-                protect_basic_service(mgr, cfg.pressure_headroom_mb)
+                protect_basic_service(mgr)
 
         loop.every("enorm-pressure", cfg.pressure_interval_s, look)
         fd = psi_trigger()

@@ -6,10 +6,13 @@ clipped to zero), one epsilon for fractional cores. `protocol.Resources` is what
 the wire and into the store (never negative); `Amount.of` and `Amount.resources` are the
 two crossings.
 
-free = capacity - max(reserve, basic service) - allocated: the basic service is what the
-board's own processes use (the Monitor measures it); the reserve is the floor the
-operator keeps for them even when they are quiet. Admission is a pure function so that
-the paper's rule and the optional pre-emptive rule can be tested without a node.
+free = capacity - max(reserve, basic service) - headroom - allocated: the basic service
+is what the board's own processes use (the Monitor measures it); the reserve is the
+floor the operator keeps for them even when they are quiet; the headroom is what the
+pressure watcher keeps them free to grow into (0 without the watcher), so that nothing
+is admitted or scaled up into it only to be ended at the watcher's next look.
+Admission is a pure function so that the paper's rule and the optional pre-emptive rule
+can be tested without a node.
 """
 
 from __future__ import annotations
@@ -92,12 +95,14 @@ class Allocator:
     capacity: Resources
     reserve: Resources
     basic: Resources = field(default_factory=lambda: Resources(cores=0, memory_mb=0))
+    headroom: Resources = field(default_factory=lambda: Resources(cores=0, memory_mb=0))
 
     def held_back(self) -> Amount:
-        return held_back(self.reserve, self.basic)
+        return held_back(self.reserve, self.basic) + Amount.of(self.headroom)
 
     def free(self, allocated: Resources | Amount) -> Amount:
-        return free(self.capacity, self.reserve, self.basic, allocated)
+        return free(self.capacity, self.reserve, self.basic, allocated) - Amount.of(
+            self.headroom)
 
 
 @dataclass(frozen=True)

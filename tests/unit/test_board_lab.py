@@ -199,6 +199,30 @@ def test_the_onboard_figures_send_a_setup_request_the_node_takes(tmp_path: Path)
     assert req.ssh_public_key == text.strip() and req.ports == [8080]
 
 
+def test_the_onboard_figures_read_the_nodes_config_in_a_process_of_its_own(
+        tmp_path: Path) -> None:
+    """The measuring process is counted as the board's own use beside the 8 servers: it
+    reads the node's config (its derived names, the operator token made at first start)
+    through a child, and keeps neither the config loader nor the daemon's imports."""
+    import sys
+
+    from bench.boards import onboard
+
+    (tmp_path / "node.toml").write_text(
+        f'name = "b1"\nlisten_port = 18555\nstate_dir = "{tmp_path}/state"\n'
+        f'subnet = "10.77.3.0/24"\nunit = {{ cores = 0.25, memory_mb = 64 }}\n')
+    board = onboard.read_board(str(tmp_path / "node.toml"))
+    token = (tmp_path / "state" / "operator.token").read_text().strip()
+    assert (board.listen_port, board.gateway, board.subnet.prefixlen) == (18555, "10.77.3.1", 24)
+    assert (board.unit_cores, board.unit_memory_mb, board.operator_token) == (0.25, 64, token)
+    assert board.base_container == "enorm-base-debian"
+    p = subprocess.run([sys.executable, "-c", "import sys, bench.boards.onboard; print("
+                        "sorted({'pydantic_settings', 'flask', 'enorm.daemon'} & "
+                        "set(sys.modules)))"], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.stdout.strip() == "[]"
+
+
 ROLES = {
     "lxc/defaults/main.yml": "lxc_packages: [lxc, lxcfs]\nlxc_bridge: enorm0\n",
     "lxc/tasks/main.yml": """

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from enorm.pressure import evictions, psi_some_avg10
 from enorm.protocol import Resources
 from enorm.resources import Amount
@@ -71,7 +73,8 @@ def test_a_container_launching_or_ending_is_not_counted_as_the_basic_service(
         return SimpleNamespace(memory_bytes=use[name] * mb)
 
     alloc = resources.Allocator(capacity=Resources(cores=4, memory_mb=1000),
-                                reserve=Resources(cores=0, memory_mb=100))
+                                reserve=Resources(cores=0, memory_mb=100),
+                                headroom=Resources(cores=0, memory_mb=40))
     node = SimpleNamespace(
         store=SimpleNamespace(servers=lambda: servers),
         containers=SimpleNamespace(usage=usage), allocator=alloc,
@@ -81,7 +84,7 @@ def test_a_container_launching_or_ending_is_not_counted_as_the_basic_service(
     mgr = SimpleNamespace(node=node, terminate=lambda sid, **kw: ended.append(sid))
     assert control_loop.basic_memory_mb(node) == 650 - 150 - 120 - 30
     # 1000 - 350 - 600 allocated = 50 MB left, the headroom 40: nobody goes
-    assert control_loop.protect_basic_service(mgr, headroom_mb=40) == []
+    assert control_loop.protect_basic_service(mgr) == []
     assert ended == [] and alloc.basic.memory_mb == 350
 
 
@@ -123,3 +126,47 @@ def test_the_rounds_basic_service_figure_subtracts_every_container(
     snap = obs.snapshot()
     assert alloc.basic.memory_mb == 650 - 150 - 120 - 30
     assert [s.id for s in snap.servers] == ["kept"]  # only running ones are scaled
+
+
+@pytest.mark.parametrize("interval_s, admitted", [(2.0, 6), (0.0, 7)])
+def test_a_unit_is_not_admitted_into_the_headroom_its_watcher_keeps(
+        monkeypatch, tmp_path: Path, interval_s, admitted) -> None:
+    """The 1 GB board (957 MB, the board's own use 320 MB, units of 80 MB, a headroom of
+    96 MB): the node admitted units until 17 MB were free, and its watcher, at its next
+    look, ended the newest one (3 of 8 servers in the run of 2026-12-07). With the watcher
+    on, the headroom is held back from what is free: 6 are admitted and none is ended.
+    Without it, nothing is held back."""
+    from types import SimpleNamespace
+
+    from enorm import config, control_loop, node, resources
+
+    f = tmp_path / "node.toml"
+    f.write_text(f"cores = 4.0\nmemory_mb = 957\nreserve_memory_mb = 192\n"
+                 f"unit = {{ cores = 0.25, memory_mb = 80 }}\n"
+                 f"pressure_interval_s = {interval_s}\npressure_headroom_mb = 96\n")
+    alloc = node.allocator(config.load(f))
+    alloc.basic = Resources(cores=0, memory_mb=320)
+    servers: list[S] = []
+    while resources.admit(unit=Resources(cores=0.25, memory_mb=80),
+                          free=alloc.free(resources.total(s.limits for s in servers)),
+                          priority=5, min_priority=0, ports_needed=1, ports_free=99,
+                          tenants=[]).admit:
+        servers.append(srv(f"s{len(servers)}", 5, float(len(servers)), 80))
+        servers[-1].container = f"c-{servers[-1].id}"
+    assert len(servers) == admitted
+    if not interval_s:
+        return
+    mb = 1 << 20  # the machine: the board's 320 MB and what the servers use (10 MB each)
+    monkeypatch.setattr(control_loop.psutil, "virtual_memory", lambda: SimpleNamespace(
+        total=957 * mb, available=(957 - 320 - 10 * len(servers)) * mb))
+    ended: list[str] = []
+    n = SimpleNamespace(
+        store=SimpleNamespace(servers=lambda: servers), allocator=alloc,
+        containers=SimpleNamespace(usage=lambda name: SimpleNamespace(memory_bytes=10 * mb)),
+        free=lambda: alloc.free(resources.total(s.limits for s in servers)))
+    mgr = SimpleNamespace(node=n, terminate=lambda sid, **kw: ended.append(sid))
+    assert control_loop.protect_basic_service(mgr) == [] and ended == []
+    # the board's own use grows by 80 MB (61 were free): the newest of the lowest goes
+    monkeypatch.setattr(control_loop.psutil, "virtual_memory", lambda: SimpleNamespace(
+        total=957 * mb, available=(957 - 400 - 10 * len(servers)) * mb))
+    assert control_loop.protect_basic_service(mgr) == ["s5"]
