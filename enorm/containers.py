@@ -520,9 +520,11 @@ class Containers:
         return self._get(name).defined
 
     # -- limits and usage ----------------------------------------------------------------
-    def set_limits(self, name: str, limits: Resources) -> None:
+    def set_limits(self, name: str, limits: Resources, was: Resources | None = None) -> None:
         """Apply new limits to the running container (the auto-scaler's mechanism), all
-        or nothing (LimitRefused).
+        or nothing (LimitRefused): what was written goes back to `was` (the limits the
+        node gave it) or, without it, to the values read first (three more liblxc calls,
+        a quarter of a resize's time on this host).
 
         Only the kernel's values change; the store keeps the limits and `reconcile`
         applies them again if the container is ever restarted. In v1 the period is set
@@ -531,12 +533,14 @@ class Containers:
         c = self._get(name)
         if not c.running:
             raise ContainerError(f"{name}: not running, cannot change its limits")
-        items = self._limit_items(limits, self._first_cpu(self._address(c)))
+        first = self._first_cpu(self._address(c))
+        items = self._limit_items(limits, first)
         items.pop("cpu.cfs_period_us", None)
         # All or nothing: the memory first (the item a kernel refuses: usage above the
         # new limit), and what was written goes back if a later item is refused.
         order = sorted(items, key=lambda k: not k.startswith("memory"))
-        before = {k: (c.get_cgroup_item(k) or "").strip() for k in order}
+        before = (self._limit_items(was, first) if was is not None else
+                  {k: (c.get_cgroup_item(k) or "").strip() for k in order})
         done: list[str] = []
         for k in order:
             if not c.set_cgroup_item(k, items[k]):

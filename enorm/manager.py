@@ -192,7 +192,7 @@ class EdgeManager:
                                        f"the base image needs ({sizing.least_memory_mb(needs)}"
                                        " MB)", field="memory_mb")
             try:
-                node.containers.set_limits(rec.container, limits)
+                node.containers.set_limits(rec.container, limits, was=rec.limits)
             except LimitRefused as exc:  # the kernel's own no (memory in use): undone
                 raise AdmissionRefused("memory_in_use" if exc.memory else "insufficient_resources",
                                        str(exc), field="memory_mb" if exc.memory else "cores"

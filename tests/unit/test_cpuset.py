@@ -29,3 +29,42 @@ def test_neighbours_spread_over_the_board_and_wrap():
     placed = [cpuset(1.0, host, first % 2) for first in range(4)]
     assert placed == [[0], [1], [0], [1]]
     assert cpuset(2.0, [2, 5, 7], 2) == [7, 2]
+
+
+@pytest.mark.parametrize("was", [True, False])
+def test_a_refused_limit_puts_back_what_was_written_before_it(tmp_path, monkeypatch, was):
+    """All or nothing: the memory goes first; when the kernel then refuses the CPU
+    quota, the memory goes back to the limits the node gave (without reading the
+    kernel's values first: a quarter of a resize), or to the values read first."""
+    from enorm import containers
+    from enorm.protocol import Resources
+
+    class Fake:
+        running = True
+        items = {"memory.max": str(64 << 20), "cpu.max": "25000 100000", "cpuset.cpus": "1"}
+        reads = 0
+
+        def get_config_item(self, key):
+            return ["10.0.3.5/24"]
+
+        def get_cgroup_item(self, key):
+            Fake.reads += 1
+            return self.items[key]
+
+        def set_cgroup_item(self, key, value):
+            if key == "cpu.max" and value.startswith("50000"):
+                return False  # the kernel's no
+            self.items[key] = value
+            return True
+
+    monkeypatch.setattr(containers, "cgroup_version", lambda: 2)
+    cs = containers.Containers(tmp_path, "enorm-tc-", "enorm-base-debian")
+    cs.host_cpus = [0, 1, 2, 3]
+    fake = Fake()
+    monkeypatch.setattr(cs, "_get", lambda name: fake)
+    old = Resources(cores=0.25, memory_mb=64)
+    with pytest.raises(containers.LimitRefused):
+        cs.set_limits("enorm-tc-a", Resources(cores=0.5, memory_mb=128),
+                      was=old if was else None)
+    assert fake.items["memory.max"] == str(64 << 20)
+    assert Fake.reads == (0 if was else 3)
