@@ -101,8 +101,7 @@ class Allocator:
         return held_back(self.reserve, self.basic) + Amount.of(self.headroom)
 
     def free(self, allocated: Resources | Amount) -> Amount:
-        return free(self.capacity, self.reserve, self.basic, allocated) - Amount.of(
-            self.headroom)
+        return Amount.of(self.capacity) - self.held_back() - Amount.of(allocated)
 
 
 @dataclass(frozen=True)
