@@ -197,9 +197,9 @@ def setup_body(public_key_file_text: str) -> dict:
 def resize_each(base: str, ids: list[str], unit: tuple[float, int],
                 headers: dict) -> tuple[list[float], list[str], list[str]]:
     """Each server one unit up and back down, one at a time, so that the board needs
-    the room for one more unit only. A refusal (409,
-    no room) and a server the node has ended meanwhile (404: its pressure watcher may end
-    one on a full board) are counted and said, not fatal; anything else is."""
+    the room for one more unit only. A refusal (409, no room) and a server the node has
+    ended meanwhile (404: its pressure watcher may end one on a full board) are counted
+    and said, not fatal; anything else is."""
     one = {"cores": unit[0], "memory_mb": unit[1]}
     two = {"cores": unit[0] * 2, "memory_mb": unit[1] * 2}
     times: list[float] = []

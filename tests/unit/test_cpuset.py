@@ -35,7 +35,7 @@ def test_neighbours_spread_over_the_board_and_wrap():
 def test_a_refused_limit_puts_back_what_was_written_before_it(tmp_path, monkeypatch, was):
     """All or nothing: the memory goes first; when the kernel then refuses the CPU
     quota, the memory goes back to the limits the node gave (without reading the
-    kernel's values first: a quarter of a resize), or to the values read first."""
+    kernel's values first: 23 ms of a resize on the board VM), or to the values read."""
     from enorm import containers
     from enorm.protocol import Resources
 
