@@ -524,7 +524,7 @@ class Containers:
         """Apply new limits to the running container (the auto-scaler's mechanism), all
         or nothing (LimitRefused): what was written goes back to `was` (the limits the
         node gave it) or, without it, to the values read first (three more liblxc calls:
-        23 ms of a 187 ms resize on the amd64 board VM).
+        23 ms on the amd64 board VM, where a resize took 149-187 ms).
 
         Only the kernel's values change; the store keeps the limits and `reconcile`
         applies them again if the container is ever restarted. In v1 the period is set
