@@ -64,8 +64,9 @@ def ensure_key() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one board, the cycle alone")
-    # Quick on amd64: the arm64 board's playbook on a provisioned board took 304-566 s
-    # under TCG here (amd64: 178-306 s), so its quick run is not reliably under 10 min.
+    # Quick on amd64: the arm64 board's playbook on a provisioned board took 304-590 s
+    # under TCG here (amd64: 178-306 s); its quick run from its provisioned disk took
+    # 750 s (2026-12-07), not under 10 min.
     ap.add_argument("--arch", help="comma-separated (default: arm64,amd64; quick: amd64)")
     ap.add_argument("--out", type=Path, help="results JSON (default by mode)")
     ap.add_argument("--image", choices=("host", "board"), default="host",
