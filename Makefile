@@ -65,7 +65,7 @@ bench-quick: setup
 # amd64/provisioned-<key>.qcow2) with the playbook run once to converge it; without one it
 # provisions from zero and saves it. amd64, not arm64: the arm64 board's playbook run on a
 # provisioned board took 5-9.5 min under TCG here (amd64's 3-5), and its offload up to
-# 108 s: with boot and cycle about 7.5-13 min, not reliably under 10 (BENCHMARKS.md).
+# 108 s: its quick run from its provisioned disk took 12.5 min (BENCHMARKS.md).
 # Its own lock (not the benches'): its ports are free ones, its caches shared.
 boards: setup
 	flock /run/enorm-boards.lock nice -n 10 .venv/bin/python -m bench.boards
