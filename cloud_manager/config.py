@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .ledger import LEASE_S
 from .policy import Settings as PolicySettings
 
 DEFAULT_PATH = Path("/etc/enorm-cloud/cloud.toml")
@@ -112,7 +113,7 @@ class CloudConfig(BaseModel):
     # An offload in flight is leased to its process for offload_lease_s (renewed every
     # third of it): if the process dies, the orphans' reconcile of another completes or
     # ends it once the lease lapsed (cloud_manager/ledger.py, orphans.py).
-    offload_lease_s: float = Field(default=30.0, gt=0)
+    offload_lease_s: float = Field(default=LEASE_S, gt=0)
     # The cloud manager deciding by itself (`enorm-cloud policy`; cloud_manager/policy.py).
     policy: PolicySettings = Field(default_factory=PolicySettings)
 

@@ -51,7 +51,7 @@ from typing import Any
 import redis
 
 from enorm import datasync
-from enorm.datasync.transport import Job, eval_command, run_jobs
+from enorm.datasync.transport import FAILING_OVER, Job, eval_command, run_jobs
 from enorm.protocol import User
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,10 @@ return 0
 # How long `record` is tried again through a master's failover.
 RETRY_S = 15.0
 
+# An offload in flight's lease, unless the app sets `offload_lease_s`: 1.5x a failover of
+# Redis's default `cluster-node-timeout` (15 s) and its election (`Intents`).
+LEASE_S = 30.0
+
 # How soon a renewal of the leases that failed (a master failing over, the cluster out of
 # reach) is tried again: within the lease, not a third of one later, so that a failover
 # shorter than two thirds of a lease (less this) costs no lease (`Intents`).
@@ -162,8 +166,7 @@ RENEW_RETRY_S = 0.25
 # process cut off from the cluster (a cluster client that reaches no node raises an error
 # that is not a RedisError).
 UNREACHABLE: tuple[type[Exception], ...] = (
-    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError, redis.exceptions.RedisClusterUnreachableError)
+    *FAILING_OVER, redis.exceptions.RedisClusterUnreachableError)
 
 # How long a server's ended mark is kept: longer than any record can come late.
 ENDED_TTL_S = 86400
@@ -518,7 +521,7 @@ class Intents:
     the cluster for longer loses them: the others carry its offloads on, and what it
     writes late is refused (`Ended`, `Lapsed`)."""
 
-    def __init__(self, ledger: Ledger, lease_s: float = 30.0) -> None:
+    def __init__(self, ledger: Ledger, lease_s: float = LEASE_S) -> None:
         if not lease_s > 0:
             raise ValueError("lease_s must be > 0")
         self.ledger, self.lease_s = ledger, lease_s

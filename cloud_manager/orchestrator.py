@@ -48,7 +48,16 @@ from . import events, handover
 from .app import App, EdgeContext, sink_for
 from .deployer import Deployer, DeployError, Session, wait_http
 from .edge_client import EdgeClient, EdgeError, Rejected
-from .ledger import UNREACHABLE, CloudUnreachable, Entry, Intent, Intents, Lapsed, Ledger
+from .ledger import (
+    LEASE_S,
+    UNREACHABLE,
+    CloudUnreachable,
+    Entry,
+    Intent,
+    Intents,
+    Lapsed,
+    Ledger,
+)
 from .orphans import Orphans
 from .placement import Placer, Policy, Weights
 from .policy import Settings as PolicySettings
@@ -579,7 +588,7 @@ class CloudManager:
         self._heartbeats.start()
         return self._heartbeats
 
-    def start_intents(self, ledger: Ledger, lease_s: float = 30.0) -> Intents:
+    def start_intents(self, ledger: Ledger, lease_s: float = LEASE_S) -> Intents:
         """Record each offload in flight in the ledger, from its node's admission to its
         users' redirection, under a lease this process renews until `close`, so that if
         it dies another process's orphans' reconcile completes or ends it (ledger.py)."""
@@ -594,7 +603,7 @@ class CloudManager:
         or end the offloads whose owner died (their intents' leases lapsed), the work
         shared with the other processes (orphans.py), until `close`."""
         self._orphans = Orphans(self, ledger, interval_s, grace_s, max_rate,
-                                lease_s=30.0 if self.intents is None else self.intents.lease_s)
+                                lease_s=LEASE_S if self.intents is None else self.intents.lease_s)
         self._orphans.start()
         return self._orphans
 

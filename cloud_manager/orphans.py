@@ -70,7 +70,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .edge_client import EdgeClient, EdgeError
-from .ledger import RETRY_S, Intent, Ledger, deployment_key, lease_key
+from .ledger import LEASE_S, RETRY_S, Intent, Ledger, deployment_key, lease_key
 from .registry import SHARDS, TurnJob, period, run_turns, shard
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class Orphans(TurnJob):
 
     def __init__(self, cm: CloudManager, ledger: Ledger, interval_s: float = 60.0,
                  grace_s: float = 300.0, max_rate: float = 50.0, workers: int = 8,
-                 lease_s: float = 30.0) -> None:
+                 lease_s: float = LEASE_S) -> None:
         if cm.registry is None:
             raise ValueError("the orphans' reconcile needs a registry (its turn leases)")
         if not (interval_s > 0 and grace_s >= 0 and max_rate > 0):

@@ -107,6 +107,11 @@ def is_cluster(client: Client) -> bool:
     return isinstance(client, RedisCluster)
 
 
+# What a cluster raises while a master fails over (its replica takes over within seconds).
+FAILING_OVER: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError)
+
+
 def through_failover(call: Callable[[], Any], within_s: float = 15.0) -> Any:
     """`call()`, tried again for `within_s` while the cluster cannot answer (a master
     failing over: its replica takes over within seconds); for calls that may repeat."""
@@ -114,7 +119,7 @@ def through_failover(call: Callable[[], Any], within_s: float = 15.0) -> Any:
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError):
+        except FAILING_OVER:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.25)
