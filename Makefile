@@ -7,10 +7,11 @@ setup:
 demo: setup
 	.venv/bin/enorm-demo
 
-# The tests also run an arm64 container (tests/e2e/test_foreign_arch.py): qemu-user and
-# its binfmt_misc registration come with them, not with `make demo`.
+# The tests also run an arm64 container (tests/e2e/test_foreign_arch.py) and check the
+# armhf image build (tests/integration/test_image_build.py): qemu-user and both binfmt_misc
+# registrations come with them, not with `make demo`.
 test:
-	@./scripts/setup.sh --foreign arm64
+	@./scripts/setup.sh --foreign arm64 --foreign armhf
 	.venv/bin/ruff check .
 	.venv/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout=900 --durations=15 tests
 
