@@ -828,7 +828,9 @@ def where_time_went(run: dict) -> dict:
         return statistics.median(v) if len(v) >= 6 else None
 
     pairs: dict[str, list] = {"young": [], "old": []}
-    own: dict[tuple[int, float], float] = {}  # (group, bin start) -> policy / pin
+    # (group, bin start) -> (calls, policy / pin): in a bin with two of the group's
+    # servers (a move in it), the one that served more of its calls
+    own: dict[tuple[int, float], tuple[int, float]] = {}
     for label, lines in logs.items():
         if not label.startswith("policy-") or not lines:
             continue
@@ -838,10 +840,13 @@ def where_time_went(run: dict) -> dict:
             a, z = med(lines, b * BIN_S, (b + 1) * BIN_S), med(pin, b * BIN_S, (b + 1) * BIN_S)
             if a is not None and z is not None:
                 pairs["young" if b * BIN_S - first < YOUNG_S else "old"].append((a, z))
-                own[g, b * BIN_S] = round(a / z, 2)
+                calls = sum(1 for t, _ in lines if b * BIN_S <= t < (b + 1) * BIN_S)
+                if calls > own.get((g, b * BIN_S), (0, 0.0))[0]:
+                    own[g, b * BIN_S] = (calls, round(a / z, 2))
     host = c["host"]
     daemons = [sum(h["daemons"].values()) for h in host]
-    over = [{"group": grp["group"], **o, "server_own_ratio": own.get((grp["group"], o["t"]))}
+    over = [{"group": grp["group"], **o,
+             "server_own_ratio": own.get((grp["group"], o["t"]), (0, None))[1]}
             for grp in run["by_place"]["groups"] for o in grp["modes"]["policy"]["over_1_2"]]
     return {
         "server_own_ms": {k: {"bins": len(v),
