@@ -65,11 +65,12 @@ def pace(start: float, now: float, period: int, u: float) -> tuple[float, int]:
 
     The moment is drawn anew for each request, so that no user keeps a place in the
     period relative to the others. With fixed places (user i at i x the golden ratio),
-    which users a set held decided what it collided with on this shared machine: the
-    mobility bench's policy set (users 12-14) started 17 ms after the cloud set's users 0
-    and 1, as their answers came back, and measured 1.3 ms more a request than the pins
-    beside it on the same node -- its users 13 and 14 more, its user 12 not, on one
-    server (bench.newserver, session 7); its bins over 1.2x the best node were that."""
+    which users a set held decided what it collided with on this shared machine: in the
+    mobility bench the policy's users 13 and 14 started 17 ms after the cloud set's users
+    0 and 1, as their answers came back, and measured more a request than the pins on
+    the same node (the set 1.3 ms), its user 12 on the same server not (`bench.mobility
+    --counters`, session 7): the bins over 1.2x of the best node that session 6 took for
+    a new server's first seconds."""
     period = max(period, int((now - start) / PACE_S))
     return start + PACE_S * (period + u), period + 1
 
