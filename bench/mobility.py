@@ -868,7 +868,7 @@ def write(data: dict, out: Path) -> None:
         if "counters" in r:
             r["by_place"]["where_time_went"] = where_time_went(r)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mobility.json").write_text(json.dumps(data, indent=1))
+    (out / "mobility.json").write_text(json.dumps(data, separators=(",", ":")))
     plot(data["runs"], out / "mobility.png")
     for r in data["runs"]:
         s, p = r["summary"], r["by_place"]["summary"]

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
            "args": vars(a) | {"out": str(a.out)}, "loadavg_at_start": load0,
            "loadavg_at_end": os.getloadavg(), **analyse(r), "raw": r}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
+    a.out.write_text(json.dumps(res, separators=(",", ":")))  # per request: compact
     for row in res["bins"]:
         cs = row.get("containers", {})
         print(f"{row['t']:5.0f}  A {row['p50_A']}  B {row['p50_B']}  C {row['p50_C']}  "
