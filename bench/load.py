@@ -6,8 +6,9 @@ Each virtual user is a thread with its own GameClient and its own source address
 edge node sees one address per user. Behaviours (the paper's JMeter plans):
 - aggressive: data-intensive requests (location update + wild Pokemon) with no pauses;
 - mixed: the same, with pauses, alternating with regular requests (own profile);
-- paced: the aggressive request, one every `PACE_S` (users walking and playing: a steady
-  sample of their latency over time, bench.mobility).
+- paced: the aggressive request, one in every `PACE_S` period at a random moment of it,
+  drawn anew for each request (users walking and playing: a steady sample of their
+  latency over time, bench.mobility; see `pace`).
 
 Run inside the users' namespace (`ip netns exec enbdu0 python -m bench.load ...`): it logs
 every user in at the cloud, prints their ids as one JSON line, waits for a line on stdin
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -55,21 +57,32 @@ def _client(cloud: str, i: int, source: str, prefix: str = "") -> GameClient:
     return c
 
 
-def phase(i: int) -> float:
-    """Where in the pace's period paced user i starts (0..1): spread by the golden ratio,
-    so that any run of consecutive users (a set of them) is spread over the period. All
-    users on one tick made each request queue behind the others' in this one process, and
-    which came first decided its latency more than the server it went to."""
-    return (i * 0.6180339887498949) % 1.0
+def pace(start: float, now: float, period: int, u: float) -> tuple[float, int]:
+    """A paced request's moment and the period of the one after it: in period `period`
+    (from `start`, `PACE_S` long) at its fraction `u` (0..1, random), or in the current
+    period if that one has passed (a slow request delays only itself and skips the
+    periods it overran: at most one request a period, no catching up in a burst).
+
+    The moment is drawn anew for each request, so that no user keeps a place in the
+    period relative to the others. With fixed places (user i at i x the golden ratio),
+    which users a set held decided what it collided with on this shared machine: in the
+    mobility bench the policy's users 13 and 14 started 17 ms after the cloud set's users
+    0 and 1, as their answers came back, and measured more a request than the pins on
+    the same node (the set 1.3 ms), its user 12 on the same server not (`bench.mobility
+    --counters`, session 7): the bins over 1.2x of the best node that session 6 took for
+    a new server's first seconds."""
+    period = max(period, int((now - start) / PACE_S))
+    return start + PACE_S * (period + u), period + 1
 
 
 def _run(c: GameClient, behaviour: str, until: float, out: list, errors: list,
-         trace: list | None, i: int, who: bool = False) -> None:  # fmt: skip
-    step, due = 0, time.monotonic() + (PACE_S * phase(i) if behaviour == "paced" else 0.0)
+         trace: list | None, i: int, who: bool = False, seed: str = "") -> None:  # fmt: skip
+    # each user its own draws, different in each load process (`seed`: its prefix)
+    rng, start, period, step = random.Random(f"{seed}/{i}"), time.monotonic(), 0, 0
     while time.monotonic() < until:
-        if behaviour == "paced":  # on a schedule (a slow request delays only itself)
+        if behaviour == "paced":
+            due, period = pace(start, time.monotonic(), period, rng.random())
             time.sleep(max(0.0, due - time.monotonic()))
-            due = max(due + PACE_S, time.monotonic())
         t = time.perf_counter()
         try:
             if behaviour == "mixed" and step % 2:
@@ -104,7 +117,7 @@ def serve(cloud: str, sources: list[str], duration: float, behaviour: str,
     tr: list | None = [] if trace else None
     t0 = time.monotonic()
     threads = [threading.Thread(target=_run, args=(c, behaviour, t0 + duration, lat, errors, tr,
-                                                   i, trace == "who"))
+                                                   i, trace == "who", prefix))
                for i, c in enumerate(clients)]
     for th in threads:
         th.start()

@@ -60,6 +60,7 @@ import requests
 
 from bench.latency import RESULTS
 from bench.load import Load
+from bench.newserver import Sampler
 from bench.testbed import WAN, Testbed
 from cloud_manager.edge_client import EdgeClient
 from enorm import datasync
@@ -93,6 +94,7 @@ SETS = ("cloud", "pin0", "pin1", "pin2", "policy")
 MOVE_S = 3.0  # starting a server (an offload, or a handover's new one) on this testbed
 SWITCH_S = 1.0  # a prepared handover's switch (bench.handover: 0.2 s) + a request's period
 GOAL_S = 10.0  # the issue's bound on the reaction after a crossing
+YOUNG_S = 20.0  # a server's first seconds, told apart in `where_time_went`
 
 
 def position(g: int, t: float, scale: float) -> float:
@@ -272,6 +274,22 @@ def walk(bed: Testbed, t0: float, span: float, scale: float, stop: threading.Eve
     bed.up(node)
 
 
+def keys_of(cloud, uids: dict[int, list[str]]) -> dict[int, dict[str, list]]:
+    """Each group's users' keys on the cloud (g -> user -> sorted keys), by the key's hash
+    tag, in one SCAN of the cloud's keyspace: one `*{uid}*` SCAN per user walked the
+    whole keyspace 45 times, a round trip per 10 keys, minutes over the far WAN (85 ms)."""
+    owner = {u: g for g, us in uids.items() for u in us}
+    out: dict[int, dict[str, list]] = {g: {u: [] for u in us} for g, us in uids.items()}
+    for key in cloud.scan_iter(count=1000):
+        text = key.decode() if isinstance(key, bytes) else key
+        lo = text.find("{")
+        hi = text.find("}", lo + 1)
+        uid = text[lo + 1:hi] if lo >= 0 and hi > lo + 1 else None
+        if uid in owner:
+            out[owner[uid]][uid].append(key)
+    return {g: {u: sorted(keys) for u, keys in us.items()} for g, us in out.items()}
+
+
 def calibrate(bed: Testbed, wan: str, n: int) -> dict:
     """What a request costs on the cloud and on an edge server, measured the same way:
     2n users of group 0's namespace at its start play paced game requests for
@@ -305,7 +323,8 @@ def calibrate(bed: Testbed, wan: str, n: int) -> dict:
             "cloud_service_ms": round(max(0.0, c - REQUEST_RTTS * cloud_rtt), 1)}
 
 
-def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0) -> dict:
+def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0,
+        counters: bool = False) -> dict:  # fmt: skip
     span = SPAN_S * scale
     bed.wan(wan)
     for g in NODES:
@@ -324,8 +343,8 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0)
             sl = slice(i * per_set, (i + 1) * per_set)
             users[g, name] = list(zip(uids[sl], addrs[sl], strict=True))
     cloud = datasync.connect(f"redis://{bed.cloud_ns.ip}:6379/0")
-    before = {g: {u: sorted(cloud.scan_iter(f"*{{{u}}}*")) for name in SETS
-                  for u, _ in users[g, name]} for g in NODES}
+    before = keys_of(cloud, {g: [u for name in SETS for u, _ in users[g, name]]
+                             for g in NODES})
     pins = {}
     for g in NODES:
         for k in NODES:
@@ -347,6 +366,9 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0)
     outs: dict[int, dict] = {}
     threads = [threading.Thread(target=lambda g=g: outs.update({g: loads[g].run()}))
                for g in NODES]
+    sampler = Sampler(bed, every=1.0) if counters else None
+    if sampler is not None:
+        sampler.start()
     t0 = time.time()
     for th in threads:
         th.start()
@@ -358,6 +380,9 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0)
     stop.set()
     walker.join()
     events = requests.get(bed.cloud_url + "/bench/policy", timeout=60).json()
+    if sampler is not None:
+        sampler.stop.set()
+        sampler.join()
     # the policy stops deciding once its groups stop playing: end it, then bring home
     # every server left (the policy's and the pins) for the keys' count
     stopped = requests.post(bed.cloud_url + "/bench/policy/stop", timeout=120)
@@ -365,13 +390,55 @@ def run(bed: Testbed, wan: str, per_set: int, scale: float, settle: float = 0.0)
     for sid in pins.values():
         bed.withdraw(sid)
     time.sleep(1.0)
-    after = {g: {u: sorted(cloud.scan_iter(f"*{{{u}}}*")) for u in before[g]} for g in NODES}
+    after = keys_of(cloud, {g: list(before[g]) for g in NODES})
     cloud.close()
     out = analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events,
                   before, after)
     out["policy_left"] = stopped.json()  # withdrawn at the end: their merges
     out["calibration"] = cal
+    if sampler is not None:
+        prefix = {b.name: b.node.config.container_prefix for b in bed.edges}
+        label = {f"{prefix[f'bed{k}']}{sid}": f"pin{k}-g{g}" for (g, k), sid in pins.items()}
+        label |= {f"{prefix[e['to'] or e['node']]}{e['new_server_id']}":
+                  f"policy-{e['group']}@{e['to'] or e['node']}#{e['new_server_id']}"
+                  for e in events if e["ok"] and e["new_server_id"]}
+        out["counters"] = counters_of(sampler, label, t0)
+        # each request as the users saw it: (end, ms, user index, node; None: the cloud)
+        out["counters"]["requests"] = {
+            g: [(round(t - t0, 3), ms, who, node_of(server, bed))
+                for t, ms, who, server in outs[g]["trace"]] for g in NODES}
     return out
+
+
+def counters_of(sampler: Sampler, label: dict[str, str], t0: float) -> dict:
+    """What `--counters` keeps: per container (by the set it served: `pin<k>-g<g>`,
+    `policy-g<g>@<node>#<server id>`), per second its CPU, CFS throttling and cpuset,
+    and its edge server's own time for each request (its request log), relative to the
+    users' start; per second each host CPU's busy share and the node daemons' CPU (mkfs
+    & co. included)."""
+    series: dict[str, dict] = {}
+    for a, b in zip(sampler.samples, sampler.samples[1:], strict=False):
+        dt, t = b["t"] - a["t"], round(b["t"] - t0, 1)
+        for name, c1 in b["containers"].items():
+            c0 = a["containers"].get(name)
+            if c0 is None:
+                continue
+            s = series.setdefault(name, {"label": label.get(name, name), "t": [], "cpu": [],
+                                         "throttled": [], "throttled_s": [], "cpuset": []})
+            s["t"].append(t)
+            s["cpu"].append(round((c1["cpu_s"] - c0["cpu_s"]) / dt, 3))
+            s["throttled"].append(c1["nr_throttled"] - c0["nr_throttled"])
+            s["throttled_s"].append(round(c1["throttled_s"] - c0["throttled_s"], 3))
+            s["cpuset"].append(c1["cpuset"])
+    host = [{"t": round(b["t"] - t0, 1), "loadavg": b["loadavg"][0],
+             "cpus": {c: round((b["cpus"][c] - a["cpus"][c]) / (b["t"] - a["t"]), 2)
+                      for c in b["cpus"]},
+             "daemons": {n: round((b["nodes"][n] - a["nodes"].get(n, 0.0))
+                                  / (b["t"] - a["t"]), 2) for n in b["nodes"]}}
+            for a, b in zip(sampler.samples, sampler.samples[1:], strict=False)]
+    logs = {label.get(n, n): [(round(t - t0, 3), round(ms, 2)) for t, _, ms in lines]
+            for n, lines in sampler.logs.items()}
+    return {"containers": series, "host": host, "server_ms": logs}
 
 
 def analyse(bed, wan, cloud_ms, per_set, scale, span, t0, users, outs, events, before,
@@ -714,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settle", type=float, default=0.0, help="seconds between the "
                     "placements and the users' start (default 0): a new server's first "
                     "seconds told from the policy's")
+    ap.add_argument("--counters", action="store_true", help="keep each container's CPU, "
+                    "throttling, cpuset and request log, the host CPUs' and the daemons' "
+                    "CPU (bench.newserver's sampler) in the results")
     ap.add_argument("--reanalyse", type=Path, metavar="JSON", help="no run: measure a "
                     "results file again by the best place (`by_place`), written to --out "
                     "(default: beside it)")
@@ -733,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     with Testbed(nodes=3, users_per_node=per_set * len(SETS), node_cores=3.0,
                  node_memory_mb=2600, unit_cores=0.25) as bed:  # fmt: skip
         bed.access(ACCESS)
-        runs = [run(bed, wan, per_set, scale, a.settle) for wan in wans]
+        runs = [run(bed, wan, per_set, scale, a.settle, a.counters) for wan in wans]
     data = {"experiment": "users walking between three edge nodes: cloud vs static vs the "
                           "policy (issue 31)",
             "trace": {str(g): TRACE[g] for g in NODES}, "trace_scale": scale,
@@ -744,12 +814,61 @@ def main(argv: list[str] | None = None) -> None:
     write(data, out)
 
 
+def where_time_went(run: dict) -> dict:
+    """With `--counters`: whether the policy's servers were slower themselves than the
+    pin on the same node (their request logs: the edge server's own time a call, by the
+    server's age, in the first `YOUNG_S` and after), what the node daemons (a move's
+    start, an old server's merge and end: on real boards on another board, here on the
+    same 2 CPUs) took of the machine, and for each bin over 1.2x (by the best place) the
+    policy's server's own time over the pin's in it."""
+    c, logs = run["counters"], run["counters"]["server_ms"]
+
+    def med(lines: list, lo: float, hi: float) -> float | None:
+        v = [ms for t, ms in lines if lo <= t < hi]
+        return statistics.median(v) if len(v) >= 6 else None
+
+    pairs: dict[str, list] = {"young": [], "old": []}
+    # (group, bin start) -> (calls, policy / pin): in a bin with two of the group's
+    # servers (a move in it), the one that served more of its calls
+    own: dict[tuple[int, float], tuple[int, float]] = {}
+    for label, lines in logs.items():
+        if not label.startswith("policy-") or not lines:
+            continue
+        g, node = int(label[8:label.index("@")]), label[label.index("@") + 4:label.index("#")]
+        pin, first = logs.get(f"pin{node}-g{g}", []), min(t for t, _ in lines)
+        for b in range(int(first // BIN_S) + 1, int(run["span_s"] // BIN_S) + 1):
+            a, z = med(lines, b * BIN_S, (b + 1) * BIN_S), med(pin, b * BIN_S, (b + 1) * BIN_S)
+            if a is not None and z is not None:
+                pairs["young" if b * BIN_S - first < YOUNG_S else "old"].append((a, z))
+                calls = sum(1 for t, _ in lines if b * BIN_S <= t < (b + 1) * BIN_S)
+                if calls > own.get((g, b * BIN_S), (0, 0.0))[0]:
+                    own[g, b * BIN_S] = (calls, round(a / z, 2))
+    host = c["host"]
+    daemons = [sum(h["daemons"].values()) for h in host]
+    over = [{"group": grp["group"], **o,
+             "server_own_ratio": own.get((grp["group"], o["t"]), (0, None))[1]}
+            for grp in run["by_place"]["groups"] for o in grp["modes"]["policy"]["over_1_2"]]
+    return {
+        "server_own_ms": {k: {"bins": len(v),
+                              "policy_ms": round(statistics.median(a for a, _ in v), 3),
+                              "pin_ms": round(statistics.median(z for _, z in v), 3),
+                              "ratio_median": round(statistics.median(a / z for a, z in v), 2)}
+                          for k, v in pairs.items() if v},
+        "daemons_cores": {"mean": round(statistics.fmean(daemons), 3), "max_1s": max(daemons)}
+        if daemons else None,
+        "machine_busy": round(statistics.fmean(sum(h["cpus"].values()) / len(h["cpus"])
+                                               for h in host), 2) if host else None,
+        "over_1_2": over}
+
+
 def write(data: dict, out: Path) -> None:
     """Each run measured by the best place too; the JSON, the plot, the summary."""
     for r in data["runs"]:
         r["by_place"] = by_place(r)
+        if "counters" in r:
+            r["by_place"]["where_time_went"] = where_time_went(r)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mobility.json").write_text(json.dumps(data, indent=1))
+    (out / "mobility.json").write_text(json.dumps(data, separators=(",", ":")))
     plot(data["runs"], out / "mobility.png")
     for r in data["runs"]:
         s, p = r["summary"], r["by_place"]["summary"]
@@ -773,6 +892,14 @@ def write(data: dict, out: Path) -> None:
                   f"{q['by_place_within_1_2']}, worst {q['ratio_max']}x), reactions "
                   f"< {GOAL_S:.0f} s {q['reactions_within_goal']} (max {q['reaction_max_s']}"
                   f" s), moves per crossing <= {q['moves_per_crossing_max']}; goal {q['goal']}")
+        if "where_time_went" in r["by_place"]:
+            w = r["by_place"]["where_time_went"]
+            over = [(o["group"], o["t"], o["ratio"], o["server_own_ratio"])
+                    for o in w["over_1_2"]]
+            print(f"  where the time went: the policy's servers' own time a call "
+                  f"{w['server_own_ms']} (the pin's beside); node daemons "
+                  f"{w['daemons_cores']} cores, machine busy {w['machine_busy']}; "
+                  f"bins over 1.2x (group, t, ratio, server's own ratio) {over}")
         print(f"  gain: {s['gain']}; decisions {s['decisions']} "
               f"({s['decisions_failed']} failed)")
     print(f"wrote {out / 'mobility.json'} (the run took {data['wall_s']:.0f} s)")

@@ -87,3 +87,22 @@ def test_bins_over_1_2x_after_the_window_and_slow_or_doubled_moves_fail_the_goal
     goal = out["summary"]["policy"]["goal"]
     assert not goal["p50_within_1_2_after_window"]
     assert not goal["reactions_within_goal"] and not goal["one_move_per_crossing"]
+
+
+def test_where_time_went_tells_a_young_servers_own_time_from_the_pins():
+    """`--counters`: the policy's server's own time a call against the pin on its node,
+    in its first YOUNG_S and after, and for each bin over 1.2x its server's own ratio."""
+    pin = [(t / 10, 0.4) for t in range(0, 800)]  # 0.4 ms a call, 10 calls a second
+    new = [(t / 10, 0.6 if t / 10 < 30 + m.YOUNG_S else 0.4) for t in range(300, 800)]
+    run = {"span_s": 80.0, "counters": {
+        "server_ms": {"pin1-g0": pin, "policy-g0@bed1#ab12": new},
+        "host": [{"t": 1.0, "cpus": {"cpu0": 0.5, "cpu1": 0.7}, "daemons": {"bed0": 0.02}},
+                 {"t": 2.0, "cpus": {"cpu0": 0.5, "cpu1": 0.7}, "daemons": {"bed0": 0.10}}]},
+        "by_place": {"groups": [{"group": 0, "modes": {"policy": {"over_1_2": [
+            {"t": 36.0, "ratio": 1.25, "best": 1, "served": [1], "by_place": 1.0}]}}}]}}
+    w = m.where_time_went(run)
+    assert w["server_own_ms"]["young"]["ratio_median"] == 1.5
+    assert w["server_own_ms"]["old"]["ratio_median"] == 1.0
+    assert w["daemons_cores"] == {"mean": 0.06, "max_1s": 0.10}
+    assert w["machine_busy"] == 0.6
+    assert w["over_1_2"][0]["server_own_ratio"] == 1.5
