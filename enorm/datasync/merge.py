@@ -15,7 +15,7 @@ import redis
 from . import payloads
 from .copy import CHUNK, FIRST_CHUNK, copy_chunks, unlink
 from .keys import hash_tag, is_library, scan
-from .manifest import SHARED_RECORD, digests, read_manifest, shared_unchanged
+from .manifest import SHARED_RECORD, copied_digest, digests, read_manifest, shared_unchanged
 from .payloads import dump, scan_dump
 from .redis_types import TYPES
 from .report import SyncReport, VerificationFailed
@@ -244,8 +244,12 @@ def merge_back(
     With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
     keys that the edge deleted are deleted on the cloud; a key the edge left as it was
     copied out is `untouched`: the cloud's value stands, whatever the cloud did meanwhile
-    (changed, deleted, nothing); only the edge's TTL is set, where either side has one
-    and the cloud's value is still the one copied out (the digest leaves out the TTL). A
+    (changed, deleted, nothing). One that went out without a TTL and that the edge left
+    without one is not even looked at: a TTL the cloud gave it meanwhile stands too
+    (the edge changed nothing of it). Of the others only the edge's TTL is set, where
+    either side has one and the cloud's value is still the one copied out (the digest
+    leaves out the TTL); a manifest written before the copy marked the keys without a
+    TTL (`payloads.NO_TTL`) says nothing of TTLs: every such key is asked. A
     key both sides changed is a conflict: counted, sampled, and resolved by policy: the
     edge wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's
     value.
@@ -351,11 +355,12 @@ def _changed(edge: Client, cloud: Client, m: dict[bytes, bytes],
     if not keys:
         return [], []
     now = digests(cloud, keys)
-    changed = [k for k in keys if now[k] != m.get(k)]
+    copied = {k: copied_digest(m[k]) for k in keys if k in m}
+    changed = [k for k in keys if now[k] != copied.get(k)]
     if not changed:
         return [], []
     at_edge = digests(edge, changed, "source")
-    cloud_only = [k for k in changed if k in m and at_edge[k] == m[k]]
+    cloud_only = [k for k in changed if k in copied and at_edge[k] == copied[k]]
     stale = set(cloud_only)
     conflicts = [
         k

@@ -94,7 +94,8 @@ end
 #   edge's TTL is written (set or removed). One without a TTL on either side, or that
 #   the cloud deleted, is untouched unlooked at (one PTTL): nothing would be written
 #   either way; one with a TTL on either side is digested (no digest: the cloud deleted
-#   it): only an unchanged value takes the edge's.
+#   it): only an unchanged value takes the edge's. (A key that went out without a TTL
+#   and that the edge left so is not sent at all: `as_copied`.)
 # - for the others, 'c' when the cloud's value is no longer the one copied out, or the
 #   cloud has a key that was not copied out: not written, the caller decides (a conflict
 #   if the edge changed it too).
@@ -130,14 +131,30 @@ return table.concat(out)
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
 NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
+# A manifest's entry is the key's digest (16 hex digits, as `digest` gives it), followed
+# by this mark when the key went out without a TTL (`manifest.write_manifest`). An entry
+# without it (a key with a TTL, or a manifest written before the mark) says nothing of
+# the TTL.
+NO_TTL = b"p"
 
 
-def payload_digest(payload: bytes) -> bytes | None:
-    """The digest DIGEST_FN gives, from a DUMP payload; None for the hash-table types,
-    whose digest needs the server."""
-    if payload[0] in UNORDERED:
-        return None
-    return payload[-8:].hex().encode()
+def as_copied(dumped: dict[bytes, tuple], expect: Mapping[bytes, bytes],
+              untouched: list[bytes] | None) -> list[bytes]:
+    """The keys of `dumped` the destination must see at a merge; the others go to
+    `untouched`: those that went out without a TTL (`NO_TTL`) and that the source left
+    exactly so (the same digest, still no TTL). Nothing would be written for them
+    whatever the destination did meanwhile (its value, delete or TTL stands), so they
+    cost it no call. A hash table's digest needs the server: such keys are sent."""
+    send: list[bytes] = []
+    left = (untouched if untouched is not None else []).append
+    for k, (payload, ttl) in dumped.items():
+        w = expect.get(k)
+        if (ttl or w is None or w[16:] != NO_TTL or payload[0] in UNORDERED
+                or payload[-8:].hex().encode() != w[:16]):
+            send.append(k)
+        else:
+            left(k)
+    return send
 
 
 
@@ -171,20 +188,21 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
     """RESTORE the dumped keys on the destination; the keys written.
 
-    With `expect` (key -> the digest the destination's value had when copied out, as
-    `payload_digest`; a key it lacks was not copied out), a key the source left as
-    copied out is not sent: the destination takes only the source's TTL, if its value
-    is still the one copied out, else the key goes to `untouched` (as does one without
-    a TTL on either side, unlooked at: its value stands either way); another key whose
-    value the destination changed since the copy is not written but added to `held`;
-    all in the same script call.
+    With `expect` (the manifest: key -> the digest the destination's value had when
+    copied out and the `NO_TTL` mark; a key it lacks was not copied out), a key the
+    source left as copied out is not sent: one that went out and stayed without a TTL
+    goes to `untouched` without a call (`as_copied`); for another the destination takes
+    only the source's TTL, if its value is still the one copied out, else the key goes
+    to `untouched` (as does one without a TTL on either side, looked at by one PTTL:
+    its value stands either way); another key whose value the destination changed since
+    the copy is not written but added to `held`; all in the same script call.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
     reason. That the keys are still there after the last write is `verify_present`'s.
     """
     flag = b"1" if replace else b"0"
-    keys = list(dumped)
+    keys = list(dumped) if expect is None else as_copied(dumped, expect, untouched)
 
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
@@ -194,7 +212,7 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                 args += (ttl, payload)
             return args
         want = [expect.get(k) for k in batch]
-        raw = unhexlify(b"".join(w or NOT_COPIED for w in want))
+        raw = unhexlify(b"".join((w or NOT_COPIED)[:16] for w in want))
         args = [flag, raw, b""]
         marks = bytearray(len(batch))
         for i, (k, w) in enumerate(zip(batch, want, strict=True)):

@@ -92,14 +92,17 @@ def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
     assert again.deleted == 0 and cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
 
 
+@pytest.mark.parametrize("manifest", ["marked", "unmarked"])
 @pytest.mark.parametrize("kind", ["standalone", "cluster"])
-def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request):
+def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server, request):
     """With a manifest, a key the edge left as copied is not sent nor written: the
-    cloud's value stands, whatever the cloud did meanwhile. Without a TTL on either side
-    it is not even digested (nothing would be written either way); with a TTL on either
-    side an unchanged value takes the edge's TTL (the TTL is not in the digest), a value
-    the cloud changed keeps the cloud's. A value the edge changed is restored. Nothing
-    else is lost."""
+    cloud's value stands, whatever the cloud did meanwhile. One that went out without a
+    TTL and that the edge left without one costs the cloud no call at all: a TTL the
+    cloud gave it meanwhile stands too. With a TTL on either side an unchanged value
+    takes the edge's TTL (the TTL is not in the digest), a value the cloud changed keeps
+    the cloud's. A value the edge changed is restored. Nothing else is lost. A manifest
+    written before the TTL mark ("unmarked") is still read: every key without a TTL is
+    asked (one PTTL), and the edge's lack of a TTL is set where the cloud gave one."""
     if kind == "cluster":
         cloud = datasync.connect(request.getfixturevalue("redis_cluster").url, cluster=True)
     else:
@@ -112,6 +115,13 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
     cloud.set("gone:{q6}", "v", ex=3600)
     name = datasync.manifest_key("same")
     copied = datasync.copy_users(cloud, edge, users, manifest=name)
+    marks = cloud.hgetall(name)
+    assert {len(v) for v in marks.values()} == {16, 17}
+    assert [k for k, v in marks.items() if len(v) == 16] and all(
+        (len(v) == 16) == (k in (b"ttl:{q1}", b"persist:{q2}", b"gone:{q6}") or cloud.ttl(k) > 0)
+        for k, v in marks.items())  # fmt: skip
+    if manifest == "unmarked":  # as a copy before the mark wrote it
+        cloud.hset(name, mapping={k: v[:16] for k, v in marks.items()})
     edge.hset(keys.user("q0"), "xp", 7)  # the edge changed a value
     edge.expire(keys.user("q3"), 600)  # ... a TTL only
     edge.persist("persist:{q2}")  # ... dropped a TTL
@@ -131,16 +141,28 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
                    for c in conns)  # fmt: skip
 
     # Written: the changed value (restored); the TTL of the key the edge gave one (set),
-    # the TTL the edge dropped and the one only the cloud gave (removed: the edge's rule).
-    assert report.verified and report.keys == 4 and report.untouched == copied.keys - 4
+    # the TTL the edge dropped (removed), and without the mark the one only the cloud
+    # gave (removed: the edge has none, and nothing says it went out without one).
+    written = 3 if manifest == "marked" else 4
+    assert report.verified and report.keys == written
+    assert report.untouched == copied.keys - written
     assert report.conflicts == report.deleted == 0
-    assert calls("restore") == 1 and calls("pexpire") == 1 and calls("persist") == 2
+    assert calls("restore") == 1 and calls("pexpire") == 1
     # Digested: only the edge's changed key and those with a TTL on either side (q1, q2,
-    # q3, q7, and q6, which the cloud deleted: nothing to digest); the 190-odd others not.
-    assert calls("dump") == 6
+    # q3, and q6, which the cloud deleted: nothing to digest; without the mark q7 too,
+    # which the cloud gave a TTL); the 190-odd others not.
+    if manifest == "marked":
+        assert calls("persist") == 1 and calls("dump") == 5
+        # The one PTTL: the key that went out with a TTL the edge dropped.
+        assert calls("pttl") == 1
+        assert 0 < cloud.ttl(keys.user("q7")) <= 900  # the cloud's TTL stands
+    else:
+        assert calls("persist") == 2 and calls("dump") == 6
+        assert calls("pttl") >= report.untouched - 3
+        assert cloud.ttl(keys.user("q7")) == -1
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
-    assert cloud.ttl("persist:{q2}") == -1 and cloud.ttl(keys.user("q7")) == -1
+    assert cloud.ttl("persist:{q2}") == -1
     # The cloud's changes stand: its value and TTL, its deletes.
     assert cloud.hget(keys.location("q4"), "lat") == b"9.5"
     assert cloud.get("ttl:{q1}") == b"cloud" and 600 < cloud.ttl("ttl:{q1}") <= 3600
