@@ -186,13 +186,15 @@ class _Sorter:
         _sample(self.report.not_owned_sample, key)
 
 
-def _dumps(edge: redis.Redis, sorter: _Sorter) -> Iterator[dict[bytes, tuple]]:
+def _dumps(edge: redis.Redis, sorter: _Sorter,
+           digested: dict[bytes, bytes] | None = None) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
     """The edge's user keys dumped in one scan of its whole keyspace (it holds only the
     served users), in chunks of about CHUNK keys (a smaller first one, to get the
-    destination going); the other keys are sorted aside as the scan finds them."""
+    destination going); the other keys are sorted aside as the scan finds them. With
+    `digested` the hash tables' digests go there (`scan_dump`)."""
     chunk: dict[bytes, tuple[bytes, int]] = {}
     size = FIRST_CHUNK
-    for part in scan_dump(edge, "*"):
+    for part in scan_dump(edge, "*", digested=digested):
         chunk.update((k, part[k]) for k in sorter.users(part))
         if len(chunk) >= size:
             yield chunk
@@ -290,8 +292,8 @@ def merge_back(
         assert m is not None
         held: list[bytes] = []
         untouched: list[bytes] = []
-        written = payloads.restore(dst, part, replace, expect=m,
-                                   held=held, untouched=untouched)  # fmt: skip
+        written = payloads.restore(dst, part, replace, expect=m, held=held,
+                                   untouched=untouched, digested=digested)  # fmt: skip
         found: list[bytes] = []
         if held:
             found, cloud_only = _changed(edge, cloud, m, held)
@@ -307,8 +309,10 @@ def merge_back(
             return written
         return written + payloads.restore(dst, {k: part[k] for k in held if k in part}, replace)
 
+    # The edge's digests of its hash tables, taken as they are dumped (with a manifest)
+    digested: dict[bytes, bytes] | None = {} if m is not None else None
     if not is_cluster(edge):
-        chunks: Iterable = _dumps(edge, sorter)
+        chunks: Iterable = _dumps(edge, sorter, digested)
     else:
         with Guard("source"):
             keys = sorter.users(scan(edge, "*"))

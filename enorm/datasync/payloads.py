@@ -60,15 +60,20 @@ return {r[1], out}
 # they are; `digest` 16 hex digits, 16 dots for a key that does not exist (manifests).
 DIGEST_FN = ELEMENTS_FN + f"""
 local unordered = {{{", ".join(f"[{t}] = true" for t in sorted(UNORDERED))}}}
+local function sorted_hex(k, t)
+  local parts = elements(k, t)
+  table.sort(parts)
+  return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
+end
+local function sorted_digest(k, t)
+  return (string.gsub(sorted_hex(k, t), '..', function(h) return string.char(tonumber(h, 16)) end))
+end
 local function raw_digest(k)
   local p = redis.call('DUMP', k)
   if not p then return nil end
   local t = string.byte(p, 1)
   if not unordered[t] then return string.sub(p, -8) end
-  local parts = elements(k, t)
-  table.sort(parts)
-  return (string.gsub(string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16), '..',
-                      function(h) return string.char(tonumber(h, 16)) end))
+  return sorted_digest(k, t)
 end
 local function digest(k)
   local d = raw_digest(k)
@@ -129,6 +134,29 @@ end
 return table.concat(out)
 """
 
+# `_SCAN_DUMP` for a merge: also the digest of each hash table dumped (16 hex digits, as
+# a manifest holds it), which the node cannot take from the payload, so that it tells
+# one the edge left as copied out without sending it: {cursor, the triples, {key,
+# digest, ...}}.
+_SCAN_DUMP_DIGEST = DIGEST_FN + """
+local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local out, n, dig, m = {}, 0, {}, 0
+for _, k in ipairs(r[2]) do
+  local p = redis.call('DUMP', k)
+  if p then
+    local t = redis.call('PTTL', k)
+    out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
+    n = n + 3
+    local rdb = string.byte(p, 1)
+    if unordered[rdb] then
+      dig[m + 1], dig[m + 2] = k, sorted_hex(k, rdb)
+      m = m + 2
+    end
+  end
+end
+return {r[1], out, dig}
+"""
+
 ABSENT = b"." * 16  # the digest of a key that does not exist
 NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
 # A manifest's entry is the key's digest (16 hex digits, as `digest` gives it), followed
@@ -139,21 +167,27 @@ NO_TTL = b"p"
 
 
 def as_copied(dumped: dict[bytes, tuple], expect: Mapping[bytes, bytes],
-              untouched: list[bytes] | None) -> list[bytes]:
+              untouched: list[bytes] | None,
+              digested: Mapping[bytes, bytes] | None = None) -> list[bytes]:  # fmt: skip
     """The keys of `dumped` the destination must see at a merge; the others go to
     `untouched`: those that went out without a TTL (`NO_TTL`) and that the source left
     exactly so (the same digest, still no TTL). Nothing would be written for them
     whatever the destination did meanwhile (its value, delete or TTL stands), so they
-    cost it no call. A hash table's digest needs the server: such keys are sent."""
+    cost it no call. A hash table's digest is not in its payload: it is taken from
+    `digested` (the source's, `scan_dump`), and without one the key is sent."""
     send: list[bytes] = []
     left = (untouched if untouched is not None else []).append
+    other = digested or {}
     for k, (payload, ttl) in dumped.items():
         w = expect.get(k)
-        if (ttl or w is None or w[16:] != NO_TTL or payload[0] in UNORDERED
-                or payload[-8:].hex().encode() != w[:16]):
+        if ttl or w is None or w[16:] != NO_TTL:
             send.append(k)
-        else:
+            continue
+        if (other.get(k) if payload[0] in UNORDERED
+                else payload[-8:].hex().encode()) == w[:16]:  # fmt: skip
             left(k)
+        else:
+            send.append(k)
     return send
 
 
@@ -168,15 +202,21 @@ def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes,
     return dumped
 
 
-def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
-               side: str = "source") -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT, side: str = "source",
+              digested: dict[bytes, bytes] | None = None,
+              ) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
     """SCAN MATCH `pattern` and DUMP what it finds in the same script calls: key ->
     (payload, ttl) per SCAN step. One pass over a standalone server instead of a scan
-    and then a dump."""
+    and then a dump. With `digested`, the digest of each hash table dumped goes there
+    (key -> 16 hex digits, as a manifest holds it)."""
     cursor: bytes | int = b"0"
+    script = _SCAN_DUMP if digested is None else _SCAN_DUMP_DIGEST
     while True:
         with Guard(side):
-            cursor, flat = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
+            cursor, flat, *more = client.execute_command("EVAL", script, 0, cursor, pattern,
+                                                         count)  # fmt: skip
+        if more and more[0]:
+            digested.update(zip(more[0][::2], more[0][1::2], strict=True))  # type: ignore[union-attr]
         yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
         if cursor in (b"0", 0):
             return
@@ -185,7 +225,8 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             expect: Mapping[bytes, bytes] | None = None,
             held: list[bytes] | None = None,
-            untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
+            untouched: list[bytes] | None = None,
+            digested: Mapping[bytes, bytes] | None = None) -> list[bytes]:  # fmt: skip
     """RESTORE the dumped keys on the destination; the keys written.
 
     With `expect` (the manifest: key -> the digest the destination's value had when
@@ -195,14 +236,17 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     only the source's TTL, if its value is still the one copied out, else the key goes
     to `untouched` (as does one without a TTL on either side, looked at by one PTTL:
     its value stands either way); another key whose value the destination changed since
-    the copy is not written but added to `held`; all in the same script call.
+    the copy is not written but added to `held`; all in the same script call. A hash
+    table's digest, which its payload does not give, comes from `digested` (the
+    source's, as `scan_dump` gives it); without it such a key is sent.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
     reason. That the keys are still there after the last write is `verify_present`'s.
     """
     flag = b"1" if replace else b"0"
-    keys = list(dumped) if expect is None else as_copied(dumped, expect, untouched)
+    keys = list(dumped) if expect is None else as_copied(dumped, expect, untouched, digested)
+    other = digested or {}
 
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
@@ -219,7 +263,8 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             payload, ttl = dumped[k]
             if w is None:
                 marks[i] = 110  # 'n'
-            elif payload[0] not in UNORDERED and payload[-8:] == raw[8 * i : 8 * i + 8]:
+            elif (other.get(k) == w[:16] if payload[0] in UNORDERED
+                  else payload[-8:] == raw[8 * i : 8 * i + 8]):  # fmt: skip
                 marks[i] = 49  # '1': left as copied out, never written
                 payload = b""
             else:

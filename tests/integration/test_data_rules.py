@@ -113,6 +113,8 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
     cloud.set("ttl:{q1}", "v", ex=3600)
     cloud.set("persist:{q2}", "v", ex=3600)
     cloud.set("gone:{q6}", "v", ex=3600)
+    for u in ("q8", "q9", "q10"):  # hash tables: their digest is not in their payload
+        cloud.sadd(f"big:{{{u}}}", *(f"species-{s}" for s in range(200)))
     name = datasync.manifest_key("same")
     copied = datasync.copy_users(cloud, edge, users, manifest=name)
     marks = cloud.hgetall(name)
@@ -125,12 +127,14 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
     edge.hset(keys.user("q0"), "xp", 7)  # the edge changed a value
     edge.expire(keys.user("q3"), 600)  # ... a TTL only
     edge.persist("persist:{q2}")  # ... dropped a TTL
+    edge.sadd("big:{q9}", "species-new")  # ... changed a hash table
     # Meanwhile the cloud changes keys the edge left as copied: values (no TTL, and one
     # with its TTL kept), a delete (no TTL, and one with a TTL), a TTL given.
     cloud.hset(keys.location("q4"), "lat", 9.5)
     cloud.set("ttl:{q1}", "cloud", keepttl=True)
     cloud.delete(keys.pokedex("q5"), "gone:{q6}")
     cloud.expire(keys.user("q7"), 900)
+    cloud.expire("big:{q10}", 900)
     nodes = cloud.get_primaries() if kind == "cluster" else [cloud]
     conns = [n.redis_connection if kind == "cluster" else n for n in nodes]
     for c in conns:
@@ -140,26 +144,30 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
         return sum(c.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0)
                    for c in conns)  # fmt: skip
 
-    # Written: the changed value (restored); the TTL of the key the edge gave one (set),
-    # the TTL the edge dropped (removed), and without the mark the one only the cloud
-    # gave (removed: the edge has none, and nothing says it went out without one).
-    written = 3 if manifest == "marked" else 4
+    # Written: the changed values (restored: q0, and q9's hash table); the TTL of the
+    # key the edge gave one (set), the TTL the edge dropped (removed), and without the
+    # mark those only the cloud gave (q7, q10: removed, the edge has none, and nothing
+    # says they went out without one).
+    written = 4 if manifest == "marked" else 6
     assert report.verified and report.keys == written
     assert report.untouched == copied.keys - written
     assert report.conflicts == report.deleted == 0
-    assert calls("restore") == 1 and calls("pexpire") == 1
-    # Digested: only the edge's changed key and those with a TTL on either side (q1, q2,
-    # q3, and q6, which the cloud deleted: nothing to digest; without the mark q7 too,
-    # which the cloud gave a TTL); the 190-odd others not.
+    assert calls("restore") == 2 and calls("pexpire") == 1
+    # Digested: only the edge's changed keys and those with a TTL on either side (q1, q2,
+    # q3, and q6, which the cloud deleted: nothing to digest; without the mark q7 and
+    # q10 too, which the cloud gave a TTL); the 190-odd others not. The hash tables the
+    # edge left (q8, q10) are told by the edge's digest: not sent, not read.
     if manifest == "marked":
-        assert calls("persist") == 1 and calls("dump") == 5
+        assert calls("persist") == 1 and calls("dump") == 6 and calls("smembers") == 1
         # The one PTTL: the key that went out with a TTL the edge dropped.
         assert calls("pttl") == 1
-        assert 0 < cloud.ttl(keys.user("q7")) <= 900  # the cloud's TTL stands
+        # The cloud's TTLs stand.
+        assert 0 < cloud.ttl(keys.user("q7")) <= 900 and 0 < cloud.ttl("big:{q10}") <= 900
     else:
-        assert calls("persist") == 2 and calls("dump") == 6
+        assert calls("persist") == 3 and calls("dump") == 8 and calls("smembers") == 2
         assert calls("pttl") >= report.untouched - 3
-        assert cloud.ttl(keys.user("q7")) == -1
+        assert cloud.ttl(keys.user("q7")) == -1 and cloud.ttl("big:{q10}") == -1
+    assert cloud.scard("big:{q9}") == 201 and cloud.scard("big:{q8}") == 200
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
     assert cloud.ttl("persist:{q2}") == -1
