@@ -8,12 +8,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from . import payloads
 from .keys import KeySchema, check_id, is_library, iter_schema_keys, iter_user_keys, user_keys
 from .manifest import drop_manifest, record_shared, write_manifest
 from .report import SyncError, SyncReport
-from .transport import Client, Guard, Job, ping, run_jobs
+from .transport import Client, Guard, Job, is_cluster, ping, run_jobs
 
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
 FIRST_CHUNK = 2_500  # a smaller first chunk starts the destination sooner
@@ -76,9 +77,13 @@ def copy_users(
         written_parts += 1
 
     found = iter_schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
+    # With a manifest, `dst` records its hash tables as written (`payloads.COPIED_TABLES`)
+    # so that the merge needs no digest of those left as copied (a cluster: no record).
+    tables = manifest is not None and not is_cluster(dst)
     try:
         copy_chunks(src, dst, chunked(found), replace, report, copied=copied,
-                    on_dump=record if streamed else None)  # fmt: skip
+                    on_dump=record if streamed else None,
+                    restore=partial(payloads.restore, record=True) if tables else None)
         if manifest is not None and (copied is not None or not written_parts):
             write_manifest(src, manifest, copied or {})
         copy_shared(src, dst, shared, report)

@@ -14,7 +14,7 @@ import redis
 
 from . import payloads
 from .copy import CHUNK, FIRST_CHUNK, copy_chunks, unlink
-from .keys import hash_tag, is_library, scan
+from .keys import LIBRARY_PREFIX, hash_tag, is_library, scan
 from .manifest import SHARED_RECORD, copied_digest, digests, read_manifest, shared_unchanged
 from .payloads import dump, scan_dump
 from .redis_types import TYPES
@@ -137,6 +137,7 @@ def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncRe
 
 
 SAMPLE = 10  # key names reported per kind of surprise
+_OWN = (SHARED_RECORD, payloads.COPIED_TABLES)  # the library's records on the edge
 
 
 def _sample(into: list[str], key: bytes) -> None:
@@ -163,12 +164,14 @@ class _Sorter:
         set aside, the rest counted."""
         out: list[bytes] = []
         owned, handed, is_shared, seen = self.owned, self.handed, self.is_shared, self.tags.add
-        for key in keys:
-            if is_library(key):
-                if key != SHARED_RECORD:  # the library's own, read by the shared merge
+        for key in keys:  # is_library and hash_tag inline: a merge asks it of every key
+            if key.startswith(LIBRARY_PREFIX):
+                if key not in _OWN:  # the library's own, read by the merge
                     self._refuse(key)
                 continue
-            tag = hash_tag(key)
+            start = key.find(b"{")
+            end = key.find(b"}", start + 1) if start >= 0 else -1
+            tag = key[start + 1 : end] if end > start + 1 else None
             if tag is not None and (tag in handed or (owned is not None and tag not in owned)):
                 if tag not in handed:
                     self._refuse(key)

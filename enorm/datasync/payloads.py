@@ -82,7 +82,17 @@ local function digest(k)
 end
 """
 
-# ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
+# On the edge: hash table -> the CRC that ended its DUMP right after a copy with a
+# manifest wrote it (in the same script as its RESTORE). At the merge the edge's scan
+# compares its DUMP with it: the same bytes are the value copied out, so the table needs
+# no digest (a sort and SHA-1 of every element); other bytes (a write, or only a rehash
+# that changed the order) and the digest is taken. In the library's namespace, so never
+# merged as data; the tenant could change it, and gain nothing it could not do to its
+# own keys directly (a forged match drops its own write).
+COPIED_TABLES = b"enorm:copied-tables"
+
+# ARGV: replace flag ('1', '0'; 'r': replace and record each hash table written in
+# `COPIED_TABLES`); at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
 # (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge left the
 # value as copied out (its payload's digest is the manifest's), '0' otherwise; both
@@ -106,7 +116,7 @@ end
 #   if the edge changed it too).
 # A payload RESTORE refuses fails the script: a SyncError with Redis's reason.
 _RESTORE = DIGEST_FN + """
-local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
+local replace, record, want, mark = ARGV[1] ~= '0', ARGV[1] == 'r', ARGV[2], ARGV[3]
 local out = {}
 local function changed(k, i) return raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i) end
 for i, k in ipairs(KEYS) do
@@ -126,18 +136,22 @@ for i, k in ipairs(KEYS) do
     out[i] = 'c'
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
+    if record and unordered[string.byte(ARGV[2 * i + 3], 1)] then
+      redis.call('HSET', '@TABLES@', k, string.sub(redis.call('DUMP', k), -8))
+    end
     out[i] = '1'
   else
     out[i] = '0'
   end
 end
 return table.concat(out)
-"""
+""".replace("@TABLES@", COPIED_TABLES.decode())
 
 # `_SCAN_DUMP` for a merge: also the digest of each hash table dumped (16 hex digits, as
 # a manifest holds it), which the node cannot take from the payload, so that it tells
 # one the edge left as copied out without sending it: {cursor, the triples, {key,
-# digest, ...}}.
+# digest, ...}}; '=' for the digest of a table whose DUMP is the one `COPIED_TABLES`
+# recorded (the value copied out: the manifest's digest).
 _SCAN_DUMP_DIGEST = DIGEST_FN + """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local out, n, dig, m = {}, 0, {}, 0
@@ -149,13 +163,14 @@ for _, k in ipairs(r[2]) do
     n = n + 3
     local rdb = string.byte(p, 1)
     if unordered[rdb] then
-      dig[m + 1], dig[m + 2] = k, sorted_hex(k, rdb)
+      local same = redis.call('HGET', '@TABLES@', k) == string.sub(p, -8)
+      dig[m + 1], dig[m + 2] = k, same and '=' or sorted_hex(k, rdb)
       m = m + 2
     end
   end
 end
 return {r[1], out, dig}
-"""
+""".replace("@TABLES@", COPIED_TABLES.decode())
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
 NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
@@ -164,6 +179,7 @@ NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked '
 # without it (a key with a TTL, or a manifest written before the mark) says nothing of
 # the TTL.
 NO_TTL = b"p"
+SAME = b"="  # `_SCAN_DUMP_DIGEST`'s digest of a table as copied out
 
 
 def as_copied(dumped: dict[bytes, tuple], expect: Mapping[bytes, bytes],
@@ -183,8 +199,8 @@ def as_copied(dumped: dict[bytes, tuple], expect: Mapping[bytes, bytes],
         if ttl or w is None or w[16:] != NO_TTL:
             send.append(k)
             continue
-        if (other.get(k) if payload[0] in UNORDERED
-                else payload[-8:].hex().encode()) == w[:16]:  # fmt: skip
+        d = other.get(k) if payload[0] in UNORDERED else payload[-8:].hex().encode()
+        if d == w[:16] or d == SAME:
             left(k)
         else:
             send.append(k)
@@ -226,8 +242,11 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             expect: Mapping[bytes, bytes] | None = None,
             held: list[bytes] | None = None,
             untouched: list[bytes] | None = None,
-            digested: Mapping[bytes, bytes] | None = None) -> list[bytes]:  # fmt: skip
-    """RESTORE the dumped keys on the destination; the keys written.
+            digested: Mapping[bytes, bytes] | None = None,
+            record: bool = False) -> list[bytes]:  # fmt: skip
+    """RESTORE the dumped keys on the destination; the keys written. With `record` (a
+    copy with a manifest, to a standalone server) each hash table written is recorded
+    in `COPIED_TABLES` by the script that restores it.
 
     With `expect` (the manifest: key -> the digest the destination's value had when
     copied out and the `NO_TTL` mark; a key it lacks was not copied out), a key the
@@ -244,7 +263,7 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
     reason. That the keys are still there after the last write is `verify_present`'s.
     """
-    flag = b"1" if replace else b"0"
+    flag = (b"r" if record else b"1") if replace else b"0"
     keys = list(dumped) if expect is None else as_copied(dumped, expect, untouched, digested)
     other = digested or {}
 
@@ -263,7 +282,7 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             payload, ttl = dumped[k]
             if w is None:
                 marks[i] = 110  # 'n'
-            elif (other.get(k) == w[:16] if payload[0] in UNORDERED
+            elif (other.get(k) in (w[:16], SAME) if payload[0] in UNORDERED
                   else payload[-8:] == raw[8 * i : 8 * i + 8]):  # fmt: skip
                 marks[i] = 49  # '1': left as copied out, never written
                 payload = b""

@@ -128,6 +128,14 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
     edge.expire(keys.user("q3"), 600)  # ... a TTL only
     edge.persist("persist:{q2}")  # ... dropped a TTL
     edge.sadd("big:{q9}", "species-new")  # ... changed a hash table
+    # The edge recorded its hash tables as the copy wrote them: their DUMP now tells those
+    # left as copied without a digest; a record that no longer matches (here forged, as
+    # a rehash alone would make it) costs the digest, and the table is still told apart.
+    tables = edge.hgetall(payloads.COPIED_TABLES)
+    assert set(tables) == {b"big:{q8}", b"big:{q9}", b"big:{q10}"}
+    assert tables[b"big:{q10}"] == edge.dump("big:{q10}")[-8:]
+    edge.hset(payloads.COPIED_TABLES, "big:{q8}", b"x" * 8)
+    edge.config_resetstat()
     # Meanwhile the cloud changes keys the edge left as copied: values (no TTL, and one
     # with its TTL kept), a delete (no TTL, and one with a TTL), a TTL given.
     cloud.hset(keys.location("q4"), "lat", 9.5)
@@ -168,6 +176,9 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
         assert calls("pttl") >= report.untouched - 3
         assert cloud.ttl(keys.user("q7")) == -1 and cloud.ttl("big:{q10}") == -1
     assert cloud.scard("big:{q9}") == 201 and cloud.scard("big:{q8}") == 200
+    # On the edge: a sorted digest of q8 (its record forged) and q9 (changed) only.
+    assert edge.info("commandstats")["cmdstat_smembers"]["calls"] == 2
+    assert report.not_owned == 0
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
     assert cloud.ttl("persist:{q2}") == -1
