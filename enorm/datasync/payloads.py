@@ -224,46 +224,18 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT, side: 
     """SCAN MATCH `pattern` and DUMP what it finds in the same script calls: key ->
     (payload, ttl) per SCAN step. One pass over a standalone server instead of a scan
     and then a dump. With `digested`, the digest of each hash table dumped goes there
-    (key -> 16 hex digits, as a manifest holds it).
-
-    One step ahead: the next step is asked for as soon as a reply gives its cursor, so
-    the server scans and dumps it while the caller sorts this one (else the two wait on
-    each other, step by step). A connection lost is tried once more on a new one, from
-    the step it was asked for."""
+    (key -> 16 hex digits, as a manifest holds it)."""
+    cursor: bytes | int = b"0"
     script = _SCAN_DUMP if digested is None else _SCAN_DUMP_DIGEST
-    pool = client.connection_pool
-    with Guard(side):
-        try:
-            conn = pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants a command name
-            conn = pool.get_connection("EVAL")
-    asked: bytes | int = b"0"
-    pending = False
-    try:
-        while True:
-            with Guard(side):
-                if not pending:
-                    conn.send_command("EVAL", script, 0, asked, pattern, count)
-                try:
-                    reply = conn.read_response()
-                except (redis.ConnectionError, redis.TimeoutError):
-                    conn.disconnect()
-                    conn.send_command("EVAL", script, 0, asked, pattern, count)
-                    reply = conn.read_response()
-                pending = False
-                cursor, flat, *more = reply
-                if cursor not in (b"0", 0):
-                    conn.send_command("EVAL", script, 0, cursor, pattern, count)
-                    asked, pending = cursor, True
-            if more and more[0]:
-                digested.update(zip(more[0][::2], more[0][1::2], strict=True))  # type: ignore[union-attr]
-            yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
-            if not pending:
-                return
-    finally:
-        if pending:  # the caller stopped early, or failed: a reply is still on its way
-            conn.disconnect()
-        pool.release(conn)
+    while True:
+        with Guard(side):
+            cursor, flat, *more = client.execute_command("EVAL", script, 0, cursor, pattern,
+                                                         count)  # fmt: skip
+        if more and more[0]:
+            digested.update(zip(more[0][::2], more[0][1::2], strict=True))  # type: ignore[union-attr]
+        yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
+        if cursor in (b"0", 0):
+            return
 
 
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
