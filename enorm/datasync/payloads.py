@@ -88,7 +88,8 @@ end
 # no digest (a sort and SHA-1 of every element); other bytes (a write, or only a rehash
 # that changed the order) and the digest is taken. In the library's namespace, so never
 # merged as data; the tenant could change it, and gain nothing it could not do to its
-# own keys directly (a forged match drops its own write).
+# own keys directly (a forged match drops its own write); a record that is not a hash
+# is no record (`redis.pcall`: every table digested), not a failed copy or merge.
 COPIED_TABLES = b"enorm:copied-tables"
 
 # ARGV: replace flag ('1', '0'; 'r': replace and record each hash table written in
@@ -137,7 +138,7 @@ for i, k in ipairs(KEYS) do
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
     if record and unordered[string.byte(ARGV[2 * i + 3], 1)] then
-      redis.call('HSET', '@TABLES@', k, string.sub(redis.call('DUMP', k), -8))
+      redis.pcall('HSET', '@TABLES@', k, string.sub(redis.call('DUMP', k), -8))
     end
     out[i] = '1'
   else
@@ -163,7 +164,7 @@ for _, k in ipairs(r[2]) do
     n = n + 3
     local rdb = string.byte(p, 1)
     if unordered[rdb] then
-      local same = redis.call('HGET', '@TABLES@', k) == string.sub(p, -8)
+      local same = redis.pcall('HGET', '@TABLES@', k) == string.sub(p, -8)
       dig[m + 1], dig[m + 2] = k, same and '=' or sorted_hex(k, rdb)
       m = m + 2
     end

@@ -193,6 +193,26 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server
     assert cloud_state == edge_state and len(cloud_state) == copied.keys - 4
 
 
+def test_a_record_of_the_tables_the_tenant_broke_is_no_record(redis_server):
+    """The edge's record of its hash tables (`payloads.COPIED_TABLES`) is the tenant's to
+    break: made a string before the copy or after it, the copy and the merge still work,
+    every table digested, the edge's change found, the cloud's state the edge's."""
+    cloud, edge = (datasync.connect(redis_server().url) for _ in range(2))
+    for u in ("t1", "t2"):
+        cloud.sadd(f"big:{{{u}}}", *(f"species-{s}" for s in range(200)))
+    edge.set(payloads.COPIED_TABLES, "not a hash")
+    name = datasync.manifest_key("broken")
+    copied = datasync.copy_users(cloud, edge, ["t1", "t2"], manifest=name)
+    assert copied.keys == 2 and edge.get(payloads.COPIED_TABLES) == b"not a hash"
+    edge.sadd("big:{t2}", "species-new")
+    edge.config_resetstat()
+    report = datasync.merge_back(edge, cloud, user_ids=["t1", "t2"], manifest=name)
+    assert report.verified and report.keys == 1 and report.untouched == 1
+    assert report.not_owned == 0
+    assert edge.info("commandstats")["cmdstat_smembers"]["calls"] == 2
+    assert cloud.scard("big:{t1}") == 200 and cloud.scard("big:{t2}") == 201
+
+
 def test_merge_back_into_a_cluster(redis_cluster, redis_server):
     cloud = datasync.connect(redis_cluster.url, cluster=True)
     edge = datasync.connect(redis_server().url)
