@@ -481,8 +481,9 @@ class MergeReport(_Message):
     untouched: int = Field(0, description="served users' keys the edge left as they "
                            "were copied out (needs the manifest): not written, the "
                            "cloud's value stands whatever the cloud did meanwhile "
-                           "(changed, deleted, nothing); the edge's TTL set where the "
-                           "cloud's value is still the one copied out")
+                           "(changed, deleted, nothing), and its TTL where the key went "
+                           "out without one and the edge left it so; else the edge's "
+                           "TTL set where the cloud's value is still the one copied out")
     not_owned: int = Field(0, description="keys on the edge that are not the server's to "
                            "give back (another user's, the library's `enorm:` namespace, "
                            "neither a served user's nor shared): never merged")

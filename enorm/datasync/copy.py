@@ -8,12 +8,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from . import payloads
 from .keys import KeySchema, check_id, is_library, iter_schema_keys, iter_user_keys, user_keys
 from .manifest import drop_manifest, record_shared, write_manifest
 from .report import SyncError, SyncReport
-from .transport import Client, Guard, Job, ping, run_jobs
+from .transport import Client, Guard, Job, is_cluster, ping, run_jobs
 
 CHUNK = 10_000  # keys dumped ahead while the previous chunk is restored
 FIRST_CHUNK = 2_500  # a smaller first chunk starts the destination sooner
@@ -46,8 +47,9 @@ def copy_users(
     """Copy every key of `user_ids` from `src` to `dst`, then verify it on `dst`.
 
     With replace=False keys that `dst` already has are kept (and not verified).
-    With `manifest` (see `manifest_key`), the digest of every copied key (as copied) is
-    recorded on `src` under that name, for `merge_back` to find deletes and conflicts.
+    With `manifest` (see `manifest_key`), the digest of every copied key (as copied) and
+    whether it went without a TTL are recorded on `src` under that name, for
+    `merge_back` to find deletes, conflicts and the keys the edge left as they went out.
     With `schema` the keys are found by name (`schema_keys`), without it by a scan of
     `src`'s keyspace. `shared` names shared keys to copy as well (those that exist, with
     their TTLs); `dst` records them as copied (`manifest.SHARED_RECORD`), so that the
@@ -66,19 +68,22 @@ def copy_users(
     # replace every key dumped is written, so the dumper thread records each chunk's
     # digests as it goes, beside the restores; else only what was written, at the end.
     streamed = manifest is not None and replace
-    copied: dict[bytes, bytes] | None = {} if manifest is not None and not replace else None
+    copied: dict[bytes, tuple] | None = {} if manifest is not None and not replace else None
     written_parts = 0
 
     def record(part: dict[bytes, tuple]) -> None:
         nonlocal written_parts
-        write_manifest(src, manifest, {k: v[0] for k, v in part.items()},
-                       fresh=written_parts == 0)  # fmt: skip
+        write_manifest(src, manifest, part, fresh=written_parts == 0)
         written_parts += 1
 
     found = iter_schema_keys(src, schema, ids) if schema else iter_user_keys(src, ids)
+    # With a manifest, `dst` records its hash tables as written (`payloads.COPIED_TABLES`)
+    # so that the merge needs no digest of those left as copied (a cluster: no record).
+    tables = manifest is not None and not is_cluster(dst)
     try:
         copy_chunks(src, dst, chunked(found), replace, report, copied=copied,
-                    on_dump=record if streamed else None)  # fmt: skip
+                    on_dump=record if streamed else None,
+                    restore=partial(payloads.restore, record=True) if tables else None)
         if manifest is not None and (copied is not None or not written_parts):
             write_manifest(src, manifest, copied or {})
         copy_shared(src, dst, shared, report)
@@ -111,7 +116,7 @@ def copy_shared(src: Client, dst: Client, keys: Iterable[bytes | str],
 
 
 def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
-                 report: SyncReport, copied: dict[bytes, bytes] | None = None,
+                 report: SyncReport, copied: dict[bytes, tuple] | None = None,
                  restore: Callable[[Client, dict, bool], list[bytes]] | None = None,
                  on_dump: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     """Copy chunk by chunk: each item of `chunks` is a list of keys to dump from `src`,
@@ -146,7 +151,7 @@ def copy_chunks(src: Client, dst: Client, chunks: Iterable, replace: bool,
     def collect(part: dict[bytes, tuple], done: list[bytes]) -> None:
         written.extend(done)
         if copied is not None:
-            copied.update((k, part[k][0]) for k in done)
+            copied.update((k, part[k]) for k in done)
         report.skipped += len(part) - len(done)
         report.bytes += sum(len(part[k][0]) for k in done)
 

@@ -12,7 +12,7 @@ from .transport import Client, masters, no_args, run_script
 
 SCAN_COUNT = 2000
 # The library's own keys (the cloud manager's ledger and registry, the copy's manifest,
-# the edge's record of the shared keys it was given)
+# the edge's records of the shared keys and hash tables it was given)
 # start with this, whatever hash tag follows: no such key is ever a user's or shared, so
 # none is found, copied, exported or merged as data, whatever the app declares or a user
 # is called (`enorm:{cloud}:users` is not user `cloud`'s).

@@ -7,7 +7,8 @@ not win over the cloud's newer value)."""
 
 from __future__ import annotations
 
-from .payloads import ABSENT, DIGEST_FN, payload_digest
+from .payloads import ABSENT, DIGEST_FN, NO_TTL
+from .redis_types import UNORDERED
 from .transport import FLUSH, Client, Guard, by_node, no_args, roundtrip, run_script
 
 _DIGESTS = (
@@ -51,21 +52,26 @@ def digests(client: Client, keys: list[bytes],
     return out
 
 
-def write_manifest(client: Client, name: str, dumped: dict[bytes, bytes], *,
+def write_manifest(client: Client, name: str, dumped: dict[bytes, tuple[bytes, int]], *,
                    fresh: bool = True) -> int:  # fmt: skip
     """Record on `client` (the cloud) the digest of each key of `dumped` (key -> the DUMP
-    payload that was copied): the merge at termination tells from it what the edge
-    deleted and what the cloud changed meanwhile. `fresh`: replace an older manifest
-    (else add to it: a copy writes it chunk by chunk, as it dumps)."""
+    payload that was copied and its TTL, 0: none), marked `NO_TTL` for a key without a
+    TTL: the merge at termination tells from it what the edge deleted, what the cloud
+    changed meanwhile, and which keys the edge left exactly as they went out. `fresh`:
+    replace an older manifest (else add to it: a copy writes it chunk by chunk, as it
+    dumps)."""
     found: dict[bytes, bytes] = {}
-    ask = []
-    for k, payload in dumped.items():
-        d = payload_digest(payload)
-        if d is None:
+    ask: list[bytes] = []
+    for k, (payload, ttl) in dumped.items():
+        if payload[0] in UNORDERED:
             ask.append(k)
+        elif ttl:
+            found[k] = payload[-8:].hex().encode()
         else:
-            found[k] = d
-    found.update((k, d) for k, d in digests(client, ask, "source").items() if d is not None)
+            found[k] = payload[-8:].hex().encode() + NO_TTL
+    for k, d in digests(client, ask, "source").items():
+        if d is not None:
+            found[k] = d if dumped[k][1] else d + NO_TTL
     fields = [x for item in found.items() for x in item]
     step = FLUSH // 5  # field-value pairs of FLUSH // 10 keys per HSET
     commands = [["DEL", name]] if fresh else []
@@ -75,6 +81,11 @@ def write_manifest(client: Client, name: str, dumped: dict[bytes, bytes], *,
         ((node, _),) = by_node(client, [name.encode()]).items()
         roundtrip(node, commands)
     return len(found)
+
+
+def copied_digest(entry: bytes) -> bytes:
+    """The digest of a manifest's entry (as `digests` gives it), without its mark."""
+    return entry[:16]
 
 
 def move_manifest(client: Client, src: str, dst: str) -> int:

@@ -14,8 +14,8 @@ import redis
 
 from . import payloads
 from .copy import CHUNK, FIRST_CHUNK, copy_chunks, unlink
-from .keys import hash_tag, is_library, scan
-from .manifest import SHARED_RECORD, digests, read_manifest, shared_unchanged
+from .keys import LIBRARY_PREFIX, hash_tag, is_library, scan
+from .manifest import SHARED_RECORD, copied_digest, digests, read_manifest, shared_unchanged
 from .payloads import dump, scan_dump
 from .redis_types import TYPES
 from .report import SyncReport, VerificationFailed
@@ -137,6 +137,7 @@ def _merge_shared(edge: Client, cloud: Client, keys: list[bytes], report: SyncRe
 
 
 SAMPLE = 10  # key names reported per kind of surprise
+_OWN = (SHARED_RECORD, payloads.COPIED_TABLES)  # the library's records on the edge
 
 
 def _sample(into: list[str], key: bytes) -> None:
@@ -163,12 +164,14 @@ class _Sorter:
         set aside, the rest counted."""
         out: list[bytes] = []
         owned, handed, is_shared, seen = self.owned, self.handed, self.is_shared, self.tags.add
-        for key in keys:
-            if is_library(key):
-                if key != SHARED_RECORD:  # the library's own, read by the shared merge
+        for key in keys:  # is_library and hash_tag inline: a merge asks it of every key
+            if key.startswith(LIBRARY_PREFIX):
+                if key not in _OWN:  # the library's own, read by the merge
                     self._refuse(key)
                 continue
-            tag = hash_tag(key)
+            start = key.find(b"{")
+            end = key.find(b"}", start + 1) if start >= 0 else -1
+            tag = key[start + 1 : end] if end > start + 1 else None
             if tag is not None and (tag in handed or (owned is not None and tag not in owned)):
                 if tag not in handed:
                     self._refuse(key)
@@ -186,13 +189,15 @@ class _Sorter:
         _sample(self.report.not_owned_sample, key)
 
 
-def _dumps(edge: redis.Redis, sorter: _Sorter) -> Iterator[dict[bytes, tuple]]:
+def _dumps(edge: redis.Redis, sorter: _Sorter,
+           digested: dict[bytes, bytes] | None = None) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
     """The edge's user keys dumped in one scan of its whole keyspace (it holds only the
     served users), in chunks of about CHUNK keys (a smaller first one, to get the
-    destination going); the other keys are sorted aside as the scan finds them."""
+    destination going); the other keys are sorted aside as the scan finds them. With
+    `digested` the hash tables' digests go there (`scan_dump`)."""
     chunk: dict[bytes, tuple[bytes, int]] = {}
     size = FIRST_CHUNK
-    for part in scan_dump(edge, "*"):
+    for part in scan_dump(edge, "*", digested=digested):
         chunk.update((k, part[k]) for k in sorter.users(part))
         if len(chunk) >= size:
             yield chunk
@@ -244,8 +249,12 @@ def merge_back(
     With `manifest` (written by `copy_users` at deploy, on the cloud) the served users'
     keys that the edge deleted are deleted on the cloud; a key the edge left as it was
     copied out is `untouched`: the cloud's value stands, whatever the cloud did meanwhile
-    (changed, deleted, nothing); only the edge's TTL is set, where either side has one
-    and the cloud's value is still the one copied out (the digest leaves out the TTL). A
+    (changed, deleted, nothing). One that went out without a TTL and that the edge left
+    without one is not even looked at: a TTL the cloud gave it meanwhile stands too
+    (the edge changed nothing of it). Of the others only the edge's TTL is set, where
+    either side has one and the cloud's value is still the one copied out (the digest
+    leaves out the TTL); a manifest written before the copy marked the keys without a
+    TTL (`payloads.NO_TTL`) says nothing of TTLs: every such key is asked. A
     key both sides changed is a conflict: counted, sampled, and resolved by policy: the
     edge wins, except for keys matching a `cloud_wins` pattern, which keep the cloud's
     value.
@@ -286,8 +295,8 @@ def merge_back(
         assert m is not None
         held: list[bytes] = []
         untouched: list[bytes] = []
-        written = payloads.restore(dst, part, replace, expect=m,
-                                   held=held, untouched=untouched)  # fmt: skip
+        written = payloads.restore(dst, part, replace, expect=m, held=held,
+                                   untouched=untouched, digested=digested)  # fmt: skip
         found: list[bytes] = []
         if held:
             found, cloud_only = _changed(edge, cloud, m, held)
@@ -303,8 +312,10 @@ def merge_back(
             return written
         return written + payloads.restore(dst, {k: part[k] for k in held if k in part}, replace)
 
+    # The edge's digests of its hash tables, taken as they are dumped (with a manifest)
+    digested: dict[bytes, bytes] | None = {} if m is not None else None
     if not is_cluster(edge):
-        chunks: Iterable = _dumps(edge, sorter)
+        chunks: Iterable = _dumps(edge, sorter, digested)
     else:
         with Guard("source"):
             keys = sorter.users(scan(edge, "*"))
@@ -351,11 +362,12 @@ def _changed(edge: Client, cloud: Client, m: dict[bytes, bytes],
     if not keys:
         return [], []
     now = digests(cloud, keys)
-    changed = [k for k in keys if now[k] != m.get(k)]
+    copied = {k: copied_digest(m[k]) for k in keys if k in m}
+    changed = [k for k in keys if now[k] != copied.get(k)]
     if not changed:
         return [], []
     at_edge = digests(edge, changed, "source")
-    cloud_only = [k for k in changed if k in m and at_edge[k] == m[k]]
+    cloud_only = [k for k in changed if k in copied and at_edge[k] == copied[k]]
     stale = set(cloud_only)
     conflicts = [
         k

@@ -60,15 +60,20 @@ return {r[1], out}
 # they are; `digest` 16 hex digits, 16 dots for a key that does not exist (manifests).
 DIGEST_FN = ELEMENTS_FN + f"""
 local unordered = {{{", ".join(f"[{t}] = true" for t in sorted(UNORDERED))}}}
+local function sorted_hex(k, t)
+  local parts = elements(k, t)
+  table.sort(parts)
+  return string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16)
+end
+local function sorted_digest(k, t)
+  return (string.gsub(sorted_hex(k, t), '..', function(h) return string.char(tonumber(h, 16)) end))
+end
 local function raw_digest(k)
   local p = redis.call('DUMP', k)
   if not p then return nil end
   local t = string.byte(p, 1)
   if not unordered[t] then return string.sub(p, -8) end
-  local parts = elements(k, t)
-  table.sort(parts)
-  return (string.gsub(string.sub(redis.sha1hex(t .. table.concat(parts, '')), 1, 16), '..',
-                      function(h) return string.char(tonumber(h, 16)) end))
+  return sorted_digest(k, t)
 end
 local function digest(k)
   local d = raw_digest(k)
@@ -77,7 +82,18 @@ local function digest(k)
 end
 """
 
-# ARGV: replace flag; at the merge, with the cloud's manifest of the copy, per key the
+# On the edge: hash table -> the CRC that ended its DUMP right after a copy with a
+# manifest wrote it (in the same script as its RESTORE). At the merge the edge's scan
+# compares its DUMP with it: the same bytes are the value copied out, so the table needs
+# no digest (a sort and SHA-1 of every element); other bytes (a write, or only a rehash
+# that changed the order) and the digest is taken. In the library's namespace, so never
+# merged as data; the tenant could change it, and gain nothing it could not do to its
+# own keys directly (a forged match drops its own write); a record that is not a hash
+# is no record (`redis.pcall`: every table digested), not a failed copy or merge.
+COPIED_TABLES = b"enorm:copied-tables"
+
+# ARGV: replace flag ('1', '0'; 'r': replace and record each hash table written in
+# `COPIED_TABLES`); at the merge, with the cloud's manifest of the copy, per key the
 # digest it had when copied out (ARGV[2], 8 bytes each, as `raw_digest`) and a mark
 # (ARGV[3]): 'n' not copied out (the cloud should not have it), '1' the edge left the
 # value as copied out (its payload's digest is the manifest's), '0' otherwise; both
@@ -94,13 +110,14 @@ end
 #   edge's TTL is written (set or removed). One without a TTL on either side, or that
 #   the cloud deleted, is untouched unlooked at (one PTTL): nothing would be written
 #   either way; one with a TTL on either side is digested (no digest: the cloud deleted
-#   it): only an unchanged value takes the edge's.
+#   it): only an unchanged value takes the edge's. (A key that went out without a TTL
+#   and that the edge left so is not sent at all: `as_copied`.)
 # - for the others, 'c' when the cloud's value is no longer the one copied out, or the
 #   cloud has a key that was not copied out: not written, the caller decides (a conflict
 #   if the edge changed it too).
 # A payload RESTORE refuses fails the script: a SyncError with Redis's reason.
 _RESTORE = DIGEST_FN + """
-local replace, want, mark = ARGV[1] == '1', ARGV[2], ARGV[3]
+local replace, record, want, mark = ARGV[1] ~= '0', ARGV[1] == 'r', ARGV[2], ARGV[3]
 local out = {}
 local function changed(k, i) return raw_digest(k) ~= string.sub(want, 8 * i - 7, 8 * i) end
 for i, k in ipairs(KEYS) do
@@ -120,24 +137,75 @@ for i, k in ipairs(KEYS) do
     out[i] = 'c'
   elseif replace or redis.call('EXISTS', k) == 0 then
     redis.call('RESTORE', k, ARGV[2 * i + 2], ARGV[2 * i + 3], 'REPLACE')
+    if record and unordered[string.byte(ARGV[2 * i + 3], 1)] then
+      redis.pcall('HSET', '@TABLES@', k, string.sub(redis.call('DUMP', k), -8))
+    end
     out[i] = '1'
   else
     out[i] = '0'
   end
 end
 return table.concat(out)
-"""
+""".replace("@TABLES@", COPIED_TABLES.decode())
+
+# `_SCAN_DUMP` for a merge: also the digest of each hash table dumped (16 hex digits, as
+# a manifest holds it), which the node cannot take from the payload, so that it tells
+# one the edge left as copied out without sending it: {cursor, the triples, {key,
+# digest, ...}}; '=' for the digest of a table whose DUMP is the one `COPIED_TABLES`
+# recorded (the value copied out: the manifest's digest).
+_SCAN_DUMP_DIGEST = DIGEST_FN + """
+local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local out, n, dig, m = {}, 0, {}, 0
+for _, k in ipairs(r[2]) do
+  local p = redis.call('DUMP', k)
+  if p then
+    local t = redis.call('PTTL', k)
+    out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
+    n = n + 3
+    local rdb = string.byte(p, 1)
+    if unordered[rdb] then
+      local same = redis.pcall('HGET', '@TABLES@', k) == string.sub(p, -8)
+      dig[m + 1], dig[m + 2] = k, same and '=' or sorted_hex(k, rdb)
+      m = m + 2
+    end
+  end
+end
+return {r[1], out, dig}
+""".replace("@TABLES@", COPIED_TABLES.decode())
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
 NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
+# A manifest's entry is the key's digest (16 hex digits, as `digest` gives it), followed
+# by this mark when the key went out without a TTL (`manifest.write_manifest`). An entry
+# without it (a key with a TTL, or a manifest written before the mark) says nothing of
+# the TTL.
+NO_TTL = b"p"
+SAME = b"="  # `_SCAN_DUMP_DIGEST`'s digest of a table as copied out
 
 
-def payload_digest(payload: bytes) -> bytes | None:
-    """The digest DIGEST_FN gives, from a DUMP payload; None for the hash-table types,
-    whose digest needs the server."""
-    if payload[0] in UNORDERED:
-        return None
-    return payload[-8:].hex().encode()
+def as_copied(dumped: dict[bytes, tuple], expect: Mapping[bytes, bytes],
+              untouched: list[bytes] | None,
+              digested: Mapping[bytes, bytes] | None = None) -> list[bytes]:  # fmt: skip
+    """The keys of `dumped` the destination must see at a merge; the others go to
+    `untouched`: those that went out without a TTL (`NO_TTL`) and that the source left
+    exactly so (the same digest, still no TTL). Nothing would be written for them
+    whatever the destination did meanwhile (its value, delete or TTL stands), so they
+    cost it no call. A hash table's digest is not in its payload: it is taken from
+    `digested` (the source's, `scan_dump`), and without one the key is sent."""
+    send: list[bytes] = []
+    left = (untouched if untouched is not None else []).append
+    other = digested or {}
+    for k, (payload, ttl) in dumped.items():
+        w = expect.get(k)
+        if ttl or w is None or w[16:] != NO_TTL:
+            send.append(k)
+            continue
+        d = other.get(k) if payload[0] in UNORDERED else payload[-8:].hex().encode()
+        if d == w[:16] or d == SAME:
+            left(k)
+        else:
+            send.append(k)
+    return send
 
 
 
@@ -151,15 +219,21 @@ def dump(client: Client, keys: list[bytes], side: str = "source") -> dict[bytes,
     return dumped
 
 
-def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
-               side: str = "source") -> Iterator[dict[bytes, tuple]]:  # fmt: skip
+def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT, side: str = "source",
+              digested: dict[bytes, bytes] | None = None,
+              ) -> Iterator[dict[bytes, tuple]]:  # fmt: skip
     """SCAN MATCH `pattern` and DUMP what it finds in the same script calls: key ->
     (payload, ttl) per SCAN step. One pass over a standalone server instead of a scan
-    and then a dump."""
+    and then a dump. With `digested`, the digest of each hash table dumped goes there
+    (key -> 16 hex digits, as a manifest holds it)."""
     cursor: bytes | int = b"0"
+    script = _SCAN_DUMP if digested is None else _SCAN_DUMP_DIGEST
     while True:
         with Guard(side):
-            cursor, flat = client.execute_command("EVAL", _SCAN_DUMP, 0, cursor, pattern, count)
+            cursor, flat, *more = client.execute_command("EVAL", script, 0, cursor, pattern,
+                                                         count)  # fmt: skip
+        if more and more[0]:
+            digested.update(zip(more[0][::2], more[0][1::2], strict=True))  # type: ignore[union-attr]
         yield dict(zip(flat[::3], zip(flat[2::3], flat[1::3], strict=True), strict=True))
         if cursor in (b"0", 0):
             return
@@ -168,23 +242,31 @@ def scan_dump(client: redis.Redis, pattern: str, count: int = SCAN_COUNT,
 def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
             expect: Mapping[bytes, bytes] | None = None,
             held: list[bytes] | None = None,
-            untouched: list[bytes] | None = None) -> list[bytes]:  # fmt: skip
-    """RESTORE the dumped keys on the destination; the keys written.
+            untouched: list[bytes] | None = None,
+            digested: Mapping[bytes, bytes] | None = None,
+            record: bool = False) -> list[bytes]:  # fmt: skip
+    """RESTORE the dumped keys on the destination; the keys written. With `record` (a
+    copy with a manifest, to a standalone server) each hash table written is recorded
+    in `COPIED_TABLES` by the script that restores it.
 
-    With `expect` (key -> the digest the destination's value had when copied out, as
-    `payload_digest`; a key it lacks was not copied out), a key the source left as
-    copied out is not sent: the destination takes only the source's TTL, if its value
-    is still the one copied out, else the key goes to `untouched` (as does one without
-    a TTL on either side, unlooked at: its value stands either way); another key whose
-    value the destination changed since the copy is not written but added to `held`;
-    all in the same script call.
+    With `expect` (the manifest: key -> the digest the destination's value had when
+    copied out and the `NO_TTL` mark; a key it lacks was not copied out), a key the
+    source left as copied out is not sent: one that went out and stayed without a TTL
+    goes to `untouched` without a call (`as_copied`); for another the destination takes
+    only the source's TTL, if its value is still the one copied out, else the key goes
+    to `untouched` (as does one without a TTL on either side, looked at by one PTTL:
+    its value stands either way); another key whose value the destination changed since
+    the copy is not written but added to `held`; all in the same script call. A hash
+    table's digest, which its payload does not give, comes from `digested` (the
+    source's, as `scan_dump` gives it); without it such a key is sent.
 
     One pipelined pass per master. RESTORE checks each payload (RDB version, CRC-64)
     and writes the whole value or refuses it: a refusal raises SyncError with Redis's
     reason. That the keys are still there after the last write is `verify_present`'s.
     """
-    flag = b"1" if replace else b"0"
-    keys = list(dumped)
+    flag = (b"r" if record else b"1") if replace else b"0"
+    keys = list(dumped) if expect is None else as_copied(dumped, expect, untouched, digested)
+    other = digested or {}
 
     def restore_args(batch: list[bytes]) -> list[Any]:
         if expect is None:
@@ -194,14 +276,15 @@ def restore(client: Client, dumped: dict[bytes, tuple], replace: bool,
                 args += (ttl, payload)
             return args
         want = [expect.get(k) for k in batch]
-        raw = unhexlify(b"".join(w or NOT_COPIED for w in want))
+        raw = unhexlify(b"".join((w or NOT_COPIED)[:16] for w in want))
         args = [flag, raw, b""]
         marks = bytearray(len(batch))
         for i, (k, w) in enumerate(zip(batch, want, strict=True)):
             payload, ttl = dumped[k]
             if w is None:
                 marks[i] = 110  # 'n'
-            elif payload[0] not in UNORDERED and payload[-8:] == raw[8 * i : 8 * i + 8]:
+            elif (other.get(k) in (w[:16], SAME) if payload[0] in UNORDERED
+                  else payload[-8:] == raw[8 * i : 8 * i + 8]):  # fmt: skip
                 marks[i] = 49  # '1': left as copied out, never written
                 payload = b""
             else:

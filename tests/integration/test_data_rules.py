@@ -92,14 +92,17 @@ def test_merge_back_owned_keys_deletes_and_conflicts(redis_server):
     assert again.deleted == 0 and cloud.hget(keys.user("a2"), "name") == b"renamed-on-cloud"
 
 
+@pytest.mark.parametrize("manifest", ["marked", "unmarked"])
 @pytest.mark.parametrize("kind", ["standalone", "cluster"])
-def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request):
+def test_a_key_the_edge_left_as_copied_is_untouched(kind, manifest, redis_server, request):
     """With a manifest, a key the edge left as copied is not sent nor written: the
-    cloud's value stands, whatever the cloud did meanwhile. Without a TTL on either side
-    it is not even digested (nothing would be written either way); with a TTL on either
-    side an unchanged value takes the edge's TTL (the TTL is not in the digest), a value
-    the cloud changed keeps the cloud's. A value the edge changed is restored. Nothing
-    else is lost."""
+    cloud's value stands, whatever the cloud did meanwhile. One that went out without a
+    TTL and that the edge left without one costs the cloud no call at all: a TTL the
+    cloud gave it meanwhile stands too. With a TTL on either side an unchanged value
+    takes the edge's TTL (the TTL is not in the digest), a value the cloud changed keeps
+    the cloud's. A value the edge changed is restored. Nothing else is lost. A manifest
+    written before the TTL mark ("unmarked") is still read: every key without a TTL is
+    asked (one PTTL), and the edge's lack of a TTL is set where the cloud gave one."""
     if kind == "cluster":
         cloud = datasync.connect(request.getfixturevalue("redis_cluster").url, cluster=True)
     else:
@@ -110,17 +113,36 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
     cloud.set("ttl:{q1}", "v", ex=3600)
     cloud.set("persist:{q2}", "v", ex=3600)
     cloud.set("gone:{q6}", "v", ex=3600)
+    for u in ("q8", "q9", "q10"):  # hash tables: their digest is not in their payload
+        cloud.sadd(f"big:{{{u}}}", *(f"species-{s}" for s in range(200)))
     name = datasync.manifest_key("same")
     copied = datasync.copy_users(cloud, edge, users, manifest=name)
+    marks = cloud.hgetall(name)
+    assert {len(v) for v in marks.values()} == {16, 17}
+    assert [k for k, v in marks.items() if len(v) == 16] and all(
+        (len(v) == 16) == (k in (b"ttl:{q1}", b"persist:{q2}", b"gone:{q6}") or cloud.ttl(k) > 0)
+        for k, v in marks.items())  # fmt: skip
+    if manifest == "unmarked":  # as a copy before the mark wrote it
+        cloud.hset(name, mapping={k: v[:16] for k, v in marks.items()})
     edge.hset(keys.user("q0"), "xp", 7)  # the edge changed a value
     edge.expire(keys.user("q3"), 600)  # ... a TTL only
     edge.persist("persist:{q2}")  # ... dropped a TTL
+    edge.sadd("big:{q9}", "species-new")  # ... changed a hash table
+    # The edge recorded its hash tables as the copy wrote them: their DUMP now tells those
+    # left as copied without a digest; a record that no longer matches (here forged, as
+    # a rehash alone would make it) costs the digest, and the table is still told apart.
+    tables = edge.hgetall(payloads.COPIED_TABLES)
+    assert set(tables) == {b"big:{q8}", b"big:{q9}", b"big:{q10}"}
+    assert tables[b"big:{q10}"] == edge.dump("big:{q10}")[-8:]
+    edge.hset(payloads.COPIED_TABLES, "big:{q8}", b"x" * 8)
+    edge.config_resetstat()
     # Meanwhile the cloud changes keys the edge left as copied: values (no TTL, and one
     # with its TTL kept), a delete (no TTL, and one with a TTL), a TTL given.
     cloud.hset(keys.location("q4"), "lat", 9.5)
     cloud.set("ttl:{q1}", "cloud", keepttl=True)
     cloud.delete(keys.pokedex("q5"), "gone:{q6}")
     cloud.expire(keys.user("q7"), 900)
+    cloud.expire("big:{q10}", 900)
     nodes = cloud.get_primaries() if kind == "cluster" else [cloud]
     conns = [n.redis_connection if kind == "cluster" else n for n in nodes]
     for c in conns:
@@ -130,17 +152,36 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
         return sum(c.info("commandstats").get(f"cmdstat_{cmd}", {}).get("calls", 0)
                    for c in conns)  # fmt: skip
 
-    # Written: the changed value (restored); the TTL of the key the edge gave one (set),
-    # the TTL the edge dropped and the one only the cloud gave (removed: the edge's rule).
-    assert report.verified and report.keys == 4 and report.untouched == copied.keys - 4
+    # Written: the changed values (restored: q0, and q9's hash table); the TTL of the
+    # key the edge gave one (set), the TTL the edge dropped (removed), and without the
+    # mark those only the cloud gave (q7, q10: removed, the edge has none, and nothing
+    # says they went out without one).
+    written = 4 if manifest == "marked" else 6
+    assert report.verified and report.keys == written
+    assert report.untouched == copied.keys - written
     assert report.conflicts == report.deleted == 0
-    assert calls("restore") == 1 and calls("pexpire") == 1 and calls("persist") == 2
-    # Digested: only the edge's changed key and those with a TTL on either side (q1, q2,
-    # q3, q7, and q6, which the cloud deleted: nothing to digest); the 190-odd others not.
-    assert calls("dump") == 6
+    assert calls("restore") == 2 and calls("pexpire") == 1
+    # Digested: only the edge's changed keys and those with a TTL on either side (q1, q2,
+    # q3, and q6, which the cloud deleted: nothing to digest; without the mark q7 and
+    # q10 too, which the cloud gave a TTL); the 190-odd others not. The hash tables the
+    # edge left (q8, q10) are told by the edge's digest: not sent, not read.
+    if manifest == "marked":
+        assert calls("persist") == 1 and calls("dump") == 6 and calls("smembers") == 1
+        # The one PTTL: the key that went out with a TTL the edge dropped.
+        assert calls("pttl") == 1
+        # The cloud's TTLs stand.
+        assert 0 < cloud.ttl(keys.user("q7")) <= 900 and 0 < cloud.ttl("big:{q10}") <= 900
+    else:
+        assert calls("persist") == 3 and calls("dump") == 8 and calls("smembers") == 2
+        assert calls("pttl") >= report.untouched - 3
+        assert cloud.ttl(keys.user("q7")) == -1 and cloud.ttl("big:{q10}") == -1
+    assert cloud.scard("big:{q9}") == 201 and cloud.scard("big:{q8}") == 200
+    # On the edge: a sorted digest of q8 (its record forged) and q9 (changed) only.
+    assert edge.info("commandstats")["cmdstat_smembers"]["calls"] == 2
+    assert report.not_owned == 0
     assert cloud.hget(keys.user("q0"), "xp") == b"7"
     assert 0 < cloud.ttl(keys.user("q3")) <= 600
-    assert cloud.ttl("persist:{q2}") == -1 and cloud.ttl(keys.user("q7")) == -1
+    assert cloud.ttl("persist:{q2}") == -1
     # The cloud's changes stand: its value and TTL, its deletes.
     assert cloud.hget(keys.location("q4"), "lat") == b"9.5"
     assert cloud.get("ttl:{q1}") == b"cloud" and 600 < cloud.ttl("ttl:{q1}") <= 3600
@@ -150,6 +191,26 @@ def test_a_key_the_edge_left_as_copied_is_untouched(kind, redis_server, request)
     for k in (keys.location("q4"), "ttl:{q1}", keys.pokedex("q5"), "gone:{q6}"):
         edge_state.pop(k.encode()), cloud_state.pop(k.encode(), None)
     assert cloud_state == edge_state and len(cloud_state) == copied.keys - 4
+
+
+def test_a_record_of_the_tables_the_tenant_broke_is_no_record(redis_server):
+    """The edge's record of its hash tables (`payloads.COPIED_TABLES`) is the tenant's to
+    break: made a string before the copy or after it, the copy and the merge still work,
+    every table digested, the edge's change found, the cloud's state the edge's."""
+    cloud, edge = (datasync.connect(redis_server().url) for _ in range(2))
+    for u in ("t1", "t2"):
+        cloud.sadd(f"big:{{{u}}}", *(f"species-{s}" for s in range(200)))
+    edge.set(payloads.COPIED_TABLES, "not a hash")
+    name = datasync.manifest_key("broken")
+    copied = datasync.copy_users(cloud, edge, ["t1", "t2"], manifest=name)
+    assert copied.keys == 2 and edge.get(payloads.COPIED_TABLES) == b"not a hash"
+    edge.sadd("big:{t2}", "species-new")
+    edge.config_resetstat()
+    report = datasync.merge_back(edge, cloud, user_ids=["t1", "t2"], manifest=name)
+    assert report.verified and report.keys == 1 and report.untouched == 1
+    assert report.not_owned == 0
+    assert edge.info("commandstats")["cmdstat_smembers"]["calls"] == 2
+    assert cloud.scard("big:{t1}") == 200 and cloud.scard("big:{t2}") == 201
 
 
 def test_merge_back_into_a_cluster(redis_cluster, redis_server):
