@@ -1,7 +1,9 @@
 """Provisioning benchmark: handshake and termination on a real edge node, next to the floor.
 
 The floor is what LXC itself needs for the same work without enorm: an overlay snapshot
-clone of the base container, start, and its sshd accepting TCP (then stop + destroy).
+clone of the base container, start, and its sshd accepting TCP (then stop + destroy),
+one container at a time; and again with the earlier ones held (`floor_held`), as enorm's
+n servers are held until their terminations: both grow with the containers already there.
 Both are measured in the same run, on the same bridge, and enorm three times: with
 privileged containers, with unprivileged ones (the default; an idmapped base per
 container), and unprivileged without the sized writable layer (`disk_mb = 0`), which
@@ -48,16 +50,22 @@ BURSTS = (2, 4, 8)
 PAPER = {"handshake_s": 9.0, "terminate_s": 5.0}
 
 
+def quarters(xs: list[float]) -> list[float]:
+    """Median of each quarter of a series in its order (ms): how it grows as a run goes."""
+    if len(xs) < 4:
+        return [round(x * 1000, 1) for x in xs]
+    q = len(xs) // 4
+    return [round(statistics.median(xs[i:i + q]) * 1000, 1) for i in range(0, q * 4, q)]
+
+
 def summary(xs: list[float]) -> dict:
     xs = sorted(xs)
     return {"p50": round(statistics.median(xs), 4),
             "p95": round(xs[min(len(xs) - 1, int(0.95 * len(xs)))], 4), "n": len(xs)}
 
 
-def floor_once(i: int, bridge: str) -> tuple[float, float]:
-    """Clone + start + sshd up, then stop + destroy, with python3-lxc alone."""
-    name = f"{FLOOR_PREFIX}{i:03d}"
-    addr = f"10.87.0.{200 + i % 50}"
+def _floor_up(name: str, addr: str, bridge: str) -> tuple[lxc.Container, float]:
+    """Clone + start + sshd up with python3-lxc alone; the seconds it took."""
     t0 = time.perf_counter()
     c = lxc.Container("enorm-base-debian").clone(
         name, flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay")
@@ -70,13 +78,42 @@ def floor_once(i: int, bridge: str) -> tuple[float, float]:
     c.save_config()
     c.start()
     wait_tcp(addr, 22, interval=0.002)
-    up = time.perf_counter() - t0
+    return c, time.perf_counter() - t0
+
+
+def _floor_down(name: str, c: lxc.Container) -> float:
+    """Kill + destroy; the seconds it took."""
     t1 = time.perf_counter()
     os.kill(c.init_pid, signal.SIGKILL)
     while lxc.Container(name).state != "STOPPED":
         time.sleep(0.002)
     lxc.Container(name).destroy()
-    return up, time.perf_counter() - t1
+    return time.perf_counter() - t1
+
+
+def floor_once(i: int, bridge: str) -> tuple[float, float]:
+    """Clone + start + sshd up, then stop + destroy: one container at a time."""
+    name = f"{FLOOR_PREFIX}{i:03d}"
+    c, up = _floor_up(name, f"10.87.0.{200 + i % 50}", bridge)
+    return up, _floor_down(name, c)
+
+
+def floor_held(n: int, bridge: str) -> list[float]:
+    """The same clone + start + sshd up with the earlier ones still running, as enorm's
+    handshakes run (its n servers are held until the terminations): what the machine
+    pays for the containers already there, apart from what enorm adds. Then all are
+    destroyed. At most 90 (their addresses)."""
+    ups, held = [], []
+    try:
+        for i in range(min(n, 90)):
+            name = f"{FLOOR_PREFIX}h{i:03d}"
+            c, up = _floor_up(name, f"10.87.0.{100 + i}", bridge)
+            held.append((name, c))
+            ups.append(up)
+    finally:
+        for name, c in held:
+            _floor_down(name, c)
+    return ups
 
 
 def cleanup_floor() -> None:
@@ -171,7 +208,7 @@ def run(n: int) -> dict:
                        check=True)
         pub = key.with_suffix(".pub").read_text().strip()
         # The bridge the floor's containers join is the node's: bring one up first.
-        floor, floor_down = [], []
+        floor, floor_down, held = [], [], []
         node = LocalEdgeNode(**NODE, state_dir=f"{tmp}/state-floor")
         node.start()
         try:
@@ -179,6 +216,7 @@ def run(n: int) -> dict:
                 up, down = floor_once(i, NODE["bridge"])
                 floor.append(up)
                 floor_down.append(down)
+            held = floor_held(n, NODE["bridge"])
         finally:
             cleanup_floor()
             node.close()
@@ -210,13 +248,21 @@ def run(n: int) -> dict:
         "floor_s": summary(floor),
         "floor_destroy_s": summary(floor_down),
         "handshake_over_floor": round(statistics.median(hs) / statistics.median(floor), 2),
+        # The floor with its containers held, as enorm's are (see `floor_held`), and
+        # the ratio in quarters of the run: both grow with the containers already there.
+        "floor_held_s": summary(held),
+        "handshake_over_floor_held": round(statistics.median(hs) / statistics.median(held),
+                                           2),
+        "by_quarter_ms": {k: quarters(v) for k, v in (
+            ("handshake", hs), ("floor", floor), ("floor_held", held),
+            ("handshake_no_disk_quota", nodisk["hs"]), ("handshake_privileged", priv["hs"]))},
         "paper_over_handshake": round(PAPER["handshake_s"] / statistics.median(hs), 1),
         "daemon_rss_mb": {"idle": round(unpriv["rss_idle"], 1),
                           "servers_32": round(unpriv["rss_32"] or 0, 1)},
         "targets": {"handshake_p50_s": 0.25, "terminate_p50_s": 0.2, "daemon_rss_mb": 80},
         "paper": PAPER,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor,
+        "raw": {"handshake_s": hs, "terminate_s": term, "floor_s": floor, "floor_held_s": held,
                 "privileged_handshake_s": priv["hs"], "privileged_terminate_s": priv["term"],
                 "no_disk_quota_handshake_s": nodisk["hs"]},
     }
@@ -230,9 +276,10 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     raw = res["raw"]
-    a.boxplot([raw["floor_s"], raw["privileged_handshake_s"],
+    a.boxplot([raw["floor_s"], raw.get("floor_held_s") or [0.0], raw["privileged_handshake_s"],
                raw["no_disk_quota_handshake_s"], raw["handshake_s"], raw["terminate_s"]])
-    a.set_xticks([1, 2, 3, 4, 5], ["floor:\nclone+start\n+sshd", "handshake\nprivileged",
+    a.set_xticks([1, 2, 3, 4, 5, 6], ["floor:\nclone+start\n+sshd", "floor,\nthe others\nheld",
+                                      "handshake\nprivileged",
                                    "handshake\nunpriv.,\nno disk quota",
                                    "handshake\nunpriv.\n(default)", "terminate\nunpriv."])
     a.set_ylabel("seconds")

@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -398,7 +399,9 @@ class Firewall:
 
     def guards(self) -> dict[str, list[tuple[str, str]]]:
         """The node's bridge guards now: server id -> its (table, line) pairs, as
-        `ebtables-save` prints them."""
+        `ebtables-save` prints them. One pass over the lines (each guard's chain, its
+        rules, its jump and its veth's drop found by a lookup, not a scan of the table
+        per guard: a handshake reads them all, and there may be many)."""
         prefix = f"{self.chain}-"
         tables: dict[str, list[str]] = {}
         table = ""
@@ -407,17 +410,25 @@ class Firewall:
                 table = ln[1:]
             elif ln and not ln.startswith("#"):
                 tables.setdefault(table, []).append(ln)
-        nat, flt = tables.get("nat", []), tables.get("filter", [])
+        nat, flt = tables.get("nat", []), Counter(tables.get("filter", []))
         out: dict[str, list[tuple[str, str]]] = {}
+        chains: dict[str, list[tuple[str, str]]] = {}  # guard chain -> its lines
+        jumps: list[tuple[str, str]] = []  # (jump line, its chain)
         for ln in nat:
-            if not ln.startswith(f":{prefix}"):
-                continue
-            chain = ln[1:].split()[0]
-            mine = [("nat", x) for x in nat if x == ln or x.startswith(f"-A {chain} ")]
-            for x in nat:
-                if x.startswith("-A PREROUTING -i ") and x.endswith(f" -j {chain}"):
-                    drop = f"-A FORWARD -i {x.split()[3]} -j DROP"
-                    mine += [("nat", x)] + [("filter", y) for y in flt if y == drop]
+            if ln.startswith(f":{prefix}"):
+                chains[ln[1:].split()[0]] = [("nat", ln)]
+        for ln in nat:
+            if ln.startswith(f"-A {prefix}"):
+                chain = ln.split()[1]
+                if chain in chains:
+                    chains[chain].append(("nat", ln))
+            elif (ln.startswith("-A PREROUTING -i ") and (chain := ln.split()[-1]) in chains
+                  and ln.endswith(f" -j {chain}")):
+                jumps.append((ln, chain))
+        for ln, chain in jumps:
+            drop = f"-A FORWARD -i {ln.split()[3]} -j DROP"
+            chains[chain] += [("nat", ln)] + [("filter", drop)] * flt[drop]
+        for chain, mine in chains.items():
             out[chain[len(prefix):].lower()] = mine
         return out
 
