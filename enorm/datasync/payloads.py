@@ -37,20 +37,22 @@ return out
 
 # One SCAN step that also dumps what it finds (standalone sources only: a cluster node
 # refuses a script touching keys of several slots): per key its name, TTL (as _DUMP's)
-# and payload.
-_SCAN_DUMP = """
+# and payload. @TABLE@ and @DIG@: what `_SCAN_DUMP_DIGEST` adds to the same step.
+_SCAN_STEP = """
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local out, n = {}, 0
+local out, n, dig, m = {}, 0, {}, 0
 for _, k in ipairs(r[2]) do
   local p = redis.call('DUMP', k)
   if p then
     local t = redis.call('PTTL', k)
     out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
     n = n + 3
+@TABLE@
   end
 end
-return {r[1], out}
+return {r[1], out@DIG@}
 """
+_SCAN_DUMP = _SCAN_STEP.replace("@TABLE@\n", "").replace("@DIG@", "")
 
 # A digest of each key's value: the CRC-64 that ends its DUMP payload, free for the
 # copy, which dumps every key anyway. Values whose DUMP follows a hash table's order
@@ -153,25 +155,13 @@ return table.concat(out)
 # one the edge left as copied out without sending it: {cursor, the triples, {key,
 # digest, ...}}; '=' for the digest of a table whose DUMP is the one `COPIED_TABLES`
 # recorded (the value copied out: the manifest's digest).
-_SCAN_DUMP_DIGEST = DIGEST_FN + """
-local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local out, n, dig, m = {}, 0, {}, 0
-for _, k in ipairs(r[2]) do
-  local p = redis.call('DUMP', k)
-  if p then
-    local t = redis.call('PTTL', k)
-    out[n + 1], out[n + 2], out[n + 3] = k, t > 0 and t or 0, p
-    n = n + 3
+_SCAN_DUMP_DIGEST = DIGEST_FN + _SCAN_STEP.replace("@TABLE@", """\
     local rdb = string.byte(p, 1)
     if unordered[rdb] then
       local same = redis.pcall('HGET', '@TABLES@', k) == string.sub(p, -8)
       dig[m + 1], dig[m + 2] = k, same and '=' or sorted_hex(k, rdb)
       m = m + 2
-    end
-  end
-end
-return {r[1], out, dig}
-""".replace("@TABLES@", COPIED_TABLES.decode())
+    end""").replace("@DIG@", ", dig").replace("@TABLES@", COPIED_TABLES.decode())
 
 ABSENT = b"." * 16  # the digest of a key that does not exist
 NOT_COPIED = b"0" * 16  # a manifest's slot for a key it does not name (marked 'n')
