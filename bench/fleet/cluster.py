@@ -31,12 +31,14 @@ def _free(port: int) -> bool:
             return False
 
 
-def _ports(n: int) -> list[int]:
-    """`n` ports below 30000 whose cluster-bus port (+10000) is free too."""
+def _ports(n: int, avoid: frozenset[int] = frozenset()) -> list[int]:
+    """`n` free ports whose cluster-bus port (+10000) is free too, both below the
+    kernel's ephemeral range (32768 on): an outgoing connection of any process may take
+    a free port there between this check and the server's bind."""
     out: list[int] = []
     while len(out) < n:
-        p = random.randrange(20000, 30000)
-        if p not in out and _free(p) and _free(p + 10000):
+        p = random.randrange(20000, 22700)
+        if p not in out and p not in avoid and _free(p) and _free(p + 10000):
             out.append(p)
     return out
 
@@ -60,26 +62,51 @@ class Cluster:
             self.stop()
             raise
 
+    def _server(self, p: int) -> subprocess.Popen:
+        d = self.base / str(p)
+        d.mkdir()
+        return subprocess.Popen(
+            ["redis-server", "--port", str(p), "--bind", *sorted({"127.0.0.1", self.host}),
+             "--cluster-announce-ip", self.host, "--save", "",
+             "--appendonly", "no", "--dir", str(d), "--protected-mode", "no",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS)],
+            stdout=(d / "redis.log").open("wb"), stderr=subprocess.STDOUT)
+
     def _start(self) -> Cluster:
         ports = _ports(self.masters * (1 + self.replicas))
-        for p in ports:
-            d = self.base / str(p)
-            d.mkdir()
-            self.procs[p] = subprocess.Popen(
-                ["redis-server", "--port", str(p), "--bind", *sorted({"127.0.0.1", self.host}),
-                 "--cluster-announce-ip", self.host, "--save", "",
-                 "--appendonly", "no", "--dir", str(d), "--protected-mode", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS)],
-                stdout=(d / "redis.log").open("wb"), stderr=subprocess.STDOUT)
-        for p in ports:
-            self._wait(lambda p=p: redis.Redis(port=p).ping(), f"redis {p}")
+        tried = set(ports)
+        for i, p in enumerate(ports):
+            for attempt in range(5):  # a port taken since the check: the server exits
+                self.procs[p] = self._server(p)
+                if self._up(p):
+                    break
+                del self.procs[p]
+                tail = (self.base / str(p) / "redis.log").read_bytes()[-300:]
+                if attempt == 4:
+                    raise RuntimeError(f"redis {p} did not start: {tail!r}")
+                p = ports[i] = _ports(1, avoid=frozenset(tried))[0]
+                tried.add(p)
         subprocess.run(["redis-cli", "--cluster", "create",
                         *[f"{self.host}:{p}" for p in ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self._wait(self.ok, "cluster_state:ok")
         return self
+
+    def _up(self, p: int, timeout: float = 30.0) -> bool:
+        """The server on `p` answers (False: it exited first)."""
+        deadline = time.monotonic() + timeout
+        while self.procs[p].poll() is None:
+            try:
+                if redis.Redis(port=p, socket_timeout=1).ping():
+                    return True
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis {p}")
+            time.sleep(0.1)
+        return False
 
     @staticmethod
     def _wait(check, what: str, timeout: float = 30.0) -> None:
