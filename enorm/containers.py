@@ -232,10 +232,11 @@ class Containers:
         if slot is None:
             raise ContainerError(f"{name}: holds no id range (created privileged?)")
         lower, target = self._lower(name), self._rootfs(name)
-        if not idmap.mounted(lower):
+        points = set(idmap.mount_points())  # one read of the table, which grows with them
+        if os.path.realpath(lower) not in points:
             with idmap.user_namespace(self.ids.host_base(slot)) as ns:
                 idmap.idmapped_bind(Path(self.lxc_path) / self.base / "rootfs", lower, ns)
-        if not idmap.mounted(target):
+        if os.path.realpath(target) not in points:
             ov = Path(self.lxc_path) / name / "overlay"
             (ov / "work").mkdir(exist_ok=True)
             idmap.mount_overlay(lower, ov / "delta", ov / "work", target)
@@ -265,9 +266,14 @@ class Containers:
             raise ContainerError(
                 f"{self.base}: base container missing (run `enorm image build`)"
             )
-        if not _lxc.Container.clone(base, newname=name, config_path=self.lxc_path,
-                                    flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay"):
-            raise ContainerError(f"{name}: clone of {self.base} failed")
+        # `lxc-copy` rather than `Container.clone()`, for `start`'s reason: liblxc forks
+        # the caller to mount the clone's rootfs, and a fork of this daemon cost the
+        # clone 14-19 ms (with 0-60 servers held) where lxc-copy takes 7.
+        proc = subprocess.run(["lxc-copy", "-n", self.base, "-P", self.lxc_path, "-N", name,
+                               "-s", "-B", "overlay"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ContainerError(f"{name}: clone of {self.base} failed: "
+                                 f"{proc.stderr.strip()[-400:]}")
         c = Container(name, self.lxc_path)
         crash_point("create.cloned")
         mac = mac or "00:16:3e:" + ":".join(secrets.token_hex(1) for _ in range(3))

@@ -134,14 +134,28 @@ def _batch_text(batches: dict[str, list[str]]) -> str:
                    for table, lines in batches.items() if lines)
 
 
+def _restore_args(cmd: str) -> list[str]:
+    return [cmd, "--noflush"] if cmd.startswith("ebtables") else [cmd, "-w", "--noflush"]
+
+
 def _restore(batches: dict[str, list[str]], cmd: str = "iptables-restore") -> None:
     text = _batch_text(batches)
     if not text:
         return
-    args = [cmd, "--noflush"] if cmd.startswith("ebtables") else [cmd, "-w", "--noflush"]
-    proc = subprocess.run(args, input=text, capture_output=True, text=True)
+    proc = subprocess.run(_restore_args(cmd), input=text, capture_output=True, text=True)
     if proc.returncode != 0:
         raise FirewallError(f"{cmd}: {proc.stderr.strip()}\n{text}")
+
+
+def _restore_begin(batches: dict[str, list[str]], cmd: str) -> subprocess.Popen[str]:
+    """`_restore` in a child process that the caller waits for (`Popen.wait`), so that
+    the write overlaps the caller's next steps."""
+    proc = subprocess.Popen(_restore_args(cmd), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(_batch_text(batches))
+    proc.stdin.close()
+    return proc
 
 
 def _ebtables_save() -> list[str]:
@@ -322,13 +336,15 @@ class Firewall:
         _restore({"filter": lines})
         return len(lines)
 
-    def add(self, sid: str, forwards: list[Forward]) -> None:
+    def add(self, sid: str, forwards: list[Forward], new: bool = False) -> None:
         """Forward the server's ports and count its users' packets; rules already there
-        are not added twice."""
-        present = set(self.rules().get(sid, []))
+        are not added twice. `new`: the server id has no rules yet (a handshake's), so
+        the chains are not read first (each read is an `iptables -S` of a chain that
+        grows with the servers)."""
+        present = set() if new else set(self.rules().get(sid, []))
         lines = [f"-A {self.chain} {self._rule(sid, f)}" for f in forwards]
         lines = [ln for ln in lines if ln[len(f"-A {self.chain} "):] not in present]
-        counted = set(self.rules(self.acct, "filter").get(sid, []))
+        counted = set() if new else set(self.rules(self.acct, "filter").get(sid, []))
         _restore({"nat": lines,
                   "filter": [f"-A {self.acct} {r}" for f in forwards if f.counted
                              if (r := self._count_rule(sid, f)) not in counted]})
@@ -450,6 +466,23 @@ class Firewall:
         """Pin the container's port to its MAC and address (before it starts; idempotent)."""
         self.reconcile_guards({sid: port}, only=[sid])
 
+    def guard_begin(self, sid: str, port: Port) -> Callable[[], None]:
+        """Start writing the guard of a server id that has none yet (a handshake's), in a
+        child process and without reading the tables first (the read grows with the
+        guards), so that it overlaps the container's create; the returned function waits
+        for it and, if the write failed, falls back to `guard`'s read and compare. (A chain
+        of that name left by a crash is emptied by the declaration; the node's start
+        removes such leftovers first anyway.)"""
+        batches: dict[str, list[str]] = {"nat": [], "filter": []}
+        for table, ln in self._guard_lines(sid, port):
+            batches[table].append(ln)
+        proc = _restore_begin(batches, "ebtables-restore")
+
+        def finish() -> None:
+            if proc.wait() != 0:
+                self.guard(sid, port)
+        return finish
+
     def unguard(self, sid: str) -> None:
         """Remove the server's guard (its container is destroyed); absent is fine."""
         self.reconcile_guards({}, only=[sid])
@@ -465,12 +498,7 @@ class Firewall:
             if ln.startswith("-A "):
                 batches[table].append("-D" + ln[2:])
         batches["nat"].append(f"-X {self._guard_chain(sid)}")
-        proc = subprocess.Popen(["ebtables-restore", "--noflush"], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                text=True)
-        assert proc.stdin is not None
-        proc.stdin.write(_batch_text(batches))
-        proc.stdin.close()
+        proc = _restore_begin(batches, "ebtables-restore")
 
         def finish() -> None:
             if proc.wait() != 0:

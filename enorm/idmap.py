@@ -112,6 +112,11 @@ class Slots:
         # None: privileged containers, which claim nothing (claims left from when the
         # node's were unprivileged are still found and released).
         self.rng = rng
+        # What this process claimed, and where its next claim starts looking: a launch
+        # reads one claim file, not every container's (an old claim's owner is looked up
+        # in LXC, and a busy node holds many).
+        self._held: dict[str, int] = {}
+        self._next = 0
 
     def _owner(self, slot: int) -> str | None:
         try:
@@ -121,6 +126,9 @@ class Slots:
 
     def of(self, name: str) -> int | None:
         """The slot a container holds, if any."""
+        slot = self._held.get(name)
+        if slot is not None and self._owner(slot) == name:
+            return slot
         return next((slot for slot, owner in self.claims() if owner == name), None)
 
     def claims(self) -> list[tuple[int, str]]:
@@ -138,7 +146,8 @@ class Slots:
         still exists (a claim of one that is gone is taken over)."""
         assert self.rng is not None, "privileged containers claim no ids"
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        for slot in range(self.rng.slots):
+        n, first = self.rng.slots, self._next
+        for slot in [*range(first, n), *range(min(first, n))]:
             path = self.dir / str(slot)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -151,6 +160,7 @@ class Slots:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(name)
+            self._held[name], self._next = slot, slot + 1
             return slot
         raise IdmapError(f"all {self.rng.slots} id ranges of {self.rng.start}+"
                          f"{self.rng.count} are in use (idmap_count)")
@@ -170,9 +180,11 @@ class Slots:
 
     def release(self, name: str) -> None:
         """Give up every slot `name` holds (one, unless a crash left a second)."""
+        self._held.pop(name, None)
         for slot, owner in self.claims():
             if owner == name:
                 (self.dir / str(slot)).unlink(missing_ok=True)
+                self._next = min(self._next, slot)
 
 
 @contextmanager

@@ -141,23 +141,31 @@ class EdgeManager:
     def _launch(self, rec: ServerRecord) -> None:
         node, cfg = self.node, self.node.config
         port = port_of(rec)
-        node.firewall.guard(rec.id, port)
-        network.pin_neighbour(rec.address, port.mac, cfg.bridge)
+        # The guard and the neighbour entry are written by child processes beside the
+        # clone (the id is new: nothing to read first); both are in place before the start.
+        guarded = node.firewall.guard_begin(rec.id, port)
+        pinned = network.pin_neighbour_begin(rec.address, port.mac, cfg.bridge)
         try:
-            node.containers.create(
-                rec.container,
-                address=rec.address,
-                prefixlen=cfg.subnet.prefixlen,
-                gateway=str(cfg.gateway),
-                bridge=cfg.bridge,
-                limits=rec.limits,
-                authorized_key=rec.ssh_public_key,
-                redis_password=rec.redis_password,
-                veth=port.veth,
-                mac=port.mac,
-            )
+            try:
+                node.containers.create(
+                    rec.container,
+                    address=rec.address,
+                    prefixlen=cfg.subnet.prefixlen,
+                    gateway=str(cfg.gateway),
+                    bridge=cfg.bridge,
+                    limits=rec.limits,
+                    authorized_key=rec.ssh_public_key,
+                    redis_password=rec.redis_password,
+                    veth=port.veth,
+                    mac=port.mac,
+                )
+            finally:
+                try:
+                    guarded()
+                finally:
+                    pinned()
             node.containers.start(rec.container)
-            node.firewall.add(rec.id, forwards(rec))
+            node.firewall.add(rec.id, forwards(rec), new=True)
             node.containers.wait_ssh(rec.address, timeout=cfg.launch_timeout_s,
                                      name=rec.container)
         finally:

@@ -338,6 +338,49 @@ def test_subnet_guard_stays_after_down(tmp_path):
     assert got.returncode != 0 and "No route to host" in got.stderr, got
 
 
+def test_a_handshakes_guard_written_without_reading_is_the_same_guard():
+    """A handshake writes its new id's guard in a child process without reading the
+    tables: the same lines `guard` writes, and a chain of that name left behind (a stray
+    rule in it) is emptied, not added to."""
+    from enorm.firewall import Firewall, Port
+
+    fw = Firewall("tfwb", "10.89.251.0/24", "entbfwb")
+    port = Port("enfwbab12", "02:ab:12:00:00:02", "10.89.251.2")
+    try:
+        fw.guard("ab12", port)
+        by_guard = sorted(fw.guards()["ab12"])
+        fw.unguard("ab12")
+        fw.guard_begin("ab12", port)()
+        assert sorted(fw.guards()["ab12"]) == by_guard and len(by_guard) == 6
+        fw.unguard("ab12")
+        chain = "ENORM-TFWB-AB12"
+        subprocess.run(["ebtables", "-t", "nat", "-N", chain], check=True)
+        subprocess.run(["ebtables", "-t", "nat", "-A", chain, "-j", "ACCEPT"], check=True)
+        fw.guard_begin("ab12", port)()
+        assert sorted(fw.guards()["ab12"]) == by_guard
+        assert "-j ACCEPT" not in subprocess.run(["ebtables", "-t", "nat", "-L", chain],
+                                                 capture_output=True, text=True).stdout
+    finally:
+        fw.reconcile_guards({})
+    assert "ENORM-TFWB" not in subprocess.run(["ebtables-save"], capture_output=True,
+                                              text=True).stdout
+
+
+def test_a_neighbour_pinned_beside_the_create_is_pinned_or_says_why():
+    """The handshake pins the container's MAC in a child process; waiting for it gives
+    the entry, or an error naming the command when `ip` refused."""
+    subprocess.run(["ip", "link", "add", "entbnb0", "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", "entbnb0", "up"], check=True)
+        network.pin_neighbour_begin("10.89.252.7", "02:ab:12:00:00:07", "entbnb0")()
+        assert "02:ab:12:00:00:07" in network.neighbour("10.89.252.7")
+        with pytest.raises(network.NetworkError, match="ip neigh replace 10.89.252.8.*"
+                                                       "entbnb-none"):
+            network.pin_neighbour_begin("10.89.252.8", "02:ab:12:00:00:08", "entbnb-none")()
+    finally:
+        subprocess.run(["ip", "link", "del", "entbnb0"], check=True)
+
+
 def test_a_guard_lifted_beside_lxcs_delete_leaves_nothing_even_if_changed_by_hand():
     """A termination lifts a container's bridge guard by its known lines in a child
     process (overlapping LXC's delete); when the tables are not as the node left them,

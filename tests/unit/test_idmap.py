@@ -64,6 +64,37 @@ def test_slots_are_distinct_released_and_taken_over_when_stale(tmp_path):
     assert slots.of("e") == 0 and slots.of("a") is None
 
 
+def test_a_claim_looks_past_the_last_one_and_wraps_around(tmp_path):
+    """A node's next claim starts after its last one, so that a busy node does not look
+    up every old claim's owner in LXC on each launch; it still wraps around to a slot
+    freed below, and a slot another process holds is never taken."""
+    slots = Slots(tmp_path, IdRange(1_200_000_000, 4 * RANGE))
+    looked_up: list[str] = []
+
+    def alive(owner: str) -> bool:
+        looked_up.append(owner)
+        return True
+
+    assert [slots.claim(n, alive) for n in ("a", "b", "c")] == [0, 1, 2]
+    old = time.time() - idmap.STALE_CLAIM_S - 1
+    for f in slots.dir.glob("[0-9]"):
+        os.utime(f, (old, old))  # old claims: each met on the way is looked up
+    assert slots.claim("d", alive) == 3 and looked_up == []
+    other = Slots(tmp_path, IdRange(1_200_000_000, 4 * RANGE))  # another process
+    other.release("b")
+    assert slots.claim("e", alive) == 1  # wrapped around, past the old claim of a
+    assert looked_up == ["a"]
+    with pytest.raises(idmap.IdmapError):  # every other claim met once, none taken
+        slots.claim("f", alive)
+    assert looked_up == ["a", "c", "a"]  # d and e are young: not looked up
+    slots.release("c")  # its own release: the next claim starts there
+    looked_up.clear()
+    assert slots.claim("f", alive) == 2 and looked_up == []
+    assert other.of("f") == 2 and slots.of("f") == 2
+    (slots.dir / "2").write_text("g")  # taken over elsewhere: the remembered slot is not
+    assert slots.of("f") is None and slots.of("g") == 2
+
+
 def test_an_old_claim_of_a_container_lxc_cannot_load_stands(tmp_path):
     """Another node's container whose config LXC cannot load (being written or removed,
     or left by a crash) keeps its id range; LXC's error did fail the claimer's launch."""
