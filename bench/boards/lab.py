@@ -451,7 +451,11 @@ class BoardRun:
         moved = users[:8]
         b.figures["daemon_rss_idle_mb"] = self.daemon_rss_mb()
         with b.step("handshake + deployment + data copy", self.log):
-            dep = cloud.manager.offload(cloud_tier.as_users(moved))
+            # With the cloud's override, as the round below is to scale and nothing else:
+            # the users' network share is the emulated board's own loopback, which under
+            # TCG once measured 11.2 ms, over the 5-ms objective, and the node then rightly
+            # planned `latency_not_improvable` (unit-tested apart from the boards).
+            dep = cloud.manager.offload(cloud_tier.as_users(moved), override=True)
             check(dep.copy.verified and dep.copy.keys >= len(moved), f"copy: {dep.copy}")
             check(set(cloud.redirections()) == {c.user for c in moved},
                   f"redirections: {cloud.redirections()}")
