@@ -267,8 +267,8 @@ class Containers:
                 f"{self.base}: base container missing (run `enorm image build`)"
             )
         # `lxc-copy` rather than `Container.clone()`, for `start`'s reason: liblxc forks
-        # the caller to mount the clone's rootfs, and a fork of this daemon cost the
-        # clone 14-19 ms (with 0-60 servers held) where lxc-copy takes 7.
+        # the caller to mount the clone's rootfs, and a fork of this daemon made the
+        # clone 14-19 ms (0-60 servers held), where lxc-copy run from it takes 11-12.
         proc = subprocess.run(["lxc-copy", "-n", self.base, "-P", self.lxc_path, "-N", name,
                                "-s", "-B", "overlay"], capture_output=True, text=True)
         if proc.returncode != 0:
