@@ -478,8 +478,9 @@ class Floor(Peer):
         c = lxc.Container(BASE).clone(name, flags=lxc.LXC_CLONE_SNAPSHOT, bdevtype="overlay")
         c.clear_config_item("lxc.net.0.type")
         # The MAC follows the address, as Docker's does: the bulk reuses the rounds'
-        # addresses, and a random MAC met the host's neighbour entry still naming the
-        # previous container's (sshd unreachable for 30 s, session 8's quick run).
+        # addresses, and a random MAC can meet the host's neighbour entry still naming
+        # the previous container's (the likely cause of a floor sshd unreachable for
+        # 30 s in session 8's quick run; enorm pins the entry, `pin_neighbour`).
         mac = "02:00:" + ":".join(f"{int(o):02x}" for o in addr.split("."))
         for k, v in (("lxc.net.0.type", "veth"), ("lxc.net.0.link", self.BRIDGE),
                      ("lxc.net.0.flags", "up"), ("lxc.net.0.name", "eth0"),
