@@ -203,16 +203,21 @@ class Session:
 class Deployer:
     """SSH to edge servers with one key pair (its public half goes in setup requests)."""
 
-    def __init__(self, key: paramiko.PKey | None = None, public_key: str | None = None):
+    def __init__(self, key: paramiko.PKey | None = None, public_key: str | None = None,
+                 connect_timeout: float = 20.0):
         if key is None:
             key, public_key = new_key()
         elif public_key is None:
             public_key = f"{key.get_name()} {key.get_base64()}"
         self.key, self.public_key = key, public_key
+        # How long `connect` waits for a new server's sshd: longer for a slow edge (an
+        # emulated board beside another missed 20 s once).
+        self.connect_timeout = connect_timeout
 
-    def connect(self, access: Access, timeout: float = 20.0) -> Session:
-        """SSH to the access endpoint, retrying while sshd comes up."""
-        deadline = time.monotonic() + timeout
+    def connect(self, access: Access, timeout: float | None = None) -> Session:
+        """SSH to the access endpoint, retrying while sshd comes up (`connect_timeout`
+        unless `timeout` says otherwise)."""
+        deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
         while True:
             client = paramiko.SSHClient()
             # The container made its host key at first boot; the access port is the

@@ -13,7 +13,7 @@ import logging
 import time
 
 from bench.boards.vm import HOST_ALIAS
-from cloud_manager import CloudManager, EdgeClient
+from cloud_manager import CloudManager, Deployer, EdgeClient
 from enorm import datasync
 from enorm.protocol import DataSink, User
 from games.local import CloudServer, LocalRedis
@@ -48,7 +48,10 @@ class Cloud:
                 sink=DataSink(url=f"redis://{HOST_ALIAS}:{redis_port}/0",
                               shared_patterns=keys.SHARED_PATTERNS),
                 callback_url=f"{guest_url}/edge-events",
-                latency_objective_ms=objective_ms, ready_timeout=180)
+                latency_objective_ms=objective_ms, ready_timeout=180,
+                # a new container's sshd on a TCG board beside another board's reboot
+                # did not answer in the default 20 s (session 8's side-by-side run)
+                deployer=Deployer(connect_timeout=120))
             app.register_blueprint(self.manager.blueprint())
             self.server = CloudServer(app, host="127.0.0.1", port=http_port)
         except BaseException:

@@ -249,3 +249,41 @@ def test_a_record_the_cloud_redis_did_not_answer_is_left_to_its_lease():
         m.record(deps["s2"], refused, restore=False)
     assert edge.terminated == ["s2"] and released == ["s2"] and log == []
     assert deps["s2"].state == "withdrawn"
+
+
+def test_the_deployer_waits_its_connect_timeout_for_an_sshd_then_says_where():
+    """A new server's sshd that never speaks SSH (here: a listener that closes each
+    connection) is retried for the deployer's `connect_timeout` (an emulated board needs
+    more than the default 20 s), then a DeployError names the endpoint."""
+    import socket
+    import time
+
+    from cloud_manager.deployer import DeployError
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        stop = threading.Event()
+
+        def close_each() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    listener.accept()[0].close()
+                except OSError:
+                    continue
+
+        threading.Thread(target=close_each, daemon=True).start()
+        port = listener.getsockname()[1]
+        deployer = Deployer(*new_key(), connect_timeout=0.6)
+        assert Deployer(*new_key()).connect_timeout == 20.0
+        t0 = time.monotonic()
+        with pytest.raises(DeployError, match=f"no SSH at 127.0.0.1:{port}"):
+            deployer.connect(Access(host="127.0.0.1", port=port))
+        assert time.monotonic() - t0 >= 0.6
+        patient = Deployer(*new_key(), connect_timeout=30.0)
+        t0 = time.monotonic()
+        with pytest.raises(DeployError):  # the caller's own deadline: one attempt
+            patient.connect(Access(host="127.0.0.1", port=port), timeout=0.0)
+        assert time.monotonic() - t0 < 10.0
+        stop.set()
