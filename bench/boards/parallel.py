@@ -81,6 +81,10 @@ def run(jobs: dict[str, Callable[[], None]], live: dict[str, lab.BoardRun],
     def body(arch: str) -> None:
         try:
             jobs[arch]()
+        except KeyboardInterrupt:  # the stop below raised it: the job has unwound
+            pass
+        except Exception as exc:  # noqa: BLE001 (the other board goes on)
+            log(f"[{arch}] ended by {type(exc).__name__}: {exc}")
         finally:
             done[arch].set()
 
