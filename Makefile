@@ -63,7 +63,7 @@ bench-quick: setup
 # from zero by the playbook, the whole cycle on each; results in bench/results/boards.json.
 # The two boards run side by side (each TCG VM keeps about one core busy); `python -m
 # bench.boards --serial` runs them one after the other, for a host with one core or
-# without ~2 GB available per board (the lab falls back to it by itself there, saying why).
+# without ~3 GB available per board (the lab falls back to it by itself there, saying why).
 # `boards-quick`: the amd64 board and the cycle alone (/tmp/enorm-boards-quick.json),
 # started from its provisioned disk saved by an earlier run (/var/cache/enorm/boards/
 # amd64/provisioned-<key>.qcow2) with the playbook run once to converge it; without one it

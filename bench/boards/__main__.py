@@ -11,7 +11,7 @@ playbook once, converging; without a valid one it provisions from zero and saves
 The boards run side by side (one thread each, `parallel`): about the longer board's time
 instead of the sum, as each TCG VM keeps about one core busy. `--serial` runs them one
 after the other, as before session 8: for a host with one core, or without room for two
-VMs (~2 GB each, `parallel.BOARD_MB`); the lab falls back to it by itself, saying why,
+VMs (~3 GB each, `parallel.BOARD_MB`); the lab falls back to it by itself, saying why,
 where it finds fewer cores than boards or too little memory available.
 Exits 1 when a board failed a check (what failed is in the results and on stderr); one
 board's failure does not stop the other.
