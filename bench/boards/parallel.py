@@ -26,7 +26,7 @@ from bench.boards import lab
 # What one board takes on the host: the VM's 1 GB, QEMU's own memory (TCG's translation
 # cache among it, up to 1 GB) and the board's host side (its cloud tier, ansible-playbook).
 # QEMU's RSS reached 1,776 MB (amd64) and 1,720 MB (arm64) in the quick run side by side,
-# and 2,352 / 2,257 MB in the full run's playbooks from zero (session 8).
+# and 2,362 / 2,348 MB in the full run side by side (session 8).
 BOARD_MB = 3072
 # The wheelhouse's resolver venv and pip's cache are shared by the architectures.
 WHEELHOUSE = threading.Lock()
