@@ -61,6 +61,9 @@ bench-quick: setup
 
 # The board lab (bench/boards): Debian 12 arm64 and amd64 VMs under QEMU TCG, provisioned
 # from zero by the playbook, the whole cycle on each; results in bench/results/boards.json.
+# The two boards run side by side (each TCG VM keeps about one core busy); `python -m
+# bench.boards --serial` runs them one after the other, for a host with one core or
+# without ~3 GB available per board (the lab falls back to it by itself there, saying why).
 # `boards-quick`: the amd64 board and the cycle alone (/tmp/enorm-boards-quick.json),
 # started from its provisioned disk saved by an earlier run (/var/cache/enorm/boards/
 # amd64/provisioned-<key>.qcow2) with the playbook run once to converge it; without one it

@@ -19,7 +19,9 @@ Pieces, one per concept:
   (keyed by the base disk, the roles' packages and the Python pins);
 - `vm`: one QEMU VM: user-mode network restricted to the forwards a run names, SSH;
 - `cloud`: the cloud tier on the host (Redis, game server, cloud manager);
-- `lab`: the scenario and its figures (`python -m bench.boards`, `make boards`).
+- `lab`: the scenario and its figures (`python -m bench.boards`, `make boards`);
+- `parallel`: the boards side by side, one thread each, and when the host has no room;
+- `results`: the run's results file, written as it goes by both boards.
 
 Everything it starts is named `enorm-board-*` and stopped (by pid) or removed at the end,
 also on failure.

@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,22 +87,34 @@ def check(cond: object, what: str) -> None:
 # --------------------------------------------------------------------------- ports
 
 
+# Ports this process handed out already: a block is probed and closed, and the VM binds
+# it only later, so two boards picking side by side would otherwise get the same block.
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+
+
 def free_block(n: int, start: int = 27400, stop: int = 32000) -> list[int]:
     """`n` consecutive ports free on 127.0.0.1 (the node's host ports are forwarded under
-    the same numbers, so they must be consecutive on both sides)."""
-    for base in range(start, stop, n):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return list(range(base, base + n))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    the same numbers, so they must be consecutive on both sides), none handed out before
+    by this process: they are the caller's for the rest of the process."""
+    with _handing_out:
+        for base in range(start, stop, n):
+            block = range(base, base + n)
+            if _handed_out.intersection(block):
+                continue
+            socks = []
+            try:
+                for p in block:
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            finally:
+                for s in socks:
+                    s.close()
+            _handed_out.update(block)
+            return list(block)
     raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1 in {start}-{stop}")
 
 
@@ -195,11 +208,16 @@ def playbook(inv: dict, workdir: Path, label: str) -> tuple[dict, float, str]:
                               str(ANSIBLE_DIR / "site.yml")], cwd=ANSIBLE_DIR, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert p.stdout is not None
-        for line in p.stdout:
-            lines.append(line)
-            f.write(f"{time.monotonic() - t0:7.1f} {line}")
-            f.flush()
-        p.wait()
+        try:
+            for line in p.stdout:
+                lines.append(line)
+                f.write(f"{time.monotonic() - t0:7.1f} {line}")
+                f.flush()
+        except BaseException:  # the run is stopped (its board's thread interrupted)
+            p.kill()
+            raise
+        finally:
+            p.wait()
     took = time.monotonic() - t0
     out = "".join(lines)
     m = RECAP.search(out)
@@ -721,15 +739,19 @@ def run_board(arch: str, disk: Disk, key: Path, *, apt_port: int, source: Path,
               wheelhouse: Path, image_tarball: Path | None, steps: tuple[str, ...],
               log: Callable[[str], None], cache: provisioned.Lookup,
               from_cache: bool = False,
-              on_step: Callable[[Board], None] | None = None) -> Board:
+              on_step: Callable[[Board], None] | None = None,
+              on_run: Callable[[BoardRun], None] | None = None) -> Board:
     """One board's run. It starts from the provisioned disk of `cache` where `from_cache`
     and there is one (then the playbook runs once, converging); else from the fresh disk
     (the playbook from zero, then again), and then saves the provisioned disk where the
-    cache has none for these inputs."""
+    cache has none for these inputs. `on_run` gets the run as soon as it exists (whoever
+    stops a run from another thread stops its VM through it)."""
     start = cache.disk if from_cache else None
     run = BoardRun(arch, disk, key, apt_port=apt_port, source=source, wheelhouse=wheelhouse,
                    image_tarball=image_tarball, log=log, on_step=on_step,
                    provisioned_disk=start)
+    if on_run is not None:
+        on_run(run)
     run.board.facts["started_from"] = start.name if start else "the fresh disk"
     later = {"reboot": run.reboot, "figures": run.figures, "pressure": run.pressure,
              "nomem": run.no_memory_controller}
