@@ -233,10 +233,10 @@ class Containers:
             raise ContainerError(f"{name}: holds no id range (created privileged?)")
         lower, target = self._lower(name), self._rootfs(name)
         points = set(idmap.mount_points())  # one read of the table, which grows with them
-        if os.path.realpath(lower) not in points:
+        if not idmap.mounted(lower, points):
             with idmap.user_namespace(self.ids.host_base(slot)) as ns:
                 idmap.idmapped_bind(Path(self.lxc_path) / self.base / "rootfs", lower, ns)
-        if os.path.realpath(target) not in points:
+        if not idmap.mounted(target, points):
             ov = Path(self.lxc_path) / name / "overlay"
             (ov / "work").mkdir(exist_ok=True)
             idmap.mount_overlay(lower, ov / "delta", ov / "work", target)

@@ -21,7 +21,7 @@ import fcntl
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,10 +263,11 @@ def mount_points() -> list[str]:
     return out
 
 
-def mounted(path: Path) -> bool:
-    """Whether something is mounted at `path`. From the mount table: a bind mount from
-    the same file system is invisible to `os.path.ismount` (same device)."""
-    return os.path.realpath(path) in mount_points()
+def mounted(path: Path, points: Collection[str] | None = None) -> bool:
+    """Whether something is mounted at `path`. From the mount table (`points`: one read
+    of it for several paths): a bind mount from the same file system is invisible to
+    `os.path.ismount` (same device)."""
+    return os.path.realpath(path) in (mount_points() if points is None else points)
 
 
 def unmount(path: Path) -> None:

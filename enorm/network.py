@@ -96,17 +96,13 @@ def pin_neighbour(address: str, mac: str, bridge: str) -> None:
     "reachable" for up to ~45 s, and until then the new container's SYNs go to a MAC
     nobody has: a handshake right after a termination failed with "sshd not up after
     20 s" about one time in five."""
-    _ip(*_pin_args(address, mac, bridge))
-
-
-def _pin_args(address: str, mac: str, bridge: str) -> list[str]:
-    return ["neigh", "replace", address, "lladdr", mac, "dev", bridge, "nud", "reachable"]
+    pin_neighbour_begin(address, mac, bridge)()
 
 
 def pin_neighbour_begin(address: str, mac: str, bridge: str) -> Callable[[], None]:
     """`pin_neighbour` in a child process, so that it overlaps the container's create;
     the returned function waits for it (NetworkError if it failed)."""
-    args = _pin_args(address, mac, bridge)
+    args = ["neigh", "replace", address, "lladdr", mac, "dev", bridge, "nud", "reachable"]
     proc = subprocess.Popen(["ip", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
